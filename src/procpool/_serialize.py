@@ -1,0 +1,206 @@
+"""Serialization: pickle protocol 5, large buffers out of band through memfd, cloudpickle fallback.
+
+``dumps`` turns an object into a :class:`Payload`: the pickle stream plus a list of file
+descriptors that travel beside it (``SCM_RIGHTS`` over the worker's socket):
+
+* buffers of at least :data:`OOB_THRESHOLD` bytes that expose the buffer protocol (numpy arrays,
+  ``bytes``, ``bytearray``, ``PickleBuffer``) are copied once into an anonymous ``memfd`` and
+  their fd sent instead of their bytes.  The receiver maps the memfd and hands the mapping to
+  the unpickler, so a numpy array arrives *without a second copy*.  The kernel frees the memory
+  when the last mapping and fd are gone, whichever process dies first: nothing can leak into
+  ``/dev/shm``.
+* objects that carry a file descriptor (procpool's Queue, Pipe, Value...) call :func:`send_fd`
+  from their ``__reduce__``; the receiver gets a fresh descriptor back from :func:`recv_fd`.
+
+The plain C pickler is tried first (fast); where it fails (lambdas, closures, classes defined in
+``__main__``), cloudpickle takes over.  Functions always go through cloudpickle so that a
+function defined in ``__main__`` after the pool started is still found in the worker.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import pickle
+import reprlib
+import threading
+from typing import Any
+
+import cloudpickle
+
+from .errors import SerializationError
+
+#: buffers at least this large travel through shared memory instead of the socket.  Below it,
+#: creating, mapping and closing a memfd (~20 us) costs more than copying through the socket.
+OOB_THRESHOLD = 256 * 1024
+
+PROTOCOL = 5
+
+_tls = threading.local()
+
+
+class Payload:
+    """One serialized object: the pickle stream, and the fds that travel with it.
+
+    ``fds[:nbuf]`` are memfds holding out-of-band buffers in pickle order; ``fds[nbuf:]`` are
+    descriptors registered by :func:`send_fd`.  The payload owns its fds until :meth:`close`.
+    """
+
+    __slots__ = ("data", "nbuf", "fds")
+
+    def __init__(self, data: bytes, nbuf: int = 0, fds: list[int] | None = None) -> None:
+        self.data = data
+        self.nbuf = nbuf
+        self.fds = fds or []
+
+    def close(self) -> None:
+        """Close the fds this payload still owns (after they were sent, or if they never will be)."""
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _memfd_from_buffer(raw: memoryview) -> int:
+    fd = os.memfd_create("procpool-buffer", os.MFD_CLOEXEC)
+    try:
+        view = raw.cast("B")
+        total = len(view)
+        done = 0
+        while done < total:  # write(2) into tmpfs: one copy, no page faults on our side
+            done += os.pwrite(fd, view[done:], done)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class _Collector:
+    """Collects the fds produced while one object is pickled."""
+
+    def __init__(self, oob: bool) -> None:
+        self.oob = oob
+        self.buffer_fds: list[int] = []
+        self.passed_fds: list[int] = []
+
+    def buffer_callback(self, pb: pickle.PickleBuffer) -> bool:
+        if not self.oob:
+            return True
+        try:
+            raw = pb.raw()
+        except BufferError:  # not contiguous: let pickle copy it in-band
+            return True
+        if raw.nbytes < OOB_THRESHOLD:
+            return True
+        self.buffer_fds.append(_memfd_from_buffer(raw))
+        return False
+
+    def discard(self) -> None:
+        Payload(b"", 0, self.buffer_fds + self.passed_fds).close()
+        self.buffer_fds, self.passed_fds = [], []
+
+
+def send_fd(fd: int) -> int:
+    """Register *fd* to travel with the object being pickled; return the token to rebuild it.
+
+    Call from an object's ``__reduce__`` while procpool pickles it (a pool task's arguments or
+    result).  The descriptor is duplicated, so the caller keeps its own.  Outside procpool's
+    pickling this raises ``RuntimeError``: the object then has to be inherited instead.
+    """
+    collector: _Collector | None = getattr(_tls, "collector", None)
+    if collector is None:
+        raise RuntimeError("file descriptors can only be sent through procpool's channels")
+    collector.passed_fds.append(os.dup(fd))
+    return len(collector.passed_fds) - 1
+
+
+def recv_fd(token: int) -> int:
+    """Return a new descriptor for *token* (see :func:`send_fd`); the caller owns it."""
+    received: list[int] | None = getattr(_tls, "received", None)
+    if received is None or not 0 <= token < len(received):
+        raise RuntimeError("no file descriptor was received for this object")
+    return os.dup(received[token])
+
+
+def _dump_with(pickler_cls: Any, obj: Any, collector: _Collector) -> bytes:
+    buf = io.BytesIO()
+    previous = getattr(_tls, "collector", None)
+    _tls.collector = collector
+    try:
+        pickler_cls(buf, protocol=PROTOCOL, buffer_callback=collector.buffer_callback).dump(obj)
+    finally:
+        _tls.collector = previous
+    return buf.getvalue()
+
+
+def dumps(obj: Any, *, oob: bool = True) -> Payload:
+    """Serialize *obj*; raise :class:`SerializationError` naming it if it cannot be pickled."""
+    collector = _Collector(oob)
+    try:
+        data = _dump_with(pickle.Pickler, obj, collector)
+    except Exception:
+        collector.discard()
+        try:
+            data = _dump_with(cloudpickle.CloudPickler, obj, collector)
+        except Exception as exc:
+            collector.discard()
+            raise SerializationError(f"cannot pickle {describe(obj)}: {exc}") from exc
+    return Payload(data, len(collector.buffer_fds), collector.buffer_fds + collector.passed_fds)
+
+
+def dumps_function(func: Any) -> bytes:
+    """Serialize a task's function (by reference when importable, by value otherwise)."""
+    try:
+        return cloudpickle.dumps(func, protocol=PROTOCOL)
+    except Exception as exc:
+        raise SerializationError(f"cannot pickle the function {describe(func)}: {exc}") from exc
+
+
+def _map_buffer(fd: int) -> mmap.mmap:
+    size = os.fstat(fd).st_size
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def loads(data: bytes | memoryview, nbuf: int = 0, fds: list[int] | None = None) -> Any:
+    """Rebuild an object from :func:`dumps`' output.  Takes ownership of *fds* (all closed)."""
+    fds = fds or []
+    try:
+        buffers = [_map_buffer(fd) for fd in fds[:nbuf]]
+        if len(fds) == nbuf:
+            return pickle.loads(data, buffers=buffers)
+        previous = getattr(_tls, "received", None)
+        _tls.received = fds[nbuf:]
+        try:
+            return pickle.loads(data, buffers=buffers)
+        finally:
+            _tls.received = previous
+    finally:
+        Payload(b"", 0, fds).close()
+
+
+def describe(obj: Any) -> str:
+    """A short, safe description of *obj* for error messages."""
+    try:
+        text = reprlib.repr(obj)
+    except Exception:
+        text = "<unrepresentable>"
+    return f"{type(obj).__qualname__} object {text}"
+
+
+def find_unpicklable(args: tuple, kwds: dict) -> str:
+    """Name the first argument of a call that cannot be pickled (for a clearer error)."""
+    for i, value in enumerate(args):
+        try:
+            dumps(value, oob=False).close()
+        except SerializationError:
+            return f"argument {i} ({describe(value)})"
+    for key, value in kwds.items():
+        try:
+            dumps(value, oob=False).close()
+        except SerializationError:
+            return f"keyword argument {key!r} ({describe(value)})"
+    return "the arguments"
