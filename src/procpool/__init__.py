@@ -29,6 +29,9 @@ from .errors import (
     WorkerLostError,
 )
 
+from .pool import Pool, ProcessPoolExecutor
+from .results import AsyncResult, IMapIterator, MapResult
+
 # --- IPC primitives (issue 3) ---
 from multiprocessing import (  # noqa: E402  (delegated to the stdlib until procpool's own land)
     Array,
@@ -66,6 +69,11 @@ _IPC_NAMES = [
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncResult",
+    "IMapIterator",
+    "MapResult",
+    "Pool",
+    "ProcessPoolExecutor",
     "InitializerError",
     "PoolTerminated",
     "Process",

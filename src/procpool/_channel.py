@@ -1,0 +1,187 @@
+"""Framed messages over one end of a Unix stream socketpair, with file descriptors.
+
+A :class:`Channel` is everything that crosses between the parent and one worker.  The same class
+serves both sides: the worker uses it blocking (``recv_frame``/``send_frame``); the parent's I/O
+thread uses it non-blocking (``fill`` when epoll says readable, ``frames`` to take what has fully
+arrived, ``push`` + ``flush`` to write, with an outbox for what the kernel did not take yet).
+
+File descriptors travel as ``SCM_RIGHTS`` attached to the first byte of their frame.  The kernel
+never lets one ``recvmsg`` run past a message that carries descriptors, so when a frame is
+complete its descriptors have already arrived; they wait in a FIFO until the frame is taken.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+from collections import deque
+from ._protocol import FRAME, FRAME_PREFIX
+
+RECV_SIZE = 64 * 1024  # below glibc's mmap threshold: no mmap/munmap per read
+MAX_FDS_PER_FRAME = 250  # the kernel's SCM_MAX_FD is 253
+_ANC_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * array.array("i").itemsize)
+_INT_SIZE = array.array("i").itemsize
+
+
+class ChannelClosed(EOFError):
+    """The other end of the channel is gone."""
+
+
+def _fds_from(ancdata) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % _INT_SIZE])
+            fds.extend(arr)
+    return fds
+
+
+class Channel:
+    """One end of a parent<->worker socketpair, speaking frames (see ``_protocol``)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._rbuf = bytearray()
+        self._rfds: deque[int] = deque()
+        self._ready: deque[tuple[int, memoryview, list[int]]] = deque()
+        # outbox: [data, fds-or-None] pairs not yet (fully) written
+        self._out: deque[list] = deque()
+        self.eof = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    # ----------------------------------------------------------------- reading
+    def fill(self) -> int:
+        """Read what is available (one ``recvmsg``).
+
+        Return the number of bytes read: 0 if nothing was waiting (non-blocking), -1 at EOF.
+        """
+        try:
+            data, ancdata, flags, _ = self.sock.recvmsg(RECV_SIZE, _ANC_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:  # ECONNRESET and friends: the peer is gone
+            self.eof = True
+            return -1
+        if ancdata:
+            self._rfds.extend(_fds_from(ancdata))
+        if not data:
+            self.eof = True
+            return -1
+        self._rbuf += data
+        return len(data)
+
+    def frames(self) -> list[tuple[int, memoryview, list[int]]]:
+        """Take every complete frame received so far, as ``(kind, body, fds)``."""
+        self._parse()
+        ready, self._ready = self._ready, deque()
+        return list(ready)
+
+    def _parse(self) -> None:
+        buf = self._rbuf
+        offset, end = 0, len(buf)
+        ready = self._ready
+        while end - offset >= FRAME.size:
+            size, kind, nfds = FRAME.unpack_from(buf, offset)
+            stop = offset + FRAME_PREFIX + size
+            if stop > end:
+                break
+            body = memoryview(bytes(buf[offset + FRAME.size : stop]))
+            fds = [self._rfds.popleft() for _ in range(nfds)] if nfds else []
+            ready.append((kind, body, fds))
+            offset = stop
+        if offset:
+            del buf[:offset]
+
+    def recv_frame(self) -> tuple[int, memoryview, list[int]]:
+        """Block until one frame has arrived and return it (raise ChannelClosed at EOF)."""
+        while True:
+            if self._ready:
+                return self._ready.popleft()
+            self._parse()
+            if self._ready:
+                return self._ready.popleft()
+            if self.fill() < 0:
+                raise ChannelClosed("channel closed")
+
+    def has_frame(self) -> bool:
+        """True when a whole frame is waiting (worker side, after a non-blocking ``fill``)."""
+        self._parse()
+        return bool(self._ready)
+
+    # ----------------------------------------------------------------- writing
+    def push(self, data: bytes | bytearray, fds: list[int] | None = None) -> None:
+        """Queue a whole frame for writing; *fds* are sent with it (and then closed)."""
+        self._out.append([memoryview(data), fds])
+
+    @property
+    def pending_output(self) -> bool:
+        return bool(self._out)
+
+    def flush(self) -> bool:
+        """Write as much of the outbox as the socket takes.  Return True when it is empty.
+
+        Consecutive frames without fds go out in one ``sendmsg``; a frame with fds starts a new
+        one so its descriptors attach to its own first byte.
+        """
+        out = self._out
+        sock = self.sock
+        while out:
+            first = out[0]
+            fds = first[1]
+            if fds:
+                group = [first[0]]
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            else:
+                group = []
+                for item in out:
+                    if item[1] or len(group) >= 64:
+                        break
+                    group.append(item[0])
+                anc = []
+            try:
+                sent = sock.sendmsg(group, anc)
+            except (BlockingIOError, InterruptedError):
+                return False
+            if fds:
+                for fd in fds:
+                    _close(fd)
+                first[1] = None
+            while sent:
+                data = out[0][0]
+                if sent >= len(data):
+                    sent -= len(data)
+                    out.popleft()
+                else:
+                    out[0][0] = data[sent:]
+                    sent = 0
+        return True
+
+    def send_frame(self, data: bytes | bytearray, fds: list[int] | None = None) -> None:
+        """Blocking write of one frame (worker side)."""
+        self.push(data, fds)
+        while not self.flush():
+            pass
+
+    def discard_output(self) -> None:
+        """Drop the outbox (the peer is gone), closing any fds that were waiting in it."""
+        for item in self._out:
+            for fd in item[1] or ():
+                _close(fd)
+        self._out.clear()
+
+    def close(self) -> None:
+        self.discard_output()
+        while self._rfds:
+            _close(self._rfds.popleft())
+        self.sock.close()
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

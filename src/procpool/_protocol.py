@@ -1,0 +1,106 @@
+"""The wire messages between the parent and one worker, and how each is packed.
+
+Every message is one *frame*: ``[u32 size][u8 kind][u16 nfds] body``, where ``size`` counts
+everything after itself and ``nfds`` file descriptors ride along with the frame (``SCM_RIGHTS``,
+see ``_channel``).  Frames are hand-packed with :mod:`struct` rather than pickled: task and
+result payloads are already pickled once by the sender, and packing a batch of a thousand
+records must cost a few microseconds, not a second pickle pass.
+
+parent -> worker                              worker -> parent
+----------------                              ----------------
+INIT    start-up settings + initializer       READY        initializer done, serving
+FUNC    a function, sent once per worker      INIT_FAILED  the initializer raised
+TASKS   a batch of task records               RESULTS      a batch of result records
+EXIT    finish and exit(0)                    RETIRE       over max_memory_per_child
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import NamedTuple
+
+# frame kinds
+INIT, FUNC, TASKS, EXIT = 1, 2, 3, 4
+READY, INIT_FAILED, RESULTS, RETIRE = 11, 12, 13, 14
+
+FRAME = struct.Struct("<IBH")  # size (after this u32), kind, nfds
+FRAME_PREFIX = 4  # bytes of the size field itself
+
+# task record kinds (what the payload unpickles to and how the function is called)
+CALL = 0  # (args, kwds)            -> func(*args, **kwds)
+MAP = 1  # [item, item, ...]        -> [func(item) ...]
+STARMAP = 2  # [args, args, ...]    -> [func(*args) ...]
+
+# result record status
+OK = 0  # payload: the value (or, for MAP/STARMAP, the list of values)
+ERROR = 1  # payload: an error tuple (see ``_worker.error_info``)
+CHUNK_PARTIAL = 2  # payload: (values, {index_in_chunk: error tuple}) for a chunk with failures
+
+TASK_HEAD = struct.Struct("<QIBdHHI")  # id, fid, kind, timeout (0 = none), nbuf, nfd, size
+RESULT_HEAD = struct.Struct("<QBdHHI")  # id, status, duration in seconds, nbuf, nfd, size
+FUNC_HEAD = struct.Struct("<I")  # fid
+
+
+class TaskRecord(NamedTuple):
+    """One task inside a TASKS frame, as the worker sees it."""
+
+    task_id: int
+    fid: int
+    kind: int
+    timeout: float
+    nbuf: int
+    nfd: int
+    payload: memoryview
+
+
+class ResultRecord(NamedTuple):
+    """One result inside a RESULTS frame, as the parent sees it."""
+
+    task_id: int
+    status: int
+    duration: float
+    nbuf: int
+    nfd: int
+    payload: memoryview
+
+
+def frame(kind: int, body: bytes | bytearray = b"", nfds: int = 0) -> bytes:
+    """Pack a whole frame."""
+    return FRAME.pack(len(body) + 3, kind, nfds) + body
+
+
+def pack_task(
+    out: bytearray, task_id: int, fid: int, kind: int, timeout: float, nbuf: int, nfd: int, data
+) -> None:
+    """Append one task record to a TASKS body."""
+    out += TASK_HEAD.pack(task_id, fid, kind, timeout, nbuf, nfd, len(data))
+    out += data
+
+
+def pack_result(
+    out: bytearray, task_id: int, status: int, duration: float, nbuf: int, nfd: int, data
+) -> None:
+    """Append one result record to a RESULTS body."""
+    out += RESULT_HEAD.pack(task_id, status, duration, nbuf, nfd, len(data))
+    out += data
+
+
+def iter_tasks(body: memoryview) -> Iterator[TaskRecord]:
+    """The task records of a TASKS body, in order."""
+    unpack, size, offset, end = TASK_HEAD.unpack_from, TASK_HEAD.size, 0, len(body)
+    while offset < end:
+        task_id, fid, kind, timeout, nbuf, nfd, n = unpack(body, offset)
+        offset += size
+        yield TaskRecord(task_id, fid, kind, timeout, nbuf, nfd, body[offset : offset + n])
+        offset += n
+
+
+def iter_results(body: memoryview) -> Iterator[ResultRecord]:
+    """The result records of a RESULTS body, in order."""
+    unpack, size, offset, end = RESULT_HEAD.unpack_from, RESULT_HEAD.size, 0, len(body)
+    while offset < end:
+        task_id, status, duration, nbuf, nfd, n = unpack(body, offset)
+        offset += size
+        yield ResultRecord(task_id, status, duration, nbuf, nfd, body[offset : offset + n])
+        offset += n

@@ -1,0 +1,1051 @@
+"""The scheduler: the pool's one I/O thread, its task table, batching, timers and supervision.
+
+::
+
+  caller threads                 the I/O thread (this module)                    worker processes
+  ──────────────                 ────────────────────────────                    ────────────────
+  apply_async / submit ──► Task ──► pending deque ──► per-worker batches ──► Channel[i] ──► worker i
+  map / imap (lazy)   ──► MapJob ─┘     │                (one TASKS frame)   (socketpair)   runs the
+                                        │ epoll over: channels, worker pidfds,               records,
+                                        │ a wake-up eventfd; a timer heap (timeouts)         replies
+  AsyncResult / Future ◄── deliveries ◄─┴── results, exceptions, WorkerLost, TaskTimeout ◄──┘
+
+* **One channel per worker**: no shared queue and no lock on the workers' side; the scheduler
+  always knows which tasks each worker holds (``_Worker.inflight``), so a dead worker fails, or
+  retries, exactly those.
+* **Death is seen at once**: each worker's pidfd sits in the same epoll set as the channels.
+* **Batching**: tasks are pickled by the caller's thread (so an unpicklable argument fails at
+  once, in the caller), queued, and sent in batches: a worker gets more tasks while the work it
+  holds is estimated below ``INFLIGHT_BUDGET`` seconds (``_est`` is a running mean of measured
+  task time).  Unknown cost means one task at a time; a task with a timeout always runs alone.
+* **Map jobs** cut their input into chunks lazily, sized from the same estimate (a few ms of
+  work per chunk, smaller near the end so no worker idles); ``imap`` reads its input in a feeder
+  thread with a bound on the items it holds, so memory does not grow with input length.
+* **Locking**: one lock guards the task table, the pending queue and the workers.  Unpickling
+  results and calling the caller's callbacks happen *outside* it (``_deliver``), so a callback
+  may submit more work.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import pickle
+import select
+import signal
+import sys
+import threading
+import time
+import traceback
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import CancelledError
+from typing import Any
+
+from . import _protocol as P
+from . import _serialize
+from ._channel import MAX_FDS_PER_FRAME, Channel
+from ._start import INTERNAL_FDS, Launcher, Proc, describe_exit
+from ._worker import FUNC_CACHE
+from .errors import (
+    InitializerError,
+    PoolTerminated,
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+    TaskTimeout,
+    TaskTimeoutError,
+    WorkerLostError,
+)
+
+CHUNK_TARGET = 2e-3  # seconds of work per map chunk
+INFLIGHT_BUDGET = 5e-3  # seconds of estimated work a worker may hold
+PREFETCH_LIMIT = 50e-3  # tasks shorter than this get one more queued behind them
+MAX_INFLIGHT = 4096  # tasks a worker may hold, whatever their cost
+EXIT_GRACE = 5.0  # seconds a worker told to exit gets before SIGKILL
+STARTUP_FAILURES = 3  # workers dying before READY, in a row, before the pool gives up
+
+RUNNING, CLOSING, TERMINATING, FINISHED = "RUNNING", "CLOSING", "TERMINATING", "FINISHED"
+_PENDING, _SENT, _DONE = 0, 1, 2
+
+_live: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
+class Task:
+    """One unit sent to a worker: a single call, or a chunk of a map job."""
+
+    __slots__ = (
+        "id",
+        "fid",
+        "func_blob",
+        "kind",
+        "payload",
+        "timeout",
+        "sink",
+        "index",
+        "n_items",
+        "attempts",
+        "retries",
+        "retry_on",
+        "label",
+        "state",
+        "worker",
+        "cancel_requested",
+        "timed_out",
+        "job",
+    )
+
+    def __init__(self, tid, fid, func_blob, kind, payload, sink, label, timeout, retries, retry_on):
+        self.id = tid
+        self.fid = fid
+        self.func_blob = func_blob
+        self.kind = kind
+        self.payload: _serialize.Payload = payload
+        self.sink = sink
+        self.label = label
+        self.timeout = timeout
+        self.retries = retries
+        self.retry_on = retry_on
+        self.index = 0
+        self.n_items = 1
+        self.attempts = 0
+        self.state = _PENDING
+        self.worker: _Worker | None = None
+        self.cancel_requested = False
+        self.timed_out = False
+        self.job: MapJob | None = None
+
+    def release(self) -> None:
+        self.payload.close()
+
+
+class MapJob:
+    """A map/imap over many items, cut into chunk Tasks on demand by the dispatcher."""
+
+    def __init__(self, sched, fid, blob, kind, sink, label, timeout, retries, chunksize, limit):
+        self.sched = sched
+        self.fid, self.blob, self.kind = fid, blob, kind
+        self.sink = sink
+        self.label = label
+        self.timeout = timeout
+        self.retries = retries
+        self.chunksize = chunksize
+        self.buf: deque[Any] = deque()  # items read, not yet cut into chunks
+        self.next_index = 0  # index of buf[0]
+        self.input_done = False
+        self.queued = False  # in the scheduler's pending deque
+        self.limit = limit  # max items held (read, not consumed): None for lists
+        self.held = 0
+        self.space = threading.Condition(sched._lock)
+
+    def chunk_size(self, est: float | None, nworkers: int) -> int:
+        if self.chunksize:
+            return self.chunksize
+        if self.timeout:
+            return 1
+        if est is None:
+            return 1  # probe: measure before committing to big chunks
+        size = max(1, int(CHUNK_TARGET / max(est, 1e-8)))
+        if self.input_done:  # shrink near the end so the last chunks spread over the workers
+            size = min(size, max(1, -(-len(self.buf) // (2 * nworkers))))
+        return size
+
+    def take(self, size: int, idle: bool) -> list | None:
+        """Up to *size* items from the buffer, or None if the dispatcher should wait."""
+        buf = self.buf
+        if not buf:
+            return None
+        if len(buf) < size and not self.input_done and not idle:
+            return None  # more input is coming: wait for a fuller chunk
+        n = min(size, len(buf))
+        if n == len(buf):
+            items = list(buf)
+            buf.clear()
+        else:
+            items = [buf.popleft() for _ in range(n)]
+        return items
+
+    def release(self, n: int) -> None:
+        """The caller consumed *n* results (imap): make room for more input."""
+        with self.space:
+            self.held -= n
+            self.space.notify()
+
+
+class _Worker:
+    __slots__ = (
+        "wid",
+        "proc",
+        "chan",
+        "inflight",
+        "cost",
+        "known",
+        "exclusive",
+        "sent",
+        "retiring",
+        "exit_sent",
+        "ready",
+        "eof",
+        "writing",
+    )
+
+    def __init__(self, wid: int, proc: Proc) -> None:
+        self.wid = wid
+        self.proc = proc
+        self.chan = Channel(proc.sock)
+        self.inflight: dict[int, Task] = {}
+        self.cost = 0.0
+        self.known: dict[int, None] = {}  # fids sent, FIFO, mirrors the worker's cache
+        self.exclusive = False
+        self.sent = 0
+        self.retiring = False
+        self.exit_sent = False
+        self.ready = False
+        self.eof = False
+        self.writing = False
+
+
+class Scheduler:
+    """The engine behind :class:`procpool.Pool`: owns the workers and the I/O thread."""
+
+    def __init__(
+        self,
+        processes: int,
+        launcher: Launcher,
+        initializer: Callable[..., object] | None,
+        initargs: tuple,
+        maxtasksperchild: int | None,
+        max_memory_per_child: int | None,
+        grace: float,
+    ) -> None:
+        self.processes = processes
+        self._launcher = launcher
+        self._maxtasks = maxtasksperchild
+        self._grace = grace
+        config: dict[str, Any] = {"max_memory": max_memory_per_child}
+        if launcher.method != "fork":
+            config["sys_path"] = list(sys.path)
+        if initializer is not None:
+            payload = _serialize.dumps((initializer, initargs), oob=False)
+            config["init"] = payload.data
+        self._init_frame = P.frame(P.INIT, pickle.dumps(config))
+
+        self._lock = threading.RLock()
+        self._deliver_lock = threading.RLock()
+        self._pending: deque[Task | MapJob] = deque()
+        self._workers: dict[int, _Worker] = {}
+        self._by_fd: dict[int, tuple[str, _Worker | None]] = {}
+        self._timers: list[tuple[float, int, str, Any]] = []
+        self._timer_seq = itertools.count()
+        self._funcs: dict[int, tuple[Callable, int, bytes]] = {}
+        self._fids = itertools.count(1)
+        self._tids = itertools.count(1)
+        self._wids = itertools.count(1)
+        self._est: float | None = None
+        self._state = RUNNING
+        self._broken: BaseException | None = None
+        self._startup_failures = 0
+        self._jobs_open = 0  # map jobs whose input is not fully read yet
+        self._deliveries: list[tuple] = []
+        self._killed_all = False
+        self._owner = os.getpid()
+
+        self._epoll = select.epoll()
+        self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._woken = False
+        self._epoll.register(self._wakefd, select.EPOLLIN)
+        self._by_fd[self._wakefd] = ("wake", None)
+        INTERNAL_FDS.update((self._epoll.fileno(), self._wakefd))
+
+        self._thread = threading.Thread(target=self._run, name="procpool-io", daemon=True)
+        _live.add(self)
+        self._thread.start()
+
+    # =================================================================== caller side
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def function(self, func: Callable) -> tuple[int, bytes]:
+        """The id and pickle of *func*, pickled once and cached (functions go once per worker)."""
+        entry = self._funcs.get(id(func))
+        if entry is not None and entry[0] is func:
+            return entry[1], entry[2]
+        blob = _serialize.dumps_function(func)
+        with self._lock:
+            fid = next(self._fids)
+            self._funcs[id(func)] = (func, fid, blob)
+            if len(self._funcs) > FUNC_CACHE:
+                del self._funcs[next(iter(self._funcs))]
+        return fid, blob
+
+    def _check_running(self) -> None:
+        if self._state != RUNNING:
+            raise ValueError("Pool not running")
+
+    def submit_call(
+        self,
+        func: Callable,
+        args: tuple,
+        kwds: dict,
+        sink: Any,
+        *,
+        timeout: float | None = None,
+        retries: int = 0,
+        retry_on: tuple = (),
+    ) -> Task:
+        """Queue ``func(*args, **kwds)``; raise ValueError if the pool is closed.
+
+        An argument that cannot be pickled fails *sink* at once (a SerializationError naming
+        the argument) rather than raising, as ``multiprocessing`` reports it through the result.
+        """
+        self._check_running()
+        label = getattr(func, "__qualname__", None) or repr(func)
+        try:
+            fid, blob = self.function(func)
+            payload = _serialize.dumps((args, kwds))
+        except SerializationError as exc:
+            what = _serialize.find_unpicklable(args, kwds)
+            err = SerializationError(f"task {label}: cannot pickle {what}: {exc.__cause__ or exc}")
+            err.__cause__ = exc.__cause__ or exc
+            task = Task(0, 0, b"", P.CALL, _serialize.Payload(b""), sink, label, None, 0, ())
+            sink._on_error(task, err)
+            return task
+        task = Task(next(self._tids), fid, blob, P.CALL, payload, sink, label, timeout, retries, retry_on)
+        with self._lock:
+            if self._state != RUNNING:
+                payload.close()
+                raise ValueError("Pool not running")
+            if self._broken is not None:
+                self._fail(task, self._broken_error())
+            else:
+                idle = not self._pending
+                self._pending.append(task)
+                if idle and self._has_idle_worker():
+                    self._dispatch()  # the low-latency path: straight from the caller's thread
+                    if any(w.chan.pending_output for w in self._workers.values()):
+                        self._wake()
+                else:
+                    self._wake()
+        self._deliver()
+        return task
+
+    def submit_map(
+        self,
+        func: Callable,
+        items: Iterable,
+        sink: Any,
+        *,
+        star: bool,
+        chunksize: int | None,
+        timeout: float | None = None,
+        retries: int = 0,
+        lazy: bool = False,
+        on_input_end: Callable[[int, BaseException | None], None] | None = None,
+    ) -> MapJob:
+        """Queue a map over *items*.  A list is used as is; with ``lazy``, a feeder thread reads
+        the iterable while fewer than a bounded number of items are held (imap)."""
+        self._check_running()
+        label = f"{'starmap' if star else 'map'}({getattr(func, '__qualname__', func)})"
+        fid, blob = self.function(func)
+        kind = P.STARMAP if star else P.MAP
+        limit = max(4096, 64 * self.processes * (chunksize or 1)) if lazy else None
+        job = MapJob(self, fid, blob, kind, sink, label, timeout, retries, chunksize, limit)
+        with self._lock:
+            self._check_running()
+            self._jobs_open += 1
+            if not lazy:
+                job.buf.extend(items)
+                self._input_end(job, None, on_input_end)
+                self._wake()
+        if lazy:
+            feeder = threading.Thread(
+                target=self._feed,
+                args=(job, iter(items), on_input_end),
+                name="procpool-feeder",
+                daemon=True,
+            )
+            feeder.start()
+        return job
+
+    def _feed(self, job: MapJob, it: Iterator, on_end: Callable | None) -> None:
+        """The imap feeder thread: reads the caller's iterable within the job's limit."""
+        error: BaseException | None = None
+        while True:
+            with job.space:
+                while job.held >= job.limit and self._state in (RUNNING, CLOSING) and not self._broken:
+                    job.space.wait(1.0)
+                if self._state == TERMINATING or self._state == FINISHED or self._broken:
+                    break
+                room = job.limit - job.held
+            batch = []
+            try:
+                for item in it:
+                    batch.append(item)
+                    if len(batch) >= min(room, 256):
+                        break
+            except BaseException as exc:  # noqa: BLE001 - reaches the caller via the iterator
+                error = exc
+            with self._lock:
+                if batch:
+                    job.held += len(batch)
+                    job.buf.extend(batch)
+                    self._queue_job(job)
+                if error is not None or len(batch) < min(room, 256):
+                    self._input_end(job, error, on_end)
+                    self._wake()
+                    return
+                self._wake()
+        with self._lock:
+            self._input_end(job, error, on_end)
+
+    def _input_end(self, job: MapJob, error: BaseException | None, on_end: Callable | None) -> None:
+        if job.input_done:
+            return
+        job.input_done = True
+        self._jobs_open -= 1
+        total = job.next_index + len(job.buf)
+        if on_end is not None:
+            self._deliveries.append(("call", on_end, (total, error)))
+        self._queue_job(job)
+
+    def _queue_job(self, job: MapJob) -> None:
+        if not job.queued and (job.buf or not job.input_done):
+            job.queued = True
+            self._pending.append(job)
+
+    def cancel(self, task: Task, force: bool) -> bool:
+        """Cancel a pending task; with *force*, stop a running one by replacing its worker."""
+        with self._lock:
+            if task.state == _PENDING:
+                task.state = _DONE
+                task.cancel_requested = True
+                self._fail(task, CancelledError())
+                result = True
+            elif task.state == _SENT and force and task.worker is not None:
+                task.cancel_requested = True
+                self._kill(task.worker)
+                result = True
+            else:
+                result = False
+        self._deliver()
+        return result
+
+    def cancel_pending(self) -> None:
+        """Cancel every task not yet sent (``shutdown(cancel_futures=True)``)."""
+        with self._lock:
+            for item in self._pending:
+                if isinstance(item, Task) and item.state == _PENDING:
+                    item.state = _DONE
+                    item.cancel_requested = True
+                    self._fail(item, CancelledError())
+            self._pending = deque(i for i in self._pending if isinstance(i, MapJob))
+        self._deliver()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._state == RUNNING:
+                self._state = CLOSING
+                self._wake()
+
+    def terminate(self) -> None:
+        if os.getpid() != self._owner:
+            return  # a forked child: the pool belongs to the parent
+        with self._lock:
+            if self._state in (RUNNING, CLOSING):
+                self._state = TERMINATING
+                self._wake()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(10)
+        self._deliver()
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def signal_workers(self, signum: int) -> list[int]:
+        """Send *signum* to every live worker; return their pids."""
+        with self._lock:
+            pids = []
+            for w in self._workers.values():
+                try:
+                    signal.pidfd_send_signal(w.proc.pidfd, signum)
+                    pids.append(w.proc.pid)
+                except ProcessLookupError:
+                    pass
+            return pids
+
+    def worker_pids(self) -> list[int]:
+        with self._lock:
+            return [w.proc.pid for w in self._workers.values()]
+
+    # =================================================================== the I/O thread
+    def _wake(self) -> None:
+        if not self._woken:
+            self._woken = True
+            os.eventfd_write(self._wakefd, 1)
+
+    def _run(self) -> None:
+        try:
+            with self._lock:
+                for _ in range(self.processes):
+                    self._spawn()
+            self._deliver()
+            while True:
+                events = self._epoll.poll(self._poll_timeout())
+                with self._lock:
+                    for fd, mask in events:
+                        self._on_event(fd, mask)
+                    self._run_timers()
+                    self._dispatch()
+                    finished = self._progress_shutdown()
+                self._deliver()
+                if finished:
+                    break
+        except BaseException as exc:  # noqa: BLE001 - the engine itself failed: fail everything
+            traceback.print_exc()
+            with self._lock:
+                self._state = TERMINATING
+                self._broken = self._broken or PoolTerminated(f"the pool's I/O thread failed: {exc!r}")
+                self._kill_all()
+                self._fail_everything(self._broken)
+                for w in list(self._workers.values()):
+                    self._bury(w, self._launcher.reap(w.proc))
+            self._deliver()
+        finally:
+            self._close_resources()
+
+    def _close_resources(self) -> None:
+        with self._lock:
+            self._state = FINISHED
+            INTERNAL_FDS.discard(self._wakefd)
+            INTERNAL_FDS.discard(self._epoll.fileno())
+            self._epoll.close()
+            os.close(self._wakefd)
+            self._launcher.close()
+            self._funcs.clear()
+            with_space = [j for j in self._pending if isinstance(j, MapJob)]
+            for job in with_space:
+                job.space.notify_all()
+
+    def _poll_timeout(self) -> float:
+        if not self._timers:
+            return -1
+        return max(0.0, self._timers[0][0] - time.monotonic())
+
+    def _on_event(self, fd: int, mask: int) -> None:
+        what, w = self._by_fd.get(fd, ("", None))
+        if what == "wake":
+            try:
+                os.eventfd_read(self._wakefd)
+            except BlockingIOError:
+                pass
+            self._woken = False
+        elif what == "sock" and w is not None:
+            if mask & select.EPOLLOUT:
+                self._flush(w)
+            if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                self._read(w)
+        elif what == "pidfd" and w is not None:
+            self._read(w)  # results it wrote before dying still count
+            self._bury(w, self._launcher.reap(w.proc))
+
+    # ------------------------------------------------------------------ workers
+    def _spawn(self) -> None:
+        proc = self._launcher.start()
+        w = _Worker(next(self._wids), proc)
+        proc.sock.setblocking(False)
+        sfd = proc.sock.fileno()
+        INTERNAL_FDS.update((sfd, proc.pidfd))
+        self._workers[w.wid] = w
+        self._by_fd[sfd] = ("sock", w)
+        self._by_fd[proc.pidfd] = ("pidfd", w)
+        self._epoll.register(sfd, select.EPOLLIN)
+        self._epoll.register(proc.pidfd, select.EPOLLIN)
+        w.chan.push(self._init_frame)
+        self._flush(w)
+
+    def _has_idle_worker(self) -> bool:
+        return any(not w.inflight and self._accepts(w) for w in self._workers.values())
+
+    @staticmethod
+    def _accepts(w: _Worker) -> bool:
+        return not (w.retiring or w.exit_sent or w.eof or w.exclusive)
+
+    def _kill(self, w: _Worker) -> None:
+        try:
+            signal.pidfd_send_signal(w.proc.pidfd, signal.SIGKILL)
+        except (ProcessLookupError, OSError):
+            pass
+
+    def _kill_all(self) -> None:
+        for w in self._workers.values():
+            self._kill(w)
+
+    def _bury(self, w: _Worker, code: int | None) -> None:
+        """A worker is dead: release it, settle the tasks it held, replace it if needed."""
+        if self._workers.pop(w.wid, None) is None:
+            return
+        sfd = w.proc.sock.fileno()
+        for fd in (sfd, w.proc.pidfd):
+            self._by_fd.pop(fd, None)
+            INTERNAL_FDS.discard(fd)
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+        w.chan.close()
+        os.close(w.proc.pidfd)
+        how = describe_exit(code)
+        for task in w.inflight.values():
+            self._settle_lost(task, w, code, how)
+        w.inflight.clear()
+        if not w.ready and not w.exit_sent and self._broken is None:
+            self._startup_failures += 1
+            if self._startup_failures >= STARTUP_FAILURES:
+                self._break(
+                    WorkerLostError(
+                        f"{STARTUP_FAILURES} workers in a row died while starting; the last one"
+                        f" {how}",
+                        code,
+                    )
+                )
+        if self._needs_workers():
+            self._spawn()
+
+    def _settle_lost(self, task: Task, w: _Worker, code: int | None, how: str) -> None:
+        task.state = _PENDING
+        task.worker = None
+        if task.cancel_requested:
+            self._fail(task, CancelledError())
+        elif task.timed_out:
+            err = TaskTimeoutError(
+                f"{self._describe(task)} exceeded its timeout of {task.timeout}s and did not stop"
+                f" within {self._grace}s; its worker (pid {w.proc.pid}) was killed",
+                task.timeout,
+                hard=True,
+            )
+            self._fail(task, err)
+        elif self._state == TERMINATING:
+            self._fail(task, PoolTerminated("the pool was terminated"))
+        elif task.attempts <= task.retries:
+            self._pending.appendleft(task)  # retry first: it has waited longest
+        else:
+            tries = f" (after {task.attempts} attempts)" if task.attempts > 1 else ""
+            self._fail(
+                task,
+                WorkerLostError(
+                    f"worker pid {w.proc.pid} {how} while running {self._describe(task)}{tries}",
+                    code,
+                    task.attempts,
+                ),
+            )
+
+    @staticmethod
+    def _describe(task: Task) -> str:
+        if task.job is not None:
+            last = task.index + task.n_items - 1
+            items = f"item {task.index}" if last == task.index else f"items {task.index}-{last}"
+            return f"{items} of {task.label}"
+        return f"task {task.id} ({task.label})"
+
+    def _needs_workers(self) -> bool:
+        if self._broken is not None or len(self._workers) >= self.processes:
+            return False
+        if self._state == RUNNING:
+            return True
+        return self._state == CLOSING and self._has_work()
+
+    def _has_work(self) -> bool:
+        return bool(self._pending) or self._jobs_open > 0 or any(
+            w.inflight for w in self._workers.values()
+        )
+
+    def _break(self, error: BaseException) -> None:
+        """The pool cannot run tasks (initializer failed, workers die at start): fail them all."""
+        self._broken = error
+        self._kill_all()
+        self._fail_everything(error)
+
+    def _broken_error(self) -> BaseException:
+        err = self._broken
+        assert err is not None
+        new = type(err)(*err.args) if isinstance(err, InitializerError) else err
+        new.__cause__ = err.__cause__
+        return new
+
+    def _fail_everything(self, error: BaseException) -> None:
+        pending, self._pending = self._pending, deque()
+        for item in pending:
+            if isinstance(item, Task):
+                if item.state == _PENDING:
+                    item.state = _DONE
+                    self._fail(item, error)
+            else:
+                self._fail_job(item, error)
+        for w in self._workers.values():
+            for task in w.inflight.values():
+                self._fail(task, error)
+            w.inflight.clear()
+
+    def _fail_job(self, job: MapJob, error: BaseException) -> None:
+        if job.buf:
+            task = Task(0, 0, b"", job.kind, _serialize.Payload(b""), job.sink, job.label, None, 0, ())
+            task.job, task.index, task.n_items = job, job.next_index, len(job.buf)
+            job.next_index += len(job.buf)
+            job.buf.clear()
+            self._fail(task, error)
+
+    # ------------------------------------------------------------------ reading
+    def _read(self, w: _Worker) -> None:
+        chan = w.chan
+        for _ in range(64):  # up to 4 MiB per wake-up; epoll is level-triggered for the rest
+            if chan.fill() <= 0:
+                break
+        self._handle_frames(w)
+        if chan.eof and not w.eof:
+            w.eof = True
+            try:
+                self._epoll.modify(chan.fileno(), 0)  # stop level-triggered EOF wake-ups
+            except OSError:
+                pass
+            self._kill(w)  # it closed its channel: make sure it is really gone
+
+    def _handle_frames(self, w: _Worker) -> None:
+        for kind, body, fds in w.chan.frames():
+            if kind == P.RESULTS:
+                self._on_results(w, body, fds)
+            elif kind == P.READY:
+                w.ready = True
+                self._startup_failures = 0
+            elif kind == P.INIT_FAILED:
+                info = pickle.loads(body)
+                cause = rebuild_error(info)
+                err = InitializerError(f"the pool's initializer raised {info[1]}: {info[2]}")
+                err.__cause__ = cause
+                self._break(err)
+            elif kind == P.RETIRE:
+                w.retiring = True
+                self._maybe_exit(w)
+
+    def _on_results(self, w: _Worker, body: memoryview, fds: list[int]) -> None:
+        est = self._est
+        for rec in P.iter_results(body):
+            n = rec.nbuf + rec.nfd
+            mine, fds = fds[:n], fds[n:]
+            task = w.inflight.pop(rec.task_id, None)
+            if task is None:  # cancelled or failed meanwhile
+                _serialize.Payload(b"", 0, mine).close()
+                continue
+            per_item = rec.duration / task.n_items
+            est = per_item if est is None else 0.7 * est + 0.3 * per_item
+            task.state = _DONE
+            task.worker = None
+            if task.timeout:
+                w.exclusive = False
+            self._deliveries.append(("result", task, rec.status, rec.payload, rec.nbuf, mine))
+        self._est = est
+        w.cost = sum(self._cost(t) for t in w.inflight.values()) if w.inflight else 0.0
+        self._maybe_exit(w)
+
+    def _maybe_exit(self, w: _Worker) -> None:
+        if w.retiring and not w.inflight and not w.exit_sent:
+            self._send_exit(w)
+
+    def _send_exit(self, w: _Worker) -> None:
+        w.exit_sent = True
+        w.chan.push(P.frame(P.EXIT))
+        self._flush(w)
+        self._add_timer(EXIT_GRACE, "exit", w)
+
+    # ------------------------------------------------------------------ writing
+    def _flush(self, w: _Worker) -> None:
+        try:
+            done = w.chan.flush()
+        except OSError:  # the worker is gone; its pidfd will tell us how
+            w.chan.discard_output()
+            done = True
+        if done != (not w.writing):
+            return
+        w.writing = not done
+        mask = select.EPOLLIN | (select.EPOLLOUT if w.writing else 0)
+        if w.eof:
+            mask = select.EPOLLOUT if w.writing else 0
+        try:
+            self._epoll.modify(w.chan.fileno(), mask)
+        except OSError:
+            pass
+
+    def _cost(self, task: Task) -> float:
+        est = self._est
+        return float("inf") if est is None else est * task.n_items
+
+    def _can_take(self, w: _Worker, cost: float, exclusive: bool) -> bool:
+        if not w.inflight:
+            return True
+        if exclusive or len(w.inflight) >= MAX_INFLIGHT or self._est is None:
+            return False
+        budget = max(INFLIGHT_BUDGET, min(2 * cost, PREFETCH_LIMIT))
+        return w.cost + cost <= budget
+
+    def _next_for(self, w: _Worker) -> Task | None:
+        """The next task for worker *w* from the pending queue, or None if it should wait."""
+        pending = self._pending
+        while pending:
+            head = pending[0]
+            if isinstance(head, Task):
+                if head.state != _PENDING:
+                    pending.popleft()
+                    continue
+                if not self._can_take(w, self._cost(head), bool(head.timeout)):
+                    return None
+                pending.popleft()
+                if getattr(head.sink, "needs_start", False) and head.attempts == 0:
+                    if not head.sink._start():  # a Future cancelled while pending
+                        head.state = _DONE
+                        head.release()
+                        continue
+                return head
+            job = head
+            size = job.chunk_size(self._est, self.processes)
+            est = self._est
+            cost = float("inf") if est is None else est * size
+            if not self._can_take(w, cost, bool(job.timeout)):
+                return None
+            items = job.take(size, idle=not w.inflight)
+            if items is None:
+                if job.buf:
+                    return None  # a fuller chunk is coming: wait (FIFO)
+                pending.popleft()  # waiting for input; the feeder queues it again
+                job.queued = False
+                continue
+            if not job.buf and job.input_done:
+                pending.popleft()  # that was its last chunk
+                job.queued = False
+            task = self._chunk_task(job, items)
+            if task is not None:
+                return task
+        return None
+
+    def _chunk_task(self, job: MapJob, items: list) -> Task | None:
+        index = job.next_index
+        job.next_index += len(items)
+        try:
+            payload = _serialize.dumps(items)
+        except SerializationError as exc:
+            task = Task(0, 0, b"", job.kind, _serialize.Payload(b""), job.sink, job.label, None, 0, ())
+            task.job, task.index, task.n_items = job, index, len(items)
+            task.state = _DONE
+            self._fail(task, SerializationError(f"{self._describe(task)}: {exc}"))
+            return None
+        task = Task(
+            next(self._tids), job.fid, job.blob, job.kind, payload, job.sink, job.label,
+            job.timeout, job.retries, (),
+        )
+        task.job, task.index, task.n_items = job, index, len(items)
+        return task
+
+    def _dispatch(self) -> None:
+        """Hand pending work to workers that can take it, one batch (frame) per worker."""
+        if not self._pending or self._broken is not None or self._state == TERMINATING:
+            return
+        workers = [w for w in self._workers.values() if self._accepts(w)]
+        if not workers:
+            return
+        workers.sort(key=lambda w: w.cost if w.inflight else -1.0)
+        batches: dict[int, list[Task]] = {}
+        active = workers
+        while self._pending and active:
+            still = []
+            for w in active:
+                task = self._next_for(w)
+                if task is None:
+                    continue
+                self._assign(w, task)
+                batches.setdefault(w.wid, []).append(task)
+                still.append(w)
+                if not self._pending:
+                    break
+            active = still
+        for wid, tasks in batches.items():
+            self._send(self._workers[wid], tasks)
+
+    def _assign(self, w: _Worker, task: Task) -> None:
+        task.state = _SENT
+        task.worker = w
+        task.attempts += 1
+        w.inflight[task.id] = task
+        cost = self._cost(task)
+        w.cost = w.cost + cost if cost != float("inf") else w.cost
+        if task.timeout:
+            w.exclusive = True
+            self._add_timer(task.timeout + self._grace, "hard", (task, task.attempts))
+        w.sent += 1
+        if self._maxtasks and w.sent >= self._maxtasks:
+            w.retiring = True
+
+    def _send(self, w: _Worker, tasks: list[Task]) -> None:
+        chan = w.chan
+        body = bytearray()
+        fds: list[int] = []
+        for task in tasks:
+            if task.fid not in w.known:
+                chan.push(P.frame(P.FUNC, P.FUNC_HEAD.pack(task.fid) + task.func_blob))
+                w.known[task.fid] = None
+                if len(w.known) > FUNC_CACHE:
+                    del w.known[next(iter(w.known))]
+            payload = task.payload
+            if payload.fds:
+                if len(fds) + len(payload.fds) > MAX_FDS_PER_FRAME and body:
+                    chan.push(P.frame(P.TASKS, body, len(fds)), fds)
+                    body, fds = bytearray(), []
+                fds.extend(os.dup(fd) for fd in payload.fds)  # keep ours for a retry
+            nfd = len(payload.fds) - payload.nbuf
+            P.pack_task(
+                body, task.id, task.fid, task.kind, task.timeout or 0.0, payload.nbuf, nfd,
+                payload.data,
+            )
+        chan.push(P.frame(P.TASKS, body, len(fds)), fds)
+        self._flush(w)
+
+    # ------------------------------------------------------------------ timers
+    def _add_timer(self, delay: float, kind: str, what: Any) -> None:
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), kind, what))
+        if threading.current_thread() is not self._thread:
+            self._wake()  # the I/O thread may be asleep with a later deadline
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, kind, what = heapq.heappop(self._timers)
+            if kind == "hard":
+                task, attempt = what
+                if task.state == _SENT and task.attempts == attempt and task.worker is not None:
+                    task.timed_out = True
+                    self._kill(task.worker)
+            elif kind == "exit":
+                if what.wid in self._workers:
+                    self._kill(what)
+
+    # ------------------------------------------------------------------ shutdown
+    def _progress_shutdown(self) -> bool:
+        """Advance close()/terminate(); return True when the I/O thread may stop."""
+        if self._state == RUNNING and self._broken is None:
+            return False
+        if self._state == TERMINATING or self._broken is not None:
+            if not self._killed_all:
+                self._killed_all = True
+                self._kill_all()
+                if self._state == TERMINATING:
+                    self._fail_everything(PoolTerminated("the pool was terminated"))
+            if self._state == RUNNING:  # broken but still open: keep failing new submissions
+                return False
+            return not self._workers
+        # CLOSING: let the work finish, then ask every worker to exit
+        if self._has_work():
+            return False
+        for w in self._workers.values():
+            if not w.exit_sent:
+                self._send_exit(w)
+        return not self._workers
+
+    # ------------------------------------------------------------------ deliveries
+    def _fail(self, task: Task, error: BaseException) -> None:
+        task.state = _DONE
+        task.release()
+        self._deliveries.append(("error", task, error))
+
+    def _deliver(self) -> None:
+        """Unpickle results and run the caller's sinks and callbacks, outside the lock.
+
+        One thread at a time (``_deliver_lock``): a MapResult counts its chunks without a lock.
+        """
+        with self._deliver_lock:
+            self._deliver_all()
+
+    def _deliver_all(self) -> None:
+        while True:
+            with self._lock:
+                batch, self._deliveries = self._deliveries, []
+            if not batch:
+                return
+            for item in batch:
+                try:
+                    if item[0] == "result":
+                        self._deliver_result(*item[1:])
+                    elif item[0] == "error":
+                        task, error = item[1], item[2]
+                        task.sink._on_error(task, error)
+                    else:
+                        item[1](*item[2])
+                except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
+                    traceback.print_exc()
+
+    def _deliver_result(self, task: Task, status, data, nbuf, fds) -> None:
+        task.release()
+        sink = task.sink
+        if status == P.ERROR:
+            error = rebuild_error(pickle.loads(data), task)
+            if task.retry_on and task.attempts <= task.retries and isinstance(error, task.retry_on):
+                self._requeue(task)
+                return
+            sink._on_error(task, error)
+            return
+        try:
+            value = _serialize.loads(data, nbuf, fds)
+        except BaseException as exc:  # noqa: BLE001 - never lets a bad result kill the thread
+            err = SerializationError(
+                f"the result of {self._describe(task)} could not be unpickled: {exc!r}"
+            )
+            err.__cause__ = exc
+            sink._on_error(task, err)
+            return
+        if status == P.OK:
+            if task.kind == P.CALL:
+                sink._on_result(task, value)
+            else:
+                sink._on_chunk(task, value, {})
+        else:
+            values, errors = value
+            sink._on_chunk(task, values, {i: rebuild_error(e, task) for i, e in errors.items()})
+
+    def _requeue(self, task: Task) -> None:
+        with self._lock:
+            if self._state == TERMINATING or self._broken is not None:
+                return
+            task.state = _PENDING
+            self._pending.appendleft(task)
+            self._wake()
+
+
+def rebuild_error(info: tuple, task: Task | None = None) -> BaseException:
+    """Turn a worker's error tuple back into an exception with the remote traceback as cause."""
+    blob, name, message, tb = info
+    exc: Any = None
+    if blob is not None:
+        try:
+            exc = pickle.loads(blob)
+        except BaseException as why:  # noqa: BLE001
+            message = f"{message} (the exception could not be rebuilt here: {why!r})"
+        if not isinstance(exc, BaseException):
+            exc = None
+    if exc is None:
+        exc = RemoteError(f"{name}: {message}", name)
+    exc.__cause__ = RemoteTraceback(tb)
+    if isinstance(exc, TaskTimeout) and task is not None:
+        where = Scheduler._describe(task)
+        outer = TaskTimeoutError(f"{where} exceeded its timeout of {task.timeout}s", task.timeout)
+        outer.__cause__ = exc
+        return outer
+    return exc
+
+
+def _after_fork_in_child() -> None:
+    for sched in list(_live):
+        sched._state = FINISHED  # the I/O thread does not exist here
+    _live.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

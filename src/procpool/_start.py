@@ -1,0 +1,271 @@
+"""How worker processes are created, watched and reaped.
+
+Three start methods, one interface (:class:`Launcher`): ``start()`` returns a :class:`Proc` —
+pid, a *pidfd* (readable the moment the process dies, so the scheduler sees a death in the same
+epoll set as the channels) and the parent's end of the worker's socketpair; ``reap()`` returns
+the exit code (negative: killed by that signal, as ``multiprocessing.Process.exitcode``).
+
+``fork`` (default)
+    ``os.fork()`` called from the pool's own I/O thread.  Fastest start (the worker inherits the
+    parent's imported modules), and ``PR_SET_PDEATHSIG`` ties the worker's life to that thread,
+    i.e. to the pool.  Between ``fork`` and the first line of user code, the child touches only
+    what is safe after a fork (pre-resolved ``prctl``, sockets, pickle): locks that other parent
+    threads held are never taken by procpool.  User code in tasks runs with the same caveat as
+    ``multiprocessing``'s fork method.
+``spawn``
+    ``posix_spawn`` of a fresh interpreter (vfork+exec: safe whatever threads the parent has).
+    Slower start; functions from ``__main__`` travel by value (cloudpickle).
+``forkserver``
+    A fresh single-threaded interpreter (spawned once) that forks workers on request: the
+    safety of ``spawn`` with much of the speed of ``fork`` for replacements.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import os
+import signal
+import socket
+import struct
+import sys
+from typing import NamedTuple
+
+# ---------------------------------------------------------------- fds the children must not keep
+#: every parent-side fd of every live pool in this process.  A forked worker closes them all
+#: first thing, so that a pool's sockets and pidfds are never kept open by another pool's worker
+#: (which would hide EOFs and keep dead workers' resources alive).
+INTERNAL_FDS: set[int] = set()
+
+PR_SET_PDEATHSIG = 1
+try:  # resolved now, in the parent: dlopen/dlsym after fork could block on a loader lock
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    _prctl = None
+
+START_METHODS = ("fork", "forkserver", "spawn")
+DEFAULT_START_METHOD = "fork"
+
+
+class Proc(NamedTuple):
+    """A started worker process as the scheduler sees it."""
+
+    pid: int
+    pidfd: int
+    sock: socket.socket
+
+
+def die_with_parent(expected_ppid: int) -> None:
+    """Ask the kernel to SIGKILL us when our parent (thread) dies; exit if it already has."""
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != expected_ppid:
+        os._exit(1)
+
+
+def child_setup(keep: int) -> None:
+    """Common set-up in a new worker: close other pools' fds, die with the parent, ignore ^C.
+
+    Ctrl-C in a terminal reaches the whole foreground process group; the caller gets one clean
+    ``KeyboardInterrupt`` and the pool is torn down from there, so workers ignore SIGINT (a task
+    may install its own handler).
+    """
+    for fd in list(INTERNAL_FDS):
+        if fd != keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    INTERNAL_FDS.clear()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def exitcode(status: int) -> int:
+    return os.waitstatus_to_exitcode(status)
+
+
+def describe_exit(code: int | None) -> str:
+    """Human words for an exit code: 'killed by signal 9 (SIGKILL)' / 'exited with code 3'."""
+    if code is None:
+        return "died (exit status unknown)"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "?"
+        return f"was killed by signal {-code} ({name})"
+    return f"exited with code {code}"
+
+
+class Launcher:
+    """Creates worker processes for one pool."""
+
+    method = ""
+
+    def start(self) -> Proc:
+        raise NotImplementedError
+
+    def reap(self, proc: Proc) -> int | None:
+        """Collect the exit code of a dead worker (blocking only if it is not dead yet)."""
+        try:
+            _, status = os.waitpid(proc.pid, 0)
+        except ChildProcessError:
+            return None
+        return exitcode(status)
+
+    def close(self) -> None:
+        """Release the launcher's own resources (the fork server, if any)."""
+
+
+class ForkLauncher(Launcher):
+    method = "fork"
+
+    def start(self) -> Proc:
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ppid = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                parent_sock.close()
+                die_with_parent(ppid)
+                child_setup(child_sock.fileno())
+                from . import _worker
+
+                code = _worker.main(child_sock)
+            finally:
+                os._exit(code)
+        child_sock.close()
+        return Proc(pid, os.pidfd_open(pid), parent_sock)
+
+
+def _spawn_python(code: str, sock: socket.socket) -> int:
+    """posix_spawn ``python -c code`` with *sock* as fd 3."""
+    env = dict(os.environ)
+    env["PROCPOOL_PARENT_PID"] = str(os.getpid())
+    return os.posix_spawn(
+        sys.executable,
+        [sys.executable, "-c", code],
+        env,
+        file_actions=[(os.POSIX_SPAWN_DUP2, sock.fileno(), 3)],
+    )
+
+
+class SpawnLauncher(Launcher):
+    method = "spawn"
+
+    def start(self) -> Proc:
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            pid = _spawn_python("from procpool._worker import spawn_main; spawn_main()", child_sock)
+        finally:
+            child_sock.close()
+        return Proc(pid, os.pidfd_open(pid), parent_sock)
+
+
+# ------------------------------------------------------------------------------ fork server
+_REQ = struct.Struct("<ci")  # command, pid
+_REPLY = struct.Struct("<ii")  # pid or status, flag
+
+
+class ForkServerLauncher(Launcher):
+    """Workers forked by a single-threaded server process spawned once per pool."""
+
+    method = "forkserver"
+
+    def __init__(self) -> None:
+        self._ctl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._pid = _spawn_python("from procpool._start import forkserver_main; forkserver_main()", child)
+        finally:
+            child.close()
+        self._pidfd = os.pidfd_open(self._pid)
+        INTERNAL_FDS.update((self._ctl.fileno(), self._pidfd))
+
+    def start(self) -> Proc:
+        self._ctl.sendall(_REQ.pack(b"S", 0))
+        data, anc, _, _ = self._ctl.recvmsg(_REPLY.size, socket.CMSG_SPACE(2 * 4))
+        if len(data) < _REPLY.size:
+            raise OSError("the fork server is gone")
+        pid, _ = _REPLY.unpack(data)
+        fds = []
+        for level, kind, raw in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(raw[: len(raw) - len(raw) % 4])
+                fds.extend(arr)
+        pidfd, sockfd = fds
+        return Proc(pid, pidfd, socket.socket(fileno=sockfd))
+
+    def reap(self, proc: Proc) -> int | None:
+        try:
+            self._ctl.sendall(_REQ.pack(b"R", proc.pid))
+            data = self._ctl.recv(_REPLY.size)
+        except OSError:
+            return None
+        if len(data) < _REPLY.size:
+            return None
+        status, known = _REPLY.unpack(data)
+        return exitcode(status) if known else None
+
+    def close(self) -> None:
+        INTERNAL_FDS.discard(self._ctl.fileno())
+        INTERNAL_FDS.discard(self._pidfd)
+        self._ctl.close()  # the server sees EOF and exits; its workers die with it
+        try:
+            os.waitpid(self._pid, 0)
+        except ChildProcessError:
+            pass
+        os.close(self._pidfd)
+
+
+def forkserver_main() -> None:
+    """The fork server's loop (runs in its own fresh interpreter, single-threaded)."""
+    die_with_parent(int(os.environ.pop("PROCPOOL_PARENT_PID", "0")) or os.getppid())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ctl = socket.socket(fileno=3)
+    from . import _worker  # noqa: F401  (preloaded once, inherited by every worker)
+
+    me = os.getpid()
+    while True:
+        data = ctl.recv(_REQ.size)
+        if len(data) < _REQ.size:
+            os._exit(0)
+        cmd, pid = _REQ.unpack(data)
+        if cmd == b"S":
+            parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            child = os.fork()
+            if child == 0:
+                code = 1
+                try:
+                    ctl.close()
+                    parent_sock.close()
+                    die_with_parent(me)
+                    code = _worker.main(child_sock)
+                finally:
+                    os._exit(code)
+            child_sock.close()
+            pidfd = os.pidfd_open(child)
+            ctl.sendmsg(
+                [_REPLY.pack(child, 0)],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [pidfd, parent_sock.fileno()]))],
+            )
+            os.close(pidfd)
+            parent_sock.close()
+        elif cmd == b"R":
+            try:
+                _, status = os.waitpid(pid, 0)
+                ctl.sendall(_REPLY.pack(status, 1))
+            except ChildProcessError:
+                ctl.sendall(_REPLY.pack(0, 0))
+
+
+def make_launcher(method: str | None) -> Launcher:
+    method = method or DEFAULT_START_METHOD
+    if method == "fork":
+        return ForkLauncher()
+    if method == "spawn":
+        return SpawnLauncher()
+    if method == "forkserver":
+        return ForkServerLauncher()
+    raise ValueError(f"start_method must be one of {START_METHODS}, not {method!r}")

@@ -1,0 +1,248 @@
+"""The worker's main loop: runs in the child process, talks to the parent over one Channel.
+
+    INIT ──► run the initializer ──► READY (or INIT_FAILED and exit)
+    loop:  FUNC  ──► remember the function under its id
+           TASKS ──► run each record in order; results are buffered and flushed when the batch
+                     is done, every ~1 ms while it runs, or when the buffer grows large
+           EXIT  ──► flush and return 0
+    EOF on the channel (the parent is gone) ──► return at once
+
+A task's exception is carried back as an *error tuple* ``(exception pickle or None, type name,
+message, traceback text)``: the caller re-raises the same exception type with the traceback as
+``__cause__``; if the exception cannot make the trip, the texts still can (``RemoteError``).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import sys
+import time
+import traceback
+from typing import Any
+
+from . import _protocol as P
+from . import _serialize
+from ._channel import Channel, ChannelClosed
+from .errors import SerializationError, TaskTimeout
+
+FLUSH_INTERVAL = 1e-3  # seconds of work after which buffered results are sent anyway
+FLUSH_BYTES = 256 * 1024
+FUNC_CACHE = 1024  # the parent mirrors this FIFO (see _scheduler)
+
+
+def error_info(exc: BaseException) -> tuple:
+    """The error tuple for *exc* (see the module docstring)."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    tb = f'\n"""\n{tb}"""'
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<str() failed>"
+    blob: bytes | None
+    try:
+        payload = _serialize.dumps(exc, oob=False)
+        payload.close()
+        blob = payload.data
+        pickle.loads(blob)  # must round-trip here, or the caller would fail to rebuild it
+    except BaseException as why:  # noqa: BLE001 - anything: a broken __reduce__, a bad __init__
+        blob = None
+        message = f"{message} (the exception could not be sent back intact: {why!r})"
+    return (blob, name, message, tb)
+
+
+class _SoftTimeout:
+    """Arms SIGALRM around one task that has a timeout; leaves SIGALRM alone otherwise."""
+
+    def __init__(self) -> None:
+        self.active = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.active:
+            self.active = False
+            raise TaskTimeout("task exceeded its time limit")
+
+    def arm(self, seconds: float) -> Any:
+        previous = signal.signal(signal.SIGALRM, self._handler)
+        self.active = True
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        return previous
+
+    def disarm(self, previous: Any) -> None:
+        self.active = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class Worker:
+    def __init__(self, chan: Channel) -> None:
+        self.chan = chan
+        self.funcs: dict[int, Any] = {}
+        self.out = bytearray()
+        self.out_fds: list[int] = []
+        self.last_flush = time.perf_counter()
+        self.alarm = _SoftTimeout()
+        self.max_memory = 0
+        self.retiring = False
+
+    # ---------------------------------------------------------------- start-up
+    def init(self, body: memoryview) -> bool:
+        config = pickle.loads(body)
+        if config.get("sys_path"):
+            sys.path[:] = config["sys_path"]
+        self.max_memory = config.get("max_memory") or 0
+        try:
+            if config.get("init"):
+                initializer, initargs = _serialize.loads(config["init"])
+                initializer(*initargs)
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller, then we exit
+            data = pickle.dumps(error_info(exc))
+            self.chan.send_frame(P.frame(P.INIT_FAILED, data))
+            return False
+        self.chan.send_frame(P.frame(P.READY))
+        return True
+
+    # ---------------------------------------------------------------- results
+    def flush(self) -> None:
+        if self.out:
+            fds, self.out_fds = self.out_fds, []
+            body, self.out = self.out, bytearray()
+            self.chan.send_frame(P.frame(P.RESULTS, body, len(fds)), fds)
+        self.last_flush = time.perf_counter()
+
+    def add_result(self, task_id: int, status: int, duration: float, value: Any) -> None:
+        try:
+            payload = _serialize.dumps(value)
+        except SerializationError as exc:
+            status = P.ERROR
+            exc2 = SerializationError(f"the result of the task could not be pickled: {exc}")
+            payload = _serialize.Payload(pickle.dumps(error_info(exc2)))
+        nfd = len(payload.fds) - payload.nbuf
+        P.pack_result(self.out, task_id, status, duration, payload.nbuf, nfd, payload.data)
+        self.out_fds.extend(payload.fds)
+
+    # ---------------------------------------------------------------- tasks
+    def run_record(self, rec: P.TaskRecord, fds: list[int]) -> None:
+        start = time.perf_counter()
+        func = self.funcs[rec.fid]
+        try:
+            data = _serialize.loads(rec.payload, rec.nbuf, fds)
+        except BaseException as exc:  # noqa: BLE001
+            err = SerializationError(f"the task's arguments could not be unpickled: {exc!r}")
+            self.add_result(rec.task_id, P.ERROR, 0.0, error_info(err))
+            return
+        previous = self.alarm.arm(rec.timeout) if rec.timeout > 0 else None
+        try:
+            if rec.kind == P.CALL:
+                args, kwds = data
+                status, value = P.OK, func(*args, **kwds)
+            else:
+                status, value = self.run_chunk(func, rec.kind == P.STARMAP, data)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit/KeyboardInterrupt fail the task only
+            status, value = P.ERROR, error_info(exc)
+        finally:
+            if previous is not None:
+                try:
+                    self.alarm.disarm(previous)
+                except TaskTimeout:  # fired in the instant between the task's end and here
+                    self.alarm.disarm(previous)
+        self.add_result(rec.task_id, status, time.perf_counter() - start, value)
+
+    @staticmethod
+    def run_chunk(func: Any, star: bool, items: list) -> tuple[int, Any]:
+        values: list[Any] = []
+        append = values.append
+        errors: dict[int, tuple] = {}
+        rest = iter(items)
+        while True:
+            try:  # the fast loop; after a failure it resumes with the next item
+                if star:
+                    for args in rest:
+                        append(func(*args))
+                else:
+                    for item in rest:
+                        append(func(item))
+                break
+            except BaseException as exc:  # noqa: BLE001 - one item fails, the others go on
+                errors[len(values)] = error_info(exc)
+                append(None)
+        if errors:
+            return P.CHUNK_PARTIAL, (values, errors)
+        return P.OK, values
+
+    def run_tasks(self, body: memoryview, fds: list[int]) -> None:
+        for rec in P.iter_tasks(body):
+            nfds = rec.nbuf + rec.nfd
+            mine, fds = fds[:nfds], fds[nfds:]
+            self.run_record(rec, mine)
+            if (
+                len(self.out) > FLUSH_BYTES
+                or time.perf_counter() - self.last_flush > FLUSH_INTERVAL
+            ):
+                self.flush()
+        self.flush()
+        if self.max_memory and not self.retiring and rss() > self.max_memory:
+            self.retiring = True
+            self.chan.send_frame(P.frame(P.RETIRE))
+
+    # ---------------------------------------------------------------- loop
+    def serve(self) -> int:
+        chan = self.chan
+        try:
+            kind, body, fds = chan.recv_frame()
+            if kind != P.INIT or not self.init(body):
+                return 1
+            while True:
+                kind, body, fds = chan.recv_frame()
+                if kind == P.TASKS:
+                    self.run_tasks(body, fds)
+                elif kind == P.FUNC:
+                    (fid,) = P.FUNC_HEAD.unpack_from(body)
+                    self.load_func(fid, body[P.FUNC_HEAD.size :])
+                elif kind == P.EXIT:
+                    self.flush()
+                    return 0
+        except (ChannelClosed, BrokenPipeError, ConnectionResetError):
+            return 0  # the parent is gone: nothing to report to
+
+    def load_func(self, fid: int, blob: memoryview) -> None:
+        try:
+            func = pickle.loads(blob)
+        except BaseException as exc:  # noqa: BLE001 - every task using it will say why
+
+            def func(*args: Any, _exc: BaseException = exc, **kwds: Any) -> Any:
+                raise SerializationError(f"the task's function could not be unpickled: {_exc!r}")
+
+        self.funcs[fid] = func
+        if len(self.funcs) > FUNC_CACHE:  # FIFO, mirrored by the parent
+            del self.funcs[next(iter(self.funcs))]
+
+
+def rss() -> int:
+    """Resident set size of this process in bytes."""
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def main(sock: socket.socket) -> int:
+    """Serve the pool on *sock* until told to exit or the parent goes away."""
+    sock.setblocking(True)
+    code = Worker(Channel(sock)).serve()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    return code
+
+
+def spawn_main() -> None:
+    """Entry point of a worker started with the ``spawn`` method (fd 3 is its socket)."""
+    from ._start import child_setup, die_with_parent
+
+    die_with_parent(int(os.environ.pop("PROCPOOL_PARENT_PID", "0")) or os.getppid())
+    child_setup(3)
+    os._exit(main(socket.socket(fileno=3)))

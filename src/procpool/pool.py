@@ -1,0 +1,448 @@
+"""Pool and ProcessPoolExecutor: what the caller sees.
+
+:class:`Pool` has the surface and semantics of :class:`multiprocessing.pool.Pool` (``apply``,
+``apply_async``, ``map``, ``imap``, ``starmap``, ``close``, ``join``, ``terminate``, context
+manager) and is also a :class:`concurrent.futures.Executor` (``submit``, ``shutdown``).
+:class:`ProcessPoolExecutor` is a drop-in for the standard one on the same engine.  Extras are
+keyword-only arguments with safe defaults: ``start_method``, ``timeout``, ``retries``,
+``retry_on``, ``max_memory_per_child``.
+
+All the work happens in :mod:`procpool._scheduler`; this module validates arguments and wraps
+results.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from ._scheduler import RUNNING, Scheduler
+from ._start import make_launcher
+from .results import AsyncResult, FutureSink, IMapIterator, MapResult
+
+T = TypeVar("T")
+
+__all__ = ["Pool", "ProcessPoolExecutor"]
+
+
+def _default_processes() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _start_method(start_method: str | None, context: Any) -> str | None:
+    if start_method is None and context is not None:
+        return context.get_start_method()
+    return start_method
+
+
+class Pool(concurrent.futures.Executor):
+    """A pool of worker processes that does not hang, leak or lose work.
+
+    ``Pool(processes)`` starts *processes* workers (default: the CPUs this process may use).
+    Tasks go in with :meth:`apply_async`, :meth:`map` and friends exactly as with
+    :class:`multiprocessing.Pool`; :meth:`close` then :meth:`join` wait for them to finish.
+
+    What is different: a worker that dies (SIGKILL, segfault, ``os._exit``, OOM) fails only the
+    task(s) it held with :class:`~procpool.WorkerLostError` and is replaced; ``timeout`` gives
+    every task a time limit (``TaskTimeout`` is raised inside it, and the worker is killed if it
+    does not stop within ``grace`` seconds); ``retries`` re-runs tasks lost to a dead worker
+    (and to the exception types in ``retry_on``); lambdas and closures work as tasks; workers
+    exit when the parent dies.
+
+    Example::
+
+        with Pool(4) as pool:
+            r = pool.apply_async(pow, (2, 10))
+            print(r.get(timeout=5))          # 1024
+            print(pool.map(abs, [-1, -2]))   # [1, 2]
+
+    Args:
+        processes: number of workers.
+        initializer: called as ``initializer(*initargs)`` in each worker when it starts.  If it
+            raises, the pool is broken: every task fails with ``InitializerError``.
+        maxtasksperchild: a worker is replaced after this many tasks (a map chunk counts as one).
+        context: a ``multiprocessing`` context; only its start method is used.
+        start_method: ``"fork"`` (default), ``"forkserver"`` or ``"spawn"`` (see
+            ``docs/architecture.md`` for the choice).
+        timeout: default time limit in seconds for each task (None: none).
+        retries: how many times a task lost to a worker's death is run again.
+        retry_on: exception types that also trigger a retry.
+        max_memory_per_child: a worker whose RSS exceeds this many bytes after a batch is
+            replaced once its tasks are done.
+        grace: seconds between the soft timeout (``TaskTimeout`` raised in the task) and the
+            hard one (the worker is killed).
+    """
+
+    def __init__(
+        self,
+        processes: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        maxtasksperchild: int | None = None,
+        context: Any = None,
+        *,
+        start_method: str | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        retry_on: tuple[type[BaseException], ...] = (),
+        max_memory_per_child: int | None = None,
+        grace: float = 1.0,
+    ) -> None:
+        if processes is None:
+            processes = _default_processes()
+        if not isinstance(processes, int) or processes < 1:
+            raise ValueError("Number of processes must be at least 1")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if maxtasksperchild is not None and (
+            not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0
+        ):
+            raise ValueError("maxtasksperchild must be a positive int or None")
+        _check_timeout(timeout)
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError("retries must be a non-negative int")
+        launcher = make_launcher(_start_method(start_method, context))
+        self._timeout = timeout
+        self._retries = retries
+        self._retry_on = tuple(retry_on)
+        self._sched = Scheduler(
+            processes,
+            launcher,
+            initializer,
+            tuple(initargs),
+            maxtasksperchild,
+            max_memory_per_child,
+            grace,
+        )
+        # a pool dropped without close() or still alive at exit is terminated, not leaked
+        self._finalizer = weakref.finalize(self, self._sched.terminate)
+
+    # ---------------------------------------------------------------- introspection
+    @property
+    def processes(self) -> int:
+        """The number of worker processes the pool keeps."""
+        return self._sched.processes
+
+    @property
+    def start_method(self) -> str:
+        return self._sched._launcher.method
+
+    def pids(self) -> list[int]:
+        """The pids of the live workers (they change as workers are replaced)."""
+        return self._sched.worker_pids()
+
+    def signal_workers(self, signum: int) -> list[int]:
+        """Send signal *signum* to every live worker; return the pids signalled."""
+        return self._sched.signal_workers(signum)
+
+    # ---------------------------------------------------------------- one task
+    def apply(self, func: Callable[..., T], args: Iterable[Any] = (), kwds: dict | None = None) -> T:
+        """Run ``func(*args, **kwds)`` in a worker and return its result (blocking)."""
+        return self.apply_async(func, args, kwds).get()
+
+    def apply_async(
+        self,
+        func: Callable[..., T],
+        args: Iterable[Any] = (),
+        kwds: dict | None = None,
+        callback: Callable[[T], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        timeout: float | None = None,
+        retries: int | None = None,
+    ) -> AsyncResult[T]:
+        """Queue ``func(*args, **kwds)``; return an :class:`AsyncResult` (``.get(timeout)``).
+
+        *callback* / *error_callback* run in the pool's I/O thread with the result / exception,
+        as in :mod:`multiprocessing`; keep them short.  *timeout* (seconds) limits the task's
+        run time (default: the pool's).  Raises ``ValueError`` if the pool is closed.
+        """
+        result: AsyncResult[T] = AsyncResult(callback, error_callback)
+        task = self._sched.submit_call(
+            func,
+            tuple(args),
+            dict(kwds) if kwds else {},
+            result,
+            timeout=self._task_timeout(timeout),
+            retries=self._retries if retries is None else retries,
+            retry_on=self._retry_on,
+        )
+        if not result._done:
+            result._cancel = lambda force, s=self._sched, t=task: s.cancel(t, force)
+        return result
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Queue ``fn(*args, **kwargs)``; return a :class:`concurrent.futures.Future`.
+
+        The pool's ``timeout``/``retries`` apply.  Raises ``RuntimeError`` after
+        :meth:`shutdown`/:meth:`close`, as executors do.
+        """
+        future: Future[T] = Future()
+        try:
+            self._sched.submit_call(
+                fn,
+                args,
+                kwargs,
+                FutureSink(future),
+                timeout=self._timeout,
+                retries=self._retries,
+                retry_on=self._retry_on,
+            )
+        except ValueError:
+            raise RuntimeError("cannot schedule new futures after shutdown") from None
+        return future
+
+    # ---------------------------------------------------------------- many tasks
+    def map(  # type: ignore[override]
+        self,
+        func: Callable[[Any], T],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[T]:
+        """Apply *func* to every item, in parallel; return the list of results in order.
+
+        The items are read at once (as ``multiprocessing`` does).  If items fail, the others
+        still complete, then the exception of the first failing item is raised.  *chunksize*
+        defaults to an adaptive size (a few milliseconds of work per chunk).
+        """
+        return self.map_async(func, iterable, chunksize, timeout=timeout).get()
+
+    def map_async(
+        self,
+        func: Callable[[Any], T],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        callback: Callable[[list[T]], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        timeout: float | None = None,
+        fail_fast: bool = False,
+    ) -> MapResult:
+        """Like :meth:`map` but return a :class:`MapResult` at once."""
+        return self._map_async(
+            func, iterable, chunksize, callback, error_callback, timeout, fail_fast, star=False
+        )
+
+    def starmap(
+        self,
+        func: Callable[..., T],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[T]:
+        """Like :meth:`map` but each item is unpacked as arguments: ``func(*item)``."""
+        return self.starmap_async(func, iterable, chunksize, timeout=timeout).get()
+
+    def starmap_async(
+        self,
+        func: Callable[..., T],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        callback: Callable[[list[T]], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        timeout: float | None = None,
+        fail_fast: bool = False,
+    ) -> MapResult:
+        """Like :meth:`starmap` but return a :class:`MapResult` at once."""
+        return self._map_async(
+            func, iterable, chunksize, callback, error_callback, timeout, fail_fast, star=True
+        )
+
+    def _map_async(self, func, iterable, chunksize, callback, error_callback, timeout, fail_fast, star):
+        self._sched._check_running()
+        _check_chunksize(chunksize)
+        items = list(iterable)
+        label = f"{'starmap' if star else 'map'}({getattr(func, '__qualname__', func)})"
+        result = MapResult(len(items), label, callback, error_callback, fail_fast)
+        if items:
+            self._sched.submit_map(
+                func,
+                items,
+                result,
+                star=star,
+                chunksize=chunksize,
+                timeout=self._task_timeout(timeout),
+                retries=self._retries,
+            )
+        return result
+
+    def imap(
+        self,
+        func: Callable[[Any], T],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> IMapIterator[T]:
+        """Apply *func* to every item; return an iterator over the results, in order.
+
+        The input is read lazily, a bounded number of items ahead of the results you have
+        consumed: an infinite generator works and memory does not grow with its length.  Use
+        ``it.next(timeout)`` to wait at most *timeout* seconds for the next result.
+        """
+        return self._imap(func, iterable, chunksize, timeout, ordered=True)
+
+    def imap_unordered(
+        self,
+        func: Callable[[Any], T],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> IMapIterator[T]:
+        """Like :meth:`imap` but results come in completion order."""
+        return self._imap(func, iterable, chunksize, timeout, ordered=False)
+
+    def _imap(self, func, iterable, chunksize, timeout, ordered, star=False) -> IMapIterator:
+        self._sched._check_running()
+        _check_chunksize(chunksize)
+        it: IMapIterator = IMapIterator(ordered, release=lambda n: None)
+        job = self._sched.submit_map(
+            func,
+            iterable,
+            it,
+            star=star,
+            chunksize=chunksize,
+            timeout=self._task_timeout(timeout),
+            retries=self._retries,
+            lazy=True,
+            on_input_end=it._end_of_input,
+        )
+        it._release = job.release
+        return it
+
+    # ---------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Accept no more tasks; workers exit once the queued tasks are done."""
+        self._sched.close()
+
+    def terminate(self) -> None:
+        """Stop the workers now (SIGKILL); unfinished tasks fail with ``PoolTerminated``."""
+        self._finalizer()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the workers to exit; call :meth:`close` or :meth:`terminate` first."""
+        if self._sched.state == RUNNING:
+            raise ValueError("Pool is still running")
+        self._sched.join(timeout)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Executor-style shutdown: close, optionally cancel what has not started, and wait."""
+        if cancel_futures:
+            self._sched.cancel_pending()
+        self.close()
+        if wait:
+            self._sched.join()
+
+    def __enter__(self) -> Pool:
+        self._sched._check_running()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.terminate()  # as multiprocessing.Pool does
+
+    def __repr__(self) -> str:
+        return f"<procpool.Pool state={self._sched.state} processes={self.processes}>"
+
+    # ---------------------------------------------------------------- helpers
+    def _task_timeout(self, timeout: float | None) -> float | None:
+        _check_timeout(timeout)
+        return self._timeout if timeout is None else timeout
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not timeout > 0:
+        raise ValueError("timeout must be a positive number of seconds or None")
+
+
+def _check_chunksize(chunksize: int | None) -> None:
+    if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
+        raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
+
+
+class ProcessPoolExecutor(concurrent.futures.Executor):
+    """A drop-in :class:`concurrent.futures.ProcessPoolExecutor` on procpool's engine.
+
+    Same constructor and methods; a worker crash fails only its own futures (with
+    ``WorkerLostError``) instead of breaking the whole executor.  Works with
+    ``asyncio``'s ``loop.run_in_executor``.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        mp_context: Any = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple = (),
+        max_tasks_per_child: int | None = None,
+        *,
+        start_method: str | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+    ) -> None:
+        if max_workers is not None and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        self._pool = Pool(
+            max_workers,
+            initializer,
+            initargs,
+            max_tasks_per_child,
+            mp_context,
+            start_method=start_method,
+            timeout=timeout,
+            retries=retries,
+        )
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Schedule ``fn(*args, **kwargs)``; return a Future."""
+        return self._pool.submit(fn, *args, **kwargs)
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]:
+        """Like the built-in ``map`` but in parallel; results in order.
+
+        ``timeout`` is a deadline for the whole iteration, counted from this call, as in the
+        standard library (``TimeoutError``); an item's exception is raised at its position.
+        """
+        import time
+
+        if timeout is not None:
+            deadline = time.monotonic() + timeout
+        try:
+            it = self._pool._imap(fn, zip(*iterables), chunksize, None, ordered=True, star=True)
+        except ValueError:
+            raise RuntimeError("cannot schedule new futures after shutdown") from None
+
+        def results() -> Iterator[T]:
+            from multiprocessing import TimeoutError as MPTimeout
+
+            while True:
+                wait = None if timeout is None else max(0.0, deadline - time.monotonic())
+                try:
+                    yield it.next(wait)
+                except StopIteration:
+                    return
+                except MPTimeout:
+                    raise concurrent.futures.TimeoutError from None
+
+        return results()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work; with *wait*, return when all running work is done."""
+        self._pool.shutdown(wait, cancel_futures=cancel_futures)

@@ -1,0 +1,301 @@
+"""What the caller holds while a task runs: AsyncResult, MapResult, IMapIterator, Future glue.
+
+Each class is a *sink* for the scheduler: the I/O thread calls ``_on_result`` / ``_on_error`` /
+``_on_chunk`` once per task (never under the scheduler's lock), and the caller waits on it.
+``AsyncResult`` keeps no lock of its own until somebody actually waits: a pool running a million
+small tasks creates a million results, most of which are ready before anyone looks.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from typing import Any, Generic, TypeVar
+
+from .errors import TimeoutError
+
+T = TypeVar("T")
+
+_WAITER_LOCK = threading.Lock()
+
+
+def _note(exc: BaseException, text: str) -> None:
+    add_note = getattr(exc, "add_note", None)  # Python >= 3.11
+    if add_note is not None:
+        try:
+            add_note(text)
+        except Exception:
+            pass
+
+
+class AsyncResult(Generic[T]):
+    """The result of :meth:`Pool.apply_async`, as in :mod:`multiprocessing`.
+
+    ``get(timeout)`` returns the value or raises the task's exception (the worker's traceback
+    is its ``__cause__``); it raises ``multiprocessing.TimeoutError`` if *timeout* passes first.
+    """
+
+    __slots__ = (
+        "_done",
+        "_ok",
+        "_value",
+        "_event",
+        "_callback",
+        "_error_callback",
+        "_cancel",
+        "__weakref__",
+    )
+
+    def __init__(
+        self,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> None:
+        self._done = False
+        self._ok = False
+        self._value: Any = None
+        self._event: threading.Event | None = None
+        self._callback = callback
+        self._error_callback = error_callback
+        self._cancel: Callable[[bool], bool] | None = None
+
+    # -- the caller's side ---------------------------------------------------
+    def ready(self) -> bool:
+        """True once the task has finished (successfully or not)."""
+        return self._done
+
+    def successful(self) -> bool:
+        """True if the task finished without raising; ``ValueError`` if not ready yet."""
+        if not self._done:
+            raise ValueError(f"{self!r} not ready")
+        return self._ok
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the result is ready or *timeout* seconds pass."""
+        if self._done:
+            return
+        with _WAITER_LOCK:
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        if not self._done:  # the setter checks _event after setting _done: no lost wake-up
+            event.wait(timeout)
+
+    def get(self, timeout: float | None = None) -> T:
+        """Return the value; raise the task's exception, or ``TimeoutError`` after *timeout*."""
+        self.wait(timeout)
+        if not self._done:
+            raise TimeoutError
+        if self._ok:
+            return self._value
+        raise self._value
+
+    def cancel(self, force: bool = False) -> bool:
+        """Cancel the task if it has not started; with ``force=True`` also stop it if running
+        (its worker is killed and replaced).  Return True if the task was cancelled; its
+        ``get()`` then raises ``concurrent.futures.CancelledError``."""
+        if self._done or self._cancel is None:
+            return False
+        return self._cancel(force)
+
+    # -- the scheduler's side ------------------------------------------------
+    def _set(self, ok: bool, value: Any) -> None:
+        self._ok = ok
+        self._value = value
+        self._cancel = None  # drop the task: no reference cycle outlives the result
+        self._done = True
+        event = self._event
+        if event is not None:
+            event.set()
+        callback = self._callback if ok else self._error_callback
+        if callback is not None:
+            callback(value)
+
+    def _on_result(self, task: Any, value: Any) -> None:
+        self._set(True, value)
+
+    def _on_error(self, task: Any, exc: BaseException) -> None:
+        self._set(False, exc)
+
+    def _on_chunk(self, task: Any, values: list, errors: dict[int, BaseException]) -> None:
+        if errors:  # a single-item chunk: apply_async never makes bigger ones
+            self._set(False, errors[min(errors)])
+        else:
+            self._set(True, values[0])
+
+
+ApplyResult = AsyncResult
+
+
+class MapResult(AsyncResult[list]):
+    """The result of :meth:`Pool.map_async`/``starmap_async``: a list in input order.
+
+    When items fail, the other items still complete; ``get()`` then raises the exception of the
+    lowest failing index (its notes name the item).  With ``fail_fast=True`` it raises as soon
+    as the first failure arrives, as ``multiprocessing`` does.
+    """
+
+    __slots__ = ("_values", "_remaining", "_errors", "_fail_fast", "_label")
+
+    def __init__(
+        self,
+        length: int,
+        label: str,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        fail_fast: bool = False,
+    ) -> None:
+        super().__init__(callback, error_callback)
+        self._values: list[Any] = [None] * length
+        self._remaining = length
+        self._errors: dict[int, BaseException] = {}
+        self._fail_fast = fail_fast
+        self._label = label
+        if length == 0:
+            self._set(True, [])
+
+    def _finish_items(self, n: int) -> None:
+        self._remaining -= n
+        if self._done:
+            return
+        if self._errors and (self._fail_fast or self._remaining <= 0):
+            first = min(self._errors)
+            exc = self._errors[first]
+            _note(exc, f"raised by item {first} of {self._label}")
+            self._set(False, exc)
+        elif self._remaining <= 0:
+            self._set(True, self._values)
+
+    def _on_chunk(self, task: Any, values: list, errors: dict[int, BaseException]) -> None:
+        start = task.index
+        self._values[start : start + len(values)] = values
+        for i, exc in errors.items():
+            self._errors[start + i] = exc
+        self._finish_items(len(values))
+
+    def _on_error(self, task: Any, exc: BaseException) -> None:
+        self._errors[task.index] = exc
+        self._finish_items(task.n_items)
+
+    def _on_result(self, task: Any, value: Any) -> None:  # pragma: no cover - chunks only
+        self._on_chunk(task, [value], {})
+
+
+class IMapIterator(Generic[T]):
+    """The iterator returned by :meth:`Pool.imap` / ``imap_unordered``.
+
+    ``next(timeout)`` waits at most *timeout* seconds (``multiprocessing.TimeoutError``).  A
+    failed item raises its exception at its position; iteration can go on after it.  An error
+    raised by the *input* iterable is raised after the results of the items read before it.
+    """
+
+    def __init__(self, ordered: bool, release: Callable[[int], None]) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._ordered = ordered
+        self._items: dict[int, tuple[bool, Any]] = {}
+        self._queue: deque[tuple[bool, Any]] = deque()
+        self._next = 0  # next index to yield (ordered)
+        self._yielded = 0
+        self._length: int | None = None  # known once the input is exhausted
+        self._input_error: BaseException | None = None
+        self._release = release
+
+    def __iter__(self) -> Iterator[T]:
+        return self
+
+    def next(self, timeout: float | None = None) -> T:
+        with self._cond:
+            while True:
+                item = self._take()
+                if item is not None:
+                    break
+                if self._length is not None and self._yielded >= self._length:
+                    if self._input_error is not None:
+                        exc, self._input_error = self._input_error, None
+                        self._length = self._yielded  # raise it once, then stop
+                        raise exc
+                    raise StopIteration
+                if not self._cond.wait(timeout):
+                    raise TimeoutError
+        self._release(1)
+        ok, value = item
+        if ok:
+            return value
+        raise value
+
+    __next__ = next  # type: ignore[assignment]
+
+    def _take(self) -> tuple[bool, Any] | None:
+        if self._ordered:
+            item = self._items.pop(self._next, None)
+            if item is None:
+                return None
+            self._next += 1
+        else:
+            if not self._queue:
+                return None
+            item = self._queue.popleft()
+        self._yielded += 1
+        return item
+
+    def _put(self, index: int, ok: bool, value: Any) -> None:
+        if self._ordered:
+            self._items[index] = (ok, value)
+        else:
+            self._queue.append((ok, value))
+
+    def _on_chunk(self, task: Any, values: list, errors: dict[int, BaseException]) -> None:
+        with self._cond:
+            start = task.index
+            for i, value in enumerate(values):
+                exc = errors.get(i)
+                if exc is None:
+                    self._put(start + i, True, value)
+                else:
+                    self._put(start + i, False, exc)
+            self._cond.notify_all()
+
+    def _on_error(self, task: Any, exc: BaseException) -> None:
+        with self._cond:
+            for i in range(task.index, task.index + task.n_items):
+                self._put(i, False, exc)
+            self._cond.notify_all()
+
+    def _on_result(self, task: Any, value: Any) -> None:  # pragma: no cover - chunks only
+        self._on_chunk(task, [value], {})
+
+    def _end_of_input(self, length: int, error: BaseException | None) -> None:
+        with self._cond:
+            self._length = length
+            self._input_error = error
+            self._cond.notify_all()
+
+
+class FutureSink:
+    """Adapts a :class:`concurrent.futures.Future` to the scheduler's sink interface."""
+
+    __slots__ = ("future",)
+    needs_start = True
+
+    def __init__(self, future: Future) -> None:
+        self.future = future
+
+    def _start(self) -> bool:
+        """Called when the task is sent to a worker: False if the future was cancelled."""
+        return self.future.set_running_or_notify_cancel()
+
+    def _on_result(self, task: Any, value: Any) -> None:
+        if not self.future.done():
+            self.future.set_result(value)
+
+    def _on_error(self, task: Any, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+    def _on_chunk(self, task: Any, values: list, errors: dict[int, BaseException]) -> None:
+        if errors:
+            self._on_error(task, errors[min(errors)])
+        else:
+            self._on_result(task, values[0])
