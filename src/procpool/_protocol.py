@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from typing import NamedTuple
 
 # frame kinds
 INIT, FUNC, TASKS, EXIT = 1, 2, 3, 4
@@ -42,27 +41,12 @@ RESULT_HEAD = struct.Struct("<QBdHHI")  # id, status, duration in seconds, nbuf,
 FUNC_HEAD = struct.Struct("<I")  # fid
 
 
-class TaskRecord(NamedTuple):
-    """One task inside a TASKS frame, as the worker sees it."""
-
-    task_id: int
-    fid: int
-    kind: int
-    timeout: float
-    nbuf: int
-    nfd: int
-    payload: memoryview
-
-
-class ResultRecord(NamedTuple):
-    """One result inside a RESULTS frame, as the parent sees it."""
-
-    task_id: int
-    status: int
-    duration: float
-    nbuf: int
-    nfd: int
-    payload: memoryview
+# Records are yielded as plain tuples: a NamedTuple's Python-level __new__ costs more than the
+# rest of a tiny task's bookkeeping.
+#   task record:   (task_id, fid, kind, timeout, nbuf, nfd, payload)
+#   result record: (task_id, status, duration, nbuf, nfd, payload)
+TaskRecord = tuple[int, int, int, float, int, int, memoryview]
+ResultRecord = tuple[int, int, float, int, int, memoryview]
 
 
 def frame(kind: int, body: bytes | bytearray = b"", nfds: int = 0) -> bytes:
@@ -92,7 +76,7 @@ def iter_tasks(body: memoryview) -> Iterator[TaskRecord]:
     while offset < end:
         task_id, fid, kind, timeout, nbuf, nfd, n = unpack(body, offset)
         offset += size
-        yield TaskRecord(task_id, fid, kind, timeout, nbuf, nfd, body[offset : offset + n])
+        yield (task_id, fid, kind, timeout, nbuf, nfd, body[offset : offset + n])
         offset += n
 
 
@@ -102,5 +86,5 @@ def iter_results(body: memoryview) -> Iterator[ResultRecord]:
     while offset < end:
         task_id, status, duration, nbuf, nfd, n = unpack(body, offset)
         offset += size
-        yield ResultRecord(task_id, status, duration, nbuf, nfd, body[offset : offset + n])
+        yield (task_id, status, duration, nbuf, nfd, body[offset : offset + n])
         offset += n

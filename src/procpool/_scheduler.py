@@ -95,6 +95,7 @@ class Task:
         "cancel_requested",
         "timed_out",
         "job",
+        "cost",
     )
 
     def __init__(self, tid, fid, func_blob, kind, payload, sink, label, timeout, retries, retry_on):
@@ -116,6 +117,7 @@ class Task:
         self.cancel_requested = False
         self.timed_out = False
         self.job: MapJob | None = None
+        self.cost = 0.0
 
     def release(self) -> None:
         self.payload.close()
@@ -235,6 +237,7 @@ class Scheduler:
         self._lock = threading.RLock()
         self._deliver_lock = threading.RLock()
         self._pending: deque[Task | MapJob] = deque()
+        self._inbox: deque[Task] = deque()  # appended by callers without the lock
         self._workers: dict[int, _Worker] = {}
         self._by_fd: dict[int, tuple[str, _Worker | None]] = {}
         self._timers: list[tuple[float, int, str, Any]] = []
@@ -314,23 +317,37 @@ class Scheduler:
             sink._on_error(task, err)
             return task
         task = Task(next(self._tids), fid, blob, P.CALL, payload, sink, label, timeout, retries, retry_on)
-        with self._lock:
+        if self._state != RUNNING:
+            payload.close()
+            raise ValueError("Pool not running")
+        if self._inbox or self._pending or not self._pool_idle():
+            # busy: no lock, no syscall unless the I/O thread sleeps; it sends batches
+            self._inbox.append(task)
+            self._wake()
+            return task
+        with self._lock:  # idle: the low-latency path, sent from the caller's own thread
             if self._state != RUNNING:
                 payload.close()
                 raise ValueError("Pool not running")
-            if self._broken is not None:
-                self._fail(task, self._broken_error())
-            else:
-                idle = not self._pending
-                self._pending.append(task)
-                if idle and self._has_idle_worker():
-                    self._dispatch()  # the low-latency path: straight from the caller's thread
-                    if any(w.chan.pending_output for w in self._workers.values()):
-                        self._wake()
-                else:
-                    self._wake()
+            self._pending.append(task)
+            self._take_inbox()
+            self._dispatch()
+            if self._pending or any(w.chan.pending_output for w in self._workers.values()):
+                self._wake()
         self._deliver()
         return task
+
+    def _take_inbox(self) -> None:
+        """Move tasks submitted without the lock into the pending queue (or fail them)."""
+        inbox = self._inbox
+        while inbox:
+            task = inbox.popleft()
+            if self._broken is not None:
+                self._fail(task, self._broken_error())
+            elif self._state == TERMINATING:
+                self._fail(task, PoolTerminated("the pool was terminated"))
+            else:
+                self._pending.append(task)
 
     def submit_map(
         self,
@@ -483,6 +500,8 @@ class Scheduler:
 
     # =================================================================== the I/O thread
     def _wake(self) -> None:
+        # Safe without the lock: the I/O thread clears _woken *before* it drains the inbox, so
+        # a caller that sees True here appended its task before that drain.
         if not self._woken:
             self._woken = True
             os.eventfd_write(self._wakefd, 1)
@@ -499,6 +518,7 @@ class Scheduler:
                     for fd, mask in events:
                         self._on_event(fd, mask)
                     self._run_timers()
+                    self._take_inbox()
                     self._dispatch()
                     finished = self._progress_shutdown()
                 self._deliver()
@@ -567,8 +587,17 @@ class Scheduler:
         w.chan.push(self._init_frame)
         self._flush(w)
 
-    def _has_idle_worker(self) -> bool:
-        return any(not w.inflight and self._accepts(w) for w in self._workers.values())
+    def _pool_idle(self) -> bool:
+        """No worker holds a task and one can take one: send inline, from the caller's thread.
+
+        Only then: while tasks stream in, queueing them lets the I/O thread send batches.
+        """
+        ok = False
+        for w in list(self._workers.values()):  # list(): atomic under the GIL, lock or not
+            if w.inflight:
+                return False
+            ok = ok or self._accepts(w)
+        return ok
 
     @staticmethod
     def _accepts(w: _Worker) -> bool:
@@ -659,7 +688,7 @@ class Scheduler:
         return self._state == CLOSING and self._has_work()
 
     def _has_work(self) -> bool:
-        return bool(self._pending) or self._jobs_open > 0 or any(
+        return bool(self._pending or self._inbox) or self._jobs_open > 0 or any(
             w.inflight for w in self._workers.values()
         )
 
@@ -677,6 +706,7 @@ class Scheduler:
         return new
 
     def _fail_everything(self, error: BaseException) -> None:
+        self._take_inbox()
         pending, self._pending = self._pending, deque()
         for item in pending:
             if isinstance(item, Task):
@@ -732,22 +762,29 @@ class Scheduler:
 
     def _on_results(self, w: _Worker, body: memoryview, fds: list[int]) -> None:
         est = self._est
-        for rec in P.iter_results(body):
-            n = rec.nbuf + rec.nfd
-            mine, fds = fds[:n], fds[n:]
-            task = w.inflight.pop(rec.task_id, None)
+        inflight = w.inflight
+        deliveries = self._deliveries
+        cost = w.cost
+        mine: list[int] = []
+        for task_id, status, duration, nbuf, nfd, data in P.iter_results(body):
+            if fds:
+                n = nbuf + nfd
+                mine, fds = fds[:n], fds[n:]
+            task = inflight.pop(task_id, None)
             if task is None:  # cancelled or failed meanwhile
                 _serialize.Payload(b"", 0, mine).close()
                 continue
-            per_item = rec.duration / task.n_items
+            per_item = duration / task.n_items
             est = per_item if est is None else 0.7 * est + 0.3 * per_item
+            cost -= task.cost
             task.state = _DONE
             task.worker = None
             if task.timeout:
                 w.exclusive = False
-            self._deliveries.append(("result", task, rec.status, rec.payload, rec.nbuf, mine))
+            deliveries.append(("result", task, status, data, nbuf, mine))
+            mine = []
         self._est = est
-        w.cost = sum(self._cost(t) for t in w.inflight.values()) if w.inflight else 0.0
+        w.cost = cost if inflight else 0.0
         self._maybe_exit(w)
 
     def _maybe_exit(self, w: _Worker) -> None:
@@ -878,7 +915,8 @@ class Scheduler:
         task.attempts += 1
         w.inflight[task.id] = task
         cost = self._cost(task)
-        w.cost = w.cost + cost if cost != float("inf") else w.cost
+        task.cost = 0.0 if cost == float("inf") else cost
+        w.cost += task.cost
         if task.timeout:
             w.exclusive = True
             self._add_timer(task.timeout + self._grace, "hard", (task, task.attempts))
@@ -962,8 +1000,9 @@ class Scheduler:
 
         One thread at a time (``_deliver_lock``): a MapResult counts its chunks without a lock.
         """
-        with self._deliver_lock:
-            self._deliver_all()
+        if self._deliveries:
+            with self._deliver_lock:
+                self._deliver_all()
 
     def _deliver_all(self) -> None:
         while True:

@@ -19,7 +19,6 @@ function defined in ``__main__`` after the pool started is still found in the wo
 
 from __future__ import annotations
 
-import io
 import mmap
 import os
 import pickle
@@ -125,30 +124,27 @@ def recv_fd(token: int) -> int:
     return os.dup(received[token])
 
 
-def _dump_with(pickler_cls: Any, obj: Any, collector: _Collector) -> bytes:
-    buf = io.BytesIO()
-    previous = getattr(_tls, "collector", None)
-    _tls.collector = collector
-    try:
-        pickler_cls(buf, protocol=PROTOCOL, buffer_callback=collector.buffer_callback).dump(obj)
-    finally:
-        _tls.collector = previous
-    return buf.getvalue()
-
-
 def dumps(obj: Any, *, oob: bool = True) -> Payload:
     """Serialize *obj*; raise :class:`SerializationError` naming it if it cannot be pickled."""
     collector = _Collector(oob)
+    previous = getattr(_tls, "collector", None)
+    _tls.collector = collector
     try:
-        data = _dump_with(pickle.Pickler, obj, collector)
-    except Exception:
-        collector.discard()
         try:
-            data = _dump_with(cloudpickle.CloudPickler, obj, collector)
-        except Exception as exc:
+            data = pickle.dumps(obj, PROTOCOL, buffer_callback=collector.buffer_callback)
+        except Exception:
             collector.discard()
-            raise SerializationError(f"cannot pickle {describe(obj)}: {exc}") from exc
-    return Payload(data, len(collector.buffer_fds), collector.buffer_fds + collector.passed_fds)
+            try:
+                data = cloudpickle.dumps(obj, PROTOCOL, buffer_callback=collector.buffer_callback)
+            except Exception as exc:
+                collector.discard()
+                raise SerializationError(f"cannot pickle {describe(obj)}: {exc}") from exc
+    finally:
+        _tls.collector = previous
+    if collector.buffer_fds or collector.passed_fds:
+        fds = collector.buffer_fds + collector.passed_fds
+        return Payload(data, len(collector.buffer_fds), fds)
+    return Payload(data)
 
 
 def dumps_function(func: Any) -> bytes:
@@ -167,7 +163,8 @@ def _map_buffer(fd: int) -> mmap.mmap:
 
 def loads(data: bytes | memoryview, nbuf: int = 0, fds: list[int] | None = None) -> Any:
     """Rebuild an object from :func:`dumps`' output.  Takes ownership of *fds* (all closed)."""
-    fds = fds or []
+    if not fds:
+        return pickle.loads(data)
     try:
         buffers = [_map_buffer(fd) for fd in fds[:nbuf]]
         if len(fds) == nbuf:

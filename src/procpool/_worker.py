@@ -127,20 +127,21 @@ class Worker:
     # ---------------------------------------------------------------- tasks
     def run_record(self, rec: P.TaskRecord, fds: list[int]) -> None:
         start = time.perf_counter()
-        func = self.funcs[rec.fid]
+        task_id, fid, kind, timeout, nbuf, _, payload = rec
+        func = self.funcs[fid]
         try:
-            data = _serialize.loads(rec.payload, rec.nbuf, fds)
+            data = _serialize.loads(payload, nbuf, fds)
         except BaseException as exc:  # noqa: BLE001
             err = SerializationError(f"the task's arguments could not be unpickled: {exc!r}")
-            self.add_result(rec.task_id, P.ERROR, 0.0, error_info(err))
+            self.add_result(task_id, P.ERROR, 0.0, error_info(err))
             return
-        previous = self.alarm.arm(rec.timeout) if rec.timeout > 0 else None
+        previous = self.alarm.arm(timeout) if timeout > 0 else None
         try:
-            if rec.kind == P.CALL:
+            if kind == P.CALL:
                 args, kwds = data
                 status, value = P.OK, func(*args, **kwds)
             else:
-                status, value = self.run_chunk(func, rec.kind == P.STARMAP, data)
+                status, value = self.run_chunk(func, kind == P.STARMAP, data)
         except BaseException as exc:  # noqa: BLE001 - SystemExit/KeyboardInterrupt fail the task only
             status, value = P.ERROR, error_info(exc)
         finally:
@@ -149,7 +150,7 @@ class Worker:
                     self.alarm.disarm(previous)
                 except TaskTimeout:  # fired in the instant between the task's end and here
                     self.alarm.disarm(previous)
-        self.add_result(rec.task_id, status, time.perf_counter() - start, value)
+        self.add_result(task_id, status, time.perf_counter() - start, value)
 
     @staticmethod
     def run_chunk(func: Any, star: bool, items: list) -> tuple[int, Any]:
@@ -174,10 +175,13 @@ class Worker:
         return P.OK, values
 
     def run_tasks(self, body: memoryview, fds: list[int]) -> None:
+        mine: list[int] = []
         for rec in P.iter_tasks(body):
-            nfds = rec.nbuf + rec.nfd
-            mine, fds = fds[:nfds], fds[nfds:]
+            if fds:
+                nfds = rec[4] + rec[5]
+                mine, fds = fds[:nfds], fds[nfds:]
             self.run_record(rec, mine)
+            mine = []
             if (
                 len(self.out) > FLUSH_BYTES
                 or time.perf_counter() - self.last_flush > FLUSH_INTERVAL
