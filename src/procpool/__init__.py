@@ -33,27 +33,12 @@ from .pool import Pool, ProcessPoolExecutor
 from .results import AsyncResult, IMapIterator, MapResult
 
 # --- IPC primitives (issue 3) ---
-from multiprocessing import (  # noqa: E402  (delegated to the stdlib until procpool's own land)
-    Array,
-    Barrier,
-    BoundedSemaphore,
-    Condition,
-    Event,
-    JoinableQueue,
-    Lock,
-    Pipe,
-    Queue,
-    RLock,
-    Semaphore,
-    SimpleQueue,
-    Value,
-)
-
 _IPC_NAMES = [
     "Array",
     "Barrier",
     "BoundedSemaphore",
     "Condition",
+    "Connection",
     "Event",
     "JoinableQueue",
     "Lock",
@@ -61,9 +46,29 @@ _IPC_NAMES = [
     "Queue",
     "RLock",
     "Semaphore",
+    "SharedArray",
     "SimpleQueue",
     "Value",
+    "signals",
 ]
+
+from . import signals as signals  # noqa: E402
+from .pipe import Connection as Connection  # noqa: E402
+from .pipe import Pipe as Pipe  # noqa: E402
+from .queue import JoinableQueue as JoinableQueue  # noqa: E402
+from .queue import Queue as Queue  # noqa: E402
+from .queue import SimpleQueue as SimpleQueue  # noqa: E402
+from .shared import Array as Array  # noqa: E402
+from .shared import SharedArray as SharedArray  # noqa: E402
+from .shared import Value as Value  # noqa: E402
+from .sync import Barrier as Barrier  # noqa: E402
+from .sync import BoundedSemaphore as BoundedSemaphore  # noqa: E402
+from .sync import Condition as Condition  # noqa: E402
+from .sync import Event as Event  # noqa: E402
+from .sync import Lock as Lock  # noqa: E402
+from .sync import RLock as RLock  # noqa: E402
+from .sync import Semaphore as Semaphore  # noqa: E402
+
 # --- end IPC ---
 
 __version__ = "0.1.0"

@@ -191,6 +191,7 @@ class _Worker:
         "ready",
         "eof",
         "writing",
+        "driven",
     )
 
     def __init__(self, wid: int, proc: Proc) -> None:
@@ -207,6 +208,7 @@ class _Worker:
         self.ready = False
         self.eof = False
         self.writing = False
+        self.driven: Task | None = None  # a caller reads its channel (Scheduler.drive)
 
 
 class Scheduler:
@@ -298,8 +300,11 @@ class Scheduler:
         timeout: float | None = None,
         retries: int = 0,
         retry_on: tuple = (),
+        claim: bool = False,
     ) -> Task:
         """Queue ``func(*args, **kwds)``; raise ValueError if the pool is closed.
+
+        With *claim*, the caller promises to call :meth:`drive` for this task right away.
 
         An argument that cannot be pickled fails *sink* at once (a SerializationError naming
         the argument) rather than raising, as ``multiprocessing`` reports it through the result.
@@ -316,7 +321,9 @@ class Scheduler:
             task = Task(0, 0, b"", P.CALL, _serialize.Payload(b""), sink, label, None, 0, ())
             sink._on_error(task, err)
             return task
-        task = Task(next(self._tids), fid, blob, P.CALL, payload, sink, label, timeout, retries, retry_on)
+        task = Task(
+            next(self._tids), fid, blob, P.CALL, payload, sink, label, timeout, retries, retry_on
+        )
         if self._state != RUNNING:
             payload.close()
             raise ValueError("Pool not running")
@@ -329,12 +336,18 @@ class Scheduler:
             if self._state != RUNNING:
                 payload.close()
                 raise ValueError("Pool not running")
-            self._pending.append(task)
-            self._take_inbox()
-            self._dispatch()
-            if self._pending or any(w.chan.pending_output for w in self._workers.values()):
+            w = self._idle_worker()
+            if w is None or self._inbox or self._pending:
+                self._pending.append(task)
                 self._wake()
-        self._deliver()
+            elif not getattr(sink, "needs_start", False) or sink._start():
+                if claim:  # the caller will read the reply itself (see drive): keep the
+                    w.driven = task  # I/O thread from waking up for it
+                    self._set_mask(w)
+                self._assign(w, task)
+                self._send(w, [task])
+                if w.writing:
+                    self._wake()
         return task
 
     def _take_inbox(self) -> None:
@@ -392,7 +405,9 @@ class Scheduler:
         error: BaseException | None = None
         while True:
             with job.space:
-                while job.held >= job.limit and self._state in (RUNNING, CLOSING) and not self._broken:
+                while (
+                    job.held >= job.limit and self._state in (RUNNING, CLOSING) and not self._broken
+                ):
                     job.space.wait(1.0)
                 if self._state == TERMINATING or self._state == FINISHED or self._broken:
                     break
@@ -432,6 +447,51 @@ class Scheduler:
         if not job.queued and (job.buf or not job.input_done):
             job.queued = True
             self._pending.append(job)
+
+    def drive(self, task: Task, result: Any, timeout: float | None) -> None:
+        """Wait for *task* by reading its worker's channel in the caller's own thread.
+
+        The low-latency path of ``apply``: when the task is the only one its worker holds, the
+        caller takes the channel out of the epoll set and polls it itself, so the reply wakes
+        the caller directly instead of the I/O thread (one thread switch and a lock hand-off
+        fewer).  Returns when the result is in, on timeout, or if anything unusual happens;
+        the caller then falls back to waiting on the result.
+        """
+        w = task.worker
+        if w is None:
+            return
+        with self._lock:
+            if w.driven is not task:
+                if task.state != _SENT or task.worker is not w or w.driven or w.eof or w.writing:
+                    return
+                if len(w.inflight) != 1 or w.wid not in self._workers:
+                    return
+                w.driven = task
+                self._set_mask(w)
+            fd = w.chan.fileno()
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not result._done and task.state == _SENT:
+                wait = 100.0 if deadline is None else (deadline - time.monotonic()) * 1000
+                if wait <= 0:
+                    return
+                if not poller.poll(min(wait, 100.0)):  # slices: re-check the task's state
+                    continue
+                with self._lock:
+                    if w.wid not in self._workers:
+                        return
+                    self._read(w)
+                    gone = w.eof
+                self._deliver()
+                if gone:
+                    return
+        finally:
+            with self._lock:
+                w.driven = None
+                if w.wid in self._workers:
+                    self._set_mask(w)
 
     def cancel(self, task: Task, force: bool) -> bool:
         """Cancel a pending task; with *force*, stop a running one by replacing its worker."""
@@ -528,7 +588,9 @@ class Scheduler:
             traceback.print_exc()
             with self._lock:
                 self._state = TERMINATING
-                self._broken = self._broken or PoolTerminated(f"the pool's I/O thread failed: {exc!r}")
+                self._broken = self._broken or PoolTerminated(
+                    f"the pool's I/O thread failed: {exc!r}"
+                )
                 self._kill_all()
                 self._fail_everything(self._broken)
                 for w in list(self._workers.values()):
@@ -566,7 +628,7 @@ class Scheduler:
         elif what == "sock" and w is not None:
             if mask & select.EPOLLOUT:
                 self._flush(w)
-            if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+            if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and w.driven is None:
                 self._read(w)
         elif what == "pidfd" and w is not None:
             self._read(w)  # results it wrote before dying still count
@@ -586,6 +648,12 @@ class Scheduler:
         self._epoll.register(proc.pidfd, select.EPOLLIN)
         w.chan.push(self._init_frame)
         self._flush(w)
+
+    def _idle_worker(self) -> _Worker | None:
+        for w in self._workers.values():
+            if not w.inflight and self._accepts(w) and w.driven is None:
+                return w
+        return None
 
     def _pool_idle(self) -> bool:
         """No worker holds a task and one can take one: send inline, from the caller's thread.
@@ -688,8 +756,10 @@ class Scheduler:
         return self._state == CLOSING and self._has_work()
 
     def _has_work(self) -> bool:
-        return bool(self._pending or self._inbox) or self._jobs_open > 0 or any(
-            w.inflight for w in self._workers.values()
+        return (
+            bool(self._pending or self._inbox)
+            or self._jobs_open > 0
+            or any(w.inflight for w in self._workers.values())
         )
 
     def _break(self, error: BaseException) -> None:
@@ -722,7 +792,9 @@ class Scheduler:
 
     def _fail_job(self, job: MapJob, error: BaseException) -> None:
         if job.buf:
-            task = Task(0, 0, b"", job.kind, _serialize.Payload(b""), job.sink, job.label, None, 0, ())
+            task = Task(
+                0, 0, b"", job.kind, _serialize.Payload(b""), job.sink, job.label, None, 0, ()
+            )
             task.job, task.index, task.n_items = job, job.next_index, len(job.buf)
             job.next_index += len(job.buf)
             job.buf.clear()
@@ -807,12 +879,17 @@ class Scheduler:
         if done != (not w.writing):
             return
         w.writing = not done
-        mask = select.EPOLLIN | (select.EPOLLOUT if w.writing else 0)
-        if w.eof:
-            mask = select.EPOLLOUT if w.writing else 0
+        self._set_mask(w)
+
+    def _set_mask(self, w: _Worker) -> None:
+        """Watch a worker's channel for input (unless a caller drives it, or it hit EOF) and
+        for output room while its outbox is not empty."""
+        mask = 0 if (w.driven is not None or w.eof) else select.EPOLLIN
+        if w.writing:
+            mask |= select.EPOLLOUT
         try:
             self._epoll.modify(w.chan.fileno(), mask)
-        except OSError:
+        except (OSError, ValueError):
             pass
 
     def _cost(self, task: Task) -> float:
@@ -872,14 +949,24 @@ class Scheduler:
         try:
             payload = _serialize.dumps(items)
         except SerializationError as exc:
-            task = Task(0, 0, b"", job.kind, _serialize.Payload(b""), job.sink, job.label, None, 0, ())
+            task = Task(
+                0, 0, b"", job.kind, _serialize.Payload(b""), job.sink, job.label, None, 0, ()
+            )
             task.job, task.index, task.n_items = job, index, len(items)
             task.state = _DONE
             self._fail(task, SerializationError(f"{self._describe(task)}: {exc}"))
             return None
         task = Task(
-            next(self._tids), job.fid, job.blob, job.kind, payload, job.sink, job.label,
-            job.timeout, job.retries, (),
+            next(self._tids),
+            job.fid,
+            job.blob,
+            job.kind,
+            payload,
+            job.sink,
+            job.label,
+            job.timeout,
+            job.retries,
+            (),
         )
         task.job, task.index, task.n_items = job, index, len(items)
         return task
@@ -942,7 +1029,13 @@ class Scheduler:
                 fds.extend(os.dup(fd) for fd in payload.fds)  # keep ours for a retry
             nfd = len(payload.fds) - payload.nbuf
             P.pack_task(
-                body, task.id, task.fid, task.kind, task.timeout or 0.0, payload.nbuf, nfd,
+                body,
+                task.id,
+                task.fid,
+                task.kind,
+                task.timeout or 0.0,
+                payload.nbuf,
+                nfd,
                 payload.data,
             )
         chan.push(P.frame(P.TASKS, body, len(fds)), fds)

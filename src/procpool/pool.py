@@ -143,9 +143,25 @@ class Pool(concurrent.futures.Executor):
         return self._sched.signal_workers(signum)
 
     # ---------------------------------------------------------------- one task
-    def apply(self, func: Callable[..., T], args: Iterable[Any] = (), kwds: dict | None = None) -> T:
+    def apply(
+        self, func: Callable[..., T], args: Iterable[Any] = (), kwds: dict | None = None
+    ) -> T:
         """Run ``func(*args, **kwds)`` in a worker and return its result (blocking)."""
-        return self.apply_async(func, args, kwds).get()
+        result: AsyncResult[T] = AsyncResult()
+        task = self._sched.submit_call(
+            func,
+            tuple(args),
+            dict(kwds) if kwds else {},
+            result,
+            timeout=self._timeout,
+            retries=self._retries,
+            retry_on=self._retry_on,
+            claim=True,
+        )
+        if not result._done:
+            result._handle = (self._sched, task)
+            self._sched.drive(task, result, None)  # always releases the claim
+        return result.get()
 
     def apply_async(
         self,
@@ -175,7 +191,7 @@ class Pool(concurrent.futures.Executor):
             retry_on=self._retry_on,
         )
         if not result._done:
-            result._cancel = lambda force, s=self._sched, t=task: s.cancel(t, force)
+            result._handle = (self._sched, task)
         return result
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
@@ -259,7 +275,9 @@ class Pool(concurrent.futures.Executor):
             func, iterable, chunksize, callback, error_callback, timeout, fail_fast, star=True
         )
 
-    def _map_async(self, func, iterable, chunksize, callback, error_callback, timeout, fail_fast, star):
+    def _map_async(
+        self, func, iterable, chunksize, callback, error_callback, timeout, fail_fast, star
+    ):
         self._sched._check_running()
         _check_chunksize(chunksize)
         items = list(iterable)

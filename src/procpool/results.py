@@ -44,7 +44,7 @@ class AsyncResult(Generic[T]):
         "_event",
         "_callback",
         "_error_callback",
-        "_cancel",
+        "_handle",
         "__weakref__",
     )
 
@@ -59,7 +59,7 @@ class AsyncResult(Generic[T]):
         self._event: threading.Event | None = None
         self._callback = callback
         self._error_callback = error_callback
-        self._cancel: Callable[[bool], bool] | None = None
+        self._handle: tuple[Any, Any] | None = None  # (scheduler, task) while not done
 
     # -- the caller's side ---------------------------------------------------
     def ready(self) -> bool:
@@ -76,6 +76,11 @@ class AsyncResult(Generic[T]):
         """Block until the result is ready or *timeout* seconds pass."""
         if self._done:
             return
+        handle = self._handle
+        if handle is not None:  # maybe wait by reading the worker's channel directly
+            handle[0].drive(handle[1], self, timeout)
+            if self._done:
+                return
         with _WAITER_LOCK:
             if self._event is None:
                 self._event = threading.Event()
@@ -96,15 +101,16 @@ class AsyncResult(Generic[T]):
         """Cancel the task if it has not started; with ``force=True`` also stop it if running
         (its worker is killed and replaced).  Return True if the task was cancelled; its
         ``get()`` then raises ``concurrent.futures.CancelledError``."""
-        if self._done or self._cancel is None:
+        handle = self._handle
+        if self._done or handle is None:
             return False
-        return self._cancel(force)
+        return handle[0].cancel(handle[1], force)
 
     # -- the scheduler's side ------------------------------------------------
     def _set(self, ok: bool, value: Any) -> None:
         self._ok = ok
         self._value = value
-        self._cancel = None  # drop the task: no reference cycle outlives the result
+        self._handle = None  # drop the task: no reference cycle outlives the result
         self._done = True
         event = self._event
         if event is not None:

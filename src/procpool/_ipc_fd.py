@@ -1,0 +1,78 @@
+"""How the IPC primitives' file descriptors travel to another process.
+
+Every procpool primitive (Queue, Pipe connection, Lock, Value...) is a handful of descriptors: a
+socket, a memfd.  Pickling one pickles :class:`FdHandle` placeholders, which pick the way the
+descriptor travels at that moment:
+
+* procpool is pickling (a pool task's arguments or result, a message through a procpool Queue or
+  Pipe): the descriptor rides along with ``SCM_RIGHTS`` (:func:`procpool._serialize.send_fd`);
+* :mod:`multiprocessing` is starting a process with *spawn* or *forkserver*: its own
+  ``DupFd`` mechanism hands the descriptor to the child;
+* :mod:`multiprocessing`'s ``ForkingPickler`` outside a start (a stdlib ``Pool`` task, an
+  ``mp.Queue`` message): the stdlib's resource sharer lends the descriptor, as it does for its
+  own ``Connection`` objects;
+* plain :func:`pickle.dumps` anywhere else raises ``RuntimeError``: there is no channel that could
+  carry a descriptor, and a pickle without it would be a lie.
+
+With *fork*, nothing is pickled: the child inherits the descriptors.
+"""
+
+from __future__ import annotations
+
+import os
+from multiprocessing import context, reduction
+from typing import Any
+
+from . import _serialize
+
+__all__ = ["FdHandle", "register_forking_reducer"]
+
+
+class FdHandle:
+    """Pickles as "this file descriptor" and unpickles as a new descriptor (an ``int``).
+
+    The unpickling side owns the new descriptor.  The handle itself does not own *fd*.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        if context.get_spawning_popen() is not None:
+            return (_rebuild_dupfd, (reduction.DupFd(self.fd),))
+        try:
+            token = _serialize.send_fd(self.fd)
+        except RuntimeError:
+            raise RuntimeError(
+                "procpool IPC objects carry file descriptors; they can be passed to a procpool "
+                "pool task or Process, through a procpool Queue or Pipe, to a multiprocessing "
+                "Process or Pool, or inherited with fork -- not pickled with plain pickle"
+            ) from None
+        return (_serialize.recv_fd, (token,))
+
+
+def _reduce_for_forking_pickler(handle: FdHandle) -> tuple[Any, tuple[Any, ...]]:
+    # DupFd uses the spawning Popen when there is one, else the stdlib's resource sharer.
+    return (_rebuild_dupfd, (reduction.DupFd(handle.fd),))
+
+
+def _rebuild_dupfd(dup: Any) -> int:
+    return dup.detach()
+
+
+def register_forking_reducer() -> None:
+    """Teach :class:`multiprocessing.reduction.ForkingPickler` to send :class:`FdHandle`."""
+    reduction.ForkingPickler.register(FdHandle, _reduce_for_forking_pickler)
+
+
+register_forking_reducer()
+
+
+def close_quietly(fd: int) -> None:
+    """Close *fd*, ignoring a descriptor that is already closed."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass

@@ -1,0 +1,231 @@
+"""Shared memory regions, and process-shared semaphores living inside them.
+
+A :class:`Region` is a file mapped ``MAP_SHARED`` in every process that uses it:
+
+* anonymous by default: a ``memfd`` -- no name anywhere; the kernel frees it when the last
+  process holding the descriptor or a mapping exits, SIGKILL included, so nothing can leak into
+  ``/dev/shm``.  It reaches other processes by inheritance or as a passed descriptor
+  (:mod:`procpool._ipc_fd`);
+* named only when the caller gives a name: ``/dev/shm/<name>``, created ``O_EXCL`` with mode
+  ``0600``, opened by unrelated processes by that name, removed by an explicit ``unlink``.
+
+Layout: the first page holds up to :data:`MAX_SEMS` semaphore slots and a JSON description (so a
+named region can be opened knowing only its name); the user data starts at :data:`DATA_OFFSET`,
+page aligned (numpy views are aligned).
+
+Semaphores are POSIX unnamed semaphores (``sem_init(pshared=1)``) placed in a slot and driven by
+the standard library's own C ``SemLock`` (``_multiprocessing.SemLock._rebuild`` wraps a raw
+``sem_t *``).  So procpool's locks run the very C code of :mod:`multiprocessing`'s -- same speed,
+same semantics, timeouts and ``EINTR`` handling -- but in anonymous memory instead of a named
+``/dev/shm/sem.*`` file that leaks when a process is killed.
+"""
+
+from __future__ import annotations
+
+import _multiprocessing
+import ctypes
+import json
+import mmap
+import os
+import re
+import threading
+import weakref
+from typing import Any
+
+from ._ipc_fd import FdHandle, close_quietly
+
+__all__ = [
+    "Region",
+    "SemLock",
+    "RECURSIVE_MUTEX",
+    "SEMAPHORE",
+    "SEM_VALUE_MAX",
+    "DATA_OFFSET",
+    "MAX_SEMS",
+]
+
+RECURSIVE_MUTEX, SEMAPHORE = 0, 1
+SEM_VALUE_MAX: int = _multiprocessing.SemLock.SEM_VALUE_MAX
+
+PAGE = mmap.PAGESIZE
+SEM_SLOT = 64  # sizeof(sem_t) is 32 on 64-bit glibc; keep slots cache-line sized
+MAX_SEMS = 32
+META_OFFSET = SEM_SLOT * MAX_SEMS
+META_SIZE = PAGE - META_OFFSET
+DATA_OFFSET = PAGE
+SHM_DIR = "/dev/shm"
+_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,200}")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_sem_init = _libc.sem_init
+_sem_init.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint]
+_sem_init.restype = ctypes.c_int
+
+
+def _check_libc() -> None:
+    # SemLock's destructor calls sem_close() on the handle: glibc answers EINVAL for an unnamed
+    # semaphore (harmless); other C libraries might not.  Refuse rather than risk it.
+    try:
+        os.confstr("CS_GNU_LIBC_VERSION")
+    except (ValueError, OSError) as exc:  # pragma: no cover - non-glibc systems
+        raise ImportError("procpool's IPC primitives need Linux with glibc") from exc
+
+
+_check_libc()
+
+
+class SemLock(_multiprocessing.SemLock):
+    """The stdlib's C semaphore, kept together with the region whose memory it uses.
+
+    Holding the region here means a bound method such as ``lock.acquire`` kept by a caller can
+    never outlive the memory it operates on.
+    """
+
+    __slots__ = ("_region", "__weakref__")
+
+
+_live_regions: weakref.WeakSet[Region] = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child must not believe it owns the RLocks its parent held (same thread id).
+    for region in list(_live_regions):
+        for sem in region._sems.values():
+            sem._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def shm_path(name: str) -> str:
+    """The file behind a named region; raises ``ValueError`` for an unusable name."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"invalid shared memory name {name!r} (letters, digits, '_.-' only)")
+    return os.path.join(SHM_DIR, name)
+
+
+class Region:
+    """A shared-memory region mapped in this process (see the module docstring)."""
+
+    def __init__(self, fd: int, name: str | None = None) -> None:
+        """Map *fd* (taking ownership of it)."""
+        size = os.fstat(fd).st_size
+        try:
+            self.mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        except BaseException:
+            close_quietly(fd)
+            raise
+        self.fd = fd
+        self.size = size
+        self.name = name
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.mmap))
+        # weak: a semaphore keeps its region alive, not the other way round (no cycle)
+        self._sems: weakref.WeakValueDictionary[int, SemLock] = weakref.WeakValueDictionary()
+        self._closed = False
+        with _live_lock:
+            _live_regions.add(self)
+
+    # -- creation ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, data_size: int, meta: dict[str, Any], name: str | None = None) -> Region:
+        """A new zero-filled region with *data_size* bytes of data after the header page."""
+        size = DATA_OFFSET + max(int(data_size), 0)
+        if name is None:
+            fd = os.memfd_create("procpool", os.MFD_CLOEXEC)
+        else:
+            path = shm_path(name)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            region = cls(fd, name)
+        except BaseException:
+            if name is not None:
+                _unlink_quietly(shm_path(name))
+            close_quietly(fd)
+            raise
+        region.write_meta(meta)
+        return region
+
+    @classmethod
+    def open(cls, name: str) -> Region:
+        """Open the named region *name*; raises ``FileNotFoundError`` when there is none."""
+        fd = os.open(shm_path(name), os.O_RDWR | os.O_CLOEXEC)
+        return cls(fd, name)
+
+    # -- metadata ---------------------------------------------------------------------------
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        blob = json.dumps(meta, separators=(",", ":")).encode()
+        if len(blob) >= META_SIZE:
+            raise ValueError("shared object description too long")
+        self.mmap[META_OFFSET : META_OFFSET + len(blob)] = blob
+
+    def read_meta(self) -> dict[str, Any]:
+        raw = bytes(self.mmap[META_OFFSET : META_OFFSET + META_SIZE]).rstrip(b"\0")
+        try:
+            meta = json.loads(raw)
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{self.name!r} is not a procpool shared object")
+        return meta
+
+    # -- semaphores -------------------------------------------------------------------------
+    def semaphore(self, slot: int, kind: int, value: int, maxvalue: int, *, init: bool) -> SemLock:
+        """The semaphore in *slot*; with *init*, first initialise it to *value*."""
+        if not 0 <= slot < MAX_SEMS:
+            raise ValueError("semaphore slot out of range")
+        address = self.address + slot * SEM_SLOT
+        if init:
+            if _sem_init(address, 1, value) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+        sem = SemLock._rebuild(address, kind, maxvalue, None)
+        sem._region = self
+        self._sems[slot] = sem
+        return sem
+
+    # -- data -------------------------------------------------------------------------------
+    def data(self, offset: int = 0, length: int | None = None) -> memoryview:
+        """A writable view of the data area."""
+        end = self.size if length is None else DATA_OFFSET + offset + length
+        return memoryview(self.mmap)[DATA_OFFSET + offset : end]
+
+    @property
+    def data_address(self) -> int:
+        return self.address + DATA_OFFSET
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def unlink(self) -> None:
+        """Remove the region's name (named regions only); mappings stay valid."""
+        if self.name is None:
+            raise ValueError("an anonymous shared object has no name to unlink")
+        os.unlink(shm_path(self.name))
+
+    def close(self) -> None:
+        """Close this process's descriptor.  The mapping lives on while objects use it."""
+        if not self._closed:
+            self._closed = True
+            close_quietly(self.fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        if self._closed:
+            raise ValueError("cannot pass a closed shared object")
+        return (_rebuild_region, (FdHandle(self.fd), self.name))
+
+
+def _rebuild_region(fd: int, name: str | None) -> Region:
+    return Region(fd, name)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

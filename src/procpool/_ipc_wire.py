@@ -1,0 +1,279 @@
+"""One message = one datagram: how Pipe and Queue put objects on a Unix socket and take them off.
+
+Both run over ``SOCK_SEQPACKET`` socketpairs.  The kernel moves each datagram whole: a process
+killed while sending or receiving can neither deliver half a message nor deliver one twice, and
+several processes may send and receive on the same socket without any lock.
+
+Wire format of a datagram:
+
+* no ancillary data -- the datagram *is* the message (a pickle stream, or the raw bytes of
+  ``send_bytes``).  This is the fast path: no header, one ``send``, one ``recvmsg_into``;
+* with descriptors attached (``SCM_RIGHTS``) -- the datagram starts with :data:`HEADER`
+  (magic, flags, number of out-of-band pickle buffers, payload length).  With ``BULK`` the
+  payload is in the first descriptor, a memfd (:mod:`procpool._ipc_bulk`); otherwise it follows
+  the header.  The remaining descriptors belong to the pickle (out-of-band numpy buffers, and the
+  descriptors of procpool objects inside the message: a Queue sent through a Queue).
+
+Encoding tries ``pickle.dumps`` first (fast) and falls back to procpool's serializer
+(:mod:`procpool._serialize`: out-of-band buffers, descriptors, cloudpickle) when the object needs
+it; an object that cannot be pickled raises :class:`~procpool.SerializationError` at once.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import pickle
+import select
+import socket
+import struct
+import time
+from typing import Any
+
+from . import _ipc_bulk, _serialize
+
+__all__ = ["Wire", "encode", "decode", "INLINE_MAX"]
+
+HEADER = struct.Struct("<4sIIQ")  # magic, flags, nbuf, payload length
+MAGIC = b"PPw1"
+BULK = 1
+INLINE_MAX = 64 * 1024
+MAX_FDS = 250  # the kernel accepts at most 253 per message (SCM_MAX_FD)
+_ANCBUF = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+_RECVBUF = INLINE_MAX + HEADER.size + 64
+_SOCK_WANT_BYTES = 64 << 20
+_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+
+# plain ints: the socket module's constants are IntFlag enums, slow to combine on a hot path
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_RECV_NOWAIT = int(socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+_RECV_WAIT = int(socket.MSG_CMSG_CLOEXEC)
+_SEND_NOWAIT = int(socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+_POLLIN = int(select.POLLIN)
+_POLLOUT = int(select.POLLOUT)
+
+
+class _NeedSlowPath(Exception):
+    pass
+
+
+def _inband_only(buf: pickle.PickleBuffer) -> bool:
+    if buf.raw().nbytes >= _serialize.OOB_THRESHOLD:
+        raise _NeedSlowPath  # a big buffer: let _serialize send it out of band
+    return True
+
+
+def encode(obj: Any) -> tuple[bytes, int, list[int]]:
+    """Pickle *obj* -> ``(data, nbuf, fds)``; the caller owns (and must close) *fds*."""
+    try:
+        return pickle.dumps(obj, 5, buffer_callback=_inband_only), 0, []
+    except Exception:
+        pass  # descriptors, big buffers, lambdas...: the full serializer decides
+    payload = _serialize.dumps(obj)
+    return payload.data, payload.nbuf, payload.fds
+
+
+def decode(data: Any, nbuf: int, fds: list[int]) -> Any:
+    """Unpickle what :func:`encode` produced (takes ownership of *fds*)."""
+    if not fds:
+        return pickle.loads(data)
+    return _serialize.loads(data, nbuf, fds)
+
+
+def enlarge_buffers(sock: socket.socket, want: int = _SOCK_WANT_BYTES) -> None:
+    """Raise the socket's send buffer as far as allowed (it bounds the bytes in flight)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, want)  # needs CAP_NET_ADMIN
+        return
+    except OSError:
+        pass
+    try:
+        with open("/proc/sys/net/core/wmem_max") as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        limit = want
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, min(want, limit))
+    except OSError:
+        pass
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class Wire:
+    """Datagram I/O on one SOCK_SEQPACKET socket (shared by Pipe and Queue).
+
+    ``send_frame`` / ``recv_frame`` never leave a descriptor behind: on every error path the
+    descriptors they own are closed.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.inline_max = min(
+            INLINE_MAX, max(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 4, 1024)
+        )
+
+    # -- sending ----------------------------------------------------------------------------
+    def send_frame(
+        self, data: Any, nbuf: int, fds: list[int], deadline: float | None, block: bool = True
+    ) -> None:
+        """Send one message; raise ``TimeoutError`` (nothing sent) past *deadline*.
+
+        Takes ownership of *fds* (closed once sent, or on error).
+        """
+        try:
+            size = len(data)
+            if not fds and 0 < size <= self.inline_max:
+                self._send(data, None, deadline, block)
+                return
+            bulk_fd, cached = -1, False
+            try:
+                flags = 0
+                parts: list[Any] = []
+                if size > self.inline_max or size == 0:
+                    bulk_fd, cached = _ipc_bulk.write(data)
+                    flags = BULK
+                else:
+                    parts.append(data)
+                all_fds = ([bulk_fd] if bulk_fd >= 0 else []) + fds
+                if len(all_fds) > MAX_FDS:
+                    raise ValueError(f"a message can carry at most {MAX_FDS} descriptors")
+                header = HEADER.pack(MAGIC, flags, nbuf, size)
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", all_fds))]
+                self._send([header, *parts], anc, deadline, block)
+            finally:
+                if bulk_fd >= 0 and not cached:
+                    os.close(bulk_fd)
+        finally:
+            _close_all(fds)
+
+    def _send(self, data: Any, anc: list[Any] | None, deadline: float | None, block: bool) -> None:
+        sock = self.sock
+        while True:
+            try:
+                if anc is None:
+                    sock.send(data, _SEND_NOWAIT)
+                else:
+                    sock.sendmsg(data, anc, _SEND_NOWAIT)
+                return
+            except BlockingIOError:
+                pass
+            if not block:
+                raise TimeoutError("the socket buffer is full")
+            wait_fd(sock.fileno(), _POLLOUT, deadline)
+
+    # -- receiving --------------------------------------------------------------------------
+    def recv_frame(self, block: bool, deadline: float | None) -> tuple[Any, int, list[int], bool]:
+        """Receive one message -> ``(data, nbuf, fds, eof)`` (the caller owns *fds*).
+
+        Raises ``TimeoutError`` when nothing arrived by *deadline* (or at once without *block*).
+        """
+        data, anc, msg_flags = _recvmsg(self.sock, block, deadline)
+        if not anc:
+            if not data:
+                return b"", 0, [], True
+            if msg_flags & _MSG_TRUNC:
+                raise OSError("message truncated: sender and receiver disagree on the wire format")
+            return data, 0, [], False
+        return self._unpack(data, anc, msg_flags, as_object=False)
+
+    def recv_object(self, block: bool, deadline: float | None) -> tuple[Any, bool]:
+        """Receive and unpickle one message -> ``(obj, eof)``."""
+        data, anc, msg_flags = _recvmsg(self.sock, block, deadline)
+        if not anc and data and not msg_flags & _MSG_TRUNC:  # the fast path
+            return pickle.loads(data), False
+        return self.finish_object(data, anc, msg_flags)
+
+    def finish_object(self, data: bytes, anc: list[Any], msg_flags: int) -> tuple[Any, bool]:
+        """Unpickle a datagram already received -> ``(obj, eof)``."""
+        if not anc and data and not msg_flags & _MSG_TRUNC:
+            return pickle.loads(data), False
+        if not anc:
+            if not data:
+                return None, True
+            raise OSError("message truncated: sender and receiver disagree on the wire format")
+        obj, _nbuf, _fds, eof = self._unpack(data, anc, msg_flags, as_object=True)
+        return obj, eof
+
+    @staticmethod
+    def _unpack(
+        data: bytes, anc: list[Any], msg_flags: int, as_object: bool
+    ) -> tuple[Any, int, list[int], bool]:
+        fds: list[int] = []
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                a = array.array("i")
+                a.frombytes(payload[: len(payload) - (len(payload) % a.itemsize)])
+                fds.extend(a)
+        try:
+            if msg_flags & _MSG_CTRUNC:
+                raise OSError("too many descriptors attached to one message")
+            magic, flags, nbuf, size = HEADER.unpack_from(data, 0)
+            if magic != MAGIC:
+                raise OSError("not a procpool message")
+            if not flags & BULK:
+                body: Any = memoryview(data)[HEADER.size : HEADER.size + size]
+                if not as_object:
+                    return body, nbuf, fds, False
+                owned, fds = fds, []
+                return decode(body, nbuf, owned), 0, [], False
+            bulk_fd = fds.pop(0)
+            try:
+                if not as_object or size == 0:
+                    body = _ipc_bulk.read_bytes(bulk_fd, size)
+                    if not as_object:
+                        return body, nbuf, fds, False
+                    owned, fds = fds, []
+                    return decode(body, nbuf, owned), 0, [], False
+                m, view = _ipc_bulk.map_payload(bulk_fd, size)
+                try:
+                    owned, fds = fds, []
+                    return decode(view, nbuf, owned), 0, [], False
+                finally:
+                    view.release()
+                    m.close()
+            finally:
+                _ipc_bulk.release(bulk_fd)
+        except BaseException:
+            _close_all(fds)
+            raise
+
+
+def _recvmsg(sock: socket.socket, block: bool, deadline: float | None) -> tuple[bytes, Any, int]:
+    if block and deadline is None:
+        # sleep in the kernel's recvmsg: one system call, woken directly by the sender.
+        # (Never set O_NONBLOCK or a socket timeout: the descriptor is shared with other
+        # processes, and those flags would change for all of them.)
+        data, anc, msg_flags, _ = sock.recvmsg(_RECVBUF, _ANCBUF, _RECV_WAIT)
+        return data, anc, msg_flags
+    while True:
+        try:
+            data, anc, msg_flags, _ = sock.recvmsg(_RECVBUF, _ANCBUF, _RECV_NOWAIT)
+            return data, anc, msg_flags
+        except BlockingIOError:
+            if not block:
+                raise TimeoutError("no message") from None
+            wait_fd(sock.fileno(), _POLLIN, deadline)
+
+
+def wait_fd(fd: int, events: int, deadline: float | None) -> None:
+    """Wait until *fd* is ready for *events*; raise ``TimeoutError`` past *deadline*."""
+    poller = select.poll()
+    poller.register(fd, events)
+    while True:
+        if deadline is None:
+            timeout_ms = None
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("timed out")
+            timeout_ms = max(int(remaining * 1000 + 0.999), 1)
+        if poller.poll(timeout_ms):
+            return

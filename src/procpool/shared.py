@@ -1,0 +1,509 @@
+"""Shared memory: ``Value``, ``Array`` (the stdlib's), ``SharedArray`` (numpy), atomics.
+
+Memory is anonymous (a ``memfd``) unless you give a ``name``: the kernel frees it when the last
+process using it exits -- a SIGKILLed program leaves nothing in ``/dev/shm``.  With ``name=``,
+the object lives in ``/dev/shm/<name>`` (mode 0600) until :meth:`unlink`, and unrelated
+processes attach with ``Value.open(name)``, ``Array.open(name)`` or ``SharedArray.open(name)``.
+
+Every object can be inherited, passed to a pool task or Process, or sent through a Queue/Pipe.
+
+Example::
+
+    import procpool
+
+    hits = procpool.Value("q", 0)
+    hits.add(1)                     # atomic, no lock taken
+    with hits.get_lock():           # the stdlib way still works
+        hits.value += 1
+
+    arr = procpool.Array("d", 1_000_000)
+    view = arr.numpy()              # zero-copy numpy view of the shared memory
+    view[:] = 1.0
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from collections.abc import Iterable, Iterator
+from multiprocessing.sharedctypes import typecode_to_type
+from typing import Any
+
+from . import _ipc_atomic
+from ._ipc_mem import Region
+from .sync import Lock, RLock
+
+__all__ = ["Value", "Array", "SharedArray"]
+
+_LockType = Lock | RLock
+
+
+def _ctype_of(typecode_or_type: Any) -> Any:
+    if isinstance(typecode_or_type, str):
+        try:
+            return typecode_to_type[typecode_or_type]
+        except KeyError:
+            raise TypeError(f"unknown typecode {typecode_or_type!r}") from None
+    return typecode_or_type
+
+
+def _typename(ctype: Any) -> str:
+    for code, t in typecode_to_type.items():
+        if t is ctype:
+            return code
+    raise ValueError(
+        f"a named shared object needs a typecode, not {ctype!r} (custom ctypes cannot be described)"
+    )
+
+
+def _make_lock(lock: Any) -> _LockType | None:
+    if lock is True or lock is None:
+        return RLock()
+    if lock is False:
+        return None
+    if hasattr(lock, "acquire") and hasattr(lock, "release"):
+        return lock
+    raise AttributeError(f"{lock!r} has no method 'acquire'")
+
+
+class _Shared:
+    """What Value and Array have in common: a region, a ctypes object over it, a lock."""
+
+    _region: Region
+    _obj: Any
+    _lock: _LockType | None
+
+    def get_obj(self) -> Any:
+        """The ctypes object in shared memory (no locking)."""
+        return self._obj
+
+    def get_lock(self) -> _LockType:
+        """The lock guarding this object (raises ``AttributeError`` when made with lock=False)."""
+        if self._lock is None:
+            raise AttributeError("this shared object was created with lock=False")
+        return self._lock
+
+    def acquire(self, *args: Any) -> bool:
+        return self.get_lock().acquire(*args)
+
+    def release(self) -> None:
+        self.get_lock().release()
+
+    def __enter__(self) -> bool:
+        return self.get_lock().__enter__()
+
+    def __exit__(self, *args: object) -> None:
+        self.get_lock().__exit__(*args)
+
+    @property
+    def name(self) -> str | None:
+        """The name in ``/dev/shm``, or None for anonymous memory."""
+        return self._region.name
+
+    def unlink(self) -> None:
+        """Remove the name (named objects only); attached processes keep working."""
+        self._region.unlink()
+
+    def _locked(self) -> Any:
+        return self._lock if self._lock is not None else _NO_LOCK
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()
+
+
+class Value(_Shared):
+    """A ctypes value in shared memory (:func:`multiprocessing.Value`).
+
+    ``Value(typecode_or_type, *args, lock=True, name=None)``: *typecode* as the :mod:`array`
+    module ('i', 'd', 'q'...) or a ctypes type; *args* initialise it.  ``.value`` reads and
+    writes it under the lock (an :class:`~procpool.RLock`, or the *lock* given, or none with
+    ``lock=False``).  ``value += 1`` is *not* atomic: hold ``get_lock()``, or use the atomic
+    methods below on integer and float values.
+
+    Atomics (4- and 8-byte integers, 'f' and 'd'; no lock taken, much faster than the lock):
+    ``add(n)`` returns the new value, ``fetch_add(n)`` the old one, ``exchange(v)`` the old one,
+    ``compare_exchange(expected, desired)`` stores *desired* only if the value equals
+    *expected* and returns whether it did, ``load()`` and ``store(v)``.  Integer arithmetic
+    wraps around as in C.  Raises ``TypeError`` for other types.
+
+    Example::
+
+        v = procpool.Value("i", 0)
+        v.add(5)                           # 5
+        v.compare_exchange(5, 7)           # True; v.value == 7
+    """
+
+    def __init__(
+        self,
+        typecode_or_type: Any,
+        *args: Any,
+        lock: Any = True,
+        name: str | None = None,
+        _attach: tuple[Region, _LockType | None] | None = None,
+    ) -> None:
+        ctype = _ctype_of(typecode_or_type)
+        if _attach is not None:
+            self._region, self._lock = _attach
+            fresh = False
+        else:
+            meta = {"kind": "Value", "typecode": _typename(ctype) if name else None}
+            self._region = Region.create(ctypes.sizeof(ctype), meta, name)
+            self._lock = _make_lock(lock)
+            fresh = True
+        self._obj = ctype.from_buffer(
+            self._region.mmap, self._region.data_address - self._region.address
+        )
+        if fresh and args:
+            self._obj.__init__(*args)
+        self._ctype = ctype
+        self._setup_atomics()
+
+    @classmethod
+    def open(cls, name: str, *, lock: Any = False) -> Value:
+        """Attach to the named Value *name* (``FileNotFoundError`` if there is none).
+
+        The lock of a named Value is not shared by name; pass a lock you share otherwise, or
+        use the atomic methods.
+        """
+        region = Region.open(name)
+        meta = region.read_meta()
+        if meta.get("kind") != "Value":
+            raise ValueError(f"{name!r} is a {meta.get('kind')}, not a Value")
+        return cls(meta["typecode"], lock=lock, _attach=(region, _make_lock(lock)))
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (_rebuild_value, (self._ctype, self._region, self._lock))
+
+    # -- the stdlib API ---------------------------------------------------------------------
+    @property
+    def value(self) -> Any:
+        with self._locked():
+            return self._obj.value
+
+    @value.setter
+    def value(self, new: Any) -> None:
+        with self._locked():
+            self._obj.value = new
+
+    def __repr__(self) -> str:
+        return f"<procpool.Value {self._ctype.__name__}({self._obj.value!r})>"
+
+    # -- atomics ----------------------------------------------------------------------------
+    def _setup_atomics(self) -> None:
+        ops = _ipc_atomic.OPS
+        self._addr = self._region.data_address
+        size = ctypes.sizeof(self._ctype)
+        self._atomic_kind: str | None = None
+        if ops is None or size not in (4, 8) or not hasattr(self._ctype, "_type_"):
+            return
+        code = self._ctype._type_
+        if code in "iIlLqQ":
+            self._atomic_kind = "int"
+        elif code in "fd":
+            self._atomic_kind = "float"
+            self._bits_fmt = "<i" if size == 4 else "<q"
+            self._float_fmt = "<f" if size == 4 else "<d"
+        else:
+            return
+        self._fadd = ops.fetch_add8 if size == 8 else ops.fetch_add4
+        self._cas = ops.cas8 if size == 8 else ops.cas4
+        self._xchg = ops.xchg8 if size == 8 else ops.xchg4
+        self._unsigned = code in "ILQ" or (code == "L")
+        self._bits = size * 8
+
+    def _need_atomic(self) -> str:
+        if self._atomic_kind is None:
+            if _ipc_atomic.OPS is None:
+                raise TypeError("atomic operations are not available on this machine")
+            raise TypeError(
+                f"atomic operations need a 4- or 8-byte int or float, not {self._ctype.__name__}"
+            )
+        return self._atomic_kind
+
+    def _to_signed(self, v: int) -> int:
+        v &= (1 << self._bits) - 1
+        return v - (1 << self._bits) if v >> (self._bits - 1) else v
+
+    def _from_raw(self, raw: int) -> int:
+        return raw & ((1 << self._bits) - 1) if self._unsigned else raw
+
+    def _float_bits(self, f: float) -> int:
+        return struct.unpack(self._bits_fmt, struct.pack(self._float_fmt, f))[0]
+
+    def _bits_float(self, b: int) -> float:
+        return struct.unpack(self._float_fmt, struct.pack(self._bits_fmt, b))[0]
+
+    def fetch_add(self, delta: int | float = 1) -> Any:
+        """Atomically add *delta*; return the previous value."""
+        if self._need_atomic() == "int":
+            return self._from_raw(self._fadd(self._addr, self._to_signed(delta)))
+        while True:  # floats: compare-and-swap loop on the bit pattern
+            old_bits = self._to_signed(self._raw_load())
+            old = self._bits_float(old_bits)
+            if self._cas(self._addr, old_bits, self._float_bits(old + delta)) == old_bits:
+                return old
+
+    def add(self, delta: int | float = 1) -> Any:
+        """Atomically add *delta* (may be negative); return the new value."""
+        old = self.fetch_add(delta)
+        if self._atomic_kind == "int":
+            return self._from_raw(self._to_signed(old + delta))
+        return self._ctype(old + delta).value
+
+    def exchange(self, new: Any) -> Any:
+        """Atomically store *new*; return the previous value."""
+        if self._need_atomic() == "int":
+            return self._from_raw(self._xchg(self._addr, self._to_signed(new)))
+        return self._bits_float(self._xchg(self._addr, self._float_bits(new)))
+
+    def compare_exchange(self, expected: Any, desired: Any) -> bool:
+        """Atomically: if the value equals *expected*, store *desired* and return True."""
+        if self._need_atomic() == "int":
+            exp = self._to_signed(expected)
+            return self._cas(self._addr, exp, self._to_signed(desired)) == exp
+        exp = self._float_bits(expected)
+        return self._cas(self._addr, exp, self._float_bits(desired)) == exp
+
+    def _raw_load(self) -> int:
+        return self._fadd(self._addr, 0)
+
+    def load(self) -> Any:
+        """Atomically read the value (with a full memory barrier)."""
+        if self._need_atomic() == "int":
+            return self._from_raw(self._raw_load())
+        return self._bits_float(self._to_signed(self._raw_load()))
+
+    def store(self, new: Any) -> None:
+        """Atomically write the value (with a full memory barrier)."""
+        self.exchange(new)
+
+
+def _rebuild_value(ctype: Any, region: Region, lock: _LockType | None) -> Value:
+    return Value(ctype, _attach=(region, lock))
+
+
+class Array(_Shared):
+    """A ctypes array in shared memory (:func:`multiprocessing.Array`).
+
+    ``Array(typecode_or_type, size_or_initializer, lock=True, name=None)``: an int gives a
+    zero-filled array of that length, a sequence (or ``bytes`` for 'c') initialises it.
+    Supports ``len``, indexing and slicing (under the lock), iteration, ``get_obj()``,
+    ``get_lock()``; char arrays ('c') have ``.value`` and ``.raw``.  :meth:`numpy` returns a
+    zero-copy numpy view.
+
+    Example::
+
+        a = procpool.Array("i", [1, 2, 3])
+        a[0] = 10; a[1:3] = [20, 30]
+        s = procpool.Array("c", b"hello")
+        s.value                             # b'hello'
+    """
+
+    def __init__(
+        self,
+        typecode_or_type: Any,
+        size_or_initializer: int | Iterable[Any],
+        *,
+        lock: Any = True,
+        name: str | None = None,
+        _attach: tuple[Region, _LockType | None] | None = None,
+    ) -> None:
+        ctype = _ctype_of(typecode_or_type)
+        if isinstance(size_or_initializer, int):
+            length, init = size_or_initializer, None
+        else:
+            init = (
+                list(size_or_initializer)
+                if not isinstance(size_or_initializer, bytes)
+                else size_or_initializer
+            )
+            length = len(init)
+        if length < 0:
+            raise ValueError("array size must be >= 0")
+        array_type = ctype * length
+        if _attach is not None:
+            self._region, self._lock = _attach
+        else:
+            meta = {
+                "kind": "Array",
+                "typecode": _typename(ctype) if name else None,
+                "length": length,
+            }
+            self._region = Region.create(ctypes.sizeof(array_type), meta, name)
+            self._lock = _make_lock(lock)
+        offset = self._region.data_address - self._region.address
+        self._obj = array_type.from_buffer(self._region.mmap, offset)
+        if init is not None and _attach is None:
+            self._obj[:] = init
+        self._ctype = ctype
+
+    @classmethod
+    def open(cls, name: str, *, lock: Any = False) -> Array:
+        """Attach to the named Array *name* (``FileNotFoundError`` if there is none)."""
+        region = Region.open(name)
+        meta = region.read_meta()
+        if meta.get("kind") != "Array":
+            raise ValueError(f"{name!r} is a {meta.get('kind')}, not an Array")
+        return cls(meta["typecode"], meta["length"], _attach=(region, _make_lock(lock)))
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (_rebuild_array, (self._ctype, len(self._obj), self._region, self._lock))
+
+    def __len__(self) -> int:
+        return len(self._obj)
+
+    def __getitem__(self, i: Any) -> Any:
+        with self._locked():
+            return self._obj[i]
+
+    def __setitem__(self, i: Any, value: Any) -> None:
+        with self._locked():
+            self._obj[i] = value
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self[:])
+
+    @property
+    def value(self) -> bytes:
+        """For a char array: the bytes up to the first NUL."""
+        with self._locked():
+            return self._obj.value
+
+    @value.setter
+    def value(self, new: bytes) -> None:
+        with self._locked():
+            self._obj.value = new
+
+    @property
+    def raw(self) -> bytes:
+        """For a char array: all the bytes."""
+        with self._locked():
+            return self._obj.raw
+
+    @raw.setter
+    def raw(self, new: bytes) -> None:
+        with self._locked():
+            self._obj.raw = new
+
+    def numpy(self) -> Any:
+        """A zero-copy numpy view of the array's memory (no locking: synchronise yourself)."""
+        import numpy as np
+
+        return np.ctypeslib.as_array(self._obj)
+
+    def __repr__(self) -> str:
+        return f"<procpool.Array {self._ctype.__name__}[{len(self)}]>"
+
+
+def _rebuild_array(ctype: Any, length: int, region: Region, lock: _LockType | None) -> Array:
+    return Array(ctype, length, _attach=(region, lock))
+
+
+class SharedArray:
+    """A numpy array in shared memory: pass it to other processes, they see the same data.
+
+    ``SharedArray(shape, dtype="float64", *, name=None)`` is zero-filled;
+    ``SharedArray.from_array(a)`` copies an existing array.  ``.array`` is the numpy view
+    (also ``np.asarray(sa)``); indexing, ``shape``, ``dtype``, ``size``, ``nbytes`` go to it.
+    Passing a SharedArray to a task or process sends a descriptor, never the data.  There is no
+    lock: use a :class:`~procpool.Lock` or give each process its own slice.
+
+    Example::
+
+        sa = procpool.SharedArray((1000, 3), "float32")
+        pool.map(fill_rows, [(sa, i) for i in range(1000)])   # workers write sa.array[i]
+    """
+
+    def __init__(
+        self,
+        shape: int | tuple[int, ...],
+        dtype: Any = "float64",
+        *,
+        name: str | None = None,
+        _region: Region | None = None,
+    ) -> None:
+        import numpy as np
+
+        self.dtype = np.dtype(dtype)
+        if self.dtype.hasobject:
+            raise TypeError("a SharedArray cannot hold Python objects")
+        self.shape = (shape,) if isinstance(shape, int) else tuple(int(n) for n in shape)
+        nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        if _region is None:
+            meta = {"kind": "SharedArray", "shape": list(self.shape), "dtype": self.dtype.str}
+            _region = Region.create(nbytes, meta, name)
+        self._region = _region
+        self.array = np.frombuffer(
+            _region.mmap,
+            self.dtype,
+            count=nbytes // max(self.dtype.itemsize, 1) if nbytes else 0,
+            offset=_region.data_address - _region.address,
+        ).reshape(self.shape)
+
+    @classmethod
+    def from_array(cls, a: Any, *, name: str | None = None) -> SharedArray:
+        """A new SharedArray holding a copy of *a*."""
+        import numpy as np
+
+        a = np.asarray(a)
+        sa = cls(a.shape, a.dtype, name=name)
+        sa.array[...] = a
+        return sa
+
+    @classmethod
+    def open(cls, name: str) -> SharedArray:
+        """Attach to the named SharedArray *name* (``FileNotFoundError`` if there is none)."""
+        region = Region.open(name)
+        meta = region.read_meta()
+        if meta.get("kind") != "SharedArray":
+            raise ValueError(f"{name!r} is a {meta.get('kind')}, not a SharedArray")
+        return cls(tuple(meta["shape"]), meta["dtype"], _region=region)
+
+    @property
+    def name(self) -> str | None:
+        """The name in ``/dev/shm``, or None for anonymous memory."""
+        return self._region.name
+
+    def unlink(self) -> None:
+        """Remove the name (named arrays only); attached processes keep working."""
+        self._region.unlink()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (_rebuild_shared_array, (self.shape, self.dtype.str, self._region))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
+        import numpy as np
+
+        return self.array if dtype is None else np.asarray(self.array, dtype=dtype)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.array[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.array[key] = value
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @property
+    def size(self) -> int:
+        return self.array.size
+
+    @property
+    def nbytes(self) -> int:
+        return self.array.nbytes
+
+    def __repr__(self) -> str:
+        return f"<procpool.SharedArray shape={self.shape} dtype={self.dtype}>"
+
+
+def _rebuild_shared_array(shape: tuple[int, ...], dtype: str, region: Region) -> SharedArray:
+    return SharedArray(shape, dtype, _region=region)
