@@ -337,7 +337,9 @@ class Scheduler:
                 payload.close()
                 raise ValueError("Pool not running")
             w = self._idle_worker()
-            if w is None or self._inbox or self._pending:
+            if self._broken is not None:
+                self._fail(task, self._broken_error())
+            elif w is None or self._inbox or self._pending:
                 self._pending.append(task)
                 self._wake()
             elif not getattr(sink, "needs_start", False) or sink._start():
@@ -348,6 +350,7 @@ class Scheduler:
                 self._send(w, [task])
                 if w.writing:
                     self._wake()
+        self._deliver()
         return task
 
     def _take_inbox(self) -> None:
@@ -484,6 +487,9 @@ class Scheduler:
                         return
                     self._read(w)
                     gone = w.eof
+                    if self._pending or self._inbox:  # the results freed room: refill
+                        self._take_inbox()
+                        self._dispatch()
                 self._deliver()
                 if gone:
                     return
@@ -984,6 +990,8 @@ class Scheduler:
         while self._pending and active:
             still = []
             for w in active:
+                if w.retiring or w.exclusive:  # reached maxtasksperchild, or runs a timed task
+                    continue
                 task = self._next_for(w)
                 if task is None:
                     continue

@@ -1,0 +1,123 @@
+"""Module-level task functions shared by the tests (importable by every start method)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def square(x):
+    return x * x
+
+
+def add(a, b=0):
+    return a + b
+
+
+def identity(x):
+    return x
+
+
+def pid(_=None):
+    return os.getpid()
+
+
+def sleep_then(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def fail(message="boom"):
+    raise ValueError(message)
+
+
+def fail_on(x, bad=3):
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    return x * 10
+
+
+class CustomError(Exception):
+    def __init__(self, code, detail):
+        super().__init__(code, detail)
+        self.code = code
+        self.detail = detail
+
+
+def raise_custom():
+    raise CustomError(42, "detail")
+
+
+class BadInitError(Exception):
+    """Its __init__ does not round-trip through pickle (takes 2 args, stores 1)."""
+
+    def __init__(self, a, b):
+        super().__init__(a)
+
+
+def raise_bad_init():
+    raise BadInitError("a", "b")
+
+
+def raise_local_class():
+    class LocalError(Exception):
+        pass
+
+    raise LocalError("from a local class")
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise TypeError("Unpicklable refuses to be pickled")
+
+
+def return_unpicklable():
+    return Unpicklable()
+
+
+class ErrorWithUnpicklableAttr(Exception):
+    def __init__(self, msg):
+        super().__init__(msg)
+        self.lock = __import__("threading").Lock()
+
+
+def raise_unpicklable_attr():
+    raise ErrorWithUnpicklableAttr("has a lock")
+
+
+def raise_system_exit():
+    raise SystemExit(7)
+
+
+def raise_keyboard_interrupt():
+    raise KeyboardInterrupt
+
+
+_init_value = None
+
+
+def set_init_value(value):
+    global _init_value
+    _init_value = value
+
+
+def get_init_value(_=None):
+    return _init_value
+
+
+def failing_initializer():
+    raise RuntimeError("initializer exploded")
+
+
+def nbytes(array):
+    return int(array.nbytes)
+
+
+def make_array(n):
+    import numpy as np
+
+    return np.arange(n, dtype=np.float64)
+
+
+def double(array):
+    return array * 2

@@ -1,0 +1,123 @@
+"""Errors travel intact: the same type in the caller, the worker's traceback as __cause__, and
+exceptions or values that cannot make the trip fail their task clearly without harming the pool."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import procpool
+from tasks import (
+    CustomError,
+    Unpicklable,
+    fail,
+    raise_bad_init,
+    raise_custom,
+    raise_keyboard_interrupt,
+    raise_local_class,
+    raise_system_exit,
+    raise_unpicklable_attr,
+    return_unpicklable,
+    square,
+)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with procpool.Pool(2) as p:
+        yield p
+
+
+def test_exception_keeps_its_type_and_carries_the_worker_traceback(pool):
+    with pytest.raises(ValueError, match="boom") as info:
+        pool.apply(fail)
+    cause = info.value.__cause__
+    assert isinstance(cause, procpool.RemoteTraceback)
+    assert "in fail" in str(cause) and "ValueError: boom" in str(cause)
+
+
+def test_custom_exception_attributes_survive(pool):
+    with pytest.raises(CustomError) as info:
+        pool.apply(raise_custom)
+    assert info.value.code == 42 and info.value.detail == "detail"
+
+
+def test_exception_whose_init_does_not_round_trip_is_reported_clearly(pool):
+    with pytest.raises(procpool.RemoteError, match="BadInitError") as info:
+        pool.apply(raise_bad_init)
+    assert "raise_bad_init" in str(info.value.__cause__)
+    assert pool.apply(square, (3,)) == 9
+
+
+def test_exception_of_a_class_local_to_the_task(pool):
+    with pytest.raises(Exception, match="from a local class") as info:
+        pool.apply(raise_local_class)
+    assert type(info.value).__name__ in ("LocalError", "RemoteError")
+    assert pool.apply(square, (4,)) == 16
+
+
+def test_exception_with_an_unpicklable_attribute(pool):
+    with pytest.raises(procpool.RemoteError, match="has a lock"):
+        pool.apply(raise_unpicklable_attr)
+    assert pool.apply(square, (5,)) == 25
+
+
+def test_exception_class_not_importable_in_the_parent(pool):
+    # the class exists only in the worker: defined there by exec, pickled by reference
+    def raise_worker_only():
+        import sys
+        import types
+
+        mod = types.ModuleType("only_in_worker")
+        exec("class WorkerOnlyError(Exception):\n    pass\n", mod.__dict__)
+        mod.WorkerOnlyError.__module__ = "only_in_worker"
+        sys.modules["only_in_worker"] = mod
+        raise mod.WorkerOnlyError("cannot be imported by the caller")
+
+    with pytest.raises(procpool.RemoteError, match="cannot be imported by the caller"):
+        pool.apply(raise_worker_only)
+    assert pool.apply(square, (6,)) == 36
+
+
+def test_unpicklable_argument_is_reported_promptly_naming_it(pool):
+    r = pool.apply_async(square, (threading.Lock(),))
+    assert r.ready()  # failed at once, in the caller
+    with pytest.raises(procpool.SerializationError, match=r"argument 0 .*lock"):
+        r.get(0)
+    with pytest.raises(procpool.SerializationError, match="Unpicklable"):
+        pool.apply(square, (Unpicklable(),))
+    assert pool.apply(square, (7,)) == 49
+
+
+def test_unpicklable_item_in_map(pool):
+    with pytest.raises(procpool.SerializationError):
+        pool.map(square, [1, Unpicklable(), 3])
+    assert pool.map(square, [1, 2]) == [1, 4]
+
+
+def test_unpicklable_return_value_fails_that_task(pool):
+    with pytest.raises(procpool.SerializationError, match="result"):
+        pool.apply(return_unpicklable)
+    assert pool.apply(square, (8,)) == 64
+
+
+def test_system_exit_and_keyboard_interrupt_inside_a_task_fail_only_the_task(pool):
+    with pytest.raises(SystemExit):
+        pool.apply(raise_system_exit)
+    with pytest.raises(KeyboardInterrupt):
+        pool.apply_async(raise_keyboard_interrupt).get(10)
+    assert pool.apply(square, (9,)) == 81
+
+
+def test_initializer_that_raises_is_reported_and_not_respawned_forever():
+    from tasks import failing_initializer
+
+    with procpool.Pool(2, initializer=failing_initializer) as pool:
+        r = pool.apply_async(square, (2,))
+        with pytest.raises(procpool.InitializerError, match="initializer exploded") as info:
+            r.get(20)
+        assert isinstance(info.value.__cause__, RuntimeError)
+        with pytest.raises(procpool.InitializerError):
+            pool.apply(square, (3,))
+        assert len(pool.pids()) <= 2  # no endless respawn loop

