@@ -519,6 +519,7 @@ class Scheduler:
     def cancel_pending(self) -> None:
         """Cancel every task not yet sent (``shutdown(cancel_futures=True)``)."""
         with self._lock:
+            self._take_inbox()
             for item in self._pending:
                 if isinstance(item, Task) and item.state == _PENDING:
                     item.state = _DONE

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import Any, Generic, TypeVar
 
 from .errors import TimeoutError
@@ -297,6 +297,8 @@ class FutureSink:
             self.future.set_result(value)
 
     def _on_error(self, task: Any, exc: BaseException) -> None:
+        if isinstance(exc, CancelledError) and self.future.cancel():
+            return  # still pending: a proper cancellation, as executors do
         if not self.future.done():
             self.future.set_exception(exc)
 

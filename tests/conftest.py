@@ -1,0 +1,131 @@
+"""Shared fixtures for the whole test suite (kept small and generic).
+
+``leak_check``: snapshot this process's child processes, open file descriptors and ``/dev/shm``
+entries before a test; after it, wait (polling, up to a few seconds) for the test's pools to
+settle and fail if anything new is left.  ``wait_until`` is the polling helper every test uses
+instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from collections.abc import Callable
+
+import pytest
+
+SETTLE_S = 5.0  # how long leftovers may take to disappear (workers exiting, threads joining)
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 5.0, interval: float = 0.01):
+    """Poll *condition* until it returns a truthy value (returned) or *timeout* passes (None)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(interval)
+
+
+def proc_stat(pid: int) -> tuple[str, int, int, int] | None:
+    """(state, ppid, pgrp, starttime) of *pid* from ``/proc/<pid>/stat``; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    fields = raw.rsplit(")", 1)[1].split()  # the command name may contain spaces and ')'
+    return fields[0], int(fields[1]), int(fields[2]), int(fields[19])
+
+
+def is_alive(pid: int, starttime: int | None = None) -> bool:
+    """True while *pid* exists and is not a zombie (and, given *starttime*, is the same process:
+    a recycled pid does not count)."""
+    st = proc_stat(pid)
+    if st is None or st[0] in ("Z", "X", "x"):
+        return False
+    return starttime is None or st[3] == starttime
+
+
+def child_processes() -> dict[int, str]:
+    """This process's children, zombies included (an unreaped child is a leak too): pid -> state."""
+    me = os.getpid()
+    children = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = proc_stat(int(name))
+            if st is not None and st[1] == me:
+                children[int(name)] = st[0]
+    return children
+
+
+def open_fds() -> dict[int, str]:
+    """This process's open descriptors -> what they point to (the listing's own fd excluded)."""
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the directory fd os.listdir used, already closed
+            pass
+    return fds
+
+
+def shm_entries() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except FileNotFoundError:
+        return set()
+
+
+class LeakSnapshot:
+    """What existed before; :meth:`leftovers` says what is new (empty when nothing leaked)."""
+
+    def __init__(self) -> None:
+        gc.collect()
+        self.children = set(child_processes())
+        self.fds = open_fds()
+        self.shm = shm_entries()
+
+    def leftovers(self) -> dict[str, object]:
+        gc.collect()  # a pool dropped without close() is finalized here
+        new_children = {p: s for p, s in child_processes().items() if p not in self.children}
+        new_fds = {
+            fd: target
+            for fd, target in open_fds().items()
+            if fd not in self.fds or self.fds[fd] != target
+        }
+        new_shm = shm_entries() - self.shm
+        found: dict[str, object] = {}
+        if new_children:
+            found["child processes (pid: state)"] = new_children
+        if new_fds:
+            found["file descriptors (fd: target)"] = new_fds
+        if new_shm:
+            found["/dev/shm entries"] = sorted(new_shm)
+        return found
+
+    def assert_clean(self, timeout: float = SETTLE_S) -> None:
+        last: dict[str, object] = {}
+
+        def clean() -> bool:
+            nonlocal last
+            last = self.leftovers()
+            return not last
+
+        if not wait_until(clean, timeout, interval=0.02):
+            pytest.fail(f"leaked after {timeout}s: {last}")
+
+
+@pytest.fixture
+def leak_check():
+    """Fail the test if it leaves child processes, descriptors or /dev/shm entries behind.
+
+    The fixture's value is the snapshot: a test may call ``leak_check.assert_clean()`` itself at
+    a point of its choosing (the check runs again at teardown).
+    """
+    snap = LeakSnapshot()
+    yield snap
+    snap.assert_clean()

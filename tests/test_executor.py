@@ -1,0 +1,89 @@
+"""The concurrent.futures surface: Pool.submit and the drop-in ProcessPoolExecutor."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+
+import pytest
+
+import procpool
+from tasks import fail, fail_on, sleep_then, square
+
+
+def test_pool_submit_returns_a_future():
+    with procpool.Pool(2) as pool:
+        f = pool.submit(square, 7)
+        assert isinstance(f, concurrent.futures.Future)
+        assert f.result(10) == 49
+        g = pool.submit(fail, "nope")
+        with pytest.raises(ValueError, match="nope"):
+            g.result(10)
+        assert isinstance(pool, concurrent.futures.Executor)
+
+
+def test_executor_submit_map_shutdown():
+    with procpool.ProcessPoolExecutor(max_workers=2) as ex:
+        assert ex.submit(square, 3).result(10) == 9
+        assert list(ex.map(square, range(10))) == [x * x for x in range(10)]
+        assert list(ex.map(pow, [2, 3], [3, 2], chunksize=4)) == [8, 9]
+        futures = [ex.submit(square, i) for i in range(20)]
+        done, _ = concurrent.futures.wait(futures, timeout=10)
+        assert len(done) == 20
+
+
+def test_executor_map_raises_an_items_error_at_its_position():
+    with procpool.ProcessPoolExecutor(2) as ex:
+        it = ex.map(fail_on, range(6))
+        assert [next(it), next(it), next(it)] == [0, 10, 20]
+        with pytest.raises(ValueError):
+            next(it)
+
+
+def test_executor_map_timeout_is_a_deadline():
+    ex = procpool.ProcessPoolExecutor(1)
+    started = time.monotonic()
+    with pytest.raises(concurrent.futures.TimeoutError):
+        list(ex.map(sleep_then, [5.0], timeout=0.1))
+    assert time.monotonic() - started < 4
+    ex.shutdown(wait=False, cancel_futures=True)
+    ex._pool.terminate()
+
+
+def test_submit_after_shutdown_raises_runtime_error():
+    ex = procpool.ProcessPoolExecutor(1)
+    ex.shutdown()
+    with pytest.raises(RuntimeError):
+        ex.submit(square, 1)
+
+
+def test_shutdown_cancel_futures_cancels_what_has_not_started():
+    ex = procpool.ProcessPoolExecutor(1)
+    running = ex.submit(sleep_then, 0.5, "ran")
+    queued = [ex.submit(square, i) for i in range(10)]
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert running.result(10) == "ran"
+    assert any(f.cancelled() for f in queued)
+
+
+def test_future_cancel_before_it_runs():
+    with procpool.Pool(1) as pool:
+        blocker = pool.submit(sleep_then, 0.5)
+        waiting = pool.submit(square, 2)
+        assert waiting.cancel()
+        assert blocker.result(10) is None
+        assert waiting.cancelled()
+        assert pool.submit(square, 3).result(10) == 9
+
+
+def test_works_with_asyncio_run_in_executor():
+    async def main():
+        loop = asyncio.get_running_loop()
+        with procpool.ProcessPoolExecutor(2) as ex:
+            results = await asyncio.gather(
+                *(loop.run_in_executor(ex, square, i) for i in range(8))
+            )
+        return results
+
+    assert asyncio.run(main()) == [x * x for x in range(8)]

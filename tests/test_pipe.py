@@ -1,0 +1,205 @@
+"""Pipe: the tutorial's examples, stdlib semantics, large messages, passing ends around."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import signal
+
+import numpy as np
+import pytest
+from _ipc_helpers import FORK, SPAWN, no_leaks, run_child  # noqa: F401
+
+import procpool
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+
+def _tutorial_child(conn):
+    conn.send([42, None, "hello"])
+    conn.close()
+
+
+@pytest.mark.parametrize("ctx", [FORK, SPAWN], ids=["fork", "spawn"])
+def test_tutorial_pipe(ctx):
+    parent_conn, child_conn = procpool.Pipe()
+    p = ctx.Process(target=_tutorial_child, args=(child_conn,))
+    p.start()
+    assert parent_conn.poll(30)
+    assert parent_conn.recv() == [42, None, "hello"]
+    p.join(30)
+    child_conn.close()
+    with pytest.raises(EOFError):
+        parent_conn.recv()  # the child closed its end, we closed our copy: nothing more
+    parent_conn.close()
+
+
+def _echo(conn):
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        conn.send(msg)
+
+
+def test_duplex_round_trips_any_object():
+    a, b = procpool.Pipe()
+    p = FORK.Process(target=_echo, args=(b,))
+    p.start()
+    b.close()
+    for obj in (1, "x" * 100, {"k": [1, 2]}, b"", None, lambda x: x + 1):
+        a.send(obj)
+        back = a.recv()
+        if callable(obj):
+            assert back(1) == 2
+        else:
+            assert back == obj
+    a.close()
+    p.join(10)
+    assert p.exitcode == 0
+
+
+def test_one_way_pipe_directions():
+    reader, writer = procpool.Pipe(duplex=False)
+    assert reader.readable and not reader.writable
+    assert writer.writable and not writer.readable
+    with pytest.raises(OSError):
+        reader.send(1)
+    with pytest.raises(OSError):
+        writer.recv()
+    writer.send("ok")
+    assert reader.recv() == "ok"
+
+
+def test_bytes_api():
+    a, b = procpool.Pipe()
+    a.send_bytes(b"hello world", 6)
+    assert b.recv_bytes() == b"world"
+    a.send_bytes(b"hello world", 0, 5)
+    buf = bytearray(10)
+    assert b.recv_bytes_into(buf, 2) == 5 and buf[2:7] == b"hello"
+    a.send_bytes(b"too long for it")
+    with pytest.raises(multiprocessing.BufferTooShort) as info:
+        b.recv_bytes_into(bytearray(3))
+    assert info.value.args[0] == b"too long for it"
+    a.send_bytes(b"")
+    assert b.recv_bytes() == b""
+    a.send_bytes(pickle.dumps({"mixed": True}))
+    assert b.recv() == {"mixed": True}  # send_bytes of a pickle, recv() unpickles: as stdlib
+    a.send(123)
+    assert pickle.loads(b.recv_bytes()) == 123
+    a.send_bytes(b"12345")
+    with pytest.raises(OSError):
+        b.recv_bytes(maxlength=2)
+    with pytest.raises(ValueError):
+        a.send_bytes(b"abc", 4)
+
+
+def test_poll_timeout():
+    a, b = procpool.Pipe()
+    assert b.poll() is False
+    assert b.poll(0.02) is False
+    a.send(1)
+    assert b.poll(None) is True
+    assert b.recv() == 1
+
+
+def test_send_to_closed_peer_raises_broken_pipe():
+    a, b = procpool.Pipe()
+    b.close()
+    with pytest.raises(BrokenPipeError):
+        a.send("anyone?")
+    with pytest.raises(EOFError):
+        a.recv()
+    a.close()
+    with pytest.raises(OSError):
+        a.send(1)
+    assert a.closed
+
+
+def test_context_manager_closes():
+    a, b = procpool.Pipe()
+    with a, b:
+        a.send(1)
+        assert b.recv() == 1
+    assert a.closed and b.closed
+
+
+def _send_big(conn, payload):
+    conn.send_bytes(payload)
+    conn.send(np.frombuffer(payload, dtype=np.uint8))
+
+
+def test_large_messages_out_of_band():
+    payload = os.urandom(5 << 20)  # far above the socket buffer and the inline limit
+    a, b = procpool.Pipe()
+    p = FORK.Process(target=_send_big, args=(b, payload))
+    p.start()
+    assert a.recv_bytes() == payload
+    arr = a.recv()
+    assert arr.tobytes() == payload
+    p.join(10)
+    for size in (65535, 65536, 65537, 300_000):
+        data = os.urandom(size)
+        b.send_bytes(data)
+        assert a.recv_bytes() == data
+        b.send(data)
+        assert a.recv() == data
+
+
+def test_unpicklable_raises_at_send():
+    a, b = procpool.Pipe()
+
+    class Bad:
+        def __reduce__(self):
+            raise TypeError("no")
+
+    with pytest.raises(procpool.SerializationError):
+        a.send(Bad())
+    assert not b.poll()
+
+
+def _reply_through(conn_holder):
+    inner = conn_holder.recv()
+    inner.send("through a passed end")
+
+
+def test_connection_passes_through_a_pipe_and_to_pools():
+    outer_a, outer_b = procpool.Pipe()
+    inner_a, inner_b = procpool.Pipe()
+    p = FORK.Process(target=_reply_through, args=(outer_b,))
+    p.start()
+    outer_a.send(inner_b)  # a Connection inside a message: its descriptor travels
+    assert inner_a.recv() == "through a passed end"
+    p.join(10)
+    with procpool.Pool(1) as pool:
+        pool.apply_async(_send_one, (inner_b,)).get(20)
+    assert inner_a.recv() == "from the pool"
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        pool.apply_async(_send_one, (inner_b,)).get(20)
+    assert inner_a.recv() == "from the pool"
+
+
+def _send_one(conn):
+    conn.send("from the pool")
+
+
+def _kill_self_mid_stream(conn):
+    for i in range(1000):
+        conn.send(i)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_sender_killed_leaves_whole_messages_then_eof():
+    a, b = procpool.Pipe()
+    assert run_child(_kill_self_mid_stream, b) == -signal.SIGKILL
+    b.close()
+    got = []
+    while True:
+        try:
+            got.append(a.recv())
+        except EOFError:
+            break
+    assert got == list(range(1000))

@@ -1,0 +1,239 @@
+"""Value, Array, SharedArray: stdlib compatibility, atomics, zero-copy views, names, leaks."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import uuid
+
+import numpy as np
+import pytest
+from _ipc_helpers import FORK, SPAWN, no_leaks, run_child, shm_entries  # noqa: F401
+
+import procpool
+from procpool import _ipc_atomic
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+
+def test_value_stdlib_api():
+    v = procpool.Value("i", 7)
+    assert v.value == 7
+    v.value = 9
+    assert v.get_obj().value == 9
+    with v.get_lock():
+        v.value += 1
+    with v:
+        assert v.value == 10
+    d = procpool.Value(ctypes.c_double, 1.5)
+    assert d.value == 1.5
+    assert procpool.Value("i").value == 0
+    raw = procpool.Value("i", 3, lock=False)
+    with pytest.raises(AttributeError):
+        raw.get_lock()
+    shared_lock = procpool.Lock()
+    assert procpool.Value("i", 0, lock=shared_lock).get_lock() is shared_lock
+    with pytest.raises(TypeError):
+        procpool.Value("nope")
+
+
+def test_array_stdlib_api():
+    a = procpool.Array("i", [1, 2, 3, 4])
+    assert len(a) == 4 and a[0] == 1 and a[-1] == 4 and a[1:3] == [2, 3]
+    a[0] = 10
+    a[1:3] = [20, 30]
+    assert list(a) == [10, 20, 30, 4]
+    assert a.get_obj()[0] == 10
+    with a.get_lock():
+        a[3] = 40
+    assert a[:] == [10, 20, 30, 40]
+    z = procpool.Array("d", 3)
+    assert z[:] == [0.0, 0.0, 0.0]
+
+
+def test_char_array_value_and_raw():
+    s = procpool.Array("c", b"hello")
+    assert s.value == b"hello" and s.raw == b"hello"
+    s.value = b"hi"
+    assert s.value == b"hi" and s.raw == b"hi\0lo"
+    big = procpool.Array("c", 10)
+    big.raw = b"x" * 10
+    assert big.value == b"x" * 10
+
+
+def _tutorial_square(n, a):
+    n.value = 3.1415927
+    for i in range(len(a)):
+        a[i] = -a[i]
+
+
+@pytest.mark.parametrize("ctx", [FORK, SPAWN], ids=["fork", "spawn"])
+def test_tutorial_value_and_array(ctx):
+    num = procpool.Value("d", 0.0)
+    arr = procpool.Array("i", range(10))
+    assert run_child(_tutorial_square, num, arr, ctx=ctx, timeout=30) == 0
+    assert num.value == pytest.approx(3.1415927)
+    assert arr[:] == [-i for i in range(10)]
+
+
+needs_atomics = pytest.mark.skipif(_ipc_atomic.OPS is None, reason="no atomics here")
+
+
+@needs_atomics
+@pytest.mark.parametrize("code", ["i", "I", "l", "q", "Q"])
+def test_atomic_integer_ops(code):
+    v = procpool.Value(code, 5)
+    assert v.add(3) == 8
+    assert v.fetch_add(2) == 8
+    assert v.load() == 10
+    assert v.compare_exchange(10, 1) is True
+    assert v.compare_exchange(10, 2) is False
+    assert v.exchange(4) == 1
+    v.store(6)
+    assert v.value == 6
+
+
+@needs_atomics
+def test_atomic_wraps_like_c():
+    v = procpool.Value("i", 2**31 - 1)
+    assert v.add(1) == -(2**31)
+    u = procpool.Value("I", 0)
+    assert u.add(-1) == 2**32 - 1
+
+
+@needs_atomics
+@pytest.mark.parametrize("code", ["f", "d"])
+def test_atomic_float_ops(code):
+    v = procpool.Value(code, 1.5)
+    assert v.add(2.25) == 3.75
+    assert v.compare_exchange(3.75, 0.5)
+    assert v.load() == 0.5
+
+
+def test_atomics_refuse_other_types():
+    with pytest.raises(TypeError):
+        procpool.Value("b", 1).add(1)
+    with pytest.raises(TypeError):
+        procpool.Value("c", b"x").add(1)
+
+
+def _atomic_adds(v, n):
+    for _ in range(n):
+        v.add(1)
+
+
+@needs_atomics
+def test_atomic_add_from_processes_loses_nothing():
+    v = procpool.Value("q", 0)
+    procs = [FORK.Process(target=_atomic_adds, args=(v, 20000)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    _atomic_adds(v, 20000)
+    for p in procs:
+        p.join(30)
+    assert v.value == 80000
+
+
+@needs_atomics
+def test_libatomic_and_machine_code_agree():
+    for prefer in ("machine-code", "libatomic"):
+        ops = _ipc_atomic.load_ops(prefer)
+        if ops is None:
+            continue
+        box = (ctypes.c_int64 * 1)(5)
+        addr = ctypes.addressof(box)
+        assert ops.fetch_add8(addr, 2) == 5
+        assert ops.cas8(addr, 7, 1) == 7 and box[0] == 1
+        assert ops.xchg8(addr, 9) == 1 and box[0] == 9
+
+
+def test_array_numpy_view_is_zero_copy():
+    a = procpool.Array("d", 100)
+    view = a.numpy()
+    view[:] = np.arange(100)
+    assert a[5] == 5.0
+    a[7] = -1
+    assert view[7] == -1
+
+
+def _fill_shared(sa, value):
+    sa.array[:] = value
+
+
+@pytest.mark.parametrize("ctx", [FORK, SPAWN], ids=["fork", "spawn"])
+def test_shared_array_seen_by_child(ctx):
+    sa = procpool.SharedArray((4, 5), "float32")
+    assert sa.shape == (4, 5) and sa.dtype == np.float32 and not sa.array.any()
+    assert run_child(_fill_shared, sa, 2.5, ctx=ctx, timeout=30) == 0
+    assert (np.asarray(sa) == 2.5).all()
+    copy = procpool.SharedArray.from_array(np.arange(6).reshape(2, 3))
+    assert copy[1, 2] == 5 and copy.nbytes == 6 * copy.dtype.itemsize
+
+
+def _double(sa):
+    sa.array[:] *= 2
+    return float(sa.array.sum())
+
+
+def test_shared_objects_pass_to_pool_tasks():
+    sa = procpool.SharedArray.from_array(np.ones(1000))
+    v = procpool.Value("i", 0)
+    with procpool.Pool(1) as pool:
+        assert pool.apply_async(_double, (sa,)).get(20) == 2000.0
+        pool.apply_async(_atomic_adds, (v, 10)).get(20)
+    assert sa.array.sum() == 2000.0
+    assert v.value == 10
+
+
+def _die(v):
+    v.value = 1
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_anonymous_memory_leaves_nothing_after_sigkill():
+    before = shm_entries()
+    v = procpool.Value("i", 0)
+    assert run_child(_die, v) == -signal.SIGKILL
+    assert v.value == 1
+    assert shm_entries() == before
+
+
+def _attach_named(value_name, array_name, sa_name):
+    v = procpool.Value.open(value_name)
+    a = procpool.Array.open(array_name)
+    sa = procpool.SharedArray.open(sa_name)
+    v.value += 1
+    a[0] = 99
+    sa[...] = 7
+
+
+def test_named_objects_open_by_name_in_unrelated_process():
+    base = f"pptest-{uuid.uuid4().hex[:8]}"
+    v = procpool.Value("i", 41, name=base + "-v")
+    a = procpool.Array("i", 3, name=base + "-a")
+    sa = procpool.SharedArray((2, 2), "int64", name=base + "-s")
+    try:
+        assert os.path.exists(f"/dev/shm/{base}-v")
+        assert oct(os.stat(f"/dev/shm/{base}-v").st_mode & 0o777) == "0o600"
+        with pytest.raises(FileExistsError):
+            procpool.Value("i", name=base + "-v")
+        # spawn: a fresh interpreter that only knows the names
+        assert run_child(_attach_named, v.name, a.name, sa.name, ctx=SPAWN, timeout=30) == 0
+        assert v.value == 42 and a[0] == 99 and (sa.array == 7).all()
+        with pytest.raises(ValueError):
+            procpool.Array.open(base + "-v")
+    finally:
+        for obj in (v, a, sa):
+            obj.unlink()
+    assert not any(name.startswith(base) for name in shm_entries())
+    with pytest.raises(FileNotFoundError):
+        procpool.Value.open(base + "-v")
+    with pytest.raises(ValueError):
+        procpool.Value("i", 0).unlink()  # anonymous: nothing to unlink
+
+
+def test_bad_names_rejected():
+    for bad in ("a/b", "", "..", "x" * 300):
+        with pytest.raises(ValueError):
+            procpool.Value("i", name=bad)

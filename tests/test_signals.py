@@ -1,0 +1,123 @@
+"""procpool.signals: kill/alarm/pause, handler(), timeout(), wait(), kill_pool()."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from _ipc_helpers import FORK, no_leaks  # noqa: F401
+
+import procpool
+from procpool import signals
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+
+def test_handler_installs_and_restores():
+    seen = []
+    before = signal.getsignal(signal.SIGUSR1)
+    with signals.handler(signal.SIGUSR1, lambda s, f: seen.append(s)):
+        signals.kill(os.getpid(), signal.SIGUSR1)
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.001)  # the handler runs between bytecodes of the main thread
+    assert seen == [signal.SIGUSR1]
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_timeout_raises_inside_block():
+    t0 = time.monotonic()
+    with pytest.raises(signals.SignalTimeout):
+        with signals.timeout(0.05):
+            signals.wait(signal.SIGUSR2, timeout=5)  # would wait 5 s
+            time.sleep(5)
+    assert time.monotonic() - t0 < 2
+    assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL or callable(
+        signal.getsignal(signal.SIGALRM)
+    )
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
+
+
+def test_timeout_not_triggered_when_fast():
+    with signals.timeout(5):
+        x = sum(range(1000))
+    assert x == 499500
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
+
+
+def test_timeout_only_in_main_thread():
+    errors = []
+
+    def body():
+        try:
+            with signals.timeout(1):
+                pass
+        except ValueError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join(5)
+    assert errors
+
+
+def test_wait_returns_the_signal_or_none():
+    assert signals.wait({signal.SIGUSR1}, timeout=0.02) is None
+    signals.kill(os.getpid(), signal.SIGUSR1)  # blocked while waiting: taken by wait
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert signals.wait([signal.SIGUSR1, signal.SIGUSR2], timeout=5) == signal.SIGUSR1
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _signal_parent_later(pid):
+    os.kill(pid, signal.SIGUSR2)
+
+
+def test_wait_for_a_signal_from_a_child():
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    try:
+        p = FORK.Process(target=_signal_parent_later, args=(os.getpid(),))
+        p.start()
+        assert signals.wait(signal.SIGUSR2, timeout=10) == signal.SIGUSR2
+        p.join(10)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def test_tutorial_alarm_and_pause():
+    fired = []
+    with signals.handler(signal.SIGALRM, lambda s, f: fired.append(s)):
+        assert signals.alarm(1) == 0
+        assert signals.alarm(1) >= 0  # re-arm: returns what was left
+        signals.pause()  # returns once the SIGALRM handler has run (~1 s)
+    assert fired == [signal.SIGALRM]
+
+
+def test_kill_checks_existence():
+    signals.kill(os.getpid(), 0)
+    p = FORK.Process(target=os._exit, args=(0,))
+    p.start()
+    p.join(10)
+    with pytest.raises(ProcessLookupError):
+        signals.kill(p.pid, 0)
+
+
+def _sleep_until_signalled(_):
+    signals.wait(signal.SIGUSR1, timeout=10)
+    return os.getpid()
+
+
+def test_kill_pool_signals_every_worker():
+    with procpool.Pool(2) as pool:
+        pids = signals.kill_pool(pool, 0)
+        assert len(pids) == 2
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        assert len(signals.kill_pool(pool, 0)) == 2

@@ -1,0 +1,258 @@
+"""Lock, RLock, Semaphore, BoundedSemaphore, Event, Condition, Barrier between processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import time
+
+import pytest
+from _ipc_helpers import FORK, SPAWN, no_leaks, run_child, shm_entries  # noqa: F401
+
+import procpool
+from procpool import sync
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+
+def _hold_then_release(lock, acquired, release):
+    with lock:
+        acquired.set()
+        release.wait(10)
+
+
+def test_lock_excludes_other_processes():
+    lock, acquired, release = procpool.Lock(), procpool.Event(), procpool.Event()
+    p = FORK.Process(target=_hold_then_release, args=(lock, acquired, release))
+    p.start()
+    assert acquired.wait(10)
+    assert not lock.acquire(timeout=0.05)  # held by the child
+    assert not lock.acquire(False)
+    release.set()
+    assert lock.acquire(timeout=10)
+    lock.release()
+    p.join(10)
+    assert p.exitcode == 0
+
+
+def test_lock_stdlib_semantics():
+    lock = procpool.Lock()
+    assert lock.acquire()
+    assert not lock.acquire(False)  # not recursive
+    lock.release()
+    with pytest.raises(ValueError):
+        lock.release()
+    with lock:
+        assert "owner=" in repr(lock)
+
+
+def test_rlock_is_recursive_and_owned():
+    rlock = procpool.RLock()
+    assert rlock.acquire() and rlock.acquire()
+    rlock.release()
+    rlock.release()
+    with pytest.raises(AssertionError):
+        rlock.release()
+
+
+def _increment(counter, lock, n):
+    for _ in range(n):
+        with lock:
+            counter.value += 1
+
+
+@pytest.mark.parametrize("lock_cls", [procpool.Lock, procpool.RLock])
+def test_tutorial_lock_protects_counter(lock_cls):
+    lock = lock_cls()
+    counter = procpool.Value("i", 0, lock=False)
+    procs = [FORK.Process(target=_increment, args=(counter, lock, 2000)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(20)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert counter.value == 6000
+
+
+def test_semaphore_counts():
+    sem = procpool.Semaphore(2)
+    assert sem.get_value() == 2
+    assert sem.acquire() and sem.acquire()
+    assert not sem.acquire(timeout=0.01)
+    sem.release()
+    sem.release()
+    sem.release()  # unbounded
+    assert sem.get_value() == 3
+    with pytest.raises(ValueError):
+        procpool.Semaphore(-1)
+
+
+def test_bounded_semaphore_refuses_extra_release():
+    sem = procpool.BoundedSemaphore(1)
+    with pytest.raises(ValueError):
+        sem.release()
+    with sem:
+        assert sem.get_value() == 0
+
+
+def _set_event_later(event, go):
+    go.wait(10)
+    event.set()
+
+
+def test_event_wait_and_timeout():
+    event, go = procpool.Event(), procpool.Event()
+    assert not event.is_set()
+    t0 = time.monotonic()
+    assert event.wait(0.05) is False
+    assert time.monotonic() - t0 >= 0.04
+    p = FORK.Process(target=_set_event_later, args=(event, go))
+    p.start()
+    go.set()
+    assert event.wait(10)
+    assert event.is_set()
+    event.clear()
+    assert not event.is_set()
+    p.join(10)
+
+
+def _condition_worker(cond, state, ready):
+    with cond:
+        ready.release()
+        assert cond.wait_for(lambda: state.value == 1, timeout=10)
+        state.value = 2
+        cond.notify_all()
+
+
+def test_condition_notify_wait_for():
+    cond = procpool.Condition()
+    state = procpool.Value("i", 0, lock=False)
+    ready = procpool.Semaphore(0)
+    p = FORK.Process(target=_condition_worker, args=(cond, state, ready))
+    p.start()
+    assert ready.acquire(timeout=10)
+    with cond:
+        state.value = 1
+        cond.notify()
+        assert cond.wait_for(lambda: state.value == 2, timeout=10)
+    p.join(10)
+    assert p.exitcode == 0
+    with cond:
+        assert cond.wait(0.01) is False
+
+
+def test_condition_wait_without_lock_raises():
+    cond = procpool.Condition(procpool.Lock())
+    with pytest.raises(AssertionError):
+        cond.wait(0.01)
+
+
+def _barrier_party(barrier, out):
+    out.put(barrier.wait(10))
+
+
+def test_barrier_releases_all_parties():
+    barrier = procpool.Barrier(3)
+    out = procpool.Queue()
+    procs = [FORK.Process(target=_barrier_party, args=(barrier, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    mine = barrier.wait(10)
+    got = sorted([mine, out.get(timeout=10), out.get(timeout=10)])
+    assert got == [0, 1, 2]
+    for p in procs:
+        p.join(10)
+    assert barrier.n_waiting == 0 and not barrier.broken
+
+
+def test_barrier_timeout_breaks_it():
+    barrier = procpool.Barrier(2)
+    with pytest.raises(threading.BrokenBarrierError):
+        barrier.wait(0.05)
+    assert barrier.broken
+    barrier.reset()
+    assert not barrier.broken
+
+
+def _use_primitives(lock, rlock, sem, event, cond, barrier):
+    with lock, rlock, sem, cond:
+        pass
+    event.set()
+    barrier.wait(10)
+
+
+@pytest.mark.parametrize("ctx", [FORK, SPAWN], ids=["fork", "spawn"])
+def test_all_primitives_pass_to_a_process(ctx):
+    prims = (
+        procpool.Lock(),
+        procpool.RLock(),
+        procpool.Semaphore(1),
+        procpool.Event(),
+        procpool.Condition(),
+        procpool.Barrier(2),
+    )
+    p = ctx.Process(target=_use_primitives, args=prims)
+    p.start()
+    prims[5].wait(20)
+    assert prims[3].wait(20)
+    p.join(20)
+    assert p.exitcode == 0
+
+
+def _lock_via_pool(lock):
+    return lock.acquire(timeout=0.1)
+
+
+def test_lock_passes_as_a_pool_task_argument():
+    lock = procpool.Lock()
+    with procpool.Pool(1) as pool:
+        assert pool.apply_async(_lock_via_pool, (lock,)).get(20) is True
+        assert not lock.acquire(False)  # the worker took it and still holds it
+
+
+def test_lock_passes_to_a_stdlib_pool():
+    lock = procpool.Lock()
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_lock_via_pool, (lock,)).get(20) is True
+
+
+def test_plain_pickle_refuses_clearly():
+    with pytest.raises(RuntimeError, match="file descriptors"):
+        pickle.dumps(procpool.Lock())
+
+
+def _die_holding(lock):
+    lock.acquire()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_sigkill_leaves_nothing_in_dev_shm():
+    before = shm_entries()
+    lock = procpool.Lock()
+    assert run_child(_die_holding, lock) == -signal.SIGKILL
+    assert shm_entries() == before
+    assert not lock.acquire(False)  # as the stdlib: a lock held by a dead process stays held
+
+
+def test_rlock_not_owned_in_forked_child():
+    rlock = procpool.RLock()
+    rlock.acquire()
+    try:
+        assert run_child(_child_cannot_release, rlock) == 0
+    finally:
+        rlock.release()
+
+
+def _child_cannot_release(rlock):
+    try:
+        rlock.release()
+    except AssertionError:
+        os._exit(0)
+    os._exit(1)
+
+
+def test_sync_module_exports():
+    assert set(sync.__all__) <= set(procpool.__all__)

@@ -1,0 +1,131 @@
+"""Per-task timeouts (soft: TaskTimeout inside the task; hard: the worker is replaced),
+cancellation of pending and running tasks, and retries of tasks lost to a dead worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+import procpool
+from tasks import sleep_then, square
+
+
+def catch_timeout_and_report():
+    try:
+        time.sleep(30)
+    except procpool.TaskTimeout:
+        return "cleaned up"
+    return "not interrupted"
+
+
+def ignore_alarm_and_spin():
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        pass
+
+
+def die_first_time(marker):
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return "second attempt"
+
+
+def always_die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_soft_timeout_raises_inside_the_task_and_the_worker_survives():
+    with procpool.Pool(1) as pool:
+        before = pool.pids()
+        r = pool.apply_async(sleep_then, (30,), timeout=0.3)
+        with pytest.raises(procpool.TaskTimeoutError) as info:
+            r.get(10)
+        assert not info.value.hard
+        assert isinstance(info.value, procpool.TimeoutError)
+        assert pool.apply_async(catch_timeout_and_report, timeout=0.3).get(10) == "cleaned up"
+        assert pool.pids() == before  # same worker: the soft timeout did not kill it
+
+
+def test_hard_timeout_kills_a_task_that_ignores_the_signal():
+    with procpool.Pool(1, grace=0.3) as pool:
+        before = pool.pids()
+        r = pool.apply_async(ignore_alarm_and_spin, timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(procpool.TaskTimeoutError) as info:
+            r.get(10)
+        assert info.value.hard
+        assert time.monotonic() - started < 5
+        assert pool.apply(square, (3,)) == 9
+        assert pool.pids() != before
+
+
+def test_pool_default_timeout_and_map_completes_the_other_items():
+    with procpool.Pool(2, timeout=0.5) as pool:
+        with pytest.raises(procpool.TaskTimeoutError, match="item 2"):
+            pool.map(sleep_then, [0.01, 0.01, 30, 0.01])
+        assert pool.map(square, range(5)) == [0, 1, 4, 9, 16]
+
+
+def users_alarm_handler(signum, frame):
+    pass
+
+
+def install_alarm_handler(_=None):
+    signal.signal(signal.SIGALRM, users_alarm_handler)
+
+
+def alarm_handler_is_users(_=None):
+    return signal.getsignal(signal.SIGALRM) is users_alarm_handler
+
+
+def test_timeouts_restore_the_users_sigalrm_handler():
+    with procpool.Pool(1) as pool:
+        pool.apply(install_alarm_handler)
+        assert pool.apply_async(sleep_then, (0.01, 1), timeout=5).get(10) == 1
+        with pytest.raises(procpool.TaskTimeoutError):
+            pool.apply_async(sleep_then, (30,), timeout=0.2).get(10)
+        assert pool.apply(alarm_handler_is_users)  # no timeout: procpool leaves SIGALRM alone
+
+
+def test_cancel_pending_and_running_tasks():
+    with procpool.Pool(1) as pool:
+        running = pool.apply_async(sleep_then, (30,))
+        pending = pool.apply_async(square, (2,))
+        assert pending.cancel()
+        deadline = time.monotonic() + 5
+        while not running.cancel(force=True):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        import concurrent.futures
+
+        with pytest.raises(concurrent.futures.CancelledError):
+            running.get(5)
+        with pytest.raises(concurrent.futures.CancelledError):
+            pending.get(5)
+        assert pool.apply(square, (4,)) == 16
+
+
+def test_retries_rerun_a_task_lost_to_a_dead_worker(tmp_path):
+    marker = str(tmp_path / "marker")
+    with procpool.Pool(1, retries=1) as pool:
+        assert pool.apply_async(die_first_time, (marker,)).get(20) == "second attempt"
+        r = pool.apply_async(always_die)
+        with pytest.raises(procpool.WorkerLostError, match="after 2 attempts") as info:
+            r.get(20)
+        assert info.value.attempts == 2
+
+
+def test_retry_on_listed_exception_types(tmp_path):
+    def flaky(marker):
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            raise ConnectionError("transient")
+        return "ok"
+
+    with procpool.Pool(1, retries=2, retry_on=(ConnectionError,)) as pool:
+        assert pool.apply_async(flaky, (str(tmp_path / "m"),)).get(20) == "ok"
