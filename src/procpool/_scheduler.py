@@ -64,6 +64,8 @@ CHUNK_TARGET = 2e-3  # seconds of work per map chunk
 INFLIGHT_BUDGET = 5e-3  # seconds of estimated work a worker may hold
 PREFETCH_LIMIT = 50e-3  # tasks shorter than this get one more queued behind them
 MAX_INFLIGHT = 4096  # tasks a worker may hold, whatever their cost
+IMAP_HELD = 65536  # items an imap may hold (read, not yet consumed): its memory bound
+FEED_BATCH = 1024  # items the imap feeder reads per lock acquisition
 EXIT_GRACE = 5.0  # seconds a worker told to exit gets before SIGKILL
 STARTUP_FAILURES = 3  # workers dying before READY, in a row, before the pool gives up
 
@@ -134,8 +136,9 @@ class MapJob:
         self.timeout = timeout
         self.retries = retries
         self.chunksize = chunksize
-        self.buf: deque[Any] = deque()  # items read, not yet cut into chunks
-        self.next_index = 0  # index of buf[0]
+        self.buf: list[Any] = []  # items read; buf[pos:] are not cut into chunks yet
+        self.pos = 0
+        self.next_index = 0  # index (in the whole input) of buf[pos]
         self.input_done = False
         self.queued = False  # in the scheduler's pending deque
         self.limit = limit  # max items held (read, not consumed): None for lists
@@ -151,22 +154,26 @@ class MapJob:
             return 1  # probe: measure before committing to big chunks
         size = max(1, int(CHUNK_TARGET / max(est, 1e-8)))
         if self.input_done:  # shrink near the end so the last chunks spread over the workers
-            size = min(size, max(1, -(-len(self.buf) // (2 * nworkers))))
+            size = min(size, max(1, -(-self.available() // (2 * nworkers))))
         return size
+
+    def available(self) -> int:
+        return len(self.buf) - self.pos
+
+    def add(self, items: list) -> None:
+        if self.pos > 65536 and self.pos * 2 > len(self.buf):  # compact now and then
+            del self.buf[: self.pos]
+            self.pos = 0
+        self.buf.extend(items)
 
     def take(self, size: int, idle: bool) -> list | None:
         """Up to *size* items from the buffer, or None if the dispatcher should wait."""
-        buf = self.buf
-        if not buf:
-            return None
-        if len(buf) < size and not self.input_done and not idle:
-            return None  # more input is coming: wait for a fuller chunk
-        n = min(size, len(buf))
-        if n == len(buf):
-            items = list(buf)
-            buf.clear()
-        else:
-            items = [buf.popleft() for _ in range(n)]
+        left = self.available()
+        if not left or (left < size and not self.input_done and not idle):
+            return None  # nothing, or more input is coming: wait for a fuller chunk
+        n = min(size, left)
+        items = self.buf[self.pos : self.pos + n]
+        self.pos += n
         return items
 
     def release(self, n: int) -> None:
@@ -384,13 +391,13 @@ class Scheduler:
         label = f"{'starmap' if star else 'map'}({getattr(func, '__qualname__', func)})"
         fid, blob = self.function(func)
         kind = P.STARMAP if star else P.MAP
-        limit = max(4096, 64 * self.processes * (chunksize or 1)) if lazy else None
+        limit = max(IMAP_HELD, 4 * self.processes * (chunksize or 1)) if lazy else None
         job = MapJob(self, fid, blob, kind, sink, label, timeout, retries, chunksize, limit)
         with self._lock:
             self._check_running()
             self._jobs_open += 1
             if not lazy:
-                job.buf.extend(items)
+                job.buf = items if isinstance(items, list) else list(items)
                 self._input_end(job, None, on_input_end)
                 self._wake()
         if lazy:
@@ -415,20 +422,18 @@ class Scheduler:
                 if self._state == TERMINATING or self._state == FINISHED or self._broken:
                     break
                 room = job.limit - job.held
-            batch = []
+            batch: list = []
+            want = min(room, FEED_BATCH)
             try:
-                for item in it:
-                    batch.append(item)
-                    if len(batch) >= min(room, 256):
-                        break
+                batch.extend(itertools.islice(it, want))  # C speed; keeps items read before
             except BaseException as exc:  # noqa: BLE001 - reaches the caller via the iterator
                 error = exc
             with self._lock:
                 if batch:
                     job.held += len(batch)
-                    job.buf.extend(batch)
+                    job.add(batch)
                     self._queue_job(job)
-                if error is not None or len(batch) < min(room, 256):
+                if error is not None or len(batch) < want:
                     self._input_end(job, error, on_end)
                     self._wake()
                     return
@@ -441,13 +446,13 @@ class Scheduler:
             return
         job.input_done = True
         self._jobs_open -= 1
-        total = job.next_index + len(job.buf)
+        total = job.next_index + job.available()
         if on_end is not None:
             self._deliveries.append(("call", on_end, (total, error)))
         self._queue_job(job)
 
     def _queue_job(self, job: MapJob) -> None:
-        if not job.queued and (job.buf or not job.input_done):
+        if not job.queued and (job.available() or not job.input_done):
             job.queued = True
             self._pending.append(job)
 
@@ -798,13 +803,14 @@ class Scheduler:
             w.inflight.clear()
 
     def _fail_job(self, job: MapJob, error: BaseException) -> None:
-        if job.buf:
+        left = job.available()
+        if left:
             task = Task(
                 0, 0, b"", job.kind, _serialize.Payload(b""), job.sink, job.label, None, 0, ()
             )
-            task.job, task.index, task.n_items = job, job.next_index, len(job.buf)
-            job.next_index += len(job.buf)
-            job.buf.clear()
+            task.job, task.index, task.n_items = job, job.next_index, left
+            job.next_index += left
+            job.buf, job.pos = [], 0
             self._fail(task, error)
 
     # ------------------------------------------------------------------ reading
@@ -937,12 +943,12 @@ class Scheduler:
                 return None
             items = job.take(size, idle=not w.inflight)
             if items is None:
-                if job.buf:
+                if job.available():
                     return None  # a fuller chunk is coming: wait (FIFO)
                 pending.popleft()  # waiting for input; the feeder queues it again
                 job.queued = False
                 continue
-            if not job.buf and job.input_done:
+            if not job.available() and job.input_done:
                 pending.popleft()  # that was its last chunk
                 job.queued = False
             task = self._chunk_task(job, items)

@@ -195,79 +195,108 @@ class IMapIterator(Generic[T]):
     ``next(timeout)`` waits at most *timeout* seconds (``multiprocessing.TimeoutError``).  A
     failed item raises its exception at its position; iteration can go on after it.  An error
     raised by the *input* iterable is raised after the results of the items read before it.
+
+    Results arrive a chunk at a time and are kept as chunks (a list and its errors), so taking
+    the next result is a few operations, not a dictionary entry per item.
     """
 
     def __init__(self, ordered: bool, release: Callable[[int], None]) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._ordered = ordered
-        self._items: dict[int, tuple[bool, Any]] = {}
-        self._queue: deque[tuple[bool, Any]] = deque()
-        self._next = 0  # next index to yield (ordered)
+        self._chunks: dict[int, tuple[list, dict[int, BaseException]]] = {}  # by start index
+        self._arrived: deque[tuple[list, dict[int, BaseException]]] = deque()  # unordered
+        self._values: list = []  # the chunk being consumed
+        self._errors: dict[int, BaseException] = {}
+        self._pos = 0
+        self._next_start = 0  # index of the first item of the next chunk (ordered)
         self._yielded = 0
         self._length: int | None = None  # known once the input is exhausted
         self._input_error: BaseException | None = None
         self._release = release
+        self._consumed = 0  # results taken but not yet reported to the feeder (batched)
 
     def __iter__(self) -> Iterator[T]:
-        return self
+        """Iterate over the results; whole chunks are handed over at C speed."""
+        while True:
+            with self._cond:
+                if not self._wait_for_item(None):
+                    return
+                values, errors, pos = self._values, self._errors, self._pos
+                if not errors:  # the common case: take the rest of the chunk at once
+                    n = len(values) - pos
+                    self._pos = len(values)
+                    self._yielded += n
+                    self._consumed += n
+                    if self._consumed >= 1024:
+                        self._flush_release()
+            if errors:
+                yield self.next()  # item by item, so a failure raises at its position
+            else:
+                yield from (values[pos:] if pos else values)
 
     def next(self, timeout: float | None = None) -> T:
         with self._cond:
-            while True:
-                item = self._take()
-                if item is not None:
-                    break
-                if self._length is not None and self._yielded >= self._length:
-                    if self._input_error is not None:
-                        exc, self._input_error = self._input_error, None
-                        self._length = self._yielded  # raise it once, then stop
-                        raise exc
-                    raise StopIteration
-                if not self._cond.wait(timeout):
-                    raise TimeoutError
-        self._release(1)
-        ok, value = item
-        if ok:
-            return value
-        raise value
+            if not self._wait_for_item(timeout):
+                raise StopIteration
+            pos = self._pos
+            self._pos = pos + 1
+            self._yielded += 1
+            self._consumed += 1
+            if self._consumed >= 1024:
+                self._flush_release()
+            if self._errors:
+                exc = self._errors.pop(pos, None)
+                if exc is not None:
+                    raise exc
+            return self._values[pos]
 
-    __next__ = next  # type: ignore[assignment]
+    def _wait_for_item(self, timeout: float | None) -> bool:
+        """With the lock held: wait until an item is available (True) or the end (False).
 
-    def _take(self) -> tuple[bool, Any] | None:
+        Raises the input iterable's error at the end, and TimeoutError after *timeout*.
+        """
+        while self._pos >= len(self._values) and not self._next_chunk():
+            if self._length is not None and self._yielded >= self._length:
+                self._flush_release()
+                if self._input_error is not None:
+                    exc, self._input_error = self._input_error, None
+                    raise exc
+                return False
+            self._flush_release()  # let the feeder read on before we sleep
+            if not self._cond.wait(timeout):
+                raise TimeoutError
+        return True
+
+    __next__ = next
+
+    def _next_chunk(self) -> bool:
         if self._ordered:
-            item = self._items.pop(self._next, None)
-            if item is None:
-                return None
-            self._next += 1
+            chunk = self._chunks.pop(self._next_start, None)
         else:
-            if not self._queue:
-                return None
-            item = self._queue.popleft()
-        self._yielded += 1
-        return item
+            chunk = self._arrived.popleft() if self._arrived else None
+        if chunk is None:
+            return False
+        self._values, self._errors = chunk
+        self._pos = 0
+        self._next_start += len(self._values)
+        return True
 
-    def _put(self, index: int, ok: bool, value: Any) -> None:
-        if self._ordered:
-            self._items[index] = (ok, value)
-        else:
-            self._queue.append((ok, value))
+    def _flush_release(self) -> None:
+        n, self._consumed = self._consumed, 0
+        if n:
+            self._release(n)
 
     def _on_chunk(self, task: Any, values: list, errors: dict[int, BaseException]) -> None:
         with self._cond:
-            start = task.index
-            for i, value in enumerate(values):
-                exc = errors.get(i)
-                if exc is None:
-                    self._put(start + i, True, value)
-                else:
-                    self._put(start + i, False, exc)
+            if self._ordered:
+                self._chunks[task.index] = (values, errors)
+            else:
+                self._arrived.append((values, errors))
             self._cond.notify_all()
 
     def _on_error(self, task: Any, exc: BaseException) -> None:
-        with self._cond:
-            for i in range(task.index, task.index + task.n_items):
-                self._put(i, False, exc)
-            self._cond.notify_all()
+        n = task.n_items
+        self._on_chunk(task, [None] * n, dict.fromkeys(range(n), exc))
 
     def _on_result(self, task: Any, value: Any) -> None:  # pragma: no cover - chunks only
         self._on_chunk(task, [value], {})
