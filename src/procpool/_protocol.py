@@ -40,6 +40,13 @@ TASK_HEAD = struct.Struct("<QIBdHHI")  # id, fid, kind, timeout (0 = none), nbuf
 RESULT_HEAD = struct.Struct("<QBdHHI")  # id, status, duration in seconds, nbuf, nfd, size
 FUNC_HEAD = struct.Struct("<I")  # fid
 
+# The progress slot: 16 bytes of shared memory per worker (a memfd sent with INIT).  The worker
+# writes the id of the task it starts and, when the task's result is buffered, that id as the
+# last finished one.  When a worker dies, the scheduler reads the slot to tell the task that was
+# running (fails, or is retried) from those that never started (sent again, to another worker).
+PROGRESS = struct.Struct("<QQ")  # running task id (0: none), last finished task id
+PROGRESS_SIZE = PROGRESS.size
+
 
 # Records are yielded as plain tuples: a NamedTuple's Python-level __new__ costs more than the
 # rest of a tiny task's bookkeeping.

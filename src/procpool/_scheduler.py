@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import mmap
 import os
 import pickle
 import select
@@ -199,6 +200,7 @@ class _Worker:
         "eof",
         "writing",
         "driven",
+        "progress",
     )
 
     def __init__(self, wid: int, proc: Proc) -> None:
@@ -216,6 +218,7 @@ class _Worker:
         self.eof = False
         self.writing = False
         self.driven: Task | None = None  # a caller reads its channel (Scheduler.drive)
+        self.progress: Any = None  # mmap of the progress slot (see _protocol.PROGRESS)
 
 
 class Scheduler:
@@ -241,7 +244,7 @@ class Scheduler:
         if initializer is not None:
             payload = _serialize.dumps((initializer, initargs), oob=False)
             config["init"] = payload.data
-        self._init_frame = P.frame(P.INIT, pickle.dumps(config))
+        self._init_frame = P.frame(P.INIT, pickle.dumps(config), 1)
 
         self._lock = threading.RLock()
         self._deliver_lock = threading.RLock()
@@ -452,6 +455,9 @@ class Scheduler:
         self._queue_job(job)
 
     def _queue_job(self, job: MapJob) -> None:
+        if self._broken is not None or self._state == TERMINATING:
+            self._fail_job(job, self._broken_error() if self._broken else PoolTerminated("the pool was terminated"))
+            return
         if not job.queued and (job.available() or not job.input_done):
             job.queued = True
             self._pending.append(job)
@@ -476,6 +482,9 @@ class Scheduler:
                     return
                 w.driven = task
                 self._set_mask(w)
+            elif w.wid not in self._workers or w.eof:  # claimed, but it died meanwhile
+                w.driven = None
+                return
             fd = w.chan.fileno()
         try:
             poller = select.poll()
@@ -658,7 +667,13 @@ class Scheduler:
         self._by_fd[proc.pidfd] = ("pidfd", w)
         self._epoll.register(sfd, select.EPOLLIN)
         self._epoll.register(proc.pidfd, select.EPOLLIN)
-        w.chan.push(self._init_frame)
+        slot = os.memfd_create("procpool-progress", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(slot, P.PROGRESS_SIZE)
+            w.progress = mmap.mmap(slot, P.PROGRESS_SIZE)
+            w.chan.push(self._init_frame, [os.dup(slot)])
+        finally:
+            os.close(slot)
         self._flush(w)
 
     def _idle_worker(self) -> _Worker | None:
@@ -708,10 +723,31 @@ class Scheduler:
         w.chan.close()
         os.close(w.proc.pidfd)
         how = describe_exit(code)
-        for task in w.inflight.values():
-            self._settle_lost(task, w, code, how)
+        running, done = P.PROGRESS.unpack_from(w.progress)
+        w.progress.close()
+        held = list(w.inflight.values())  # in the order the worker runs them
         w.inflight.clear()
-        if not w.ready and not w.exit_sent and self._broken is None:
+        ids = [t.id for t in held]
+        cut = ids.index(running) if running in ids else (ids.index(done) + 1 if done in ids else 0)
+        for task in held[:cut]:  # finished, but the result died with the worker
+            self._settle_lost(task, w, code, how, "after running")
+        if running in ids:
+            self._settle_lost(held[cut], w, code, how, "while running")
+            cut += 1
+        for task in reversed(held[cut:]):  # never started: send again, no attempt used
+            task.attempts -= 1
+            task.state = _PENDING
+            task.worker = None
+            if task.cancel_requested:
+                self._fail(task, CancelledError())
+            elif self._state == TERMINATING:
+                self._fail(task, PoolTerminated("the pool was terminated"))
+            else:
+                self._pending.appendleft(task)
+        killed = code is not None and -code in (signal.SIGKILL, signal.SIGTERM)
+        if not w.ready and not w.exit_sent and self._broken is None and not killed:
+            # it crashed while starting (initializer, imports): a few in a row means it always
+            # will; a worker killed from outside says nothing about the next one
             self._startup_failures += 1
             if self._startup_failures >= STARTUP_FAILURES:
                 self._break(
@@ -724,7 +760,7 @@ class Scheduler:
         if self._needs_workers():
             self._spawn()
 
-    def _settle_lost(self, task: Task, w: _Worker, code: int | None, how: str) -> None:
+    def _settle_lost(self, task: Task, w: _Worker, code: int | None, how: str, when: str) -> None:
         task.state = _PENDING
         task.worker = None
         if task.cancel_requested:
@@ -746,9 +782,10 @@ class Scheduler:
             self._fail(
                 task,
                 WorkerLostError(
-                    f"worker pid {w.proc.pid} {how} while running {self._describe(task)}{tries}",
+                    f"worker pid {w.proc.pid} {how} {when} {self._describe(task)}{tries}",
                     code,
                     task.attempts,
+                    result_lost=when != "while running",
                 ),
             )
 

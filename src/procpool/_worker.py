@@ -14,6 +14,7 @@ message, traceback text)``: the caller re-raises the same exception type with th
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import signal
@@ -87,9 +88,15 @@ class Worker:
         self.alarm = _SoftTimeout()
         self.max_memory = 0
         self.retiring = False
+        self.progress: Any = bytearray(P.PROGRESS_SIZE)  # replaced by the shared slot at INIT
+        self.last_done = 0
 
     # ---------------------------------------------------------------- start-up
-    def init(self, body: memoryview) -> bool:
+    def init(self, body: memoryview, fds: list[int]) -> bool:
+        if fds:  # the progress slot (see _protocol.PROGRESS)
+            self.progress = mmap.mmap(fds[0], P.PROGRESS_SIZE)
+            for fd in fds:
+                os.close(fd)
         config = pickle.loads(body)
         if config.get("sys_path"):
             sys.path[:] = config["sys_path"]
@@ -176,11 +183,16 @@ class Worker:
 
     def run_tasks(self, body: memoryview, fds: list[int]) -> None:
         mine: list[int] = []
+        pack_progress = P.PROGRESS.pack_into
         for rec in P.iter_tasks(body):
             if fds:
                 nfds = rec[4] + rec[5]
                 mine, fds = fds[:nfds], fds[nfds:]
+            task_id = rec[0]
+            pack_progress(self.progress, 0, task_id, self.last_done)
             self.run_record(rec, mine)
+            self.last_done = task_id
+            pack_progress(self.progress, 0, 0, task_id)
             mine = []
             if (
                 len(self.out) > FLUSH_BYTES
@@ -197,7 +209,7 @@ class Worker:
         chan = self.chan
         try:
             kind, body, fds = chan.recv_frame()
-            if kind != P.INIT or not self.init(body):
+            if kind != P.INIT or not self.init(body, fds):
                 return 1
             while True:
                 kind, body, fds = chan.recv_frame()

@@ -31,19 +31,30 @@ class ProcpoolError(Exception):
 class WorkerLostError(ProcpoolError):
     """The worker running a task died before the task finished.
 
-    Raised for the task(s) that worker held: killed by a signal (SIGKILL, the OOM killer, a
-    segfault) or exited (``os._exit``).  ``exitcode`` is the exit status (negative: the signal
+    Raised for the task that worker was running when it was killed by a signal (SIGKILL, the OOM
+    killer, a segfault) or exited (``os._exit``), and for tasks it had just finished whose
+    results had not been sent yet (``result_lost``).  Tasks it held but had not started are
+    sent to another worker instead.  ``exitcode`` is the exit status (negative: the signal
     number, as :attr:`multiprocessing.Process.exitcode`); ``attempts`` counts the runs tried.
     Deliberately not a ``TimeoutError``: nothing timed out, the process is gone.
     """
 
-    def __init__(self, message: str, exitcode: int | None = None, attempts: int = 1) -> None:
+    def __init__(
+        self,
+        message: str,
+        exitcode: int | None = None,
+        attempts: int = 1,
+        result_lost: bool = False,
+    ) -> None:
         super().__init__(message)
         self.exitcode = exitcode
         self.attempts = attempts
+        #: True when the task had finished but its result died with the worker (it was
+        #: waiting to be sent with the next ones); False for the task that was running.
+        self.result_lost = result_lost
 
     def __reduce__(self):  # keep the attributes across pickling
-        return (type(self), (self.args[0], self.exitcode, self.attempts))
+        return (type(self), (self.args[0], self.exitcode, self.attempts, self.result_lost))
 
 
 class TaskTimeout(Exception):

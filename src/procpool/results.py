@@ -167,7 +167,10 @@ class MapResult(AsyncResult[list]):
         if self._done:
             return
         if self._errors and (self._fail_fast or self._remaining <= 0):
-            first = min(self._errors)
+            # the first failing item; results lost beside a crash are collateral, the crash
+            # itself is the error worth raising
+            causes = [i for i, e in self._errors.items() if not getattr(e, "result_lost", False)]
+            first = min(causes or self._errors)
             exc = self._errors[first]
             _note(exc, f"raised by item {first} of {self._label}")
             self._set(False, exc)
