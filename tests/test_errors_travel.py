@@ -6,8 +6,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-
-import procpool
 from tasks import (
     CustomError,
     Unpicklable,
@@ -21,6 +19,8 @@ from tasks import (
     return_unpicklable,
     square,
 )
+
+import procpool
 
 
 @pytest.fixture(scope="module")

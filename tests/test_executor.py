@@ -7,9 +7,9 @@ import concurrent.futures
 import time
 
 import pytest
+from tasks import fail, fail_on, sleep_then, square
 
 import procpool
-from tasks import fail, fail_on, sleep_then, square
 
 
 def test_pool_submit_returns_a_future():
@@ -81,9 +81,7 @@ def test_works_with_asyncio_run_in_executor():
     async def main():
         loop = asyncio.get_running_loop()
         with procpool.ProcessPoolExecutor(2) as ex:
-            results = await asyncio.gather(
-                *(loop.run_in_executor(ex, square, i) for i in range(8))
-            )
+            results = await asyncio.gather(*(loop.run_in_executor(ex, square, i) for i in range(8)))
         return results
 
     assert asyncio.run(main()) == [x * x for x in range(8)]

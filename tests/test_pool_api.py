@@ -7,9 +7,19 @@ import threading
 import time
 
 import pytest
+from tasks import (
+    add,
+    fail,
+    fail_on,
+    get_init_value,
+    identity,
+    pid,
+    set_init_value,
+    sleep_then,
+    square,
+)
 
 import procpool
-from tasks import add, fail, fail_on, get_init_value, identity, pid, set_init_value, sleep_then, square
 
 
 @pytest.fixture
@@ -127,9 +137,7 @@ def test_imap_is_ordered_and_next_has_a_timeout(pool):
 
 def test_imap_unordered_yields_every_result(pool):
     assert sorted(pool.imap_unordered(square, range(50))) == [x * x for x in range(50)]
-    assert sorted(pool.imap_unordered(square, range(50), chunksize=3)) == [
-        x * x for x in range(50)
-    ]
+    assert sorted(pool.imap_unordered(square, range(50), chunksize=3)) == [x * x for x in range(50)]
 
 
 def test_imap_failed_item_raises_at_its_position_and_iteration_goes_on(pool):
@@ -265,6 +273,18 @@ def test_many_threads_submit_at_once(pool):
 def test_import_procpool_as_multiprocessing_has_the_tutorials_names():
     import procpool as mp
 
-    for name in ("Pool", "Process", "current_process", "cpu_count", "Pipe", "Queue", "Value",
-                 "Array", "Lock", "Semaphore", "Event", "TimeoutError"):
+    for name in (
+        "Pool",
+        "Process",
+        "current_process",
+        "cpu_count",
+        "Pipe",
+        "Queue",
+        "Value",
+        "Array",
+        "Lock",
+        "Semaphore",
+        "Event",
+        "TimeoutError",
+    ):
         assert hasattr(mp, name), name

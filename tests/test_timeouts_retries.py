@@ -8,9 +8,9 @@ import signal
 import time
 
 import pytest
+from tasks import sleep_then, square
 
 import procpool
-from tasks import sleep_then, square
 
 
 def catch_timeout_and_report():

@@ -9,8 +9,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import procpool as multiprocessing  # the tutorial's own import, pointed at procpool
 from tasks import pid, sleep_then, square
+
+import procpool as multiprocessing  # the tutorial's own import, pointed at procpool
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,6 +16,7 @@ import array
 import os
 import socket
 from collections import deque
+
 from ._protocol import FRAME, FRAME_PREFIX
 
 RECV_SIZE = 64 * 1024  # below glibc's mmap threshold: no mmap/munmap per read

@@ -456,7 +456,10 @@ class Scheduler:
 
     def _queue_job(self, job: MapJob) -> None:
         if self._broken is not None or self._state == TERMINATING:
-            self._fail_job(job, self._broken_error() if self._broken else PoolTerminated("the pool was terminated"))
+            self._fail_job(
+                job,
+                self._broken_error() if self._broken else PoolTerminated("the pool was terminated"),
+            )
             return
         if not job.queued and (job.available() or not job.input_done):
             job.queued = True

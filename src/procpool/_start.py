@@ -29,7 +29,7 @@ import signal
 import socket
 import struct
 import sys
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 # ---------------------------------------------------------------- fds the children must not keep
 #: every parent-side fd of every live pool in this process.  A forked worker closes them all
@@ -38,6 +38,7 @@ from typing import NamedTuple
 INTERNAL_FDS: set[int] = set()
 
 PR_SET_PDEATHSIG = 1
+_prctl: Any
 try:  # resolved now, in the parent: dlopen/dlsym after fork could block on a loader lock
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):  # pragma: no cover - not Linux
@@ -190,7 +191,7 @@ class ForkServerLauncher(Launcher):
         if len(data) < _REPLY.size:
             raise OSError("the fork server is gone")
         pid, _ = _REPLY.unpack(data)
-        fds = []
+        fds: list[int] = []
         for level, kind, raw in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 arr = array.array("i")

@@ -443,7 +443,9 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         if timeout is not None:
             deadline = time.monotonic() + timeout
         try:
-            it = self._pool._imap(fn, zip(*iterables), chunksize, None, ordered=True, star=True)
+            it = self._pool._imap(
+                fn, zip(*iterables, strict=False), chunksize, None, ordered=True, star=True
+            )
         except ValueError:
             raise RuntimeError("cannot schedule new futures after shutdown") from None
 
