@@ -114,6 +114,9 @@ class Worker:
 
     # ---------------------------------------------------------------- results
     def flush(self) -> None:
+        if self.max_memory and not self.retiring and rss() > self.max_memory:
+            self.retiring = True  # said before the results: no new task is sent our way
+            self.chan.send_frame(P.frame(P.RETIRE))
         if self.out:
             fds, self.out_fds = self.out_fds, []
             body, self.out = self.out, bytearray()
@@ -200,9 +203,6 @@ class Worker:
             ):
                 self.flush()
         self.flush()
-        if self.max_memory and not self.retiring and rss() > self.max_memory:
-            self.retiring = True
-            self.chan.send_frame(P.frame(P.RETIRE))
 
     # ---------------------------------------------------------------- loop
     def serve(self) -> int:
