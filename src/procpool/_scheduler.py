@@ -323,7 +323,7 @@ class Scheduler:
         label = getattr(func, "__qualname__", None) or repr(func)
         try:
             fid, blob = self.function(func)
-            payload = _serialize.dumps((args, kwds))
+            payload = _serialize.dumps_call(args, kwds)
         except SerializationError as exc:
             what = _serialize.find_unpicklable(args, kwds)
             err = SerializationError(f"task {label}: cannot pickle {what}: {exc.__cause__ or exc}")

@@ -124,6 +124,17 @@ def recv_fd(token: int) -> int:
     return os.dup(received[token])
 
 
+#: types that can hold neither a large buffer nor a file descriptor (nor anything else)
+_PLAIN = frozenset({int, float, str, bool, type(None), complex})
+
+
+def dumps_call(args: tuple, kwds: dict) -> Payload:
+    """Serialize a call's ``(args, kwds)``; the common all-scalar case skips the machinery."""
+    if not kwds and all(type(a) in _PLAIN for a in args):
+        return Payload(pickle.dumps((args, kwds), PROTOCOL))
+    return dumps((args, kwds))
+
+
 def dumps(obj: Any, *, oob: bool = True) -> Payload:
     """Serialize *obj*; raise :class:`SerializationError` naming it if it cannot be pickled."""
     collector = _Collector(oob)
