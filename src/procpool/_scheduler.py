@@ -48,7 +48,7 @@ from typing import Any
 from . import _protocol as P
 from . import _serialize
 from ._channel import MAX_FDS_PER_FRAME, Channel
-from ._start import INTERNAL_FDS, Launcher, Proc, describe_exit
+from ._start import INTERNAL_FDS, Launcher, Proc, describe_exit, send_signal
 from ._worker import FUNC_CACHE
 from .errors import (
     InitializerError,
@@ -250,6 +250,7 @@ class Scheduler:
         self._deliver_lock = threading.RLock()
         self._pending: deque[Task | MapJob] = deque()
         self._inbox: deque[Task] = deque()  # appended by callers without the lock
+        self._dead: list[_Worker] = []  # workers seen dead by EOF (no pidfd): to bury
         self._workers: dict[int, _Worker] = {}
         self._by_fd: dict[int, tuple[str, _Worker | None]] = {}
         self._timers: list[tuple[float, int, str, Any]] = []
@@ -571,11 +572,8 @@ class Scheduler:
         with self._lock:
             pids = []
             for w in self._workers.values():
-                try:
-                    signal.pidfd_send_signal(w.proc.pidfd, signum)
-                    pids.append(w.proc.pid)
-                except ProcessLookupError:
-                    pass
+                send_signal(w.proc, signum)
+                pids.append(w.proc.pid)
             return pids
 
     def worker_pids(self) -> list[int]:
@@ -602,6 +600,9 @@ class Scheduler:
                     for fd, mask in events:
                         self._on_event(fd, mask)
                     self._run_timers()
+                    while self._dead:
+                        w = self._dead.pop()
+                        self._bury(w, self._launcher.reap(w.proc))
                     self._take_inbox()
                     self._dispatch()
                     finished = self._progress_shutdown()
@@ -664,12 +665,14 @@ class Scheduler:
         w = _Worker(next(self._wids), proc)
         proc.sock.setblocking(False)
         sfd = proc.sock.fileno()
-        INTERNAL_FDS.update((sfd, proc.pidfd))
+        INTERNAL_FDS.add(sfd)
         self._workers[w.wid] = w
         self._by_fd[sfd] = ("sock", w)
-        self._by_fd[proc.pidfd] = ("pidfd", w)
         self._epoll.register(sfd, select.EPOLLIN)
-        self._epoll.register(proc.pidfd, select.EPOLLIN)
+        if proc.pidfd >= 0:
+            INTERNAL_FDS.add(proc.pidfd)
+            self._by_fd[proc.pidfd] = ("pidfd", w)
+            self._epoll.register(proc.pidfd, select.EPOLLIN)
         slot = os.memfd_create("procpool-progress", os.MFD_CLOEXEC)
         try:
             os.ftruncate(slot, P.PROGRESS_SIZE)
@@ -702,10 +705,7 @@ class Scheduler:
         return not (w.retiring or w.exit_sent or w.eof or w.exclusive)
 
     def _kill(self, w: _Worker) -> None:
-        try:
-            signal.pidfd_send_signal(w.proc.pidfd, signal.SIGKILL)
-        except (ProcessLookupError, OSError):
-            pass
+        send_signal(w.proc, signal.SIGKILL)
 
     def _kill_all(self) -> None:
         for w in self._workers.values():
@@ -716,7 +716,7 @@ class Scheduler:
         if self._workers.pop(w.wid, None) is None:
             return
         sfd = w.proc.sock.fileno()
-        for fd in (sfd, w.proc.pidfd):
+        for fd in (sfd, w.proc.pidfd) if w.proc.pidfd >= 0 else (sfd,):
             self._by_fd.pop(fd, None)
             INTERNAL_FDS.discard(fd)
             try:
@@ -724,7 +724,8 @@ class Scheduler:
             except (OSError, ValueError):
                 pass
         w.chan.close()
-        os.close(w.proc.pidfd)
+        if w.proc.pidfd >= 0:
+            os.close(w.proc.pidfd)
         how = describe_exit(code)
         running, done = P.PROGRESS.unpack_from(w.progress)
         w.progress.close()
@@ -867,6 +868,9 @@ class Scheduler:
             except OSError:
                 pass
             self._kill(w)  # it closed its channel: make sure it is really gone
+            if w.proc.pidfd < 0:  # no pidfd to tell us: the I/O thread reaps it now
+                self._dead.append(w)
+                self._wake()
 
     def _handle_frames(self, w: _Worker) -> None:
         for kind, body, fds in w.chan.frames():

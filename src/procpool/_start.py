@@ -56,6 +56,31 @@ class Proc(NamedTuple):
     sock: socket.socket
 
 
+_NO_PIDFD = bool(os.environ.get("PROCPOOL_NO_PIDFD"))  # force the fallback (tests)
+
+
+def open_pidfd(pid: int) -> int:
+    """A pidfd for *pid*, or -1 where the kernel has none (Linux < 5.3, gVisor, seccomp):
+    the scheduler then learns of a death from the EOF on the worker's channel instead."""
+    if _NO_PIDFD:
+        return -1
+    try:
+        return os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        return -1
+
+
+def send_signal(proc: Proc, signum: int) -> None:
+    """Signal a worker through its pidfd (no pid-reuse race), or by pid without one."""
+    try:
+        if proc.pidfd >= 0:
+            signal.pidfd_send_signal(proc.pidfd, signum)
+        else:
+            os.kill(proc.pid, signum)
+    except (ProcessLookupError, OSError):
+        pass
+
+
 def die_with_parent(expected_ppid: int) -> None:
     """Ask the kernel to SIGKILL us when our parent (thread) dies; exit if it already has."""
     if _prctl is not None:
@@ -137,7 +162,7 @@ class ForkLauncher(Launcher):
             finally:
                 os._exit(code)
         child_sock.close()
-        return Proc(pid, os.pidfd_open(pid), parent_sock)
+        return Proc(pid, open_pidfd(pid), parent_sock)
 
 
 def _spawn_python(code: str, sock: socket.socket) -> int:
@@ -161,7 +186,7 @@ class SpawnLauncher(Launcher):
             pid = _spawn_python("from procpool._worker import spawn_main; spawn_main()", child_sock)
         finally:
             child_sock.close()
-        return Proc(pid, os.pidfd_open(pid), parent_sock)
+        return Proc(pid, open_pidfd(pid), parent_sock)
 
 
 # ------------------------------------------------------------------------------ fork server
@@ -182,23 +207,22 @@ class ForkServerLauncher(Launcher):
             )
         finally:
             child.close()
-        self._pidfd = os.pidfd_open(self._pid)
-        INTERNAL_FDS.update((self._ctl.fileno(), self._pidfd))
+        INTERNAL_FDS.add(self._ctl.fileno())
 
     def start(self) -> Proc:
         self._ctl.sendall(_REQ.pack(b"S", 0))
         data, anc, _, _ = self._ctl.recvmsg(_REPLY.size, socket.CMSG_SPACE(2 * 4))
         if len(data) < _REPLY.size:
             raise OSError("the fork server is gone")
-        pid, _ = _REPLY.unpack(data)
+        pid, has_pidfd = _REPLY.unpack(data)
         fds: list[int] = []
         for level, kind, raw in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 arr = array.array("i")
                 arr.frombytes(raw[: len(raw) - len(raw) % 4])
                 fds.extend(arr)
-        pidfd, sockfd = fds
-        return Proc(pid, pidfd, socket.socket(fileno=sockfd))
+        pidfd = fds.pop(0) if has_pidfd else -1
+        return Proc(pid, pidfd, socket.socket(fileno=fds[0]))
 
     def reap(self, proc: Proc) -> int | None:
         try:
@@ -213,13 +237,11 @@ class ForkServerLauncher(Launcher):
 
     def close(self) -> None:
         INTERNAL_FDS.discard(self._ctl.fileno())
-        INTERNAL_FDS.discard(self._pidfd)
         self._ctl.close()  # the server sees EOF and exits; its workers die with it
         try:
             os.waitpid(self._pid, 0)
         except ChildProcessError:
             pass
-        os.close(self._pidfd)
 
 
 def forkserver_main() -> None:
@@ -248,18 +270,14 @@ def forkserver_main() -> None:
                 finally:
                     os._exit(code)
             child_sock.close()
-            pidfd = os.pidfd_open(child)
+            pidfd = open_pidfd(child)
+            fds = [pidfd, parent_sock.fileno()] if pidfd >= 0 else [parent_sock.fileno()]
             ctl.sendmsg(
-                [_REPLY.pack(child, 0)],
-                [
-                    (
-                        socket.SOL_SOCKET,
-                        socket.SCM_RIGHTS,
-                        array.array("i", [pidfd, parent_sock.fileno()]),
-                    )
-                ],
+                [_REPLY.pack(child, int(pidfd >= 0))],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
             )
-            os.close(pidfd)
+            if pidfd >= 0:
+                os.close(pidfd)
             parent_sock.close()
         elif cmd == b"R":
             try:
