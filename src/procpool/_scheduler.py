@@ -151,8 +151,10 @@ class MapJob:
             return self.chunksize
         if self.timeout:
             return 1
-        if est is None:
-            return 1  # probe: measure before committing to big chunks
+        if est is None:  # nothing measured yet
+            if self.input_done:  # a list: small first chunks, as multiprocessing's len/(4n)
+                return max(1, min(-(-self.available() // (4 * nworkers)), 64))
+            return 1  # imap: probe with one item before committing to big chunks
         size = max(1, int(CHUNK_TARGET / max(est, 1e-8)))
         if self.input_done:  # shrink near the end so the last chunks spread over the workers
             size = min(size, max(1, -(-self.available() // (2 * nworkers))))
