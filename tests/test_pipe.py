@@ -37,9 +37,8 @@ def test_tutorial_pipe(ctx):
 
 def _echo(conn):
     while True:
-        try:
-            msg = conn.recv()
-        except EOFError:
+        msg = conn.recv()
+        if msg == "STOP":
             return
         conn.send(msg)
 
@@ -56,7 +55,7 @@ def test_duplex_round_trips_any_object():
             assert back(1) == 2
         else:
             assert back == obj
-    a.close()
+    a.send("STOP")
     p.join(10)
     assert p.exitcode == 0
 

@@ -3,18 +3,17 @@
 ``import procpool as multiprocessing`` works for the classic programs: the pool, pipes, queues,
 shared memory and signals keep the standard library's names and semantics, and procpool fixes
 what hurts there (hangs when a worker dies, no per-task timeouts, orphaned workers, leaks).
-This module only re-exports the public names; see ``docs/architecture.md`` for the design.
+This module only lists the public names; see ``docs/architecture.md`` for the design.
+
+The IPC primitives are imported on first use (PEP 562), so a program that only needs the pool
+(and every worker started with ``spawn``) does not pay for loading them.
 """
 
 from __future__ import annotations
 
-from multiprocessing import (
-    Process,
-    active_children,
-    cpu_count,
-    current_process,
-    parent_process,
-)
+import importlib
+from multiprocessing import Process, active_children, cpu_count, current_process, parent_process
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     InitializerError,
@@ -28,60 +27,73 @@ from .errors import (
     TimeoutError,
     WorkerLostError,
 )
-
 from .pool import Pool, ProcessPoolExecutor
 from .results import AsyncResult, IMapIterator, MapResult
 
-# --- IPC primitives (issue 3) ---
-_IPC_NAMES = [
-    "Array",
-    "Barrier",
-    "BoundedSemaphore",
-    "Condition",
-    "Connection",
-    "Event",
-    "JoinableQueue",
-    "Lock",
-    "Pipe",
-    "Queue",
-    "RLock",
-    "Semaphore",
-    "SharedArray",
-    "SimpleQueue",
-    "Value",
-    "signals",
-]
+if TYPE_CHECKING:  # the lazily loaded names, for type checkers
+    from . import signals as signals
+    from .pipe import Connection as Connection
+    from .pipe import Pipe as Pipe
+    from .queue import JoinableQueue as JoinableQueue
+    from .queue import Queue as Queue
+    from .queue import SimpleQueue as SimpleQueue
+    from .shared import Array as Array
+    from .shared import SharedArray as SharedArray
+    from .shared import Value as Value
+    from .sync import Barrier as Barrier
+    from .sync import BoundedSemaphore as BoundedSemaphore
+    from .sync import Condition as Condition
+    from .sync import Event as Event
+    from .sync import Lock as Lock
+    from .sync import RLock as RLock
+    from .sync import Semaphore as Semaphore
 
-from . import signals as signals  # noqa: E402
-from .pipe import Connection as Connection  # noqa: E402
-from .pipe import Pipe as Pipe  # noqa: E402
-from .queue import JoinableQueue as JoinableQueue  # noqa: E402
-from .queue import Queue as Queue  # noqa: E402
-from .queue import SimpleQueue as SimpleQueue  # noqa: E402
-from .shared import Array as Array  # noqa: E402
-from .shared import SharedArray as SharedArray  # noqa: E402
-from .shared import Value as Value  # noqa: E402
-from .sync import Barrier as Barrier  # noqa: E402
-from .sync import BoundedSemaphore as BoundedSemaphore  # noqa: E402
-from .sync import Condition as Condition  # noqa: E402
-from .sync import Event as Event  # noqa: E402
-from .sync import Lock as Lock  # noqa: E402
-from .sync import RLock as RLock  # noqa: E402
-from .sync import Semaphore as Semaphore  # noqa: E402
+#: the IPC primitives (issue 3) and the module each lives in, loaded on first access
+_LAZY = {
+    "Array": "shared",
+    "Barrier": "sync",
+    "BoundedSemaphore": "sync",
+    "Condition": "sync",
+    "Connection": "pipe",
+    "Event": "sync",
+    "JoinableQueue": "queue",
+    "Lock": "sync",
+    "Pipe": "pipe",
+    "Queue": "queue",
+    "RLock": "sync",
+    "Semaphore": "sync",
+    "SharedArray": "shared",
+    "SimpleQueue": "queue",
+    "Value": "shared",
+    "signals": "signals",
+}
 
-# --- end IPC ---
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'procpool' has no attribute {name!r}")
+    loaded = importlib.import_module(f".{module}", __name__)
+    value = loaded if name == module else getattr(loaded, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncResult",
     "IMapIterator",
+    "InitializerError",
     "MapResult",
     "Pool",
-    "ProcessPoolExecutor",
-    "InitializerError",
     "PoolTerminated",
     "Process",
+    "ProcessPoolExecutor",
     "ProcpoolError",
     "RemoteError",
     "RemoteTraceback",
@@ -94,5 +106,5 @@ __all__ = [
     "cpu_count",
     "current_process",
     "parent_process",
-    *_IPC_NAMES,
+    *_LAZY,
 ]

@@ -23,6 +23,7 @@ import mmap
 import os
 import platform
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["AtomicOps", "OPS", "load_ops"]
 
@@ -70,10 +71,8 @@ def _machine_code_ops() -> AtomicOps | None:
     base = ctypes.addressof(ctypes.c_char.from_buffer(page))
     for name, code in _X86_64_CODE.items():
         page[offset : offset + len(code)] = code
-        if name.endswith("8"):
-            res, arg = ctypes.c_int64, ctypes.c_int64
-        else:
-            res, arg = ctypes.c_int32, ctypes.c_int32
+        res: Any = ctypes.c_int64 if name.endswith("8") else ctypes.c_int32
+        arg = res
         if name.startswith("cas"):
             proto = ctypes.CFUNCTYPE(res, ctypes.c_void_p, arg, arg)
         else:

@@ -20,10 +20,10 @@ import mmap
 import os
 import threading
 
-__all__ = ["HEADER", "write", "read_bytes", "map_payload", "release"]
+__all__ = ["HEADER", "write", "read_bytes", "map_payload", "release", "clear_cache"]
 
 HEADER = 64
-_CACHE_ENTRIES = 4
+_CACHE_ENTRIES = 8
 _CACHE_MAX_BYTES = 8 << 20  # larger payloads use a fresh memfd each time
 _DONE = b"\1"
 _BUSY = b"\0"
@@ -45,6 +45,17 @@ def _reset_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def clear_cache() -> None:
+    """Close the cached memfds (in-flight ones stay valid for their receivers)."""
+    with _lock:
+        for fd, _cap in _cache:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        _cache.clear()
 
 
 def _new_memfd(size: int) -> int:

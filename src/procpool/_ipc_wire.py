@@ -37,6 +37,7 @@ __all__ = ["Wire", "encode", "decode", "INLINE_MAX"]
 HEADER = struct.Struct("<4sIIQ")  # magic, flags, nbuf, payload length
 MAGIC = b"PPw1"
 BULK = 1
+RAW = 2  # the payload is a top-level ``bytes`` object, not a pickle (big bytes: one copy less)
 INLINE_MAX = 64 * 1024
 MAX_FDS = 250  # the kernel accepts at most 253 per message (SCM_MAX_FD)
 _ANCBUF = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
@@ -122,7 +123,13 @@ class Wire:
 
     # -- sending ----------------------------------------------------------------------------
     def send_frame(
-        self, data: Any, nbuf: int, fds: list[int], deadline: float | None, block: bool = True
+        self,
+        data: Any,
+        nbuf: int,
+        fds: list[int],
+        deadline: float | None,
+        block: bool = True,
+        raw: bool = False,
     ) -> None:
         """Send one message; raise ``TimeoutError`` (nothing sent) past *deadline*.
 
@@ -130,16 +137,18 @@ class Wire:
         """
         try:
             size = len(data)
-            if not fds and 0 < size <= self.inline_max:
+            if not fds and not raw and 0 < size <= self.inline_max:
                 self._send(data, None, deadline, block)
                 return
             bulk_fd, cached = -1, False
             try:
-                flags = 0
+                flags = RAW if raw else 0
                 parts: list[Any] = []
-                if size > self.inline_max or size == 0:
+                # every headed datagram carries a descriptor (an empty SCM_RIGHTS is not
+                # delivered, and the receiver tells headed datagrams by their descriptors)
+                if size > self.inline_max or size == 0 or raw or not fds:
                     bulk_fd, cached = _ipc_bulk.write(data)
-                    flags = BULK
+                    flags |= BULK
                 else:
                     parts.append(data)
                 all_fds = ([bulk_fd] if bulk_fd >= 0 else []) + fds
@@ -226,6 +235,8 @@ class Wire:
                 return decode(body, nbuf, owned), 0, [], False
             bulk_fd = fds.pop(0)
             try:
+                if flags & RAW:  # a big bytes object: no pickle around it
+                    return _ipc_bulk.read_bytes(bulk_fd, size), 0, fds, False
                 if not as_object or size == 0:
                     body = _ipc_bulk.read_bytes(bulk_fd, size)
                     if not as_object:

@@ -30,6 +30,8 @@ from ._ipc_fd import FdHandle
 __all__ = ["Pipe", "Connection"]
 
 _loads = pickle.loads
+_dumps = pickle.dumps
+_inband_only = _ipc_wire._inband_only
 _RECVBUF = _ipc_wire._RECVBUF
 _ANCBUF = _ipc_wire._ANCBUF
 _RECV_WAIT = _ipc_wire._RECV_WAIT
@@ -51,6 +53,7 @@ class Connection:
             raise ValueError("at least one of `readable` and `writable` must be True")
         self._sock: socket.socket | None = socket.socket(fileno=fd)
         self._wire = _ipc_wire.Wire(self._sock)
+        self._inline_max = self._wire.inline_max
         self._readable = readable
         self._writable = writable
 
@@ -113,11 +116,21 @@ class Connection:
         """Send a picklable object (blocks while the socket buffer is full)."""
         if self._sock is None or not self._writable:
             self._check_writable()
-        data, nbuf, fds = _ipc_wire.encode(obj)
-        if not fds and 0 < len(data) <= self._wire.inline_max:
-            self._sock.send(data, _SEND_WAIT)  # the fast path; blocks while the buffer is full
+        if type(obj) is bytes and len(obj) > self._inline_max:  # big bytes: skip the pickle
+            self._wire.send_frame(obj, 0, [], None, raw=True)
+            return
+        try:
+            data = _dumps(obj, 5, buffer_callback=_inband_only)
+        except Exception:
+            data = None  # descriptors, big buffers, lambdas: the general path decides
+        if data is not None and len(data) <= self._inline_max:
+            self._sock.send(data, _SEND_WAIT)  # type: ignore[union-attr]  # checked above  # the fast path; blocks while the buffer is full
+            return
+        if data is None:
+            data, nbuf, fds = _ipc_wire.encode(obj)
         else:
-            self._wire.send_frame(data, nbuf, fds, None)
+            nbuf, fds = 0, []
+        self._wire.send_frame(data, nbuf, fds, None)
 
     def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
         """Send bytes from a bytes-like object (``offset``/``size`` select a slice)."""

@@ -155,6 +155,9 @@ class Queue:
         """
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
+        if type(obj) is bytes and len(obj) > self._inline_max:
+            self._put_slow(obj, 0, [], block, timeout, raw=True)  # big bytes: skip the pickle
+            return
         try:
             data = _dumps(obj, 5, buffer_callback=_inband_only)
         except Exception:
@@ -175,7 +178,13 @@ class Queue:
         self._put_slow(data, nbuf, fds, block, timeout)
 
     def _put_slow(
-        self, data: Any, nbuf: int, fds: list[int], block: bool, timeout: float | None
+        self,
+        data: Any,
+        nbuf: int,
+        fds: list[int],
+        block: bool,
+        timeout: float | None,
+        raw: bool = False,
     ) -> None:
         deadline = None if timeout is None or not block else time.monotonic() + max(timeout, 0)
         free = self._free
@@ -183,7 +192,7 @@ class Queue:
             _ipc_wire._close_all(fds)
             raise Full
         try:
-            self._wire_w.send_frame(data, nbuf, fds, deadline, block)
+            self._wire_w.send_frame(data, nbuf, fds, deadline, block, raw)
         except TimeoutError:
             if free is not None:
                 free.release()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import ctypes
 import struct
 from collections.abc import Iterable, Iterator
-from multiprocessing.sharedctypes import typecode_to_type
+from multiprocessing.sharedctypes import typecode_to_type  # type: ignore[attr-defined]
 from typing import Any
 
 from . import _ipc_atomic
@@ -216,8 +216,31 @@ class Value(_Shared):
         self._fadd = ops.fetch_add8 if size == 8 else ops.fetch_add4
         self._cas = ops.cas8 if size == 8 else ops.cas4
         self._xchg = ops.xchg8 if size == 8 else ops.xchg4
-        self._unsigned = code in "ILQ" or (code == "L")
+        self._unsigned = code in "ILQ"
         self._bits = size * 8
+        if self._atomic_kind == "int":
+            self._bind_int_fast_paths()
+
+    def _bind_int_fast_paths(self) -> None:
+        # ``v.add(1)`` is the hot call: bind a closure with everything precomputed (one ctypes
+        # call and one comparison), shadowing the documented method of the same name.
+        fadd, addr, bits = self._fadd, self._addr, self._bits
+        mask = (1 << bits) - 1
+        lo, hi = (0, mask) if self._unsigned else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+        wrap = self._from_raw if self._unsigned else self._to_signed
+
+        def add(delta: int = 1) -> int:
+            new = fadd(addr, delta) + delta
+            if self._unsigned:
+                new &= mask
+            return new if lo <= new <= hi else wrap(new)
+
+        def fetch_add(delta: int = 1) -> int:
+            old = fadd(addr, delta)
+            return old & mask if self._unsigned else old
+
+        self.add = add  # type: ignore[method-assign,assignment]
+        self.fetch_add = fetch_add  # type: ignore[method-assign,assignment]
 
     def _need_atomic(self) -> str:
         if self._atomic_kind is None:
@@ -244,7 +267,7 @@ class Value(_Shared):
     def fetch_add(self, delta: int | float = 1) -> Any:
         """Atomically add *delta*; return the previous value."""
         if self._need_atomic() == "int":
-            return self._from_raw(self._fadd(self._addr, self._to_signed(delta)))
+            return self._from_raw(self._fadd(self._addr, self._to_signed(int(delta))))
         while True:  # floats: compare-and-swap loop on the bit pattern
             old_bits = self._to_signed(self._raw_load())
             old = self._bits_float(old_bits)
@@ -255,7 +278,7 @@ class Value(_Shared):
         """Atomically add *delta* (may be negative); return the new value."""
         old = self.fetch_add(delta)
         if self._atomic_kind == "int":
-            return self._from_raw(self._to_signed(old + delta))
+            return self._from_raw(self._to_signed(int(old + delta)))
         return self._ctype(old + delta).value
 
     def exchange(self, new: Any) -> Any:

@@ -60,7 +60,7 @@ class _SemBased:
 
     def __init__(self, value: int = 1, maxvalue: int = 1, *, _region: Region | None = None):
         fresh = _region is None
-        if fresh:
+        if _region is None:
             _region = Region.create(0, {"kind": type(self).__name__})
         self._region = _region
         self._maxvalue = maxvalue

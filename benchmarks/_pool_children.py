@@ -1,0 +1,374 @@
+"""The child side of bench_pool.py: each function measures one library on one scenario.
+
+``bench_pool.py`` runs every (library, scenario) pair as ``bench_pool.py --child <spec-json>`` in a
+fresh process; that process calls ``child_main(spec)`` here, which prints one JSON result line
+(``_common.emit_result``). Keeping the measuring code apart from the orchestration and printing
+keeps each file to one job.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import _tasks
+from _common import (
+    LIBS,
+    STANDIN_ENV,
+    child_watchdog,
+    descendants,
+    emit_result,
+    median,
+    percentile,
+    pss_bytes,
+    rss_bytes,
+)
+
+# Each function below runs inside a fresh subprocess and measures one library on one scenario.
+
+
+def _preimport(key: str) -> None:
+    """Import the library before any timer starts: start-up is the pool's, not the import's."""
+    mods = {
+        "procpool": "procpool",
+        "mp": "multiprocessing.pool",
+        "cf": "concurrent.futures.process",
+        "loky": "loky",
+        "mpire": "mpire",
+        "pebble": "pebble",
+    }
+    if key == "procpool" and os.environ.get(STANDIN_ENV):
+        key = "mp"
+    __import__(mods[key])
+
+
+def child_startup(lib: Any, spec: dict) -> dict:
+    n = spec["workers"]
+    out: dict[str, Any] = {"import_s": spec["import_s"]}
+    for phase in ("cold", "warm"):
+        t0 = time.perf_counter()
+        pool = lib.open(n)
+        lib.apply(pool, _tasks.noop, None)
+        t1 = time.perf_counter()
+        lib.close(pool)
+        t2 = time.perf_counter()
+        out[f"{phase}_s"] = t1 - t0
+        out[f"{phase}_close_s"] = t2 - t1
+    return out
+
+
+def _timed_runs(repeats: int, run: Any, check: Any) -> list[float]:
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = run()
+        samples.append(time.perf_counter() - t0)
+        check(res)
+    return samples
+
+
+def _check_sum(n: int) -> Any:
+    want = n * (n + 1) // 2  # sum(x + 1 for x in range(n))
+
+    def check(res: Any) -> None:
+        got = res if isinstance(res, int) else sum(res)
+        if got != want:
+            raise AssertionError(f"wrong results: sum {got} != {want}")
+
+    return check
+
+
+def child_map(lib: Any, spec: dict) -> dict:
+    n, items, method = spec["workers"], spec["items"], spec.get("method", "map")
+    pool = lib.open(n)
+    try:
+        if method == "map":
+
+            def run() -> Any:
+                return lib.map(pool, _tasks.inc, range(items))
+
+            lib.map(pool, _tasks.inc, range(1000))
+        else:  # imap / imap_unordered with default arguments (multiprocessing.Pool's API)
+
+            def run() -> Any:
+                return sum(getattr(pool, method)(_tasks.inc, range(items)))
+
+            sum(getattr(pool, method)(_tasks.inc, range(1000)))
+        samples = _timed_runs(spec["repeats"], run, _check_sum(items))
+    finally:
+        lib.close(pool)
+    return {"samples_s": samples}
+
+
+def child_per_item(lib: Any, spec: dict) -> dict:
+    """One apply_async (or submit) per item, then collect every result."""
+    n, items = spec["workers"], spec["items"]
+    pool = lib.open(n)
+    try:
+        if spec.get("api") == "submit":  # procpool.Pool.submit -> concurrent.futures.Future
+
+            def one(i: int) -> Any:
+                return pool.submit(_tasks.inc, i)
+
+            def get(h: Any) -> Any:
+                return h.result(60)
+        else:
+
+            def one(i: int) -> Any:
+                return lib.submit(pool, _tasks.inc, i)
+
+            def get(h: Any) -> Any:
+                return lib.result(h, 60)
+
+        def run() -> list:
+            handles = [one(i) for i in range(items)]
+            return [get(h) for h in handles]
+
+        run_small = [get(h) for h in [one(i) for i in range(500)]]
+        del run_small
+        samples = _timed_runs(spec["repeats"], run, _check_sum(items))
+    finally:
+        lib.close(pool)
+    return {"samples_s": samples}
+
+
+def child_latency(lib: Any, spec: dict) -> dict:
+    n = spec["workers"]
+    pool = lib.open(n)
+    p50s, p99s = [], []
+    try:
+        for _ in range(spec["warmup"]):
+            lib.apply(pool, _tasks.inc, 1)
+        for _ in range(spec["repeats"]):
+            lat = []
+            for i in range(spec["calls"]):
+                t0 = time.perf_counter_ns()
+                r = lib.apply(pool, _tasks.inc, i)
+                lat.append(time.perf_counter_ns() - t0)
+                if r != i + 1:
+                    raise AssertionError(f"apply returned {r!r}, expected {i + 1}")
+            p50s.append(percentile(lat, 50) / 1e9)
+            p99s.append(percentile(lat, 99) / 1e9)
+    finally:
+        lib.close(pool)
+    return {"p50_s": p50s, "p99_s": p99s}
+
+
+def child_rawpipe(spec: dict) -> dict:
+    """The floor: an 8-byte message to a forked Python process over os.pipe and back."""
+    down_r, down_w = os.pipe()
+    up_r, up_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the echo process
+        os.close(down_w)
+        os.close(up_r)
+        while True:
+            msg = os.read(down_r, 8)
+            if not msg:
+                os._exit(0)
+            os.write(up_w, msg)
+    os.close(down_r)
+    os.close(up_w)
+    p50s, p99s = [], []
+    msg = b"12345678"
+    for _ in range(spec["warmup"]):
+        os.write(down_w, msg)
+        os.read(up_r, 8)
+    for _ in range(spec["repeats"]):
+        lat = []
+        for _ in range(spec["calls"]):
+            t0 = time.perf_counter_ns()
+            os.write(down_w, msg)
+            os.read(up_r, 8)
+            lat.append(time.perf_counter_ns() - t0)
+        p50s.append(percentile(lat, 50) / 1e9)
+        p99s.append(percentile(lat, 99) / 1e9)
+    os.close(down_w)
+    os.waitpid(pid, 0)
+    return {"p50_s": p50s, "p99_s": p99s}
+
+
+def child_arrays(lib: Any, spec: dict) -> dict:
+    import numpy as np
+
+    n, size, count = spec["workers"], spec["nbytes"], spec["count"]
+    pool = lib.open(n)
+    try:
+        if spec["direction"] == "args":
+            arrays = [np.full(size // 8, float(i)) for i in range(count)]
+
+            def run() -> Any:
+                return lib.map(pool, _tasks.nbytes, arrays)
+
+            def check(res: Any) -> None:
+                if list(res) != [size] * count:
+                    raise AssertionError(f"wrong results: {list(res)[:3]}...")
+        else:
+
+            def run() -> Any:
+                return lib.map(pool, _tasks.make_array, [size] * count)
+
+            def check(res: Any) -> None:
+                res = list(res)
+                if len(res) != count or any(int(a.nbytes) != size or a[-1] != 1.0 for a in res):
+                    raise AssertionError("wrong results")
+
+        check(run())  # warm-up: workers build (and cache) their result arrays here
+        samples = _timed_runs(spec["repeats"], run, check)
+    finally:
+        lib.close(pool)
+    return {"samples_s": samples, "bytes": size * count}
+
+
+def child_memcpy(spec: dict) -> dict:
+    import numpy as np
+
+    size = spec["nbytes"]
+    src = np.ones(size // 8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    samples = []
+    for _ in range(spec["repeats"]):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        samples.append(time.perf_counter() - t0)
+    return {"samples_s": samples, "bytes": size}
+
+
+def _make_shared_array(cls: Any, nitems: int) -> Any:
+    """procpool.SharedArray's constructor is still settling: try the likely spellings."""
+    import numpy as np
+
+    attempts = [
+        lambda: cls((nitems,), np.float64),
+        lambda: cls(shape=(nitems,), dtype=np.float64),
+        lambda: cls(np.float64, nitems),
+        lambda: cls("d", nitems),
+        lambda: cls.zeros((nitems,), np.float64),
+    ]
+    errors = []
+    for make in attempts:
+        try:
+            return make()
+        except Exception as exc:  # noqa: BLE001 - try the next spelling
+            errors.append(repr(exc))
+    raise RuntimeError("could not construct procpool.SharedArray: " + "; ".join(errors))
+
+
+def child_shared_array(spec: dict) -> dict:
+    import procpool
+
+    where = "procpool.SharedArray"
+    cls = getattr(procpool, "SharedArray", None)
+    if cls is None:  # written but not exported yet: measure it, and say so
+        try:
+            from procpool.shared import SharedArray as cls
+
+            where = "procpool.shared.SharedArray (not exported from procpool yet)"
+        except ImportError:
+            return {"skipped": "procpool.SharedArray does not exist yet"}
+    n = spec["workers"]
+    sa = _make_shared_array(cls, spec["nbytes"] // 8)
+    lib = LIBS["procpool"]
+    pool = lib.open(n)
+    out: dict[str, Any] = {"type": where}
+    try:
+        for label, arg in (("int", 1), ("shared", sa), ("int2", 2), ("shared2", sa)):
+            lat = []
+            for _ in range(spec["warmup"]):
+                lib.apply(pool, _tasks.noop, arg)
+            for _ in range(spec["calls"]):
+                t0 = time.perf_counter_ns()
+                lib.apply(pool, _tasks.noop, arg)
+                lat.append(time.perf_counter_ns() - t0)
+            out.setdefault(label.rstrip("2"), []).append(median(lat) / 1e9)
+    finally:
+        lib.close(pool)
+    return out
+
+
+def child_memory_imap(lib: Any, spec: dict) -> dict:
+    """Parent RSS growth while imap consumes a lazy generator of ``items`` ints."""
+    n, items = spec["workers"], spec["items"]
+    pool = lib.open(n)
+    try:
+        sum(pool.imap(_tasks.inc, range(1000)))
+        base = rss_bytes()
+        peak = [base]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.02):
+                peak[0] = max(peak[0], rss_bytes())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        kw = {"chunksize": spec["chunksize"]} if spec.get("chunksize") else {}
+        t0 = time.perf_counter()
+        count = 0
+        total = 0
+        for r in pool.imap(_tasks.inc, (i for i in range(items)), **kw):
+            count += 1
+            total += r
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        sampler.join()
+        peak[0] = max(peak[0], rss_bytes())
+        if count != items or total != items * (items + 1) // 2:
+            raise AssertionError(f"imap returned {count} results, checksum {total}")
+    finally:
+        lib.close(pool)
+    return {"base_rss": base, "peak_rss": peak[0], "elapsed_s": elapsed}
+
+
+def child_idle_rss(lib: Any, spec: dict) -> dict:
+    n = spec["workers"]
+    parent_before = rss_bytes()
+    pool = lib.open(n)
+    try:
+        for i in range(4 * n):  # make sure lazily started workers exist
+            lib.apply(pool, _tasks.inc, i)
+        time.sleep(0.5)  # let workers settle to idle (no condition to wait on: we only observe)
+        kids = descendants(os.getpid())
+        rss = [rss_bytes(p) for p in kids]
+        pss = [pss_bytes(p) for p in kids]
+        parent_after = rss_bytes()
+    finally:
+        lib.close(pool)
+    return {
+        "procs": len(kids),
+        "rss": rss,
+        "pss": pss,
+        "parent_growth": parent_after - parent_before,
+    }
+
+
+def child_main(spec: dict) -> None:
+    child_watchdog(spec)
+    scen = spec["scenario"]
+    if scen == "rawpipe":
+        emit_result(child_rawpipe(spec))
+        return
+    if scen == "memcpy":
+        emit_result(child_memcpy(spec))
+        return
+    if scen == "shared_array":
+        _preimport("procpool")
+        emit_result(child_shared_array(spec))
+        return
+    lib = LIBS[spec["lib"]]
+    t0 = time.perf_counter()
+    _preimport(lib.key)
+    spec["import_s"] = time.perf_counter() - t0
+    fn = {
+        "startup": child_startup,
+        "map": child_map,
+        "per_item": child_per_item,
+        "latency": child_latency,
+        "arrays": child_arrays,
+        "memory_imap": child_memory_imap,
+        "idle_rss": child_idle_rss,
+    }[scen]
+    emit_result(fn(lib, spec))

@@ -1,0 +1,92 @@
+"""Task functions for the pool benchmarks.
+
+They live in their own importable module (not in a ``__main__`` script) so that every library
+under test -- fork, forkserver, spawn or loky's own start method -- pickles them by reference.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+_ARRAYS: dict[int, object] = {}
+
+
+def inc(x: int) -> int:
+    """The tiny task: ``x + 1``."""
+    return x + 1
+
+
+def noop(_x: object = None) -> None:
+    """A task that does nothing (round-trip latency, start-up)."""
+    return None
+
+
+def getpid(_x: object = None) -> int:
+    """The worker's pid (used to find worker processes for RSS)."""
+    return os.getpid()
+
+
+def nbytes(a: object) -> int:
+    """Receive a buffer and return a small value: its size in bytes."""
+    return int(getattr(a, "nbytes", 0))
+
+
+def make_array(nbytes_: int) -> object:
+    """Return a float64 array of ``nbytes_`` bytes.
+
+    The array is built once per worker process and cached, so the timed part is the transport of
+    the result, not page-faulting fresh memory in the worker.
+    """
+    import numpy as np
+
+    arr = _ARRAYS.get(nbytes_)
+    if arr is None:
+        arr = np.ones(nbytes_ // 8, dtype=np.float64)
+        _ARRAYS[nbytes_] = arr
+    return arr
+
+
+def warm_array(nbytes_: int) -> int:
+    """Build (and cache) the worker's result array ahead of the timed run."""
+    return int(make_array(nbytes_).nbytes)  # type: ignore[attr-defined]
+
+
+def spin(iterations: int) -> int:
+    """A CPU-bound busy loop (no sleep): ``iterations`` additions."""
+    total = 0
+    for i in range(iterations):
+        total += i
+    return total
+
+
+def spin_timed(iterations: int) -> float:
+    """``spin`` that returns the CPU time it used in the worker (seconds).
+
+    Summed over tasks this is the useful work done, measured where it ran: parallel efficiency
+    from it does not depend on the parent's calibration or on per-core clock differences.
+    """
+    t0 = time.thread_time()
+    spin(iterations)
+    return time.thread_time() - t0
+
+
+def calibrate_spin(target_s: float = 0.001, repeats: int = 7) -> int:
+    """Return the ``spin`` iteration count that takes about ``target_s`` seconds here."""
+    n = 10_000
+    while True:
+        t0 = time.perf_counter()
+        spin(n)
+        dt = time.perf_counter() - t0
+        if dt > 0.02:
+            break
+        n *= 2
+    per_iter = dt / n
+    n = max(1, int(target_s / per_iter))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        spin(n)
+        samples.append(time.perf_counter() - t0)
+    samples.sort()
+    return max(1, int(n * target_s / samples[len(samples) // 2]))

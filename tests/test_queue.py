@@ -1,0 +1,291 @@
+"""Queue, JoinableQueue, SimpleQueue: tutorial examples, stdlib semantics and the fixes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import queue
+import signal
+import time
+import uuid
+
+import numpy as np
+import pytest
+from _ipc_helpers import FORK, SPAWN, no_leaks, run_child  # noqa: F401
+
+import procpool
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+
+def _producer(q, items):
+    for item in items:
+        q.put(item)
+
+
+def _consumer(q, out, count):
+    for _ in range(count):
+        out.put(q.get(timeout=20))
+
+
+@pytest.mark.parametrize("ctx", [FORK, SPAWN], ids=["fork", "spawn"])
+def test_tutorial_producer_consumer(ctx):
+    q, out = procpool.Queue(), procpool.Queue()
+    prod = ctx.Process(target=_producer, args=(q, range(100)))
+    cons = ctx.Process(target=_consumer, args=(q, out, 100))
+    prod.start()
+    cons.start()
+    got = [out.get(timeout=30) for _ in range(100)]
+    prod.join(30)
+    cons.join(30)
+    assert got == list(range(100))  # one producer: FIFO order
+    assert q.empty() and q.qsize() == 0
+
+
+def test_stdlib_api_and_exceptions():
+    q = procpool.Queue()
+    for i in range(5):
+        q.put(i)
+    assert q.qsize() == 5 and not q.empty() and not q.full()
+    assert [q.get() for _ in range(5)] == list(range(5))
+    with pytest.raises(queue.Empty):
+        q.get(block=False)
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+    t0 = time.monotonic()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.05)
+    assert 0.04 <= time.monotonic() - t0 < 2
+    q.put_nowait("x")
+    assert q.get(True, 1) == "x"
+
+
+def test_maxsize_blocks_and_raises_full():
+    q = procpool.Queue(2)
+    assert q.maxsize == 2
+    q.put(1)
+    q.put(2)
+    assert q.full() and q.qsize() == 2
+    with pytest.raises(queue.Full):
+        q.put(3, block=False)
+    with pytest.raises(queue.Full):
+        q.put(3, timeout=0.05)
+    with pytest.raises(queue.Full):
+        q.put_nowait(3)
+    assert q.get() == 1
+    q.put(3)
+    assert [q.get(), q.get()] == [2, 3]
+
+
+def _get_later(q, go):
+    go.wait(10)
+    q.get(timeout=10)
+
+
+def test_blocked_put_wakes_when_a_consumer_takes():
+    q, go = procpool.Queue(1), procpool.Event()
+    q.put("first")
+    p = FORK.Process(target=_get_later, args=(q, go))
+    p.start()
+    go.set()
+    q.put("second", timeout=10)  # waits until the child takes "first"
+    assert q.get(timeout=10) == "second"
+    p.join(10)
+
+
+def _put_and_exit_at_once(q):
+    q.put("survives")
+    q.put(np.arange(100_000))  # out-of-band buffer too
+    os._exit(0)  # no flush, no feeder thread, no atexit
+
+
+def test_put_is_synchronous_producer_may_exit_immediately():
+    q = procpool.Queue()
+    assert run_child(_put_and_exit_at_once, q) == 0
+    assert q.get(timeout=5) == "survives"
+    assert (q.get(timeout=5) == np.arange(100_000)).all()
+
+
+def test_unpicklable_raises_at_put_nothing_is_put():
+    q = procpool.Queue()
+
+    class Bad:
+        def __reduce__(self):
+            raise TypeError("not today")
+
+    with pytest.raises(procpool.SerializationError):
+        q.put(Bad())
+    assert q.qsize() == 0
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.02)
+    q.put(lambda x: x * 2)  # lambdas travel by value (cloudpickle)
+    assert q.get(timeout=5)(21) == 42
+
+
+def test_messages_larger_than_the_buffer_are_delivered():
+    q = procpool.Queue()
+    big = os.urandom(20 << 20)
+    q.put(big)
+    q.put(b"")
+    q.put("small")
+    assert q.get(timeout=10) == big
+    assert q.get(timeout=5) == b""
+    assert q.get(timeout=5) == "small"
+
+
+def test_close_then_put_raises_value_error():
+    q = procpool.Queue()
+    q.put(1)
+    with pytest.raises(ValueError):
+        q.join_thread()  # as the stdlib: only after close
+    q.close()
+    q.join_thread()
+    q.cancel_join_thread()
+    with pytest.raises(ValueError):
+        q.put(2)
+    with pytest.raises(ValueError):
+        q.get()
+    q.close()  # idempotent
+
+
+def test_put_many_get_many():
+    q = procpool.Queue()
+    q.put_many(range(1000))
+    assert q.qsize() == 1000
+    first = q.get_many(max_messages=300)
+    assert first == list(range(300))
+    rest = q.get_many(timeout=1)
+    assert rest == list(range(300, 1000))
+    with pytest.raises(queue.Empty):
+        q.get_many(timeout=0.02)
+    b = procpool.Queue(3)
+    with pytest.raises(queue.Full) as info:
+        b.put_many(range(5), timeout=0.05)
+    assert info.value.args[1] == 3 and b.qsize() == 3
+
+
+def _victim_get(q, started):
+    started.set()
+    q.get()  # blocks forever: the queue is empty
+
+
+def test_consumer_killed_while_waiting_leaves_queue_usable():
+    q, started = procpool.Queue(), procpool.Event()
+    p = FORK.Process(target=_victim_get, args=(q, started))
+    p.start()
+    assert started.wait(10)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(10)
+    q.put("still works")
+    assert q.get(timeout=5) == "still works"
+    assert q.qsize() == 0
+
+
+def _flood_then_die(q, n):
+    for i in range(n):
+        q.put(i)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_producer_killed_messages_intact_in_order():
+    q = procpool.Queue()
+    assert run_child(_flood_then_die, q, 5000) == -signal.SIGKILL
+    assert q.qsize() == 5000
+    assert q.get_many(timeout=5) == list(range(5000))
+
+
+def test_joinable_queue_task_done_and_join():
+    jq = procpool.JoinableQueue()
+    jq.put("a")
+    jq.put("b")
+    assert jq.join(timeout=0.02) is False
+    p = FORK.Process(target=_work_and_ack, args=(jq, 2))
+    p.start()
+    assert jq.join(timeout=10) is True
+    p.join(10)
+    with pytest.raises(ValueError):
+        jq.task_done()
+
+
+def _work_and_ack(jq, n):
+    for _ in range(n):
+        jq.get(timeout=10)
+        jq.task_done()
+
+
+def test_simple_queue():
+    sq = procpool.SimpleQueue()
+    assert sq.empty()
+    sq.put({"a": 1})
+    assert not sq.empty()
+    assert sq.get() == {"a": 1}
+    sq.close()
+
+
+def _roundtrip(q_in, q_out):
+    q_out.put(q_in.get(timeout=10) * 2)
+    return "done"
+
+
+def test_queue_passes_to_pool_tasks_and_through_queues():
+    q_in, q_out = procpool.Queue(), procpool.Queue()
+    q_in.put(21)
+    with procpool.Pool(1) as pool:
+        assert pool.apply_async(_roundtrip, (q_in, q_out)).get(20) == "done"
+    assert q_out.get(timeout=5) == 42
+    # a queue inside a message of another queue: its descriptors travel along
+    carrier = procpool.Queue()
+    carrier.put(q_out)
+    inner = carrier.get(timeout=5)
+    inner.put("via carried queue")
+    assert q_out.get(timeout=5) == "via carried queue"
+    inner.close()
+    q_in.put(1)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_roundtrip, (q_in, q_out)).get(20) == "done"
+    assert q_out.get(timeout=5) == 2
+
+
+def test_joinable_queue_passes_to_spawned_process():
+    jq = procpool.JoinableQueue()
+    jq.put(1)
+    assert run_child(_work_and_ack, jq, 1, ctx=SPAWN, timeout=30) == 0
+    assert jq.join(timeout=5)
+
+
+def test_plain_pickle_is_refused():
+    with pytest.raises(RuntimeError):
+        pickle.dumps(procpool.Queue())
+
+
+def _open_named(name):
+    q = procpool.Queue.open(name)
+    q.put(("from", os.getpid(), q.get(timeout=10)))
+
+
+def test_named_queue_opened_by_an_unrelated_process():
+    name = f"pptest-q-{uuid.uuid4().hex[:8]}"
+    q = procpool.Queue(name=name)
+    try:
+        with pytest.raises(FileExistsError):
+            procpool.Queue(name=name)
+        q.put("hello")
+        assert run_child(_open_named, name, ctx=SPAWN, timeout=30) == 0
+        tag, _pid, msg = q.get(timeout=5)
+        assert (tag, msg) == ("from", "hello")
+    finally:
+        q.unlink()
+    with pytest.raises(FileNotFoundError):
+        procpool.Queue.open(name)
+    q.close()
+
+
+def test_qsize_exact_with_many_messages():
+    q = procpool.Queue()
+    q.put_many(range(3000))
+    assert q.qsize() == 3000
+    q.get_many(max_messages=1234)
+    assert q.qsize() == 3000 - 1234
+    q.get_many()
+    assert q.qsize() == 0 and q.empty()
