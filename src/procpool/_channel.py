@@ -91,11 +91,16 @@ class Channel:
             if stop > end:
                 break
             body = memoryview(bytes(buf[offset + FRAME.size : stop]))
-            fds = [self._rfds.popleft() for _ in range(nfds)] if nfds else []
+            fds = [self._take_fd() for _ in range(nfds)] if nfds else []
             ready.append((kind, body, fds))
             offset = stop
         if offset:
             del buf[:offset]
+
+    def _take_fd(self) -> int:
+        # -1 stands for a descriptor the kernel dropped (MSG_CTRUNC: the receiver was out of
+        # fds); unpickling that payload then fails, and only that task fails with it
+        return self._rfds.popleft() if self._rfds else -1
 
     def recv_frame(self) -> tuple[int, memoryview, list[int]]:
         """Block until one frame has arrived and return it (raise ChannelClosed at EOF)."""

@@ -47,7 +47,7 @@ from typing import Any
 
 from . import _protocol as P
 from . import _serialize
-from ._channel import MAX_FDS_PER_FRAME, Channel
+from ._channel import MAX_FDS_PER_FRAME, RECV_SIZE, Channel
 from ._start import INTERNAL_FDS, Launcher, Proc, describe_exit, send_signal
 from ._worker import FUNC_CACHE
 from .errors import (
@@ -203,6 +203,7 @@ class _Worker:
         "writing",
         "driven",
         "progress",
+        "mask",
     )
 
     def __init__(self, wid: int, proc: Proc) -> None:
@@ -221,6 +222,7 @@ class _Worker:
         self.writing = False
         self.driven: Task | None = None  # a caller reads its channel (Scheduler.drive)
         self.progress: Any = None  # mmap of the progress slot (see _protocol.PROGRESS)
+        self.mask = select.EPOLLIN  # what epoll watches on its channel (see _set_mask)
 
 
 class Scheduler:
@@ -426,6 +428,7 @@ class Scheduler:
                 ):
                     job.space.wait(1.0)
                 if self._state == TERMINATING or self._state == FINISHED or self._broken:
+                    error = self._stopped_error()  # the caller's iterator must say why
                     break
                 room = job.limit - job.held
             batch: list = []
@@ -446,6 +449,12 @@ class Scheduler:
                 self._wake()
         with self._lock:
             self._input_end(job, error, on_end)
+            self._wake()  # someone must deliver the end of input
+
+    def _stopped_error(self) -> BaseException:
+        if self._broken is not None:
+            return self._broken_error()
+        return PoolTerminated("the pool was terminated")
 
     def _input_end(self, job: MapJob, error: BaseException | None, on_end: Callable | None) -> None:
         if job.input_done:
@@ -459,10 +468,7 @@ class Scheduler:
 
     def _queue_job(self, job: MapJob) -> None:
         if self._broken is not None or self._state == TERMINATING:
-            self._fail_job(
-                job,
-                self._broken_error() if self._broken else PoolTerminated("the pool was terminated"),
-            )
+            self._fail_job(job, self._stopped_error())
             return
         if not job.queued and (job.available() or not job.input_done):
             job.queued = True
@@ -860,15 +866,12 @@ class Scheduler:
     def _read(self, w: _Worker) -> None:
         chan = w.chan
         for _ in range(64):  # up to 4 MiB per wake-up; epoll is level-triggered for the rest
-            if chan.fill() <= 0:
+            if chan.fill() < RECV_SIZE:  # a short read: nothing more is waiting
                 break
         self._handle_frames(w)
         if chan.eof and not w.eof:
             w.eof = True
-            try:
-                self._epoll.modify(chan.fileno(), 0)  # stop level-triggered EOF wake-ups
-            except OSError:
-                pass
+            self._set_mask(w)  # stop level-triggered EOF wake-ups
             self._kill(w)  # it closed its channel: make sure it is really gone
             if w.proc.pidfd < 0:  # no pidfd to tell us: the I/O thread reaps it now
                 self._dead.append(w)
@@ -881,6 +884,7 @@ class Scheduler:
             elif kind == P.READY:
                 w.ready = True
                 self._startup_failures = 0
+                self._set_mask(w)
             elif kind == P.INIT_FAILED:
                 info = pickle.loads(body)
                 cause = rebuild_error(info)
@@ -917,6 +921,8 @@ class Scheduler:
         self._est = est
         w.cost = cost if inflight else 0.0
         self._maybe_exit(w)
+        if not inflight:
+            self._set_mask(w)
 
     def _maybe_exit(self, w: _Worker) -> None:
         if w.retiring and not w.inflight and not w.exit_sent:
@@ -941,15 +947,21 @@ class Scheduler:
         self._set_mask(w)
 
     def _set_mask(self, w: _Worker) -> None:
-        """Watch a worker's channel for input (unless a caller drives it, or it hit EOF) and
-        for output room while its outbox is not empty."""
-        mask = 0 if (w.driven is not None or w.eof) else select.EPOLLIN
+        """Watch a worker's channel for input while something is expected from it (it holds
+        tasks, has not said READY, or has no pidfd to report its death) and no caller drives
+        it; for output room while its outbox is not empty.  An idle worker's channel is left
+        out of the epoll set: `apply` then costs no epoll_ctl at all."""
+        mask = 0
+        if w.driven is None and not w.eof and (w.inflight or not w.ready or w.proc.pidfd < 0):
+            mask = select.EPOLLIN
         if w.writing:
             mask |= select.EPOLLOUT
-        try:
-            self._epoll.modify(w.chan.fileno(), mask)
-        except (OSError, ValueError):
-            pass
+        if mask != w.mask:
+            w.mask = mask
+            try:
+                self._epoll.modify(w.chan.fileno(), mask)
+            except (OSError, ValueError):
+                pass
 
     def _cost(self, task: Task) -> float:
         est = self._est
@@ -1101,6 +1113,7 @@ class Scheduler:
             )
         chan.push(P.frame(P.TASKS, body, len(fds)), fds)
         self._flush(w)
+        self._set_mask(w)
 
     # ------------------------------------------------------------------ timers
     def _add_timer(self, delay: float, kind: str, what: Any) -> None:

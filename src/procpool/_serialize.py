@@ -19,11 +19,14 @@ function defined in ``__main__`` after the pool started is still found in the wo
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import pickle
 import reprlib
+import sys
 import threading
+import weakref
 from typing import Any
 
 import cloudpickle
@@ -166,10 +169,36 @@ def dumps_function(func: Any) -> bytes:
         raise SerializationError(f"cannot pickle the function {describe(func)}: {exc}") from exc
 
 
-def _map_buffer(fd: int) -> mmap.mmap:
-    size = os.fstat(fd).st_size
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-    return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+if sys.version_info >= (3, 13):
+
+    def _map_buffer(fd: int) -> Any:
+        """Map a received memfd; the mapping keeps no descriptor open (trackfd=False)."""
+        size = os.fstat(fd).st_size
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        return mmap.mmap(fd, size, flags=flags, prot=prot, trackfd=False)  # type: ignore[call-arg]
+
+else:  # mmap.mmap dup()s the fd and keeps it for the mapping's life: map it ourselves
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.mmap.restype = ctypes.c_void_p
+    _libc.mmap.argtypes = [
+        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long
+    ]
+    _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    _MAP_FAILED = ctypes.c_void_p(-1).value
+
+    def _map_buffer(fd: int) -> Any:
+        """Map a received memfd without keeping a descriptor: a program may hold thousands of
+        received arrays without running out of fds.  Unmapped when the last view is freed."""
+        size = os.fstat(fd).st_size
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
+        if addr is None or addr == _MAP_FAILED:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap of a received buffer failed: {os.strerror(err)}")
+        region = (ctypes.c_char * size).from_address(addr)
+        weakref.finalize(region, _libc.munmap, addr, size)
+        return memoryview(region).cast("B")
 
 
 def loads(data: bytes | memoryview, nbuf: int = 0, fds: list[int] | None = None) -> Any:

@@ -200,6 +200,9 @@ class ForkServerLauncher(Launcher):
     method = "forkserver"
 
     def __init__(self) -> None:
+        self._start_server()
+
+    def _start_server(self) -> None:
         self._ctl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._pid = _spawn_python(
@@ -210,6 +213,14 @@ class ForkServerLauncher(Launcher):
         INTERNAL_FDS.add(self._ctl.fileno())
 
     def start(self) -> Proc:
+        try:
+            return self._fork()
+        except OSError:  # the server died (OOM killer, a stray kill): start a new one, once
+            self.close()
+            self._start_server()
+            return self._fork()
+
+    def _fork(self) -> Proc:
         self._ctl.sendall(_REQ.pack(b"S", 0))
         data, anc, _, _ = self._ctl.recvmsg(_REPLY.size, socket.CMSG_SPACE(2 * 4))
         if len(data) < _REPLY.size:
