@@ -168,6 +168,9 @@ class Channel:
 
     def send_frame(self, data: bytes | bytearray, fds: list[int] | None = None) -> None:
         """Blocking write of one frame (worker side)."""
+        if not fds and not self._out:
+            self.sock.sendall(data)  # the common case: one syscall, no outbox
+            return
         self.push(data, fds)
         while not self.flush():
             pass

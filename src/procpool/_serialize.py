@@ -128,12 +128,12 @@ def recv_fd(token: int) -> int:
 
 
 #: types that can hold neither a large buffer nor a file descriptor (nor anything else)
-_PLAIN = frozenset({int, float, str, bool, type(None), complex})
+PLAIN = frozenset({int, float, str, bool, type(None), complex})
 
 
 def dumps_call(args: tuple, kwds: dict) -> Payload:
     """Serialize a call's ``(args, kwds)``; the common all-scalar case skips the machinery."""
-    if not kwds and all(type(a) in _PLAIN for a in args):
+    if not kwds and all(type(a) in PLAIN for a in args):
         return Payload(pickle.dumps((args, kwds), PROTOCOL))
     return dumps((args, kwds))
 

@@ -32,6 +32,7 @@ from .errors import SerializationError, TaskTimeout
 FLUSH_INTERVAL = 1e-3  # seconds of work after which buffered results are sent anyway
 FLUSH_BYTES = 256 * 1024
 FUNC_CACHE = 1024  # the parent mirrors this FIFO (see _scheduler)
+PLAIN = _serialize.PLAIN
 
 
 def error_info(exc: BaseException) -> tuple:
@@ -124,6 +125,9 @@ class Worker:
         self.last_flush = time.perf_counter()
 
     def add_result(self, task_id: int, status: int, duration: float, value: Any) -> None:
+        if type(value) in PLAIN:  # the common tiny result: no out-of-band machinery
+            P.pack_result(self.out, task_id, status, duration, 0, 0, pickle.dumps(value, 5))
+            return
         try:
             payload = _serialize.dumps(value)
         except SerializationError as exc:
