@@ -48,20 +48,18 @@ from typing import Any
 from . import _protocol as P
 from . import _serialize
 from ._channel import MAX_FDS_PER_FRAME, RECV_SIZE, Channel
+from ._errinfo import rebuild_error
 from ._start import INTERNAL_FDS, Launcher, Proc, describe_exit, send_signal
+from ._tasks import _DONE, _PENDING, _SENT, MapJob, Task
 from ._worker import FUNC_CACHE
 from .errors import (
     InitializerError,
     PoolTerminated,
-    RemoteError,
-    RemoteTraceback,
     SerializationError,
-    TaskTimeout,
     TaskTimeoutError,
     WorkerLostError,
 )
 
-CHUNK_TARGET = 2e-3  # seconds of work per map chunk
 INFLIGHT_BUDGET = 5e-3  # seconds of estimated work a worker may hold
 PREFETCH_LIMIT = 50e-3  # tasks shorter than this get one more queued behind them
 MAX_INFLIGHT = 4096  # tasks a worker may hold, whatever their cost
@@ -71,119 +69,8 @@ EXIT_GRACE = 5.0  # seconds a worker told to exit gets before SIGKILL
 STARTUP_FAILURES = 3  # workers dying before READY, in a row, before the pool gives up
 
 RUNNING, CLOSING, TERMINATING, FINISHED = "RUNNING", "CLOSING", "TERMINATING", "FINISHED"
-_PENDING, _SENT, _DONE = 0, 1, 2
 
 _live: weakref.WeakSet[Scheduler] = weakref.WeakSet()
-
-
-class Task:
-    """One unit sent to a worker: a single call, or a chunk of a map job."""
-
-    __slots__ = (
-        "id",
-        "fid",
-        "func_blob",
-        "kind",
-        "payload",
-        "timeout",
-        "sink",
-        "index",
-        "n_items",
-        "attempts",
-        "retries",
-        "retry_on",
-        "label",
-        "state",
-        "worker",
-        "cancel_requested",
-        "timed_out",
-        "job",
-        "cost",
-    )
-
-    def __init__(self, tid, fid, func_blob, kind, payload, sink, label, timeout, retries, retry_on):
-        self.id = tid
-        self.fid = fid
-        self.func_blob = func_blob
-        self.kind = kind
-        self.payload: _serialize.Payload = payload
-        self.sink = sink
-        self.label = label
-        self.timeout = timeout
-        self.retries = retries
-        self.retry_on = retry_on
-        self.index = 0
-        self.n_items = 1
-        self.attempts = 0
-        self.state = _PENDING
-        self.worker: _Worker | None = None
-        self.cancel_requested = False
-        self.timed_out = False
-        self.job: MapJob | None = None
-        self.cost = 0.0
-
-    def release(self) -> None:
-        self.payload.close()
-
-
-class MapJob:
-    """A map/imap over many items, cut into chunk Tasks on demand by the dispatcher."""
-
-    def __init__(self, sched, fid, blob, kind, sink, label, timeout, retries, chunksize, limit):
-        self.sched = sched
-        self.fid, self.blob, self.kind = fid, blob, kind
-        self.sink = sink
-        self.label = label
-        self.timeout = timeout
-        self.retries = retries
-        self.chunksize = chunksize
-        self.buf: list[Any] = []  # items read; buf[pos:] are not cut into chunks yet
-        self.pos = 0
-        self.next_index = 0  # index (in the whole input) of buf[pos]
-        self.input_done = False
-        self.queued = False  # in the scheduler's pending deque
-        self.limit = limit  # max items held (read, not consumed): None for lists
-        self.held = 0
-        self.space = threading.Condition(sched._lock)
-
-    def chunk_size(self, est: float | None, nworkers: int) -> int:
-        if self.chunksize:
-            return self.chunksize
-        if self.timeout:
-            return 1
-        if est is None:  # nothing measured yet
-            if self.input_done:  # a list: small first chunks, as multiprocessing's len/(4n)
-                return max(1, min(-(-self.available() // (4 * nworkers)), 64))
-            return 1  # imap: probe with one item before committing to big chunks
-        size = max(1, int(CHUNK_TARGET / max(est, 1e-8)))
-        if self.input_done:  # shrink near the end so the last chunks spread over the workers
-            size = min(size, max(1, -(-self.available() // (2 * nworkers))))
-        return size
-
-    def available(self) -> int:
-        return len(self.buf) - self.pos
-
-    def add(self, items: list) -> None:
-        if self.pos > 65536 and self.pos * 2 > len(self.buf):  # compact now and then
-            del self.buf[: self.pos]
-            self.pos = 0
-        self.buf.extend(items)
-
-    def take(self, size: int, idle: bool) -> list | None:
-        """Up to *size* items from the buffer, or None if the dispatcher should wait."""
-        left = self.available()
-        if not left or (left < size and not self.input_done and not idle):
-            return None  # nothing, or more input is coming: wait for a fuller chunk
-        n = min(size, left)
-        items = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        return items
-
-    def release(self, n: int) -> None:
-        """The caller consumed *n* results (imap): make room for more input."""
-        with self.space:
-            self.held -= n
-            self.space.notify()
 
 
 class _Worker:
@@ -400,7 +287,7 @@ class Scheduler:
         fid, blob = self.function(func)
         kind = P.STARMAP if star else P.MAP
         limit = max(IMAP_HELD, 4 * self.processes * (chunksize or 1)) if lazy else None
-        job = MapJob(self, fid, blob, kind, sink, label, timeout, retries, chunksize, limit)
+        job = MapJob(self._lock, fid, blob, kind, sink, label, timeout, retries, chunksize, limit)
         with self._lock:
             self._check_running()
             self._jobs_open += 1
@@ -779,7 +666,7 @@ class Scheduler:
             self._fail(task, CancelledError())
         elif task.timed_out:
             err = TaskTimeoutError(
-                f"{self._describe(task)} exceeded its timeout of {task.timeout}s and did not stop"
+                f"{task.describe()} exceeded its timeout of {task.timeout}s and did not stop"
                 f" within {self._grace}s; its worker (pid {w.proc.pid}) was killed",
                 task.timeout,
                 hard=True,
@@ -794,20 +681,12 @@ class Scheduler:
             self._fail(
                 task,
                 WorkerLostError(
-                    f"worker pid {w.proc.pid} {how} {when} {self._describe(task)}{tries}",
+                    f"worker pid {w.proc.pid} {how} {when} {task.describe()}{tries}",
                     code,
                     task.attempts,
                     result_lost=when != "while running",
                 ),
             )
-
-    @staticmethod
-    def _describe(task: Task) -> str:
-        if task.job is not None:
-            last = task.index + task.n_items - 1
-            items = f"item {task.index}" if last == task.index else f"items {task.index}-{last}"
-            return f"{items} of {task.label}"
-        return f"task {task.id} ({task.label})"
 
     def _needs_workers(self) -> bool:
         if self._broken is not None or len(self._workers) >= self.processes:
@@ -1025,7 +904,7 @@ class Scheduler:
             )
             task.job, task.index, task.n_items = job, index, len(items)
             task.state = _DONE
-            self._fail(task, SerializationError(f"{self._describe(task)}: {exc}"))
+            self._fail(task, SerializationError(f"{task.describe()}: {exc}"))
             return None
         task = Task(
             next(self._tids),
@@ -1203,7 +1082,7 @@ class Scheduler:
             value = _serialize.loads(data, nbuf, fds)
         except BaseException as exc:  # noqa: BLE001 - never lets a bad result kill the thread
             err = SerializationError(
-                f"the result of {self._describe(task)} could not be unpickled: {exc!r}"
+                f"the result of {task.describe()} could not be unpickled: {exc!r}"
             )
             err.__cause__ = exc
             sink._on_error(task, err)
@@ -1224,28 +1103,6 @@ class Scheduler:
             task.state = _PENDING
             self._pending.appendleft(task)
             self._wake()
-
-
-def rebuild_error(info: tuple, task: Task | None = None) -> BaseException:
-    """Turn a worker's error tuple back into an exception with the remote traceback as cause."""
-    blob, name, message, tb = info
-    exc: Any = None
-    if blob is not None:
-        try:
-            exc = pickle.loads(blob)
-        except BaseException as why:  # noqa: BLE001
-            message = f"{message} (the exception could not be rebuilt here: {why!r})"
-        if not isinstance(exc, BaseException):
-            exc = None
-    if exc is None:
-        exc = RemoteError(f"{name}: {message}", name)
-    exc.__cause__ = RemoteTraceback(tb)
-    if isinstance(exc, TaskTimeout) and task is not None:
-        where = Scheduler._describe(task)
-        outer = TaskTimeoutError(f"{where} exceeded its timeout of {task.timeout}s", task.timeout)
-        outer.__cause__ = exc
-        return outer
-    return exc
 
 
 def _after_fork_in_child() -> None:

@@ -21,39 +21,18 @@ import signal
 import socket
 import sys
 import time
-import traceback
 from typing import Any
 
 from . import _protocol as P
 from . import _serialize
 from ._channel import Channel, ChannelClosed
+from ._errinfo import error_info
 from .errors import SerializationError, TaskTimeout
 
 FLUSH_INTERVAL = 1e-3  # seconds of work after which buffered results are sent anyway
 FLUSH_BYTES = 256 * 1024
 FUNC_CACHE = 1024  # the parent mirrors this FIFO (see _scheduler)
 PLAIN = _serialize.PLAIN
-
-
-def error_info(exc: BaseException) -> tuple:
-    """The error tuple for *exc* (see the module docstring)."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    tb = f'\n"""\n{tb}"""'
-    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-    try:
-        message = str(exc)
-    except Exception:
-        message = "<str() failed>"
-    blob: bytes | None
-    try:
-        payload = _serialize.dumps(exc, oob=False)
-        payload.close()
-        blob = payload.data
-        pickle.loads(blob)  # must round-trip here, or the caller would fail to rebuild it
-    except BaseException as why:  # noqa: BLE001 - anything: a broken __reduce__, a bad __init__
-        blob = None
-        message = f"{message} (the exception could not be sent back intact: {why!r})"
-    return (blob, name, message, tb)
 
 
 class _SoftTimeout:

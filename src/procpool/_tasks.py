@@ -1,0 +1,135 @@
+"""The units of work the scheduler moves: a Task (one call, or one chunk of a map) and a
+MapJob (a map/imap whose input is cut into chunk Tasks on demand).
+
+A Task's lifecycle: PENDING (queued) -> SENT (held by a worker) -> DONE; a task a dead worker
+had not started goes back to PENDING.  Its arguments are pickled once, by the submitting
+thread, and kept (``payload``) until it is done, so a retry needs no second pickling.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from . import _serialize
+
+CHUNK_TARGET = 2e-3  # seconds of work per map chunk
+
+_PENDING, _SENT, _DONE = 0, 1, 2
+
+
+class Task:
+    """One unit sent to a worker: a single call, or a chunk of a map job."""
+
+    __slots__ = (
+        "id",
+        "fid",
+        "func_blob",
+        "kind",
+        "payload",
+        "timeout",
+        "sink",
+        "index",
+        "n_items",
+        "attempts",
+        "retries",
+        "retry_on",
+        "label",
+        "state",
+        "worker",
+        "cancel_requested",
+        "timed_out",
+        "job",
+        "cost",
+    )
+
+    def __init__(self, tid, fid, func_blob, kind, payload, sink, label, timeout, retries, retry_on):
+        self.id = tid
+        self.fid = fid
+        self.func_blob = func_blob
+        self.kind = kind
+        self.payload: _serialize.Payload = payload
+        self.sink = sink
+        self.label = label
+        self.timeout = timeout
+        self.retries = retries
+        self.retry_on = retry_on
+        self.index = 0
+        self.n_items = 1
+        self.attempts = 0
+        self.state = _PENDING
+        self.worker: Any = None  # the scheduler's _Worker holding it, while SENT
+        self.cancel_requested = False
+        self.timed_out = False
+        self.job: MapJob | None = None
+        self.cost = 0.0
+
+    def release(self) -> None:
+        self.payload.close()
+
+    def describe(self) -> str:
+        """'task 7 (f)' or 'items 100-199 of map(f)', for error messages."""
+        if self.job is not None:
+            last = self.index + self.n_items - 1
+            items = f"item {self.index}" if last == self.index else f"items {self.index}-{last}"
+            return f"{items} of {self.label}"
+        return f"task {self.id} ({self.label})"
+
+
+class MapJob:
+    """A map/imap over many items, cut into chunk Tasks on demand by the dispatcher."""
+
+    def __init__(self, lock, fid, blob, kind, sink, label, timeout, retries, chunksize, limit):
+        self.fid, self.blob, self.kind = fid, blob, kind
+        self.sink = sink
+        self.label = label
+        self.timeout = timeout
+        self.retries = retries
+        self.chunksize = chunksize
+        self.buf: list[Any] = []  # items read; buf[pos:] are not cut into chunks yet
+        self.pos = 0
+        self.next_index = 0  # index (in the whole input) of buf[pos]
+        self.input_done = False
+        self.queued = False  # in the scheduler's pending deque
+        self.limit = limit  # max items held (read, not consumed): None for lists
+        self.held = 0
+        self.space = threading.Condition(lock)  # the scheduler's lock: the feeder waits on it
+
+    def chunk_size(self, est: float | None, nworkers: int) -> int:
+        if self.chunksize:
+            return self.chunksize
+        if self.timeout:
+            return 1
+        if est is None:  # nothing measured yet
+            if self.input_done:  # a list: small first chunks, as multiprocessing's len/(4n)
+                return max(1, min(-(-self.available() // (4 * nworkers)), 64))
+            return 1  # imap: probe with one item before committing to big chunks
+        size = max(1, int(CHUNK_TARGET / max(est, 1e-8)))
+        if self.input_done:  # shrink near the end so the last chunks spread over the workers
+            size = min(size, max(1, -(-self.available() // (2 * nworkers))))
+        return size
+
+    def available(self) -> int:
+        return len(self.buf) - self.pos
+
+    def add(self, items: list) -> None:
+        if self.pos > 65536 and self.pos * 2 > len(self.buf):  # compact now and then
+            del self.buf[: self.pos]
+            self.pos = 0
+        self.buf.extend(items)
+
+    def take(self, size: int, idle: bool) -> list | None:
+        """Up to *size* items from the buffer, or None if the dispatcher should wait."""
+        left = self.available()
+        if not left or (left < size and not self.input_done and not idle):
+            return None  # nothing, or more input is coming: wait for a fuller chunk
+        n = min(size, left)
+        items = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return items
+
+    def release(self, n: int) -> None:
+        """The caller consumed *n* results (imap): make room for more input."""
+        with self.space:
+            self.held -= n
+            self.space.notify()
