@@ -1,0 +1,204 @@
+"""Dispatch, the scheduler's half that decides which task goes to which worker, in what batch.
+
+A worker may take more tasks while the work it holds is estimated below ``INFLIGHT_BUDGET``
+seconds (``Scheduler._est``: a running mean of the per-item time the workers report); unknown
+cost means one task at a time, and a task with a timeout runs alone.  Pending tasks are handed
+round-robin, one at a time, to the workers that can take them, and each worker's share goes out
+as one TASKS frame (plus a FUNC frame for each function it has not seen).  A mixin of
+:class:`procpool._scheduler.Scheduler`, whose lock is held by every method here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from . import _protocol as P
+from . import _serialize
+from ._channel import MAX_FDS_PER_FRAME
+from ._supervise import TERMINATING, _Worker
+from ._tasks import _DONE, _PENDING, _SENT, MapJob, Task
+from ._worker import FUNC_CACHE
+from .errors import (
+    SerializationError,
+)
+
+INFLIGHT_BUDGET = 5e-3  # seconds of estimated work a worker may hold
+PREFETCH_LIMIT = 50e-3  # tasks shorter than this get one more queued behind them
+MAX_INFLIGHT = 4096  # tasks a worker may hold, whatever their cost
+
+
+class Dispatch:
+    """Mixin: batching pending work onto workers (see the module docstring)."""
+
+    # provided by Scheduler
+    processes: int
+    _workers: dict[int, _Worker]
+    _pending: Any
+    _broken: BaseException | None
+    _state: str
+    _est: float | None
+    _maxtasks: int | None
+    _grace: float
+    _tids: Iterator[int]
+
+    if TYPE_CHECKING:  # provided by Scheduler and WorkerSupervision
+
+        def _fail(self, task: Task, error: BaseException) -> None: ...
+        def _add_timer(self, delay: float, kind: str, what: Any) -> None: ...
+        def _accepts(self, w: _Worker) -> bool: ...
+        def _flush(self, w: _Worker) -> None: ...
+        def _set_mask(self, w: _Worker) -> None: ...
+
+    def _cost(self, task: Task) -> float:
+        est = self._est
+        return float("inf") if est is None else est * task.n_items
+
+    def _can_take(self, w: _Worker, cost: float, exclusive: bool) -> bool:
+        if not w.inflight:
+            return True
+        if exclusive or len(w.inflight) >= MAX_INFLIGHT or self._est is None:
+            return False
+        budget = max(INFLIGHT_BUDGET, min(2 * cost, PREFETCH_LIMIT))
+        return w.cost + cost <= budget
+
+    def _next_for(self, w: _Worker) -> Task | None:
+        """The next task for worker *w* from the pending queue, or None if it should wait."""
+        pending = self._pending
+        while pending:
+            head = pending[0]
+            if isinstance(head, Task):
+                if head.state != _PENDING:
+                    pending.popleft()
+                    continue
+                if not self._can_take(w, self._cost(head), bool(head.timeout)):
+                    return None
+                pending.popleft()
+                if getattr(head.sink, "needs_start", False) and head.attempts == 0:
+                    if not head.sink._start():  # a Future cancelled while pending
+                        head.state = _DONE
+                        head.release()
+                        continue
+                return head
+            job = head
+            size = job.chunk_size(self._est, self.processes)
+            est = self._est
+            cost = float("inf") if est is None else est * size
+            if not self._can_take(w, cost, bool(job.timeout)):
+                return None
+            items = job.take(size, idle=not w.inflight)
+            if items is None:
+                if job.available():
+                    return None  # a fuller chunk is coming: wait (FIFO)
+                pending.popleft()  # waiting for input; the feeder queues it again
+                job.queued = False
+                continue
+            if not job.available() and job.input_done:
+                pending.popleft()  # that was its last chunk
+                job.queued = False
+            task = self._chunk_task(job, items)
+            if task is not None:
+                return task
+        return None
+
+    def _chunk_task(self, job: MapJob, items: list) -> Task | None:
+        index = job.next_index
+        job.next_index += len(items)
+        try:
+            payload = _serialize.dumps(items)
+        except SerializationError as exc:
+            task = Task(
+                0, 0, b"", job.kind, _serialize.Payload(b""), job.sink, job.label, None, 0, ()
+            )
+            task.job, task.index, task.n_items = job, index, len(items)
+            task.state = _DONE
+            self._fail(task, SerializationError(f"{task.describe()}: {exc}"))
+            return None
+        task = Task(
+            next(self._tids),
+            job.fid,
+            job.blob,
+            job.kind,
+            payload,
+            job.sink,
+            job.label,
+            job.timeout,
+            job.retries,
+            (),
+        )
+        task.job, task.index, task.n_items = job, index, len(items)
+        return task
+
+    def _dispatch(self) -> None:
+        """Hand pending work to workers that can take it, one batch (frame) per worker."""
+        if not self._pending or self._broken is not None or self._state == TERMINATING:
+            return
+        workers = [w for w in self._workers.values() if self._accepts(w)]
+        if not workers:
+            return
+        workers.sort(key=lambda w: w.cost if w.inflight else -1.0)
+        batches: dict[int, list[Task]] = {}
+        active = workers
+        while self._pending and active:
+            still = []
+            for w in active:
+                if w.retiring or w.exclusive:  # reached maxtasksperchild, or runs a timed task
+                    continue
+                task = self._next_for(w)
+                if task is None:
+                    continue
+                self._assign(w, task)
+                batches.setdefault(w.wid, []).append(task)
+                still.append(w)
+                if not self._pending:
+                    break
+            active = still
+        for wid, tasks in batches.items():
+            self._send(self._workers[wid], tasks)
+
+    def _assign(self, w: _Worker, task: Task) -> None:
+        task.state = _SENT
+        task.worker = w
+        task.attempts += 1
+        w.inflight[task.id] = task
+        cost = self._cost(task)
+        task.cost = 0.0 if cost == float("inf") else cost
+        w.cost += task.cost
+        if task.timeout:
+            w.exclusive = True
+            self._add_timer(task.timeout + self._grace, "hard", (task, task.attempts))
+        w.sent += 1
+        if self._maxtasks and w.sent >= self._maxtasks:
+            w.retiring = True
+
+    def _send(self, w: _Worker, tasks: list[Task]) -> None:
+        chan = w.chan
+        body = bytearray()
+        fds: list[int] = []
+        for task in tasks:
+            if task.fid not in w.known:
+                chan.push(P.frame(P.FUNC, P.FUNC_HEAD.pack(task.fid) + task.func_blob))
+                w.known[task.fid] = None
+                if len(w.known) > FUNC_CACHE:
+                    del w.known[next(iter(w.known))]
+            payload = task.payload
+            if payload.fds:
+                if len(fds) + len(payload.fds) > MAX_FDS_PER_FRAME and body:
+                    chan.push(P.frame(P.TASKS, body, len(fds)), fds)
+                    body, fds = bytearray(), []
+                fds.extend(os.dup(fd) for fd in payload.fds)  # keep ours for a retry
+            nfd = len(payload.fds) - payload.nbuf
+            P.pack_task(
+                body,
+                task.id,
+                task.fid,
+                task.kind,
+                task.timeout or 0.0,
+                payload.nbuf,
+                nfd,
+                payload.data,
+            )
+        chan.push(P.frame(P.TASKS, body, len(fds)), fds)
+        self._flush(w)
+        self._set_mask(w)

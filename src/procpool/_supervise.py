@@ -1,0 +1,346 @@
+"""Worker supervision, the scheduler's half that deals with the processes themselves.
+
+Starting a worker (its channel and pidfd into the epoll set, its progress slot, the INIT frame),
+reading what it sends (READY, RESULTS, INIT_FAILED, RETIRE), writing to it (outbox and
+EPOLLOUT), deciding what epoll watches on its channel, and burying it when it dies: the task it
+was running fails (or is retried), the tasks it had not started go back to the queue, and a
+replacement is started.  A mixin of :class:`procpool._scheduler.Scheduler`, whose lock is held
+by every method here.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import select
+import signal
+from collections.abc import Iterator
+from concurrent.futures import CancelledError
+from typing import TYPE_CHECKING, Any
+
+from . import _protocol as P
+from . import _serialize
+from ._channel import RECV_SIZE, Channel
+from ._errinfo import rebuild_error
+from ._start import INTERNAL_FDS, Launcher, Proc, describe_exit, send_signal
+from ._tasks import _DONE, _PENDING, Task
+from .errors import (
+    InitializerError,
+    PoolTerminated,
+    TaskTimeoutError,
+    WorkerLostError,
+)
+
+EXIT_GRACE = 5.0  # seconds a worker told to exit gets before SIGKILL
+STARTUP_FAILURES = 3  # workers crashing before READY, in a row, before the pool gives up
+
+# the pool's states (Scheduler._state)
+RUNNING, CLOSING, TERMINATING, FINISHED = "RUNNING", "CLOSING", "TERMINATING", "FINISHED"
+
+
+class _Worker:
+    __slots__ = (
+        "wid",
+        "proc",
+        "chan",
+        "inflight",
+        "cost",
+        "known",
+        "exclusive",
+        "sent",
+        "retiring",
+        "exit_sent",
+        "ready",
+        "eof",
+        "writing",
+        "driven",
+        "progress",
+        "mask",
+    )
+
+    def __init__(self, wid: int, proc: Proc) -> None:
+        self.wid = wid
+        self.proc = proc
+        self.chan = Channel(proc.sock)
+        self.inflight: dict[int, Task] = {}
+        self.cost = 0.0
+        self.known: dict[int, None] = {}  # fids sent, FIFO, mirrors the worker's cache
+        self.exclusive = False
+        self.sent = 0
+        self.retiring = False
+        self.exit_sent = False
+        self.ready = False
+        self.eof = False
+        self.writing = False
+        self.driven: Task | None = None  # a caller reads its channel (Scheduler.drive)
+        self.progress: Any = None  # mmap of the progress slot (see _protocol.PROGRESS)
+        self.mask = select.EPOLLIN  # what epoll watches on its channel (see _set_mask)
+
+
+class WorkerSupervision:
+    """Mixin: the workers' lifecycle and their channels (see the module docstring)."""
+
+    # provided by Scheduler
+    processes: int
+    _launcher: Launcher
+    _workers: dict[int, _Worker]
+    _by_fd: dict[int, tuple[str, _Worker | None]]
+    _epoll: Any
+    _init_frame: bytes
+    _pending: Any
+    _dead: list[_Worker]
+    _state: str
+    _broken: BaseException | None
+    _startup_failures: int
+    _est: float | None
+    _deliveries: list[tuple]
+    _grace: float
+    _wids: Iterator[int]
+
+    if TYPE_CHECKING:  # Scheduler's own methods, used here
+
+        def _fail(self, task: Task, error: BaseException) -> None: ...
+        def _break(self, error: BaseException) -> None: ...
+        def _has_work(self) -> bool: ...
+        def _wake(self) -> None: ...
+        def _add_timer(self, delay: float, kind: str, what: Any) -> None: ...
+
+    def _spawn(self) -> None:
+        proc = self._launcher.start()
+        w = _Worker(next(self._wids), proc)
+        proc.sock.setblocking(False)
+        sfd = proc.sock.fileno()
+        INTERNAL_FDS.add(sfd)
+        self._workers[w.wid] = w
+        self._by_fd[sfd] = ("sock", w)
+        self._epoll.register(sfd, select.EPOLLIN)
+        if proc.pidfd >= 0:
+            INTERNAL_FDS.add(proc.pidfd)
+            self._by_fd[proc.pidfd] = ("pidfd", w)
+            self._epoll.register(proc.pidfd, select.EPOLLIN)
+        slot = os.memfd_create("procpool-progress", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(slot, P.PROGRESS_SIZE)
+            w.progress = mmap.mmap(slot, P.PROGRESS_SIZE)
+            w.chan.push(self._init_frame, [os.dup(slot)])
+        finally:
+            os.close(slot)
+        self._flush(w)
+
+    def _idle_worker(self) -> _Worker | None:
+        for w in self._workers.values():
+            if not w.inflight and self._accepts(w) and w.driven is None:
+                return w
+        return None
+
+    def _pool_idle(self) -> bool:
+        """No worker holds a task and one can take one: send inline, from the caller's thread.
+
+        Only then: while tasks stream in, queueing them lets the I/O thread send batches.
+        """
+        ok = False
+        for w in list(self._workers.values()):  # list(): atomic under the GIL, lock or not
+            if w.inflight:
+                return False
+            ok = ok or self._accepts(w)
+        return ok
+
+    @staticmethod
+    def _accepts(w: _Worker) -> bool:
+        return not (w.retiring or w.exit_sent or w.eof or w.exclusive)
+
+    def _kill(self, w: _Worker) -> None:
+        send_signal(w.proc, signal.SIGKILL)
+
+    def _kill_all(self) -> None:
+        for w in self._workers.values():
+            self._kill(w)
+
+    def _bury(self, w: _Worker, code: int | None) -> None:
+        """A worker is dead: release it, settle the tasks it held, replace it if needed."""
+        if self._workers.pop(w.wid, None) is None:
+            return
+        sfd = w.proc.sock.fileno()
+        for fd in (sfd, w.proc.pidfd) if w.proc.pidfd >= 0 else (sfd,):
+            self._by_fd.pop(fd, None)
+            INTERNAL_FDS.discard(fd)
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+        w.chan.close()
+        if w.proc.pidfd >= 0:
+            os.close(w.proc.pidfd)
+        how = describe_exit(code)
+        running, done = P.PROGRESS.unpack_from(w.progress)
+        w.progress.close()
+        held = list(w.inflight.values())  # in the order the worker runs them
+        w.inflight.clear()
+        ids = [t.id for t in held]
+        cut = ids.index(running) if running in ids else (ids.index(done) + 1 if done in ids else 0)
+        for task in held[:cut]:  # finished, but the result died with the worker
+            self._settle_lost(task, w, code, how, "after running")
+        if running in ids:
+            self._settle_lost(held[cut], w, code, how, "while running")
+            cut += 1
+        for task in reversed(held[cut:]):  # never started: send again, no attempt used
+            task.attempts -= 1
+            task.state = _PENDING
+            task.worker = None
+            if task.cancel_requested:
+                self._fail(task, CancelledError())
+            elif self._state == TERMINATING:
+                self._fail(task, PoolTerminated("the pool was terminated"))
+            else:
+                self._pending.appendleft(task)
+        killed = code is not None and -code in (signal.SIGKILL, signal.SIGTERM)
+        if not w.ready and not w.exit_sent and self._broken is None and not killed:
+            # it crashed while starting (initializer, imports): a few in a row means it always
+            # will; a worker killed from outside says nothing about the next one
+            self._startup_failures += 1
+            if self._startup_failures >= STARTUP_FAILURES:
+                self._break(
+                    WorkerLostError(
+                        f"{STARTUP_FAILURES} workers in a row died while starting; the last one"
+                        f" {how}",
+                        code,
+                    )
+                )
+        if self._needs_workers():
+            self._spawn()
+
+    def _settle_lost(self, task: Task, w: _Worker, code: int | None, how: str, when: str) -> None:
+        task.state = _PENDING
+        task.worker = None
+        if task.cancel_requested:
+            self._fail(task, CancelledError())
+        elif task.timed_out:
+            err = TaskTimeoutError(
+                f"{task.describe()} exceeded its timeout of {task.timeout}s and did not stop"
+                f" within {self._grace}s; its worker (pid {w.proc.pid}) was killed",
+                task.timeout,
+                hard=True,
+            )
+            self._fail(task, err)
+        elif self._state == TERMINATING:
+            self._fail(task, PoolTerminated("the pool was terminated"))
+        elif task.attempts <= task.retries:
+            self._pending.appendleft(task)  # retry first: it has waited longest
+        else:
+            tries = f" (after {task.attempts} attempts)" if task.attempts > 1 else ""
+            self._fail(
+                task,
+                WorkerLostError(
+                    f"worker pid {w.proc.pid} {how} {when} {task.describe()}{tries}",
+                    code,
+                    task.attempts,
+                    result_lost=when != "while running",
+                ),
+            )
+
+    def _needs_workers(self) -> bool:
+        if self._broken is not None or len(self._workers) >= self.processes:
+            return False
+        if self._state == RUNNING:
+            return True
+        return self._state == CLOSING and self._has_work()
+
+    def _read(self, w: _Worker) -> None:
+        chan = w.chan
+        for _ in range(64):  # up to 4 MiB per wake-up; epoll is level-triggered for the rest
+            if chan.fill() < RECV_SIZE:  # a short read: nothing more is waiting
+                break
+        self._handle_frames(w)
+        if chan.eof and not w.eof:
+            w.eof = True
+            self._set_mask(w)  # stop level-triggered EOF wake-ups
+            self._kill(w)  # it closed its channel: make sure it is really gone
+            if w.proc.pidfd < 0:  # no pidfd to tell us: the I/O thread reaps it now
+                self._dead.append(w)
+                self._wake()
+
+    def _handle_frames(self, w: _Worker) -> None:
+        for kind, body, fds in w.chan.frames():
+            if kind == P.RESULTS:
+                self._on_results(w, body, fds)
+            elif kind == P.READY:
+                w.ready = True
+                self._startup_failures = 0
+                self._set_mask(w)
+            elif kind == P.INIT_FAILED:
+                info = pickle.loads(body)
+                cause = rebuild_error(info)
+                err = InitializerError(f"the pool's initializer raised {info[1]}: {info[2]}")
+                err.__cause__ = cause
+                self._break(err)
+            elif kind == P.RETIRE:
+                w.retiring = True
+                self._maybe_exit(w)
+
+    def _on_results(self, w: _Worker, body: memoryview, fds: list[int]) -> None:
+        est = self._est
+        inflight = w.inflight
+        deliveries = self._deliveries
+        cost = w.cost
+        mine: list[int] = []
+        for task_id, status, duration, nbuf, nfd, data in P.iter_results(body):
+            if fds:
+                n = nbuf + nfd
+                mine, fds = fds[:n], fds[n:]
+            task = inflight.pop(task_id, None)
+            if task is None:  # cancelled or failed meanwhile
+                _serialize.Payload(b"", 0, mine).close()
+                continue
+            per_item = duration / task.n_items
+            est = per_item if est is None else 0.7 * est + 0.3 * per_item
+            cost -= task.cost
+            task.state = _DONE
+            task.worker = None
+            if task.timeout:
+                w.exclusive = False
+            deliveries.append(("result", task, status, data, nbuf, mine))
+            mine = []
+        self._est = est
+        w.cost = cost if inflight else 0.0
+        self._maybe_exit(w)
+        if not inflight:
+            self._set_mask(w)
+
+    def _maybe_exit(self, w: _Worker) -> None:
+        if w.retiring and not w.inflight and not w.exit_sent:
+            self._send_exit(w)
+
+    def _send_exit(self, w: _Worker) -> None:
+        w.exit_sent = True
+        w.chan.push(P.frame(P.EXIT))
+        self._flush(w)
+        self._add_timer(EXIT_GRACE, "exit", w)
+
+    def _flush(self, w: _Worker) -> None:
+        try:
+            done = w.chan.flush()
+        except OSError:  # the worker is gone; its pidfd will tell us how
+            w.chan.discard_output()
+            done = True
+        if done != (not w.writing):
+            return
+        w.writing = not done
+        self._set_mask(w)
+
+    def _set_mask(self, w: _Worker) -> None:
+        """Watch a worker's channel for input while something is expected from it (it holds
+        tasks, has not said READY, or has no pidfd to report its death) and no caller drives
+        it; for output room while its outbox is not empty.  An idle worker's channel is left
+        out of the epoll set: `apply` then costs no epoll_ctl at all."""
+        mask = 0
+        if w.driven is None and not w.eof and (w.inflight or not w.ready or w.proc.pidfd < 0):
+            mask = select.EPOLLIN
+        if w.writing:
+            mask |= select.EPOLLOUT
+        if mask != w.mask:
+            w.mask = mask
+            try:
+                self._epoll.modify(w.chan.fileno(), mask)
+            except (OSError, ValueError):
+                pass
