@@ -363,6 +363,8 @@ class Scheduler(WorkerSupervision, Dispatch):
                 w.driven = None
                 if w.wid in self._workers:
                     self._set_mask(w)
+                if self._state != RUNNING:
+                    self._wake()  # we may have read the last result close() waits for
 
     def cancel(self, task: Task, force: bool) -> bool:
         """Cancel a pending task; with *force*, stop a running one by replacing its worker."""

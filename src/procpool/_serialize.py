@@ -153,6 +153,9 @@ def dumps(obj: Any, *, oob: bool = True) -> Payload:
             except Exception as exc:
                 collector.discard()
                 raise SerializationError(f"cannot pickle {describe(obj)}: {exc}") from exc
+    except BaseException:  # SystemExit, KeyboardInterrupt...: no memfd may outlive the attempt
+        collector.discard()
+        raise
     finally:
         _tls.collector = previous
     if collector.buffer_fds or collector.passed_fds:

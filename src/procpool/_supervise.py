@@ -34,6 +34,7 @@ from .errors import (
 
 EXIT_GRACE = 5.0  # seconds a worker told to exit gets before SIGKILL
 STARTUP_FAILURES = 3  # workers crashing before READY, in a row, before the pool gives up
+MAX_BOUNCES = 5  # a task re-sent this often, never started, fails instead of going round again
 
 # the pool's states (Scheduler._state)
 RUNNING, CLOSING, TERMINATING, FINISHED = "RUNNING", "CLOSING", "TERMINATING", "FINISHED"
@@ -186,12 +187,20 @@ class WorkerSupervision:
             cut += 1
         for task in reversed(held[cut:]):  # never started: send again, no attempt used
             task.attempts -= 1
+            task.bounces += 1
             task.state = _PENDING
             task.worker = None
             if task.cancel_requested:
                 self._fail(task, CancelledError())
             elif self._state == TERMINATING:
                 self._fail(task, PoolTerminated("the pool was terminated"))
+            elif task.bounces > MAX_BOUNCES:  # whatever kills them, it is not this task's run
+                err = WorkerLostError(
+                    f"{task.describe()} was sent to {task.bounces} workers that all died before"
+                    f" it could start; the last one (pid {w.proc.pid}) {how}",
+                    code,
+                )
+                self._fail(task, err)
             else:
                 self._pending.appendleft(task)
         killed = code is not None and -code in (signal.SIGKILL, signal.SIGTERM)

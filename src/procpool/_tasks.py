@@ -41,6 +41,7 @@ class Task:
         "timed_out",
         "job",
         "cost",
+        "bounces",
     )
 
     def __init__(self, tid, fid, func_blob, kind, payload, sink, label, timeout, retries, retry_on):
@@ -63,6 +64,7 @@ class Task:
         self.timed_out = False
         self.job: MapJob | None = None
         self.cost = 0.0
+        self.bounces = 0  # times a dead worker handed it back unstarted
 
     def release(self) -> None:
         self.payload.close()

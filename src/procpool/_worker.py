@@ -35,6 +35,15 @@ FUNC_CACHE = 1024  # the parent mirrors this FIFO (see _scheduler)
 PLAIN = _serialize.PLAIN
 
 
+class _Pickled:
+    """A function as it arrived (FUNC frame), not yet unpickled."""
+
+    __slots__ = ("blob",)
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+
 class _SoftTimeout:
     """Arms SIGALRM around one task that has a timeout; leaves SIGALRM alone otherwise."""
 
@@ -109,9 +118,10 @@ class Worker:
             return
         try:
             payload = _serialize.dumps(value)
-        except SerializationError as exc:
+        except BaseException as exc:  # noqa: BLE001 - even SystemExit from a __reduce__
             status = P.ERROR
-            exc2 = SerializationError(f"the result of the task could not be pickled: {exc}")
+            why = exc.__cause__ if isinstance(exc, SerializationError) and exc.__cause__ else exc
+            exc2 = SerializationError(f"the result of the task could not be pickled: {why!r}")
             payload = _serialize.Payload(pickle.dumps(error_info(exc2)))
         nfd = len(payload.fds) - payload.nbuf
         P.pack_result(self.out, task_id, status, duration, payload.nbuf, nfd, payload.data)
@@ -121,7 +131,7 @@ class Worker:
     def run_record(self, rec: P.TaskRecord, fds: list[int]) -> None:
         start = time.perf_counter()
         task_id, fid, kind, timeout, nbuf, _, payload = rec
-        func = self.funcs[fid]
+        func = self.func(fid)
         try:
             data = _serialize.loads(payload, nbuf, fds)
         except BaseException as exc:  # noqa: BLE001
@@ -208,16 +218,27 @@ class Worker:
             return 0  # the parent is gone: nothing to report to
 
     def load_func(self, fid: int, blob: memoryview) -> None:
-        try:
-            func = pickle.loads(blob)
-        except BaseException as exc:  # noqa: BLE001 - every task using it will say why
-
-            def func(*args: Any, _exc: BaseException = exc, **kwds: Any) -> Any:
-                raise SerializationError(f"the task's function could not be unpickled: {_exc!r}")
-
-        self.funcs[fid] = func
+        # Kept pickled until a task uses it: unpickling runs user code (imports, __setstate__)
+        # that may crash the process, and it must then count against that task, which the
+        # progress slot already names as running -- not against tasks that never started.
+        self.funcs[fid] = _Pickled(bytes(blob))
         if len(self.funcs) > FUNC_CACHE:  # FIFO, mirrored by the parent
             del self.funcs[next(iter(self.funcs))]
+
+    def func(self, fid: int) -> Any:
+        func = self.funcs[fid]
+        if type(func) is _Pickled:
+            try:
+                func = pickle.loads(func.blob)
+            except BaseException as exc:  # noqa: BLE001 - every task using it will say why
+
+                def func(*args: Any, _exc: BaseException = exc, **kwds: Any) -> Any:
+                    raise SerializationError(
+                        f"the task's function could not be unpickled: {_exc!r}"
+                    )
+
+            self.funcs[fid] = func
+        return func
 
 
 def rss() -> int:
