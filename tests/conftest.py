@@ -80,6 +80,51 @@ def shm_entries() -> set[str]:
         return set()
 
 
+def _descendants(root: int) -> set[int]:
+    """*root* and every process below it (by ppid), live or zombie."""
+    parent = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = proc_stat(int(name))
+            if st is not None:
+                parent[int(name)] = st[1]
+    tree, grew = {root}, True
+    while grew:
+        more = {p for p, pp in parent.items() if pp in tree and p not in tree}
+        tree |= more
+        grew = bool(more)
+    return tree
+
+
+def _shm_in_use_elsewhere(names: set[str]) -> set[str]:
+    """The entries among *names* that a process outside this process's tree has open or mapped.
+
+    Other jobs share this machine's ``/dev/shm`` (e.g. a benchmark's loky semaphores): an entry
+    somebody else is using is theirs, not a leak of ours.  A leaked entry is used by nobody.
+    """
+    mine = _descendants(os.getpid())
+    paths = {f"/dev/shm/{n}": n for n in names}
+    used: set[str] = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in mine:
+            continue
+        try:
+            with open(f"/proc/{name}/maps") as f:
+                for line in f:
+                    path = line.rstrip("\n").split(None, 5)[-1]
+                    if path.endswith(" (deleted)"):
+                        continue
+                    if path in paths:
+                        used.add(paths[path])
+            for fd in os.listdir(f"/proc/{name}/fd"):
+                target = os.readlink(f"/proc/{name}/fd/{fd}")
+                if target in paths:
+                    used.add(paths[target])
+        except OSError:
+            continue
+    return used
+
+
 class LeakSnapshot:
     """What existed before; :meth:`leftovers` says what is new (empty when nothing leaked)."""
 
@@ -98,6 +143,8 @@ class LeakSnapshot:
             if fd not in self.fds or self.fds[fd] != target
         }
         new_shm = shm_entries() - self.shm
+        if new_shm:
+            new_shm -= _shm_in_use_elsewhere(new_shm)
         found: dict[str, object] = {}
         if new_children:
             found["child processes (pid: state)"] = new_children

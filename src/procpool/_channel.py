@@ -69,6 +69,12 @@ class Channel:
             return -1
         if ancdata:
             self._rfds.extend(_fds_from(ancdata))
+        if flags & socket.MSG_CTRUNC:
+            # The kernel dropped descriptors (this process is out of fds): the frames can no
+            # longer be matched with their fds. Treat the channel as broken -- the worker is
+            # replaced and its tasks settled -- rather than hand a task someone else's memfd.
+            self.eof = True
+            return -1
         if not data:
             self.eof = True
             return -1
@@ -98,9 +104,7 @@ class Channel:
             del buf[:offset]
 
     def _take_fd(self) -> int:
-        # -1 stands for a descriptor the kernel dropped (MSG_CTRUNC: the receiver was out of
-        # fds); unpickling that payload then fails, and only that task fails with it
-        return self._rfds.popleft() if self._rfds else -1
+        return self._rfds.popleft() if self._rfds else -1  # -1: never expected (see fill)
 
     def recv_frame(self) -> tuple[int, memoryview, list[int]]:
         """Block until one frame has arrived and return it (raise ChannelClosed at EOF)."""

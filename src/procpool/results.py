@@ -30,6 +30,33 @@ def _note(exc: BaseException, text: str) -> None:
             pass
 
 
+class _Waiter:
+    """A one-shot event on an RLock.
+
+    ``threading.Event`` waits on ``Condition(Lock())``, whose re-acquire after the wait runs in
+    Python: a Ctrl-C landing right there leaves the lock unheld and the ``with`` block then
+    raises ``RuntimeError: release unlocked lock`` chained to the KeyboardInterrupt.  An RLock's
+    re-acquire is one C call, so the caller gets a clean KeyboardInterrupt.
+    """
+
+    __slots__ = ("_cond", "_flag")
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.RLock())
+        self._flag = False
+
+    def set(self) -> None:
+        with self._cond:
+            self._flag = True
+            self._cond.notify_all()
+
+    def wait(self, timeout: float | None) -> bool:
+        with self._cond:
+            if not self._flag:
+                self._cond.wait(timeout)
+            return self._flag
+
+
 class AsyncResult(Generic[T]):
     """The result of :meth:`Pool.apply_async`, as in :mod:`multiprocessing`.
 
@@ -56,7 +83,7 @@ class AsyncResult(Generic[T]):
         self._done = False
         self._ok = False
         self._value: Any = None
-        self._event: threading.Event | None = None
+        self._event: _Waiter | None = None
         self._callback = callback
         self._error_callback = error_callback
         self._handle: tuple[Any, Any] | None = None  # (scheduler, task) while not done
@@ -83,7 +110,7 @@ class AsyncResult(Generic[T]):
                 return
         with _WAITER_LOCK:
             if self._event is None:
-                self._event = threading.Event()
+                self._event = _Waiter()
             event = self._event
         if not self._done:  # the setter checks _event after setting _done: no lost wake-up
             event.wait(timeout)
@@ -204,7 +231,7 @@ class IMapIterator(Generic[T]):
     """
 
     def __init__(self, ordered: bool, release: Callable[[int], None]) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._cond = threading.Condition(threading.RLock())  # RLock: see _Waiter
         self._ordered = ordered
         self._chunks: dict[int, tuple[list, dict[int, BaseException]]] = {}  # by start index
         self._arrived: deque[tuple[list, dict[int, BaseException]]] = deque()  # unordered

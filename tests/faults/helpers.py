@@ -38,6 +38,12 @@ def pid_after(delay):
     return os.getpid()
 
 
+def touch_then_sleep(path, seconds):
+    """Create *path* (the test's sign that the task is running), then sleep."""
+    open(path, "w").close()
+    time.sleep(seconds)
+
+
 def sleep_return(value, seconds):
     time.sleep(seconds)
     return value
@@ -114,14 +120,15 @@ FAULTS = {
 
 
 # ------------------------------------------------------------------ user code that owns signals
-def wait_for_sigusr1(path, limit=10.0):
-    """Install a SIGUSR1 handler, tell the test our pid (via *path*), return once it arrived."""
+def wait_for_signal(path, signum, limit=10.0):
+    """Install a handler for *signum*, tell the test our pid (via *path*), return once the
+    signal arrived (or after *limit* seconds, saying so)."""
     got = []
 
-    def handler(signum, frame):
-        got.append(signum)
+    def handler(sig, frame):
+        got.append(sig)
 
-    previous = signal.signal(signal.SIGUSR1, handler)
+    previous = signal.signal(signum, handler)
     try:
         announce_pid(path)
         deadline = time.monotonic() + limit
@@ -129,7 +136,11 @@ def wait_for_sigusr1(path, limit=10.0):
             time.sleep(0.01)  # interrupted by the signal; the handler runs in between
         return ("got", got[0]) if got else ("no signal", None)
     finally:
-        signal.signal(signal.SIGUSR1, previous)
+        signal.signal(signum, previous)
+
+
+def wait_for_sigusr1(path, limit=10.0):
+    return wait_for_signal(path, signal.SIGUSR1, limit)
 
 
 def announce_pid(path):
@@ -174,6 +185,249 @@ def leave_sigalrm_handler():
     return os.getpid()
 
 
-def sigint_disposition():
+def sigint_disposition(_=None):
     h = signal.getsignal(signal.SIGINT)
     return h if isinstance(h, int) else repr(h)
+
+
+def segfault_if_13(x):
+    return segfault_if(x, 13)
+
+
+def raise_in_initializer():
+    raise RuntimeError("initializer failed on purpose")
+
+
+# ====================================================================== test side (not tasks)
+# Plumbing for the tests that run a pool inside a child Python process (parent death, Ctrl-C).
+
+import json  # noqa: E402
+import queue  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: what every child script starts with: import procpool and these helpers, and print the pool's
+#: worker pids once every worker has run a task (so they are all started and ready).
+CHILD_PRELUDE = """
+import json, os, sys, time
+import procpool
+from faults import helpers as h
+
+def report_pids(pool):
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        got = set(pool.map(h.pid_after, [0.05] * pool.processes, chunksize=1))
+        if got == set(pool.pids()):
+            break
+    print("PIDS " + json.dumps(sorted(pool.pids())), flush=True)
+"""
+
+
+class Child:
+    """A child Python running *script* (after :data:`CHILD_PRELUDE`), its output read by threads
+    so that the test can wait for a line with a deadline and never blocks on a pipe."""
+
+    def __init__(self, script: str, *args: str, new_session: bool = False) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [TESTS_DIR, env.get("PYTHONPATH")]))
+        env["PYTHONUNBUFFERED"] = "1"
+        env.pop("PYTHONFAULTHANDLER", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD_PRELUDE + script, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=TESTS_DIR,
+            start_new_session=new_session,
+        )
+        self.pid = self.proc.pid
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout, True)),
+            threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr, False)),
+        ]
+        for t in self._readers:
+            t.daemon = True
+            t.start()
+
+    def _pump(self, stream, sink: list[str], lines: bool) -> None:
+        try:
+            for line in stream:
+                sink.append(line)
+                if lines:
+                    self.lines.put(line)
+        except (ValueError, OSError):  # closed under us by close()
+            pass
+        if lines:
+            self.lines.put(None)
+
+    def wait_line(self, prefix: str, timeout: float = 30.0) -> str:
+        """The first (next) stdout line starting with *prefix*; AssertionError after *timeout*."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                line = self.lines.get(timeout=max(0.0, left))
+            except queue.Empty:
+                line = None
+            if line is None:
+                raise AssertionError(
+                    f"no line starting with {prefix!r} within {timeout}s (child rc="
+                    f"{self.proc.poll()}); stdout={''.join(self.stdout)!r} "
+                    f"stderr={''.join(self.stderr)!r}"
+                )
+            if line.startswith(prefix):
+                return line.rstrip("\n")
+
+    def worker_pids(self, timeout: float = 30.0) -> list[int]:
+        return json.loads(self.wait_line("PIDS ", timeout)[5:])
+
+    def wait(self, timeout: float) -> int | None:
+        """The child's exit code, or None if it is still running after *timeout*."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stderr_text(self, timeout: float = 5.0) -> str:
+        """Everything the child (and anything sharing its stderr) wrote, once the pipe closed
+        (or after *timeout*, if a process still holds it open)."""
+        self._readers[1].join(timeout)
+        return "".join(self.stderr)
+
+    def close(self) -> None:
+        """Kill what is left of the child and release the pipes."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+def proc_stat(pid: int):
+    """(state, ppid, pgrp, starttime) of *pid*, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    fields = raw.rsplit(")", 1)[1].split()
+    return fields[0], int(fields[1]), int(fields[2]), int(fields[19])
+
+
+def all_processes() -> dict[int, tuple]:
+    procs = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = proc_stat(int(name))
+            if st is not None:
+                procs[int(name)] = st
+    return procs
+
+
+def descendants(root: int) -> dict[int, int]:
+    """Every live process below *root*: pid -> starttime (to tell a recycled pid apart)."""
+    procs = all_processes()
+    tree, found = {root}, {}
+    grew = True
+    while grew:
+        grew = False
+        for pid, (state, ppid, _, start) in procs.items():
+            if ppid in tree and pid not in tree:
+                tree.add(pid)
+                if state not in ("Z", "X", "x"):
+                    found[pid] = start
+                grew = True
+    return found
+
+
+def group_members(pgid: int) -> dict[int, str]:
+    """Live (non-zombie) processes of process group *pgid*: pid -> state."""
+    return {
+        pid: st[0]
+        for pid, st in all_processes().items()
+        if st[2] == pgid and st[0] not in ("Z", "X", "x")
+    }
+
+
+def still_alive(procs: dict[int, int]) -> dict[int, str]:
+    """Those of *procs* (pid -> starttime) that still run (zombies count as gone)."""
+    alive = {}
+    for pid, start in procs.items():
+        st = proc_stat(pid)
+        if st is not None and st[3] == start and st[0] not in ("Z", "X", "x"):
+            alive[pid] = st[0]
+    return alive
+
+
+def fd_count(_=None):
+    """How many descriptors this (worker) process has open."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def procpool_mappings(_=None):
+    """The memfd mappings procpool created that this process still has mapped."""
+    with open("/proc/self/maps") as f:
+        return sorted({line.split(None, 5)[-1].strip() for line in f if "memfd:procpool" in line})
+
+
+def array_stats(arr):
+    return arr.shape, str(arr.dtype), float(arr.sum())
+
+
+def filled_array(i, n=40_000):
+    """A 320 KB float64 array (above procpool's out-of-band threshold) filled with *i*."""
+    import numpy as np
+
+    return np.full(n, float(i))
+
+
+def nested_pool_map(n=4, method="fork"):
+    """A task that runs its own pool (procpool allows a worker to have workers)."""
+    import procpool
+
+    with procpool.Pool(2, start_method=method) as inner:
+        return inner.map(square, range(n)), sorted(inner.pids())
+
+
+def pdeathsig(_=None):
+    """The signal this process gets when its parent dies (prctl PR_GET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    value = ctypes.c_int(0)
+    if libc.prctl(2, ctypes.byref(value), 0, 0, 0) != 0:  # PR_GET_PDEATHSIG
+        raise OSError(ctypes.get_errno(), "prctl(PR_GET_PDEATHSIG)")
+    return value.value
+
+
+def nested_pool_then_sleep(path, seconds=60.0):
+    """Run an inner pool whose workers announce their pids (in *path*) and then sleep."""
+    import json as _json
+
+    import procpool
+
+    with procpool.Pool(2) as inner:
+        pids = sorted(inner.pids())
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            _json.dump({"outer": os.getpid(), "inner": pids}, f)
+        os.replace(tmp, path)
+        inner.starmap(sleep_return, [(0, seconds), (1, seconds)], chunksize=1)
+
+
+def parent_pid(_=None):
+    return os.getppid()
+
+
+def pid_and(func):
+    """(this worker's pid, func()) -- used to evaluate *func* in every worker."""
+    time.sleep(0.02)  # long enough that one map spreads over all workers
+    return os.getpid(), func()

@@ -1,0 +1,182 @@
+"""Nothing leaks (DESIGN principle 3): many pools in a row, pools dropped without close(), worker
+deaths and large numpy arrays leave no child process, file descriptor, ``/dev/shm`` entry -- or
+procpool memfd mapping -- behind.  The ``leak_check`` fixture (tests/conftest.py) compares
+before/after snapshots, polling for a few seconds while things settle.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+
+import numpy as np
+import pytest
+
+import procpool
+from conftest import open_fds, wait_until
+
+from . import helpers as h
+
+GET_TIMEOUT = 15.0
+EXPECTED = [x * x for x in range(20)]
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def no_procpool_mappings():
+    return not h.procpool_mappings()
+
+
+@pytest.mark.parametrize(("method", "rounds"), [("fork", 50), ("forkserver", 10), ("spawn", 10)])
+def test_pools_in_a_row_with_block(method, rounds, leak_check):
+    for _ in range(rounds):
+        with procpool.Pool(2, start_method=method) as pool:
+            assert pool.map(h.square, range(20)) == EXPECTED
+    leak_check.assert_clean()
+    assert wait_until(no_procpool_mappings, 5.0), h.procpool_mappings()
+
+
+@pytest.mark.parametrize(("method", "rounds"), [("fork", 50), ("forkserver", 10), ("spawn", 10)])
+def test_pools_in_a_row_close_join(method, rounds, leak_check):
+    for _ in range(rounds):
+        pool = procpool.Pool(2, start_method=method)
+        assert pool.map(h.square, range(20)) == EXPECTED
+        pool.close()
+        pool.join(GET_TIMEOUT)
+        assert pool._sched._thread.is_alive() is False, "join() returned before the pool ended"
+    leak_check.assert_clean()
+    assert wait_until(no_procpool_mappings, 5.0), h.procpool_mappings()
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
+def test_pool_dropped_without_close(method, busy, leak_check):
+    """``del pool`` (no close, no terminate), with or without tasks in flight: the finalizer
+    stops the workers and releases everything within a few seconds."""
+    pool = procpool.Pool(2, start_method=method)
+    assert pool.map(h.square, range(20)) == EXPECTED
+    workers = pool.pids()
+    if busy:
+        pool.apply_async(h.sleep_return, (1, 30.0))
+        pool.map_async(h.sleep_return, [(i, 30.0) for i in range(4)])
+    del pool
+    gc.collect()
+    assert wait_until(lambda: not any(h.proc_stat(p) for p in workers), 5.0), workers
+    leak_check.assert_clean()
+
+
+def test_worker_deaths_leak_nothing(leak_check, tmp_path):
+    """20 workers SIGKILLed mid-task: every replacement reuses the descriptors of the dead one
+    (socket, pidfd, progress slot), none accumulates."""
+    pool = procpool.Pool(2)
+    try:
+        counts = []
+        for i in range(20):
+            flag = tmp_path / f"started{i}"
+            result = pool.apply_async(h.announce_then_sleep, (str(flag), 30.0))
+            assert wait_until(flag.exists, 10.0)
+            os.kill(int(flag.read_text()), signal.SIGKILL)
+            with pytest.raises(procpool.WorkerLostError):
+                result.get(timeout=GET_TIMEOUT)
+            assert wait_until(lambda: len(pool.pids()) == 2, 10.0)
+            counts.append(len(os.listdir("/proc/self/fd")))
+        assert counts[-1] <= counts[0], counts
+        assert pool.map(h.square, range(20)) == EXPECTED
+    finally:
+        pool.terminate()
+        pool.join(10)
+
+
+ARRAY_MIB = 8
+
+
+def big_array(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random(ARRAY_MIB * 2**20 // 8)  # float64
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_large_numpy_arrays_roundtrip_and_leak_nothing(method, leak_check):
+    """8 MiB float64 arrays as arguments and results of apply/map come back equal; once the
+    pool is closed and the results dropped, no descriptor and no procpool memfd mapping is left
+    (the arrays travel through memfds)."""
+    arrays = [big_array(i) for i in range(4)]
+    with procpool.Pool(2, start_method=method) as pool:
+        doubled = pool.apply(h.double, (arrays[0],))
+        np.testing.assert_array_equal(doubled, arrays[0] * 2)
+
+        stats = pool.apply_async(h.array_stats, (arrays[1],)).get(timeout=GET_TIMEOUT)
+        assert stats == (arrays[1].shape, "float64", float(arrays[1].sum()))
+
+        echoed = pool.apply_async(h.echo, (arrays[2],)).get(timeout=GET_TIMEOUT)
+        np.testing.assert_array_equal(echoed, arrays[2])
+
+        results = pool.map(h.double, arrays)
+        assert len(results) == len(arrays)
+        for got, sent in zip(results, arrays):
+            assert got.dtype == np.float64 and got.shape == sent.shape
+            np.testing.assert_array_equal(got, sent * 2)
+        results[0][0] = -1.0  # a result is an ordinary writable array
+        assert results[1][0] == arrays[1][0] * 2  # ... and its own memory
+        pool.close()
+        pool.join(GET_TIMEOUT)
+    del doubled, echoed, results, got
+    gc.collect()
+    leak_check.assert_clean()
+    assert wait_until(no_procpool_mappings, 5.0), h.procpool_mappings()
+
+
+def worker_buffers(mappings):
+    return [m for m in mappings if "procpool-buffer" in m]
+
+
+def test_worker_keeps_no_descriptors_across_large_tasks(leak_check):
+    """One worker receives and returns 8 MiB arrays 20 times: its descriptor count does not
+    grow and it keeps no buffer mapped (the memfds it gets and sends are all released)."""
+    arr = big_array(7)
+    with procpool.Pool(1) as pool:
+        pool.apply(h.double, (arr,))
+        before = pool.apply(h.fd_count)
+        for _ in range(20):
+            pool.apply(h.double, (arr,))
+            pool.map(h.double, [arr, arr])
+        assert pool.apply(h.fd_count) <= before
+        assert worker_buffers(pool.apply(h.procpool_mappings)) == []
+
+
+def test_live_large_results_hold_no_descriptors():
+    """Received arrays are mapped memfds whose descriptors are closed at once: results that stay
+    alive hold no fd (mmap.mmap used to dup one per array, found by this test)."""
+    arrays = [big_array(i) for i in range(4)]
+    with procpool.Pool(2) as pool:
+        pool.apply(h.square, (1,))
+        before = open_fds()
+        results = pool.map(h.double, arrays)
+        held = {fd: target for fd, target in open_fds().items() if fd not in before}
+        del results  # (the traceback of a failure would keep them alive)
+        assert not held, f"{len(arrays)} live results hold descriptors: {held}"
+
+
+MANY_RESULTS_SCRIPT = """
+import resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))  # a common default soft limit is 1024
+with procpool.Pool(2, start_method=sys.argv[1]) as pool:
+    report_pids(pool)
+    results = pool.map_async(h.filled_array, range(400)).get(timeout=60)  # 400 x 320 KB
+    ok = len(results) == 400 and all(float(a[0]) == i for i, a in enumerate(results))
+    print("RESULTS", "ok" if ok else "wrong", flush=True)
+"""
+
+
+def test_many_large_results_under_a_low_descriptor_limit(leak_check):
+    """400 live 320 KB results under RLIMIT_NOFILE=256 (used to fail with 'Too many open files'
+    and then kill the I/O thread with an IndexError in Channel._parse)."""
+    child = h.Child(MANY_RESULTS_SCRIPT, "fork")
+    try:
+        child.worker_pids()
+        line = child.wait_line("RESULTS", 60.0)
+        assert line == "RESULTS ok", child.stderr_text()
+        assert child.wait(10.0) == 0, child.stderr_text()
+        assert "Traceback" not in child.stderr_text()
+    finally:
+        child.close()

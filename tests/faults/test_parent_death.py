@@ -1,0 +1,64 @@
+"""The pool's owner is SIGKILLed: no worker may outlive it (DESIGN: "workers exit within a second
+of the parent's death"; we allow 5 s on a noisy machine).
+
+A child Python creates a pool, prints its worker pids and starts a long ``map``; the test kills
+it with SIGKILL and polls until every process that was below it -- the workers and, for
+``forkserver``, the fork server -- is gone.  Reaping is not the test's concern: orphans are
+reparented to init (or a subreaper), so a zombie counts as gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from conftest import wait_until
+
+from . import helpers as h
+
+START_METHODS = ["fork", "forkserver", "spawn"]
+DEATH_GRACE_S = 5.0
+
+pytestmark = pytest.mark.timeout(90)
+
+SCRIPT = """
+pool = procpool.Pool(2, start_method=sys.argv[1])
+report_pids(pool)
+pool.map(h.print_then_sleep, range(8), chunksize=1)  # long: the test kills us meanwhile
+print("MAP RETURNED", flush=True)
+"""
+
+SCRIPT_IDLE = """
+pool = procpool.Pool(2, start_method=sys.argv[1])
+report_pids(pool)
+print("IDLE", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+@pytest.mark.parametrize("busy", [True, False], ids=["mid-map", "idle"])
+def test_workers_exit_when_parent_is_sigkilled(method, busy, leak_check):
+    child = h.Child(SCRIPT if busy else SCRIPT_IDLE, method)
+    tree: dict[int, int] = {}
+    try:
+        workers = child.worker_pids()
+        if busy:
+            child.wait_line("TASK-STARTED")  # the map is running in the workers
+        else:
+            child.wait_line("IDLE")
+        tree = h.descendants(child.pid)  # the workers, the fork server if any
+        assert set(workers) <= set(tree), (workers, tree)
+        assert len(workers) == 2
+
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(10) == -signal.SIGKILL
+
+        gone = wait_until(lambda: not h.still_alive(tree), DEATH_GRACE_S)
+        assert gone, f"still running {DEATH_GRACE_S}s after the parent died: {h.still_alive(tree)}"
+    finally:
+        for pid in h.still_alive(tree):
+            os.kill(pid, signal.SIGKILL)  # do not leave them to the next tests
+        child.close()

@@ -1,0 +1,123 @@
+"""What each start method must give every worker -- the first ones and their replacements:
+death with the parent (PR_SET_PDEATHSIG), SIGINT ignored, the right parentage -- and the faults
+that belong to one method: the ``forkserver``'s server dying; pools inside workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+import procpool
+from conftest import child_processes, is_alive, wait_until
+
+from . import helpers as h
+
+START_METHODS = ["fork", "forkserver", "spawn"]
+GET_TIMEOUT = 15.0
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(params=START_METHODS)
+def pool(request, leak_check):
+    p = procpool.Pool(2, start_method=request.param)
+    try:
+        yield p
+    finally:
+        p.terminate()
+        p.join(10)
+
+
+def every_worker(pool, func):
+    """``func(pid)`` evaluated in every worker: {worker pid: value}."""
+    deadline_pids = set(pool.pids())
+    seen = {}
+
+    def reached_all():
+        for pid, value in pool.map(h.pid_and, [func] * pool.processes * 2, chunksize=1):
+            seen[pid] = value
+        return set(pool.pids()) <= set(seen)
+
+    assert wait_until(reached_all, 20.0, interval=0.0), (deadline_pids, seen)
+    return {pid: seen[pid] for pid in pool.pids()}
+
+
+def test_start_method_is_reported_and_checked():
+    with procpool.Pool(1, start_method="spawn") as pool:
+        assert pool.start_method == "spawn"
+    with procpool.Pool(1) as pool:
+        assert pool.start_method == "fork"  # the documented default
+    with pytest.raises(ValueError, match="start_method"):
+        procpool.Pool(1, start_method="vfork")
+
+
+def check_workers(pool):
+    # PR_SET_PDEATHSIG: the kernel SIGKILLs the worker when its parent dies
+    assert set(every_worker(pool, h.pdeathsig).values()) == {int(signal.SIGKILL)}
+    # Ctrl-C belongs to the caller: workers ignore SIGINT
+    assert set(every_worker(pool, h.sigint_disposition).values()) == {int(signal.SIG_IGN)}
+    parents = set(every_worker(pool, h.parent_pid).values())
+    if pool.start_method == "forkserver":  # all forked by one server, itself our child
+        assert len(parents) == 1 and parents <= set(child_processes())
+        assert parents != {os.getpid()}
+    else:
+        assert parents == {os.getpid()}
+
+
+def test_workers_die_with_parent_and_ignore_sigint(pool):
+    check_workers(pool)
+
+
+def test_replacement_workers_get_the_same_setup(pool):
+    first = set(pool.pids())
+    for pid in first:
+        os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: not set(pool.pids()) & first and len(pool.pids()) == 2, 10.0)
+    check_workers(pool)
+
+
+def test_fork_server_killed_pool_recovers(leak_check, tmp_path):
+    """The fork server dies (OOM killer, a stray kill): its workers die with it, the task that
+    was running fails with WorkerLostError, and a new server starts the replacements."""
+    started = tmp_path / "started"
+    with procpool.Pool(2, start_method="forkserver") as pool:
+        workers = set(pool.pids())
+        servers = set(child_processes()) - workers
+        assert len(servers) == 1
+        result = pool.apply_async(h.touch_then_sleep, (str(started), 30.0))
+        assert wait_until(started.exists, GET_TIMEOUT), "the task did not start"
+        os.kill(servers.pop(), signal.SIGKILL)
+        with pytest.raises(procpool.WorkerLostError):  # its worker died with the server
+            result.get(timeout=GET_TIMEOUT)
+        assert pool.apply_async(h.square, (6,)).get(timeout=GET_TIMEOUT) == 36
+        assert not set(pool.pids()) & workers
+
+
+def test_pool_inside_a_worker(pool):
+    """A task may run its own pool (any method outside, fork inside)."""
+    values, inner = pool.apply_async(h.nested_pool_map, (6,)).get(timeout=30.0)
+    assert values == [x * x for x in range(6)]
+    assert len(inner) == 2 and not set(inner) & set(pool.pids())
+    assert pool.apply(h.square, (3,)) == 9
+
+
+def test_inner_pool_dies_with_its_worker(pool, tmp_path):
+    """A worker running its own pool is SIGKILLed: its task fails, and the inner workers --
+    whose parent just died -- are gone within 5 s."""
+    info = tmp_path / "inner.json"
+    result = pool.apply_async(h.nested_pool_then_sleep, (str(info),))
+    assert wait_until(info.exists, 20.0), "the inner pool did not start"
+    pids = json.loads(info.read_text())
+    stats = {p: h.proc_stat(p) for p in [pids["outer"], *pids["inner"]]}
+    assert all(stats.values()), (stats, result.ready() and result.get())
+    inner = {p: stats[p][3] for p in pids["inner"]}
+    os.kill(pids["outer"], signal.SIGKILL)
+    with pytest.raises(procpool.WorkerLostError):
+        result.get(timeout=GET_TIMEOUT)
+    assert wait_until(lambda: not h.still_alive(inner), 5.0), h.still_alive(inner)
+    assert all(not is_alive(p, start) for p, start in inner.items())
+    assert pool.apply(h.square, (3,)) == 9
