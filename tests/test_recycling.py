@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 
-import procpool
 from tasks import square
+
+import procpool
 
 
 def hog(n):

@@ -15,7 +15,6 @@ import signal
 import time
 
 import pytest
-
 from conftest import wait_until
 
 from . import helpers as h

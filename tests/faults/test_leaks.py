@@ -12,9 +12,9 @@ import signal
 
 import numpy as np
 import pytest
+from conftest import open_fds, wait_until
 
 import procpool
-from conftest import open_fds, wait_until
 
 from . import helpers as h
 
@@ -113,7 +113,7 @@ def test_large_numpy_arrays_roundtrip_and_leak_nothing(method, leak_check):
 
         results = pool.map(h.double, arrays)
         assert len(results) == len(arrays)
-        for got, sent in zip(results, arrays):
+        for got, sent in zip(results, arrays, strict=True):
             assert got.dtype == np.float64 and got.shape == sent.shape
             np.testing.assert_array_equal(got, sent * 2)
         results[0][0] = -1.0  # a result is an ordinary writable array

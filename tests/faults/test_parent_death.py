@@ -13,7 +13,6 @@ import os
 import signal
 
 import pytest
-
 from conftest import wait_until
 
 from . import helpers as h

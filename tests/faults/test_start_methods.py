@@ -10,9 +10,9 @@ import os
 import signal
 
 import pytest
+from conftest import child_processes, is_alive, wait_until
 
 import procpool
-from conftest import child_processes, is_alive, wait_until
 
 from . import helpers as h
 

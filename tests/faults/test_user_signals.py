@@ -9,9 +9,9 @@ import os
 import signal
 
 import pytest
+from conftest import wait_until
 
 import procpool
-from conftest import wait_until
 
 from . import helpers as h
 

@@ -19,9 +19,9 @@ import signal
 import threading
 
 import pytest
+from conftest import wait_until
 
 import procpool
-from conftest import wait_until
 
 from . import helpers as h
 
