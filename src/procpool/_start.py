@@ -29,6 +29,7 @@ import signal
 import socket
 import struct
 import sys
+import warnings
 from typing import Any, NamedTuple
 
 # ---------------------------------------------------------------- fds the children must not keep
@@ -149,7 +150,11 @@ class ForkLauncher(Launcher):
     def start(self) -> Proc:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ppid = os.getpid()
-        pid = os.fork()
+        with warnings.catch_warnings():
+            # Python >= 3.12 warns about fork() with threads (ours is the I/O thread, see the
+            # module docstring); under -W error that warning would orphan a running child
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
