@@ -167,7 +167,10 @@ class Dispatch:
         w.cost += task.cost
         if task.timeout:
             w.exclusive = True
-            self._add_timer(task.timeout + self._grace, "hard", (task, task.attempts))
+            # the soft limit is per item: a chunk of n items may take n times as long
+            self._add_timer(
+                task.timeout * task.n_items + self._grace, "hard", (task, task.attempts)
+            )
         w.sent += 1
         if self._maxtasks and w.sent >= self._maxtasks:
             w.retiring = True
@@ -178,6 +181,11 @@ class Dispatch:
         fds: list[int] = []
         for task in tasks:
             if task.fid not in w.known:
+                if len(w.known) >= FUNC_CACHE and body:
+                    # this FUNC evicts the worker's oldest function, which a task already in
+                    # `body` may use: send those tasks first
+                    chan.push(P.frame(P.TASKS, body, len(fds)), fds)
+                    body, fds = bytearray(), []
                 chan.push(P.frame(P.FUNC, P.FUNC_HEAD.pack(task.fid) + task.func_blob))
                 w.known[task.fid] = None
                 if len(w.known) > FUNC_CACHE:

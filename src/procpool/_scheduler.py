@@ -107,6 +107,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._broken: BaseException | None = None
         self._startup_failures = 0
         self._jobs_open = 0  # map jobs whose input is not fully read yet
+        self._feeding: weakref.WeakSet[MapJob] = weakref.WeakSet()  # jobs with a feeder thread
         self._deliveries: list[tuple] = []
         self._killed_all = False
         self._owner = os.getpid()
@@ -166,12 +167,14 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._check_running()
         label = getattr(func, "__qualname__", None) or repr(func)
         try:
-            fid, blob = self.function(func)
-            payload = _serialize.dumps_call(args, kwds)
-        except SerializationError as exc:
-            what = _serialize.find_unpicklable(args, kwds)
-            err = SerializationError(f"task {label}: cannot pickle {what}: {exc.__cause__ or exc}")
-            err.__cause__ = exc.__cause__ or exc
+            fid, blob = self.function(func)  # its message names the function
+            try:
+                payload = _serialize.dumps_call(args, kwds)
+            except SerializationError as exc:
+                what = _serialize.find_unpicklable(args, kwds)
+                cause = exc.__cause__ or exc
+                raise SerializationError(f"task {label}: cannot pickle {what}: {cause}") from cause
+        except SerializationError as err:
             task = Task(0, 0, b"", P.CALL, _serialize.Payload(b""), sink, label, None, 0, ())
             sink._on_error(task, err)
             return task
@@ -248,6 +251,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                 self._input_end(job, None, on_input_end)
                 self._wake()
         if lazy:
+            self._feeding.add(job)
             feeder = threading.Thread(
                 target=self._feed,
                 args=(job, iter(items), on_input_end),
@@ -262,14 +266,14 @@ class Scheduler(WorkerSupervision, Dispatch):
         error: BaseException | None = None
         while True:
             with job.space:
-                while (
-                    job.held >= job.limit and self._state in (RUNNING, CLOSING) and not self._broken
-                ):
-                    job.space.wait(1.0)
+                # the bound holds while the caller may still read; once the pool is closed,
+                # the rest of the input is read and run, as close() promises
+                while job.held >= job.limit and self._state == RUNNING and not self._broken:
+                    job.space.wait(1.0)  # 1 s: a safety net; release() and close() notify
                 if self._state == TERMINATING or self._state == FINISHED or self._broken:
                     error = self._stopped_error()  # the caller's iterator must say why
                     break
-                room = job.limit - job.held
+                room = job.limit - job.held if self._state == RUNNING else FEED_BATCH
             batch: list = []
             want = min(room, FEED_BATCH)
             try:
@@ -363,7 +367,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                 w.driven = None
                 if w.wid in self._workers:
                     self._set_mask(w)
-                if self._state != RUNNING:
+                if self._state in (CLOSING, TERMINATING):
                     self._wake()  # we may have read the last result close() waits for
 
     def cancel(self, task: Task, force: bool) -> bool:
@@ -400,6 +404,8 @@ class Scheduler(WorkerSupervision, Dispatch):
             if self._state == RUNNING:
                 self._state = CLOSING
                 self._wake()
+                for job in self._feeding:  # feeders waiting for room may now read on
+                    job.space.notify_all()
 
     def terminate(self) -> None:
         if os.getpid() != self._owner:
@@ -433,7 +439,7 @@ class Scheduler(WorkerSupervision, Dispatch):
     def _wake(self) -> None:
         # Safe without the lock: the I/O thread clears _woken *before* it drains the inbox, so
         # a caller that sees True here appended its task before that drain.
-        if not self._woken:
+        if not self._woken and self._state != FINISHED:  # FINISHED: the eventfd is closed
             self._woken = True
             os.eventfd_write(self._wakefd, 1)
 
@@ -616,7 +622,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                 batch, self._deliveries = self._deliveries, []
             if not batch:
                 return
-            for item in batch:
+            for i, item in enumerate(batch):
                 try:
                     if item[0] == "result":
                         self._deliver_result(*item[1:])
@@ -625,19 +631,27 @@ class Scheduler(WorkerSupervision, Dispatch):
                         task.sink._on_error(task, error)
                     else:
                         item[1](*item[2])
+                except KeyboardInterrupt:
+                    # Ctrl-C in a caller thread that was delivering: the rest of the batch is
+                    # not lost, the I/O thread delivers it, and the caller gets its interrupt
+                    with self._lock:
+                        self._deliveries[:0] = batch[i + 1 :]
+                        self._wake()
+                    raise
                 except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
                     traceback.print_exc()
 
     def _deliver_result(self, task: Task, status, data, nbuf, fds) -> None:
-        task.release()
         sink = task.sink
         if status == P.ERROR:
             error = rebuild_error(pickle.loads(data), task)
             if task.retry_on and task.attempts <= task.retries and isinstance(error, task.retry_on):
-                self._requeue(task)
+                self._requeue(task)  # keeps its payload (and fds) for the next run
                 return
+            task.release()
             sink._on_error(task, error)
             return
+        task.release()
         try:
             value = _serialize.loads(data, nbuf, fds)
         except BaseException as exc:  # noqa: BLE001 - never lets a bad result kill the thread
@@ -658,11 +672,14 @@ class Scheduler(WorkerSupervision, Dispatch):
 
     def _requeue(self, task: Task) -> None:
         with self._lock:
-            if self._state == TERMINATING or self._broken is not None:
+            if self._state in (TERMINATING, FINISHED) or self._broken is not None:
+                self._fail(task, self._stopped_error())
+            else:
+                task.state = _PENDING
+                self._pending.appendleft(task)
+                self._wake()
                 return
-            task.state = _PENDING
-            self._pending.appendleft(task)
-            self._wake()
+        self._deliver()
 
 
 def _after_fork_in_child() -> None:

@@ -31,6 +31,7 @@ from typing import Any
 
 import cloudpickle
 
+from ._channel import MAX_FDS_PER_FRAME
 from .errors import SerializationError
 
 #: buffers at least this large travel through shared memory instead of the socket.  Below it,
@@ -38,6 +39,9 @@ from .errors import SerializationError
 OOB_THRESHOLD = 256 * 1024
 
 PROTOCOL = 5
+
+#: descriptors one payload may carry: they must fit one frame's SCM_RIGHTS message
+MAX_FDS = MAX_FDS_PER_FRAME
 
 _tls = threading.local()
 
@@ -160,6 +164,13 @@ def dumps(obj: Any, *, oob: bool = True) -> Payload:
         _tls.collector = previous
     if collector.buffer_fds or collector.passed_fds:
         fds = collector.buffer_fds + collector.passed_fds
+        if len(fds) > MAX_FDS:
+            collector.discard()
+            raise SerializationError(
+                f"{describe(obj)} holds {len(fds)} large buffers or descriptors; at most"
+                f" {MAX_FDS} travel with one task or result (pass them in several tasks, or"
+                " put them in one SharedArray)"
+            )
         return Payload(data, len(collector.buffer_fds), fds)
     return Payload(data)
 

@@ -327,15 +327,17 @@ class WorkerSupervision:
         self._add_timer(EXIT_GRACE, "exit", w)
 
     def _flush(self, w: _Worker) -> None:
+        """Write what the worker's socket takes; watch EPOLLOUT while something is left."""
         try:
             done = w.chan.flush()
-        except OSError:  # the worker is gone; its pidfd will tell us how
+        except OSError:  # the worker is gone, or the channel is unusable: settle it as dead
             w.chan.discard_output()
+            self._kill(w)  # its pidfd (or EOF) then tells us, and its tasks are settled
             done = True
-        if done != (not w.writing):
-            return
-        w.writing = not done
-        self._set_mask(w)
+        writing = not done
+        if writing != w.writing:
+            w.writing = writing
+            self._set_mask(w)
 
     def _set_mask(self, w: _Worker) -> None:
         """Watch a worker's channel for input while something is expected from it (it holds

@@ -131,29 +131,50 @@ class Worker:
     def run_record(self, rec: P.TaskRecord, fds: list[int]) -> None:
         start = time.perf_counter()
         task_id, fid, kind, timeout, nbuf, _, payload = rec
-        func = self.func(fid)
         try:
+            func = self.func(fid)
             data = _serialize.loads(payload, nbuf, fds)
         except BaseException as exc:  # noqa: BLE001
             err = SerializationError(f"the task's arguments could not be unpickled: {exc!r}")
             self.add_result(task_id, P.ERROR, 0.0, error_info(err))
             return
-        previous = self.alarm.arm(timeout) if timeout > 0 else None
-        try:
-            if kind == P.CALL:
+        if kind == P.CALL:
+            previous = self.alarm.arm(timeout) if timeout > 0 else None
+            try:
                 args, kwds = data
                 status, value = P.OK, func(*args, **kwds)
-            else:
-                status, value = self.run_chunk(func, kind == P.STARMAP, data)
-        except BaseException as exc:  # noqa: BLE001 - SystemExit/KeyboardInterrupt fail the task only
-            status, value = P.ERROR, error_info(exc)
-        finally:
-            if previous is not None:
-                try:
-                    self.alarm.disarm(previous)
-                except TaskTimeout:  # fired in the instant between the task's end and here
-                    self.alarm.disarm(previous)
+            except BaseException as exc:  # noqa: BLE001 - SystemExit etc. fail the task only
+                status, value = P.ERROR, error_info(exc)
+            finally:
+                if previous is not None:
+                    self.disarm(previous)
+        elif timeout > 0:  # a chunk with a time limit: the limit is per item
+            status, value = self.run_chunk_timed(func, kind == P.STARMAP, data, timeout)
+        else:
+            status, value = self.run_chunk(func, kind == P.STARMAP, data)
         self.add_result(task_id, status, time.perf_counter() - start, value)
+
+    def disarm(self, previous: Any) -> None:
+        try:
+            self.alarm.disarm(previous)
+        except TaskTimeout:  # fired in the instant between the task's end and here
+            self.alarm.disarm(previous)
+
+    def run_chunk_timed(
+        self, func: Any, star: bool, items: list, timeout: float
+    ) -> tuple[int, Any]:
+        values: list[Any] = []
+        errors: dict[int, tuple] = {}
+        for i, item in enumerate(items):
+            previous = self.alarm.arm(timeout)
+            try:
+                values.append(func(*item) if star else func(item))
+            except BaseException as exc:  # noqa: BLE001 - one item fails, the others go on
+                errors[i] = error_info(exc)
+                values.append(None)
+            finally:
+                self.disarm(previous)
+        return (P.CHUNK_PARTIAL, (values, errors)) if errors else (P.OK, values)
 
     @staticmethod
     def run_chunk(func: Any, star: bool, items: list) -> tuple[int, Any]:
@@ -226,7 +247,9 @@ class Worker:
             del self.funcs[next(iter(self.funcs))]
 
     def func(self, fid: int) -> Any:
-        func = self.funcs[fid]
+        func = self.funcs.get(fid)
+        if func is None:  # never expected: the parent mirrors our cache (see _dispatch._send)
+            raise SerializationError(f"function {fid} is not known to this worker")
         if type(func) is _Pickled:
             try:
                 func = pickle.loads(func.blob)

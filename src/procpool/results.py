@@ -9,6 +9,7 @@ small tasks creates a million results, most of which are ready before anyone loo
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future
@@ -103,6 +104,7 @@ class AsyncResult(Generic[T]):
         """Block until the result is ready or *timeout* seconds pass."""
         if self._done:
             return
+        deadline = None if timeout is None else time.monotonic() + timeout
         handle = self._handle
         if handle is not None:  # maybe wait by reading the worker's channel directly
             handle[0].drive(handle[1], self, timeout)
@@ -113,7 +115,7 @@ class AsyncResult(Generic[T]):
                 self._event = _Waiter()
             event = self._event
         if not self._done:  # the setter checks _event after setting _done: no lost wake-up
-            event.wait(timeout)
+            event.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def get(self, timeout: float | None = None) -> T:
         """Return the value; raise the task's exception, or ``TimeoutError`` after *timeout*."""
@@ -285,6 +287,7 @@ class IMapIterator(Generic[T]):
 
         Raises the input iterable's error at the end, and TimeoutError after *timeout*.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         while self._pos >= len(self._values) and not self._next_chunk():
             if self._length is not None and self._yielded >= self._length:
                 self._flush_release()
@@ -293,8 +296,10 @@ class IMapIterator(Generic[T]):
                     raise exc
                 return False
             self._flush_release()  # let the feeder read on before we sleep
-            if not self._cond.wait(timeout):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
                 raise TimeoutError
+            self._cond.wait(left)  # woken by any chunk: loop and look again
         return True
 
     __next__ = next
