@@ -8,6 +8,7 @@ small tasks creates a million results, most of which are ready before anyone loo
 
 from __future__ import annotations
 
+import _thread
 import threading
 import time
 from collections import deque
@@ -31,31 +32,46 @@ def _note(exc: BaseException, text: str) -> None:
             pass
 
 
-class _Waiter:
-    """A one-shot event on an RLock.
+class _Wakeup:
+    """Wake-ups for threads waiting on a result, with no lock held while they sleep.
 
-    ``threading.Event`` waits on ``Condition(Lock())``, whose re-acquire after the wait runs in
-    Python: a Ctrl-C landing right there leaves the lock unheld and the ``with`` block then
-    raises ``RuntimeError: release unlocked lock`` chained to the KeyboardInterrupt.  An RLock's
-    re-acquire is one C call, so the caller gets a clean KeyboardInterrupt.
+    ``threading.Condition.wait`` releases and re-acquires its lock in Python code; a Ctrl-C
+    landing in between leaves the lock in the wrong state, and the caller's ``with`` block then
+    raises ``RuntimeError: ... un-acquired lock`` on top of the KeyboardInterrupt.  Here each
+    waiter sleeps on a private lock of its own that the notifier releases: an interrupt during
+    the sleep leaves nothing shared behind.  Use: under the owner's lock, check the condition
+    and ``prepare()``; then, with no lock held, ``sleep()``.  The notifier changes the state
+    (under the owner's lock, or before reading the owner's ``_Wakeup`` reference) and calls
+    ``notify_all()``, so a change between the check and the sleep is never missed.
     """
 
-    __slots__ = ("_cond", "_flag")
+    __slots__ = ("_mutex", "_waiters")
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.RLock())
-        self._flag = False
+        self._mutex = threading.Lock()
+        self._waiters: list[Any] = []
 
-    def set(self) -> None:
-        with self._cond:
-            self._flag = True
-            self._cond.notify_all()
+    def prepare(self) -> Any:
+        waiter = _thread.allocate_lock()
+        waiter.acquire()
+        with self._mutex:
+            self._waiters.append(waiter)
+        return waiter
 
-    def wait(self, timeout: float | None) -> bool:
-        with self._cond:
-            if not self._flag:
-                self._cond.wait(timeout)
-            return self._flag
+    def notify_all(self) -> None:
+        with self._mutex:
+            waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.release()
+
+    def sleep(self, waiter: Any, timeout: float | None) -> bool:
+        """Sleep until notified (True) or *timeout* seconds pass (False)."""
+        try:
+            return waiter.acquire(True, -1 if timeout is None else max(0.0, timeout))
+        finally:
+            with self._mutex:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
 
 
 class AsyncResult(Generic[T]):
@@ -84,7 +100,7 @@ class AsyncResult(Generic[T]):
         self._done = False
         self._ok = False
         self._value: Any = None
-        self._event: _Waiter | None = None
+        self._event: _Wakeup | None = None
         self._callback = callback
         self._error_callback = error_callback
         self._handle: tuple[Any, Any] | None = None  # (scheduler, task) while not done
@@ -112,10 +128,11 @@ class AsyncResult(Generic[T]):
                 return
         with _WAITER_LOCK:
             if self._event is None:
-                self._event = _Waiter()
+                self._event = _Wakeup()
             event = self._event
-        if not self._done:  # the setter checks _event after setting _done: no lost wake-up
-            event.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            waiter = event.prepare()
+        if not self._done:  # the setter reads _event after setting _done: no lost wake-up
+            event.sleep(waiter, None if deadline is None else deadline - time.monotonic())
 
     def get(self, timeout: float | None = None) -> T:
         """Return the value; raise the task's exception, or ``TimeoutError`` after *timeout*."""
@@ -143,7 +160,7 @@ class AsyncResult(Generic[T]):
         self._done = True
         event = self._event
         if event is not None:
-            event.set()
+            event.notify_all()
         callback = self._callback if ok else self._error_callback
         if callback is not None:
             callback(value)
@@ -233,7 +250,8 @@ class IMapIterator(Generic[T]):
     """
 
     def __init__(self, ordered: bool, release: Callable[[int], None]) -> None:
-        self._cond = threading.Condition(threading.RLock())  # RLock: see _Waiter
+        self._lock = threading.Lock()
+        self._wakeup = _Wakeup()
         self._ordered = ordered
         self._chunks: dict[int, tuple[list, dict[int, BaseException]]] = {}  # by start index
         self._arrived: deque[tuple[list, dict[int, BaseException]]] = deque()  # unordered
@@ -250,59 +268,65 @@ class IMapIterator(Generic[T]):
     def __iter__(self) -> Iterator[T]:
         """Iterate over the results; whole chunks are handed over at C speed."""
         while True:
-            with self._cond:
-                if not self._wait_for_item(None):
-                    return
+            if not self._wait_for_item(None):
+                return
+            with self._lock:
                 values, errors, pos = self._values, self._errors, self._pos
                 if not errors:  # the common case: take the rest of the chunk at once
                     n = len(values) - pos
                     self._pos = len(values)
                     self._yielded += n
                     self._consumed += n
-                    if self._consumed >= 1024:
-                        self._flush_release()
             if errors:
                 yield self.next()  # item by item, so a failure raises at its position
             else:
+                if self._consumed >= 1024:
+                    self._flush_release()
                 yield from (values[pos:] if pos else values)
 
     def next(self, timeout: float | None = None) -> T:
-        with self._cond:
-            if not self._wait_for_item(timeout):
-                raise StopIteration
+        if not self._wait_for_item(timeout):
+            raise StopIteration
+        with self._lock:
             pos = self._pos
             self._pos = pos + 1
             self._yielded += 1
             self._consumed += 1
-            if self._consumed >= 1024:
-                self._flush_release()
-            if self._errors:
-                exc = self._errors.pop(pos, None)
-                if exc is not None:
-                    raise exc
-            return self._values[pos]
-
-    def _wait_for_item(self, timeout: float | None) -> bool:
-        """With the lock held: wait until an item is available (True) or the end (False).
-
-        Raises the input iterable's error at the end, and TimeoutError after *timeout*.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._pos >= len(self._values) and not self._next_chunk():
-            if self._length is not None and self._yielded >= self._length:
-                self._flush_release()
-                if self._input_error is not None:
-                    exc, self._input_error = self._input_error, None
-                    raise exc
-                return False
-            self._flush_release()  # let the feeder read on before we sleep
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise TimeoutError
-            self._cond.wait(left)  # woken by any chunk: loop and look again
-        return True
+            exc = self._errors.pop(pos, None) if self._errors else None
+            value = self._values[pos]
+        if self._consumed >= 1024:
+            self._flush_release()
+        if exc is not None:
+            raise exc
+        return value
 
     __next__ = next
+
+    def _wait_for_item(self, timeout: float | None) -> bool:
+        """Wait until an item is available (True) or the results are over (False).
+
+        Raises the input iterable's error at the end, and TimeoutError after *timeout*.  Meant
+        for one consuming thread, as iterators are.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._pos < len(self._values) or self._next_chunk():
+                    return True
+                if self._length is not None and self._yielded >= self._length:
+                    error, self._input_error = self._input_error, None
+                    over = True
+                else:
+                    waiter = self._wakeup.prepare()
+                    over = False
+            self._flush_release()  # let the feeder read on before we sleep or stop
+            if over:
+                if error is not None:
+                    raise error
+                return False
+            left = None if deadline is None else deadline - time.monotonic()
+            if (left is not None and left <= 0) or not self._wakeup.sleep(waiter, left):
+                raise TimeoutError
 
     def _next_chunk(self) -> bool:
         if self._ordered:
@@ -317,17 +341,18 @@ class IMapIterator(Generic[T]):
         return True
 
     def _flush_release(self) -> None:
-        n, self._consumed = self._consumed, 0
+        with self._lock:
+            n, self._consumed = self._consumed, 0
         if n:
-            self._release(n)
+            self._release(n)  # takes the scheduler's lock: never called holding ours
 
     def _on_chunk(self, task: Any, values: list, errors: dict[int, BaseException]) -> None:
-        with self._cond:
+        with self._lock:
             if self._ordered:
                 self._chunks[task.index] = (values, errors)
             else:
                 self._arrived.append((values, errors))
-            self._cond.notify_all()
+            self._wakeup.notify_all()
 
     def _on_error(self, task: Any, exc: BaseException) -> None:
         n = task.n_items
@@ -337,10 +362,10 @@ class IMapIterator(Generic[T]):
         self._on_chunk(task, [value], {})
 
     def _end_of_input(self, length: int, error: BaseException | None) -> None:
-        with self._cond:
+        with self._lock:
             self._length = length
             self._input_error = error
-            self._cond.notify_all()
+            self._wakeup.notify_all()
 
 
 class FutureSink:

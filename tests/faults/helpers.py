@@ -70,7 +70,9 @@ def announce_then_sleep(path, seconds, value=None):
 
 def print_then_sleep(x, seconds=30.0):
     """Say on stdout that a task started (the Ctrl-C tests wait for it), then run long."""
-    print(f"TASK-STARTED {x} pid={os.getpid()}", flush=True)
+    # one write(2) for the whole line: the caller writes to the same pipe, and print() may
+    # send the text and its newline separately, letting the caller's line land in between
+    os.write(sys.stdout.fileno(), f"TASK-STARTED {x} pid={os.getpid()}\n".encode())
     time.sleep(seconds)
     return x
 

@@ -28,14 +28,10 @@ LOCK_RACE = "RuntimeError: release unlocked lock"
 
 
 def xfail_on_lock_race(child) -> None:
-    """Turn a failure into an xfail when (and only when) it is the known Ctrl-C race."""
-    if LOCK_RACE in child.stderr_text(1.0):
-        pytest.xfail(
-            "BUG: Ctrl-C that lands while a waiting caller is being woken (a result arriving) "
-            "raises KeyboardInterrupt inside threading.Condition.wait's re-acquire of a plain "
-            "Lock (IMapIterator._cond / Event of AsyncResult); the `with cond:` exit then fails "
-            "with RuntimeError('release unlocked lock'), chained to the KeyboardInterrupt"
-        )
+    """Fail with a clear message if the old Ctrl-C race shows again: KeyboardInterrupt landing
+    in threading.Condition.wait's re-acquire of a plain Lock surfaced as RuntimeError('release
+    unlocked lock'). procpool now waits on RLock-based conditions (results._Waiter)."""
+    assert LOCK_RACE not in child.stderr_text(1.0), "the Ctrl-C lock race is back"
 
 
 WAYS = {
