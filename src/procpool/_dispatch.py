@@ -108,11 +108,7 @@ class Dispatch:
         try:
             payload = _serialize.dumps(items)
         except SerializationError as exc:
-            task = Task(
-                0, 0, b"", job.kind, _serialize.Payload(b""), job.sink, job.label, None, 0, ()
-            )
-            task.job, task.index, task.n_items = job, index, len(items)
-            task.state = _DONE
+            task = Task.unsent(job.sink, job.label, job.kind, job, index, len(items))
             self._fail(task, SerializationError(f"{task.describe()}: {exc}"))
             return None
         task = Task(

@@ -1,4 +1,8 @@
-"""The scheduler: the pool's one I/O thread, its task table, batching, timers and supervision.
+"""The scheduler: the pool's one I/O thread, its queues, timers and deliveries.
+
+Dispatch (``_dispatch.py``) and worker supervision (``_supervise.py``) are mixins of
+:class:`Scheduler`; this module holds the caller-side API, the inbox and pending queue, map
+jobs and the imap feeder, the I/O loop, timers, shutdown and the deliveries to result objects.
 
 ::
 
@@ -21,9 +25,11 @@
 * **Map jobs** cut their input into chunks lazily, sized from the same estimate (a few ms of
   work per chunk, smaller near the end so no worker idles); ``imap`` reads its input in a feeder
   thread with a bound on the items it holds, so memory does not grow with input length.
-* **Locking**: one lock guards the task table, the pending queue and the workers.  Unpickling
-  results and calling the caller's callbacks happen *outside* it (``_deliver``), so a callback
-  may submit more work.
+* **Locking**: one lock (``_lock``) guards the pending queue, the workers and what each holds
+  (``_Worker.inflight``).  Two reads are deliberately lock-free: a submitting caller appends to
+  ``_inbox`` (a deque) and checks ``_pool_idle()`` first, taking the lock only for the inline
+  send.  Unpickling results and calling the caller's callbacks happen *outside* the lock
+  (``_deliver``), so a callback may submit more work.
 """
 
 from __future__ import annotations
@@ -175,7 +181,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                 cause = exc.__cause__ or exc
                 raise SerializationError(f"task {label}: cannot pickle {what}: {cause}") from cause
         except SerializationError as err:
-            task = Task(0, 0, b"", P.CALL, _serialize.Payload(b""), sink, label, None, 0, ())
+            task = Task.unsent(sink, label)
             sink._on_error(task, err)
             return task
         task = Task(
@@ -552,10 +558,7 @@ class Scheduler(WorkerSupervision, Dispatch):
     def _fail_job(self, job: MapJob, error: BaseException) -> None:
         left = job.available()
         if left:
-            task = Task(
-                0, 0, b"", job.kind, _serialize.Payload(b""), job.sink, job.label, None, 0, ()
-            )
-            task.job, task.index, task.n_items = job, job.next_index, left
+            task = Task.unsent(job.sink, job.label, job.kind, job, job.next_index, left)
             job.next_index += left
             job.buf, job.pos = [], 0
             self._fail(task, error)

@@ -3,12 +3,12 @@
 ``dumps`` turns an object into a :class:`Payload`: the pickle stream plus a list of file
 descriptors that travel beside it (``SCM_RIGHTS`` over the worker's socket):
 
-* buffers of at least :data:`OOB_THRESHOLD` bytes that expose the buffer protocol (numpy arrays,
-  ``bytes``, ``bytearray``, ``PickleBuffer``) are copied once into an anonymous ``memfd`` and
-  their fd sent instead of their bytes.  The receiver maps the memfd and hands the mapping to
-  the unpickler, so a numpy array arrives *without a second copy*.  The kernel frees the memory
-  when the last mapping and fd are gone, whichever process dies first: nothing can leak into
-  ``/dev/shm``.
+* buffers of at least :data:`OOB_THRESHOLD` bytes that pickle hands out of band (numpy arrays,
+  ``bytearray``, ``PickleBuffer``; ``bytes`` and ``str`` stay in-band) are copied once into an
+  anonymous ``memfd`` and their fd sent instead of their bytes.  The receiver maps the memfd
+  and hands the mapping to the unpickler, so a numpy array arrives *without a second copy*.
+  The kernel frees the memory when the last mapping and fd are gone, whichever process dies
+  first: nothing can leak into ``/dev/shm``.
 * objects that carry a file descriptor (procpool's Queue, Pipe, Value...) call :func:`send_fd`
   from their ``__reduce__``; the receiver gets a fresh descriptor back from :func:`recv_fd`.
 

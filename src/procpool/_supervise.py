@@ -5,7 +5,7 @@ reading what it sends (READY, RESULTS, INIT_FAILED, RETIRE), writing to it (outb
 EPOLLOUT), deciding what epoll watches on its channel, and burying it when it dies: the task it
 was running fails (or is retried), the tasks it had not started go back to the queue, and a
 replacement is started.  A mixin of :class:`procpool._scheduler.Scheduler`, whose lock is held
-by every method here.
+by every method here except ``_pool_idle`` (a deliberate lock-free peek, see _scheduler).
 """
 
 from __future__ import annotations

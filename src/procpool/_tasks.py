@@ -66,6 +66,17 @@ class Task:
         self.cost = 0.0
         self.bounces = 0  # times a dead worker handed it back unstarted
 
+    @classmethod
+    def unsent(
+        cls, sink: Any, label: str, kind: int = 0, job: Any = None, index: int = 0, n_items: int = 1
+    ) -> Task:
+        """A task that never reaches a worker: it exists only to carry a failure to its sink
+        (arguments that cannot be pickled, a broken or terminated pool)."""
+        task = cls(0, 0, b"", kind, _serialize.Payload(b""), sink, label, None, 0, ())
+        task.job, task.index, task.n_items = job, index, n_items
+        task.state = _DONE
+        return task
+
     def release(self) -> None:
         self.payload.close()
 

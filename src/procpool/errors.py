@@ -1,6 +1,8 @@
 """The exceptions procpool raises.
 
-Everything procpool raises on its own account derives from :class:`ProcpoolError`.  Where the
+Everything procpool raises in the caller on its own account derives from :class:`ProcpoolError`
+(``TaskTimeout``, raised *inside* a task, is a plain ``Exception`` so a task's handlers see it
+like any other error).  Where the
 standard library defines an error for the same situation, procpool raises the standard one
 (``ValueError`` for a closed pool, ``multiprocessing.TimeoutError`` from ``AsyncResult.get``),
 so code written for :mod:`multiprocessing` keeps working.
@@ -125,5 +127,5 @@ class InitializerError(ProcpoolError):
 
 
 class PoolTerminated(ProcpoolError):
-    """The pool was terminated (``terminate()``, or shutdown with ``cancel_futures``) before the
-    task could finish."""
+    """The pool was terminated (``terminate()``, leaving the ``with`` block) before the task could
+    finish.  (``shutdown(cancel_futures=True)`` cancels futures instead: ``CancelledError``.)"""

@@ -176,7 +176,8 @@ class Pool(concurrent.futures.Executor):
     ) -> AsyncResult[T]:
         """Queue ``func(*args, **kwds)``; return an :class:`AsyncResult` (``.get(timeout)``).
 
-        *callback* / *error_callback* run in the pool's I/O thread with the result / exception,
+        *callback* / *error_callback* run with the result / exception in the thread that
+        delivers it (the pool's I/O thread, or a caller's thread waiting on a result),
         as in :mod:`multiprocessing`; keep them short.  *timeout* (seconds) limits the task's
         run time (default: the pool's).  Raises ``ValueError`` if the pool is closed.
         """

@@ -208,6 +208,10 @@ class MapResult(AsyncResult[list]):
         if length == 0:
             self._set(True, [])
 
+    def cancel(self, force: bool = False) -> bool:
+        """A map cannot be cancelled as a whole (yet): always returns False."""
+        return False
+
     def _finish_items(self, n: int) -> None:
         self._remaining -= n
         if self._done:

@@ -1,0 +1,105 @@
+"""Edge cases found in review, each once a hang or a wrong error; now regression tests."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+from tasks import sleep_then, square
+
+import procpool
+
+
+def length(x):
+    return len(x)
+
+
+def total(arrays):
+    return sum(int(a.size) for a in arrays)
+
+
+def flaky_with_array(marker, array):
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise ConnectionError("transient")
+    return int(array.sum())
+
+
+def slow_item(x):
+    time.sleep(0.3)
+    return x
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with procpool.Pool(2) as p:
+        yield p
+
+
+def test_arguments_larger_than_the_socket_buffer_are_sent_whole(pool):
+    # str and bytes travel in-band (pickle hands only buffer objects such as numpy arrays and
+    # bytearray to the out-of-band path): the outbox must keep writing as the worker reads
+    assert pool.apply_async(length, ("x" * 3_000_000,)).get(20) == 3_000_000
+    assert pool.map(length, ["y" * 200_000] * 30) == [200_000] * 30
+
+
+def test_retry_on_keeps_the_out_of_band_buffers_of_the_task(tmp_path):
+    array = np.ones(100_000)  # 800 KB: travels as a memfd
+    with procpool.Pool(1, retries=2, retry_on=(ConnectionError,)) as pool:
+        r = pool.apply_async(flaky_with_array, (str(tmp_path / "m"), array))
+        assert r.get(20) == 100_000
+        assert pool.apply(square, (3,)) == 9
+
+
+def test_too_many_large_buffers_in_one_argument_is_a_clear_error(pool):
+    arrays = [np.zeros(40_000) for _ in range(300)]
+    with pytest.raises(procpool.SerializationError, match="300 large buffers"):
+        pool.apply_async(total, (arrays,)).get(10)
+    assert pool.apply(total, (arrays[:10],)) == 400_000
+
+
+def test_close_and_join_finish_an_imap_the_caller_stopped_reading():
+    pool = procpool.Pool(2)
+    for _ in pool.imap(abs, range(200_000)):
+        break
+    pool.close()
+    pool.join(30)
+    assert not pool._sched._thread.is_alive(), "join() did not return"
+
+
+def test_get_timeout_is_a_deadline(pool):
+    r = pool.apply_async(sleep_then, (5, None))
+    started = time.monotonic()
+    with pytest.raises(procpool.TimeoutError):
+        r.get(timeout=0.5)
+    assert time.monotonic() - started < 1.4
+
+
+def test_imap_next_timeout_is_a_deadline(pool):
+    it = pool.imap(sleep_then, [0.1] * 30 + [5.0], chunksize=1)
+    started = time.monotonic()
+    with pytest.raises(procpool.TimeoutError):
+        for _ in range(31):
+            it.next(timeout=max(0.01, 1.0 - (time.monotonic() - started)))
+    assert time.monotonic() - started < 3
+
+
+def test_a_chunks_time_limit_applies_to_each_item():
+    with procpool.Pool(1) as pool:
+        r = pool.map_async(slow_item, range(8), chunksize=8, timeout=1)
+        assert r.get(30) == list(range(8))
+
+
+def test_an_unpicklable_function_is_named(pool):
+    import threading
+
+    lock = threading.Lock()
+
+    def uses_a_lock(x):
+        with lock:
+            return x
+
+    with pytest.raises(procpool.SerializationError, match="function"):
+        pool.apply_async(uses_a_lock, (1,)).get(10)
