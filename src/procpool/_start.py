@@ -29,6 +29,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import warnings
 from typing import Any, NamedTuple
 
@@ -44,6 +45,8 @@ try:  # resolved now, in the parent: dlopen/dlsym after fork could block on a lo
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):  # pragma: no cover - not Linux
     _prctl = None
+
+_FORK_LOCK = threading.Lock()  # see ForkLauncher.start
 
 START_METHODS = ("fork", "forkserver", "spawn")
 DEFAULT_START_METHOD = "fork"
@@ -148,14 +151,22 @@ class ForkLauncher(Launcher):
     method = "fork"
 
     def start(self) -> Proc:
-        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        global _FORK_LOCK
         ppid = os.getpid()
-        with warnings.catch_warnings():
-            # Python >= 3.12 warns about fork() with threads (ours is the I/O thread, see the
-            # module docstring); under -W error that warning would orphan a running child
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
+        # One pool's I/O thread at a time from here to the fork: another pool forking in between
+        # would let its worker inherit this socketpair before it is in INTERNAL_FDS.
+        with _FORK_LOCK:
+            parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            INTERNAL_FDS.update((parent_sock.fileno(), child_sock.fileno()))
+            with warnings.catch_warnings():
+                # Python >= 3.12 warns about fork() with threads (ours is the I/O thread, see
+                # the module docstring); under -W error that warning would orphan the child
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+            if pid:
+                INTERNAL_FDS.discard(child_sock.fileno())
         if pid == 0:  # the worker
+            _FORK_LOCK = threading.Lock()  # it was held (by us) at the fork
             code = 1
             try:
                 parent_sock.close()
