@@ -14,6 +14,8 @@ import signal
 import sys
 import time
 
+START_METHODS = ["fork", "forkserver", "spawn"]  # every test that can runs under each
+
 
 def _no_core_dump() -> None:
     """Crashing tasks must not write (or pipe to a handler) a core file: it is slow and litters."""

@@ -18,8 +18,8 @@ import pytest
 from conftest import wait_until
 
 from . import helpers as h
+from .helpers import START_METHODS
 
-START_METHODS = ["fork", "forkserver", "spawn"]
 EXIT_WITHIN_S = 10.0
 
 pytestmark = pytest.mark.timeout(90)

@@ -67,8 +67,8 @@ import procpool
 
 from . import grid_tasks as g
 from . import helpers as h
+from .helpers import START_METHODS
 
-START_METHODS = ["fork", "forkserver", "spawn"]
 GET_TIMEOUT = 20.0  # a defined error arrives in milliseconds; this only turns a hang into a failure
 SETTLE = 10.0  # replacements (spawn: a fresh interpreter) and reaping, on a noisy 2-core machine
 BIG = 24 << 20  # point 4: bytes of in-band pickle, ~100x the socket buffer

@@ -16,8 +16,8 @@ import pytest
 from conftest import wait_until
 
 from . import helpers as h
+from .helpers import START_METHODS
 
-START_METHODS = ["fork", "forkserver", "spawn"]
 DEATH_GRACE_S = 5.0
 
 pytestmark = pytest.mark.timeout(90)

@@ -16,20 +16,9 @@ import procpool
 
 from . import helpers as h
 
-START_METHODS = ["fork", "forkserver", "spawn"]
 GET_TIMEOUT = 15.0
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture(params=START_METHODS)
-def pool(request, leak_check):
-    p = procpool.Pool(2, start_method=request.param)
-    try:
-        yield p
-    finally:
-        p.terminate()
-        p.join(10)
 
 
 def every_worker(pool, func):

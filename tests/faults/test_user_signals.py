@@ -14,21 +14,11 @@ from conftest import wait_until
 import procpool
 
 from . import helpers as h
+from .helpers import START_METHODS
 
-START_METHODS = ["fork", "forkserver", "spawn"]
 GET_TIMEOUT = 15.0
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture(params=START_METHODS)
-def pool(request, leak_check):
-    p = procpool.Pool(2, start_method=request.param)
-    try:
-        yield p
-    finally:
-        p.terminate()
-        p.join(10)
 
 
 def test_task_handles_sigusr1_sent_by_another_process(pool, tmp_path):

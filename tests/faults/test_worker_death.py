@@ -24,8 +24,8 @@ from conftest import wait_until
 import procpool
 
 from . import helpers as h
+from .helpers import START_METHODS
 
-START_METHODS = ["fork", "forkserver", "spawn"]
 FAULT_NAMES = list(h.FAULTS)
 GET_TIMEOUT = 15.0  # generous on a noisy 2-core machine; a hang fails here instead of hanging
 
