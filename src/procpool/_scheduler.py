@@ -108,7 +108,9 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._fids = itertools.count(1)
         self._tids = itertools.count(1)
         self._wids = itertools.count(1)
-        self._est: float | None = None
+        self._est: float | None = None  # seconds per item (see _supervise._on_results)
+        self._est_time = 0.0
+        self._est_items = 0.0
         self._state = RUNNING
         self._broken: BaseException | None = None
         self._startup_failures = 0

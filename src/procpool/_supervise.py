@@ -95,6 +95,8 @@ class WorkerSupervision:
     _broken: BaseException | None
     _startup_failures: int
     _est: float | None
+    _est_time: float
+    _est_items: float
     _deliveries: list[tuple]
     _grace: float
     _wids: Iterator[int]
@@ -288,7 +290,10 @@ class WorkerSupervision:
                 self._maybe_exit(w)
 
     def _on_results(self, w: _Worker, body: memoryview, fds: list[int]) -> None:
-        est = self._est
+        # _est, the per-item time, is a running ratio of measured time to items (both decayed):
+        # weighted by items, so the few small chunks at the end of a map (whose fixed costs
+        # dominate) do not drag the estimate -- and the next map's chunk size -- far off
+        spent, items = self._est_time, self._est_items
         inflight = w.inflight
         deliveries = self._deliveries
         cost = w.cost
@@ -301,8 +306,8 @@ class WorkerSupervision:
             if task is None:  # cancelled or failed meanwhile
                 _serialize.Payload(b"", 0, mine).close()
                 continue
-            per_item = duration / task.n_items
-            est = per_item if est is None else 0.7 * est + 0.3 * per_item
+            spent = 0.7 * spent + duration
+            items = 0.7 * items + task.n_items
             cost -= task.cost
             task.state = _DONE
             task.worker = None
@@ -310,7 +315,9 @@ class WorkerSupervision:
                 w.exclusive = False
             deliveries.append(("result", task, status, data, nbuf, mine))
             mine = []
-        self._est = est
+        self._est_time, self._est_items = spent, items
+        if items:
+            self._est = spent / items
         w.cost = cost if inflight else 0.0
         self._maybe_exit(w)
         if not inflight:
