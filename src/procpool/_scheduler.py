@@ -64,7 +64,7 @@ from .errors import (
 )
 
 IMAP_HELD = 65536  # items an imap may hold (read, not yet consumed): its memory bound
-FEED_BATCH = 1024  # items the imap feeder reads per lock acquisition
+FEED_BATCH = 8192  # items the imap feeder reads per lock acquisition
 
 
 _live: weakref.WeakSet[Scheduler] = weakref.WeakSet()
