@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from ._scheduler import RUNNING, Scheduler
+from ._scheduler import Scheduler
 from ._start import make_launcher
+from ._supervise import RUNNING
+from .errors import TimeoutError as PoolTimeoutError  # multiprocessing.TimeoutError
 from .results import AsyncResult, FutureSink, IMapIterator, MapResult
 
 T = TypeVar("T")
@@ -439,10 +442,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         ``timeout`` is a deadline for the whole iteration, counted from this call, as in the
         standard library (``TimeoutError``); an item's exception is raised at its position.
         """
-        import time
-
-        if timeout is not None:
-            deadline = time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             it = self._pool._imap(
                 fn, zip(*iterables, strict=False), chunksize, None, ordered=True, star=True
@@ -451,15 +451,13 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
             raise RuntimeError("cannot schedule new futures after shutdown") from None
 
         def results() -> Iterator[T]:
-            from multiprocessing import TimeoutError as MPTimeout
-
             while True:
-                wait = None if timeout is None else max(0.0, deadline - time.monotonic())
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
                     yield it.next(wait)
                 except StopIteration:
                     return
-                except MPTimeout:
+                except PoolTimeoutError:  # executors raise their own TimeoutError
                     raise concurrent.futures.TimeoutError from None
 
         return results()
