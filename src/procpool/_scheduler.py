@@ -422,6 +422,8 @@ class Scheduler(WorkerSupervision, Dispatch):
             if self._state in (RUNNING, CLOSING):
                 self._state = TERMINATING
                 self._wake()
+                for job in self._feeding:  # feeders waiting for room: stop now
+                    job.space.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(10)
         self._deliver()
@@ -496,8 +498,7 @@ class Scheduler(WorkerSupervision, Dispatch):
             os.close(self._wakefd)
             self._launcher.close()
             self._funcs.clear()
-            with_space = [j for j in self._pending if isinstance(j, MapJob)]
-            for job in with_space:
+            for job in self._feeding:  # feeders waiting for room: the pool is gone, stop
                 job.space.notify_all()
 
     def _poll_timeout(self) -> float:
