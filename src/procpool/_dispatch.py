@@ -1,7 +1,7 @@
 """Dispatch, the scheduler's half that decides which task goes to which worker, in what batch.
 
 A worker may take more tasks while the work it holds is estimated below ``INFLIGHT_BUDGET``
-seconds (``Scheduler._est``: a running mean of the per-item time the workers report); unknown
+seconds (``Scheduler._est``: the per-item time the workers report, item-weighted); unknown
 cost means one task at a time, and a task with a timeout runs alone.  Pending tasks are handed
 round-robin, one at a time, to the workers that can take them, and each worker's share goes out
 as one TASKS frame (plus a FUNC frame for each function it has not seen).  A mixin of

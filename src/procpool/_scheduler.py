@@ -20,8 +20,8 @@ jobs and the imap feeder, the I/O loop, timers, shutdown and the deliveries to r
 * **Death is seen at once**: each worker's pidfd sits in the same epoll set as the channels.
 * **Batching**: tasks are pickled by the caller's thread (so an unpicklable argument fails at
   once, in the caller), queued, and sent in batches: a worker gets more tasks while the work it
-  holds is estimated below ``INFLIGHT_BUDGET`` seconds (``_est`` is a running mean of measured
-  task time).  Unknown cost means one task at a time; a task with a timeout always runs alone.
+  holds is estimated below ``INFLIGHT_BUDGET`` seconds (``_est``: the measured per-item time,
+  item-weighted).  Unknown cost means one task at a time; a task with a timeout always runs alone.
 * **Map jobs** cut their input into chunks lazily, sized from the same estimate (a few ms of
   work per chunk, smaller near the end so no worker idles); ``imap`` reads its input in a feeder
   thread with a bound on the items it holds, so memory does not grow with input length.
