@@ -12,12 +12,13 @@ from .errors import WorkerLostError
 from .pool import Pool
 
 
-def _event(n: int) -> tuple[int, int, float]:
+def _event(n: int) -> tuple[int, int, int, float]:
     """An 'event' of the tutorial: some work that takes a moment, done in a worker."""
     started = time.perf_counter()
-    total = sum(i * i for i in range(20_000 + n * 5_000))
+    limit = 20_000 + n * 5_000
+    total = sum(i * i for i in range(limit))
     time.sleep(0.05)
-    return os.getpid(), total % 1000, time.perf_counter() - started
+    return os.getpid(), limit, total, time.perf_counter() - started
 
 
 def _square(x: int) -> int:
@@ -38,9 +39,12 @@ def demo(processes: int, events: int) -> int:
     print(f"2. queued {events} events with apply_async")
     by_worker: dict[int, int] = {}
     for n, r in enumerate(results):
-        pid, value, took = r.get(timeout=30)
+        pid, limit, total, took = r.get(timeout=30)
         by_worker[pid] = by_worker.get(pid, 0) + 1
-        print(f"   event {n:2d} -> {value:3d}  (worker pid {pid}, {took * 1000:5.1f} ms)")
+        print(
+            f"   event {n:2d}: sum of squares below {limit:,} = {total:,}"
+            f"  (worker pid {pid}, {took * 1000:.1f} ms)"
+        )
     shares = ", ".join(f"pid {pid}: {count}" for pid, count in sorted(by_worker.items()))
     print(f"3. the pool's processes handled the events in turn ({shares})")
     squares = pool.map(_square, range(10))
