@@ -70,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("-e", "--events", type=int, default=10, help="events to queue (default 10)")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        return demo(args.processes, args.events)
+        try:
+            return demo(args.processes, args.events)
+        except BrokenPipeError:  # `procpool demo | head`: the reader left, nothing to report
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            return 0
     parser.print_help()
     return 0
