@@ -129,3 +129,12 @@ def test_retry_on_listed_exception_types(tmp_path):
 
     with procpool.Pool(1, retries=2, retry_on=(ConnectionError,)) as pool:
         assert pool.apply_async(flaky, (str(tmp_path / "m"),)).get(20) == "ok"
+
+
+def test_schedule_gives_one_future_its_own_time_limit():
+    with procpool.Pool(1) as pool:
+        slow = pool.schedule(sleep_then, (30,), timeout=0.3)
+        with pytest.raises(procpool.TaskTimeoutError):
+            slow.result(10)
+        assert pool.schedule(square, (4,)).result(10) == 16
+        assert pool.submit(square, 5).result(10) == 25

@@ -201,18 +201,35 @@ class Pool(concurrent.futures.Executor):
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Queue ``fn(*args, **kwargs)``; return a :class:`concurrent.futures.Future`.
 
-        The pool's ``timeout``/``retries`` apply.  Raises ``RuntimeError`` after
-        :meth:`shutdown`/:meth:`close`, as executors do.
+        The pool's ``timeout``/``retries`` apply (``kwargs`` all go to *fn*; for a per-call
+        limit use :meth:`schedule`).  Raises ``RuntimeError`` after :meth:`shutdown`/:meth:`close`,
+        as executors do.
+        """
+        return self.schedule(fn, args, kwargs)
+
+    def schedule(
+        self,
+        fn: Callable[..., T],
+        args: Iterable[Any] = (),
+        kwargs: dict | None = None,
+        *,
+        timeout: float | None = None,
+        retries: int | None = None,
+    ) -> Future[T]:
+        """Like :meth:`submit`, with a time limit (seconds) and retries for this call only.
+
+        ``pool.schedule(f, (1, 2), timeout=5).result()``: at the limit ``TaskTimeout`` is raised
+        inside the task and the future fails with :class:`~procpool.TaskTimeoutError`.
         """
         future: Future[T] = Future()
         try:
             self._sched.submit_call(
                 fn,
-                args,
-                kwargs,
+                tuple(args),
+                dict(kwargs) if kwargs else {},
                 FutureSink(future),
-                timeout=self._timeout,
-                retries=self._retries,
+                timeout=self._task_timeout(timeout),
+                retries=self._retries if retries is None else retries,
                 retry_on=self._retry_on,
             )
         except ValueError:
