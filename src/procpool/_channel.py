@@ -117,19 +117,10 @@ class Channel:
             if self.fill() < 0:
                 raise ChannelClosed("channel closed")
 
-    def has_frame(self) -> bool:
-        """True when a whole frame is waiting (worker side, after a non-blocking ``fill``)."""
-        self._parse()
-        return bool(self._ready)
-
     # ----------------------------------------------------------------- writing
     def push(self, data: bytes | bytearray, fds: list[int] | None = None) -> None:
         """Queue a whole frame for writing; *fds* are sent with it (and then closed)."""
         self._out.append([memoryview(data), fds])
-
-    @property
-    def pending_output(self) -> bool:
-        return bool(self._out)
 
     def flush(self) -> bool:
         """Write as much of the outbox as the socket takes.  Return True when it is empty.
