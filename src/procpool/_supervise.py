@@ -33,6 +33,7 @@ from .errors import (
 )
 
 EXIT_GRACE = 5.0  # seconds a worker told to exit gets before SIGKILL
+EOF_GRACE = 1.0  # seconds a worker that closed its channel gets to exit before SIGKILL
 STARTUP_FAILURES = 3  # workers crashing before READY, in a row, before the pool gives up
 MAX_BOUNCES = 5  # a task re-sent this often, never started, fails instead of going round again
 
@@ -266,8 +267,12 @@ class WorkerSupervision:
         if chan.eof and not w.eof:
             w.eof = True
             self._set_mask(w)  # stop level-triggered EOF wake-ups
-            self._kill(w)  # it closed its channel: make sure it is really gone
-            if w.proc.pidfd < 0:  # no pidfd to tell us: the I/O thread reaps it now
+            if w.proc.pidfd >= 0:
+                # Usually it is exiting and its pidfd fires in a moment, with the true exit
+                # status; one that closed its channel but lives on is killed after a grace.
+                self._add_timer(EOF_GRACE, "exit", w)
+            else:  # no pidfd to tell us: kill it and let the I/O thread reap it now
+                self._kill(w)
                 self._dead.append(w)
                 self._wake()
 
