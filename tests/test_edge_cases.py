@@ -103,3 +103,79 @@ def test_an_unpicklable_function_is_named(pool):
 
     with pytest.raises(procpool.SerializationError, match="function"):
         pool.apply_async(uses_a_lock, (1,)).get(10)
+
+
+def test_breaking_out_of_an_imap_loop_gives_back_the_rest(pool):
+    it = pool.imap(identity_item, range(300), chunksize=100)
+    for x in it:
+        if x == 5:
+            break
+    assert next(it) == 6
+    assert list(it) == list(range(7, 300))
+
+
+def test_several_threads_can_share_one_imap_iterator(pool):
+    import threading
+
+    it = pool.imap(identity_item, range(5000), chunksize=7)
+    got: list[int] = []
+    errors: list[BaseException] = []
+
+    def consume():
+        try:
+            for x in iter(it.next, None):
+                got.append(x)
+        except StopIteration:
+            pass
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=consume) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert sorted(got) == list(range(5000))
+
+
+def test_imap_input_that_waits_for_its_own_results(pool):
+    import queue
+
+    feedback: queue.Queue = queue.Queue()
+
+    def source():
+        yield 0
+        for _ in range(3):
+            yield feedback.get(timeout=20)
+
+    it = pool.imap(identity_item, source())
+    for expected in range(4):
+        value = it.next(timeout=10)
+        assert value == expected
+        feedback.put(value + 1)
+
+
+def test_terminate_while_imap_reads_its_input_ends_the_iterator():
+    def endless():
+        n = 0
+        while True:
+            yield n
+            n += 1
+
+    pool = procpool.Pool(2)
+    it = pool.imap(identity_item, endless())
+    assert next(it) == 0
+    pool.terminate()
+    with pytest.raises(procpool.PoolTerminated):
+        for _ in range(1_000_000):
+            it.next(timeout=10)
+
+
+def test_schedule_rejects_a_bad_timeout_as_such(pool):
+    with pytest.raises(ValueError, match="timeout"):
+        pool.schedule(square, (1,), timeout=-1)
+
+
+def identity_item(x):
+    return x

@@ -64,7 +64,12 @@ from .errors import (
 )
 
 IMAP_HELD = 65536  # items an imap may hold (read, not yet consumed): its memory bound
-FEED_BATCH = 8192  # items the imap feeder reads per lock acquisition
+FEED_BATCH = 8192  # items the imap feeder reads per lock acquisition (in-memory sources)
+
+#: iterators that only walk memory: reading them in bulk can neither block nor deadlock
+_IN_MEMORY_ITERATORS = frozenset(
+    type(iter(x)) for x in (range(0), [], (), "", b"", bytearray(), {}, set(), frozenset())
+)
 
 
 _live: weakref.WeakSet[Scheduler] = weakref.WeakSet()
@@ -196,6 +201,10 @@ class Scheduler(WorkerSupervision, Dispatch):
             # busy: no lock, no syscall unless the I/O thread sleeps; it sends batches
             self._inbox.append(task)
             self._wake()
+            if self._state != RUNNING:  # terminate() raced us: settle it ourselves
+                with self._lock:
+                    self._take_inbox()
+                self._deliver()
             return task
         with self._lock:  # idle: the low-latency path, sent from the caller's own thread
             if self._state != RUNNING:
@@ -225,7 +234,7 @@ class Scheduler(WorkerSupervision, Dispatch):
             task = inbox.popleft()
             if self._broken is not None:
                 self._fail(task, self._broken_error())
-            elif self._state == TERMINATING:
+            elif self._state in (TERMINATING, FINISHED):
                 self._fail(task, PoolTerminated("the pool was terminated"))
             else:
                 self._pending.append(task)
@@ -254,12 +263,13 @@ class Scheduler(WorkerSupervision, Dispatch):
         with self._lock:
             self._check_running()
             self._jobs_open += 1
+            if lazy:
+                self._feeding.add(job)
             if not lazy:
                 job.buf = items if isinstance(items, list) else list(items)
                 self._input_end(job, None, on_input_end)
                 self._wake()
         if lazy:
-            self._feeding.add(job)
             feeder = threading.Thread(
                 target=self._feed,
                 args=(job, iter(items), on_input_end),
@@ -270,37 +280,48 @@ class Scheduler(WorkerSupervision, Dispatch):
         return job
 
     def _feed(self, job: MapJob, it: Iterator, on_end: Callable | None) -> None:
-        """The imap feeder thread: reads the caller's iterable within the job's limit."""
+        """The imap feeder thread: reads the caller's iterable within the job's limit.
+
+        An in-memory source (a range, list, tuple...: reading it can never block) is read in
+        batches that double up to FEED_BATCH, at C speed.  Any other iterator -- a generator may
+        be waiting for the results of this very imap -- is handed over one item at a time, so
+        no item it has produced is ever held back while the next one is being read.
+        """
         error: BaseException | None = None
+        bulk = type(it) in _IN_MEMORY_ITERATORS
+        size = 1
         while True:
             with job.space:
                 # the bound holds while the caller may still read; once the pool is closed,
                 # the rest of the input is read and run, as close() promises
                 while job.held >= job.limit and self._state == RUNNING and not self._broken:
                     job.space.wait(1.0)  # 1 s: a safety net; release() and close() notify
-                if self._state == TERMINATING or self._state == FINISHED or self._broken:
+                if self._state in (TERMINATING, FINISHED) or self._broken:
                     error = self._stopped_error()  # the caller's iterator must say why
                     break
                 room = job.limit - job.held if self._state == RUNNING else FEED_BATCH
+            want = min(room, size)
             batch: list = []
-            want = min(room, FEED_BATCH)
             try:
-                batch.extend(itertools.islice(it, want))  # C speed; keeps items read before
+                batch.extend(itertools.islice(it, want))  # keeps the items read before an error
             except BaseException as exc:  # noqa: BLE001 - reaches the caller via the iterator
                 error = exc
+            if bulk:
+                size = min(size * 2, FEED_BATCH)
             with self._lock:
                 if batch:
                     job.held += len(batch)
                     job.add(batch)
                     self._queue_job(job)
+                if error is None and self._state in (TERMINATING, FINISHED):
+                    error = self._stopped_error()  # the input did not end: the pool did
                 if error is not None or len(batch) < want:
-                    self._input_end(job, error, on_end)
-                    self._wake()
-                    return
+                    break
                 self._wake()
         with self._lock:
             self._input_end(job, error, on_end)
             self._wake()  # someone must deliver the end of input
+        self._deliver()  # ...and if the I/O thread is gone already, that is us
 
     def _stopped_error(self) -> BaseException:
         if self._broken is not None:
@@ -318,7 +339,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._queue_job(job)
 
     def _queue_job(self, job: MapJob) -> None:
-        if self._broken is not None or self._state == TERMINATING:
+        if self._broken is not None or self._state in (TERMINATING, FINISHED):
             self._fail_job(job, self._stopped_error())
             return
         if not job.queued and (job.available() or not job.input_done):

@@ -48,6 +48,14 @@ except (OSError, AttributeError):  # pragma: no cover - not Linux
 
 _FORK_LOCK = threading.Lock()  # see ForkLauncher.start
 
+
+def _new_fork_lock() -> None:
+    global _FORK_LOCK
+    _FORK_LOCK = threading.Lock()  # a child forked while it was held must not inherit that
+
+
+os.register_at_fork(after_in_child=_new_fork_lock)
+
 START_METHODS = ("fork", "forkserver", "spawn")
 DEFAULT_START_METHOD = "fork"
 
@@ -151,7 +159,6 @@ class ForkLauncher(Launcher):
     method = "fork"
 
     def start(self) -> Proc:
-        global _FORK_LOCK
         ppid = os.getpid()
         # One pool's I/O thread at a time from here to the fork: another pool forking in between
         # would let its worker inherit this socketpair before it is in INTERNAL_FDS.
@@ -165,8 +172,7 @@ class ForkLauncher(Launcher):
                 pid = os.fork()
             if pid:
                 INTERNAL_FDS.discard(child_sock.fileno())
-        if pid == 0:  # the worker
-            _FORK_LOCK = threading.Lock()  # it was held (by us) at the fork
+        if pid == 0:  # the worker (its _FORK_LOCK is new: see _new_fork_lock)
             code = 1
             try:
                 parent_sock.close()

@@ -266,7 +266,10 @@ class WorkerSupervision:
         self._handle_frames(w)
         if chan.eof and not w.eof:
             w.eof = True
-            self._set_mask(w)  # stop level-triggered EOF wake-ups
+            try:  # out of the epoll set: a hung-up socket reports EPOLLHUP whatever the mask
+                self._epoll.unregister(w.chan.fileno())
+            except (OSError, ValueError):
+                pass
             if w.proc.pidfd >= 0:
                 # Usually it is exiting and its pidfd fires in a moment, with the true exit
                 # status; one that closed its channel but lives on is killed after a grace.

@@ -222,13 +222,14 @@ class Pool(concurrent.futures.Executor):
         inside the task and the future fails with :class:`~procpool.TaskTimeoutError`.
         """
         future: Future[T] = Future()
+        limit = self._task_timeout(timeout)  # a bad timeout is a ValueError of its own
         try:
             self._sched.submit_call(
                 fn,
                 tuple(args),
                 dict(kwargs) if kwargs else {},
                 FutureSink(future),
-                timeout=self._task_timeout(timeout),
+                timeout=limit,
                 retries=self._retries if retries is None else retries,
                 retry_on=self._retry_on,
             )

@@ -270,39 +270,62 @@ class IMapIterator(Generic[T]):
         self._consumed = 0  # results taken but not yet reported to the feeder (batched)
 
     def __iter__(self) -> Iterator[T]:
-        """Iterate over the results; whole chunks are handed over at C speed."""
+        """Iterate over the results, a chunk at a time.
+
+        Breaking out of the loop gives back what was not taken (``next(it)`` goes on from
+        there).  A failed item ends this loop with its exception; iterating again continues
+        after it, as with :mod:`multiprocessing`.
+        """
         while True:
             if not self._wait_for_item(None):
                 return
             with self._lock:
-                values, errors, pos = self._values, self._errors, self._pos
-                if not errors:  # the common case: take the rest of the chunk at once
-                    n = len(values) - pos
-                    self._pos = len(values)
-                    self._yielded += n
-                    self._consumed += n
-            if errors:
-                yield self.next()  # item by item, so a failure raises at its position
-            else:
+                if self._errors or self._pos >= len(self._values):
+                    chunk = None  # failures in it (or another consumer took it): item by item
+                else:
+                    chunk, start = self._values, self._pos
+                    self._pos = len(chunk)  # ours now; what we do not yield is given back
+            if chunk is None:
+                try:
+                    yield self.next()
+                except StopIteration:
+                    return
+                continue
+            given = start
+            try:
+                for value in chunk[start:] if start else chunk:
+                    given += 1
+                    yield value
+            finally:
+                with self._lock:
+                    if given < len(chunk) and self._values is chunk:
+                        self._pos = given  # the loop was left early: the rest stays
+                    taken = given - start
+                    self._yielded += taken
+                    self._consumed += taken
                 if self._consumed >= 1024:
                     self._flush_release()
-                yield from (values[pos:] if pos else values)
 
     def next(self, timeout: float | None = None) -> T:
-        if not self._wait_for_item(timeout):
-            raise StopIteration
-        with self._lock:
-            pos = self._pos
-            self._pos = pos + 1
-            self._yielded += 1
-            self._consumed += 1
-            exc = self._errors.pop(pos, None) if self._errors else None
-            value = self._values[pos]
-        if self._consumed >= 1024:
-            self._flush_release()
-        if exc is not None:
-            raise exc
-        return value
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._wait_for_item(left):
+                raise StopIteration
+            with self._lock:  # check again and take, in one go: another consumer may be here
+                if self._pos >= len(self._values) and not self._next_chunk():
+                    continue
+                pos = self._pos
+                self._pos = pos + 1
+                self._yielded += 1
+                self._consumed += 1
+                exc = self._errors.pop(pos, None) if self._errors else None
+                value = self._values[pos]
+            if self._consumed >= 1024:
+                self._flush_release()
+            if exc is not None:
+                raise exc
+            return value
 
     __next__ = next
 
