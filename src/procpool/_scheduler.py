@@ -67,8 +67,17 @@ IMAP_HELD = 65536  # items an imap may hold (read, not yet consumed): its memory
 FEED_BATCH = 8192  # items the imap feeder reads per lock acquisition (in-memory sources)
 
 #: iterators that only walk memory: reading them in bulk can neither block nor deadlock
-_IN_MEMORY_ITERATORS = frozenset(
-    type(iter(x)) for x in (range(0), [], (), "", b"", bytearray(), {}, set(), frozenset())
+_IN_MEMORY_ITERATORS: frozenset[type] = frozenset(
+    {
+        type(iter(range(0))),
+        type(iter([])),
+        type(iter(())),
+        type(iter("")),
+        type(iter(b"")),
+        type(iter(bytearray())),
+        type(iter({})),
+        type(iter(set())),
+    }
 )
 
 
