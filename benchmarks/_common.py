@@ -364,7 +364,7 @@ class Loky(StdlibExecutor):
         return loky.get_reusable_executor(max_workers=n, reuse=False)
 
 
-class Mpire(Lib):
+class Mpire(_MpLike):  # apply_async/get/apply as multiprocessing's
     key = "mpire"
     label = "mpire WorkerPool (keep_alive)"
 
@@ -381,15 +381,6 @@ class Mpire(Lib):
         # Without this mpire concatenates numpy results into one big array (an extra copy).
         kw.setdefault("concatenate_numpy_output", False)
         return pool.map(fn, items, **kw)
-
-    def submit(self, pool: Any, fn: Callable, arg: Any) -> Any:
-        return pool.apply_async(fn, (arg,))
-
-    def result(self, handle: Any, timeout: float = 60) -> Any:
-        return handle.get(timeout)
-
-    def apply(self, pool: Any, fn: Callable, arg: Any) -> Any:
-        return pool.apply(fn, (arg,))
 
 
 class Pebble(Lib):
