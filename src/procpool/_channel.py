@@ -161,14 +161,22 @@ class Channel:
                     sent = 0
         return True
 
+    def pending(self) -> bool:
+        """Frames pushed and not yet written."""
+        return bool(self._out)
+
+    def send_pending(self) -> None:
+        """Blocking write of the outbox (worker side)."""
+        while not self.flush():
+            pass
+
     def send_frame(self, data: bytes | bytearray, fds: list[int] | None = None) -> None:
         """Blocking write of one frame (worker side)."""
         if not fds and not self._out:
             self.sock.sendall(data)  # the common case: one syscall, no outbox
             return
         self.push(data, fds)
-        while not self.flush():
-            pass
+        self.send_pending()
 
     def discard_output(self) -> None:
         """Drop the outbox (the peer is gone), closing any fds that were waiting in it."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _protocol as P
 from . import _serialize
+from ._buffers import BufferCache
 from ._channel import MAX_FDS_PER_FRAME
 from ._supervise import TERMINATING, _Worker
 from ._tasks import _DONE, _PENDING, _SENT, MapJob, Task
@@ -42,6 +43,7 @@ class Dispatch:
     _maxtasks: int | None
     _grace: float
     _tids: Iterator[int]
+    _buffers: BufferCache
 
     if TYPE_CHECKING:  # provided by Scheduler and WorkerSupervision
 
@@ -106,7 +108,7 @@ class Dispatch:
         index = job.next_index
         job.next_index += len(items)
         try:
-            payload = _serialize.dumps(items)
+            payload = _serialize.dumps(items, cache=self._buffers)
         except SerializationError as exc:
             task = Task.unsent(job.sink, job.label, job.kind, job, index, len(items))
             self._fail(task, SerializationError(f"{task.describe()}: {exc}"))
@@ -192,6 +194,8 @@ class Dispatch:
                     chan.push(P.frame(P.TASKS, body, len(fds)), fds)
                     body, fds = bytearray(), []
                 fds.extend(os.dup(fd) for fd in payload.fds)  # keep ours for a retry
+                if payload.segments:  # it maps them until it says RELEASED
+                    self._buffers.hold(payload.segments, w.wid)
             nfd = len(payload.fds) - payload.nbuf
             P.pack_task(
                 body,

@@ -12,6 +12,8 @@ INIT    start-up settings + initializer       READY        initializer done, ser
 FUNC    a function, sent once per worker      INIT_FAILED  the initializer raised
 TASKS   a batch of task records               RESULTS      a batch of result records
 EXIT    finish and exit(0)                    RETIRE       over max_memory_per_child
+                                              RELEASED     inodes of argument buffers it has
+                                                           unmapped (see ``_buffers``)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Iterator
 
 # frame kinds
 INIT, FUNC, TASKS, EXIT = 1, 2, 3, 4
-READY, INIT_FAILED, RESULTS, RETIRE = 11, 12, 13, 14
+READY, INIT_FAILED, RESULTS, RETIRE, RELEASED = 11, 12, 13, 14, 15
 
 FRAME = struct.Struct("<IBH")  # size (after this u32), kind, nfds
 FRAME_PREFIX = 4  # bytes of the size field itself
@@ -39,6 +41,7 @@ CHUNK_PARTIAL = 2  # payload: (values, {index_in_chunk: error tuple}) for a chun
 TASK_HEAD = struct.Struct("<QIBdHHI")  # id, fid, kind, timeout (0 = none), nbuf, nfd, size
 RESULT_HEAD = struct.Struct("<QBdHHI")  # id, status, duration in seconds, nbuf, nfd, size
 FUNC_HEAD = struct.Struct("<I")  # fid
+INODE = struct.Struct("<Q")  # one inode in a RELEASED body
 
 # The progress slot: 16 bytes of shared memory per worker (a memfd sent with INIT).  The worker
 # writes the id of the task it starts and, when the task's result is buffered, that id as the
@@ -75,6 +78,15 @@ def pack_result(
     """Append one result record to a RESULTS body."""
     out += RESULT_HEAD.pack(task_id, status, duration, nbuf, nfd, len(data))
     out += data
+
+
+def pack_inodes(inodes: list[int]) -> bytes:
+    """A RELEASED body."""
+    return struct.pack(f"<{len(inodes)}Q", *inodes)
+
+
+def unpack_inodes(body: memoryview) -> list[int]:
+    return list(struct.unpack(f"<{len(body) // INODE.size}Q", body))
 
 
 def iter_tasks(body: memoryview) -> Iterator[TaskRecord]:

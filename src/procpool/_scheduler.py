@@ -51,6 +51,7 @@ from typing import Any
 
 from . import _protocol as P
 from . import _serialize
+from ._buffers import TRIM_AFTER, BufferCache
 from ._dispatch import Dispatch
 from ._errinfo import rebuild_error
 from ._start import INTERNAL_FDS, Launcher, send_signal
@@ -134,6 +135,8 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._killed_all = False
         self._owner = os.getpid()
 
+        self._buffers = BufferCache(on_free=self._wake)  # large arguments' memfds, reused
+        self._trim_armed = False
         self._epoll = select.epoll()
         self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._woken = False
@@ -191,7 +194,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         try:
             fid, blob = self.function(func)  # its message names the function
             try:
-                payload = _serialize.dumps_call(args, kwds)
+                payload = _serialize.dumps_call(args, kwds, self._buffers)
             except SerializationError as exc:
                 what = _serialize.find_unpicklable(args, kwds)
                 cause = exc.__cause__ or exc
@@ -495,6 +498,9 @@ class Scheduler(WorkerSupervision, Dispatch):
                     for fd, mask in events:
                         self._on_event(fd, mask)
                     self._run_timers()
+                    if self._buffers.free_bytes and not self._trim_armed:
+                        self._trim_armed = True  # give unused buffers back after a while
+                        self._add_timer(TRIM_AFTER, "trim", None)
                     while self._dead:
                         w = self._dead.pop()
                         self._bury(w, self._launcher.reap(w.proc))
@@ -528,6 +534,7 @@ class Scheduler(WorkerSupervision, Dispatch):
             os.close(self._wakefd)
             self._launcher.close()
             self._funcs.clear()
+            self._buffers.close()
             for job in self._feeding:  # feeders waiting for room: the pool is gone, stop
                 job.space.notify_all()
 
@@ -614,6 +621,9 @@ class Scheduler(WorkerSupervision, Dispatch):
             elif kind == "exit":
                 if what.wid in self._workers:
                     self._kill(what)
+            elif kind == "trim":
+                self._trim_armed = False
+                self._buffers.trim()
 
     # ------------------------------------------------------------------ shutdown
     def _progress_shutdown(self) -> bool:

@@ -27,12 +27,16 @@ import reprlib
 import sys
 import threading
 import weakref
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
 from ._channel import MAX_FDS_PER_FRAME
 from .errors import SerializationError
+
+if TYPE_CHECKING:
+    from ._buffers import BufferCache, Segment
 
 #: buffers at least this large travel through shared memory instead of the socket.  Below it,
 #: creating, mapping and closing a memfd (~20 us) costs more than copying through the socket.
@@ -50,24 +54,42 @@ class Payload:
     """One serialized object: the pickle stream, and the fds that travel with it.
 
     ``fds[:nbuf]`` are memfds holding out-of-band buffers in pickle order; ``fds[nbuf:]`` are
-    descriptors registered by :func:`send_fd`.  The payload owns its fds until :meth:`close`.
+    descriptors registered by :func:`send_fd`.  The payload owns its fds until :meth:`close`,
+    except those of ``segments``: memfds lent by a pool's :class:`~procpool._buffers.BufferCache`,
+    which :meth:`close` gives back instead.
     """
 
-    __slots__ = ("data", "nbuf", "fds")
+    __slots__ = ("data", "nbuf", "fds", "cache", "segments")
 
-    def __init__(self, data: bytes, nbuf: int = 0, fds: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        data: bytes,
+        nbuf: int = 0,
+        fds: list[int] | None = None,
+        cache: BufferCache | None = None,
+        segments: list[Segment] | None = None,
+    ) -> None:
         self.data = data
         self.nbuf = nbuf
         self.fds = fds or []
+        self.cache = cache
+        self.segments = segments
 
     def close(self) -> None:
         """Close the fds this payload still owns (after they were sent, or if they never will be)."""
         fds, self.fds = self.fds, []
+        segments, self.segments = self.segments, None
+        lent = {seg.fd for seg in segments} if segments else ()
         for fd in fds:
+            if fd in lent:
+                continue
             try:
                 os.close(fd)
             except OSError:
                 pass
+        if segments and self.cache is not None:
+            for seg in segments:
+                self.cache.unlend(seg)
 
 
 def _memfd_from_buffer(raw: memoryview) -> int:
@@ -87,10 +109,12 @@ def _memfd_from_buffer(raw: memoryview) -> int:
 class _Collector:
     """Collects the fds produced while one object is pickled."""
 
-    def __init__(self, oob: bool) -> None:
+    def __init__(self, oob: bool, cache: BufferCache | None = None) -> None:
         self.oob = oob
+        self.cache = cache
         self.buffer_fds: list[int] = []
         self.passed_fds: list[int] = []
+        self.segments: list[Segment] = []
 
     def buffer_callback(self, pb: pickle.PickleBuffer) -> bool:
         if not self.oob:
@@ -101,12 +125,21 @@ class _Collector:
             return True
         if raw.nbytes < OOB_THRESHOLD:
             return True
-        self.buffer_fds.append(_memfd_from_buffer(raw))
+        seg = self.cache.take(raw) if self.cache is not None else None
+        if seg is not None:
+            self.segments.append(seg)
+            self.buffer_fds.append(seg.fd)
+        else:
+            self.buffer_fds.append(_memfd_from_buffer(raw))
         return False
 
+    def payload(self, data: bytes) -> Payload:
+        fds = self.buffer_fds + self.passed_fds
+        return Payload(data, len(self.buffer_fds), fds, self.cache, self.segments or None)
+
     def discard(self) -> None:
-        Payload(b"", 0, self.buffer_fds + self.passed_fds).close()
-        self.buffer_fds, self.passed_fds = [], []
+        self.payload(b"").close()
+        self.buffer_fds, self.passed_fds, self.segments = [], [], []
 
 
 def send_fd(fd: int) -> int:
@@ -135,16 +168,20 @@ def recv_fd(token: int) -> int:
 PLAIN = frozenset({int, float, str, bool, type(None), complex})
 
 
-def dumps_call(args: tuple, kwds: dict) -> Payload:
+def dumps_call(args: tuple, kwds: dict, cache: BufferCache | None = None) -> Payload:
     """Serialize a call's ``(args, kwds)``; the common all-scalar case skips the machinery."""
     if not kwds and all(type(a) in PLAIN for a in args):
         return Payload(pickle.dumps((args, kwds), PROTOCOL))
-    return dumps((args, kwds))
+    return dumps((args, kwds), cache=cache)
 
 
-def dumps(obj: Any, *, oob: bool = True) -> Payload:
-    """Serialize *obj*; raise :class:`SerializationError` naming it if it cannot be pickled."""
-    collector = _Collector(oob)
+def dumps(obj: Any, *, oob: bool = True, cache: BufferCache | None = None) -> Payload:
+    """Serialize *obj*; raise :class:`SerializationError` naming it if it cannot be pickled.
+
+    With *cache* (a pool's task arguments), large buffers are copied into reusable segments
+    instead of fresh memfds (see ``_buffers``).
+    """
+    collector = _Collector(oob, cache)
     previous = getattr(_tls, "collector", None)
     _tls.collector = collector
     try:
@@ -163,15 +200,15 @@ def dumps(obj: Any, *, oob: bool = True) -> Payload:
     finally:
         _tls.collector = previous
     if collector.buffer_fds or collector.passed_fds:
-        fds = collector.buffer_fds + collector.passed_fds
-        if len(fds) > MAX_FDS:
+        nfds = len(collector.buffer_fds) + len(collector.passed_fds)
+        if nfds > MAX_FDS:
             collector.discard()
             raise SerializationError(
-                f"{describe(obj)} holds {len(fds)} large buffers or descriptors; at most"
+                f"{describe(obj)} holds {nfds} large buffers or descriptors; at most"
                 f" {MAX_FDS} travel with one task or result (pass them in several tasks, or"
                 " put them in one SharedArray)"
             )
-        return Payload(data, len(collector.buffer_fds), fds)
+        return collector.payload(data)
     return Payload(data)
 
 
@@ -183,14 +220,32 @@ def dumps_function(func: Any) -> bytes:
         raise SerializationError(f"cannot pickle the function {describe(func)}: {exc}") from exc
 
 
+#: set in a pool's worker: called with a received buffer's inode once its mapping is gone, so
+#: the parent may reuse the segment (see ``_buffers``); the parent leaves it None
+on_release: Callable[[int], None] | None = None
+
+
+def _released(ino: int) -> None:
+    report = on_release
+    if report is not None:
+        report(ino)
+
+
 if sys.version_info >= (3, 13):
 
     def _map_buffer(fd: int) -> Any:
         """Map a received memfd; the mapping keeps no descriptor open (trackfd=False)."""
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         prot = mmap.PROT_READ | mmap.PROT_WRITE
-        return mmap.mmap(fd, size, flags=flags, prot=prot, trackfd=False)  # type: ignore[call-arg]
+        try:
+            mm = mmap.mmap(fd, st.st_size, flags=flags, prot=prot, trackfd=False)  # type: ignore[call-arg]
+        except BaseException:
+            _released(st.st_ino)
+            raise
+        if on_release is not None:
+            weakref.finalize(mm, _released, st.st_ino)
+        return mm
 
 else:  # mmap.mmap dup()s the fd and keeps it for the mapping's life: map it ourselves
     _libc = ctypes.CDLL(None, use_errno=True)
@@ -206,17 +261,23 @@ else:  # mmap.mmap dup()s the fd and keeps it for the mapping's life: map it our
     _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     _MAP_FAILED = ctypes.c_void_p(-1).value
 
+    def _unmap(addr: int, size: int, ino: int) -> None:
+        _libc.munmap(addr, size)
+        _released(ino)
+
     def _map_buffer(fd: int) -> Any:
         """Map a received memfd without keeping a descriptor: a program may hold thousands of
         received arrays without running out of fds.  Unmapped when the last view is freed."""
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        size = st.st_size
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
         if addr is None or addr == _MAP_FAILED:
             err = ctypes.get_errno()
+            _released(st.st_ino)
             raise OSError(err, f"mmap of a received buffer failed: {os.strerror(err)}")
         region = (ctypes.c_char * size).from_address(addr)
-        weakref.finalize(region, _libc.munmap, addr, size)
+        weakref.finalize(region, _unmap, addr, size, st.st_ino)
         return memoryview(region).cast("B")
 
 
@@ -225,7 +286,13 @@ def loads(data: bytes | memoryview, nbuf: int = 0, fds: list[int] | None = None)
     if not fds:
         return pickle.loads(data)
     try:
-        buffers = [_map_buffer(fd) for fd in fds[:nbuf]]
+        buffers: list[Any] = []
+        try:
+            for fd in fds[:nbuf]:
+                buffers.append(_map_buffer(fd))
+        except BaseException:
+            discard_received(nbuf, fds, len(buffers) + 1)  # the rest were never mapped
+            raise
         if len(fds) == nbuf:
             return pickle.loads(data, buffers=buffers)
         previous = getattr(_tls, "received", None)
@@ -236,6 +303,18 @@ def loads(data: bytes | memoryview, nbuf: int = 0, fds: list[int] | None = None)
             _tls.received = previous
     finally:
         Payload(b"", 0, fds).close()
+
+
+def discard_received(nbuf: int, fds: list[int], start: int = 0) -> None:
+    """Received buffers that will never be mapped (from *start* on): say so, as an unmapping
+    would.  Does not close *fds*."""
+    if on_release is None:
+        return
+    for fd in fds[start:nbuf]:
+        try:
+            _released(os.fstat(fd).st_ino)
+        except OSError:
+            pass
 
 
 def describe(obj: Any) -> str:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _protocol as P
 from . import _serialize
+from ._buffers import BufferCache
 from ._channel import RECV_SIZE, Channel
 from ._errinfo import rebuild_error
 from ._start import INTERNAL_FDS, Launcher, Proc, describe_exit, send_signal
@@ -95,6 +96,7 @@ class WorkerSupervision:
     _state: str
     _broken: BaseException | None
     _startup_failures: int
+    _buffers: BufferCache
     _est: float | None
     _est_time: float
     _est_items: float
@@ -174,6 +176,7 @@ class WorkerSupervision:
             except (OSError, ValueError):
                 pass
         w.chan.close()
+        self._buffers.forget_worker(w.wid)  # its mappings died with it
         if w.proc.pidfd >= 0:
             os.close(w.proc.pidfd)
         how = describe_exit(code)
@@ -293,6 +296,8 @@ class WorkerSupervision:
                 err = InitializerError(f"the pool's initializer raised {info[1]}: {info[2]}")
                 err.__cause__ = cause
                 self._break(err)
+            elif kind == P.RELEASED:
+                self._buffers.released(w.wid, P.unpack_inodes(body))
             elif kind == P.RETIRE:
                 w.retiring = True
                 self._maybe_exit(w)

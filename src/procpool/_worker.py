@@ -79,6 +79,9 @@ class Worker:
         self.retiring = False
         self.progress: Any = bytearray(P.PROGRESS_SIZE)  # replaced by the shared slot at INIT
         self.last_done = 0
+        # inodes of argument buffers unmapped since the last flush (appended by finalizers)
+        self.released: list[int] = []
+        _serialize.on_release = self.released.append
 
     # ---------------------------------------------------------------- start-up
     def init(self, body: memoryview, fds: list[int]) -> bool:
@@ -106,10 +109,17 @@ class Worker:
         if self.max_memory and not self.retiring and rss() > self.max_memory:
             self.retiring = True  # said before the results: no new task is sent our way
             self.chan.send_frame(P.frame(P.RETIRE))
+        if self.released:  # before the results: the parent may reuse these buffers at once
+            n = len(self.released)
+            inodes = self.released[:n]
+            del self.released[:n]  # a finalizer may append meanwhile
+            self.chan.push(P.frame(P.RELEASED, P.pack_inodes(inodes)))
         if self.out:
             fds, self.out_fds = self.out_fds, []
             body, self.out = self.out, bytearray()
             self.chan.send_frame(P.frame(P.RESULTS, body, len(fds)), fds)
+        elif self.chan.pending():
+            self.chan.send_pending()
         self.last_flush = time.perf_counter()
 
     def add_result(self, task_id: int, status: int, duration: float, value: Any) -> None:
@@ -133,6 +143,13 @@ class Worker:
         task_id, fid, kind, timeout, nbuf, _, payload = rec
         try:
             func = self.func(fid)
+        except BaseException as exc:  # noqa: BLE001
+            _serialize.discard_received(nbuf, fds)
+            _serialize.Payload(b"", 0, fds).close()
+            err = SerializationError(f"the task's function could not be loaded: {exc!r}")
+            self.add_result(task_id, P.ERROR, 0.0, error_info(err))
+            return
+        try:
             data = _serialize.loads(payload, nbuf, fds)
         except BaseException as exc:  # noqa: BLE001
             err = SerializationError(f"the task's arguments could not be unpickled: {exc!r}")

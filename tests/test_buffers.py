@@ -1,0 +1,135 @@
+"""Large task arguments travel in reused shared-memory segments (``procpool._buffers``).
+
+Reuse must never show a task someone else's bytes: a segment is rewritten only when the task
+that held it is done *and* every worker that mapped it has said RELEASED (or died).  These
+tests run real pools and check the bytes each task sees, the segments the parent keeps, and
+that nothing is left when the pool ends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+from conftest import wait_until
+
+import procpool
+from procpool import _buffers
+
+pytestmark = pytest.mark.timeout(60)
+
+N = 64 * 1024  # float64 items: 512 KiB, above the out-of-band threshold
+_kept: list = []
+
+
+def first_last(a):
+    return float(a[0]), float(a[-1]), a.nbytes
+
+
+def keep(a):
+    """Keep the argument alive in the worker (the segment must stay busy)."""
+    _kept.append(a)
+    return float(a[0])
+
+
+def kept_values(_=None):
+    return [float(a[0]) for a in _kept] + [float(a[-1]) for a in _kept]
+
+
+def drop_kept(_=None):
+    _kept.clear()
+    return os.getpid()
+
+
+def die_once(marker, a):
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return float(a[0]), float(a[-1])
+
+
+def segments(pool):
+    return pool._sched._buffers._segments
+
+
+def arrays(count, offset=0):
+    return [np.full(N, float(i + offset)) for i in range(count)]
+
+
+def test_reused_segments_carry_each_tasks_own_bytes():
+    with procpool.Pool(2) as pool:
+        for round_ in range(6):
+            data = arrays(6, offset=10 * round_)
+            want = [(float(a[0]), float(a[0]), a.nbytes) for a in data]
+            assert pool.map(first_last, data, chunksize=1) == want
+            for a in data[:3]:
+                assert pool.apply(first_last, (a,)) == (float(a[0]), float(a[0]), a.nbytes)
+        made = len(segments(pool))
+        assert 0 < made <= 12, f"{made} segments for 6 arrays at a time: they are not reused"
+
+
+def test_an_argument_a_task_keeps_is_never_overwritten():
+    with procpool.Pool(1) as pool:
+        assert pool.apply(keep, (np.full(N, 7.0),)) == 7.0
+        for i in range(20):  # same size: would take the kept one's segment if it were free
+            assert pool.apply(first_last, (np.full(N, float(i)),)) == (float(i), float(i), N * 8)
+        assert pool.apply(kept_values) == [7.0, 7.0]
+        pool.apply(drop_kept)
+        busy = [s for s in segments(pool).values() if s.busy or s.holders]
+        assert wait_until(lambda: not [s for s in busy if s.busy or s.holders], 5.0)
+
+
+def test_a_dead_workers_holds_are_forgotten_and_a_retry_sees_the_same_bytes(tmp_path):
+    marker = str(tmp_path / "died")
+    with procpool.Pool(1) as pool:
+        a = np.arange(N, dtype=np.float64)
+        assert pool.apply_async(die_once, (marker, a), retries=1).get(30) == (0.0, N - 1.0)
+        assert wait_until(lambda: all(not s.holders for s in segments(pool).values()), 5.0)
+        b = np.full(N, 3.0)
+        assert pool.apply(first_last, (b,)) == (3.0, 3.0, N * 8)
+
+
+def test_forked_workers_do_not_inherit_the_parents_segments():
+    with procpool.Pool(1) as pool:
+        for i in range(4):
+            pool.apply(first_last, (np.full(N, float(i)),))
+        (old,) = pool.pids()
+        os.kill(old, signal.SIGKILL)
+        new = wait_until(lambda: [p for p in pool.pids() if p != old], 10.0)
+        assert new, "the dead worker was not replaced"
+        assert pool.apply(first_last, (np.full(N, 5.0),)) == (5.0, 5.0, N * 8)  # it serves
+        with open(f"/proc/{new[0]}/maps") as f:
+            inherited = [line for line in f if "procpool-arg" in line]
+        assert inherited == []
+
+
+def test_the_pool_gives_segments_back_when_idle_and_when_it_ends():
+    pool = procpool.Pool(2)
+    try:
+        pool.map(first_last, arrays(4), chunksize=1)
+        pool._sched._buffers.trim(older_than=0.0)  # what the I/O thread's timer runs
+        assert wait_until(lambda: not segments(pool), 5.0)
+        pool.map(first_last, arrays(4), chunksize=1)
+        assert segments(pool)
+    finally:
+        pool.close()
+        pool.join(15)
+    assert not segments(pool)
+    with open("/proc/self/maps") as f:
+        assert not [line for line in f if "procpool-arg" in line]
+
+
+def test_the_cache_is_bounded():
+    cache = _buffers.BufferCache(limit=3 * N * 8)
+    data = [memoryview(np.full(N, float(i))).cast("B") for i in range(6)]
+    taken = [cache.take(raw) for raw in data]
+    assert all(seg is not None for seg in taken)
+    for seg in taken:
+        assert seg is not None
+        cache.unlend(seg)
+    assert cache.free_bytes == 3 * N * 8
+    assert len(cache._segments) == 3
+    cache.close()
+    assert cache.take(data[0]) is None  # closed: the caller falls back to a fresh memfd
