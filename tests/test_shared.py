@@ -237,3 +237,122 @@ def test_bad_names_rejected():
     for bad in ("a/b", "", "..", "x" * 300):
         with pytest.raises(ValueError):
             procpool.Value("i", name=bad)
+
+
+# -- passing shared objects: the lean fast path and the fallbacks ----------------------------
+
+
+def _set_first(arr, value):
+    arr[0] = value
+    return len(arr)
+
+
+def _structured_task(sa):
+    sa.array["b"] += 1
+    return sa.dtype.names, sa.shape
+
+
+def test_shared_array_with_a_structured_dtype_passes_whole():
+    dt = np.dtype([("a", "<f8"), ("b", "<i4")])
+    sa = procpool.SharedArray((3,), dt)
+    arr = procpool.Array("d", 4)
+    with procpool.Pool(1) as pool:
+        assert pool.apply_async(_structured_task, (sa,)).get(20) == (("a", "b"), (3,))
+        assert pool.apply_async(_set_first, (arr, 2.5)).get(20) == 4
+    assert sa.dtype == dt and (sa.array["b"] == 1).all()
+    assert arr[0] == 2.5
+
+
+def test_passing_a_shared_array_pickles_flat():
+    """One global (the rebuild function) and one descriptor: what makes passing 1 GiB O(1)."""
+    from procpool import _serialize
+
+    sa = procpool.SharedArray((8, 1 << 14), "float32")
+    payload = _serialize.dumps(sa)
+    try:
+        assert payload.nbuf == 0 and len(payload.fds) == 1
+        assert payload.data.count(b"procpool") == 1, payload.data
+        fds, payload.fds = payload.fds, []
+        back = _serialize.loads(payload.data, payload.nbuf, fds)  # takes the fds
+    finally:
+        payload.close()
+    assert type(back) is procpool.SharedArray
+    assert back.shape == (8, 1 << 14) and back.dtype == np.float32 and back.name is None
+    back[3, 5] = 7.0
+    assert sa[3, 5] == 7.0  # the same memory
+
+
+def _memfd_regions():
+    """Mappings and descriptors of procpool regions in this process."""
+    target = "/memfd:procpool (deleted)"
+    with open("/proc/self/maps") as f:
+        maps = sum(1 for line in f if line.rstrip("\n").endswith(target))
+    fds = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds += os.readlink(f"/proc/self/fd/{fd}") == target
+        except OSError:
+            pass
+    return maps, fds
+
+
+def test_worker_keeps_nothing_of_the_shared_arrays_it_was_passed():
+    """No cache: once a task drops a SharedArray, its mapping and descriptors are gone."""
+    arrays = [procpool.SharedArray((1 << 16,), "float64") for _ in range(4)]
+    with procpool.Pool(1) as pool:
+        before = pool.apply_async(_memfd_regions).get(20)
+        for _ in range(10):
+            for sa in arrays:
+                pool.apply_async(_double, (sa,)).get(20)
+        assert pool.apply_async(_memfd_regions).get(20) == before
+    assert all(sa.array[0] == 0.0 for sa in arrays)
+
+
+def test_shared_objects_pass_to_a_stdlib_pool():
+    """Through the stdlib's ForkingPickler (resource sharer): the fallback reduction."""
+    import multiprocessing
+
+    sa = procpool.SharedArray.from_array(np.ones(10))
+    v = procpool.Value("i", 0)
+    arr = procpool.Array("i", 3)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_double, (sa,)).get(20) == 20.0
+        pool.apply_async(_atomic_adds, (v, 10)).get(20)
+        assert pool.apply_async(_set_first, (arr, 5)).get(20) == 3
+    assert sa.array.sum() == 20.0 and v.value == 10 and arr[0] == 5
+
+
+def test_plain_pickle_refuses_shared_objects():
+    import pickle
+
+    for obj in (
+        procpool.SharedArray(3),
+        procpool.Value("i", 0, lock=False),
+        procpool.Array("i", 2),
+    ):
+        with pytest.raises(RuntimeError, match="file descriptors"):
+            pickle.dumps(obj)
+
+
+def _rlock_child_cannot_release(rlock):
+    try:
+        rlock.release()
+    except AssertionError:
+        os._exit(0)
+    os._exit(1)
+
+
+def test_received_rlock_not_owned_in_forked_child():
+    """A lock rebuilt from a message (the lean path) is reset after fork like a created one."""
+    a, b = procpool.Pipe()
+    try:
+        a.send(procpool.Value("i", 0))  # its RLock travels with it
+        v = b.recv()
+    finally:
+        a.close()
+        b.close()
+    v.acquire()
+    try:
+        assert run_child(_rlock_child_cannot_release, v.get_lock()) == 0
+    finally:
+        v.release()

@@ -25,7 +25,24 @@ from typing import Any
 
 from . import _serialize
 
-__all__ = ["FdHandle", "register_forking_reducer"]
+__all__ = ["FdHandle", "register_forking_reducer", "send_token"]
+
+
+def send_token(fd: int) -> int | None:
+    """The token *fd* travels under when procpool is pickling right now, else ``None``.
+
+    The fast path for an object's ``__reduce__``: with a token it can reduce to
+    ``(rebuild, (..., token))`` and rebuild with :func:`procpool._serialize.recv_fd` -- one
+    global in the pickle instead of a nested :class:`FdHandle`.  ``None`` means another mechanism
+    must carry the descriptor (a :mod:`multiprocessing` start or ``ForkingPickler``, or none:
+    plain pickle): reduce to something holding an :class:`FdHandle` then, which picks it.
+    """
+    if context.get_spawning_popen() is not None:
+        return None
+    try:
+        return _serialize.send_fd(fd)
+    except RuntimeError:
+        return None
 
 
 class FdHandle:

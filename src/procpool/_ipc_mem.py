@@ -28,11 +28,13 @@ import json
 import mmap
 import os
 import re
+import sys
 import threading
 import weakref
 from typing import Any
 
-from ._ipc_fd import FdHandle, close_quietly
+from ._ipc_fd import FdHandle, close_quietly, send_token
+from ._serialize import recv_fd
 
 __all__ = [
     "Region",
@@ -84,15 +86,17 @@ class SemLock(_multiprocessing.SemLock):
     __slots__ = ("_region", "__weakref__")
 
 
-_live_regions: weakref.WeakSet[Region] = weakref.WeakSet()
+# Every semaphore made in this process, for _after_fork_in_child.  Weak: the set keeps nothing
+# alive.  Only semaphores are tracked -- a region without any (a SharedArray, Value, Array) costs
+# no bookkeeping at all.
+_live_sems: weakref.WeakSet[SemLock] = weakref.WeakSet()
 _live_lock = threading.Lock()
 
 
 def _after_fork_in_child() -> None:
     # A forked child must not believe it owns the RLocks its parent held (same thread id).
-    for region in list(_live_regions):
-        for sem in region._sems.values():
-            sem._after_fork()
+    for sem in list(_live_sems):
+        sem._after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -105,26 +109,38 @@ def shm_path(name: str) -> str:
     return os.path.join(SHM_DIR, name)
 
 
+# Python >= 3.13 can map without mmap.mmap keeping a dup() of the descriptor for the mapping's
+# life (the region keeps its own, for passing it on): one descriptor per region, not two.
+_MAP_KW: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
+
 class Region:
-    """A shared-memory region mapped in this process (see the module docstring)."""
+    """A shared-memory region mapped in this process (see the module docstring).
+
+    Cheap to make: mapping it is the whole cost (a region passed to a pool task is rebuilt in
+    the worker for every task).  The semaphores in it are tracked for fork (``_live_sems``);
+    its address is computed on first use.
+    """
+
+    __slots__ = ("mmap", "fd", "size", "name", "_address", "__weakref__")
+
+    mmap: mmap.mmap
+    fd: int
+    size: int
+    name: str | None
+    _address: int | None
 
     def __init__(self, fd: int, name: str | None = None) -> None:
-        """Map *fd* (taking ownership of it)."""
-        size = os.fstat(fd).st_size
+        """Map *fd* (taking ownership of it: closed by :meth:`close`, or now if mapping fails)."""
         try:
-            self.mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+            self.mmap = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, **_MAP_KW)  # 0: the whole file
         except BaseException:
             close_quietly(fd)
             raise
         self.fd = fd
-        self.size = size
+        self.size = len(self.mmap)
         self.name = name
-        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.mmap))
-        # weak: a semaphore keeps its region alive, not the other way round (no cycle)
-        self._sems: weakref.WeakValueDictionary[int, SemLock] = weakref.WeakValueDictionary()
-        self._closed = False
-        with _live_lock:
-            _live_regions.add(self)
+        self._address = None
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
@@ -137,12 +153,15 @@ class Region:
             path = shm_path(name)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, size)
-            region = cls(fd, name)
+            try:
+                os.ftruncate(fd, size)
+            except BaseException:
+                close_quietly(fd)
+                raise
+            region = cls(fd, name)  # closes fd itself if it fails: not twice
         except BaseException:
             if name is not None:
                 _unlink_quietly(shm_path(name))
-            close_quietly(fd)
             raise
         region.write_meta(meta)
         return region
@@ -152,6 +171,11 @@ class Region:
         """Open the named region *name*; raises ``FileNotFoundError`` when there is none."""
         fd = os.open(shm_path(name), os.O_RDWR | os.O_CLOEXEC)
         return cls(fd, name)
+
+    @classmethod
+    def received(cls, token: int, name: str | None) -> Region:
+        """The region whose descriptor procpool received under *token* (see :meth:`token`)."""
+        return cls(recv_fd(token), name)
 
     # -- metadata ---------------------------------------------------------------------------
     def write_meta(self, meta: dict[str, Any]) -> None:
@@ -182,7 +206,8 @@ class Region:
                 raise OSError(err, os.strerror(err))
         sem = SemLock._rebuild(address, kind, maxvalue, None)
         sem._region = self
-        self._sems[slot] = sem
+        with _live_lock:
+            _live_sems.add(sem)
         return sem
 
     # -- data -------------------------------------------------------------------------------
@@ -190,6 +215,14 @@ class Region:
         """A writable view of the data area."""
         end = self.size if length is None else DATA_OFFSET + offset + length
         return memoryview(self.mmap)[DATA_OFFSET + offset : end]
+
+    @property
+    def address(self) -> int:
+        """Where the mapping starts in this process (computed on first use)."""
+        address = self._address
+        if address is None:
+            address = self._address = ctypes.addressof(ctypes.c_char.from_buffer(self.mmap))
+        return address
 
     @property
     def data_address(self) -> int:
@@ -204,9 +237,9 @@ class Region:
 
     def close(self) -> None:
         """Close this process's descriptor.  The mapping lives on while objects use it."""
-        if not self._closed:
-            self._closed = True
-            close_quietly(self.fd)
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            close_quietly(fd)
 
     def __del__(self) -> None:
         try:
@@ -214,14 +247,39 @@ class Region:
         except Exception:
             pass
 
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        if self._closed:
+    # -- passing ----------------------------------------------------------------------------
+    def _fd(self) -> int:
+        if self.fd < 0:
             raise ValueError("cannot pass a closed shared object")
-        return (_rebuild_region, (FdHandle(self.fd), self.name))
+        return self.fd
+
+    def token(self) -> int | None:
+        """Register the descriptor to travel with what procpool is pickling now; the token to
+        give :meth:`received` on the other side.  ``None`` when procpool is not pickling: pickle
+        the region itself then (its ``__reduce__`` finds the way).
+
+        Objects built on one region reduce to ``(_attach_x, (..., token, name))`` with this: one
+        global in the pickle, no nested Region and FdHandle reductions.
+        """
+        fd = self.fd
+        if fd < 0:
+            raise ValueError("cannot pass a closed shared object")
+        return send_token(fd)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        fd = self._fd()
+        token = send_token(fd)
+        if token is not None:
+            return (_attach_region, (token, self.name))
+        return (_rebuild_region, (FdHandle(fd), self.name))
 
 
 def _rebuild_region(fd: int, name: str | None) -> Region:
     return Region(fd, name)
+
+
+def _attach_region(token: int, name: str | None) -> Region:
+    return Region(recv_fd(token), name)
 
 
 def _unlink_quietly(path: str) -> None:

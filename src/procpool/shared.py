@@ -24,13 +24,14 @@ Example::
 from __future__ import annotations
 
 import ctypes
+import math
 import struct
 from collections.abc import Iterable, Iterator
 from multiprocessing.sharedctypes import typecode_to_type  # type: ignore[attr-defined]
 from typing import Any
 
 from . import _ipc_atomic
-from ._ipc_mem import Region
+from ._ipc_mem import DATA_OFFSET, Region
 from .sync import Lock, RLock
 
 __all__ = ["Value", "Array", "SharedArray"]
@@ -158,9 +159,7 @@ class Value(_Shared):
             self._region = Region.create(ctypes.sizeof(ctype), meta, name)
             self._lock = _make_lock(lock)
             fresh = True
-        self._obj = ctype.from_buffer(
-            self._region.mmap, self._region.data_address - self._region.address
-        )
+        self._obj = ctype.from_buffer(self._region.mmap, DATA_OFFSET)
         if fresh and args:
             self._obj.__init__(*args)
         self._ctype = ctype
@@ -180,7 +179,10 @@ class Value(_Shared):
         return cls(meta["typecode"], lock=lock, _attach=(region, _make_lock(lock)))
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return (_rebuild_value, (self._ctype, self._region, self._lock))
+        token = self._region.token()
+        if token is None:
+            return (_rebuild_value, (self._ctype, self._region, self._lock))
+        return (_attach_value, (self._ctype, token, self._region.name, self._lock))
 
     # -- the stdlib API ---------------------------------------------------------------------
     @property
@@ -313,6 +315,10 @@ def _rebuild_value(ctype: Any, region: Region, lock: _LockType | None) -> Value:
     return Value(ctype, _attach=(region, lock))
 
 
+def _attach_value(ctype: Any, token: int, name: str | None, lock: _LockType | None) -> Value:
+    return Value(ctype, _attach=(Region.received(token, name), lock))
+
+
 class Array(_Shared):
     """A ctypes array in shared memory (:func:`multiprocessing.Array`).
 
@@ -362,8 +368,7 @@ class Array(_Shared):
             }
             self._region = Region.create(ctypes.sizeof(array_type), meta, name)
             self._lock = _make_lock(lock)
-        offset = self._region.data_address - self._region.address
-        self._obj = array_type.from_buffer(self._region.mmap, offset)
+        self._obj = array_type.from_buffer(self._region.mmap, DATA_OFFSET)
         if init is not None and _attach is None:
             self._obj[:] = init
         self._ctype = ctype
@@ -378,7 +383,13 @@ class Array(_Shared):
         return cls(meta["typecode"], meta["length"], _attach=(region, _make_lock(lock)))
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return (_rebuild_array, (self._ctype, len(self._obj), self._region, self._lock))
+        token = self._region.token()
+        if token is None:
+            return (_rebuild_array, (self._ctype, len(self._obj), self._region, self._lock))
+        return (
+            _attach_array,
+            (self._ctype, len(self._obj), token, self._region.name, self._lock),
+        )
 
     def __len__(self) -> int:
         return len(self._obj)
@@ -430,6 +441,12 @@ def _rebuild_array(ctype: Any, length: int, region: Region, lock: _LockType | No
     return Array(ctype, length, _attach=(region, lock))
 
 
+def _attach_array(
+    ctype: Any, length: int, token: int, name: str | None, lock: _LockType | None
+) -> Array:
+    return Array(ctype, length, _attach=(Region.received(token, name), lock))
+
+
 class SharedArray:
     """A numpy array in shared memory: pass it to other processes, they see the same data.
 
@@ -455,21 +472,25 @@ class SharedArray:
     ) -> None:
         import numpy as np
 
-        self.dtype = np.dtype(dtype)
-        if self.dtype.hasobject:
+        dt = np.dtype(dtype)
+        if dt.hasobject:
             raise TypeError("a SharedArray cannot hold Python objects")
-        self.shape = (shape,) if isinstance(shape, int) else tuple(int(n) for n in shape)
-        nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        shape = (shape,) if isinstance(shape, int) else tuple(int(n) for n in shape)
         if _region is None:
-            meta = {"kind": "SharedArray", "shape": list(self.shape), "dtype": self.dtype.str}
-            _region = Region.create(nbytes, meta, name)
-        self._region = _region
-        self.array = np.frombuffer(
-            _region.mmap,
-            self.dtype,
-            count=nbytes // max(self.dtype.itemsize, 1) if nbytes else 0,
-            offset=_region.data_address - _region.address,
-        ).reshape(self.shape)
+            meta = {"kind": "SharedArray", "shape": list(shape), "dtype": dt.str}
+            _region = Region.create(math.prod(shape) * dt.itemsize, meta, name)
+        self._attach(_region, shape, dt)
+
+    def _attach(self, region: Region, shape: tuple[int, ...], dtype: Any) -> None:
+        """Become the view of *region*'s data as *shape* and *dtype* (anything ``numpy.dtype``
+        takes).  Used by every constructor, so keep it lean: a worker runs it per task."""
+        import numpy as np
+
+        dtype = np.dtype(dtype)
+        self.dtype = dtype
+        self.shape = shape
+        self._region = region
+        self.array = np.ndarray(shape, dtype, region.mmap, DATA_OFFSET)
 
     @classmethod
     def from_array(cls, a: Any, *, name: str | None = None) -> SharedArray:
@@ -500,7 +521,16 @@ class SharedArray:
         self._region.unlink()
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return (_rebuild_shared_array, (self.shape, self.dtype.str, self._region))
+        # Passing a SharedArray is on the hot path (a pool task's argument): when procpool
+        # pickles, one global and four small values -- no nested Region and FdHandle reductions
+        # (see Region.token).  A structured or subarray dtype travels whole: its ``str``
+        # ('|V12') has lost the fields.
+        dt = self.dtype
+        dtype = dt.str if dt.fields is None and dt.subdtype is None else dt
+        token = self._region.token()
+        if token is None:
+            return (_rebuild_shared_array, (self.shape, dtype, self._region))
+        return (_attach_shared_array, (self.shape, dtype, token, self._region.name))
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
         import numpy as np
@@ -528,5 +558,15 @@ class SharedArray:
         return f"<procpool.SharedArray shape={self.shape} dtype={self.dtype}>"
 
 
-def _rebuild_shared_array(shape: tuple[int, ...], dtype: str, region: Region) -> SharedArray:
-    return SharedArray(shape, dtype, _region=region)
+def _rebuild_shared_array(shape: tuple[int, ...], dtype: Any, region: Region) -> SharedArray:
+    sa = SharedArray.__new__(SharedArray)
+    sa._attach(region, shape, dtype)
+    return sa
+
+
+def _attach_shared_array(
+    shape: tuple[int, ...], dtype: Any, token: int, name: str | None
+) -> SharedArray:
+    sa = SharedArray.__new__(SharedArray)
+    sa._attach(Region.received(token, name), shape, dtype)
+    return sa
