@@ -22,6 +22,7 @@ from ._protocol import FRAME, FRAME_PREFIX
 RECV_SIZE = 64 * 1024  # below glibc's mmap threshold: no mmap/munmap per read
 MAX_FDS_PER_FRAME = 250  # the kernel's SCM_MAX_FD is 253
 _ANC_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * array.array("i").itemsize)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: `flags & IntFlag` runs enum code per read
 _INT_SIZE = array.array("i").itemsize
 
 
@@ -69,7 +70,7 @@ class Channel:
             return -1
         if ancdata:
             self._rfds.extend(_fds_from(ancdata))
-        if flags & socket.MSG_CTRUNC:
+        if flags & _MSG_CTRUNC:
             # The kernel dropped descriptors (this process is out of fds): the frames can no
             # longer be matched with their fds. Treat the channel as broken -- the worker is
             # replaced and its tasks settled -- rather than hand a task someone else's memfd.

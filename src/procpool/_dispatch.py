@@ -70,12 +70,20 @@ class Dispatch:
         pending = self._pending
         while pending:
             head = pending[0]
-            if isinstance(head, Task):
+            if type(head) is Task:
                 if head.state != _PENDING:
                     pending.popleft()
                     continue
-                if not self._can_take(w, self._cost(head), bool(head.timeout)):
-                    return None
+                if w.inflight:  # _can_take(w, self._cost(head), bool(head.timeout)), inlined
+                    est = self._est
+                    if head.timeout or est is None or len(w.inflight) >= MAX_INFLIGHT:
+                        return None
+                    cost = est * head.n_items
+                    budget = 2 * cost  # max(INFLIGHT_BUDGET, min(2 * cost, PREFETCH_LIMIT))
+                    if budget > PREFETCH_LIMIT:
+                        budget = PREFETCH_LIMIT
+                    if w.cost + cost > (budget if budget > INFLIGHT_BUDGET else INFLIGHT_BUDGET):
+                        return None
                 pending.popleft()
                 if getattr(head.sink, "needs_start", False) and head.attempts == 0:
                     if not head.sink._start():  # a Future cancelled while pending
@@ -136,9 +144,10 @@ class Dispatch:
         if not workers:
             return
         workers.sort(key=lambda w: w.cost if w.inflight else -1.0)
-        batches: dict[int, list[Task]] = {}
+        batches: dict[int, list[Task]] = {w.wid: [] for w in workers}
+        pending = self._pending
         active = workers
-        while self._pending and active:
+        while pending and active:
             still = []
             for w in active:
                 if w.retiring or w.exclusive:  # reached maxtasksperchild, or runs a timed task
@@ -147,22 +156,27 @@ class Dispatch:
                 if task is None:
                     continue
                 self._assign(w, task)
-                batches.setdefault(w.wid, []).append(task)
+                batches[w.wid].append(task)
                 still.append(w)
-                if not self._pending:
+                if not pending:
                     break
             active = still
         for wid, tasks in batches.items():
-            self._send(self._workers[wid], tasks)
+            if tasks:
+                self._send(self._workers[wid], tasks)
 
     def _assign(self, w: _Worker, task: Task) -> None:
         task.state = _SENT
         task.worker = w
         task.attempts += 1
         w.inflight[task.id] = task
-        cost = self._cost(task)
-        task.cost = 0.0 if cost == float("inf") else cost
-        w.cost += task.cost
+        est = self._est  # self._cost(task), inlined; an unknown cost counts as 0 here
+        if est is not None:
+            cost = est * task.n_items
+            task.cost = cost
+            w.cost += cost
+        else:
+            task.cost = 0.0
         if task.timeout:
             w.exclusive = True
             # the soft limit is per item: a chunk of n items may take n times as long
@@ -177,8 +191,10 @@ class Dispatch:
         chan = w.chan
         body = bytearray()
         fds: list[int] = []
+        known = w.known
+        pack_task = P.pack_task
         for task in tasks:
-            if task.fid not in w.known:
+            if task.fid not in known:
                 if len(w.known) >= FUNC_CACHE and body:
                     # this FUNC evicts the worker's oldest function, which a task already in
                     # `body` may use: send those tasks first
@@ -189,6 +205,9 @@ class Dispatch:
                 if len(w.known) > FUNC_CACHE:
                     del w.known[next(iter(w.known))]
             payload = task.payload
+            if isinstance(payload, bytes):  # nothing out of band (see Task.payload)
+                pack_task(body, task.id, task.fid, task.kind, task.timeout or 0.0, 0, 0, payload)
+                continue
             if payload.fds:
                 if len(fds) + len(payload.fds) > MAX_FDS_PER_FRAME and body:
                     chan.push(P.frame(P.TASKS, body, len(fds)), fds)
@@ -197,7 +216,7 @@ class Dispatch:
                 if payload.segments:  # it maps them until it says RELEASED
                     self._buffers.hold(payload.segments, w.wid)
             nfd = len(payload.fds) - payload.nbuf
-            P.pack_task(
+            pack_task(
                 body,
                 task.id,
                 task.fid,

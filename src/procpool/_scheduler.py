@@ -54,7 +54,7 @@ from . import _serialize
 from ._buffers import TRIM_AFTER, BufferCache
 from ._dispatch import Dispatch
 from ._errinfo import rebuild_error
-from ._start import INTERNAL_FDS, Launcher, send_signal
+from ._start import INTERNAL_FDS, Launcher, send_signal, start_thread
 from ._supervise import CLOSING, FINISHED, RUNNING, TERMINATING, WorkerSupervision, _Worker
 from ._tasks import _DONE, _PENDING, _SENT, MapJob, Task
 from ._worker import FUNC_CACHE
@@ -64,6 +64,8 @@ from .errors import (
     SerializationError,
 )
 
+HANDOFF_EVERY = 1024  # tasks a burst of submissions queues before it lets the I/O thread run
+HANDOFF_WAIT = 0.05  # seconds the submitting thread gives the I/O thread at most
 IMAP_HELD = 65536  # items an imap may hold (read, not yet consumed): its memory bound
 FEED_BATCH = 8192  # items the imap feeder reads per lock acquisition (in-memory sources)
 
@@ -112,6 +114,7 @@ class Scheduler(WorkerSupervision, Dispatch):
 
         self._lock = threading.RLock()
         self._deliver_lock = threading.RLock()
+        self._delivering: int | None = None  # the thread delivering (holding _deliver_lock)
         self._pending: deque[Task | MapJob] = deque()
         self._inbox: deque[Task] = deque()  # appended by callers without the lock
         self._dead: list[_Worker] = []  # workers seen dead by EOF (no pidfd): to bury
@@ -119,7 +122,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._by_fd: dict[int, tuple[str, _Worker | None]] = {}
         self._timers: list[tuple[float, int, str, Any]] = []
         self._timer_seq = itertools.count()
-        self._funcs: dict[int, tuple[Callable, int, bytes]] = {}
+        self._funcs: dict[int, tuple[Callable, int, bytes, str]] = {}  # func, fid, blob, label
         self._fids = itertools.count(1)
         self._tids = itertools.count(1)
         self._wids = itertools.count(1)
@@ -130,7 +133,9 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._broken: BaseException | None = None
         self._startup_failures = 0
         self._jobs_open = 0  # map jobs whose input is not fully read yet
-        self._feeding: weakref.WeakSet[MapJob] = weakref.WeakSet()  # jobs with a feeder thread
+        # jobs whose feeder thread runs (a plain set, not a WeakSet: a weakref callback running
+        # in the caller's thread when a job is freed could swallow its Ctrl-C)
+        self._feeding: set[MapJob] = set()
         self._deliveries: list[tuple] = []
         self._killed_all = False
         self._owner = os.getpid()
@@ -140,13 +145,17 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._epoll = select.epoll()
         self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._woken = False
+        # submitters waiting for one turn of the I/O thread (see _handoff): an eventfd in
+        # semaphore mode, the tokens asked for, and the threads inside the wait
+        self._handofffd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC | os.EFD_SEMAPHORE)
+        self._handoffs = 0
+        self._handoff_waiting = 0
         self._epoll.register(self._wakefd, select.EPOLLIN)
         self._by_fd[self._wakefd] = ("wake", None)
-        INTERNAL_FDS.update((self._epoll.fileno(), self._wakefd))
+        INTERNAL_FDS.update((self._epoll.fileno(), self._wakefd, self._handofffd))
 
-        self._thread = threading.Thread(target=self._run, name="procpool-io", daemon=True)
         _live.add(self)
-        self._thread.start()
+        self._thread = start_thread(self._run, "procpool-io")
 
     # =================================================================== caller side
     @property
@@ -155,16 +164,22 @@ class Scheduler(WorkerSupervision, Dispatch):
 
     def function(self, func: Callable) -> tuple[int, bytes]:
         """The id and pickle of *func*, pickled once and cached (functions go once per worker)."""
+        entry = self._function(func)
+        return entry[1], entry[2]
+
+    def _function(self, func: Callable) -> tuple[Callable, int, bytes, str]:
+        """*func*'s cache entry: ``(func, fid, pickle, label)``."""
         entry = self._funcs.get(id(func))
         if entry is not None and entry[0] is func:
-            return entry[1], entry[2]
+            return entry
         blob = _serialize.dumps_function(func)
+        label = getattr(func, "__qualname__", None) or repr(func)
         with self._lock:
-            fid = next(self._fids)
-            self._funcs[id(func)] = (func, fid, blob)
+            entry = (func, next(self._fids), blob, label)
+            self._funcs[id(func)] = entry
             if len(self._funcs) > FUNC_CACHE:
                 del self._funcs[next(iter(self._funcs))]
-        return fid, blob
+        return entry
 
     def _check_running(self) -> None:
         if self._state != RUNNING:
@@ -189,10 +204,18 @@ class Scheduler(WorkerSupervision, Dispatch):
         An argument that cannot be pickled fails *sink* at once (a SerializationError naming
         the argument) rather than raising, as ``multiprocessing`` reports it through the result.
         """
-        self._check_running()
-        label = getattr(func, "__qualname__", None) or repr(func)
+        if self._state != RUNNING:
+            raise ValueError("Pool not running")
+        entry = self._funcs.get(id(func))  # the cached function: inline, this runs per task
+        if entry is not None and entry[0] is func:
+            label = entry[3]
+        else:
+            label = getattr(func, "__qualname__", None) or repr(func)
+            entry = None
         try:
-            fid, blob = self.function(func)  # its message names the function
+            if entry is None:
+                entry = self._function(func)  # its message names the function
+            fid, blob = entry[1], entry[2]
             try:
                 payload = _serialize.dumps_call(args, kwds, self._buffers)
             except SerializationError as exc:
@@ -207,12 +230,15 @@ class Scheduler(WorkerSupervision, Dispatch):
             next(self._tids), fid, blob, P.CALL, payload, sink, label, timeout, retries, retry_on
         )
         if self._state != RUNNING:
-            payload.close()
+            task.release()
             raise ValueError("Pool not running")
         if self._inbox or self._pending or not self._pool_idle():
             # busy: no lock, no syscall unless the I/O thread sleeps; it sends batches
-            self._inbox.append(task)
+            inbox = self._inbox
+            inbox.append(task)
             self._wake()
+            if not len(inbox) % HANDOFF_EVERY:
+                self._handoff()
             if self._state != RUNNING:  # terminate() raced us: settle it ourselves
                 with self._lock:
                     self._take_inbox()
@@ -220,7 +246,7 @@ class Scheduler(WorkerSupervision, Dispatch):
             return task
         with self._lock:  # idle: the low-latency path, sent from the caller's own thread
             if self._state != RUNNING:
-                payload.close()
+                task.release()
                 raise ValueError("Pool not running")
             w = self._idle_worker()
             if self._broken is not None:
@@ -239,9 +265,63 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._deliver()
         return task
 
+    def _handoff(self) -> None:
+        """Let the I/O thread take a turn now, during a burst of submissions.
+
+        A thread submitting in a loop holds the GIL; the I/O thread then runs only when the
+        interpreter forces a switch (every 5 ms), and each of its syscalls (recv, send) hands
+        the GIL back for another 5 ms: the workers starve while tasks pile up in the inbox.
+        Every ``HANDOFF_EVERY`` tasks the submitter instead sleeps (GIL released) until the I/O
+        thread has been through one turn -- read results, sent the inbox -- in one go; at most
+        ``HANDOFF_WAIT`` seconds, should the I/O thread be busy elsewhere.  The wake-up is an
+        eventfd write, a syscall made without the GIL: the woken thread may take the CPU from
+        the I/O thread at once, which must not be holding the GIL then (as it would be while
+        releasing a lock).  A Ctrl-C during the sleep leaves at most a spare token behind.
+        """
+        if threading.current_thread() is self._thread or self._delivering == threading.get_ident():
+            return  # a callback submitting: the I/O thread would wait for this very thread
+        with self._lock:
+            if self._state != RUNNING:
+                return
+            self._handoffs += 1
+            self._handoff_waiting += 1
+            fd = self._handofffd
+        try:
+            self._wake()
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            if poller.poll(HANDOFF_WAIT * 1000):
+                try:
+                    os.eventfd_read(fd)  # one token (semaphore mode)
+                except BlockingIOError:  # another waiter took it: fine, the turn came
+                    pass
+        finally:
+            with self._lock:
+                self._handoff_waiting -= 1
+                if self._state == FINISHED and not self._handoff_waiting:
+                    self._close_handoff()  # the I/O thread left it open for us
+
+    def _end_handoffs(self) -> None:
+        """Wake the submitters waiting for this turn (from the I/O thread, holding no lock)."""
+        with self._lock:
+            n, self._handoffs = self._handoffs, 0
+        if n:
+            os.eventfd_write(self._handofffd, n)
+
+    def _close_handoff(self) -> None:
+        if self._handofffd >= 0:
+            INTERNAL_FDS.discard(self._handofffd)
+            os.close(self._handofffd)
+            self._handofffd = -1
+
     def _take_inbox(self) -> None:
         """Move tasks submitted without the lock into the pending queue (or fail them)."""
         inbox = self._inbox
+        if inbox and self._broken is None and self._state not in (TERMINATING, FINISHED):
+            append, take = self._pending.append, inbox.popleft
+            for _ in range(len(inbox)):  # what a caller appends meanwhile waits for the next turn
+                append(take())
+            return
         while inbox:
             task = inbox.popleft()
             if self._broken is not None:
@@ -282,13 +362,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                 self._input_end(job, None, on_input_end)
                 self._wake()
         if lazy:
-            feeder = threading.Thread(
-                target=self._feed,
-                args=(job, iter(items), on_input_end),
-                name="procpool-feeder",
-                daemon=True,
-            )
-            feeder.start()
+            start_thread(self._feed, "procpool-feeder", (job, iter(items), on_input_end))
         return job
 
     def _feed(self, job: MapJob, it: Iterator, on_end: Callable | None) -> None:
@@ -331,6 +405,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                     break
                 self._wake()
         with self._lock:
+            self._feeding.discard(job)
             self._input_end(job, error, on_end)
             self._wake()  # someone must deliver the end of input
         self._deliver()  # ...and if the I/O thread is gone already, that is us
@@ -508,6 +583,8 @@ class Scheduler(WorkerSupervision, Dispatch):
                     self._dispatch()
                     finished = self._progress_shutdown()
                 self._deliver()
+                if self._handoffs:  # submitters waiting for this turn (see _handoff)
+                    self._end_handoffs()
                 if finished:
                     break
         except BaseException as exc:  # noqa: BLE001 - the engine itself failed: fail everything
@@ -537,6 +614,10 @@ class Scheduler(WorkerSupervision, Dispatch):
             self._buffers.close()
             for job in self._feeding:  # feeders waiting for room: the pool is gone, stop
                 job.space.notify_all()
+        self._end_handoffs()  # whoever still waits returns, and the last one closes the fd
+        with self._lock:
+            if not self._handoff_waiting:
+                self._close_handoff()
 
     def _poll_timeout(self) -> float:
         if not self._timers:
@@ -660,7 +741,11 @@ class Scheduler(WorkerSupervision, Dispatch):
         """
         if self._deliveries:
             with self._deliver_lock:
-                self._deliver_all()
+                outer, self._delivering = self._delivering, threading.get_ident()
+                try:
+                    self._deliver_all()
+                finally:
+                    self._delivering = outer
 
     def _deliver_all(self) -> None:
         while True:
@@ -669,10 +754,11 @@ class Scheduler(WorkerSupervision, Dispatch):
             if not batch:
                 return
             for i, item in enumerate(batch):
+                if item[0] == "results":
+                    self._deliver_results(item[1], item[2], item[3], batch, i)
+                    continue
                 try:
-                    if item[0] == "result":
-                        self._deliver_result(*item[1:])
-                    elif item[0] == "error":
+                    if item[0] == "error":
                         task, error = item[1], item[2]
                         task.sink._on_error(task, error)
                     else:
@@ -686,6 +772,44 @@ class Scheduler(WorkerSupervision, Dispatch):
                     raise
                 except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
                     traceback.print_exc()
+
+    def _deliver_results(
+        self, tasks: list[Task], recs: list, rfds: list, batch: list[tuple], i: int
+    ) -> None:
+        """Deliver the records of one RESULTS frame (``batch[i]``, see _on_results).
+
+        The common record, a plain value (no out-of-band buffer or fd) for one call, is handled
+        inline: this loop runs once per task.
+        """
+        loads = pickle.loads
+        ok, call = P.OK, P.CALL
+        for j, task in enumerate(tasks):
+            try:
+                rec = recs[j]
+                fds = rfds[j]
+                nbuf = rec[3]
+                if rec[1] == ok and task.kind == call and not fds and not nbuf:
+                    if type(task.payload) is not bytes:  # bytes: nothing to release
+                        task.release()
+                    try:
+                        value = loads(rec[5])
+                    except BaseException as exc:  # noqa: BLE001 - as in _deliver_result
+                        task.sink._on_error(task, self._unpickling_error(task, exc))
+                        continue
+                    task.sink._on_result(task, value)
+                else:
+                    self._deliver_result(task, rec[1], rec[5], nbuf, fds)
+            except KeyboardInterrupt:
+                # as in _deliver_all: the rest is not lost, the I/O thread delivers it
+                rest = batch[i + 1 :]
+                if j + 1 < len(tasks):
+                    rest.insert(0, ("results", tasks[j + 1 :], recs[j + 1 :], rfds[j + 1 :]))
+                with self._lock:
+                    self._deliveries[:0] = rest
+                    self._wake()
+                raise
+            except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
+                traceback.print_exc()
 
     def _deliver_result(self, task: Task, status, data, nbuf, fds) -> None:
         sink = task.sink
@@ -701,11 +825,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         try:
             value = _serialize.loads(data, nbuf, fds)
         except BaseException as exc:  # noqa: BLE001 - never lets a bad result kill the thread
-            err = SerializationError(
-                f"the result of {task.describe()} could not be unpickled: {exc!r}"
-            )
-            err.__cause__ = exc
-            sink._on_error(task, err)
+            sink._on_error(task, self._unpickling_error(task, exc))
             return
         if status == P.OK:
             if task.kind == P.CALL:
@@ -715,6 +835,12 @@ class Scheduler(WorkerSupervision, Dispatch):
         else:
             values, errors = value
             sink._on_chunk(task, values, {i: rebuild_error(e, task) for i, e in errors.items()})
+
+    @staticmethod
+    def _unpickling_error(task: Task, exc: BaseException) -> SerializationError:
+        err = SerializationError(f"the result of {task.describe()} could not be unpickled: {exc!r}")
+        err.__cause__ = exc
+        return err
 
     def _requeue(self, task: Task) -> None:
         with self._lock:

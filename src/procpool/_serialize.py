@@ -13,8 +13,11 @@ descriptors that travel beside it (``SCM_RIGHTS`` over the worker's socket):
   from their ``__reduce__``; the receiver gets a fresh descriptor back from :func:`recv_fd`.
 
 The plain C pickler is tried first (fast); where it fails (lambdas, closures, classes defined in
-``__main__``), cloudpickle takes over.  Functions always go through cloudpickle so that a
-function defined in ``__main__`` after the pool started is still found in the worker.
+``__main__``), cloudpickle takes over.  A task's function goes by reference when it is a plain
+module-level function of an importable module (the worker imports it), and through cloudpickle
+otherwise, so that a function defined in ``__main__`` after the pool started is still found in
+the worker.  cloudpickle is imported on first use: it costs ~2 MB in every process (each forked
+worker included) and most programs never need it.
 """
 
 from __future__ import annotations
@@ -26,11 +29,10 @@ import pickle
 import reprlib
 import sys
 import threading
+import types
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-
-import cloudpickle
 
 from ._channel import MAX_FDS_PER_FRAME
 from .errors import SerializationError
@@ -168,10 +170,15 @@ def recv_fd(token: int) -> int:
 PLAIN = frozenset({int, float, str, bool, type(None), complex})
 
 
-def dumps_call(args: tuple, kwds: dict, cache: BufferCache | None = None) -> Payload:
-    """Serialize a call's ``(args, kwds)``; the common all-scalar case skips the machinery."""
-    if not kwds and all(type(a) in PLAIN for a in args):
-        return Payload(pickle.dumps((args, kwds), PROTOCOL))
+def dumps_call(args: tuple, kwds: dict, cache: BufferCache | None = None) -> Payload | bytes:
+    """Serialize a call's ``(args, kwds)``.  The common all-scalar case skips the machinery and
+    returns the pickle itself (bytes: no fd can come with it), one object fewer per task."""
+    if not kwds:
+        for a in args:  # a plain loop: no generator to allocate, as all() would need
+            if type(a) not in PLAIN:
+                break
+        else:
+            return pickle.dumps((args, kwds), PROTOCOL)
     return dumps((args, kwds), cache=cache)
 
 
@@ -190,7 +197,9 @@ def dumps(obj: Any, *, oob: bool = True, cache: BufferCache | None = None) -> Pa
         except Exception:
             collector.discard()
             try:
-                data = cloudpickle.dumps(obj, PROTOCOL, buffer_callback=collector.buffer_callback)
+                data = _cloudpickle().dumps(
+                    obj, PROTOCOL, buffer_callback=collector.buffer_callback
+                )
             except Exception as exc:
                 collector.discard()
                 raise SerializationError(f"cannot pickle {describe(obj)}: {exc}") from exc
@@ -212,12 +221,37 @@ def dumps(obj: Any, *, oob: bool = True, cache: BufferCache | None = None) -> Pa
     return Payload(data)
 
 
+def _cloudpickle() -> Any:
+    module = sys.modules.get("cloudpickle")
+    if module is None:
+        from . import _start
+
+        # A pool's I/O thread forks workers (see _start): one forked while this thread is
+        # inside the import would inherit the module's import lock, held, and deadlock when
+        # it unpickles a function.  Forks take this lock, so none happens mid-import.
+        with _start._FORK_LOCK:
+            import cloudpickle
+
+            module = cloudpickle
+    return module
+
+
 def dumps_function(func: Any) -> bytes:
-    """Serialize a task's function (by reference when importable, by value otherwise)."""
+    """Serialize a task's function: by reference when it is a module-level function of a module
+    other than ``__main__`` (plain pickle checks the name leads back to it), by value through
+    cloudpickle otherwise (lambdas, closures, ``__main__``, callable objects)."""
+    if type(func) in _BY_REFERENCE and getattr(func, "__module__", "__main__") != "__main__":
+        try:
+            return pickle.dumps(func, PROTOCOL)
+        except Exception:
+            pass  # nested or renamed: cloudpickle knows how
     try:
-        return cloudpickle.dumps(func, protocol=PROTOCOL)
+        return _cloudpickle().dumps(func, protocol=PROTOCOL)
     except Exception as exc:
         raise SerializationError(f"cannot pickle the function {describe(func)}: {exc}") from exc
+
+
+_BY_REFERENCE = (types.FunctionType, types.BuiltinFunctionType)
 
 
 #: set in a pool's worker: called with a received buffer's inode once its mapping is gone, so

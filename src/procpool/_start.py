@@ -56,6 +56,45 @@ def _new_fork_lock() -> None:
 
 os.register_at_fork(after_in_child=_new_fork_lock)
 
+#: the signals a program may catch: procpool's own threads block them, so the kernel delivers
+#: them to the main thread, where Python runs its handlers.  A Ctrl-C delivered to a pool thread
+#: would only set a flag while the main thread slept on, unwoken, in a lock or a wait.
+_ASYNC_SIGNALS = frozenset(signal.valid_signals()) - {
+    signal.SIGKILL,
+    signal.SIGSTOP,
+    signal.SIGSEGV,
+    signal.SIGBUS,
+    signal.SIGFPE,
+    signal.SIGILL,
+    signal.SIGTRAP,
+    signal.SIGSYS,
+    signal.SIGABRT,
+}
+_thread_state = threading.local()  # .mask: the signal mask the program gave the pool's thread
+
+
+def start_thread(target: Any, name: str, args: tuple = ()) -> threading.Thread:
+    """Start a daemon thread of procpool's with the program's signals blocked (see
+    _ASYNC_SIGNALS); processes it starts get the mask of the thread that started it back."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+
+    def run() -> None:
+        _thread_state.mask = mask
+        target(*args)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    return thread
+
+
+def program_mask() -> set[signal.Signals] | None:
+    """The signal mask a child started from this thread should have (None: this thread's)."""
+    return getattr(_thread_state, "mask", None)
+
+
 START_METHODS = ("fork", "forkserver", "spawn")
 DEFAULT_START_METHOD = "fork"
 
@@ -175,6 +214,9 @@ class ForkLauncher(Launcher):
         if pid == 0:  # the worker (its _FORK_LOCK is new: see _new_fork_lock)
             code = 1
             try:
+                mask = program_mask()
+                if mask is not None:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 parent_sock.close()
                 die_with_parent(ppid)
                 child_setup(child_sock.fileno())
@@ -191,12 +233,12 @@ def _spawn_python(code: str, sock: socket.socket) -> int:
     """posix_spawn ``python -c code`` with *sock* as fd 3."""
     env = dict(os.environ)
     env["PROCPOOL_PARENT_PID"] = str(os.getpid())
-    return os.posix_spawn(
-        sys.executable,
-        [sys.executable, "-c", code],
-        env,
-        file_actions=[(os.POSIX_SPAWN_DUP2, sock.fileno(), 3)],
-    )
+    mask = program_mask()
+    argv = [sys.executable, "-c", code]
+    actions = [(os.POSIX_SPAWN_DUP2, sock.fileno(), 3)]
+    if mask is None:
+        return os.posix_spawn(sys.executable, argv, env, file_actions=actions)
+    return os.posix_spawn(sys.executable, argv, env, file_actions=actions, setsigmask=mask)
 
 
 class SpawnLauncher(Launcher):

@@ -308,26 +308,36 @@ class WorkerSupervision:
         # dominate) do not drag the estimate -- and the next map's chunk size -- far off
         spent, items = self._est_time, self._est_items
         inflight = w.inflight
-        deliveries = self._deliveries
         cost = w.cost
-        mine: list[int] = []
-        for task_id, status, duration, nbuf, nfd, data in P.iter_results(body):
+        # one delivery for the whole frame (see Scheduler._deliver_results): the tasks, their
+        # records and, per record, its fds (``()`` for none), in three parallel lists
+        tasks: list[Task] = []
+        recs: list[P.ResultRecord] = []
+        rfds: list[Any] = []
+        mine: Any = ()
+        for rec in P.iter_results(body):
             if fds:
-                n = nbuf + nfd
+                n = rec[3] + rec[4]  # nbuf + nfd
                 mine, fds = fds[:n], fds[n:]
-            task = inflight.pop(task_id, None)
+            task = inflight.pop(rec[0], None)
             if task is None:  # cancelled or failed meanwhile
-                _serialize.Payload(b"", 0, mine).close()
+                if mine:
+                    _serialize.Payload(b"", 0, list(mine)).close()
+                    mine = ()
                 continue
-            spent = 0.7 * spent + duration
+            spent = 0.7 * spent + rec[2]  # the duration
             items = 0.7 * items + task.n_items
             cost -= task.cost
             task.state = _DONE
             task.worker = None
             if task.timeout:
                 w.exclusive = False
-            deliveries.append(("result", task, status, data, nbuf, mine))
-            mine = []
+            tasks.append(task)
+            recs.append(rec)
+            rfds.append(mine)
+            mine = ()
+        if tasks:
+            self._deliveries.append(("results", tasks, recs, rfds))
         self._est_time, self._est_items = spent, items
         if items:
             self._est = spent / items

@@ -162,7 +162,7 @@ class Pool(concurrent.futures.Executor):
             claim=True,
         )
         if not result._done:
-            result._handle = (self._sched, task)
+            result._sched, result._task = self._sched, task
             self._sched.drive(task, result, None)  # always releases the claim
         return result.get()
 
@@ -185,17 +185,18 @@ class Pool(concurrent.futures.Executor):
         run time (default: the pool's).  Raises ``ValueError`` if the pool is closed.
         """
         result: AsyncResult[T] = AsyncResult(callback, error_callback)
-        task = self._sched.submit_call(
+        sched = self._sched
+        task = sched.submit_call(
             func,
-            tuple(args),
+            args if type(args) is tuple else tuple(args),
             dict(kwds) if kwds else {},
             result,
-            timeout=self._task_timeout(timeout),
+            timeout=self._timeout if timeout is None else self._task_timeout(timeout),
             retries=self._retries if retries is None else retries,
             retry_on=self._retry_on,
         )
         if not result._done:
-            result._handle = (self._sched, task)
+            result._sched, result._task = sched, task
         return result
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:

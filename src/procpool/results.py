@@ -88,7 +88,8 @@ class AsyncResult(Generic[T]):
         "_event",
         "_callback",
         "_error_callback",
-        "_handle",
+        "_sched",
+        "_task",
         "__weakref__",
     )
 
@@ -103,7 +104,10 @@ class AsyncResult(Generic[T]):
         self._event: _Wakeup | None = None
         self._callback = callback
         self._error_callback = error_callback
-        self._handle: tuple[Any, Any] | None = None  # (scheduler, task) while not done
+        # the scheduler and the task, while not done (two slots, not a tuple: one object fewer
+        # per task for the garbage collector to track when a million results are in flight)
+        self._sched: Any = None
+        self._task: Any = None
 
     # -- the caller's side ---------------------------------------------------
     def ready(self) -> bool:
@@ -121,9 +125,10 @@ class AsyncResult(Generic[T]):
         if self._done:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
-        handle = self._handle
-        if handle is not None:  # maybe wait by reading the worker's channel directly
-            handle[0].drive(handle[1], self, timeout)
+        task = self._task
+        sched = self._sched
+        if task is not None and sched is not None:  # maybe wait by reading the channel directly
+            sched.drive(task, self, timeout)
             if self._done:
                 return
         with _WAITER_LOCK:
@@ -136,6 +141,8 @@ class AsyncResult(Generic[T]):
 
     def get(self, timeout: float | None = None) -> T:
         """Return the value; raise the task's exception, or ``TimeoutError`` after *timeout*."""
+        if self._done and self._ok:  # the common case: no call, no lock
+            return self._value
         self.wait(timeout)
         if not self._done:
             raise TimeoutError
@@ -147,16 +154,18 @@ class AsyncResult(Generic[T]):
         """Cancel the task if it has not started; with ``force=True`` also stop it if running
         (its worker is killed and replaced).  Return True if the task was cancelled; its
         ``get()`` then raises ``concurrent.futures.CancelledError``."""
-        handle = self._handle
-        if self._done or handle is None:
+        task = self._task
+        sched = self._sched
+        if self._done or task is None or sched is None:
             return False
-        return handle[0].cancel(handle[1], force)
+        return sched.cancel(task, force)
 
     # -- the scheduler's side ------------------------------------------------
     def _set(self, ok: bool, value: Any) -> None:
         self._ok = ok
         self._value = value
-        self._handle = None  # drop the task: no reference cycle outlives the result
+        self._task = None  # drop the task: no reference cycle outlives the result
+        self._sched = None
         self._done = True
         event = self._event
         if event is not None:
@@ -166,7 +175,18 @@ class AsyncResult(Generic[T]):
             callback(value)
 
     def _on_result(self, task: Any, value: Any) -> None:
-        self._set(True, value)
+        # _set(True, value), inlined: this runs once per task
+        self._ok = True
+        self._value = value
+        self._task = None
+        self._sched = None
+        self._done = True
+        event = self._event  # read after _done is set: see wait()
+        if event is not None:
+            event.notify_all()
+        callback = self._callback
+        if callback is not None:
+            callback(value)
 
     def _on_error(self, task: Any, exc: BaseException) -> None:
         self._set(False, exc)

@@ -1,0 +1,73 @@
+"""What a pool does to the process around it: its threads leave the program's signals to the
+main thread, its workers get the program's signal mask back, and it imports nothing it does not
+need (cloudpickle costs ~2 MB in every forked worker)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+from tasks import pid, square
+
+import procpool
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def blocked(path: str) -> int:
+    with open(path) as f:
+        for line in f:
+            if line.startswith("SigBlk:"):
+                return int(line.split()[1], 16)
+    raise AssertionError(f"no SigBlk in {path}")
+
+
+def bit(sig: signal.Signals) -> int:
+    return 1 << (sig - 1)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_pool_threads_leave_signals_to_the_main_thread_and_workers_get_them_back(method):
+    before = blocked("/proc/thread-self/status")
+    with procpool.Pool(1, start_method=method) as pool:
+        list(pool.imap(square, range(3)))  # a feeder thread too
+        io = next(t for t in threading.enumerate() if t.name == "procpool-io")
+        io_mask = blocked(f"/proc/self/task/{io.native_id}/status")
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGUSR1):
+            assert io_mask & bit(sig), f"the I/O thread can receive {sig.name}"
+        assert not io_mask & bit(signal.SIGSEGV)  # faults stay where they happen
+        assert blocked("/proc/thread-self/status") == before  # the caller's mask is untouched
+        worker = pool.apply(pid)
+        assert blocked(f"/proc/{worker}/status") == before  # as the program had it
+
+
+def test_importable_functions_do_not_import_cloudpickle():
+    code = textwrap.dedent(
+        """
+        import sys
+        import procpool
+        from tasks import square
+        with procpool.Pool(2) as pool:
+            assert pool.map(square, range(10)) == [x * x for x in range(10)]
+            assert pool.apply(abs, (-3,)) == 3
+        print("cloudpickle" in sys.modules)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=__file__.rsplit("/", 1)[0],
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_a_lambda_still_travels_by_value():
+    with procpool.Pool(1) as pool:
+        assert pool.apply(lambda x: x * 3, (5,)) == 15
