@@ -214,12 +214,12 @@ class ForkLauncher(Launcher):
         if pid == 0:  # the worker (its _FORK_LOCK is new: see _new_fork_lock)
             code = 1
             try:
-                mask = program_mask()
-                if mask is not None:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 parent_sock.close()
                 die_with_parent(ppid)
-                child_setup(child_sock.fileno())
+                child_setup(child_sock.fileno())  # SIGINT ignored from here...
+                mask = program_mask()
+                if mask is not None:  # ...so a Ctrl-C pending since the fork is dropped
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 from . import _worker
 
                 code = _worker.main(child_sock)
