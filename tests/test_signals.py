@@ -68,25 +68,38 @@ def test_wait_returns_the_signal_or_none():
     assert signals.wait({signal.SIGUSR1}, timeout=0.02) is None
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     try:
-        os.kill(os.getpid(), signal.SIGUSR1)
+        # to this thread: sent to the process, any other thread (numpy's, a library's) that does
+        # not block SIGUSR1 could take it, and its default action ends the process
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
         assert signals.wait([signal.SIGUSR1, signal.SIGUSR2], timeout=5) == signal.SIGUSR1
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _signal_parent_later(pid):
-    os.kill(pid, signal.SIGUSR2)
+    for _ in range(100):  # until the parent is gone: one of them reaches its waiting thread
+        try:
+            os.kill(pid, signal.SIGUSR2)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
 
 
 def test_wait_for_a_signal_from_a_child():
+    # A signal sent to a process goes to any thread that does not block it; other threads of
+    # this test process (numpy's, a library's) may take one: a Python handler makes that
+    # harmless (SIG_DFL would end the process), and the child sends until we have one.
+    previous = signal.signal(signal.SIGUSR2, lambda *_: None)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    p = FORK.Process(target=_signal_parent_later, args=(os.getpid(),))
     try:
-        p = FORK.Process(target=_signal_parent_later, args=(os.getpid(),))
         p.start()
         assert signals.wait(signal.SIGUSR2, timeout=10) == signal.SIGUSR2
-        p.join(10)
     finally:
+        p.terminate()
+        p.join(10)
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        signal.signal(signal.SIGUSR2, previous)
 
 
 def _alarm_then_pause():

@@ -1,0 +1,379 @@
+"""DaskPool: the Pool API on a real Dask cluster (127.0.0.1, started here; nothing is mocked).
+
+Most tests share one module-scoped cluster of two single-threaded worker processes, with
+``allowed_failures=0`` so that a worker killed mid-task fails that task at once.  One test lets
+DaskPool start and stop a cluster of its own and checks that nothing is left behind.
+
+Dask is imported inside the fixtures and tasks, not at module level: collecting this file must
+not load Dask (its logging set-up, its modules) into the process of every other test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import multiprocessing
+import os
+import signal
+import threading
+import time
+
+import pytest
+from conftest import child_processes, is_alive, wait_until
+
+import procpool
+from procpool.errors import RemoteTraceback
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(
+        importlib.util.find_spec("distributed") is None,
+        reason="needs Dask: pip install 'procpool[dask]'",
+    ),
+]
+
+
+# ---------------------------------------------------------------- tasks (run on the workers)
+
+
+def event(n: int) -> str:
+    time.sleep(0.01)
+    return f"event {n} handled by process {os.getpid()}"
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def add(a: int, b: int = 0, *, c: int = 0) -> int:
+    return a + b + c
+
+
+def current_key(x: int) -> tuple[int, str]:
+    """The item and the Dask task that ran it (which chunk it travelled in)."""
+    import distributed
+
+    return x, distributed.get_worker().get_current_task()
+
+
+def fail_on(x: int, bad: int = 3) -> int:
+    if x == bad:
+        raise KeyError(f"item {x} is bad")
+    return x
+
+
+def raise_value_error(msg: str) -> None:
+    raise ValueError(msg)
+
+
+def busy(seconds: float) -> float:
+    """Pure-Python work (the soft timeout lands at the next bytecode)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    return seconds
+
+
+def nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def kill_own_worker() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def make_lock() -> object:
+    return threading.Lock()  # cannot be pickled back
+
+
+def worker_pid() -> int:
+    return os.getpid()
+
+
+class Box:
+    """Hides an object in an attribute, where the argument check does not look."""
+
+    def __init__(self, content: object) -> None:
+        self.content = content
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def undo_dask_side_effects():
+    """Give the next test modules the process as it was before Dask was imported here.
+
+    Importing ``distributed`` changes the whole process: it registers tblib's pickling for every
+    exception class in ``copyreg`` (an exception whose ``__init__`` does not round-trip then
+    pickles anyway, which the local pool's own tests check), and once a client has run it keeps
+    one executor thread (``Dask-Offload``), which would for example take a process-directed
+    signal that a later test blocks in the main thread only.
+    """
+    import copyreg
+    from concurrent.futures import ThreadPoolExecutor
+
+    saved = dict(copyreg.dispatch_table)
+    yield
+    copyreg.dispatch_table.clear()
+    copyreg.dispatch_table.update(saved)
+    import distributed.utils
+
+    old = distributed.utils._offload_executor  # a fresh one starts no thread until used
+    distributed.utils._offload_executor = ThreadPoolExecutor(1, thread_name_prefix="Dask-Offload")
+    old.shutdown(wait=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import distributed
+
+    cluster = distributed.LocalCluster(
+        host="127.0.0.1",
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        scheduler_kwargs={"allowed_failures": 0, "dashboard_address": "127.0.0.1:0"},
+    )
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def DaskPool():
+    """The class under test (imported here: see the module docstring)."""
+    from procpool.backends.dask import DaskPool
+
+    return DaskPool
+
+
+@pytest.fixture(scope="module")
+def pool(cluster, DaskPool):
+    pool = DaskPool(address=cluster.scheduler_address)
+    yield pool
+    pool.terminate()
+
+
+# ---------------------------------------------------------------- one task
+
+
+def test_tutorial_apply_async_get(pool):
+    results = [pool.apply_async(event, (n,)) for n in range(10)]
+    texts = [r.get(timeout=30) for r in results]
+    assert [t.split(" handled")[0] for t in texts] == [f"event {n}" for n in range(10)]
+    pids = {int(t.rsplit(" ", 1)[1]) for t in texts}
+    assert os.getpid() not in pids  # it ran in the cluster's worker processes
+    assert all(r.ready() and r.successful() for r in results)
+
+
+def test_apply_with_args_and_kwds(pool):
+    assert pool.apply(add, (1, 2), {"c": 3}) == 6
+    assert pool.apply(lambda: 42) == 42  # lambdas travel too (cloudpickle)
+
+
+def test_submit_returns_a_concurrent_future(pool):
+    future = pool.submit(add, 1, b=2, c=3)
+    assert future.result(timeout=30) == 6
+
+
+def test_callbacks_get_the_result_and_the_error(pool):
+    got: list[object] = []
+    done = threading.Event()
+
+    def on_result(value: object) -> None:
+        got.append(value)
+        if len(got) == 2:
+            done.set()
+
+    pool.apply_async(square, (7,), callback=on_result)
+    pool.apply_async(raise_value_error, ("boom",), error_callback=on_result)
+    assert done.wait(30)
+    assert 49 in got
+    (err,) = [g for g in got if isinstance(g, BaseException)]
+    assert isinstance(err, ValueError) and str(err) == "boom"
+
+
+def test_exception_travels_with_its_type_and_the_worker_traceback(pool):
+    result = pool.apply_async(raise_value_error, ("bad input",))
+    with pytest.raises(ValueError, match="bad input") as info:
+        result.get(timeout=30)
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "raise_value_error" in str(info.value.__cause__)
+    assert result.ready() and not result.successful()
+
+
+def test_get_timeout_raises_multiprocessing_timeout_error(pool):
+    result = pool.apply_async(nap, (1.0,))
+    with pytest.raises(multiprocessing.TimeoutError):
+        result.get(timeout=0.05)
+    assert not result.ready()
+    assert result.get(timeout=30) == 1.0
+
+
+def test_task_timeout_fails_the_task_with_task_timeout_error(pool):
+    started = time.monotonic()
+    result = pool.apply_async(busy, (20.0,), timeout=0.5)
+    with pytest.raises(procpool.TaskTimeoutError) as info:
+        result.get(timeout=30)
+    assert time.monotonic() - started < 10
+    assert isinstance(info.value.__cause__, procpool.TaskTimeout)
+    assert isinstance(info.value, multiprocessing.TimeoutError)  # as the stdlib's except sees it
+    assert pool.apply(square, (3,)) == 9  # the worker goes on
+
+
+def test_map_item_timeout_fails_only_that_item(pool):
+    with pytest.raises(procpool.TaskTimeoutError, match="item 1 of map"):
+        pool.map(busy, [0.0, 20.0, 0.0], chunksize=3, timeout=0.5)
+
+
+def test_worker_killed_mid_task_fails_it_with_worker_lost_and_the_pool_goes_on(pool):
+    with pytest.raises(procpool.WorkerLostError, match="died"):
+        pool.apply_async(kill_own_worker).get(timeout=30)
+    assert pool.apply(square, (5,)) == 25
+    assert pool.map(square, range(20)) == [x * x for x in range(20)]
+
+
+def test_ipc_objects_are_refused_as_arguments_with_a_clear_error(pool):
+    queue = procpool.Queue()
+    try:
+        with pytest.raises(procpool.SerializationError, match="cannot be passed to a DaskPool"):
+            pool.apply_async(square, (queue,))
+        with pytest.raises(procpool.SerializationError, match="cannot be passed"):
+            pool.map(square, [1, [2, queue]])
+        with pytest.raises(procpool.SerializationError, match="cannot send"):
+            pool.apply_async(square, (Box(queue),))  # Dask's pickling fails: said at once
+    finally:
+        queue.close()
+
+
+def test_unpicklable_result_fails_the_task_instead_of_hanging(pool):
+    with pytest.raises(procpool.SerializationError, match="could not be pickled"):
+        pool.apply_async(make_lock).get(timeout=30)
+
+
+# ---------------------------------------------------------------- many tasks
+
+
+def test_map_batches_items_into_one_dask_task_per_chunk(pool):
+    out = pool.map(current_key, range(100), chunksize=25)
+    assert [x for x, _ in out] == list(range(100))
+    keys = [k for _, k in out]
+    assert len(set(keys)) == 4
+    assert all(len(set(keys[i : i + 25])) == 1 for i in range(0, 100, 25))
+    # the default: len / (4 * workers) items per task, as multiprocessing chooses (a worker
+    # replaced after the kill test may not be back yet: 1 or 2 workers)
+    out = pool.map(current_key, range(1000))
+    assert 4 <= len({k for _, k in out}) <= 8
+
+
+def test_map_raises_the_first_failing_item_after_the_others_complete(pool):
+    assert pool.map(square, []) == []
+    with pytest.raises(KeyError, match="item 3 is bad"):
+        pool.map(fail_on, range(10), chunksize=2)
+    result = pool.map_async(fail_on, range(10), chunksize=2)
+    result.wait(30)
+    assert result.ready() and not result.successful()
+
+
+def test_starmap(pool):
+    assert pool.starmap(add, [(1, 2), (3, 4), (5, 6)]) == [3, 7, 11]
+    assert pool.starmap_async(add, zip(range(5), range(5), strict=True)).get(timeout=30) == [
+        0,
+        2,
+        4,
+        6,
+        8,
+    ]
+
+
+def test_imap_keeps_order_and_reads_its_input_lazily(cluster, DaskPool):
+    read = itertools.count()
+    n_read = 0
+
+    def numbers():
+        nonlocal n_read
+        for i in itertools.count():  # infinite: only laziness lets this test end
+            n_read = next(read) + 1
+            yield i
+
+    with DaskPool(address=cluster.scheduler_address, prefetch=3) as pool:
+        it = pool.imap(square, numbers(), chunksize=2)
+        assert n_read <= 3 * 2  # the window, not the input, was read
+        assert [it.next(timeout=30) for _ in range(10)] == [x * x for x in range(10)]
+        assert n_read <= 10 + 3 * 2
+        # without a chunksize it starts with one item per task and grows them
+        assert list(pool.imap(square, iter(range(200)))) == [x * x for x in range(200)]
+
+
+def test_imap_unordered_returns_every_result(pool):
+    assert sorted(pool.imap_unordered(square, range(50), chunksize=5)) == [x * x for x in range(50)]
+    it = pool.imap(fail_on, range(5), chunksize=1)
+    assert [it.next(timeout=30) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(KeyError):
+        it.next(timeout=30)
+    assert it.next(timeout=30) == 4  # iteration goes on after a failed item
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+def test_close_and_join_semantics(cluster, DaskPool):
+    pool = DaskPool(address=cluster.scheduler_address)
+    with pytest.raises(ValueError, match="still running"):
+        pool.join()
+    results = [pool.apply_async(nap, (0.2,)) for _ in range(4)]
+    pool.close()
+    with pytest.raises(ValueError, match="Pool not running"):
+        pool.apply_async(square, (1,))
+    with pytest.raises(ValueError, match="Pool not running"):
+        pool.map(square, [1])
+    with pytest.raises(RuntimeError):
+        pool.submit(square, 1)
+    pool.join(timeout=30)
+    assert all(r.ready() and r.get(0) == 0.2 for r in results)
+    # the external cluster is still there for others
+    with DaskPool(address=cluster.scheduler_address) as again:
+        assert again.apply(square, (4,)) == 16
+
+
+def test_terminate_fails_what_is_outstanding(cluster, DaskPool):
+    with DaskPool(address=cluster.scheduler_address) as pool:
+        result = pool.apply_async(nap, (5.0,))
+    with pytest.raises(procpool.PoolTerminated):
+        result.get(timeout=10)
+    with pytest.raises(ValueError, match="Pool not running"):
+        pool.apply(square, (1,))
+
+
+def test_uses_a_client_it_is_given_and_leaves_it_open(cluster, DaskPool):
+    import distributed
+
+    with distributed.Client(cluster.scheduler_address, set_as_default=False) as client:
+        with DaskPool(client=client) as pool:
+            assert pool.map(square, range(10)) == [x * x for x in range(10)]
+        assert client.submit(square, 3).result(timeout=30) == 9
+
+
+def test_own_cluster_is_started_and_stopped_leaving_no_process_behind(cluster, DaskPool):
+    import distributed
+
+    before = set(child_processes())
+    threads_before = set(threading.enumerate())
+    pool = DaskPool(1)
+    workers = list(pool.client.run(worker_pid).values())
+    assert pool.apply(square, (6,)) == 36
+    assert pool.map(square, range(10)) == [x * x for x in range(10)]
+    pool.close()
+    pool.join(timeout=30)
+    assert wait_until(lambda: not any(is_alive(pid) for pid in workers), timeout=10)
+    # the shared cluster's workers may have been replaced meanwhile: they are not leaks
+    with distributed.Client(cluster.scheduler_address, set_as_default=False) as client:
+        shared = set(client.run(worker_pid).values())
+    assert wait_until(lambda: not (set(child_processes()) - before - shared), timeout=10), (
+        set(child_processes()) - before - shared
+    )
+    # no thread of the pool's; Dask's own process-wide executors (Dask-Offload...) may stay
+    left = {t.name for t in set(threading.enumerate()) - threads_before}
+    assert not {name for name in left if not name.startswith("Dask-")}, left
