@@ -11,10 +11,23 @@
        ahead of what the caller consumed)                                       item's error
  AsyncResult / MapResult / IMapIterator / Future ◄── delivery thread ◄── as_completed ◄── _Outcome
 
-- A *unit* (:class:`_Unit`) is one Dask task: a single call, or a chunk of a map.  Chunking is
-  what makes tiny tasks affordable: a Dask task costs around a millisecond of scheduler and
-  network work, so a map sends ``len / (4 * workers)`` items per task, and a lazy ``imap``
-  grows its chunks until each is about :data:`ADAPTIVE_TARGET_S` of work.
+One module per box:
+
+- this module, the public API: :class:`DaskPool` checks its arguments, starts or connects to the
+  cluster, and cuts the work into units (one call, or a chunk of a map).
+- :mod:`procpool.backends._dask_engine`, the caller's side of the wire: ``_Engine`` submits the
+  units and runs the delivery thread, ``_Feeder`` reads a lazy ``imap``'s input, and Dask's own
+  failures are translated into procpool's.
+- :mod:`procpool.backends._dask_worker`, what runs on the workers: ``_run_unit`` and the
+  soft-timeout watchdog.  Dask pickles them by reference, so the workers import that module
+  (it needs neither Dask nor the engine).
+
+How it behaves:
+
+- A *unit* is one Dask task.  Chunking is what makes tiny tasks affordable: a Dask task costs
+  around a millisecond of scheduler and network work, so a map sends ``len / (4 * workers)``
+  items per task, and a lazy ``imap`` grows its chunks until each is about
+  ``_dask_engine.ADAPTIVE_TARGET_S`` of work.
 - The result objects are procpool's own (:mod:`procpool.results`), fed by one delivery thread
   per pool: ``get(timeout)``, callbacks, map error ordering and ``imap`` iteration behave
   exactly as with the local :class:`procpool.Pool`.
@@ -33,618 +46,28 @@
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
-import itertools
 import math
 import os
-import pickle
-import sys
-import threading
-import time
-import traceback
-import uuid
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError, Future
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 try:
     import distributed
-    from distributed import KilledWorker
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("procpool.backends.dask needs Dask: pip install 'procpool[dask]'") from exc
 
-import cloudpickle
-
-from .._errinfo import error_info, rebuild_error
-from ..errors import PoolTerminated, SerializationError, TaskTimeout, WorkerLostError
 from ..results import AsyncResult, FutureSink, IMapIterator, MapResult
+from ._dask_engine import RUN, _check_portable, _Engine, _Feeder, _Unit
+from ._dask_worker import CALL, MAP, STARMAP, _Payload
 
 T = TypeVar("T")
 
 __all__ = ["DaskPool"]
 
-#: a lazy ``imap`` without a chunksize grows its chunks until each is about this much work
-ADAPTIVE_TARGET_S = 0.05
-#: ... but never beyond this many items
-ADAPTIVE_MAX_CHUNK = 4096
 #: chunks an ``imap`` keeps submitted and not yet consumed, per worker (default ``prefetch``)
 PREFETCH_PER_WORKER = 4
-#: pickle protocol of the outcomes the workers send back
-PROTOCOL = 5
-
-# what a unit's items are: one call (args + kwds), map items, starmap argument tuples
-CALL, MAP, STARMAP = 0, 1, 2
-
-# pool states, as multiprocessing names them
-RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
-
-#: the modules of procpool's IPC primitives: their objects hold file descriptors of this machine
-_IPC_MODULES = frozenset({"procpool.queue", "procpool.pipe", "procpool.shared", "procpool.sync"})
-_PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
-
-
-# ==================================================================== what runs on the worker
-
-
-class _Payload:
-    """What one Dask task carries to the worker.
-
-    One opaque object rather than separate arguments, because Dask walks list, tuple and dict
-    arguments looking for futures: a chunk of ten thousand items would be walked item by item.
-    """
-
-    __slots__ = ("func", "kind", "items", "kwds", "timeout")
-
-    def __init__(
-        self, func: Callable[..., Any], kind: int, items: list, kwds: dict, timeout: float | None
-    ) -> None:
-        self.func, self.kind, self.items, self.kwds, self.timeout = func, kind, items, kwds, timeout
-
-
-class _Outcome(NamedTuple):
-    """What one Dask task sends back (pickled): a value per item, the failed items' errors."""
-
-    values: list
-    errors: dict[int, tuple]  # item index -> procpool error tuple (see _errinfo)
-    seconds: float  # how long the items took on the worker (sizes lazy imap chunks)
-
-
-def _run_unit(payload: _Payload) -> bytes:
-    """Run a unit's items on the Dask worker; an item's exception is caught and sent back.
-
-    The outcome is pickled here rather than by Dask: a result Dask cannot pickle would fail
-    only when the caller fetches it, deep in Dask's event loop, and the caller would wait
-    forever.  Here it becomes that item's :class:`~procpool.SerializationError`.
-    """
-    start = time.perf_counter()
-    func, kind, kwds, timeout = payload.func, payload.kind, payload.kwds, payload.timeout
-    values: list[Any] = []
-    errors: dict[int, tuple] = {}
-    for i, item in enumerate(payload.items):
-        try:
-            if timeout is None:
-                values.append(_call(func, kind, item, kwds))
-            else:
-                values.append(_WATCHDOG.run(timeout, _call, func, kind, item, kwds))
-        except BaseException as exc:  # noqa: BLE001 - one item fails, the others go on
-            errors[i] = error_info(exc)
-            values.append(None)
-    return _pickle_outcome(_Outcome(values, errors, time.perf_counter() - start))
-
-
-def _dumps(obj: Any) -> bytes:
-    try:
-        return pickle.dumps(obj, PROTOCOL)
-    except Exception:  # noqa: BLE001 - lambdas, closures, __main__ classes: cloudpickle can
-        return cloudpickle.dumps(obj, PROTOCOL)
-
-
-def _pickle_outcome(outcome: _Outcome) -> bytes:
-    try:
-        return _dumps(outcome)
-    except Exception:  # noqa: BLE001 - find the values that cannot travel (the slow path)
-        pass
-    values, errors = list(outcome.values), dict(outcome.errors)
-    for i, value in enumerate(values):
-        if i not in errors:
-            try:
-                _dumps(value)
-            except Exception as why:  # noqa: BLE001
-                err = SerializationError(f"the result of the task could not be pickled: {why!r}")
-                errors[i] = error_info(err)
-                values[i] = None
-    return _dumps(_Outcome(values, errors, outcome.seconds))
-
-
-def _call(func: Callable[..., Any], kind: int, item: Any, kwds: dict) -> Any:
-    if kind == MAP:
-        return func(item)
-    return func(*item, **kwds)  # CALL: item is the args tuple; STARMAP: kwds is empty
-
-
-class _ItemTimeout(TaskTimeout):
-    """The :class:`TaskTimeout` the watchdog raises (an exception *class* is all it can send)."""
-
-    def __init__(self, *args: object) -> None:
-        super().__init__(*(args or ("task exceeded its time limit",)))
-
-
-def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> None:
-    """Raise *exc* in thread *thread_id* at its next bytecode (None: forget a pending one)."""
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread_id), None if exc is None else ctypes.py_object(exc)
-    )
-
-
-class _Watchdog:
-    """Soft timeouts on a Dask worker: raises TaskTimeout in a thread whose item runs too long.
-
-    Dask runs tasks in a thread pool, not in the main thread, so ``SIGALRM`` (the local pool's
-    way) cannot reach them.  One daemon thread per worker process keeps the deadlines and, at
-    one, raises the exception in the task's thread with ``PyThreadState_SetAsyncExc``.  It
-    lands at that thread's next Python bytecode: a task blocked in C (``time.sleep``, a long
-    numpy call) sees it when that call returns.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._deadlines: dict[int, float] = {}  # thread id -> monotonic deadline
-        self._fired: set[int] = set()  # threads sent an exception since their item started
-        self._thread: threading.Thread | None = None
-
-    def run(self, seconds: float, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)``, with :class:`TaskTimeout` raised inside it after *seconds*."""
-        me = threading.get_ident()
-        with self._lock:
-            self._fired.discard(me)
-            self._deadlines[me] = time.monotonic() + seconds
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._loop, name="procpool-dask-watchdog", daemon=True
-                )
-                self._thread.start()
-            self._wake.notify()
-        try:
-            return fn(*args)
-        finally:
-            with self._lock:  # after this no exception can be sent to this item
-                self._deadlines.pop(me, None)
-                if me in self._fired:
-                    self._fired.discard(me)
-                    # sent but maybe not delivered yet (the item ended right at its limit):
-                    # it must not land in whatever this thread runs next
-                    _set_async_exc(me, None)
-
-    def _loop(self) -> None:
-        with self._lock:
-            while True:
-                now = time.monotonic()
-                for tid, deadline in list(self._deadlines.items()):
-                    if deadline <= now:
-                        del self._deadlines[tid]
-                        self._fired.add(tid)
-                        _set_async_exc(tid, _ItemTimeout)
-                soonest = min(self._deadlines.values(), default=None)
-                self._wake.wait(None if soonest is None else soonest - now)
-
-
-_WATCHDOG = _Watchdog()
-
-
-# ==================================================================== the caller's side
-
-
-class _Unit:
-    """One Dask task as the caller sees it: which items, and where their results go."""
-
-    __slots__ = ("sink", "label", "index", "n_items", "timeout", "feeder", "single")
-
-    def __init__(
-        self,
-        sink: Any,
-        label: str,
-        timeout: float | None,
-        index: int = 0,
-        n_items: int = 1,
-        feeder: _Feeder | None = None,
-        single: bool = True,
-    ) -> None:
-        self.sink, self.label, self.timeout = sink, label, timeout
-        self.index, self.n_items, self.feeder, self.single = index, n_items, feeder, single
-
-    def describe(self, item: int | None = None) -> str:
-        """'task (f)' or 'items 100-199 of map(f)', for error messages."""
-        if self.single:
-            return f"task ({self.label})"
-        if item is not None:
-            return f"item {self.index + item} of {self.label}"
-        last = self.index + self.n_items - 1
-        items = f"item {self.index}" if last == self.index else f"items {self.index}-{last}"
-        return f"{items} of {self.label}"
-
-
-class _ItemView:
-    """What :func:`procpool._errinfo.rebuild_error` needs to name one failed item."""
-
-    __slots__ = ("unit", "item", "timeout")
-
-    def __init__(self, unit: _Unit, item: int) -> None:
-        self.unit, self.item, self.timeout = unit, item, unit.timeout
-
-    def describe(self) -> str:
-        return self.unit.describe(self.item)
-
-
-class _Engine:
-    """Submits units to Dask, delivers their outcomes to the result objects, shuts down.
-
-    Owns the Dask client (unless the caller lent one), the cluster (when it started it) and the
-    delivery thread.  Holds no reference to the :class:`DaskPool`, so a pool that is dropped is
-    finalized and its cluster shut down.
-    """
-
-    def __init__(
-        self,
-        client: distributed.Client,
-        own_client: bool,
-        cluster: distributed.LocalCluster | None,
-    ) -> None:
-        self.client = client
-        self.own_client = own_client
-        self.cluster = cluster
-        self.state = RUN
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)  # units, feeders or state changed
-        self._units: dict[Any, tuple[_Unit, distributed.Future]] = {}  # Dask key -> unit
-        self._feeders: set[_Feeder] = set()
-        # one thread settles results at a time: a MapResult counts its chunks without a lock
-        self._settle_lock = threading.RLock()
-        # as_completed only reports that a task ended; the delivery thread fetches the data
-        # itself, so that a failure to fetch is an error it can hand to the caller
-        self._completed = distributed.as_completed(loop=client.loop)
-        self._stopped = False
-        self._thread = threading.Thread(
-            target=self._deliver_loop, name="procpool-dask-results", daemon=True
-        )
-        self._thread.start()
-
-    # -- submitting ---------------------------------------------------------------------
-    def check_running(self) -> None:
-        if self.state != RUN:
-            raise ValueError("Pool not running")
-
-    def submit(self, unit: _Unit, payload: _Payload) -> None:
-        """Send one unit to Dask (also after close(), for an imap that is still being read)."""
-        name = "".join(c if c.isalnum() or c == "_" else "_" for c in unit.label)[:60]
-        try:
-            future = self.client.submit(
-                _run_unit, payload, key=f"procpool-{name}-{uuid.uuid4().hex}", pure=False
-            )
-        except (TypeError, pickle.PicklingError) as exc:  # Dask could not pickle the task
-            raise SerializationError(
-                f"cannot send {unit.describe()} to Dask: {str(exc)[:500]}"
-            ) from exc
-        with self._lock:
-            if self.state == TERMINATE:
-                terminated = True
-            else:
-                terminated = False
-                self._units[future.key] = (unit, future)
-                self._completed.add(future)
-                self._changed.notify_all()
-        if terminated:
-            future.cancel()
-            self._settle_error(unit, PoolTerminated("the pool was terminated"))
-
-    def add_feeder(self, feeder: _Feeder) -> None:
-        with self._lock:
-            self._feeders.add(feeder)
-
-    def feeder_done(self, feeder: _Feeder) -> None:
-        with self._lock:
-            self._feeders.discard(feeder)
-            self._changed.notify_all()
-
-    # -- delivering ---------------------------------------------------------------------
-    def _deliver_loop(self) -> None:
-        while True:
-            try:
-                batch = self._completed.next_batch(block=True)
-            except StopIteration:  # nothing in flight: sleep until something is submitted
-                with self._lock:
-                    while not self._units and not self._stopped:
-                        self._changed.wait()
-                    if self._stopped:
-                        return
-                continue
-            with self._lock:  # None: settled already (terminate, cancel)
-                entries = [(self._units.get(f.key), f) for f in batch]
-            done = [(entry[0], f) for entry, f in entries if entry is not None]
-            finished = [f for _, f in done if f.status == "finished"]
-            blobs = self._fetch(finished)
-            with self._lock:
-                done = [(u, f) for u, f in done if self._units.pop(f.key, None) is not None]
-                if not self._units:
-                    self._changed.notify_all()  # join() may be waiting for this
-            for unit, future in done:
-                self._settle(unit, future, blobs.get(future.key))
-
-    def _fetch(self, futures: list[distributed.Future]) -> dict[Any, Any]:
-        """The pickled outcomes of *futures* (one round trip), or the error fetching each."""
-        if not futures:
-            return {}
-        try:
-            return dict(zip([f.key for f in futures], self.client.gather(futures), strict=True))
-        except Exception:  # noqa: BLE001 - fetch one by one to find which failed
-            pass
-        blobs: dict[Any, Any] = {}
-        for future in futures:
-            try:
-                blobs[future.key] = future.result()
-            except BaseException as exc:  # noqa: BLE001 - becomes that unit's error
-                blobs[future.key] = exc
-        return blobs
-
-    def _settle(self, unit: _Unit, future: distributed.Future, blob: Any) -> None:
-        status = future.status
-        if status == "finished" and isinstance(blob, bytes):
-            try:
-                outcome: _Outcome = pickle.loads(blob)
-            except Exception as why:  # noqa: BLE001 - e.g. a class this machine cannot import
-                err = SerializationError(
-                    f"the result of {unit.describe()} could not be unpickled: {why!r}"
-                )
-                self._settle_error(unit, err)
-                return
-            if unit.feeder is not None:
-                unit.feeder.observe(unit.n_items, outcome.seconds)
-            errors = {
-                i: rebuild_error(info, _ItemView(unit, i)) for i, info in outcome.errors.items()
-            }
-            with self._settle_lock:
-                try:
-                    unit.sink._on_chunk(unit, outcome.values, errors)
-                except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
-                    traceback.print_exc()
-        elif status == "finished":  # fetching the data failed
-            self._settle_error(unit, blob)
-        elif status == "error":
-            try:
-                exc = future.exception()
-            except BaseException as why:  # noqa: BLE001
-                exc = why
-            self._settle_error(unit, _dask_error(unit, exc))
-        else:  # cancelled by Dask (the client lost its scheduler, someone cancelled the key)
-            self._settle_error(unit, CancelledError(f"Dask cancelled {unit.describe()}"))
-
-    def _settle_error(self, unit: _Unit, exc: BaseException) -> None:
-        with self._settle_lock:
-            try:
-                unit.sink._on_error(unit, exc)
-            except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
-                traceback.print_exc()
-
-    # -- ending -------------------------------------------------------------------------
-    def close(self) -> None:
-        with self._lock:
-            if self.state == RUN:
-                self.state = CLOSE
-
-    def join(self, timeout: float | None) -> None:
-        """Wait until every unit is settled and every imap input read, then stop.
-
-        An ``imap`` whose caller has not consumed its results yet has the rest of its input
-        read and submitted here, as :mod:`multiprocessing` would have done up front: nobody can
-        consume while the caller waits in ``join``.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            feeders = list(self._feeders)
-        for feeder in feeders:  # nobody may consume while we wait: read the rest now
-            feeder.drain()
-        with self._lock:
-            while self._units or self._feeders:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return
-                self._changed.wait(left)
-        self._stop()
-
-    def cancel_outstanding(self, exc: BaseException) -> None:
-        """Fail every unit not settled yet with *exc*, and cancel their Dask tasks."""
-        with self._lock:
-            entries = list(self._units.values())
-            self._units.clear()
-            feeders = list(self._feeders)
-            self._feeders.clear()
-            self._changed.notify_all()
-        if entries:
-            try:
-                self.client.cancel([future for _, future in entries], force=True)
-            except Exception:  # noqa: BLE001 - the cluster may be gone already
-                pass
-        for unit, _ in entries:
-            self._settle_error(unit, exc)
-        for feeder in feeders:
-            feeder.abort(exc)
-
-    def terminate(self) -> None:
-        """Fail what is outstanding with PoolTerminated, then stop (idempotent)."""
-        with self._lock:
-            self.state = TERMINATE
-        self.cancel_outstanding(PoolTerminated("the pool was terminated"))
-        self._stop()
-
-    def _stop(self) -> None:
-        with self._lock:
-            if self._stopped:
-                return
-            self._stopped = True
-            self.state = TERMINATE
-            self._changed.notify_all()
-        self._completed.clear()  # the delivery thread's next_batch then ends within 0.1 s
-        if threading.current_thread() is not self._thread:
-            self._thread.join(5.0)
-        if self.own_client:
-            _quietly(self.client.close)
-        if self.cluster is not None:
-            _quietly(self.cluster.close)
-
-
-def _quietly(fn: Callable[[], object]) -> None:
-    try:
-        fn()
-    except Exception:  # noqa: BLE001 - shutting down: the cluster may already be gone
-        pass
-
-
-def _dask_error(unit: _Unit, exc: BaseException) -> BaseException:
-    """Dask's own failure of a unit, in procpool's terms."""
-    if isinstance(exc, KilledWorker):
-        worker = getattr(getattr(exc, "last_worker", None), "address", "?")
-        attempts = getattr(exc, "allowed_failures", 0) + 1
-        lost = WorkerLostError(
-            f"the Dask worker process running {unit.describe()} died "
-            f"(last on {worker}; tried on {attempts} worker(s))",
-            attempts=attempts,
-        )
-        lost.__cause__ = exc
-        return lost
-    return exc  # with the traceback Dask rebuilt
-
-
-class _Feeder:
-    """Reads an ``imap``'s input a bounded number of chunks ahead of what the caller consumed.
-
-    The input is read in the caller's thread (in :meth:`DaskPool.imap` and when the iterator
-    hands back consumed results, which it does before it waits), never in the delivery thread:
-    a generator that waits for results of the same ``imap`` cannot block their delivery.
-    """
-
-    def __init__(
-        self,
-        engine: _Engine,
-        func: Callable[..., Any],
-        kind: int,
-        iterable: Iterable[Any],
-        chunksize: int | None,
-        timeout: float | None,
-        sink: IMapIterator,
-        label: str,
-        window: int,
-    ) -> None:
-        self._engine, self._func, self._kind = engine, func, kind
-        self._input = iter(iterable)
-        self._chunksize, self._timeout, self._sink, self._label = chunksize, timeout, sink, label
-        self._window = window
-        self._lock = threading.Lock()
-        self._read = 0  # items read and submitted
-        self._consumed = 0  # results the caller took
-        self._ends: deque[int] = deque()  # end index of each chunk not yet fully consumed
-        self._per_item: float | None = None  # measured seconds per item (adaptive chunks)
-        self._done = False
-
-    def feed(self) -> None:
-        """Submit chunks until *window* chunks are ahead of the caller or the input ends."""
-        with self._lock:
-            while not self._done and len(self._ends) < self._window:
-                n = self._next_size()
-                try:
-                    items = list(itertools.islice(self._input, n))
-                    if self._kind == STARMAP:
-                        items = [tuple(args) for args in items]
-                    _check_portable(items, self._label)
-                except Exception as exc:  # noqa: BLE001 - raised at the iteration's end
-                    self._finish(exc)
-                    return
-                if items:
-                    unit = _Unit(
-                        self._sink,
-                        self._label,
-                        self._timeout,
-                        self._read,
-                        len(items),
-                        self,
-                        single=False,
-                    )
-                    payload = _Payload(self._func, self._kind, items, {}, self._timeout)
-                    self._engine.submit(unit, payload)
-                    self._read += len(items)
-                    self._ends.append(self._read)
-                if len(items) < n:
-                    self._finish(None)
-
-    def release(self, n: int) -> None:
-        """The caller took *n* more results: read on."""
-        with self._lock:
-            self._consumed += n
-            while self._ends and self._ends[0] <= self._consumed:
-                self._ends.popleft()
-        self.feed()
-
-    def drain(self) -> None:
-        """Submit the rest of the input now, however long (the pool is being joined)."""
-        with self._lock:
-            self._window = sys.maxsize
-        self.feed()
-
-    def observe(self, n_items: int, seconds: float) -> None:
-        """A chunk of *n_items* took *seconds* on its worker (the delivery thread calls this)."""
-        per_item = seconds / max(1, n_items)
-        prev = self._per_item
-        self._per_item = per_item if prev is None else 0.5 * prev + 0.5 * per_item
-
-    def abort(self, exc: BaseException) -> None:
-        """The pool ended: the iteration stops after what was read, then raises *exc*."""
-        with self._lock:
-            if not self._done:
-                self._done = True
-                self._sink._end_of_input(self._read, exc)
-
-    def _next_size(self) -> int:
-        if self._chunksize is not None:
-            return self._chunksize
-        if self._per_item is None:
-            return 1  # probe: nothing measured yet
-        size = ADAPTIVE_TARGET_S / max(self._per_item, 1e-9)
-        return max(1, min(ADAPTIVE_MAX_CHUNK, int(size)))
-
-    def _finish(self, error: BaseException | None) -> None:
-        self._done = True
-        self._sink._end_of_input(self._read, error)
-        self._engine.feeder_done(self)
-
-
-def _check_portable(obj: Any, where: str, depth: int = 0) -> None:
-    """Refuse procpool IPC objects in a task's arguments: they cannot cross machines.
-
-    A procpool Queue, Pipe, Value, SharedArray or lock is a handful of file descriptors and
-    shared memory of *this* machine.  Dask would fail to pickle it somewhere in its event loop;
-    raising here names the argument instead.  Looks into lists, tuples, sets and dicts (three
-    levels deep), not into the attributes of other objects.
-    """
-    kind = type(obj)
-    if kind in _PLAIN:
-        return
-    if kind.__module__ in _IPC_MODULES:
-        raise SerializationError(
-            f"{kind.__module__}.{kind.__qualname__} cannot be passed to a DaskPool task ({where}):"
-            " procpool's IPC objects are file descriptors and shared memory of this machine,"
-            " and Dask workers may run elsewhere. Use Dask's own (distributed.Queue, Variable,"
-            " Lock) or return values instead."
-        )
-    if depth >= 3:
-        return
-    if kind in (list, tuple, set, frozenset):
-        for x in obj:
-            _check_portable(x, where, depth + 1)
-    elif kind is dict:
-        for k, v in obj.items():
-            _check_portable(k, where, depth + 1)
-            _check_portable(v, where, depth + 1)
 
 
 def _label(name: str, func: Any) -> str:
@@ -699,7 +122,7 @@ class DaskPool(concurrent.futures.Executor):
         address: the scheduler address of a running Dask cluster.
         client: a :class:`distributed.Client` to use (the caller keeps owning it).
         timeout: default time limit in seconds for each task or map item (soft: raised inside
-            the task as :class:`~procpool.TaskTimeout`; see :class:`_Watchdog`).
+            the task as :class:`~procpool.TaskTimeout`; see ``_dask_worker._Watchdog``).
         allowed_failures: how many times a task may be re-run after its worker died before it
             fails with ``WorkerLostError`` (default: Dask's ``allowed-failures``, 3).  Only for
             the cluster this pool starts; an external cluster's scheduler has its own setting.
@@ -823,7 +246,12 @@ class DaskPool(concurrent.futures.Executor):
         return future
 
     def _submit_call(
-        self, func: Callable[..., Any], args: Iterable[Any], kwds: dict | None, sink: Any, timeout
+        self,
+        func: Callable[..., Any],
+        args: Iterable[Any],
+        kwds: dict | None,
+        sink: Any,
+        timeout: float | None,
     ) -> None:
         limit = self._task_timeout(timeout)
         call_args, call_kwds = tuple(args), dict(kwds) if kwds else {}
@@ -893,7 +321,15 @@ class DaskPool(concurrent.futures.Executor):
         )
 
     def _map_async(
-        self, func, iterable, chunksize, callback, error_callback, timeout, fail_fast, kind
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int | None,
+        callback: Callable[[list[Any]], object] | None,
+        error_callback: Callable[[BaseException], object] | None,
+        timeout: float | None,
+        fail_fast: bool,
+        kind: int,
     ) -> MapResult:
         self._engine.check_running()
         _check_chunksize(chunksize)
@@ -938,7 +374,14 @@ class DaskPool(concurrent.futures.Executor):
         """Like :meth:`imap` but results come in completion order."""
         return self._imap(func, iterable, chunksize, timeout, ordered=False)
 
-    def _imap(self, func, iterable, chunksize, timeout, ordered) -> IMapIterator:
+    def _imap(
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        chunksize: int | None,
+        timeout: float | None,
+        ordered: bool,
+    ) -> IMapIterator:
         self._engine.check_running()
         _check_chunksize(chunksize)
         limit = self._task_timeout(timeout)
