@@ -179,3 +179,18 @@ def test_schedule_rejects_a_bad_timeout_as_such(pool):
 
 def identity_item(x):
     return x
+
+
+def test_map_over_a_range_is_cut_into_ranges_with_the_same_results(pool):
+    """A range is not listed: its chunks travel as ranges (a few bytes each)."""
+    from tasks import fail_on
+
+    for chunksize in (None, 1, 7, 1000):
+        assert pool.map(square, range(3, 2000, 3), chunksize) == [x * x for x in range(3, 2000, 3)]
+    assert pool.map(square, range(0)) == []
+    assert pool.map(square, range(10, 0, -2)) == [100, 64, 36, 16, 4]
+    res = pool.map_async(fail_on, range(10), chunksize=4)
+    with pytest.raises(ValueError, match="bad item 3"):
+        res.get(30)
+    with pytest.raises(TypeError):
+        pool.starmap(square, range(3))  # starmap of ints: each item fails to unpack

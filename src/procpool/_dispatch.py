@@ -112,7 +112,7 @@ class Dispatch:
                 return task
         return None
 
-    def _chunk_task(self, job: MapJob, items: list) -> Task | None:
+    def _chunk_task(self, job: MapJob, items: list | range) -> Task | None:
         index = job.next_index
         job.next_index += len(items)
         try:

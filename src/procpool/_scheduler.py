@@ -358,7 +358,8 @@ class Scheduler(WorkerSupervision, Dispatch):
             if lazy:
                 self._feeding.add(job)
             if not lazy:
-                job.buf = items if isinstance(items, list) else list(items)
+                # a list as it is; a range too (its chunks are ranges: a few bytes to pickle)
+                job.buf = items if isinstance(items, (list, range)) else list(items)
                 self._input_end(job, None, on_input_end)
                 self._wake()
         if lazy:

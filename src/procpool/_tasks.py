@@ -103,7 +103,8 @@ class MapJob:
         self.timeout = timeout
         self.retries = retries
         self.chunksize = chunksize
-        self.buf: list[Any] = []  # items read; buf[pos:] are not cut into chunks yet
+        # items read; buf[pos:] are not cut into chunks yet (a map over a range: the range)
+        self.buf: list[Any] | range = []
         self.pos = 0
         self.next_index = 0  # index (in the whole input) of buf[pos]
         self.input_done = False
@@ -130,12 +131,14 @@ class MapJob:
         return len(self.buf) - self.pos
 
     def add(self, items: list) -> None:
-        if self.pos > 65536 and self.pos * 2 > len(self.buf):  # compact now and then
-            del self.buf[: self.pos]
+        buf = self.buf
+        assert isinstance(buf, list)  # a range is only ever a whole input (map), never fed
+        if self.pos > 65536 and self.pos * 2 > len(buf):  # compact now and then
+            del buf[: self.pos]
             self.pos = 0
-        self.buf.extend(items)
+        buf.extend(items)
 
-    def take(self, size: int, idle: bool) -> list | None:
+    def take(self, size: int, idle: bool) -> list | range | None:
         """Up to *size* items from the buffer, or None if the dispatcher should wait."""
         left = self.available()
         if not left or (left < size and not self.input_done and not idle):

@@ -303,7 +303,8 @@ class Pool(concurrent.futures.Executor):
     ):
         self._sched._check_running()
         _check_chunksize(chunksize)
-        items = list(iterable)
+        # a range stays one (the scheduler cuts it into ranges: a few bytes each to pickle)
+        items = iterable if type(iterable) is range else list(iterable)
         label = f"{'starmap' if star else 'map'}({getattr(func, '__qualname__', func)})"
         result = MapResult(len(items), label, callback, error_callback, fail_fast)
         if items:
