@@ -194,3 +194,31 @@ def test_map_over_a_range_is_cut_into_ranges_with_the_same_results(pool):
         res.get(30)
     with pytest.raises(TypeError):
         pool.starmap(square, range(3))  # starmap of ints: each item fails to unpack
+
+
+def test_imap_over_a_range_reads_a_window_of_it():
+    """imap over a range moves a window over it: ranges travel, the bound on held items holds
+    (an endless-looking range is fine), and every result comes back in order."""
+    with procpool.Pool(2) as pool:
+        from procpool._scheduler import IMAP_HELD
+
+        assert list(pool.imap(square, range(5000))) == [x * x for x in range(5000)]
+        assert sorted(pool.imap_unordered(square, range(0, 3000, 7))) == sorted(
+            x * x for x in range(0, 3000, 7)
+        )
+        it = pool.imap(square, range(10**12), chunksize=64)
+        assert [next(it) for _ in range(10)] == [x * x for x in range(10)]
+        time.sleep(0.5)  # the workers run ahead only as far as the bound allows
+        waiting = sum(len(values) for values, _ in it._chunks.values()) + len(it._values)
+        assert waiting <= 2 * IMAP_HELD
+        for i, value in enumerate(it, start=10):  # breaking out leaves the rest unread
+            assert value == i * i
+            if i == 100_000:
+                break
+        from tasks import fail_on
+
+        it2 = pool.imap(fail_on, range(6))
+        assert [next(it2) for _ in range(3)] == [0, 10, 20]
+        with pytest.raises(ValueError, match="bad item 3"):
+            next(it2)
+        assert list(it2) == [40, 50]

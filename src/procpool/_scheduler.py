@@ -363,20 +363,28 @@ class Scheduler(WorkerSupervision, Dispatch):
                 self._input_end(job, None, on_input_end)
                 self._wake()
         if lazy:
-            start_thread(self._feed, "procpool-feeder", (job, iter(items), on_input_end))
+            source = items if type(items) is range else iter(items)
+            start_thread(self._feed, "procpool-feeder", (job, source, on_input_end))
         return job
 
-    def _feed(self, job: MapJob, it: Iterator, on_end: Callable | None) -> None:
+    def _feed(self, job: MapJob, it: Iterator | range, on_end: Callable | None) -> None:
         """The imap feeder thread: reads the caller's iterable within the job's limit.
 
-        An in-memory source (a range, list, tuple...: reading it can never block) is read in
+        A range is not read at all: it becomes the job's buffer and "reading" moves the end of
+        the window the dispatcher may cut (its chunks are ranges, a few bytes to pickle).
+        Another in-memory source (a list, tuple...: reading it can never block) is read in
         batches that double up to FEED_BATCH, at C speed.  Any other iterator -- a generator may
         be waiting for the results of this very imap -- is handed over one item at a time, so
         no item it has produced is ever held back while the next one is being read.
         """
         error: BaseException | None = None
-        bulk = type(it) in _IN_MEMORY_ITERATORS
-        size = 1
+        window = isinstance(it, range)
+        if isinstance(it, range):
+            with self._lock:
+                job.buf, job.stop = it, 0
+            bulk, size = True, len(it)
+        else:
+            bulk, size = type(it) in _IN_MEMORY_ITERATORS, 1
         while True:
             with job.space:
                 # the bound holds while the caller may still read; once the pool is closed,
@@ -389,20 +397,28 @@ class Scheduler(WorkerSupervision, Dispatch):
                 room = job.limit - job.held if self._state == RUNNING else FEED_BATCH
             want = min(room, size)
             batch: list = []
-            try:
-                batch.extend(itertools.islice(it, want))  # keeps the items read before an error
-            except BaseException as exc:  # noqa: BLE001 - reaches the caller via the iterator
-                error = exc
-            if bulk:
-                size = min(size * 2, FEED_BATCH)
+            if window:  # a range: widen the window
+                with self._lock:
+                    got = min(want, len(job.buf) - (job.stop or 0))
+            else:
+                try:
+                    batch.extend(itertools.islice(it, want))  # keeps items read before an error
+                except BaseException as exc:  # noqa: BLE001 - reaches the caller via the iterator
+                    error = exc
+                got = len(batch)
+                if bulk:
+                    size = min(size * 2, FEED_BATCH)
             with self._lock:
-                if batch:
-                    job.held += len(batch)
-                    job.add(batch)
+                if got and not (window and job.stop is None):  # (None: failed meanwhile)
+                    job.held += got
+                    if window:
+                        job.stop = (job.stop or 0) + got
+                    else:
+                        job.add(batch)
                     self._queue_job(job)
                 if error is None and self._state in (TERMINATING, FINISHED):
                     error = self._stopped_error()  # the input did not end: the pool did
-                if error is not None or len(batch) < want:
+                if error is not None or got < want:
                     break
                 self._wake()
         with self._lock:
@@ -682,7 +698,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         if left:
             task = Task.unsent(job.sink, job.label, job.kind, job, job.next_index, left)
             job.next_index += left
-            job.buf, job.pos = [], 0
+            job.buf, job.pos, job.stop = [], 0, None
             self._fail(task, error)
 
     # ------------------------------------------------------------------ timers

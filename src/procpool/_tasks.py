@@ -105,6 +105,7 @@ class MapJob:
         self.chunksize = chunksize
         # items read; buf[pos:] are not cut into chunks yet (a map over a range: the range)
         self.buf: list[Any] | range = []
+        self.stop: int | None = None  # an imap over a range: the end of the part "read"
         self.pos = 0
         self.next_index = 0  # index (in the whole input) of buf[pos]
         self.input_done = False
@@ -128,7 +129,7 @@ class MapJob:
         return size
 
     def available(self) -> int:
-        return len(self.buf) - self.pos
+        return (len(self.buf) if self.stop is None else self.stop) - self.pos
 
     def add(self, items: list) -> None:
         buf = self.buf
