@@ -41,6 +41,9 @@ lint: .stamp-dev  ## ruff (lint + format check) and mypy on the package
 	$(BIN)/mypy src/procpool
 
 bench: .stamp-bench  ## side-by-side benchmarks against multiprocessing, loky, mpire, pebble, faster-fifo
+	@# compiled bytecode, as an installed package has (and the standard library always has):
+	@# otherwise every import compiles, and workers' RSS counts the compiler's memory
+	$(BIN)/python -m compileall -q src benchmarks
 	$(BIN)/python benchmarks/run_all.py
 
 clean:  ## remove the virtual environment and caches
