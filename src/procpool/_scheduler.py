@@ -63,6 +63,7 @@ from .errors import (
     PoolTerminated,
     SerializationError,
 )
+from .results import WAIT_SLICE
 
 HANDOFF_EVERY = 1024  # tasks a burst of submissions queues before it lets the I/O thread run
 HANDOFF_WAIT = 0.05  # seconds the submitting thread gives the I/O thread at most
@@ -554,7 +555,13 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._deliver()
 
     def join(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
+        # in slices, so that a Ctrl-C during join() is raised at once (see results.WAIT_SLICE)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._thread.is_alive():
+            left = WAIT_SLICE if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._thread.join(min(left, WAIT_SLICE))
         return not self._thread.is_alive()
 
     def signal_workers(self, signum: int) -> list[int]:

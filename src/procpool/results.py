@@ -32,6 +32,14 @@ def _note(exc: BaseException, text: str) -> None:
             pass
 
 
+#: A blocked wait returns to Python at least this often (seconds).  A signal that arrives after
+#: CPython's lock acquire has released the GIL but before it blocks runs only the C-level
+#: handler: the wait is not interrupted, and Python's handler -- Ctrl-C's KeyboardInterrupt --
+#: would wait for the wait to end (seen under load: a caught Ctrl-C lost in ``map``).  Coming
+#: back to the interpreter lets it run the handler.
+WAIT_SLICE = 0.1
+
+
 class _Wakeup:
     """Wake-ups for threads waiting on a result, with no lock held while they sleep.
 
@@ -65,9 +73,16 @@ class _Wakeup:
             waiter.release()
 
     def sleep(self, waiter: Any, timeout: float | None) -> bool:
-        """Sleep until notified (True) or *timeout* seconds pass (False)."""
+        """Sleep until notified (True) or *timeout* seconds pass (False), in slices of
+        :data:`WAIT_SLICE` seconds: see there."""
         try:
-            return waiter.acquire(True, -1 if timeout is None else max(0.0, timeout))
+            deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+            while True:
+                left = WAIT_SLICE if deadline is None else deadline - time.monotonic()
+                if waiter.acquire(True, max(0.0, min(left, WAIT_SLICE))):
+                    return True
+                if deadline is not None and left <= WAIT_SLICE:
+                    return False
         finally:
             with self._mutex:
                 if waiter in self._waiters:
