@@ -15,7 +15,9 @@ A segment is free for reuse only when both of these are gone:
   counts one hold for that worker (:meth:`BufferCache.hold`); the worker reports the segment's
   inode in a ``RELEASED`` frame once the unpickled objects that used the mapping are freed and
   it is unmapped (:meth:`BufferCache.released`); a dead worker's holds go with it
-  (:meth:`BufferCache.forget_worker`).
+  (:meth:`BufferCache.forget_worker`).  A segment the worker had mapped when a task forked is
+  *pinned* (a ``PINNED`` frame): the child may read it for as long as it lives, so it is
+  closed when given back, never reused.
 
 A task that keeps an argument alive (stores it in a global) simply keeps its segment busy;
 the cache then makes new ones.  Free segments are bounded (:data:`CACHE_BYTES`,
@@ -44,7 +46,7 @@ TRIM_AFTER = 2.0  # seconds a free segment is kept unused before it is closed
 class Segment:
     """One memfd, mapped in the parent, lent to one payload at a time."""
 
-    __slots__ = ("fd", "ino", "size", "mm", "view", "busy", "holders", "freed_at")
+    __slots__ = ("fd", "ino", "size", "mm", "view", "busy", "holders", "freed_at", "pinned")
 
     def __init__(self, raw: memoryview) -> None:
         """A new segment holding a copy of *raw*: written with pwrite(2), which fills a fresh
@@ -66,6 +68,7 @@ class Segment:
         self.busy = True  # lent to a payload
         self.holders: dict[int, int] = {}  # worker id -> mappings it has not released
         self.freed_at = 0.0
+        self.pinned = False  # a process forked by a task may map it: never reuse
 
     def fill(self, raw: memoryview) -> None:
         """Overwrite the whole segment with *raw* (same size): one memcpy into mapped pages."""
@@ -156,6 +159,15 @@ class BufferCache:
                     seg.holders.pop(wid, None)
                     self._maybe_free(seg)
 
+    def pin(self, inodes: list[int]) -> None:
+        """A task forked while its worker mapped these segments (PINNED): the child may read
+        them as long as it lives, so they are closed when given back, never reused."""
+        with self._lock:
+            for ino in inodes:
+                seg = self._segments.get(ino)
+                if seg is not None:
+                    seg.pinned = True
+
     def forget_worker(self, wid: int) -> None:
         """Worker *wid* is dead: its mappings are gone with it."""
         with self._lock:
@@ -166,7 +178,7 @@ class BufferCache:
     def _maybe_free(self, seg: Segment) -> None:
         if seg.busy or seg.holders or seg.ino not in self._segments:
             return
-        if self._closed:
+        if self._closed or seg.pinned:
             self._drop(seg)
             return
         seg.freed_at = time.monotonic()
@@ -201,10 +213,11 @@ class BufferCache:
             return bool(self._free)
 
     def close(self) -> None:
-        """Close every segment (the pool is finished: no payload or worker uses them)."""
+        """The pool is finished: close the free segments now, and each lent or held one as soon
+        as it is given back (a thread may still be filling one for a last submission)."""
         with self._lock:
             self._closed = True
+            for seg in self._free.values():
+                self._drop(seg)
             self._free.clear()
             self._free_bytes = 0
-            for seg in list(self._segments.values()):
-                self._drop(seg)

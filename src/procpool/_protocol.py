@@ -14,6 +14,8 @@ TASKS   a batch of task records               RESULTS      a batch of result rec
 EXIT    finish and exit(0)                    RETIRE       over max_memory_per_child
                                               RELEASED     inodes of argument buffers it has
                                                            unmapped (see ``_buffers``)
+                                              PINNED       inodes of argument buffers mapped
+                                                           when a task forked: never reuse
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Iterator
 
 # frame kinds
 INIT, FUNC, TASKS, EXIT = 1, 2, 3, 4
-READY, INIT_FAILED, RESULTS, RETIRE, RELEASED = 11, 12, 13, 14, 15
+READY, INIT_FAILED, RESULTS, RETIRE, RELEASED, PINNED = 11, 12, 13, 14, 15, 16
 
 FRAME = struct.Struct("<IBH")  # size (after this u32), kind, nfds
 FRAME_PREFIX = 4  # bytes of the size field itself

@@ -54,7 +54,7 @@ from . import _serialize
 from ._buffers import TRIM_AFTER, BufferCache
 from ._dispatch import Dispatch
 from ._errinfo import rebuild_error
-from ._start import INTERNAL_FDS, Launcher, send_signal, start_thread
+from ._start import INTERNAL_FDS, Launcher, program_signals, send_signal, start_thread
 from ._supervise import CLOSING, FINISHED, RUNNING, TERMINATING, WorkerSupervision, _Worker
 from ._tasks import _DONE, _PENDING, _SENT, MapJob, Task
 from ._worker import FUNC_CACHE
@@ -304,10 +304,10 @@ class Scheduler(WorkerSupervision, Dispatch):
 
     def _end_handoffs(self) -> None:
         """Wake the submitters waiting for this turn (from the I/O thread, holding no lock)."""
-        with self._lock:
+        with self._lock:  # under the lock: a waiter that gives up may close the eventfd
             n, self._handoffs = self._handoffs, 0
-        if n:
-            os.eventfd_write(self._handofffd, n)
+            if n and self._handofffd >= 0:
+                os.eventfd_write(self._handofffd, n)
 
     def _close_handoff(self) -> None:
         if self._handofffd >= 0:
@@ -365,7 +365,9 @@ class Scheduler(WorkerSupervision, Dispatch):
                 self._wake()
         if lazy:
             source = items if type(items) is range else iter(items)
-            start_thread(self._feed, "procpool-feeder", (job, source, on_input_end))
+            # a feeder reading the caller's generator runs the caller's code: signals as theirs
+            quiet = type(source) is range or type(source) in _IN_MEMORY_ITERATORS
+            start_thread(self._feed, "procpool-feeder", (job, source, on_input_end), quiet=quiet)
         return job
 
     def _feed(self, job: MapJob, it: Iterator | range, on_end: Callable | None) -> None:
@@ -379,12 +381,20 @@ class Scheduler(WorkerSupervision, Dispatch):
         no item it has produced is ever held back while the next one is being read.
         """
         error: BaseException | None = None
-        window = isinstance(it, range)
+        window = False
         if isinstance(it, range):
+            try:
+                size = len(it)
+                window = True
+            except OverflowError:  # longer than sys.maxsize: read it as any iterator
+                it = iter(it)
+        if window:
+            assert isinstance(it, range)
             with self._lock:
                 job.buf, job.stop = it, 0
-            bulk, size = True, len(it)
+            bulk = True
         else:
+            assert not isinstance(it, range)
             bulk, size = type(it) in _IN_MEMORY_ITERATORS, 1
         while True:
             with job.space:
@@ -419,7 +429,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                     self._queue_job(job)
                 if error is None and self._state in (TERMINATING, FINISHED):
                     error = self._stopped_error()  # the input did not end: the pool did
-                if error is not None or got < want:
+                if error is not None or got < want or not got:  # (not got: an empty range)
                     break
                 self._wake()
         with self._lock:
@@ -767,7 +777,11 @@ class Scheduler(WorkerSupervision, Dispatch):
             with self._deliver_lock:
                 outer, self._delivering = self._delivering, threading.get_ident()
                 try:
-                    self._deliver_all()
+                    if threading.current_thread() is self._thread:
+                        with program_signals():  # callbacks are the caller's code
+                            self._deliver_all()
+                    else:
+                        self._deliver_all()
                 finally:
                     self._delivering = outer
 

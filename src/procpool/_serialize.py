@@ -239,8 +239,14 @@ def _cloudpickle() -> Any:
 def dumps_function(func: Any) -> bytes:
     """Serialize a task's function: by reference when it is a module-level function of a module
     other than ``__main__`` (plain pickle checks the name leads back to it), by value through
-    cloudpickle otherwise (lambdas, closures, ``__main__``, callable objects)."""
-    if type(func) in _BY_REFERENCE and getattr(func, "__module__", "__main__") != "__main__":
+    cloudpickle otherwise (lambdas, closures, ``__main__``, callable objects).  Once cloudpickle
+    is imported -- a program that registered a module with ``register_pickle_by_value`` has --
+    it pickles every function, as it knows which modules must travel by value."""
+    if (
+        "cloudpickle" not in sys.modules  # once imported, it decides (register_pickle_by_value)
+        and type(func) in _BY_REFERENCE
+        and getattr(func, "__module__", "__main__") != "__main__"
+    ):
         try:
             return pickle.dumps(func, PROTOCOL)
         except Exception:
@@ -259,9 +265,23 @@ _BY_REFERENCE = (types.FunctionType, types.BuiltinFunctionType)
 on_release: Callable[[int], None] | None = None
 
 
+#: in a pool's worker: the received buffers mapped now, by inode (how many mappings each)
+mapped: dict[int, int] = {}
+
+
+def _mapped(ino: int) -> None:
+    if on_release is not None:
+        mapped[ino] = mapped.get(ino, 0) + 1
+
+
 def _released(ino: int) -> None:
     report = on_release
     if report is not None:
+        left = mapped.get(ino, 0) - 1
+        if left > 0:
+            mapped[ino] = left
+        else:
+            mapped.pop(ino, None)
         report(ino)
 
 
@@ -278,6 +298,7 @@ if sys.version_info >= (3, 13):
             _released(st.st_ino)
             raise
         if on_release is not None:
+            _mapped(st.st_ino)
             weakref.finalize(mm, _released, st.st_ino)
         return mm
 
@@ -296,8 +317,10 @@ else:  # mmap.mmap dup()s the fd and keeps it for the mapping's life: map it our
     _MAP_FAILED = ctypes.c_void_p(-1).value
 
     def _unmap(addr: int, size: int, ino: int) -> None:
-        _libc.munmap(addr, size)
-        _released(ino)
+        try:
+            _libc.munmap(addr, size)
+        finally:  # a soft timeout's SIGALRM may raise in here: the parent must still be told
+            _released(ino)
 
     def _map_buffer(fd: int) -> Any:
         """Map a received memfd without keeping a descriptor: a program may hold thousands of
@@ -311,6 +334,7 @@ else:  # mmap.mmap dup()s the fd and keeps it for the mapping's life: map it our
             _released(st.st_ino)
             raise OSError(err, f"mmap of a received buffer failed: {os.strerror(err)}")
         region = (ctypes.c_char * size).from_address(addr)
+        _mapped(st.st_ino)
         weakref.finalize(region, _unmap, addr, size, st.st_ino)
         return memoryview(region).cast("B")
 

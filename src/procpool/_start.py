@@ -23,6 +23,7 @@ the exit code (negative: killed by that signal, as ``multiprocessing.Process.exi
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import os
 import signal
@@ -31,6 +32,7 @@ import struct
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 # ---------------------------------------------------------------- fds the children must not keep
@@ -73,26 +75,49 @@ _ASYNC_SIGNALS = frozenset(signal.valid_signals()) - {
 _thread_state = threading.local()  # .mask: the signal mask the program gave the pool's thread
 
 
-def start_thread(target: Any, name: str, args: tuple = ()) -> threading.Thread:
-    """Start a daemon thread of procpool's with the program's signals blocked (see
-    _ASYNC_SIGNALS); processes it starts get the mask of the thread that started it back."""
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+def start_thread(
+    target: Any, name: str, args: tuple = (), *, quiet: bool = True
+) -> threading.Thread:
+    """Start a daemon thread of procpool's.  *quiet*: with the program's signals blocked (see
+    _ASYNC_SIGNALS), for threads that run no user code; otherwise with the program's mask, as
+    for a feeder that runs the caller's generator.  Processes started from the thread, and
+    threads it starts, get the program's mask: the mask of the first thread outside procpool.
+    """
+    caller = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # (reads the mask)
+    program = program_mask()
+    base: set[int] = set(caller if program is None else program)
+    signal.pthread_sigmask(signal.SIG_SETMASK, base | _ASYNC_SIGNALS if quiet else base)
 
     def run() -> None:
-        _thread_state.mask = mask
+        _thread_state.mask = base
         target(*args)
 
     thread = threading.Thread(target=run, name=name, daemon=True)
     try:
         thread.start()
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        signal.pthread_sigmask(signal.SIG_SETMASK, caller)
     return thread
 
 
-def program_mask() -> set[signal.Signals] | None:
+def program_mask() -> set[int] | None:
     """The signal mask a child started from this thread should have (None: this thread's)."""
     return getattr(_thread_state, "mask", None)
+
+
+@contextlib.contextmanager
+def program_signals() -> Iterator[None]:
+    """Run user code (a callback) on a quiet procpool thread with the program's signal mask,
+    so that the processes it starts (``subprocess``...) can be signalled."""
+    mask = program_mask()
+    if mask is None:
+        yield
+        return
+    quiet = signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, quiet)
 
 
 START_METHODS = ("fork", "forkserver", "spawn")

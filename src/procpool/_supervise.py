@@ -298,6 +298,8 @@ class WorkerSupervision:
                 self._break(err)
             elif kind == P.RELEASED:
                 self._buffers.released(w.wid, P.unpack_inodes(body))
+            elif kind == P.PINNED:
+                self._buffers.pin(P.unpack_inodes(body))
             elif kind == P.RETIRE:
                 w.retiring = True
                 self._maybe_exit(w)

@@ -82,6 +82,10 @@ class Worker:
         # inodes of argument buffers unmapped since the last flush (appended by finalizers)
         self.released: list[int] = []
         _serialize.on_release = self.released.append
+        # buffers mapped when a task forks: the child may read them for as long as it lives,
+        # after we unmap ours, so the parent must never rewrite them (PINNED)
+        self.pinned: list[int] = []
+        os.register_at_fork(before=self._pin_mapped)
 
     # ---------------------------------------------------------------- start-up
     def init(self, body: memoryview, fds: list[int]) -> bool:
@@ -104,11 +108,17 @@ class Worker:
         self.chan.send_frame(P.frame(P.READY))
         return True
 
+    def _pin_mapped(self) -> None:
+        self.pinned.extend(_serialize.mapped)
+
     # ---------------------------------------------------------------- results
     def flush(self) -> None:
         if self.max_memory and not self.retiring and rss() > self.max_memory:
             self.retiring = True  # said before the results: no new task is sent our way
             self.chan.send_frame(P.frame(P.RETIRE))
+        if self.pinned:  # before RELEASED: a pinned buffer must not be freed for reuse
+            pinned, self.pinned = self.pinned, []
+            self.chan.push(P.frame(P.PINNED, P.pack_inodes(pinned)))
         if self.released:  # before the results: the parent may reuse these buffers at once
             n = len(self.released)
             inodes = self.released[:n]

@@ -1,0 +1,204 @@
+"""A pool among the rest of the program: odd inputs (empty and huge ranges), user code on the
+pool's threads (callbacks, imap input generators) starting processes and pools, modules
+registered with cloudpickle, tasks that fork.  Each was a bug found in review (fixed since).
+
+Real processes, bounded in time (pytest-timeout and explicit timeouts on every wait).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import procpool
+from procpool.errors import TaskTimeoutError
+
+pytestmark = pytest.mark.timeout(60)
+
+N = 64 * 1024  # float64 items: 512 KiB, above the out-of-band threshold
+
+
+def ident(x):
+    return x
+
+
+def nap(x):
+    time.sleep(x)
+    return x
+
+
+def first(a):
+    return float(a[0])
+
+
+def _sigblk(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("SigBlk:"):
+                return line.split()[1]
+    return "?"
+
+
+# ---------------------------------------------------------------- 1. imap over ranges
+def test_imap_over_an_empty_range_ends():
+    """imap(f, range(0)): the feeder's window loop has want == got == 0 and never leaves
+    (`got < want` is False), spinning at 100% CPU; the iterator never ends."""
+    with procpool.Pool(2) as pool:
+        it = pool.imap(ident, range(0))
+        with pytest.raises(StopIteration):
+            it.next(timeout=5)
+
+
+def test_close_join_after_imap_over_an_empty_range_returns():
+    pool = procpool.Pool(2)
+    try:
+        pool.imap_unordered(ident, range(0))
+        pool.close()
+        t = time.monotonic()
+        pool.join(timeout=5)
+        assert time.monotonic() - t < 4.5, "join() waited for a feeder that never ends"
+    finally:
+        pool.terminate()
+
+
+def test_imap_over_a_range_longer_than_ssize_t():
+    """len(range(10**20)) raises OverflowError in the feeder thread: the thread dies, the
+    input never ends, the iterator hangs (before d9de07b..HEAD: 0, 1, 4...)."""
+    with procpool.Pool(2) as pool:
+        it = pool.imap(ident, range(10**20))
+        assert [it.next(timeout=5) for _ in range(3)] == [0, 1, 2]
+
+
+# ---------------------------------------------------------------- 2. signal masks
+def test_subprocess_started_by_a_callback_can_be_terminated():
+    """Callbacks run in the I/O thread, whose catchable signals are blocked; a child it
+    starts inherits the blocked mask: SIGTERM (Popen.terminate) is ignored."""
+    out: dict = {}
+    done = threading.Event()
+
+    def cb(_):
+        out["p"] = subprocess.Popen(["sleep", "30"])
+        out["thread"] = threading.current_thread().name
+        done.set()
+
+    with procpool.Pool(1) as pool:
+        pool.apply_async(nap, (0.3,), callback=cb)  # not waited on: the I/O thread delivers
+        assert done.wait(10)
+    p = out["p"]
+    try:
+        blk = _sigblk(p.pid)
+        p.terminate()
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        assert p.returncode == -15, f"SIGTERM ignored: child SigBlk={blk} ({out['thread']})"
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_subprocess_started_by_an_imap_input_generator_can_be_terminated():
+    procs = []
+
+    def lines():
+        procs.append(subprocess.Popen(["sleep", "30"]))
+        yield 1
+
+    with procpool.Pool(1) as pool:
+        assert list(pool.imap(ident, lines())) == [1]
+    p = procs[0]
+    try:
+        blk = _sigblk(p.pid)
+        p.terminate()
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        assert p.returncode == -15, f"SIGTERM ignored: child SigBlk={blk}"
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_a_pool_started_from_a_callback_thread_keeps_soft_timeouts():
+    """start_thread takes the *current* mask as the program's: a pool created in a thread that
+    inherited a pool thread's blocked mask gives its workers SIGALRM blocked, and the soft
+    timeout never fires (here the task simply runs to the end and returns)."""
+    res: dict = {}
+
+    def inner():
+        with procpool.Pool(1, timeout=0.3, grace=10) as p2:
+            try:
+                res["value"] = p2.apply(nap, (2.0,))
+            except BaseException as exc:  # noqa: BLE001
+                res["error"] = exc
+
+    def cb(_):
+        th = threading.Thread(target=inner)
+        th.start()
+        res["thread"] = th
+
+    with procpool.Pool(1) as pool:
+        pool.apply_async(nap, (0.2,), callback=cb)
+        deadline = time.monotonic() + 10
+        while "thread" not in res and time.monotonic() < deadline:
+            time.sleep(0.05)
+        res["thread"].join(20)
+    assert isinstance(res.get("error"), TaskTimeoutError), res
+
+
+# ---------------------------------------------------------------- 3. functions by reference
+def test_register_pickle_by_value_is_honoured(tmp_path):
+    """dumps_function now pickles module-level functions by reference with plain pickle,
+    bypassing cloudpickle.register_pickle_by_value: a spawn worker cannot import the module."""
+    import cloudpickle
+
+    (tmp_path / "rv_mod_review.py").write_text("def quad(x):\n    return 4 * x\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import rv_mod_review
+    finally:
+        sys.path.remove(str(tmp_path))
+    cloudpickle.register_pickle_by_value(rv_mod_review)
+    try:
+        with procpool.Pool(1, start_method="spawn") as pool:
+            assert pool.apply(rv_mod_review.quad, (2,)) == 8
+    finally:
+        cloudpickle.unregister_pickle_by_value(rv_mod_review)
+        sys.modules.pop("rv_mod_review", None)
+
+
+# ---------------------------------------------------------------- 4. reused segments
+def hand_to_child(a, path):
+    """Hand the argument to a forked helper that reads it after the task has returned."""
+    if os.fork() == 0:
+        try:
+            time.sleep(1.0)
+            with open(path + ".tmp", "w") as f:
+                f.write(f"{a[0]} {a[-1]}")
+            os.rename(path + ".tmp", path)
+        finally:
+            os._exit(0)
+    return os.getpid()
+
+
+def test_a_process_forked_by_a_task_keeps_seeing_its_argument(tmp_path):
+    """The worker's unmap finalizer reports RELEASED although a child it forked still maps the
+    segment: the parent rewrites it with the next same-sized argument under the child's eyes."""
+    path = str(tmp_path / "seen")
+    with procpool.Pool(1) as pool:
+        pool.apply(hand_to_child, (np.full(N, 1.0), path))
+        time.sleep(0.2)  # the RELEASED frame has come back with the result
+        assert pool.apply(first, (np.full(N, 2.0),)) == 2.0
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    with open(path) as f:
+        assert f.read() == "1.0 1.0"
