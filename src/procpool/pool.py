@@ -8,19 +8,20 @@ keyword-only arguments with safe defaults: ``start_method``, ``timeout``, ``retr
 ``retry_on``, ``max_memory_per_child``.
 
 All the work happens in :mod:`procpool._scheduler`; this module validates arguments and wraps
-results.
+results.  The map family and the context manager, which :class:`Pool` shares with the other
+backends' pools, are written once in :mod:`procpool._api` (:class:`~procpool._api.PoolAPI`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from ._api import PoolAPI, check_chunksize, check_timeout, default_processes
 from ._scheduler import Scheduler
 from ._start import make_launcher
 from ._supervise import RUNNING
@@ -32,25 +33,20 @@ T = TypeVar("T")
 __all__ = ["Pool", "ProcessPoolExecutor"]
 
 
-def _default_processes() -> int:
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def _start_method(start_method: str | None, context: Any) -> str | None:
     if start_method is None and context is not None:
         return context.get_start_method()
     return start_method
 
 
-class Pool(concurrent.futures.Executor):
+class Pool(PoolAPI):
     """A pool of worker processes that does not hang, leak or lose work.
 
     ``Pool(processes)`` starts *processes* workers (default: the CPUs this process may use).
     Tasks go in with :meth:`apply_async`, :meth:`map` and friends exactly as with
     :class:`multiprocessing.Pool`; :meth:`close` then :meth:`join` wait for them to finish.
+    Without a *chunksize*, :meth:`map`, :meth:`imap` and friends pick an adaptive one (a few
+    milliseconds of work per chunk).
 
     What is different: a worker that dies (SIGKILL, segfault, ``os._exit``, OOM) fails only the
     task(s) it held with :class:`~procpool.WorkerLostError` and is replaced; ``timeout`` gives
@@ -99,7 +95,7 @@ class Pool(concurrent.futures.Executor):
         grace: float = 1.0,
     ) -> None:
         if processes is None:
-            processes = _default_processes()
+            processes = default_processes()
         if not isinstance(processes, int) or processes < 1:
             raise ValueError("Number of processes must be at least 1")
         if initializer is not None and not callable(initializer):
@@ -108,7 +104,7 @@ class Pool(concurrent.futures.Executor):
             not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0
         ):
             raise ValueError("maxtasksperchild must be a positive int or None")
-        _check_timeout(timeout)
+        check_timeout(timeout)
         if not isinstance(retries, int) or retries < 0:
             raise ValueError("retries must be a non-negative int")
         launcher = make_launcher(_start_method(start_method, context))
@@ -239,70 +235,11 @@ class Pool(concurrent.futures.Executor):
         return future
 
     # ---------------------------------------------------------------- many tasks
-    def map(  # type: ignore[override]
-        self,
-        func: Callable[[Any], T],
-        iterable: Iterable[Any],
-        chunksize: int | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> list[T]:
-        """Apply *func* to every item, in parallel; return the list of results in order.
-
-        The items are read at once (as ``multiprocessing`` does).  If items fail, the others
-        still complete, then the exception of the first failing item is raised.  *chunksize*
-        defaults to an adaptive size (a few milliseconds of work per chunk).
-        """
-        return self.map_async(func, iterable, chunksize, timeout=timeout).get()
-
-    def map_async(
-        self,
-        func: Callable[[Any], T],
-        iterable: Iterable[Any],
-        chunksize: int | None = None,
-        callback: Callable[[list[T]], object] | None = None,
-        error_callback: Callable[[BaseException], object] | None = None,
-        *,
-        timeout: float | None = None,
-        fail_fast: bool = False,
-    ) -> MapResult:
-        """Like :meth:`map` but return a :class:`MapResult` at once."""
-        return self._map_async(
-            func, iterable, chunksize, callback, error_callback, timeout, fail_fast, star=False
-        )
-
-    def starmap(
-        self,
-        func: Callable[..., T],
-        iterable: Iterable[Iterable[Any]],
-        chunksize: int | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> list[T]:
-        """Like :meth:`map` but each item is unpacked as arguments: ``func(*item)``."""
-        return self.starmap_async(func, iterable, chunksize, timeout=timeout).get()
-
-    def starmap_async(
-        self,
-        func: Callable[..., T],
-        iterable: Iterable[Iterable[Any]],
-        chunksize: int | None = None,
-        callback: Callable[[list[T]], object] | None = None,
-        error_callback: Callable[[BaseException], object] | None = None,
-        *,
-        timeout: float | None = None,
-        fail_fast: bool = False,
-    ) -> MapResult:
-        """Like :meth:`starmap` but return a :class:`MapResult` at once."""
-        return self._map_async(
-            func, iterable, chunksize, callback, error_callback, timeout, fail_fast, star=True
-        )
-
     def _map_async(
         self, func, iterable, chunksize, callback, error_callback, timeout, fail_fast, star
     ):
         self._sched._check_running()
-        _check_chunksize(chunksize)
+        check_chunksize(chunksize)
         # a range stays one (the scheduler cuts it into ranges: a few bytes each to pickle)
         items = iterable if type(iterable) is range else list(iterable)
         label = f"{'starmap' if star else 'map'}({getattr(func, '__qualname__', func)})"
@@ -319,36 +256,9 @@ class Pool(concurrent.futures.Executor):
             )
         return result
 
-    def imap(
-        self,
-        func: Callable[[Any], T],
-        iterable: Iterable[Any],
-        chunksize: int | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> IMapIterator[T]:
-        """Apply *func* to every item; return an iterator over the results, in order.
-
-        The input is read lazily, a bounded number of items ahead of the results you have
-        consumed: an infinite generator works and memory does not grow with its length.  Use
-        ``it.next(timeout)`` to wait at most *timeout* seconds for the next result.
-        """
-        return self._imap(func, iterable, chunksize, timeout, ordered=True)
-
-    def imap_unordered(
-        self,
-        func: Callable[[Any], T],
-        iterable: Iterable[Any],
-        chunksize: int | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> IMapIterator[T]:
-        """Like :meth:`imap` but results come in completion order."""
-        return self._imap(func, iterable, chunksize, timeout, ordered=False)
-
     def _imap(self, func, iterable, chunksize, timeout, ordered, star=False) -> IMapIterator:
         self._sched._check_running()
-        _check_chunksize(chunksize)
+        check_chunksize(chunksize)
         it: IMapIterator = IMapIterator(ordered, release=lambda n: None)
         job = self._sched.submit_map(
             func,
@@ -387,30 +297,12 @@ class Pool(concurrent.futures.Executor):
         if wait:
             self._sched.join()
 
-    def __enter__(self) -> Pool:
-        self._sched._check_running()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.terminate()  # as multiprocessing.Pool does
-
     def __repr__(self) -> str:
         return f"<procpool.Pool state={self._sched.state} processes={self.processes}>"
 
     # ---------------------------------------------------------------- helpers
-    def _task_timeout(self, timeout: float | None) -> float | None:
-        _check_timeout(timeout)
-        return self._timeout if timeout is None else timeout
-
-
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and not timeout > 0:
-        raise ValueError("timeout must be a positive number of seconds or None")
-
-
-def _check_chunksize(chunksize: int | None) -> None:
-    if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
-        raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
+    def _check_running(self) -> None:
+        self._sched._check_running()
 
 
 class ProcessPoolExecutor(concurrent.futures.Executor):

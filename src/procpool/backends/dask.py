@@ -14,7 +14,8 @@
 One module per box:
 
 - this module, the public API: :class:`DaskPool` checks its arguments, starts or connects to the
-  cluster, and cuts the work into units (one call, or a chunk of a map).
+  cluster, and cuts the work into units (one call, or a chunk of a map).  Its map family and
+  context manager are :class:`procpool._api.PoolAPI`'s, shared with the local pool.
 - :mod:`procpool.backends._dask_engine`, the caller's side of the wire: ``_Engine`` submits the
   units and runs the delivery thread, ``_Feeder`` reads a lazy ``imap``'s input, and Dask's own
   failures are translated into procpool's.
@@ -45,9 +46,7 @@ How it behaves:
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
-import os
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError, Future
@@ -58,6 +57,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("procpool.backends.dask needs Dask: pip install 'procpool[dask]'") from exc
 
+from .._api import PoolAPI, check_chunksize, check_timeout, default_processes
 from ..results import AsyncResult, FutureSink, IMapIterator, MapResult
 from ._dask_engine import RUN, _check_portable, _Engine, _Feeder, _Unit
 from ._dask_worker import CALL, MAP, STARMAP, _Payload
@@ -74,27 +74,10 @@ def _label(name: str, func: Any) -> str:
     return f"{name}({getattr(func, '__qualname__', None) or type(func).__name__})"
 
 
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and not timeout > 0:
-        raise ValueError("timeout must be a positive number of seconds or None")
-
-
-def _check_chunksize(chunksize: int | None) -> None:
-    if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
-        raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
-
-
-def _default_processes() -> int:
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 # ==================================================================== the pool
 
 
-class DaskPool(concurrent.futures.Executor):
+class DaskPool(PoolAPI):
     """The :class:`procpool.Pool` API on a Dask cluster.
 
     ``DaskPool()`` starts a local cluster of its own (one single-threaded worker process per
@@ -109,6 +92,11 @@ class DaskPool(concurrent.futures.Executor):
         with DaskPool(address="tcp://scheduler:8786") as pool:
             print(pool.apply_async(pow, (2, 10)).get(timeout=30))   # 1024
             print(pool.map(abs, range(-5, 0)))                       # [5, 4, 3, 2, 1]
+
+    Chunking: :meth:`map` and :meth:`starmap` send ``chunksize`` items per Dask task (default:
+    ``len / (4 * workers)``, as :mod:`multiprocessing` chooses); :meth:`imap` reads its input at
+    most ``prefetch`` chunks ahead of the results consumed, and without a *chunksize* its chunks
+    start at one item and grow until each is about 50 ms of work.
 
     What differs from the local pool (see ``docs/dask.md``): arguments and results always travel
     by pickle over the network (no shared-memory path), procpool's IPC objects cannot be task
@@ -158,7 +146,7 @@ class DaskPool(concurrent.futures.Executor):
             raise ValueError("allowed_failures must be a non-negative int")
         if prefetch is not None and (not isinstance(prefetch, int) or prefetch < 1):
             raise ValueError("prefetch must be a positive int")
-        _check_timeout(timeout)
+        check_timeout(timeout)
         self._timeout = timeout
         cluster: distributed.LocalCluster | None = None
         if client is not None:
@@ -168,7 +156,7 @@ class DaskPool(concurrent.futures.Executor):
         else:
             options: dict[str, Any] = {
                 "host": "127.0.0.1",
-                "n_workers": processes or _default_processes(),
+                "n_workers": processes or default_processes(),
                 "threads_per_worker": 1,
                 "processes": True,
                 "dashboard_address": None,
@@ -261,65 +249,6 @@ class DaskPool(concurrent.futures.Executor):
         self._engine.submit(unit, _Payload(func, CALL, [call_args], call_kwds, limit))
 
     # ---------------------------------------------------------------- many tasks
-    def map(  # type: ignore[override]
-        self,
-        func: Callable[[Any], T],
-        iterable: Iterable[Any],
-        chunksize: int | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> list[T]:
-        """Apply *func* to every item on the cluster; return the list of results in order.
-
-        The items are read at once and sent ``chunksize`` per Dask task (default:
-        ``len / (4 * workers)``, as :mod:`multiprocessing` chooses).  If items fail, the others
-        still complete, then the exception of the first failing item is raised.
-        """
-        return self.map_async(func, iterable, chunksize, timeout=timeout).get()
-
-    def map_async(
-        self,
-        func: Callable[[Any], T],
-        iterable: Iterable[Any],
-        chunksize: int | None = None,
-        callback: Callable[[list[T]], object] | None = None,
-        error_callback: Callable[[BaseException], object] | None = None,
-        *,
-        timeout: float | None = None,
-        fail_fast: bool = False,
-    ) -> MapResult:
-        """Like :meth:`map` but return a :class:`~procpool.MapResult` at once."""
-        return self._map_async(
-            func, iterable, chunksize, callback, error_callback, timeout, fail_fast, MAP
-        )
-
-    def starmap(
-        self,
-        func: Callable[..., T],
-        iterable: Iterable[Iterable[Any]],
-        chunksize: int | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> list[T]:
-        """Like :meth:`map` but each item is unpacked as arguments: ``func(*item)``."""
-        return self.starmap_async(func, iterable, chunksize, timeout=timeout).get()
-
-    def starmap_async(
-        self,
-        func: Callable[..., T],
-        iterable: Iterable[Iterable[Any]],
-        chunksize: int | None = None,
-        callback: Callable[[list[T]], object] | None = None,
-        error_callback: Callable[[BaseException], object] | None = None,
-        *,
-        timeout: float | None = None,
-        fail_fast: bool = False,
-    ) -> MapResult:
-        """Like :meth:`starmap` but return a :class:`~procpool.MapResult` at once."""
-        return self._map_async(
-            func, iterable, chunksize, callback, error_callback, timeout, fail_fast, STARMAP
-        )
-
     def _map_async(
         self,
         func: Callable[..., Any],
@@ -329,10 +258,11 @@ class DaskPool(concurrent.futures.Executor):
         error_callback: Callable[[BaseException], object] | None,
         timeout: float | None,
         fail_fast: bool,
-        kind: int,
+        star: bool,
     ) -> MapResult:
         self._engine.check_running()
-        _check_chunksize(chunksize)
+        check_chunksize(chunksize)
+        kind = STARMAP if star else MAP
         limit = self._task_timeout(timeout)
         items = list(iterable) if kind == MAP else [tuple(args) for args in iterable]
         label = _label("map" if kind == MAP else "starmap", func)
@@ -346,34 +276,6 @@ class DaskPool(concurrent.futures.Executor):
             self._engine.submit(unit, _Payload(func, kind, chunk, {}, limit))
         return result
 
-    def imap(
-        self,
-        func: Callable[[Any], T],
-        iterable: Iterable[Any],
-        chunksize: int | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> IMapIterator[T]:
-        """Apply *func* to every item; return an iterator over the results, in order.
-
-        The input is read lazily, at most ``prefetch`` chunks ahead of the results consumed:
-        an infinite generator works.  Without *chunksize*, chunks start at one item and grow
-        until each is about 50 ms of work.  ``it.next(timeout)`` waits at most *timeout*
-        seconds for the next result (``multiprocessing.TimeoutError``).
-        """
-        return self._imap(func, iterable, chunksize, timeout, ordered=True)
-
-    def imap_unordered(
-        self,
-        func: Callable[[Any], T],
-        iterable: Iterable[Any],
-        chunksize: int | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> IMapIterator[T]:
-        """Like :meth:`imap` but results come in completion order."""
-        return self._imap(func, iterable, chunksize, timeout, ordered=False)
-
     def _imap(
         self,
         func: Callable[[Any], Any],
@@ -383,7 +285,7 @@ class DaskPool(concurrent.futures.Executor):
         ordered: bool,
     ) -> IMapIterator:
         self._engine.check_running()
-        _check_chunksize(chunksize)
+        check_chunksize(chunksize)
         limit = self._task_timeout(timeout)
         window = self._prefetch or PREFETCH_PER_WORKER * self.processes
         it: IMapIterator = IMapIterator(ordered, release=lambda n: None)
@@ -421,18 +323,10 @@ class DaskPool(concurrent.futures.Executor):
         if wait:
             self._engine.join(None)
 
-    def __enter__(self) -> DaskPool:
-        self._engine.check_running()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.terminate()  # as multiprocessing.Pool does
-
     def __repr__(self) -> str:
         where = "own cluster" if self._engine.cluster is not None else "external cluster"
         return f"<procpool.backends.dask.DaskPool state={self._engine.state} {where}>"
 
     # ---------------------------------------------------------------- helpers
-    def _task_timeout(self, timeout: float | None) -> float | None:
-        _check_timeout(timeout)
-        return self._timeout if timeout is None else timeout
+    def _check_running(self) -> None:
+        self._engine.check_running()

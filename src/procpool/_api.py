@@ -1,0 +1,196 @@
+"""PoolAPI: the ``multiprocessing.Pool`` surface that every procpool pool offers.
+
+:class:`procpool.Pool` (this machine's worker processes) and
+:class:`procpool.backends.dask.DaskPool` (a Dask cluster) both inherit :class:`PoolAPI`, so the
+map family (``map``, ``map_async``, ``starmap``, ``starmap_async``, ``imap``,
+``imap_unordered``) and the context manager are written, typed and documented once, here.  A
+pool supplies the private hooks they call: ``_map_async``, ``_imap``, ``_check_running`` and
+``terminate``.  ``apply``, ``apply_async``, ``submit`` and the lifecycle stay in each pool:
+their bodies are the backends' own (and ``Pool.apply`` is a hot path, kept free of a call
+layer).
+
+Also the argument checks both pools share.  This module imports nothing heavy: ``import
+procpool`` loads it, and must not load Dask.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from .results import IMapIterator, MapResult
+
+T = TypeVar("T")
+_PoolT = TypeVar("_PoolT", bound="PoolAPI")
+
+__all__ = ["PoolAPI", "check_chunksize", "check_timeout", "default_processes"]
+
+
+def default_processes() -> int:
+    """The CPUs this process may use (at least 1): a pool's default number of workers."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def check_timeout(timeout: float | None) -> None:
+    """Raise ``ValueError`` unless *timeout* is None or a positive number of seconds."""
+    if timeout is not None and not timeout > 0:
+        raise ValueError("timeout must be a positive number of seconds or None")
+
+
+def check_chunksize(chunksize: int | None) -> None:
+    """Raise ``ValueError`` unless *chunksize* is None or an int of at least 1."""
+    if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
+        raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
+
+
+class PoolAPI(concurrent.futures.Executor):
+    """The ``multiprocessing.Pool`` map family and context manager, on a pool's private hooks.
+
+    A subclass sets ``_timeout`` (its default per-task limit) and implements ``_map_async``,
+    ``_imap``, ``_check_running`` and ``terminate``; it is also a
+    :class:`concurrent.futures.Executor` (``submit``, ``shutdown``).
+    """
+
+    #: the pool's default time limit for each task, in seconds (None: none)
+    _timeout: float | None
+
+    # ---------------------------------------------------------------- many tasks
+    def map(  # type: ignore[override]
+        self,
+        func: Callable[[Any], T],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[T]:
+        """Apply *func* to every item, in parallel; return the list of results in order.
+
+        The items are read at once (as ``multiprocessing`` does) and sent to the workers
+        *chunksize* at a time (the default depends on the pool: see its class).  If items fail,
+        the others still complete, then the exception of the first failing item is raised.
+        """
+        return self.map_async(func, iterable, chunksize, timeout=timeout).get()
+
+    def map_async(
+        self,
+        func: Callable[[Any], T],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        callback: Callable[[list[T]], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        timeout: float | None = None,
+        fail_fast: bool = False,
+    ) -> MapResult:
+        """Like :meth:`map` but return a :class:`~procpool.MapResult` at once."""
+        return self._map_async(
+            func, iterable, chunksize, callback, error_callback, timeout, fail_fast, star=False
+        )
+
+    def starmap(
+        self,
+        func: Callable[..., T],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[T]:
+        """Like :meth:`map` but each item is unpacked as arguments: ``func(*item)``."""
+        return self.starmap_async(func, iterable, chunksize, timeout=timeout).get()
+
+    def starmap_async(
+        self,
+        func: Callable[..., T],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        callback: Callable[[list[T]], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        timeout: float | None = None,
+        fail_fast: bool = False,
+    ) -> MapResult:
+        """Like :meth:`starmap` but return a :class:`~procpool.MapResult` at once."""
+        return self._map_async(
+            func, iterable, chunksize, callback, error_callback, timeout, fail_fast, star=True
+        )
+
+    def imap(
+        self,
+        func: Callable[[Any], T],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> IMapIterator[T]:
+        """Apply *func* to every item; return an iterator over the results, in order.
+
+        The input is read lazily, a bounded number of items ahead of the results you have
+        consumed: an infinite generator works and memory does not grow with its length (how
+        far ahead, and the default *chunksize*, depend on the pool: see its class).  Use
+        ``it.next(timeout)`` to wait at most *timeout* seconds for the next result
+        (``multiprocessing.TimeoutError``).
+        """
+        return self._imap(func, iterable, chunksize, timeout, ordered=True)
+
+    def imap_unordered(
+        self,
+        func: Callable[[Any], T],
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> IMapIterator[T]:
+        """Like :meth:`imap` but results come in completion order."""
+        return self._imap(func, iterable, chunksize, timeout, ordered=False)
+
+    # ---------------------------------------------------------------- lifecycle
+    def terminate(self) -> None:
+        """Stop now; unfinished tasks fail with ``PoolTerminated``."""
+        raise NotImplementedError
+
+    def __enter__(self: _PoolT) -> _PoolT:
+        self._check_running()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.terminate()  # as multiprocessing.Pool does
+
+    # ---------------------------------------------------------------- the hooks
+    def _map_async(
+        self,
+        func: Callable[..., Any],
+        iterable: Iterable[Any],
+        chunksize: int | None,
+        callback: Callable[[list[Any]], object] | None,
+        error_callback: Callable[[BaseException], object] | None,
+        timeout: float | None,
+        fail_fast: bool,
+        star: bool,
+    ) -> MapResult:
+        """Start a map (``func(*item)`` with *star*) over the items, read at once."""
+        raise NotImplementedError
+
+    def _imap(
+        self,
+        func: Callable[[Any], Any],
+        iterable: Iterable[Any],
+        chunksize: int | None,
+        timeout: float | None,
+        ordered: bool,
+    ) -> IMapIterator:
+        """Start a lazy map over *iterable*; results in order, or as they come."""
+        raise NotImplementedError
+
+    def _check_running(self) -> None:
+        """Raise ``ValueError`` unless the pool still accepts tasks."""
+        raise NotImplementedError
+
+    def _task_timeout(self, timeout: float | None) -> float | None:
+        """A call's time limit: *timeout* (checked), or the pool's default."""
+        check_timeout(timeout)
+        return self._timeout if timeout is None else timeout
