@@ -21,10 +21,9 @@ A segment is free for reuse only when both of these are gone:
 
 A task that keeps an argument alive (stores it in a global) simply keeps its segment busy;
 the cache then makes new ones.  Free segments are bounded (:data:`CACHE_BYTES`,
-:data:`CACHE_SEGMENTS`) and trimmed
-after :data:`TRIM_AFTER` seconds unused, so an idle pool gives its memory back.
-The parent's mappings are ``MADV_DONTFORK`` and the fds are internal: forked workers inherit
-neither.
+:data:`CACHE_SEGMENTS`) and trimmed after :data:`TRIM_AFTER` seconds unused, so an idle pool
+gives its memory back.  The parent's mappings are ``MADV_DONTFORK`` and the fds are internal:
+forked workers inherit neither.
 """
 
 from __future__ import annotations
