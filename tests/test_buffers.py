@@ -133,3 +133,28 @@ def test_the_cache_is_bounded():
     assert len(cache._segments) == 3
     cache.close()
     assert cache.take(data[0]) is None  # closed: the caller falls back to a fresh memfd
+
+
+def worker_memfds(_=None):
+    """The procpool memfds this worker holds (descriptors) and maps."""
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if "memfd:procpool-arg" in target or "memfd:procpool-buffer" in target:
+            fds.append(target)
+    with open("/proc/self/maps") as f:
+        maps = [line for line in f if "procpool-arg" in line or "procpool-buffer" in line]
+    return fds, maps
+
+
+def test_workers_started_later_inherit_no_argument_memory():
+    """Workers replaced while large arguments exist (maxtasksperchild=1: all the time) keep no
+    descriptor or mapping of the parent's segments or buffers (they would pin that memory)."""
+    with procpool.Pool(2, maxtasksperchild=1) as pool:
+        for round_ in range(5):
+            data = arrays(6, offset=10 * round_)
+            assert pool.map(first_last, data, chunksize=1)[0][0] == 10.0 * round_
+        assert pool.apply(worker_memfds) == ([], [])

@@ -28,13 +28,13 @@ forked workers inherit neither.
 
 from __future__ import annotations
 
-import mmap
 import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from ._serialize import map_fd
 from ._start import INTERNAL_FDS
 
 CACHE_BYTES = 256 << 20  # free segments a pool keeps, in bytes
@@ -45,12 +45,13 @@ TRIM_AFTER = 2.0  # seconds a free segment is kept unused before it is closed
 class Segment:
     """One memfd, mapped in the parent, lent to one payload at a time."""
 
-    __slots__ = ("fd", "ino", "size", "mm", "view", "busy", "holders", "freed_at", "pinned")
+    __slots__ = ("fd", "ino", "size", "view", "busy", "holders", "freed_at", "pinned")
 
     def __init__(self, raw: memoryview) -> None:
         """A new segment holding a copy of *raw*: written with pwrite(2), which fills a fresh
         memfd faster than page faults through a mapping; mapped when first reused."""
         fd = os.memfd_create("procpool-arg", os.MFD_CLOEXEC)
+        INTERNAL_FDS.add(fd)  # at once: a worker forked during the write must not inherit it
         try:
             view = raw.cast("B")
             done, total = 0, len(view)
@@ -58,11 +59,11 @@ class Segment:
                 done += os.pwrite(fd, view[done:], done)
             self.ino = os.fstat(fd).st_ino
         except BaseException:
+            INTERNAL_FDS.discard(fd)
             os.close(fd)
             raise
         self.fd = fd
         self.size = total
-        self.mm: mmap.mmap | None = None
         self.view: memoryview | None = None
         self.busy = True  # lent to a payload
         self.holders: dict[int, int] = {}  # worker id -> mappings it has not released
@@ -71,18 +72,14 @@ class Segment:
 
     def fill(self, raw: memoryview) -> None:
         """Overwrite the whole segment with *raw* (same size): one memcpy into mapped pages."""
-        if self.view is None:
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            self.mm = mmap.mmap(self.fd, self.size, flags=flags)
-            if hasattr(mmap, "MADV_DONTFORK"):  # forked workers must not inherit it
-                self.mm.madvise(mmap.MADV_DONTFORK)
-            self.view = memoryview(self.mm)
+        if self.view is None:  # no descriptor kept, no mapping inherited by forked workers
+            self.view = map_fd(self.fd, self.size, dontfork=True)
         self.view[:] = raw.cast("B")
 
     def close(self) -> None:
-        if self.view is not None and self.mm is not None:
-            self.view.release()
-            self.mm.close()
+        if self.view is not None:
+            self.view.release()  # the mapping goes with its last view
+            self.view = None
         os.close(self.fd)
 
 
@@ -120,10 +117,10 @@ class BufferCache:
             seg = Segment(raw)
             with self._lock:
                 if self._closed:
+                    INTERNAL_FDS.discard(seg.fd)
                     seg.close()
                     return None
                 self._segments[seg.ino] = seg
-                INTERNAL_FDS.add(seg.fd)
             return seg
         try:
             seg.fill(raw)

@@ -18,6 +18,7 @@ import socket
 from collections import deque
 
 from ._protocol import FRAME, FRAME_PREFIX
+from ._start import INTERNAL_FDS
 
 RECV_SIZE = 64 * 1024  # below glibc's mmap threshold: no mmap/munmap per read
 MAX_FDS_PER_FRAME = 250  # the kernel's SCM_MAX_FD is 253
@@ -194,6 +195,7 @@ class Channel:
 
 
 def _close(fd: int) -> None:
+    INTERNAL_FDS.discard(fd)  # (a payload's memfd, registered while it existed: see _serialize)
     try:
         os.close(fd)
     except OSError:

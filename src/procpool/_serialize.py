@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._channel import MAX_FDS_PER_FRAME
+from ._start import INTERNAL_FDS
 from .errors import SerializationError
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ class Payload:
         for fd in fds:
             if fd in lent:
                 continue
+            INTERNAL_FDS.discard(fd)
             try:
                 os.close(fd)
             except OSError:
@@ -96,6 +98,7 @@ class Payload:
 
 def _memfd_from_buffer(raw: memoryview) -> int:
     fd = os.memfd_create("procpool-buffer", os.MFD_CLOEXEC)
+    INTERNAL_FDS.add(fd)  # a pool's worker forked meanwhile (from another thread) must not keep it
     try:
         view = raw.cast("B")
         total = len(view)
@@ -103,6 +106,7 @@ def _memfd_from_buffer(raw: memoryview) -> int:
         while done < total:  # write(2) into tmpfs: one copy, no page faults on our side
             done += os.pwrite(fd, view[done:], done)
     except BaseException:
+        INTERNAL_FDS.discard(fd)
         os.close(fd)
         raise
     return fd
@@ -287,20 +291,21 @@ def _released(ino: int) -> None:
 
 if sys.version_info >= (3, 13):
 
-    def _map_buffer(fd: int) -> Any:
-        """Map a received memfd; the mapping keeps no descriptor open (trackfd=False)."""
-        st = os.fstat(fd)
+    def map_fd(
+        fd: int, size: int, *, dontfork: bool = False, on_unmap: Callable[[], None] | None = None
+    ) -> memoryview:
+        """Map *fd* shared, read-write and populated, keeping no descriptor (``trackfd=False``):
+        the fd can be closed at once, and a process forked later inherits no descriptor.
+        Unmapped when the last view is freed (then *on_unmap* runs).  *dontfork*: forked
+        children do not inherit the mapping either."""
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         prot = mmap.PROT_READ | mmap.PROT_WRITE
-        try:
-            mm = mmap.mmap(fd, st.st_size, flags=flags, prot=prot, trackfd=False)  # type: ignore[call-arg]
-        except BaseException:
-            _released(st.st_ino)
-            raise
-        if on_release is not None:
-            _mapped(st.st_ino)
-            weakref.finalize(mm, _released, st.st_ino)
-        return mm
+        mm = mmap.mmap(fd, size, flags=flags, prot=prot, trackfd=False)  # type: ignore[call-arg]
+        if dontfork and hasattr(mmap, "MADV_DONTFORK"):
+            mm.madvise(mmap.MADV_DONTFORK)
+        if on_unmap is not None:
+            weakref.finalize(mm, on_unmap)
+        return memoryview(mm)
 
 else:  # mmap.mmap dup()s the fd and keeps it for the mapping's life: map it ourselves
     _libc = ctypes.CDLL(None, use_errno=True)
@@ -314,29 +319,46 @@ else:  # mmap.mmap dup()s the fd and keeps it for the mapping's life: map it our
         ctypes.c_long,
     ]
     _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     _MAP_FAILED = ctypes.c_void_p(-1).value
 
-    def _unmap(addr: int, size: int, ino: int) -> None:
+    def _unmap(addr: int, size: int, on_unmap: Callable[[], None] | None) -> None:
         try:
             _libc.munmap(addr, size)
         finally:  # a soft timeout's SIGALRM may raise in here: the parent must still be told
-            _released(ino)
+            if on_unmap is not None:
+                on_unmap()
 
-    def _map_buffer(fd: int) -> Any:
-        """Map a received memfd without keeping a descriptor: a program may hold thousands of
-        received arrays without running out of fds.  Unmapped when the last view is freed."""
-        st = os.fstat(fd)
-        size = st.st_size
+    def map_fd(
+        fd: int, size: int, *, dontfork: bool = False, on_unmap: Callable[[], None] | None = None
+    ) -> memoryview:
+        """Map *fd* shared, read-write and populated, keeping no descriptor: a program may hold
+        thousands of received arrays without running out of fds, and a process forked later
+        inherits no descriptor.  Unmapped when the last view is freed (then *on_unmap* runs).
+        *dontfork*: forked children do not inherit the mapping either."""
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
         if addr is None or addr == _MAP_FAILED:
             err = ctypes.get_errno()
-            _released(st.st_ino)
-            raise OSError(err, f"mmap of a received buffer failed: {os.strerror(err)}")
+            raise OSError(err, f"mmap of a shared buffer failed: {os.strerror(err)}")
+        if dontfork and hasattr(mmap, "MADV_DONTFORK"):
+            _libc.madvise(addr, size, mmap.MADV_DONTFORK)
         region = (ctypes.c_char * size).from_address(addr)
-        _mapped(st.st_ino)
-        weakref.finalize(region, _unmap, addr, size, st.st_ino)
+        weakref.finalize(region, _unmap, addr, size, on_unmap)
         return memoryview(region).cast("B")
+
+
+def _map_buffer(fd: int) -> memoryview:
+    """Map a received memfd (its reuse is reported to the parent once unmapped, in a worker)."""
+    st = os.fstat(fd)
+    ino = st.st_ino
+    try:
+        view = map_fd(fd, st.st_size, on_unmap=(lambda: _released(ino)) if on_release else None)
+    except BaseException:
+        _released(ino)
+        raise
+    _mapped(ino)
+    return view
 
 
 def loads(data: bytes | memoryview, nbuf: int = 0, fds: list[int] | None = None) -> Any:

@@ -10,7 +10,6 @@ by every method here except ``_pool_idle`` (a deliberate lock-free peek, see _sc
 
 from __future__ import annotations
 
-import mmap
 import os
 import pickle
 import select
@@ -128,7 +127,7 @@ class WorkerSupervision:
         slot = os.memfd_create("procpool-progress", os.MFD_CLOEXEC)
         try:
             os.ftruncate(slot, P.PROGRESS_SIZE)
-            w.progress = mmap.mmap(slot, P.PROGRESS_SIZE)
+            w.progress = _serialize.map_fd(slot, P.PROGRESS_SIZE)  # keeps no fd to inherit
             w.chan.push(self._init_frame, [os.dup(slot)])
         finally:
             os.close(slot)
@@ -181,7 +180,7 @@ class WorkerSupervision:
             os.close(w.proc.pidfd)
         how = describe_exit(code)
         running, done = P.PROGRESS.unpack_from(w.progress)
-        w.progress.close()
+        w.progress.release()
         held = list(w.inflight.values())  # in the order the worker runs them
         w.inflight.clear()
         ids = [t.id for t in held]
