@@ -76,6 +76,21 @@ def test_imap_over_a_range_longer_than_ssize_t():
 
 
 # ---------------------------------------------------------------- 2. signal masks
+def assert_terminates(p: subprocess.Popen, where: str = "") -> None:
+    """SIGTERM (``Popen.terminate``) ends *p*: its signal mask is the program's."""
+    try:
+        blk = _sigblk(p.pid)
+        p.terminate()
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        assert p.returncode == -15, f"SIGTERM ignored: child SigBlk={blk}{where}"
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_subprocess_started_by_a_callback_can_be_terminated():
     """Callbacks run in the I/O thread, whose catchable signals are blocked; a child it
     starts inherits the blocked mask: SIGTERM (Popen.terminate) is ignored."""
@@ -90,18 +105,7 @@ def test_subprocess_started_by_a_callback_can_be_terminated():
     with procpool.Pool(1) as pool:
         pool.apply_async(nap, (0.3,), callback=cb)  # not waited on: the I/O thread delivers
         assert done.wait(10)
-    p = out["p"]
-    try:
-        blk = _sigblk(p.pid)
-        p.terminate()
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-        assert p.returncode == -15, f"SIGTERM ignored: child SigBlk={blk} ({out['thread']})"
-    finally:
-        p.kill()
-        p.wait()
+    assert_terminates(out["p"], f" ({out['thread']})")
 
 
 def test_subprocess_started_by_an_imap_input_generator_can_be_terminated():
@@ -113,18 +117,7 @@ def test_subprocess_started_by_an_imap_input_generator_can_be_terminated():
 
     with procpool.Pool(1) as pool:
         assert list(pool.imap(ident, lines())) == [1]
-    p = procs[0]
-    try:
-        blk = _sigblk(p.pid)
-        p.terminate()
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-        assert p.returncode == -15, f"SIGTERM ignored: child SigBlk={blk}"
-    finally:
-        p.kill()
-        p.wait()
+    assert_terminates(procs[0])
 
 
 def test_a_pool_started_from_a_callback_thread_keeps_soft_timeouts():
