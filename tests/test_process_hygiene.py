@@ -4,6 +4,7 @@ need (cloudpickle costs ~2 MB in every forked worker)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import textwrap
 import threading
 
 import pytest
+from conftest import wait_until
 from tasks import pid, square
 
 import procpool
@@ -71,3 +73,32 @@ def test_importable_functions_do_not_import_cloudpickle():
 def test_a_lambda_still_travels_by_value():
     with procpool.Pool(1) as pool:
         assert pool.apply(lambda x: x * 3, (5,)) == 15
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_a_program_that_leaves_its_pool_open_exits_cleanly(method):
+    # the interpreter's exit terminates the pool (its finalizer) while workers' progress slots
+    # and received arrays are still mapped: nothing may be unmapped under code still running
+    # (it segfaulted when finalize() unmapped them first, at exit)
+    code = textwrap.dedent(
+        f"""
+        import atexit, os
+        import numpy as np
+        import procpool
+        pool = procpool.Pool(2, start_method={method!r})
+        kept = pool.apply(np.ones, (1 << 18,))  # received through a memfd mapping
+        atexit.register(lambda: print("sum at exit", int(kept.sum())))
+        pids = {{pool.apply(os.getpid) for _ in range(8)}}
+        pids.add(pool.apply_async(os.getpid).get())
+        print("workers", *pids)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert "sum at exit 262144" in out.stdout
+    assert not out.stderr
+    line = next(line for line in out.stdout.splitlines() if line.startswith("workers"))
+    pids = [int(p) for p in line.split()[1:]]
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in pids), 10)

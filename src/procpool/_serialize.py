@@ -304,7 +304,7 @@ if sys.version_info >= (3, 13):
         if dontfork and hasattr(mmap, "MADV_DONTFORK"):
             mm.madvise(mmap.MADV_DONTFORK)
         if on_unmap is not None:
-            weakref.finalize(mm, on_unmap)
+            weakref.finalize(mm, on_unmap).atexit = False
         return memoryview(mm)
 
 else:  # mmap.mmap dup()s the fd and keeps it for the mapping's life: map it ourselves
@@ -344,7 +344,10 @@ else:  # mmap.mmap dup()s the fd and keeps it for the mapping's life: map it our
         if dontfork and hasattr(mmap, "MADV_DONTFORK"):
             _libc.madvise(addr, size, mmap.MADV_DONTFORK)
         region = (ctypes.c_char * size).from_address(addr)
-        weakref.finalize(region, _unmap, addr, size, on_unmap)
+        # never at interpreter exit (finalize's default): code running then -- the pool's own
+        # finalizer reading a progress slot, a user's atexit handler reading a result -- may
+        # still use the memory, and the exit unmaps everything anyway
+        weakref.finalize(region, _unmap, addr, size, on_unmap).atexit = False
         return memoryview(region).cast("B")
 
 
