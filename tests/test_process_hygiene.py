@@ -93,9 +93,7 @@ def test_a_program_that_leaves_its_pool_open_exits_cleanly(method):
         print("workers", *pids)
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "sum at exit 262144" in out.stdout
     assert not out.stderr

@@ -80,14 +80,21 @@ class Channel:
         if not data:
             self.eof = True
             return -1
+        n = len(data)
+        if not self._rbuf and not ancdata and n >= FRAME.size:
+            size, kind, nfds = FRAME.unpack_from(data)
+            if size + FRAME_PREFIX == n and not nfds:  # exactly one whole frame: no copies
+                self._ready.append((kind, memoryview(data)[FRAME.size :], []))
+                return n
         self._rbuf += data
-        return len(data)
+        return n
 
     def frames(self) -> list[tuple[int, memoryview, list[int]]]:
         """Take every complete frame received so far, as ``(kind, body, fds)``."""
         self._parse()
-        ready, self._ready = self._ready, deque()
-        return list(ready)
+        ready = list(self._ready)
+        self._ready.clear()
+        return ready
 
     def _parse(self) -> None:
         buf = self._rbuf
@@ -98,7 +105,7 @@ class Channel:
             stop = offset + FRAME_PREFIX + size
             if stop > end:
                 break
-            body = memoryview(bytes(buf[offset + FRAME.size : stop]))
+            body = memoryview(buf[offset + FRAME.size : stop])  # a copy: buf is reused
             fds = [self._take_fd() for _ in range(nfds)] if nfds else []
             ready.append((kind, body, fds))
             offset = stop
@@ -123,6 +130,20 @@ class Channel:
     def push(self, data: bytes | bytearray, fds: list[int] | None = None) -> None:
         """Queue a whole frame for writing; *fds* are sent with it (and then closed)."""
         self._out.append([memoryview(data), fds])
+
+    def write(self, data: bytes) -> None:
+        """Write one frame without fds now, as far as the socket takes it (the rest waits in
+        the outbox for ``flush``, which also raises what a broken socket raises): one
+        ``send`` when nothing is queued before it."""
+        if not self._out:
+            try:
+                sent = self.sock.send(data)
+            except OSError:  # full (or gone: the next flush says so)
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._out.append([memoryview(data), None])
 
     def flush(self) -> bool:
         """Write as much of the outbox as the socket takes.  Return True when it is empty.

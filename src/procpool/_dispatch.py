@@ -189,6 +189,15 @@ class Dispatch:
 
     def _send(self, w: _Worker, tasks: list[Task]) -> None:
         chan = w.chan
+        if len(tasks) == 1:  # the common single call (apply): one pack, one send
+            task = tasks[0]
+            if type(task.payload) is bytes and task.fid in w.known:
+                data = P.task_frame(task.id, task.fid, task.kind, task.timeout or 0.0, task.payload)
+                chan.write(data)
+                if chan.pending():  # (_flush also settles a broken channel)
+                    self._flush(w)
+                self._set_mask(w)
+                return
         body = bytearray()
         fds: list[int] = []
         known = w.known

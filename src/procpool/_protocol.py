@@ -66,6 +66,16 @@ def frame(kind: int, body: bytes | bytearray = b"", nfds: int = 0) -> bytes:
     return FRAME.pack(len(body) + 3, kind, nfds) + body
 
 
+_TASK_FRAME = struct.Struct(FRAME.format + TASK_HEAD.format[1:])
+
+
+def task_frame(task_id: int, fid: int, kind: int, timeout: float, data: bytes) -> bytes:
+    """A whole TASKS frame of one record with nothing out of band (one pack, one concat)."""
+    n = len(data)
+    size = _TASK_FRAME.size - FRAME_PREFIX + n
+    return _TASK_FRAME.pack(size, TASKS, 0, task_id, fid, kind, timeout, 0, 0, n) + data
+
+
 def pack_task(
     out: bytearray, task_id: int, fid: int, kind: int, timeout: float, nbuf: int, nfd: int, data
 ) -> None:

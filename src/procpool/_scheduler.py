@@ -484,10 +484,11 @@ class Scheduler(WorkerSupervision, Dispatch):
             elif w.wid not in self._workers or w.eof:  # claimed, but it died meanwhile
                 w.driven = None
                 return
-            fd = w.chan.fileno()
+            poller = w.poller
+            if poller is None:  # one per worker, used by the one thread that drives it
+                poller = w.poller = select.poll()
+                poller.register(w.chan.fileno(), select.POLLIN)
         try:
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
             deadline = None if timeout is None else time.monotonic() + timeout
             while not result._done and task.state == _SENT:
                 wait = 100.0 if deadline is None else (deadline - time.monotonic()) * 1000

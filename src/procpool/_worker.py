@@ -160,7 +160,7 @@ class Worker:
             self.add_result(task_id, P.ERROR, 0.0, error_info(err))
             return
         try:
-            data = _serialize.loads(payload, nbuf, fds)
+            data = _serialize.loads(payload, nbuf, fds) if fds else pickle.loads(payload)
         except BaseException as exc:  # noqa: BLE001
             err = SerializationError(f"the task's arguments could not be unpickled: {exc!r}")
             self.add_result(task_id, P.ERROR, 0.0, error_info(err))
@@ -300,9 +300,10 @@ def rss() -> int:
 def main(sock: socket.socket) -> int:
     """Serve the pool on *sock* until told to exit or the parent goes away."""
     sock.setblocking(True)
-    from ._start import INTERNAL_FDS
+    from ._start import INTERNAL_FDS, trim_heap
 
     INTERNAL_FDS.add(sock.fileno())  # a pool created inside a task must not inherit it
+    trim_heap()
     try:
         # SCHED_BATCH: a worker woken by a new task does not preempt the parent on its CPU,
         # so the parent's send returns at once instead of after the task (measured: the
