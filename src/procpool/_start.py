@@ -22,8 +22,8 @@ the exit code (negative: killed by that signal, as ``multiprocessing.Process.exi
 
 from __future__ import annotations
 
+import _signal
 import array
-import contextlib
 import ctypes
 import os
 import signal
@@ -32,7 +32,6 @@ import struct
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 # ---------------------------------------------------------------- fds the children must not keep
@@ -119,19 +118,22 @@ def program_mask() -> set[int] | None:
     return getattr(_thread_state, "mask", None)
 
 
-@contextlib.contextmanager
-def program_signals() -> Iterator[None]:
+class program_signals:  # noqa: N801 - used as a function: ``with program_signals():``
     """Run user code (a callback) on a quiet procpool thread with the program's signal mask,
-    so that the processes it starts (``subprocess``...) can be signalled."""
-    mask = program_mask()
-    if mask is None:
-        yield
-        return
-    quiet = signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, quiet)
+    so that the processes it starts (``subprocess``...) can be signalled.
+
+    A class, and ``_signal``'s sigmask (sets of ints), not ``signal``'s (which builds an enum
+    per signal): the I/O thread enters this once per delivery."""
+
+    __slots__ = ("_quiet",)
+
+    def __enter__(self) -> None:
+        mask = program_mask()
+        self._quiet = None if mask is None else _signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._quiet is not None:
+            _signal.pthread_sigmask(signal.SIG_SETMASK, self._quiet)
 
 
 START_METHODS = ("fork", "forkserver", "spawn")
