@@ -18,7 +18,6 @@ import concurrent.futures
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from ._api import PoolAPI, check_chunksize, check_timeout, default_processes
@@ -26,7 +25,7 @@ from ._scheduler import Scheduler
 from ._start import make_launcher
 from ._supervise import RUNNING
 from .errors import TimeoutError as PoolTimeoutError  # multiprocessing.TimeoutError
-from .results import AsyncResult, FutureSink, IMapIterator, MapResult
+from .results import AsyncResult, Future, FutureSink, IMapIterator, MapResult
 
 T = TypeVar("T")
 

@@ -9,11 +9,12 @@ small tasks creates a million results, most of which are ready before anyone loo
 from __future__ import annotations
 
 import _thread
+import concurrent.futures
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError
 from typing import Any, Generic, TypeVar
 
 from .errors import TimeoutError
@@ -430,13 +431,36 @@ class IMapIterator(Generic[T]):
             self._wakeup.notify_all()
 
 
+class Future(concurrent.futures.Future[T]):
+    """A :class:`concurrent.futures.Future` whose ``result()`` and ``exception()`` wait in
+    slices of :data:`WAIT_SLICE` seconds, as every other wait of procpool does: a Ctrl-C that
+    lands while the caller blocks is raised at once (see there).  ``Pool.submit`` returns it."""
+
+    def _wait_sliced(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._condition:  # type: ignore[attr-defined]
+            while not self.done():
+                left = WAIT_SLICE if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._condition.wait(min(left, WAIT_SLICE))  # type: ignore[attr-defined]
+
+    def result(self, timeout: float | None = None) -> T:
+        self._wait_sliced(timeout)
+        return super().result(0)  # the value, the error, or TimeoutError if still not done
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait_sliced(timeout)
+        return super().exception(0)
+
+
 class FutureSink:
     """Adapts a :class:`concurrent.futures.Future` to the scheduler's sink interface."""
 
     __slots__ = ("future",)
     needs_start = True
 
-    def __init__(self, future: Future) -> None:
+    def __init__(self, future: concurrent.futures.Future) -> None:
         self.future = future
 
     def _start(self) -> bool:

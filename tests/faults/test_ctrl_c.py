@@ -111,6 +111,7 @@ CAUGHT = {
     "asyncresult-get": "pool.apply_async(h.print_then_sleep, (0,)).get()",
     "map": "pool.map(h.print_then_sleep, range(8), chunksize=1)",
     "imap": "for x in pool.imap(h.print_then_sleep, range(8), chunksize=1): pass",
+    "future-result": "pool.submit(h.print_then_sleep, 0).result()",
 }
 CAUGHT_SCRIPT = """
 pool = procpool.Pool(2, start_method=sys.argv[1])
@@ -134,7 +135,7 @@ def test_ctrl_c_caught_by_the_caller_leaves_a_working_pool(way, method, leak_che
     """A caller that catches the KeyboardInterrupt (a REPL does) can go on using the pool (the
     interrupted wait left no state behind), and terminate() then stops everything at once;
     nothing prints a traceback."""
-    one_task = way in ("apply", "asyncresult-get")
+    one_task = way in ("apply", "asyncresult-get", "future-result")
     script = CAUGHT_SCRIPT.format(call=CAUGHT[way], one_task=one_task)
     child = h.Child(script, method, new_session=True)
     pgid = child.pid

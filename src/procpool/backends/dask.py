@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Iterable
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError
 from typing import Any, TypeVar
 
 try:
@@ -58,7 +58,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("procpool.backends.dask needs Dask: pip install 'procpool[dask]'") from exc
 
 from .._api import PoolAPI, check_chunksize, check_timeout, default_processes
-from ..results import AsyncResult, FutureSink, IMapIterator, MapResult
+from ..results import AsyncResult, Future, FutureSink, IMapIterator, MapResult
 from ._dask_engine import RUN, _check_portable, _Engine, _Feeder, _Unit
 from ._dask_worker import CALL, MAP, STARMAP, _Payload
 
