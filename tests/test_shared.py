@@ -263,6 +263,27 @@ def test_shared_array_with_a_structured_dtype_passes_whole():
     assert arr[0] == 2.5
 
 
+def test_a_named_structured_shared_array_opens_with_its_fields():
+    name = f"pptest-{uuid.uuid4().hex[:8]}"
+    dt = np.dtype(
+        {"names": ["x", "y"], "formats": ["u1", "<f4"], "offsets": [0, 4], "itemsize": 12}
+    )
+    sa = procpool.SharedArray(5, dt, name=name)
+    try:
+        sa.array["y"] = np.arange(5)
+        other = procpool.SharedArray.open(name)
+        assert other.dtype == dt and other.shape == (5,)
+        assert other.array["y"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    finally:
+        sa.unlink()
+
+
+def test_a_subarray_dtype_becomes_a_trailing_axis_as_in_numpy():
+    sa = procpool.SharedArray(4, ("<f8", (3,)))
+    assert sa.shape == (4, 3) == np.empty(4, ("<f8", (3,))).shape
+    assert sa.dtype == np.float64
+
+
 def test_passing_a_shared_array_pickles_flat():
     """One global (the rebuild function) and one descriptor: what makes passing 1 GiB O(1)."""
     from procpool import _serialize

@@ -475,11 +475,20 @@ class SharedArray:
         dt = np.dtype(dtype)
         if dt.hasobject:
             raise TypeError("a SharedArray cannot hold Python objects")
-        shape = (shape,) if isinstance(shape, int) else tuple(int(n) for n in shape)
+        dims = (shape,) if isinstance(shape, int) else tuple(int(n) for n in shape)
+        if dt.subdtype is not None:  # ('f8', (3,)): a trailing axis, as numpy makes it
+            dt, sub = dt.subdtype
+            dims += sub
         if _region is None:
-            meta = {"kind": "SharedArray", "shape": list(shape), "dtype": dt.str}
-            _region = Region.create(math.prod(shape) * dt.itemsize, meta, name)
-        self._attach(_region, shape, dt)
+            # a structured dtype is described by its fields (numpy's .npy header form)
+            described: Any = dt.str
+            if dt.fields is not None:
+                from numpy.lib.format import dtype_to_descr
+
+                described = dtype_to_descr(dt)
+            meta = {"kind": "SharedArray", "shape": list(dims), "dtype": described}
+            _region = Region.create(math.prod(dims) * dt.itemsize, meta, name)
+        self._attach(_region, dims, dt)
 
     def _attach(self, region: Region, shape: tuple[int, ...], dtype: Any) -> None:
         """Become the view of *region*'s data as *shape* and *dtype* (anything ``numpy.dtype``
@@ -509,7 +518,12 @@ class SharedArray:
         meta = region.read_meta()
         if meta.get("kind") != "SharedArray":
             raise ValueError(f"{name!r} is a {meta.get('kind')}, not a SharedArray")
-        return cls(tuple(meta["shape"]), meta["dtype"], _region=region)
+        dtype = meta["dtype"]
+        if isinstance(dtype, list):  # structured
+            from numpy.lib.format import descr_to_dtype
+
+            dtype = descr_to_dtype(dtype)
+        return cls(tuple(meta["shape"]), dtype, _region=region)
 
     @property
     def name(self) -> str | None:
