@@ -225,19 +225,25 @@ def dumps(obj: Any, *, oob: bool = True, cache: BufferCache | None = None) -> Pa
     return Payload(data)
 
 
+_cloudpickle_module: Any = None
+
+
 def _cloudpickle() -> Any:
-    module = sys.modules.get("cloudpickle")
-    if module is None:
+    """The cloudpickle module, imported on first use -- and complete: another thread may be
+    inside its import, with a half-initialised module already in ``sys.modules``."""
+    global _cloudpickle_module
+    if _cloudpickle_module is None:
         from . import _start
 
         # A pool's I/O thread forks workers (see _start): one forked while this thread is
         # inside the import would inherit the module's import lock, held, and deadlock when
-        # it unpickles a function.  Forks take this lock, so none happens mid-import.
+        # it unpickles a function.  Forks take this lock, so none happens mid-import.  (An
+        # import already under way in another thread is waited for by the import system.)
         with _start._FORK_LOCK:
             import cloudpickle
 
-            module = cloudpickle
-    return module
+            _cloudpickle_module = cloudpickle
+    return _cloudpickle_module
 
 
 def dumps_function(func: Any) -> bytes:
