@@ -105,6 +105,34 @@ def test_poll_timeout():
     assert b.recv() == 1
 
 
+@pytest.mark.timeout(30)
+def test_poll_without_waiting_sees_a_message_an_empty_message_and_eof():
+    a, b = procpool.Pipe()
+    a.send("hello")  # a Unix socket queues the datagram at the peer before send returns
+    assert b.poll() is True  # the default timeout, 0: look once, do not wait
+    assert b.poll(0) is True
+    assert b.recv() == "hello"
+    assert b.poll() is False
+    a.send_bytes(b"")
+    assert b.poll() is True  # an empty message is a message
+    assert b.recv_bytes() == b""
+    a.close()
+    assert b.poll() is True  # EOF is there to read, as with multiprocessing
+    with pytest.raises(EOFError):
+        b.recv()
+    b.close()
+
+
+@pytest.mark.timeout(30)
+def test_poll_accepts_a_huge_or_infinite_timeout():
+    a, b = procpool.Pipe()
+    a.send("there")
+    assert b.poll(1e9) is True  # longer than poll() can wait in one call: not an error
+    assert b.poll(float("inf")) is True
+    a.close()
+    b.close()
+
+
 def test_send_to_closed_peer_raises_broken_pipe():
     a, b = procpool.Pipe()
     b.close()

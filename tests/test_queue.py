@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import pickle
 import queue
 import signal
+import threading
 import time
 import uuid
 
@@ -59,6 +61,22 @@ def test_stdlib_api_and_exceptions():
     assert 0.04 <= time.monotonic() - t0 < 2
     q.put_nowait("x")
     assert q.get(True, 1) == "x"
+    q.put("y")
+    assert q.get(timeout=0) == "y"  # no waiting, but a message that is there is taken
+    q.put("z")
+    assert q.get(block=False) == "z"
+
+
+@pytest.mark.timeout(30)
+def test_get_with_an_infinite_timeout_waits_for_the_message():
+    q = procpool.Queue()
+    later = threading.Timer(0.05, q.put, ("late",))
+    later.start()
+    try:
+        assert q.get(timeout=float("inf")) == "late"  # "no limit", as with the stdlib
+    finally:
+        later.join(5)
+    q.close()
 
 
 def test_maxsize_blocks_and_raises_full():
@@ -279,6 +297,38 @@ def test_named_queue_opened_by_an_unrelated_process():
     with pytest.raises(FileNotFoundError):
         procpool.Queue.open(name)
     q.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_dropped_named_queue_frees_its_name():
+    name = f"pptest-q-{uuid.uuid4().hex[:8]}"
+    q = procpool.Queue(name=name)
+    q.put("never read")
+    del q  # no close(), no unlink(): the program just lets it go
+    gc.collect()
+    assert f"procpool-queue-{name}" not in [t.name for t in threading.enumerate()]
+    with pytest.raises(FileNotFoundError):
+        procpool.Queue.open(name, timeout=1)
+    again = procpool.Queue(name=name)  # the name is free again
+    again.close()  # (and no_leaks checks the dropped queue's descriptors are closed)
+
+
+def _close_inherited_copy(q):
+    q.close()
+
+
+@pytest.mark.timeout(30)
+def test_forked_child_closing_its_copy_of_a_named_queue_leaves_the_name_served():
+    name = f"pptest-q-{uuid.uuid4().hex[:8]}"
+    q = procpool.Queue(name=name)
+    try:
+        assert run_child(_close_inherited_copy, q, ctx=FORK) == 0
+        other = procpool.Queue.open(name, timeout=5)
+        other.put("still served")
+        other.close()
+        assert q.get(timeout=5) == "still served"
+    finally:
+        q.close()
 
 
 def test_qsize_exact_with_many_messages():

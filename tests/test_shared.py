@@ -38,6 +38,35 @@ def test_value_stdlib_api():
         procpool.Value("nope")
 
 
+class _Point(ctypes.Structure):
+    _fields_ = [("x", ctypes.c_int), ("y", ctypes.c_double)]
+
+
+def _move_point(p):
+    with p.get_lock():
+        p.x += 10
+    p.y = -1.5
+
+
+@pytest.mark.timeout(60)
+def test_value_of_a_structure_exposes_its_fields():
+    p = procpool.Value(_Point, 1, 2.0)
+    assert (p.x, p.y) == (1, 2.0)  # as multiprocessing.Value's synchronized wrapper
+    p.x = 5
+    assert p.get_obj().x == 5
+    with pytest.raises(AttributeError):
+        p.value  # noqa: B018  -- a structure has fields, no value (as in the stdlib)
+    assert run_child(_move_point, p) == 0
+    assert (p.x, p.y) == (15, -1.5)
+    assert repr(p) == "<procpool.Value _Point(x=15, y=-1.5)>"
+    q = procpool.Queue()
+    q.put(p)
+    received = q.get(timeout=5)  # unpickled: the same memory, the fields still there
+    q.close()
+    received.x = 42
+    assert p.x == 42
+
+
 def test_array_stdlib_api():
     a = procpool.Array("i", [1, 2, 3, 4])
     assert len(a) == 4 and a[0] == 1 and a[-1] == 4 and a[1:3] == [2, 3]

@@ -9,6 +9,7 @@ import time
 
 import pytest
 from _ipc_helpers import FORK, no_leaks  # noqa: F401
+from conftest import wait_until
 
 import procpool
 from procpool import signals
@@ -38,6 +39,42 @@ def test_timeout_raises_inside_block():
     assert time.monotonic() - t0 < 2
     left = signal.getitimer(signal.ITIMER_REAL)[0]
     assert (left == 0) if outer == 0 else (0 < left <= outer)  # the outer timer is re-armed
+
+
+@pytest.fixture
+def own_sigalrm():
+    """Lend the test SIGALRM and ITIMER_REAL, then give pytest-timeout its handler and timer
+    back (while the test holds them, its own bounded waits are the time limit)."""
+    handler = signal.getsignal(signal.SIGALRM)
+    delay, interval = signal.getitimer(signal.ITIMER_REAL)
+    lent_at = time.monotonic()
+    yield
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, handler)
+    if delay > 0:
+        left = max(delay - (time.monotonic() - lent_at), 0.001)
+        signal.setitimer(signal.ITIMER_REAL, left, interval)
+
+
+@pytest.mark.timeout(30)
+def test_timeout_gives_an_outer_timer_back_its_remaining_time_and_interval(own_sigalrm):
+    signal.signal(signal.SIGALRM, lambda s, f: None)
+    signal.setitimer(signal.ITIMER_REAL, 30.0, 7.0)
+    with signals.timeout(29.0):
+        pass  # over at once: the outer timer lost (almost) nothing of its 30 s
+    delay, interval = signal.getitimer(signal.ITIMER_REAL)
+    assert 25.0 < delay <= 30.0
+    assert interval == 7.0
+
+
+@pytest.mark.timeout(30)
+def test_timeout_fires_an_outer_repeating_timer_that_came_due_inside(own_sigalrm):
+    fired = []
+    signal.signal(signal.SIGALRM, lambda s, f: fired.append(s))
+    signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
+    with signals.timeout(10):
+        time.sleep(0.3)  # the outer timer comes due while the block holds it back
+    assert wait_until(lambda: len(fired) >= 3, timeout=5)  # fires at once, then keeps repeating
 
 
 def test_timeout_not_triggered_when_fast():

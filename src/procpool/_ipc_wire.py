@@ -22,6 +22,7 @@ it; an object that cannot be pickled raises :class:`~procpool.SerializationError
 from __future__ import annotations
 
 import array
+import math
 import os
 import pickle
 import select
@@ -53,6 +54,7 @@ _RECV_WAIT = int(socket.MSG_CMSG_CLOEXEC)
 _SEND_NOWAIT = int(socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
 _POLLIN = int(select.POLLIN)
 _POLLOUT = int(select.POLLOUT)
+_POLL_MAX_S = 2_000_000.0  # ~23 days: the longest single poll() (2**31 - 1 ms), rounded down
 
 
 class _NeedSlowPath(Exception):
@@ -275,16 +277,23 @@ def _recvmsg(sock: socket.socket, block: bool, deadline: float | None) -> tuple[
 
 
 def wait_fd(fd: int, events: int, deadline: float | None) -> None:
-    """Wait until *fd* is ready for *events*; raise ``TimeoutError`` past *deadline*."""
+    """Wait until *fd* is ready for *events*; raise ``TimeoutError`` past *deadline*.
+
+    *fd* is always polled at least once, so a deadline already past (``poll(0)``, a
+    non-blocking wait) still sees a descriptor that is ready now.
+    """
     poller = select.poll()
     poller.register(fd, events)
     while True:
         if deadline is None:
             timeout_ms = None
         else:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("timed out")
-            timeout_ms = max(int(remaining * 1000 + 0.999), 1)
+            # capped: poll() takes a C int of milliseconds (a longer wait, or an infinite
+            # one, goes round the loop); rounded up: a wait shorter than a millisecond must not
+            # become a busy zero poll
+            remaining = min(deadline - time.monotonic(), _POLL_MAX_S)
+            timeout_ms = max(math.ceil(remaining * 1000), 0)
         if poller.poll(timeout_ms):
             return
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError("timed out")

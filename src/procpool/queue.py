@@ -42,10 +42,11 @@ import queue as _stdqueue
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
-from . import _ipc_wire
+from . import _ipc_wire, _serialize
 from ._ipc_fd import FdHandle
 from ._ipc_mem import SEM_VALUE_MAX, SEMAPHORE, Region
 from .sync import Condition, Lock
@@ -424,6 +425,10 @@ class _Rendezvous:
     """Serves a named queue's descriptors to processes of the same user (abstract socket).
 
     An abstract Unix socket has no file: it disappears with this process, even after SIGKILL.
+
+    The serving thread holds the queue only through a weak reference: a named queue the
+    program drops is collected like an anonymous one, and its ``close()`` (from ``__del__``)
+    stops this thread, which frees the name and the descriptors.
     """
 
     def __init__(self, name: str, q: Queue) -> None:
@@ -437,7 +442,10 @@ class _Rendezvous:
             self._sock.close()
             raise FileExistsError(f"a queue named {name!r} already exists") from exc
         self._sock.listen(16)
-        self._queue = q
+        self._queue = weakref.ref(q)
+        # a child forked from this process inherits this object but not the thread, and shares
+        # the stop pipe: only the process that serves the name may stop it (see stop())
+        self._pid = os.getpid()
         self._stop_r, self._stop_w = os.pipe()
         self._thread = threading.Thread(
             target=self._serve, name=f"procpool-queue-{name}", daemon=True
@@ -446,8 +454,6 @@ class _Rendezvous:
 
     def _serve(self) -> None:
         import select
-
-        from . import _serialize
 
         poller = select.poll()
         poller.register(self._sock.fileno(), select.POLLIN)
@@ -466,14 +472,31 @@ class _Rendezvous:
                     uid = int.from_bytes(creds[4:8], "little")
                     if uid not in (os.getuid(), 0):
                         continue
-                    payload = _serialize.dumps(self._queue)
+                    payload = self._payload()
+                    if payload is None:  # dropped, its close() is on the way: refuse
+                        continue
                     _ipc_wire.Wire(conn).send_frame(payload.data, payload.nbuf, payload.fds, None)
                 except OSError:
                     continue
         self._sock.close()
         os.close(self._stop_r)
 
+    def _payload(self) -> Any:
+        # the queue is a local of this short call, never of the serving loop's frame, which
+        # would keep it alive while the thread sleeps in poll()
+        q = self._queue()
+        return None if q is None else _serialize.dumps(q)
+
     def stop(self) -> None:
+        if self._pid != os.getpid():
+            # a forked copy: the thread is not here; close our copies of the descriptors and
+            # leave the name to the process that serves it
+            if self._stop_w >= 0:
+                for fd in (self._stop_r, self._stop_w):
+                    os.close(fd)
+                self._stop_w = -1
+                self._sock.close()
+            return
         if self._stop_w >= 0:
             os.write(self._stop_w, b"x")
             os.close(self._stop_w)

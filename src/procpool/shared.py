@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import math
 import struct
+import weakref
 from collections.abc import Iterable, Iterator
 from multiprocessing.sharedctypes import typecode_to_type  # type: ignore[attr-defined]
 from typing import Any
@@ -140,7 +141,17 @@ class Value(_Shared):
         v = procpool.Value("i", 0)
         v.add(5)                           # 5
         v.compare_exchange(5, 7)           # True; v.value == 7
+
+    A ``ctypes.Structure`` has no ``.value``: as with the stdlib, its fields are attributes of
+    the Value, each read and written under the lock (``p = Value(Point, 1, 2); p.x += 1``).
+    Fields whose name starts with ``_`` are reached through ``get_obj()``.
     """
+
+    def __new__(cls, typecode_or_type: Any, *args: Any, **kwargs: Any) -> Value:
+        ctype = _ctype_of(typecode_or_type)
+        if isinstance(ctype, type) and issubclass(ctype, ctypes.Structure):
+            cls = _structure_value_class(cls, ctype)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -196,7 +207,11 @@ class Value(_Shared):
             self._obj.value = new
 
     def __repr__(self) -> str:
-        return f"<procpool.Value {self._ctype.__name__}({self._obj.value!r})>"
+        if isinstance(self._obj, ctypes.Structure):
+            shown = ", ".join(f"{f}={getattr(self._obj, f)!r}" for f in _field_names(self._ctype))
+        else:
+            shown = repr(self._obj.value)
+        return f"<procpool.Value {self._ctype.__name__}({shown})>"
 
     # -- atomics ----------------------------------------------------------------------------
     def _setup_atomics(self) -> None:
@@ -309,6 +324,52 @@ class Value(_Shared):
     def store(self, new: Any) -> None:
         """Atomically write the value (with a full memory barrier)."""
         self.exchange(new)
+
+
+def _field_names(ctype: Any) -> list[str]:
+    """The field names of a ctypes Structure, its bases' first (``_fields_`` lists only its own)."""
+    names: list[str] = []
+    for klass in reversed(ctype.__mro__):
+        names.extend(field[0] for field in klass.__dict__.get("_fields_", ()))
+    return names
+
+
+# one Value subclass per (Value class, Structure type), made on first use
+_structure_classes: weakref.WeakKeyDictionary[Any, dict[type[Value], type[Value]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _structure_value_class(cls: type[Value], ctype: Any) -> type[Value]:
+    """A subclass of *cls* with one property per field of *ctype*, read and written under the
+    lock: what :func:`multiprocessing.sharedctypes.synchronized` does for a Structure.
+
+    Properties rather than ``__getattr__``/``__setattr__``: they cost nothing to the other
+    Values and their attribute writes.
+    """
+    by_cls = _structure_classes.setdefault(ctype, {})
+    sub = by_cls.get(cls)
+    if sub is None:
+        props: dict[str, Any] = {}
+        for field in _field_names(ctype):
+            # a leading underscore could shadow the Value's own attributes (_obj, _lock...)
+            if not field.startswith("_"):
+                props[field] = _field_property(field)
+        sub = type(cls.__name__, (cls,), props)
+        by_cls[cls] = sub
+    return sub
+
+
+def _field_property(field: str) -> property:
+    def getter(self: Value) -> Any:
+        with self._locked():
+            return getattr(self._obj, field)
+
+    def setter(self: Value, new: Any) -> None:
+        with self._locked():
+            setattr(self._obj, field, new)
+
+    return property(getter, setter, doc=f"The structure's field {field!r} (under the lock).")
 
 
 def _rebuild_value(ctype: Any, region: Region, lock: _LockType | None) -> Value:

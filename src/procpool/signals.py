@@ -25,6 +25,7 @@ import contextlib
 import os
 import signal as _signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 from typing import Any
@@ -41,6 +42,10 @@ __all__ = [
 ]
 
 Handler = Callable[[int, FrameType | None], Any] | int | _signal.Handlers | None
+
+
+# the smallest delay that still arms a timer (0 would disarm it): "fire as soon as possible"
+_ALMOST_NOW = 1e-6
 
 
 class SignalTimeout(TimeoutError):
@@ -111,14 +116,20 @@ def timeout(seconds: float, message: str | None = None) -> Iterator[None]:
         raise SignalTimeout(message or f"timed out after {seconds} s")
 
     old_handler = _signal.signal(_signal.SIGALRM, _raise)
-    old_timer = _signal.setitimer(_signal.ITIMER_REAL, seconds)
+    started = time.monotonic()
+    old_delay, old_interval = _signal.setitimer(_signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
         _signal.setitimer(_signal.ITIMER_REAL, 0)
         _signal.signal(_signal.SIGALRM, old_handler)
-        if old_timer[0] > 0:  # re-arm an outer timer (less the time we spent)
-            _signal.setitimer(_signal.ITIMER_REAL, max(old_timer[0] - seconds, 0.001))
+        if old_delay > 0:
+            # Re-arm the outer timer with what it had left less the time the block really took
+            # (not less *seconds*: a block that ends early must not bring the outer alarm
+            # forward), and with its interval, so a repeating timer keeps repeating.  If it
+            # expired during the block, it fires now rather than never.
+            left = old_delay - (time.monotonic() - started)
+            _signal.setitimer(_signal.ITIMER_REAL, max(left, _ALMOST_NOW), old_interval)
 
 
 def wait(signals: int | Iterable[int], timeout: float | None = None) -> int | None:
