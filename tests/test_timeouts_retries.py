@@ -138,3 +138,14 @@ def test_schedule_gives_one_future_its_own_time_limit():
             slow.result(10)
         assert pool.schedule(square, (4,)).result(10) == 16
         assert pool.submit(square, 5).result(10) == 25
+
+
+@pytest.mark.parametrize("limit", [30 * 86400.0, 1e12, float("inf")])
+def test_a_huge_or_infinite_timeout_is_no_limit(limit):
+    # 30 days overflowed epoll's milliseconds and killed the I/O thread (the pool was dead);
+    # inf (or 1e12) overflowed setitimer in the worker, which exited
+    with procpool.Pool(2, timeout=limit) as pool:
+        assert pool.starmap(sleep_then, [(0.05, i) for i in range(3)], timeout=limit) == [0, 1, 2]
+        assert pool.apply_async(square, (4,), timeout=limit).get(20) == 16
+        assert pool.schedule(square, (5,), timeout=limit).result(20) == 25
+        assert pool.apply(square, (6,)) == 36

@@ -36,10 +36,19 @@ def default_processes() -> int:
         return os.cpu_count() or 1
 
 
-def check_timeout(timeout: float | None) -> None:
-    """Raise ``ValueError`` unless *timeout* is None or a positive number of seconds."""
-    if timeout is not None and not timeout > 0:
+#: a task time limit beyond this many seconds (~31 years; ``inf`` included) is no limit: the
+#: timers that enforce one (setitimer, epoll) take nothing much longer
+MAX_TIMEOUT = 1e9
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """*timeout* as a task time limit: a positive number of seconds, or None for none (also
+    for ``inf`` and anything over :data:`MAX_TIMEOUT`); ``ValueError`` for anything else."""
+    if timeout is None:
+        return None
+    if not timeout > 0:
         raise ValueError("timeout must be a positive number of seconds or None")
+    return None if timeout > MAX_TIMEOUT else timeout
 
 
 def check_chunksize(chunksize: int | None) -> None:
@@ -192,5 +201,4 @@ class PoolAPI(concurrent.futures.Executor):
 
     def _task_timeout(self, timeout: float | None) -> float | None:
         """A call's time limit: *timeout* (checked), or the pool's default."""
-        check_timeout(timeout)
-        return self._timeout if timeout is None else timeout
+        return self._timeout if timeout is None else check_timeout(timeout)

@@ -657,7 +657,8 @@ class Scheduler(WorkerSupervision, Dispatch):
     def _poll_timeout(self) -> float:
         if not self._timers:
             return -1
-        return max(0.0, self._timers[0][0] - time.monotonic())
+        # at most an hour (epoll takes a C int of milliseconds: ~24 days): then poll again
+        return min(max(0.0, self._timers[0][0] - time.monotonic()), 3600.0)
 
     def _on_event(self, fd: int, mask: int) -> None:
         what, w = self._by_fd.get(fd, ("", None))

@@ -58,7 +58,11 @@ class _SoftTimeout:
     def arm(self, seconds: float) -> Any:
         previous = signal.signal(signal.SIGALRM, self._handler)
         self.active = True
-        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, seconds)
+        except BaseException:  # (the parent sends nothing setitimer refuses: see MAX_TIMEOUT)
+            self.disarm(previous)
+            raise
         return previous
 
     def disarm(self, previous: Any) -> None:

@@ -103,11 +103,11 @@ class Pool(PoolAPI):
             not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0
         ):
             raise ValueError("maxtasksperchild must be a positive int or None")
-        check_timeout(timeout)
+        limit = check_timeout(timeout)
         if not isinstance(retries, int) or retries < 0:
             raise ValueError("retries must be a non-negative int")
         launcher = make_launcher(_start_method(start_method, context))
-        self._timeout = timeout
+        self._timeout = limit
         self._retries = retries
         self._retry_on = tuple(retry_on)
         self._sched = Scheduler(

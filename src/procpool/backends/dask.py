@@ -146,8 +146,7 @@ class DaskPool(PoolAPI):
             raise ValueError("allowed_failures must be a non-negative int")
         if prefetch is not None and (not isinstance(prefetch, int) or prefetch < 1):
             raise ValueError("prefetch must be a positive int")
-        check_timeout(timeout)
-        self._timeout = timeout
+        self._timeout = check_timeout(timeout)
         cluster: distributed.LocalCluster | None = None
         if client is not None:
             engine_client, own_client = client, False
