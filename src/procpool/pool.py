@@ -25,7 +25,7 @@ from ._scheduler import Scheduler
 from ._start import make_launcher
 from ._supervise import RUNNING
 from .errors import TimeoutError as PoolTimeoutError  # multiprocessing.TimeoutError
-from .results import AsyncResult, Future, FutureSink, IMapIterator, MapResult
+from .results import AsyncResult, Future, FutureSink, IMapIterator, MapResult, WeakSink
 
 T = TypeVar("T")
 
@@ -191,7 +191,7 @@ class Pool(PoolAPI):
             retry_on=self._retry_on,
         )
         if not result._done:
-            result._sched, result._task = sched, task
+            result._sched, result._task, result._pool = sched, task, self
         return result
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
@@ -218,6 +218,7 @@ class Pool(PoolAPI):
         inside the task and the future fails with :class:`~procpool.TaskTimeoutError`.
         """
         future: Future[T] = Future()
+        future._pool = self  # until its result is in
         limit = self._task_timeout(timeout)  # a bad timeout is a ValueError of its own
         try:
             self._sched.submit_call(
@@ -253,24 +254,28 @@ class Pool(PoolAPI):
                 timeout=self._task_timeout(timeout),
                 retries=self._retries,
             )
+            if not result._done:
+                result._pool = self  # until its results are in
         return result
 
     def _imap(self, func, iterable, chunksize, timeout, ordered, star=False) -> IMapIterator:
         self._sched._check_running()
         check_chunksize(chunksize)
         it: IMapIterator = IMapIterator(ordered, release=lambda n: None)
+        sink = WeakSink(it)  # the job must not keep a dropped iterator, and its pool, alive
         job = self._sched.submit_map(
             func,
             iterable,
-            it,
+            sink,
             star=star,
             chunksize=chunksize,
             timeout=self._task_timeout(timeout),
             retries=self._retries,
             lazy=True,
-            on_input_end=it._end_of_input,
+            on_input_end=sink._end_of_input,
         )
         it._release = job.release
+        it._pool = self  # the pool lives as long as its iterator
         return it
 
     # ---------------------------------------------------------------- lifecycle

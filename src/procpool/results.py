@@ -12,6 +12,7 @@ import _thread
 import concurrent.futures
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
@@ -106,6 +107,7 @@ class AsyncResult(Generic[T]):
         "_error_callback",
         "_sched",
         "_task",
+        "_pool",
         "__weakref__",
     )
 
@@ -124,6 +126,9 @@ class AsyncResult(Generic[T]):
         # per task for the garbage collector to track when a million results are in flight)
         self._sched: Any = None
         self._task: Any = None
+        # the pool, while not done: a pool only its results refer to (``Pool(2).map_async``)
+        # must live until they are in, as in multiprocessing (its finalizer terminates it)
+        self._pool: Any = None
 
     # -- the caller's side ---------------------------------------------------
     def ready(self) -> bool:
@@ -182,6 +187,7 @@ class AsyncResult(Generic[T]):
         self._value = value
         self._task = None  # drop the task: no reference cycle outlives the result
         self._sched = None
+        self._pool = None
         self._done = True
         event = self._event
         if event is not None:
@@ -196,6 +202,7 @@ class AsyncResult(Generic[T]):
         self._value = value
         self._task = None
         self._sched = None
+        self._pool = None
         self._done = True
         event = self._event  # read after _done is set: see wait()
         if event is not None:
@@ -304,6 +311,7 @@ class IMapIterator(Generic[T]):
         self._input_error: BaseException | None = None
         self._release = release
         self._consumed = 0  # results taken but not yet reported to the feeder (batched)
+        self._pool: Any = None  # kept alive by its iterator (see AsyncResult._pool)
 
     def __iter__(self) -> Iterator[T]:
         """Iterate over the results, a chunk at a time.
@@ -431,10 +439,47 @@ class IMapIterator(Generic[T]):
             self._wakeup.notify_all()
 
 
+class WeakSink:
+    """Hands the scheduler's deliveries to a result object it refers to weakly.
+
+    The scheduler's I/O thread holds the sinks of running jobs; an iterator holding its pool
+    (``for x in Pool(2).imap(...)``) must not be kept alive -- with its pool, workers and all
+    -- by its own job once the caller has dropped it: results for a dropped iterator are
+    discarded.
+    """
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, target: Any) -> None:
+        self._ref = weakref.ref(target)
+
+    def _on_chunk(self, task: Any, values: list, errors: dict[int, BaseException]) -> None:
+        target = self._ref()
+        if target is not None:
+            target._on_chunk(task, values, errors)
+
+    def _on_error(self, task: Any, exc: BaseException) -> None:
+        target = self._ref()
+        if target is not None:
+            target._on_error(task, exc)
+
+    def _on_result(self, task: Any, value: Any) -> None:
+        target = self._ref()
+        if target is not None:
+            target._on_result(task, value)
+
+    def _end_of_input(self, length: int, error: BaseException | None) -> None:
+        target = self._ref()
+        if target is not None:
+            target._end_of_input(length, error)
+
+
 class Future(concurrent.futures.Future[T]):
     """A :class:`concurrent.futures.Future` whose ``result()`` and ``exception()`` wait in
     slices of :data:`WAIT_SLICE` seconds, as every other wait of procpool does: a Ctrl-C that
     lands while the caller blocks is raised at once (see there).  ``Pool.submit`` returns it."""
+
+    _pool: Any = None  # the pool, until the result is in (see AsyncResult._pool)
 
     def _wait_sliced(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -455,12 +500,12 @@ class Future(concurrent.futures.Future[T]):
 
 
 class FutureSink:
-    """Adapts a :class:`concurrent.futures.Future` to the scheduler's sink interface."""
+    """Adapts a :class:`Future` to the scheduler's sink interface."""
 
     __slots__ = ("future",)
     needs_start = True
 
-    def __init__(self, future: concurrent.futures.Future) -> None:
+    def __init__(self, future: Future) -> None:
         self.future = future
 
     def _start(self) -> bool:
@@ -468,10 +513,12 @@ class FutureSink:
         return self.future.set_running_or_notify_cancel()
 
     def _on_result(self, task: Any, value: Any) -> None:
+        self.future._pool = None  # (see Future._pool)
         if not self.future.done():
             self.future.set_result(value)
 
     def _on_error(self, task: Any, exc: BaseException) -> None:
+        self.future._pool = None
         if isinstance(exc, CancelledError) and self.future.cancel():
             return  # still pending: a proper cancellation, as executors do
         if not self.future.done():

@@ -52,17 +52,20 @@ def test_pools_in_a_row_close_join(method, rounds, leak_check):
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
 @pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
 def test_pool_dropped_without_close(method, busy, leak_check):
-    """``del pool`` (no close, no terminate), with or without tasks in flight: the finalizer
-    stops the workers and releases everything within a few seconds."""
+    """``del pool`` (no close, no terminate): the finalizer stops the workers and releases
+    everything within a few seconds -- once the tasks in flight are done (nothing submitted is
+    lost: their callbacks run), as a pool only its results refer to lives until they are in."""
     pool = procpool.Pool(2, start_method=method)
     assert pool.map(h.square, range(20)) == EXPECTED
     workers = pool.pids()
+    called = []
     if busy:
-        pool.apply_async(h.sleep_return, (1, 30.0))
-        pool.map_async(h.sleep_return, [(i, 30.0) for i in range(4)])
+        pool.apply_async(h.sleep_return, (1, 0.5), callback=called.append)
+        pool.starmap_async(h.sleep_return, [(i, 0.5) for i in range(4)], callback=called.append)
     del pool
     gc.collect()
-    assert wait_until(lambda: not any(h.proc_stat(p) for p in workers), 5.0), workers
+    assert wait_until(lambda: not any(h.proc_stat(p) for p in workers), 10.0), workers
+    assert sorted(map(repr, called)) == (["1", "[0, 1, 2, 3]"] if busy else [])
     leak_check.assert_clean()
 
 
@@ -184,3 +187,31 @@ def test_many_large_results_under_a_low_descriptor_limit(leak_check):
         assert "Traceback" not in child.stderr_text()
     finally:
         child.close()
+
+
+def test_a_pool_only_its_results_refer_to_lives_until_they_are_in(leak_check):
+    """``Pool(2).imap(...)``, ``Pool(2).map_async(...)``: the pool is not referred to by the
+    caller, only by what it returned; it must not be terminated under it (multiprocessing's
+    results hold their pool too), and it is terminated once they are done with."""
+    assert list(procpool.Pool(2).imap(h.square, range(20))) == EXPECTED
+    assert procpool.Pool(2).map_async(h.square, range(20)).get(20) == EXPECTED
+    result = procpool.Pool(2).apply_async(h.sleep_return, (7, 0.2))
+    future = procpool.Pool(2).submit(h.sleep_return, 8, 0.2)
+    gc.collect()
+    assert result.get(20) == 7 and future.result(20) == 8
+    del result, future
+    gc.collect()
+    leak_check.assert_clean()
+
+
+def test_a_dropped_imap_iterator_lets_its_pool_go(leak_check):
+    """The iterator holds its pool, but the pool's job must not hold the iterator: an imap the
+    caller stopped reading and dropped (with its pool) leaves nothing running."""
+    pool = procpool.Pool(2)
+    workers = pool.pids()
+    for _ in pool.imap(h.square, range(1_000_000)):
+        break
+    del pool
+    gc.collect()
+    assert wait_until(lambda: not any(h.proc_stat(p) for p in workers), 10.0), workers
+    leak_check.assert_clean()

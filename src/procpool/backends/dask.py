@@ -58,7 +58,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("procpool.backends.dask needs Dask: pip install 'procpool[dask]'") from exc
 
 from .._api import PoolAPI, check_chunksize, check_timeout, default_processes
-from ..results import AsyncResult, Future, FutureSink, IMapIterator, MapResult
+from ..results import AsyncResult, Future, FutureSink, IMapIterator, MapResult, WeakSink
 from ._dask_engine import RUN, _check_portable, _Engine, _Feeder, _Unit
 from ._dask_worker import CALL, MAP, STARMAP, _Payload
 
@@ -216,6 +216,8 @@ class DaskPool(PoolAPI):
         self._engine.check_running()
         result: AsyncResult[T] = AsyncResult(callback, error_callback)
         self._submit_call(func, args, kwds, result, timeout)
+        if not result._done:
+            result._pool = self  # until its result is in (see AsyncResult._pool)
         return result
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
@@ -229,6 +231,7 @@ class DaskPool(PoolAPI):
             raise RuntimeError("cannot schedule new futures after shutdown")
         future: Future[T] = Future()
         future.set_running_or_notify_cancel()
+        future._pool = self
         self._submit_call(fn, args, kwargs, FutureSink(future), None)
         return future
 
@@ -273,6 +276,8 @@ class DaskPool(PoolAPI):
             chunk = items[start : start + chunksize]
             unit = _Unit(result, label, limit, start, len(chunk), single=False)
             self._engine.submit(unit, _Payload(func, kind, chunk, {}, limit))
+        if not result._done:
+            result._pool = self
         return result
 
     def _imap(
@@ -289,8 +294,10 @@ class DaskPool(PoolAPI):
         window = self._prefetch or PREFETCH_PER_WORKER * self.processes
         it: IMapIterator = IMapIterator(ordered, release=lambda n: None)
         label = _label("imap" if ordered else "imap_unordered", func)
-        feeder = _Feeder(self._engine, func, MAP, iterable, chunksize, limit, it, label, window)
+        sink: Any = WeakSink(it)  # the feeder must not keep a dropped iterator (and pool) alive
+        feeder = _Feeder(self._engine, func, MAP, iterable, chunksize, limit, sink, label, window)
         it._release = feeder.release
+        it._pool = self
         self._engine.add_feeder(feeder)
         feeder.feed()
         return it
