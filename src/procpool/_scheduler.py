@@ -54,7 +54,14 @@ from . import _serialize
 from ._buffers import TRIM_AFTER, BufferCache
 from ._dispatch import Dispatch
 from ._errinfo import rebuild_error
-from ._start import INTERNAL_FDS, Launcher, program_signals, send_signal, start_thread
+from ._start import (
+    INTERNAL_FDS,
+    Launcher,
+    main_preparation,
+    program_signals,
+    send_signal,
+    start_thread,
+)
 from ._supervise import CLOSING, FINISHED, RUNNING, TERMINATING, WorkerSupervision, _Worker
 from ._tasks import _DONE, _PENDING, _SENT, MapJob, Task
 from ._worker import FUNC_CACHE
@@ -106,8 +113,9 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._maxtasks = maxtasksperchild
         self._grace = grace
         config: dict[str, Any] = {"max_memory": max_memory_per_child}
-        if launcher.method != "fork":
+        if launcher.method != "fork":  # a fresh interpreter: the parent's path and main script
             config["sys_path"] = list(sys.path)
+            config["main"] = main_preparation()
         if initializer is not None:
             payload = _serialize.dumps((initializer, initargs), oob=False)
             config["init"] = payload.data

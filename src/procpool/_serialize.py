@@ -16,7 +16,7 @@ The plain C pickler is tried first (fast); where it fails (lambdas, closures, cl
 ``__main__``), cloudpickle takes over.  A task's function goes by reference when it is a plain
 module-level function of an importable module (the worker imports it), and through cloudpickle
 otherwise, so that a function defined in ``__main__`` after the pool started is still found in
-the worker.  cloudpickle is imported on first use: it costs ~2 MB in every process (each forked
+the worker (a ``__main__`` function also carries its name: see ``_MainFunction``).  cloudpickle is imported on first use: it costs ~2 MB in every process (each forked
 worker included) and most programs never need it.
 """
 
@@ -262,12 +262,84 @@ def dumps_function(func: Any) -> bytes:
         except Exception:
             pass  # nested or renamed: cloudpickle knows how
     try:
-        return _cloudpickle().dumps(func, protocol=PROTOCOL)
+        blob = _cloudpickle().dumps(func, protocol=PROTOCOL)
     except Exception as exc:
         raise SerializationError(f"cannot pickle the function {describe(func)}: {exc}") from exc
+    qualname = _main_qualname(func)
+    if qualname is None:
+        return blob
+    return pickle.dumps(_MainFunction(qualname, _fingerprint(func), blob), PROTOCOL)
 
 
 _BY_REFERENCE = (types.FunctionType, types.BuiltinFunctionType)
+
+
+# ---------------------------------------------------------------- functions of __main__
+# multiprocessing sends a task's function by reference; a worker -- forked, or one that ran
+# the main script (spawn) -- looks it up in its own ``__main__``, so the function sees the
+# worker's module globals: what the pool's initializer or an earlier task set there.  A copy
+# by value (cloudpickle) would see copies of the parent's globals instead, and a program that
+# keeps state in its globals would silently get other results than with multiprocessing.  But
+# the worker's ``__main__`` may lack the function (defined after the worker started) or hold an
+# older definition (redefined in a REPL): so a ``__main__`` function travels as its name, a
+# fingerprint of its definition and its copy by value, and the worker uses its own function
+# when the fingerprints match (filling in the globals it lacks from the copy), the copy if not.
+
+
+def _main_qualname(func: Any) -> str | None:
+    """*func*'s name in ``__main__`` if it is a plain function found there under it."""
+    if type(func) is not types.FunctionType or func.__module__ != "__main__":
+        return None
+    qualname = func.__qualname__
+    if "<" in qualname:  # <lambda>, <locals>
+        return None
+    return qualname if _lookup_main(qualname) is func else None
+
+
+def _lookup_main(qualname: str) -> Any:
+    obj = sys.modules.get("__main__")
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _fingerprint(func: Any) -> tuple:
+    """What tells two definitions of a function apart (the same in a forked or spawned
+    worker for the same definition; addresses in a repr make a mismatch: the safe side)."""
+    code = func.__code__
+    return (
+        code.co_filename,
+        code.co_firstlineno,
+        code.co_code,
+        repr(code.co_consts),
+        code.co_names,
+        repr(func.__defaults__),
+        repr(func.__kwdefaults__),
+    )
+
+
+class _MainFunction:
+    """Pickles as a call of :func:`_load_main_function` (see above)."""
+
+    __slots__ = ("qualname", "fingerprint", "blob")
+
+    def __init__(self, qualname: str, fingerprint: tuple, blob: bytes) -> None:
+        self.qualname, self.fingerprint, self.blob = qualname, fingerprint, blob
+
+    def __reduce__(self) -> tuple:
+        return (_load_main_function, (self.qualname, self.fingerprint, self.blob))
+
+
+def _load_main_function(qualname: str, fingerprint: tuple, blob: bytes) -> Any:
+    copy = pickle.loads(blob)
+    own = _lookup_main(qualname)
+    if type(own) is not types.FunctionType or _fingerprint(own) != fingerprint:
+        return copy
+    namespace = own.__globals__
+    for name, value in copy.__globals__.items():  # what the parent defined after our start
+        if name not in namespace and not (name.startswith("__") and name.endswith("__")):
+            namespace[name] = value
+    return own
 
 
 #: set in a pool's worker: called with a received buffer's inode once its mapping is gone, so

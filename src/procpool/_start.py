@@ -181,6 +181,49 @@ def die_with_parent(expected_ppid: int) -> None:
         os._exit(1)
 
 
+# ---------------------------------------------------------------- the main script in new workers
+#: True while a spawned worker runs the parent's main script (see import_main)
+IMPORTING_MAIN = False
+
+
+def main_preparation() -> dict[str, Any]:
+    """What a worker started afresh (spawn, forkserver) needs to run the parent's main script,
+    as :mod:`multiprocessing` prepares it: the script's module name or path, and ``sys.argv``."""
+    from multiprocessing import spawn
+
+    data = spawn.get_preparation_data("procpool-worker")
+    keep = ("init_main_from_name", "init_main_from_path", "sys_argv")
+    return {key: data[key] for key in keep if key in data}
+
+
+def import_main(data: dict[str, Any]) -> None:
+    """Run the parent's main script in this worker as ``__mp_main__`` (aliased ``__main__``),
+    as multiprocessing's spawn does, so its functions and classes can be found by name: an
+    initializer, a task's function and arguments' classes defined there.  Its top level runs
+    (not what ``if __name__ == "__main__":`` guards); a pool or process started there raises
+    ``RuntimeError`` instead of spawning workers that would do the same."""
+    from multiprocessing import process, spawn
+
+    global IMPORTING_MAIN
+    current = process.current_process()
+    IMPORTING_MAIN = True
+    current._inheriting = True  # type: ignore[attr-defined]  # multiprocessing's own guard
+    try:
+        spawn.prepare(data)
+    finally:
+        IMPORTING_MAIN = False
+        del current._inheriting  # type: ignore[attr-defined]
+
+
+def check_not_importing_main() -> None:
+    if IMPORTING_MAIN:
+        raise RuntimeError(
+            "a pool was started while a worker ran the main script: guard the program's entry"
+            " point with `if __name__ == \"__main__\":` (workers started with 'spawn' or"
+            " 'forkserver' run the main script, as in multiprocessing)"
+        )
+
+
 def child_setup(keep: int) -> None:
     """Common set-up in a new worker: close other pools' fds, die with the parent, ignore ^C.
 

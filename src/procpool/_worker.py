@@ -102,6 +102,10 @@ class Worker:
             sys.path[:] = config["sys_path"]
         self.max_memory = config.get("max_memory") or 0
         try:
+            if config.get("main"):
+                from ._start import import_main
+
+                import_main(config["main"])
             if config.get("init"):
                 initializer, initargs = _serialize.loads(config["init"])
                 initializer(*initargs)

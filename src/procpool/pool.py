@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from ._api import PoolAPI, check_chunksize, check_timeout, default_processes
 from ._scheduler import Scheduler
-from ._start import make_launcher
+from ._start import check_not_importing_main, make_launcher
 from ._supervise import RUNNING
 from .errors import TimeoutError as PoolTimeoutError  # multiprocessing.TimeoutError
 from .results import AsyncResult, Future, FutureSink, IMapIterator, MapResult, WeakSink
@@ -93,6 +93,7 @@ class Pool(PoolAPI):
         max_memory_per_child: int | None = None,
         grace: float = 1.0,
     ) -> None:
+        check_not_importing_main()
         if processes is None:
             processes = default_processes()
         if not isinstance(processes, int) or processes < 1:

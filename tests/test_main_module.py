@@ -1,0 +1,122 @@
+"""Functions and classes defined in the main script, as ``multiprocessing`` runs them: a task
+sees the worker's own module globals (what the initializer or an earlier task set there), a
+function defined or redefined after the pool started still runs as the parent defines it, and
+workers started afresh (spawn, forkserver) run the main script as ``__mp_main__``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def run_script(body: str, method: str = "fork", path=None) -> list[str]:
+    """Run *body* with ``python -c`` (or as the script *path*: a main module with a file)."""
+    code = "import sys\nimport procpool\nMETHOD = sys.argv[1]\n" + textwrap.dedent(body)
+    if path is None:
+        argv = [sys.executable, "-c", code, method]
+    else:
+        path.write_text(code)
+        argv = [sys.executable, str(path), method]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_a_task_sees_the_globals_its_initializer_set():
+    out = run_script(
+        """
+        state = {}
+        def init(v):
+            state["v"] = v
+        def task(_):
+            return state.get("v")
+        with procpool.Pool(2, start_method=METHOD, initializer=init, initargs=(7,)) as p:
+            print(*p.map(task, range(4)))
+        """
+    )
+    assert out == ["7"] * 4
+
+
+def test_tasks_of_one_worker_share_its_module_state():
+    out = run_script(
+        """
+        import os
+        cache = {}
+        def fill(_):
+            cache["pid"] = os.getpid()
+        def read(_):
+            return cache.get("pid") == os.getpid()
+        with procpool.Pool(1, start_method=METHOD) as p:
+            p.apply(fill, (0,))
+            print(p.apply(read, (0,)))
+        """
+    )
+    assert out == ["True"]
+
+
+def test_functions_and_globals_defined_or_redefined_after_the_pool_started():
+    out = run_script(
+        """
+        pool = procpool.Pool(1, start_method=METHOD)
+        def f(x):
+            return x + 1
+        print(pool.apply(f, (1,)))          # defined after the worker started
+        SCALE = 10                           # a global the worker's __main__ lacks
+        def g(x):
+            return x * SCALE
+        print(pool.apply(g, (2,)))
+        def f(x):                            # redefined: the new definition runs
+            return x - 1
+        print(pool.apply(f, (1,)))
+        print(pool.apply(lambda x: x * 3, (3,)))
+        pool.close(); pool.join()
+        """
+    )
+    assert out == ["2", "20", "0", "9"]
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_classes_initializers_and_globals_of_a_main_script(method, tmp_path):
+    out = run_script(
+        """
+        from dataclasses import dataclass
+        @dataclass
+        class Point:
+            x: int
+            y: int
+        state = {}
+        def init(v):
+            state["v"] = v
+        def norm(p):
+            return p.x + p.y + state["v"]
+        if __name__ == "__main__":
+            with procpool.Pool(1, start_method=METHOD, initializer=init, initargs=(10,)) as p:
+                print(p.apply(norm, (Point(1, 2),)))
+                print(type(p.apply(Point, (3, 4))).__name__)
+        """,
+        method,
+        tmp_path / "script.py",
+    )
+    assert out == ["13", "Point"]
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_an_unguarded_main_script_gets_a_clear_error_not_a_process_storm(method, tmp_path):
+    out = run_script(
+        """
+        pool = procpool.Pool(1, start_method=METHOD)   # not under `if __name__ == "__main__"`
+        try:
+            pool.apply(abs, (-1,))
+        except procpool.InitializerError as exc:
+            print("guard" if "__main__" in str(exc.__cause__) else repr(exc.__cause__))
+        pool.terminate()
+        """,
+        method,
+        tmp_path / "unguarded.py",
+    )
+    assert out == ["guard"]
