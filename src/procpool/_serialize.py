@@ -49,6 +49,9 @@ PROTOCOL = 5
 
 #: descriptors one payload may carry: they must fit one frame's SCM_RIGHTS message
 MAX_FDS = MAX_FDS_PER_FRAME
+#: fds a payload leaves free for objects that pass their own (Queue, Pipe...): large buffers
+#: beyond ``MAX_FDS`` minus these travel in-band, in the pickle itself (slower, but they travel)
+_FDS_KEPT_FOR_OBJECTS = 16
 
 _tls = threading.local()
 
@@ -131,6 +134,8 @@ class _Collector:
             return True
         if raw.nbytes < OOB_THRESHOLD:
             return True
+        if len(self.buffer_fds) + len(self.passed_fds) >= MAX_FDS - _FDS_KEPT_FOR_OBJECTS:
+            return True  # no room for more fds in one frame: this one is copied in-band
         seg = self.cache.take(raw) if self.cache is not None else None
         if seg is not None:
             self.segments.append(seg)
