@@ -149,3 +149,30 @@ def test_a_huge_or_infinite_timeout_is_no_limit(limit):
         assert pool.apply_async(square, (4,), timeout=limit).get(20) == 16
         assert pool.schedule(square, (5,), timeout=limit).result(20) == 25
         assert pool.apply(square, (6,)) == 36
+
+
+def hang_on_five(x):
+    if x == 5:
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)  # TaskTimeout never comes: a hard kill
+        time.sleep(30)
+    return x
+
+
+def test_a_hard_timeout_inside_a_chunk_fails_only_its_item():
+    # the worker is killed in the middle of a chunk [4, 5, 6, 7]: item 4 had run (its result
+    # died with the worker), 6 and 7 had not started -- they run again; only 5 fails
+    with procpool.Pool(2, grace=0.2) as pool:
+        out = []
+        it = pool.imap(hang_on_five, range(12), chunksize=4, timeout=0.3)
+        while True:
+            try:
+                out.append(next(it))
+            except StopIteration:
+                break
+            except procpool.TaskTimeoutError as exc:
+                assert exc.hard and "item 5" in str(exc)
+                out.append("timeout")
+        assert out == [0, 1, 2, 3, 4, "timeout", 6, 7, 8, 9, 10, 11]
+        result = pool.map_async(hang_on_five, range(12), chunksize=4, timeout=0.3)
+        with pytest.raises(procpool.TaskTimeoutError, match="item 5"):
+            result.get(20)

@@ -11,6 +11,7 @@ as one TASKS frame (plus a FUNC frame for each function it has not seen).  A mix
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -112,9 +113,12 @@ class Dispatch:
                 return task
         return None
 
-    def _chunk_task(self, job: MapJob, items: list | range) -> Task | None:
-        index = job.next_index
-        job.next_index += len(items)
+    def _chunk_task(
+        self, job: MapJob, items: list | range, index: int | None = None
+    ) -> Task | None:
+        if index is None:  # the next items of the job's input
+            index = job.next_index
+            job.next_index += len(items)
         try:
             payload = _serialize.dumps(items, cache=self._buffers)
         except SerializationError as exc:
@@ -135,6 +139,30 @@ class Dispatch:
         )
         task.job, task.index, task.n_items = job, index, len(items)
         return task
+
+    def _split_chunk(self, task: Task, item: int) -> Task | None:
+        """A chunk whose worker was killed because its item *item* overran its time limit:
+        queue the chunk's other items again -- those before it (their results died with the
+        worker) and those after it (never started) -- as chunks of their own, first in line,
+        and return a task standing for the item alone, to be failed.  None if the chunk cannot
+        be split (its items travel with file descriptors): it then fails whole."""
+        payload = task.payload
+        job = task.job
+        if job is None or isinstance(payload, bytes) or payload.fds or not 0 <= item < task.n_items:
+            return None
+        try:
+            items = pickle.loads(payload.data)  # the parent pickled them: it can read them
+        except Exception:  # noqa: BLE001 - then the chunk fails whole, as before
+            return None
+        for lo, hi in ((item + 1, len(items)), (0, item)):  # appendleft: the earlier ones first
+            if lo < hi:
+                rest = self._chunk_task(job, items[lo:hi], task.index + lo)
+                if rest is not None:
+                    self._pending.appendleft(rest)
+        task.release()
+        overran = Task.unsent(task.sink, task.label, task.kind, job, task.index + item, 1)
+        overran.timeout = task.timeout
+        return overran
 
     def _dispatch(self) -> None:
         """Hand pending work to workers that can take it, one batch (frame) per worker."""

@@ -45,11 +45,15 @@ RESULT_HEAD = struct.Struct("<QBdHHI")  # id, status, duration in seconds, nbuf,
 FUNC_HEAD = struct.Struct("<I")  # fid
 INODE = struct.Struct("<Q")  # one inode in a RELEASED body
 
-# The progress slot: 16 bytes of shared memory per worker (a memfd sent with INIT).  The worker
+# The progress slot: 24 bytes of shared memory per worker (a memfd sent with INIT).  The worker
 # writes the id of the task it starts and, when the task's result is buffered, that id as the
 # last finished one.  When a worker dies, the scheduler reads the slot to tell the task that was
 # running (fails, or is retried) from those that never started (sent again, to another worker).
-PROGRESS = struct.Struct("<QQ")  # running task id (0: none), last finished task id
+# A chunk with a time limit also writes the index of the item it starts: when its worker is
+# killed for an item that overran (a hard timeout), only that item fails.
+PROGRESS = struct.Struct("<QQQ")  # running task id (0: none), last finished id, item in it
+PROGRESS_ITEM = struct.Struct("<Q")  # the item, alone (at offset ITEM_OFFSET)
+ITEM_OFFSET = 16
 PROGRESS_SIZE = PROGRESS.size
 
 

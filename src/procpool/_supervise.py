@@ -105,13 +105,14 @@ class WorkerSupervision:
     _grace: float
     _wids: Iterator[int]
 
-    if TYPE_CHECKING:  # Scheduler's own methods, used here
+    if TYPE_CHECKING:  # Scheduler's (and Dispatch's) own methods, used here
 
         def _fail(self, task: Task, error: BaseException) -> None: ...
         def _break(self, error: BaseException) -> None: ...
         def _has_work(self) -> bool: ...
         def _wake(self) -> None: ...
         def _add_timer(self, delay: float, kind: str, what: Any) -> None: ...
+        def _split_chunk(self, task: Task, item: int) -> Task | None: ...
 
     def _spawn(self) -> None:
         proc = self._launcher.start()
@@ -181,7 +182,7 @@ class WorkerSupervision:
         if w.proc.pidfd >= 0:
             os.close(w.proc.pidfd)
         how = describe_exit(code)
-        running, done = P.PROGRESS.unpack_from(w.progress)
+        running, done, item = P.PROGRESS.unpack_from(w.progress)
         w.progress.release()
         held = list(w.inflight.values())  # in the order the worker runs them
         w.inflight.clear()
@@ -190,7 +191,7 @@ class WorkerSupervision:
         for task in held[:cut]:  # finished, but the result died with the worker
             self._settle_lost(task, w, code, how, "after running")
         if running in ids:
-            self._settle_lost(held[cut], w, code, how, "while running")
+            self._settle_lost(held[cut], w, code, how, "while running", item)
             cut += 1
         for task in reversed(held[cut:]):  # never started: send again, no attempt used
             task.attempts -= 1
@@ -226,12 +227,17 @@ class WorkerSupervision:
         if self._needs_workers():
             self._spawn()
 
-    def _settle_lost(self, task: Task, w: _Worker, code: int | None, how: str, when: str) -> None:
+    def _settle_lost(
+        self, task: Task, w: _Worker, code: int | None, how: str, when: str, item: int = 0
+    ) -> None:
         task.state = _PENDING
         task.worker = None
         if task.cancel_requested:
             self._fail(task, CancelledError())
         elif task.timed_out:
+            overran = self._split_chunk(task, item) if task.n_items > 1 else None
+            if overran is not None:  # a chunk: only the item that overran fails
+                task = overran
             err = TaskTimeoutError(
                 f"{task.describe()} exceeded its timeout of {task.timeout}s and did not stop"
                 f" within {self._grace}s; its worker (pid {w.proc.pid}) was killed",

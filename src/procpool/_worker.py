@@ -200,7 +200,9 @@ class Worker:
     ) -> tuple[int, Any]:
         values: list[Any] = []
         errors: dict[int, tuple] = {}
+        pack_item = P.PROGRESS_ITEM.pack_into
         for i, item in enumerate(items):
+            pack_item(self.progress, P.ITEM_OFFSET, i)  # a hard timeout then fails only this one
             previous = self.alarm.arm(timeout)
             try:
                 values.append(func(*item) if star else func(item))
@@ -241,10 +243,10 @@ class Worker:
                 nfds = rec[4] + rec[5]
                 mine, fds = fds[:nfds], fds[nfds:]
             task_id = rec[0]
-            pack_progress(self.progress, 0, task_id, self.last_done)
+            pack_progress(self.progress, 0, task_id, self.last_done, 0)
             self.run_record(rec, mine)
             self.last_done = task_id
-            pack_progress(self.progress, 0, 0, task_id)
+            pack_progress(self.progress, 0, 0, task_id, 0)
             mine = []
             if (
                 len(self.out) > FLUSH_BYTES
