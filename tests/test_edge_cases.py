@@ -229,3 +229,14 @@ def test_imap_over_a_range_reads_a_window_of_it():
         with pytest.raises(ValueError, match="bad item 3"):
             next(it2)
         assert list(it2) == [40, 50]
+
+
+def test_an_open_file_as_an_argument_is_refused_not_copied(pool, tmp_path):
+    # cloudpickle (the fallback for what plain pickle refuses) would send a text file as a
+    # StringIO snapshot, which the task then writes in vain; multiprocessing refuses it too
+    path = tmp_path / "f.txt"
+    with open(path, "w") as f:
+        r = pool.apply_async(length, (f,))
+        with pytest.raises(procpool.SerializationError, match="open file"):
+            r.get(10)
+    assert pool.apply(length, (str(path),)) == len(str(path))

@@ -23,6 +23,7 @@ worker included) and most programs never need it.
 from __future__ import annotations
 
 import ctypes
+import io
 import mmap
 import os
 import pickle
@@ -31,6 +32,7 @@ import sys
 import threading
 import types
 import weakref
+from collections import ChainMap
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -206,9 +208,7 @@ def dumps(obj: Any, *, oob: bool = True, cache: BufferCache | None = None) -> Pa
         except Exception:
             collector.discard()
             try:
-                data = _cloudpickle().dumps(
-                    obj, PROTOCOL, buffer_callback=collector.buffer_callback
-                )
+                data = _cloudpickle_dumps(obj, collector.buffer_callback)
             except Exception as exc:
                 collector.discard()
                 raise SerializationError(f"cannot pickle {describe(obj)}: {exc}") from exc
@@ -231,6 +231,34 @@ def dumps(obj: Any, *, oob: bool = True, cache: BufferCache | None = None) -> Pa
 
 
 _cloudpickle_module: Any = None
+_pickler_class: Any = None
+
+
+def _refuse_file(obj: Any) -> Any:
+    raise TypeError(
+        f"cannot send an open file ({obj!r}) to another process: pass its name and open it there"
+    )
+
+
+def _cloudpickle_dumps(obj: Any, buffer_callback: Callable | None = None) -> bytes:
+    """cloudpickle, minus its copying of open files: a text file would arrive as a
+    ``StringIO`` snapshot that the task reads or writes in vain (plain pickle and
+    :mod:`multiprocessing` refuse them; so do we, with a clearer message)."""
+    global _pickler_class
+    if _pickler_class is None:
+        base = _cloudpickle().Pickler
+        refused = dict.fromkeys(
+            (io.TextIOWrapper, io.BufferedReader, io.BufferedWriter, io.BufferedRandom, io.FileIO),
+            _refuse_file,
+        )
+        _pickler_class = type(
+            "_Pickler",
+            (base,),
+            {"dispatch_table": ChainMap(refused, base.dispatch_table)},
+        )
+    out = io.BytesIO()
+    _pickler_class(out, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+    return out.getvalue()
 
 
 def _cloudpickle() -> Any:
@@ -267,7 +295,7 @@ def dumps_function(func: Any) -> bytes:
         except Exception:
             pass  # nested or renamed: cloudpickle knows how
     try:
-        blob = _cloudpickle().dumps(func, protocol=PROTOCOL)
+        blob = _cloudpickle_dumps(func)
     except Exception as exc:
         raise SerializationError(f"cannot pickle the function {describe(func)}: {exc}") from exc
     qualname = _main_qualname(func)
