@@ -133,3 +133,28 @@ def test_threads_first_using_main_functions_at_once_all_succeed():
         )
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == "errors []"
+
+
+def test_received_descriptors_are_never_inherited_by_a_worker_forked_meanwhile():
+    # a result's memfd is received in one thread (the I/O thread, or a caller reading its own
+    # reply) and closed after unpickling, maybe in another: a worker forked in between closes
+    # it first thing, as it closes every pool-internal fd (a result's memory would live on)
+    from procpool import _protocol as P
+    from procpool import _serialize
+    from procpool._channel import Channel
+    from procpool._start import INTERNAL_FDS
+
+    a, b = __import__("socket").socketpair()
+    memfd = os.memfd_create("t")
+    try:
+        Channel(a).send_frame(P.frame(P.RESULTS, b"x", 1), [os.dup(memfd)])
+        chan = Channel(b)
+        chan.fill()
+        ((_, _, fds),) = chan.frames()
+        assert len(fds) == 1 and fds[0] in INTERNAL_FDS
+        _serialize.Payload(b"", 0, fds).close()
+        assert fds[0] not in INTERNAL_FDS
+    finally:
+        os.close(memfd)
+        a.close()
+        b.close()

@@ -70,7 +70,11 @@ class Channel:
             self.eof = True
             return -1
         if ancdata:
-            self._rfds.extend(_fds_from(ancdata))
+            fds = _fds_from(ancdata)
+            # ours until their frame's payload closes them: a process forked meanwhile (another
+            # worker starting) must not inherit them -- a result's memory would live on in it
+            INTERNAL_FDS.update(fds)
+            self._rfds.extend(fds)
         if flags & _MSG_CTRUNC:
             # The kernel dropped descriptors (this process is out of fds): the frames can no
             # longer be matched with their fds. Treat the channel as broken -- the worker is

@@ -95,8 +95,7 @@ class Worker:
     def init(self, body: memoryview, fds: list[int]) -> bool:
         if fds:  # the progress slot (see _protocol.PROGRESS)
             self.progress = mmap.mmap(fds[0], P.PROGRESS_SIZE)
-            for fd in fds:
-                os.close(fd)
+            _serialize.Payload(b"", 0, fds).close()  # (received fds are registered internal)
         config = pickle.loads(body)
         if config.get("sys_path"):
             sys.path[:] = config["sys_path"]
