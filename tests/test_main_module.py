@@ -92,8 +92,8 @@ def test_classes_initializers_and_globals_of_a_main_script(method, tmp_path):
         state = {}
         def init(v):
             state["v"] = v
-        def norm(p):
-            return p.x + p.y + state["v"]
+        def norm(p):  # a comprehension: nested code, which must not defeat the match
+            return sum([p.x, p.y] + [state["v"] for _ in range(1)])
         if __name__ == "__main__":
             with procpool.Pool(1, start_method=METHOD, initializer=init, initargs=(10,)) as p:
                 print(p.apply(norm, (Point(1, 2),)))
@@ -120,3 +120,17 @@ def test_an_unguarded_main_script_gets_a_clear_error_not_a_process_storm(method,
         tmp_path / "unguarded.py",
     )
     assert out == ["guard"]
+
+
+def test_a_main_function_may_refer_to_the_standard_streams():
+    out = run_script(
+        """
+        OUT = sys.stdout
+        def show(x, err=sys.stderr):
+            print("shown", x, file=OUT, flush=True)
+            return x
+        with procpool.Pool(1, start_method=METHOD) as p:
+            print(p.apply(show, (5,)), flush=True)
+        """
+    )
+    assert out == ["shown", "5", "5"]

@@ -569,7 +569,10 @@ class Scheduler(WorkerSupervision, Dispatch):
                 self._wake()
                 for job in self._feeding:  # feeders waiting for room: stop now
                     job.space.notify_all()
-        if threading.current_thread() is not self._thread:
+        # not from the I/O thread, nor from a thread delivering (a result's last reference to
+        # its pool can go in a delivery): the I/O thread's last deliveries would wait for it
+        me = threading.get_ident()
+        if threading.current_thread() is not self._thread and self._delivering != me:
             self._thread.join(10)
         self._deliver()
 

@@ -240,6 +240,9 @@ def _refuse_file(obj: Any) -> Any:
     )
 
 
+_STD_STREAMS = ("stdin", "stdout", "stderr", "__stdin__", "__stdout__", "__stderr__")
+
+
 def _cloudpickle_dumps(obj: Any, buffer_callback: Callable | None = None) -> bytes:
     """cloudpickle, minus its copying of open files: a text file would arrive as a
     ``StringIO`` snapshot that the task reads or writes in vain (plain pickle and
@@ -247,15 +250,15 @@ def _cloudpickle_dumps(obj: Any, buffer_callback: Callable | None = None) -> byt
     global _pickler_class
     if _pickler_class is None:
         base = _cloudpickle().Pickler
-        refused = dict.fromkeys(
-            (io.TextIOWrapper, io.BufferedReader, io.BufferedWriter, io.BufferedRandom, io.FileIO),
-            _refuse_file,
-        )
-        _pickler_class = type(
-            "_Pickler",
-            (base,),
-            {"dispatch_table": ChainMap(refused, base.dispatch_table)},
-        )
+        by_reference = base.dispatch_table[io.TextIOWrapper]  # sys.stdout & co., by name
+
+        def reduce_text_file(obj: Any) -> Any:
+            if any(obj is getattr(sys, name, None) for name in _STD_STREAMS):
+                return by_reference(obj)  # the worker's own sys.stdout: fine, as before
+            return _refuse_file(obj)
+
+        table = ChainMap({io.TextIOWrapper: reduce_text_file}, base.dispatch_table)
+        _pickler_class = type("_Pickler", (base,), {"dispatch_table": table})
     out = io.BytesIO()
     _pickler_class(out, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
     return out.getvalue()
@@ -337,18 +340,33 @@ def _lookup_main(qualname: str) -> Any:
 
 
 def _fingerprint(func: Any) -> tuple:
-    """What tells two definitions of a function apart (the same in a forked or spawned
-    worker for the same definition; addresses in a repr make a mismatch: the safe side)."""
+    """What tells two definitions of a function apart: the same in a forked or a spawned
+    worker for the same definition (an address in a default's repr makes a mismatch: the
+    safe side, the copy is used)."""
     code = func.__code__
     return (
         code.co_filename,
         code.co_firstlineno,
-        code.co_code,
-        repr(code.co_consts),
-        code.co_names,
+        _code_print(code),
         repr(func.__defaults__),
         repr(func.__kwdefaults__),
     )
+
+
+def _code_print(code: types.CodeType) -> tuple:
+    # nested code (comprehensions, lambdas, inner functions) by content, not by its repr (an
+    # address); a frozenset's elements sorted (their order follows the per-process str hash)
+    return (code.co_code, code.co_names, tuple(_const_print(c) for c in code.co_consts))
+
+
+def _const_print(const: Any) -> Any:
+    if isinstance(const, types.CodeType):
+        return _code_print(const)
+    if isinstance(const, tuple):
+        return tuple(_const_print(c) for c in const)
+    if isinstance(const, frozenset):
+        return ("frozenset", tuple(sorted(repr(c) for c in const)))
+    return repr(const)
 
 
 class _MainFunction:

@@ -181,6 +181,7 @@ class Pool(PoolAPI):
         run time (default: the pool's).  Raises ``ValueError`` if the pool is closed.
         """
         result: AsyncResult[T] = AsyncResult(callback, error_callback)
+        result._pool = self  # before it can complete (which drops it): see AsyncResult._pool
         sched = self._sched
         task = sched.submit_call(
             func,
@@ -192,7 +193,7 @@ class Pool(PoolAPI):
             retry_on=self._retry_on,
         )
         if not result._done:
-            result._sched, result._task, result._pool = sched, task, self
+            result._sched, result._task = sched, task
         return result
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
@@ -246,6 +247,7 @@ class Pool(PoolAPI):
         label = f"{'starmap' if star else 'map'}({getattr(func, '__qualname__', func)})"
         result = MapResult(len(items), label, callback, error_callback, fail_fast)
         if items:
+            result._pool = self  # until its results are in (dropped when it completes)
             self._sched.submit_map(
                 func,
                 items,
@@ -255,8 +257,6 @@ class Pool(PoolAPI):
                 timeout=self._task_timeout(timeout),
                 retries=self._retries,
             )
-            if not result._done:
-                result._pool = self  # until its results are in
         return result
 
     def _imap(self, func, iterable, chunksize, timeout, ordered, star=False) -> IMapIterator:

@@ -490,6 +490,12 @@ class Future(concurrent.futures.Future[T]):
                     return
                 self._condition.wait(min(left, WAIT_SLICE))  # type: ignore[attr-defined]
 
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        self._pool = None  # done: it no longer keeps its pool alive
+        return True
+
     def result(self, timeout: float | None = None) -> T:
         self._wait_sliced(timeout)
         return super().result(0)  # the value, the error, or TimeoutError if still not done

@@ -583,7 +583,7 @@ class SharedArray:
         if isinstance(dtype, list):  # structured
             from numpy.lib.format import descr_to_dtype
 
-            dtype = descr_to_dtype(dtype)
+            dtype = descr_to_dtype(_descr_from_json(dtype))
         return cls(tuple(meta["shape"]), dtype, _region=region)
 
     @property
@@ -631,6 +631,17 @@ class SharedArray:
 
     def __repr__(self) -> str:
         return f"<procpool.SharedArray shape={self.shape} dtype={self.dtype}>"
+
+
+def _descr_from_json(descr: list) -> list:
+    """numpy's field list (``dtype_to_descr``) back from JSON, which made its tuples lists:
+    ``[name or [title, name], format or a nested list, [shape]]`` per field."""
+    fields = []
+    for field in descr:
+        name = tuple(field[0]) if isinstance(field[0], list) else field[0]
+        fmt = field[1] if isinstance(field[1], str) else _descr_from_json(field[1])
+        fields.append((name, fmt, tuple(field[2])) if len(field) > 2 else (name, fmt))
+    return fields
 
 
 def _rebuild_shared_array(shape: tuple[int, ...], dtype: Any, region: Region) -> SharedArray:

@@ -215,3 +215,18 @@ def test_a_dropped_imap_iterator_lets_its_pool_go(leak_check):
     gc.collect()
     assert wait_until(lambda: not any(h.proc_stat(p) for p in workers), 10.0), workers
     leak_check.assert_clean()
+
+
+def test_a_cancelled_future_does_not_keep_its_pool(leak_check):
+    import weakref
+
+    pool = procpool.Pool(1)
+    first = pool.submit(h.sleep_return, 1, 0.3)
+    second = pool.submit(h.sleep_return, 2, 30.0)
+    assert second.cancel()  # still queued behind the first: cancelled, done
+    ref = weakref.ref(pool)
+    del pool
+    assert first.result(20) == 1
+    gc.collect()
+    assert wait_until(lambda: ref() is None, 5.0), "a cancelled future kept its pool alive"
+    leak_check.assert_clean()

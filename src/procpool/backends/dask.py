@@ -215,9 +215,8 @@ class DaskPool(PoolAPI):
         """
         self._engine.check_running()
         result: AsyncResult[T] = AsyncResult(callback, error_callback)
+        result._pool = self  # until its result is in (see AsyncResult._pool)
         self._submit_call(func, args, kwds, result, timeout)
-        if not result._done:
-            result._pool = self  # until its result is in (see AsyncResult._pool)
         return result
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
@@ -270,14 +269,14 @@ class DaskPool(PoolAPI):
         label = _label("map" if kind == MAP else "starmap", func)
         _check_portable(items, label)
         result = MapResult(len(items), label, callback, error_callback, fail_fast)
+        if items:
+            result._pool = self  # until its results are in
         if chunksize is None:
             chunksize = max(1, math.ceil(len(items) / (4 * self.processes)))
         for start in range(0, len(items), chunksize):
             chunk = items[start : start + chunksize]
             unit = _Unit(result, label, limit, start, len(chunk), single=False)
             self._engine.submit(unit, _Payload(func, kind, chunk, {}, limit))
-        if not result._done:
-            result._pool = self
         return result
 
     def _imap(
