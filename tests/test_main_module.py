@@ -134,3 +134,25 @@ def test_a_main_function_may_refer_to_the_standard_streams():
         """
     )
     assert out == ["shown", "5", "5"]
+
+
+def test_workers_hold_the_program_as_it_was_when_the_pool_was_made():
+    # multiprocessing forks inside Pool(): a global changed afterwards is not seen by the
+    # tasks (they read the worker's own copy); procpool's I/O thread forks, and Pool() waits
+    # for it -- it answered 0 or 1 depending on the thread's timing
+    out = run_script(
+        """
+        X = 0
+        def f():
+            return X
+        seen = set()
+        for _ in range(8):
+            X = 0
+            pool = procpool.Pool(1, start_method=METHOD)
+            X = 1
+            seen.add(pool.apply(f))
+            pool.terminate()
+        print(*sorted(seen))
+        """
+    )
+    assert out == ["0"]

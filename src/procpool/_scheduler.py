@@ -164,6 +164,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         INTERNAL_FDS.update((self._epoll.fileno(), self._wakefd, self._handofffd))
 
         _live.add(self)
+        self._started = threading.Event()  # set once the first workers are started
         self._thread = start_thread(self._run, "procpool-io")
 
     # =================================================================== caller side
@@ -607,11 +608,21 @@ class Scheduler(WorkerSupervision, Dispatch):
             self._woken = True
             os.eventfd_write(self._wakefd, 1)
 
+    def wait_started(self) -> None:
+        """Return once the pool's first workers exist (forked: they hold the program's state
+        as it is now, as ``multiprocessing.Pool()`` forks before it returns)."""
+        while not self._started.wait(WAIT_SLICE):  # in slices: see results.WAIT_SLICE
+            if not self._thread.is_alive():
+                return
+
     def _run(self) -> None:
         try:
-            with self._lock:
-                for _ in range(self.processes):
-                    self._spawn()
+            try:
+                with self._lock:
+                    for _ in range(self.processes):
+                        self._spawn()
+            finally:
+                self._started.set()
             self._deliver()
             while True:
                 events = self._epoll.poll(self._poll_timeout())

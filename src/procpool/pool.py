@@ -122,6 +122,7 @@ class Pool(PoolAPI):
         )
         # a pool dropped without close() or still alive at exit is terminated, not leaked
         self._finalizer = weakref.finalize(self, self._sched.terminate)
+        self._sched.wait_started()
 
     # ---------------------------------------------------------------- introspection
     @property
