@@ -176,3 +176,30 @@ def test_a_hard_timeout_inside_a_chunk_fails_only_its_item():
         result = pool.map_async(hang_on_five, range(12), chunksize=4, timeout=0.3)
         with pytest.raises(procpool.TaskTimeoutError, match="item 5"):
             result.get(20)
+
+
+def overrun_first(x):
+    if x == 0:  # overruns with SIGALRM blocked (as C code can), then stops by itself
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        time.sleep(1.5)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
+    else:
+        time.sleep(0.3)  # within its limit of 0.5 s
+    return x
+
+
+def test_the_hard_limit_follows_each_item_of_a_chunk_and_blames_the_one_that_overran():
+    # the limit was the chunk's total (4 x 0.5 s + grace): the kill came while item 3 ran,
+    # within its own limit, and it was blamed; now the kill comes grace seconds after item 0's
+    # limit, and the others run again
+    with procpool.Pool(1, grace=0.3) as pool:
+        out = []
+        it = pool.imap(overrun_first, range(4), chunksize=4, timeout=0.5)
+        while True:
+            try:
+                out.append(next(it))
+            except StopIteration:
+                break
+            except procpool.TaskTimeoutError as exc:
+                out.append(("hard" if exc.hard else "soft", str(exc).split(" of ")[0]))
+        assert out == [("hard", "item 0"), 1, 2, 3]

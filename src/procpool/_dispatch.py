@@ -207,10 +207,9 @@ class Dispatch:
             task.cost = 0.0
         if task.timeout:
             w.exclusive = True
-            # the soft limit is per item: a chunk of n items may take n times as long
-            self._add_timer(
-                task.timeout * task.n_items + self._grace, "hard", (task, task.attempts)
-            )
+            # the first check of the hard limit: one item's limit and the grace from now;
+            # then it follows the item running (see Scheduler._hard_deadline)
+            self._add_timer(task.timeout + self._grace, "hard", (task, task.attempts))
         w.sent += 1
         if self._maxtasks and w.sent >= self._maxtasks:
             w.retiring = True

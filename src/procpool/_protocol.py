@@ -49,10 +49,12 @@ INODE = struct.Struct("<Q")  # one inode in a RELEASED body
 # writes the id of the task it starts and, when the task's result is buffered, that id as the
 # last finished one.  When a worker dies, the scheduler reads the slot to tell the task that was
 # running (fails, or is retried) from those that never started (sent again, to another worker).
-# A chunk with a time limit also writes the index of the item it starts: when its worker is
-# killed for an item that overran (a hard timeout), only that item fails.
-PROGRESS = struct.Struct("<QQQ")  # running task id (0: none), last finished id, item in it
-PROGRESS_ITEM = struct.Struct("<Q")  # the item, alone (at offset ITEM_OFFSET)
+# A task with a time limit also writes when it started (``time.monotonic()``: one clock for
+# every process), and a chunk the index and start of each item: the scheduler kills the worker
+# only once the running item has overrun its limit by the grace time (a hard timeout), and
+# then only that item fails.
+PROGRESS = struct.Struct("<QQQd")  # running task id (0: none), last finished id, item, its start
+PROGRESS_ITEM = struct.Struct("<Qd")  # the item and its start, alone (at offset ITEM_OFFSET)
 ITEM_OFFSET = 16
 PROGRESS_SIZE = PROGRESS.size
 

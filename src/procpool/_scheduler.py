@@ -755,14 +755,32 @@ class Scheduler(WorkerSupervision, Dispatch):
             if kind == "hard":
                 task, attempt = what
                 if task.state == _SENT and task.attempts == attempt and task.worker is not None:
-                    task.timed_out = True
-                    self._kill(task.worker)
+                    due = self._hard_deadline(task, now)
+                    if due > now:
+                        self._add_timer(due - now, "hard", what)
+                    else:
+                        task.timed_out = True
+                        self._kill(task.worker)
             elif kind == "exit":
                 if what.wid in self._workers:
                     self._kill(what)
             elif kind == "trim":
                 self._trim_armed = False
                 self._buffers.trim()
+
+    def _hard_deadline(self, task: Task, now: float) -> float:
+        """When the worker running *task* (a call or a chunk with a time limit) is to be killed:
+        ``grace`` seconds after the limit of the item it runs now, counted from that item's
+        start, which the worker writes into its progress slot (one monotonic clock for every
+        process) -- so a chunk is not killed for its total time, and the item blamed is the
+        one that overran."""
+        running, done, _, started = P.PROGRESS.unpack_from(task.worker.progress)
+        limit = task.timeout + self._grace
+        if running == task.id and started:
+            return started + limit
+        if done == task.id:  # finished: its result is on the way
+            return now + self._grace
+        return now + limit  # not started yet (the worker is reading it)
 
     # ------------------------------------------------------------------ shutdown
     def _progress_shutdown(self) -> bool:

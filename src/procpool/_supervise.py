@@ -182,7 +182,7 @@ class WorkerSupervision:
         if w.proc.pidfd >= 0:
             os.close(w.proc.pidfd)
         how = describe_exit(code)
-        running, done, item = P.PROGRESS.unpack_from(w.progress)
+        running, done, item, _ = P.PROGRESS.unpack_from(w.progress)
         w.progress.release()
         held = list(w.inflight.values())  # in the order the worker runs them
         w.inflight.clear()

@@ -201,7 +201,8 @@ class Worker:
         errors: dict[int, tuple] = {}
         pack_item = P.PROGRESS_ITEM.pack_into
         for i, item in enumerate(items):
-            pack_item(self.progress, P.ITEM_OFFSET, i)  # a hard timeout then fails only this one
+            # the scheduler's hard limit runs from here, and then fails only this item
+            pack_item(self.progress, P.ITEM_OFFSET, i, time.monotonic())
             previous = self.alarm.arm(timeout)
             try:
                 values.append(func(*item) if star else func(item))
@@ -242,10 +243,11 @@ class Worker:
                 nfds = rec[4] + rec[5]
                 mine, fds = fds[:nfds], fds[nfds:]
             task_id = rec[0]
-            pack_progress(self.progress, 0, task_id, self.last_done, 0)
+            started = time.monotonic() if rec[3] else 0.0  # a time limit: the hard one counts
+            pack_progress(self.progress, 0, task_id, self.last_done, 0, started)
             self.run_record(rec, mine)
             self.last_done = task_id
-            pack_progress(self.progress, 0, 0, task_id, 0)
+            pack_progress(self.progress, 0, 0, task_id, 0, 0.0)
             mine = []
             if (
                 len(self.out) > FLUSH_BYTES
