@@ -41,24 +41,11 @@ from typing import Any, NamedTuple
 INTERNAL_FDS: set[int] = set()
 
 PR_SET_PDEATHSIG = 1
-_libc: Any
 _prctl: Any
-_malloc_trim: Any
 try:  # resolved now, in the parent: dlopen/dlsym after fork could block on a loader lock
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _prctl = _libc.prctl
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):  # pragma: no cover - not Linux
-    _libc = _prctl = None
-_malloc_trim = getattr(_libc, "malloc_trim", None)  # glibc only
-
-
-def trim_heap() -> None:
-    """Give the free pages of the C heap back to the kernel (glibc's ``malloc_trim``).
-
-    A forked worker starts with a copy of its parent's heap, free chunks included -- the
-    parent's import-time garbage; returning them makes an idle worker ~0.5 MB smaller."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
+    _prctl = None
 
 
 _FORK_LOCK = threading.Lock()  # see ForkLauncher.start

@@ -311,10 +311,9 @@ def rss() -> int:
 def main(sock: socket.socket) -> int:
     """Serve the pool on *sock* until told to exit or the parent goes away."""
     sock.setblocking(True)
-    from ._start import INTERNAL_FDS, trim_heap
+    from ._start import INTERNAL_FDS
 
     INTERNAL_FDS.add(sock.fileno())  # a pool created inside a task must not inherit it
-    trim_heap()
     try:
         # SCHED_BATCH: a worker woken by a new task does not preempt the parent on its CPU,
         # so the parent's send returns at once instead of after the task (measured: the
