@@ -474,35 +474,144 @@ class WeakSink:
             target._end_of_input(length, error)
 
 
+# the stdlib Future's states (concurrent.futures._base; the same names in 3.10 to 3.13)
+_PENDING, _RUNNING, _FINISHED = "PENDING", "RUNNING", "FINISHED"
+_CANCELLED, _CANCELLED_AND_NOTIFIED = "CANCELLED", "CANCELLED_AND_NOTIFIED"
+_OVER = frozenset({_CANCELLED, _CANCELLED_AND_NOTIFIED, _FINISHED})
+#: creates futures' conditions, and guards the state of the futures that have none yet
+_FUTURE_LOCK = threading.Lock()
+
+
 class Future(concurrent.futures.Future[T]):
-    """A :class:`concurrent.futures.Future` whose ``result()`` and ``exception()`` wait in
-    slices of :data:`WAIT_SLICE` seconds, as every other wait of procpool does: a Ctrl-C that
-    lands while the caller blocks is raised at once (see there).  ``Pool.submit`` returns it."""
+    """A :class:`concurrent.futures.Future` (``Pool.submit`` returns it) that is cheap when
+    nobody waits on it, and whose waits return to the interpreter every :data:`WAIT_SLICE`.
+
+    The stdlib's Future builds a ``threading.Condition`` (an RLock, a deque and bound methods:
+    half a dozen objects for the garbage collector) for each future; with thousands in flight,
+    making them was half of ``submit``'s time.  Here the condition is made on first use --
+    a thread waiting in ``result()``, ``concurrent.futures.wait``/``as_completed``, a done
+    callback --; until then the state changes under one module lock (no waiter or callback can
+    exist without the condition, so there is nobody to notify).  Once made, the stdlib's own
+    methods run unchanged.  A Ctrl-C that lands while the caller blocks in ``result()`` is
+    raised at once (see :data:`WAIT_SLICE`).
+    """
 
     _pool: Any = None  # the pool, until the result is in (see AsyncResult._pool)
 
-    def _wait_sliced(self, timeout: float | None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._condition:  # type: ignore[attr-defined]
-            while not self.done():
-                left = WAIT_SLICE if deadline is None else deadline - time.monotonic()
-                if left <= 0:
-                    return
-                self._condition.wait(min(left, WAIT_SLICE))  # type: ignore[attr-defined]
+    def __init__(self) -> None:  # the stdlib's, minus the condition
+        self._cond: threading.Condition | None = None
+        self._state = _PENDING
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._waiters: list = []
+        self._done_callbacks: list = []
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        cond = self._cond
+        if cond is None:
+            with _FUTURE_LOCK:
+                cond = self._cond
+                if cond is None:
+                    cond = self._cond = threading.Condition()
+        return cond
+
+    # -- state changes: under the module lock while there is no condition ----------------
+    def _settle(self, value: Any, exc: BaseException | None) -> bool:
+        """Finish without a condition (True), or say there is one now (False)."""
+        with _FUTURE_LOCK:
+            if self._cond is not None:
+                return False
+            over = self._state in _OVER
+            if not over:
+                self._result, self._exception = value, exc
+                self._state = _FINISHED
+        if over:  # (not under the lock: repr() makes the condition)
+            raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
+        self._invoke_callbacks()  # type: ignore[attr-defined]  # (none without a condition)
+        return True
+
+    def set_result(self, result: Any) -> None:
+        if self._cond is None and self._settle(result, None):
+            return
+        super().set_result(result)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        if self._cond is None and self._settle(None, exception):
+            return
+        super().set_exception(exception)
+
+    def set_running_or_notify_cancel(self) -> bool:
+        if self._cond is None:
+            with _FUTURE_LOCK:
+                if self._cond is None:
+                    if self._state == _CANCELLED:
+                        self._state = _CANCELLED_AND_NOTIFIED
+                        return False
+                    if self._state == _PENDING:
+                        self._state = _RUNNING
+                        return True
+                    raise RuntimeError(f"Future in unexpected state: {self._state}")
+        return super().set_running_or_notify_cancel()
 
     def cancel(self) -> bool:
-        if not super().cancel():
+        cancelled = None
+        if self._cond is None:
+            with _FUTURE_LOCK:
+                if self._cond is None:
+                    if self._state in (_RUNNING, _FINISHED):
+                        return False
+                    if self._state == _PENDING:
+                        self._state = _CANCELLED
+                    cancelled = True
+        if cancelled is None and not super().cancel():
             return False
         self._pool = None  # done: it no longer keeps its pool alive
         return True
 
+    # -- reading: a plain read of the state is atomic -------------------------------------
+    def done(self) -> bool:
+        return self._state in _OVER
+
+    def running(self) -> bool:
+        return self._state == _RUNNING
+
+    def cancelled(self) -> bool:
+        return self._state in (_CANCELLED, _CANCELLED_AND_NOTIFIED)
+
+    def _wait_sliced(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        cond = self._condition
+        with cond:
+            while self._state not in _OVER:
+                left = WAIT_SLICE if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    return
+                cond.wait(min(left, WAIT_SLICE))
+
     def result(self, timeout: float | None = None) -> T:
-        self._wait_sliced(timeout)
-        return super().result(0)  # the value, the error, or TimeoutError if still not done
+        if self._state not in _OVER:
+            self._wait_sliced(timeout)
+        if self._state == _FINISHED:
+            exc = self._exception
+            if exc is not None:
+                try:
+                    raise exc
+                finally:  # no cycle: exception -> traceback -> this frame -> the future
+                    del exc, self
+            return self._result
+        if self._state in _OVER:
+            raise CancelledError()
+        raise concurrent.futures.TimeoutError()
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._wait_sliced(timeout)
-        return super().exception(0)
+        if self._state not in _OVER:
+            self._wait_sliced(timeout)
+        if self._state == _FINISHED:
+            return self._exception
+        if self._state in _OVER:
+            raise CancelledError()
+        raise concurrent.futures.TimeoutError()
 
 
 class FutureSink:

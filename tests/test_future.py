@@ -1,0 +1,128 @@
+"""procpool's Future: a concurrent.futures.Future that makes its condition only when someone
+waits or registers a callback.  Every stdlib way of using a future must behave as with the
+stdlib's own, whether the condition was made before or after the result came in."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import threading
+import time
+
+import pytest
+from tasks import sleep_then, square
+
+import procpool
+from procpool.results import Future
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def finish_later(future, value, delay=0.05, error=False):
+    def run():
+        time.sleep(delay)
+        if error:
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+
+    threading.Thread(target=run).start()
+
+
+@pytest.mark.parametrize("cls", [Future, cf.Future])  # ours against the stdlib's
+def test_the_lifecycle_matches_the_stdlib(cls):
+    f = cls()
+    assert not f.done() and not f.running() and not f.cancelled()
+    assert f.set_running_or_notify_cancel() is True and f.running()
+    assert not f.cancel()  # running: too late
+    f.set_result(5)
+    assert f.done() and f.result() == 5 and f.exception() is None
+    with pytest.raises(cf.InvalidStateError):
+        f.set_result(6)
+
+    g = cls()
+    assert g.cancel() and g.cancel() and g.cancelled() and g.done()
+    assert g.set_running_or_notify_cancel() is False
+    with pytest.raises(cf.CancelledError):
+        g.result()
+    with pytest.raises(cf.CancelledError):
+        g.exception()
+
+    h = cls()
+    h.set_exception(KeyError("k"))
+    with pytest.raises(KeyError):
+        h.result()
+    assert isinstance(h.exception(), KeyError)
+    with pytest.raises(cf.TimeoutError):
+        cls().result(timeout=0.01)
+
+
+def test_waiting_before_and_after_the_result():
+    f = Future()
+    finish_later(f, "late")
+    assert f.result(timeout=10) == "late"  # waits: the condition is made, then notified
+    e = Future()
+    finish_later(e, ValueError("x"), error=True)
+    assert isinstance(e.exception(timeout=10), ValueError)
+
+
+def test_callbacks_before_and_after_completion():
+    seen = []
+    f = Future()
+    f.add_done_callback(lambda fut: seen.append(("before", fut.result())))
+    f.set_result(1)
+    f.add_done_callback(lambda fut: seen.append(("after", fut.result())))
+    c = Future()
+    c.add_done_callback(lambda fut: seen.append(("cancelled", fut.cancelled())))
+    c.cancel()
+    assert seen == [("before", 1), ("after", 1), ("cancelled", True)]
+
+
+def test_wait_and_as_completed_with_futures_finished_before_during_and_never():
+    done_early = Future()
+    done_early.set_result(0)
+    later = [Future() for _ in range(20)]
+    for i, f in enumerate(later):
+        finish_later(f, i + 1, delay=0.01 * (i % 5))
+    never = Future()
+    got = sorted(f.result() for f in cf.as_completed([done_early, *later], timeout=10))
+    assert got == list(range(21))
+    done, pending = cf.wait([done_early, never], timeout=0.05)
+    assert done == {done_early} and pending == {never}
+    finish_later(never, "x")
+    done, pending = cf.wait([never], timeout=10, return_when=cf.FIRST_COMPLETED)
+    assert done == {never} and not pending
+
+
+def test_many_threads_waiting_on_one_future():
+    f = Future()
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(f.result(10))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    f.set_result("all")
+    for t in threads:
+        t.join(10)
+    assert results == ["all"] * 8
+
+
+def test_pool_futures_with_the_stdlib_helpers_and_asyncio():
+    with procpool.Pool(2) as pool:
+        futures = [pool.submit(square, i) for i in range(200)]
+        assert sorted(f.result() for f in cf.as_completed(futures, timeout=30)) == sorted(
+            i * i for i in range(200)
+        )
+        slow = pool.submit(sleep_then, 0.3, "slow")
+        done, pending = cf.wait([slow], timeout=0.01)
+        assert not done and pending == {slow}
+        assert slow.result(10) == "slow"
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            return await asyncio.gather(
+                asyncio.wrap_future(pool.submit(square, 7)),
+                loop.run_in_executor(pool, square, 8),
+            )
+
+        assert asyncio.run(main()) == [49, 64]
