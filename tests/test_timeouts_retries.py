@@ -158,21 +158,25 @@ def hang_on_five(x):
     return x
 
 
+def imap_outcomes(pool, func, n, **kwargs):
+    """Each item's value, or ``(hard|soft, "item i")`` for the items that timed out."""
+    out = []
+    it = pool.imap(func, range(n), **kwargs)
+    while True:
+        try:
+            out.append(next(it))
+        except StopIteration:
+            return out
+        except procpool.TaskTimeoutError as exc:
+            out.append(("hard" if exc.hard else "soft", str(exc).split(" of ")[0]))
+
+
 def test_a_hard_timeout_inside_a_chunk_fails_only_its_item():
     # the worker is killed in the middle of a chunk [4, 5, 6, 7]: item 4 had run (its result
     # died with the worker), 6 and 7 had not started -- they run again; only 5 fails
     with procpool.Pool(2, grace=0.2) as pool:
-        out = []
-        it = pool.imap(hang_on_five, range(12), chunksize=4, timeout=0.3)
-        while True:
-            try:
-                out.append(next(it))
-            except StopIteration:
-                break
-            except procpool.TaskTimeoutError as exc:
-                assert exc.hard and "item 5" in str(exc)
-                out.append("timeout")
-        assert out == [0, 1, 2, 3, 4, "timeout", 6, 7, 8, 9, 10, 11]
+        out = imap_outcomes(pool, hang_on_five, 12, chunksize=4, timeout=0.3)
+        assert out == [0, 1, 2, 3, 4, ("hard", "item 5"), 6, 7, 8, 9, 10, 11]
         result = pool.map_async(hang_on_five, range(12), chunksize=4, timeout=0.3)
         with pytest.raises(procpool.TaskTimeoutError, match="item 5"):
             result.get(20)
@@ -193,13 +197,5 @@ def test_the_hard_limit_follows_each_item_of_a_chunk_and_blames_the_one_that_ove
     # within its own limit, and it was blamed; now the kill comes grace seconds after item 0's
     # limit, and the others run again
     with procpool.Pool(1, grace=0.3) as pool:
-        out = []
-        it = pool.imap(overrun_first, range(4), chunksize=4, timeout=0.5)
-        while True:
-            try:
-                out.append(next(it))
-            except StopIteration:
-                break
-            except procpool.TaskTimeoutError as exc:
-                out.append(("hard" if exc.hard else "soft", str(exc).split(" of ")[0]))
+        out = imap_outcomes(pool, overrun_first, 4, chunksize=4, timeout=0.5)
         assert out == [("hard", "item 0"), 1, 2, 3]
