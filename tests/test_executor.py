@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import time
 
 import pytest
@@ -85,3 +86,25 @@ def test_works_with_asyncio_run_in_executor():
         return results
 
     assert asyncio.run(main()) == [x * x for x in range(8)]
+
+
+def sleep_then_abort(seconds):
+    time.sleep(seconds)
+    os.abort()
+
+
+def test_futures_queued_behind_a_crash_are_sent_again_and_complete():
+    # the worker holds the crashing task and the quick ones queued after it (their cost is
+    # known, so they are batched); it dies before starting them: they go back to the queue,
+    # and their futures -- already RUNNING -- were started a second time, which raised in the
+    # I/O thread and killed the pool
+    with procpool.ProcessPoolExecutor(1) as ex:
+        for f in [ex.submit(square, i) for i in range(200)]:
+            f.result(20)
+        crash = ex.submit(sleep_then_abort, 0.3)
+        quick = [ex.submit(square, i) for i in range(50)]
+        done, pending = concurrent.futures.wait([crash, *quick], timeout=30)
+        assert not pending
+        assert isinstance(crash.exception(), procpool.WorkerLostError)
+        assert [f.result() for f in quick] == [i * i for i in range(50)]
+        assert ex.submit(square, 3).result(20) == 9

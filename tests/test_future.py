@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import subprocess
+import sys
 import threading
 import time
 
@@ -126,3 +128,57 @@ def test_pool_futures_with_the_stdlib_helpers_and_asyncio():
             )
 
         assert asyncio.run(main()) == [49, 64]
+
+
+def test_a_finalizer_using_a_future_inside_a_garbage_collection_does_not_deadlock():
+    # making a condition allocates, which can start a collection, which runs finalizers --
+    # in this thread, maybe while it holds the futures' module lock
+    code = """
+import gc, concurrent.futures as cf
+from procpool.results import Future
+class Holder:  # cancels its future when collected; kept in a cycle so only gc frees it
+    def __init__(self): self.fut = Future(); self.me = self
+    def __del__(self):
+        self.fut.cancel()
+        Holder()
+gc.disable(); Holder(); gc.set_threshold(1); gc.enable()
+for i in range(200):
+    try:
+        Future().result(timeout=0)
+    except cf.TimeoutError:
+        pass
+gc.disable()
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def lock_is_free(_):
+    from procpool import results
+
+    if results._FUTURE_LOCK.acquire(blocking=False):
+        results._FUTURE_LOCK.release()
+        return True
+    return False
+
+
+def test_a_worker_forked_while_a_thread_holds_the_futures_lock_gets_it_free():
+    from procpool import results
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with results._FUTURE_LOCK:
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(10)
+        with procpool.Pool(1) as pool:  # forked now, while the lock is held
+            assert pool.apply(lock_is_free, (0,)) is True
+    finally:
+        release.set()
+        t.join(10)

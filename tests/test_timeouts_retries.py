@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -199,3 +200,51 @@ def test_the_hard_limit_follows_each_item_of_a_chunk_and_blames_the_one_that_ove
     with procpool.Pool(1, grace=0.3) as pool:
         out = imap_outcomes(pool, overrun_first, 4, chunksize=4, timeout=0.5)
         assert out == [("hard", "item 0"), 1, 2, 3]
+
+
+def leave_a_gil_hog():
+    def hog():
+        time.sleep(0.2)  # after this task's result is out
+        sum(range(10**12))  # a C loop holding the GIL: the worker reads nothing more
+
+    threading.Thread(target=hog, daemon=True).start()
+    return "left"
+
+
+def test_a_timed_task_sent_to_a_stalled_worker_is_still_killed_and_sent_again():
+    with procpool.Pool(1, grace=0.3) as pool:
+        assert pool.apply(leave_a_gil_hog) == "left"
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert pool.apply_async(square, (4,), timeout=0.5).get(20) == 16
+        assert time.monotonic() - started < 10  # killed at ~0.8 s, then run on a new worker
+
+
+class SlowToUnpickle:
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        return (_slow_rebuild, (self.value,))
+
+
+def _slow_rebuild(value):
+    if os.environ.get("PROCPOOL_TEST_IN_WORKER"):
+        time.sleep(0.2)
+    return SlowToUnpickle(value)
+
+
+def mark_worker():
+    os.environ["PROCPOOL_TEST_IN_WORKER"] = "1"
+
+
+def value_of(item):
+    return item.value
+
+
+def test_a_chunk_slow_to_unpickle_has_the_whole_chunks_time():
+    # 6 items x 0.2 s to unpickle before the first item starts: within the chunk's budget
+    # (6 x 0.5 s + grace), not one item's (0.5 s + grace), and no item is blamed
+    with procpool.Pool(1, grace=0.2, initializer=mark_worker) as pool:
+        items = [SlowToUnpickle(i) for i in range(6)]
+        assert pool.map(value_of, items, chunksize=6, timeout=0.5) == list(range(6))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -209,7 +210,8 @@ class Dispatch:
             w.exclusive = True
             # the first check of the hard limit: one item's limit and the grace from now;
             # then it follows the item running (see Scheduler._hard_deadline)
-            self._add_timer(task.timeout + self._grace, "hard", (task, task.attempts))
+            sent = time.monotonic()
+            self._add_timer(task.timeout + self._grace, "hard", (task, task.attempts, sent, False))
         w.sent += 1
         if self._maxtasks and w.sent >= self._maxtasks:
             w.retiring = True

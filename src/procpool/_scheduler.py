@@ -753,11 +753,11 @@ class Scheduler(WorkerSupervision, Dispatch):
         while self._timers and self._timers[0][0] <= now:
             _, _, kind, what = heapq.heappop(self._timers)
             if kind == "hard":
-                task, attempt = what
+                task, attempt, sent, extended = what
                 if task.state == _SENT and task.attempts == attempt and task.worker is not None:
-                    due = self._hard_deadline(task, now)
+                    due, extended = self._hard_deadline(task, sent, extended, now)
                     if due > now:
-                        self._add_timer(due - now, "hard", what)
+                        self._add_timer(due - now, "hard", (task, attempt, sent, extended))
                     else:
                         task.timed_out = True
                         self._kill(task.worker)
@@ -768,19 +768,27 @@ class Scheduler(WorkerSupervision, Dispatch):
                 self._trim_armed = False
                 self._buffers.trim()
 
-    def _hard_deadline(self, task: Task, now: float) -> float:
-        """When the worker running *task* (a call or a chunk with a time limit) is to be killed:
+    def _hard_deadline(
+        self, task: Task, sent: float, extended: bool, now: float
+    ) -> tuple[float, bool]:
+        """When the worker running *task* (a call or a chunk with a time limit, sent at *sent*)
+        is to be killed, and whether the one extension for a result on its way is used.
+
         ``grace`` seconds after the limit of the item it runs now, counted from that item's
         start, which the worker writes into its progress slot (one monotonic clock for every
-        process) -- so a chunk is not killed for its total time, and the item blamed is the
-        one that overran."""
+        process): a chunk is not killed for its total time, and the item blamed is the one
+        that overran.  A chunk still being unpickled has the whole chunk's budget from its
+        sending, as before items are timed; a task not started one limit after its sending
+        (the worker is stopped or hogged) is killed, as is one that finished but whose result
+        has not come ``grace`` seconds later."""
         running, done, _, started = P.PROGRESS.unpack_from(task.worker.progress)
-        limit = task.timeout + self._grace
-        if running == task.id and started:
-            return started + limit
-        if done == task.id:  # finished: its result is on the way
-            return now + self._grace
-        return now + limit  # not started yet (the worker is reading it)
+        if running == task.id:
+            if started:
+                return started + task.timeout + self._grace, extended
+            return sent + task.timeout * task.n_items + self._grace, extended
+        if done == task.id and not extended:  # finished: its result is on the way
+            return now + self._grace, True
+        return now, extended
 
     # ------------------------------------------------------------------ shutdown
     def _progress_shutdown(self) -> bool:

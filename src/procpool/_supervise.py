@@ -182,7 +182,9 @@ class WorkerSupervision:
         if w.proc.pidfd >= 0:
             os.close(w.proc.pidfd)
         how = describe_exit(code)
-        running, done, item, _ = P.PROGRESS.unpack_from(w.progress)
+        running, done, item, started = P.PROGRESS.unpack_from(w.progress)
+        if not started:  # no item had started (a chunk still being read): none to blame
+            item = -1
         w.progress.release()
         held = list(w.inflight.values())  # in the order the worker runs them
         w.inflight.clear()
@@ -196,6 +198,7 @@ class WorkerSupervision:
         for task in reversed(held[cut:]):  # never started: send again, no attempt used
             task.attempts -= 1
             task.bounces += 1
+            task.timed_out = False  # (killed for not starting in time: it starts afresh)
             task.state = _PENDING
             task.worker = None
             if task.cancel_requested:

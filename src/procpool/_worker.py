@@ -243,7 +243,9 @@ class Worker:
                 nfds = rec[4] + rec[5]
                 mine, fds = fds[:nfds], fds[nfds:]
             task_id = rec[0]
-            started = time.monotonic() if rec[3] else 0.0  # a time limit: the hard one counts
+            # a call with a time limit: its hard limit counts from here (a chunk's, from each
+            # item's start: see run_chunk_timed)
+            started = time.monotonic() if rec[3] and rec[2] == P.CALL else 0.0
             pack_progress(self.progress, 0, task_id, self.last_done, 0, started)
             self.run_record(rec, mine)
             self.last_done = task_id

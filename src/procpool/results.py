@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import _thread
 import concurrent.futures
+import os
 import threading
 import time
 import weakref
@@ -478,8 +479,20 @@ class WeakSink:
 _PENDING, _RUNNING, _FINISHED = "PENDING", "RUNNING", "FINISHED"
 _CANCELLED, _CANCELLED_AND_NOTIFIED = "CANCELLED", "CANCELLED_AND_NOTIFIED"
 _OVER = frozenset({_CANCELLED, _CANCELLED_AND_NOTIFIED, _FINISHED})
-#: creates futures' conditions, and guards the state of the futures that have none yet
-_FUTURE_LOCK = threading.Lock()
+#: guards the state of the futures that have no condition yet, and the making of one.  An
+#: RLock, as a condition's lock is: a signal handler or a finalizer (a garbage collection runs
+#: them wherever it starts) may use a future while this thread holds it.  Nothing allocates
+#: while holding it (allocating can start a collection).
+_FUTURE_LOCK = threading.RLock()
+
+
+def _new_locks() -> None:
+    global _FUTURE_LOCK, _WAITER_LOCK
+    # a child forked while another thread held them must not inherit them held
+    _FUTURE_LOCK, _WAITER_LOCK = threading.RLock(), threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_locks)
 
 
 class Future(concurrent.futures.Future[T]):
@@ -510,10 +523,11 @@ class Future(concurrent.futures.Future[T]):
     def _condition(self) -> threading.Condition:  # type: ignore[override]
         cond = self._cond
         if cond is None:
+            new = threading.Condition()  # made outside the lock: see _FUTURE_LOCK
             with _FUTURE_LOCK:
                 cond = self._cond
                 if cond is None:
-                    cond = self._cond = threading.Condition()
+                    cond = self._cond = new
         return cond
 
     # -- state changes: under the module lock while there is no condition ----------------
@@ -544,14 +558,16 @@ class Future(concurrent.futures.Future[T]):
     def set_running_or_notify_cancel(self) -> bool:
         if self._cond is None:
             with _FUTURE_LOCK:
+                state = self._state
                 if self._cond is None:
-                    if self._state == _CANCELLED:
+                    if state == _CANCELLED:
                         self._state = _CANCELLED_AND_NOTIFIED
                         return False
-                    if self._state == _PENDING:
+                    if state == _PENDING:
                         self._state = _RUNNING
                         return True
-                    raise RuntimeError(f"Future in unexpected state: {self._state}")
+            if self._cond is None:
+                raise RuntimeError(f"Future in unexpected state: {state}")
         return super().set_running_or_notify_cancel()
 
     def cancel(self) -> bool:
@@ -592,7 +608,8 @@ class Future(concurrent.futures.Future[T]):
     def result(self, timeout: float | None = None) -> T:
         if self._state not in _OVER:
             self._wait_sliced(timeout)
-        if self._state == _FINISHED:
+        state = self._state  # read once: it may change between two reads
+        if state == _FINISHED:
             exc = self._exception
             if exc is not None:
                 try:
@@ -600,16 +617,17 @@ class Future(concurrent.futures.Future[T]):
                 finally:  # no cycle: exception -> traceback -> this frame -> the future
                     del exc, self
             return self._result
-        if self._state in _OVER:
+        if state in _OVER:
             raise CancelledError()
         raise concurrent.futures.TimeoutError()
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if self._state not in _OVER:
             self._wait_sliced(timeout)
-        if self._state == _FINISHED:
+        state = self._state
+        if state == _FINISHED:
             return self._exception
-        if self._state in _OVER:
+        if state in _OVER:
             raise CancelledError()
         raise concurrent.futures.TimeoutError()
 
@@ -625,6 +643,8 @@ class FutureSink:
 
     def _start(self) -> bool:
         """Called when the task is sent to a worker: False if the future was cancelled."""
+        if self.future.running():  # sent before, to a worker that died before starting it
+            return True
         return self.future.set_running_or_notify_cancel()
 
     def _on_result(self, task: Any, value: Any) -> None:
