@@ -164,7 +164,10 @@ class Scheduler(WorkerSupervision, Dispatch):
         INTERNAL_FDS.update((self._epoll.fileno(), self._wakefd, self._handofffd))
 
         _live.add(self)
-        self._started = threading.Event()  # set once the first workers are started
+        # released once the first workers are started (a bare lock, not an Event: a Ctrl-C
+        # in Condition.wait can leave its lock broken, see results._Wakeup)
+        self._starting = threading.Lock()
+        self._starting.acquire()
         self._thread = start_thread(self._run, "procpool-io")
 
     # =================================================================== caller side
@@ -611,9 +614,10 @@ class Scheduler(WorkerSupervision, Dispatch):
     def wait_started(self) -> None:
         """Return once the pool's first workers exist (forked: they hold the program's state
         as it is now, as ``multiprocessing.Pool()`` forks before it returns)."""
-        while not self._started.wait(WAIT_SLICE):  # in slices: see results.WAIT_SLICE
+        while not self._starting.acquire(True, WAIT_SLICE):  # in slices: see WAIT_SLICE
             if not self._thread.is_alive():
                 return
+        self._starting.release()
 
     def _run(self) -> None:
         try:
@@ -622,7 +626,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                     for _ in range(self.processes):
                         self._spawn()
             finally:
-                self._started.set()
+                self._starting.release()
             self._deliver()
             while True:
                 events = self._epoll.poll(self._poll_timeout())
