@@ -9,7 +9,7 @@ records must cost a few microseconds, not a second pickle pass.
 parent -> worker                              worker -> parent
 ----------------                              ----------------
 INIT    start-up settings + initializer       READY        initializer done, serving
-FUNC    a function, sent once per worker      INIT_FAILED  the initializer raised
+FUNC    a function, sent once per worker      INIT_FAILED  the initializer (or main script) raised
 TASKS   a batch of task records               RESULTS      a batch of result records
 EXIT    finish and exit(0)                    RETIRE       over max_memory_per_child
                                               RELEASED     inodes of argument buffers it has

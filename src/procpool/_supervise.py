@@ -301,9 +301,13 @@ class WorkerSupervision:
                 self._startup_failures = 0
                 self._set_mask(w)
             elif kind == P.INIT_FAILED:
-                info = pickle.loads(body)
+                info, stage = pickle.loads(body)  # stage: "initializer" or "main script"
                 cause = rebuild_error(info)
-                err = InitializerError(f"the pool's initializer raised {info[1]}: {info[2]}")
+                if stage == "initializer":
+                    what = "the pool's initializer raised"
+                else:  # spawn/forkserver workers run the main script first (see import_main)
+                    what = "a worker running the main script (as spawn does) got"
+                err = InitializerError(f"{what} {info[1]}: {info[2]}")
                 err.__cause__ = cause
                 self._break(err)
             elif kind == P.RELEASED:

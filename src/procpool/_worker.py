@@ -100,16 +100,18 @@ class Worker:
         if config.get("sys_path"):
             sys.path[:] = config["sys_path"]
         self.max_memory = config.get("max_memory") or 0
+        stage = "main script"
         try:
             if config.get("main"):
                 from ._start import import_main
 
                 import_main(config["main"])
+            stage = "initializer"
             if config.get("init"):
                 initializer, initargs = _serialize.loads(config["init"])
                 initializer(*initargs)
         except BaseException as exc:  # noqa: BLE001 - reported to the caller, then we exit
-            data = pickle.dumps(error_info(exc))
+            data = pickle.dumps((error_info(exc), stage))
             self.chan.send_frame(P.frame(P.INIT_FAILED, data))
             return False
         self.chan.send_frame(P.frame(P.READY))
