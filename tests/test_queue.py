@@ -339,3 +339,36 @@ def test_qsize_exact_with_many_messages():
     assert q.qsize() == 3000 - 1234
     q.get_many()
     assert q.qsize() == 0 and q.empty()
+
+
+class _SlowToFail:
+    def __reduce__(self):
+        time.sleep(0.2)  # pickling takes a while, then fails
+        raise TypeError("cannot pickle")
+
+
+def test_join_wakes_when_a_failed_put_takes_its_count_back_to_zero():
+    # the count goes 1 -> 2 (the failing put) -> 1 (task_done: no wake-up, not zero) -> 0 (the
+    # put's rollback): that last step must wake join(), as task_done would
+    q = procpool.JoinableQueue()
+    q.put("job")
+    joined = threading.Event()
+    threading.Thread(target=lambda: (q.join(), joined.set()), daemon=True).start()
+    time.sleep(0.05)
+    failed = []
+
+    def bad_put():
+        try:
+            q.put(_SlowToFail())
+        except Exception as exc:  # noqa: BLE001
+            failed.append(exc)
+
+    putter = threading.Thread(target=bad_put, daemon=True)
+    putter.start()
+    time.sleep(0.05)
+    q.get(timeout=5)
+    q.task_done()
+    putter.join(10)
+    assert failed
+    assert joined.wait(5), "join() missed the count's return to zero"
+    q.close()

@@ -192,12 +192,14 @@ class WorkerSupervision:
         cut = ids.index(running) if running in ids else (ids.index(done) + 1 if done in ids else 0)
         for task in held[:cut]:  # finished, but the result died with the worker
             self._settle_lost(task, w, code, how, "after running")
-        if running in ids:
+        blamed = running in ids  # the death is the running task's (or befell it), not theirs
+        if blamed:
             self._settle_lost(held[cut], w, code, how, "while running", item)
             cut += 1
         for task in reversed(held[cut:]):  # never started: send again, no attempt used
             task.attempts -= 1
-            task.bounces += 1
+            if not blamed:  # counted only for deaths no running task explains
+                task.bounces += 1
             task.timed_out = False  # (killed for not starting in time: it starts afresh)
             task.state = _PENDING
             task.worker = None

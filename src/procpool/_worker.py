@@ -29,7 +29,7 @@ from ._channel import Channel, ChannelClosed
 from ._errinfo import error_info
 from .errors import SerializationError, TaskTimeout
 
-FLUSH_INTERVAL = 1e-3  # seconds of work after which buffered results are sent anyway
+FLUSH_INTERVAL = 2e-4  # seconds of work after which buffered results are sent anyway (0.2 ms)
 FLUSH_BYTES = 256 * 1024
 FUNC_CACHE = 1024  # the parent mirrors this FIFO (see _scheduler)
 PLAIN = _serialize.PLAIN
@@ -240,10 +240,18 @@ class Worker:
     def run_tasks(self, body: memoryview, fds: list[int]) -> None:
         mine: list[int] = []
         pack_progress = P.PROGRESS.pack_into
+        fid = 0
         for rec in P.iter_tasks(body):
             if fds:
                 nfds = rec[4] + rec[5]
                 mine, fds = fds[:nfds], fds[nfds:]
+            if rec[1] != fid:
+                # Another function: its cost may be nothing like the last one's (the parent's
+                # batching estimate is one for the pool), so the results buffered so far go
+                # now -- not after a slow task that follows them, nor die with its worker.
+                if self.out:
+                    self.flush()
+                fid = rec[1]
             task_id = rec[0]
             # a call with a time limit: its hard limit counts from here (a chunk's, from each
             # item's start: see run_chunk_timed)

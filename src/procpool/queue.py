@@ -398,7 +398,10 @@ class JoinableQueue(Queue):
         try:
             super().put(obj, block, timeout)
         except BaseException:
-            self._unfinished.acquire(False)
+            with self._cond:  # as task_done: a join() may be waiting for this count to be 0
+                self._unfinished.acquire(False)
+                if self._unfinished._is_zero():
+                    self._cond.notify_all()
             raise
 
     def task_done(self) -> None:

@@ -435,3 +435,18 @@ def pid_and(func):
     """(this worker's pid, func()) -- used to evaluate *func* in every worker."""
     time.sleep(0.02)  # long enough that one map spreads over all workers
     return os.getpid(), func()
+
+
+def exit_on_tens(x):
+    if x % 10 == 0:
+        os._exit(3)
+    return x
+
+
+def tiny(x):
+    return x
+
+
+def sleep_a_while(seconds):
+    time.sleep(seconds)
+    return seconds

@@ -327,3 +327,34 @@ def test_imap_on_a_broken_pool_fails_instead_of_hanging(leak_check):
     finally:
         pool.terminate()
         pool.join(10)
+
+
+def test_tasks_queued_behind_crashing_tasks_are_never_failed_for_them(leak_check):
+    # every tenth task kills its worker; the tiny tasks batched behind it had not started and
+    # go to another worker -- counted as "bounced" every time, they failed after 5 such deaths
+    # ("sent to 6 workers that all died before it could start"), though none was to blame
+    with procpool.Pool(2, retries=2) as pool:
+        pool.map(h.tiny, range(2000))  # the pool learns the tasks are tiny: it batches them
+        results = [pool.apply_async(h.exit_on_tens, (i,)) for i in range(300)]
+        messages = []
+        for r in results:
+            try:
+                r.get(60)
+            except procpool.WorkerLostError as exc:
+                messages.append(str(exc))
+    assert not [m for m in messages if "before it could start" in m], messages[:3]
+
+
+def test_results_of_one_function_do_not_wait_for_another_functions_slow_task(leak_check):
+    # the batching estimate is one for the pool: a slow task of another function can be batched
+    # behind tiny ones; their results must not wait for it (nor die with its worker)
+    with procpool.Pool(1) as pool:
+        pool.map(h.tiny, range(1000))
+        for _ in range(3):
+            [pool.apply_async(h.tiny, (i,)).get(20) for i in range(50)]
+        tiny = [pool.apply_async(h.tiny, (i,)) for i in range(5)]
+        slow = pool.apply_async(h.sleep_a_while, (3,))
+        assert all(wait_until(r.ready, 2.0) for r in tiny), [r.ready() for r in tiny]
+        assert [r.get() for r in tiny] == list(range(5))
+        assert not slow.ready()
+        pool.terminate()
