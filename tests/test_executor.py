@@ -108,3 +108,11 @@ def test_futures_queued_behind_a_crash_are_sent_again_and_complete():
         assert isinstance(crash.exception(), procpool.WorkerLostError)
         assert [f.result() for f in quick] == [i * i for i in range(50)]
         assert ex.submit(square, 3).result(20) == 9
+
+
+def test_an_initializer_failure_is_a_broken_executor():
+    from tasks import failing_initializer
+
+    with procpool.ProcessPoolExecutor(1, initializer=failing_initializer) as ex:
+        with pytest.raises(concurrent.futures.BrokenExecutor, match="initializer exploded"):
+            ex.submit(square, 2).result(20)

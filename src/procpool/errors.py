@@ -10,6 +10,7 @@ so code written for :mod:`multiprocessing` keeps working.
 
 from __future__ import annotations
 
+from concurrent.futures import BrokenExecutor
 from multiprocessing import TimeoutError  # the stdlib's class, so `except mp.TimeoutError` works
 
 __all__ = [
@@ -119,8 +120,12 @@ class RemoteTraceback(Exception):
         return self.tb
 
 
-class InitializerError(ProcpoolError):
+class InitializerError(ProcpoolError, BrokenExecutor):
     """A worker's ``initializer`` raised; the pool is broken and runs no tasks.
+
+    Also a :class:`concurrent.futures.BrokenExecutor`, what executors raise when their
+    initializer fails (``except BrokenExecutor`` catches it; the stdlib's own
+    ``BrokenProcessPool`` is a sibling, not a base).
 
     The initializer's own exception is the ``__cause__``.
     """
