@@ -45,7 +45,7 @@ RESULT_HEAD = struct.Struct("<QBdHHI")  # id, status, duration in seconds, nbuf,
 FUNC_HEAD = struct.Struct("<I")  # fid
 INODE = struct.Struct("<Q")  # one inode in a RELEASED body
 
-# The progress slot: 24 bytes of shared memory per worker (a memfd sent with INIT).  The worker
+# The progress slot: 32 bytes of shared memory per worker (a memfd sent with INIT).  The worker
 # writes the id of the task it starts and, when the task's result is buffered, that id as the
 # last finished one.  When a worker dies, the scheduler reads the slot to tell the task that was
 # running (fails, or is retried) from those that never started (sent again, to another worker).

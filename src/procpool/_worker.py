@@ -3,7 +3,8 @@
     INIT ──► run the initializer ──► READY (or INIT_FAILED and exit)
     loop:  FUNC  ──► remember the function under its id
            TASKS ──► run each record in order; results are buffered and flushed when the batch
-                     is done, every ~1 ms while it runs, or when the buffer grows large
+                     is done, every ~0.2 ms while it runs, before a task of another
+                     function, or when the buffer grows large
            EXIT  ──► flush and return 0
     EOF on the channel (the parent is gone) ──► return at once
 
