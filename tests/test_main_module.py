@@ -156,3 +156,24 @@ def test_workers_hold_the_program_as_it_was_when_the_pool_was_made():
         """
     )
     assert out == ["0"]
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_a_main_function_whose_globals_cannot_be_copied_goes_by_name(method, tmp_path):
+    # a module-level lock: cloudpickle cannot copy it (it failed with SerializationError);
+    # multiprocessing sends the function by name and the worker uses its own lock
+    out = run_script(
+        """
+        import threading
+        lock = threading.Lock()
+        def task(x):
+            with lock:
+                return x * 2
+        if __name__ == "__main__":
+            with procpool.Pool(2, start_method=METHOD) as p:
+                print(*p.map(task, range(4)))
+        """,
+        method,
+        tmp_path / "locked.py",
+    )
+    assert out == ["0", "2", "4", "6"]

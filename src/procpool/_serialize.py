@@ -297,12 +297,17 @@ def dumps_function(func: Any) -> bytes:
             return pickle.dumps(func, PROTOCOL)
         except Exception:
             pass  # nested or renamed: cloudpickle knows how
-    try:
-        blob = _cloudpickle_dumps(func)
-    except Exception as exc:
-        raise SerializationError(f"cannot pickle the function {describe(func)}: {exc}") from exc
     qualname = _main_qualname(func)
+    try:
+        blob: bytes | None = _cloudpickle_dumps(func)
+    except Exception as exc:
+        if qualname is None:
+            raise SerializationError(f"cannot pickle the function {describe(func)}: {exc}") from exc
+        # its globals cannot be copied (a lock, a socket...): by name alone, as multiprocessing
+        # sends it -- a worker that has the same function in its __main__ runs it
+        blob = None
     if qualname is None:
+        assert blob is not None
         return blob
     return pickle.dumps(_MainFunction(qualname, _fingerprint(func), blob), PROTOCOL)
 
@@ -374,18 +379,26 @@ class _MainFunction:
 
     __slots__ = ("qualname", "fingerprint", "blob")
 
-    def __init__(self, qualname: str, fingerprint: tuple, blob: bytes) -> None:
+    def __init__(self, qualname: str, fingerprint: tuple, blob: bytes | None) -> None:
         self.qualname, self.fingerprint, self.blob = qualname, fingerprint, blob
 
     def __reduce__(self) -> tuple:
         return (_load_main_function, (self.qualname, self.fingerprint, self.blob))
 
 
-def _load_main_function(qualname: str, fingerprint: tuple, blob: bytes) -> Any:
-    copy = pickle.loads(blob)
+def _load_main_function(qualname: str, fingerprint: tuple, blob: bytes | None) -> Any:
+    copy = None if blob is None else pickle.loads(blob)
     own = _lookup_main(qualname)
     if type(own) is not types.FunctionType or _fingerprint(own) != fingerprint:
+        if copy is None:
+            raise AttributeError(
+                f"__main__.{qualname} is not defined in this worker as in the parent (defined or"
+                " changed after the worker started), and it cannot be copied: its globals"
+                " cannot be pickled"
+            )
         return copy
+    if copy is None:
+        return own
     namespace = own.__globals__
     for name, value in copy.__globals__.items():  # what the parent defined after our start
         if name not in namespace and not (name.startswith("__") and name.endswith("__")):
