@@ -248,3 +248,15 @@ def test_a_chunk_slow_to_unpickle_has_the_whole_chunks_time():
     with procpool.Pool(1, grace=0.2, initializer=mark_worker) as pool:
         items = [SlowToUnpickle(i) for i in range(6)]
         assert pool.map(value_of, items, chunksize=6, timeout=0.5) == list(range(6))
+
+
+def slow_initializer():
+    time.sleep(1.0)  # loading a model, say: longer than a task's limit and grace
+
+
+def test_timed_tasks_wait_for_a_worker_still_running_its_initializer():
+    # tasks are sent before a worker is ready; their hard limit must not kill it mid-start
+    # (every replacement was killed the same way until the tasks failed)
+    with procpool.Pool(2, initializer=slow_initializer, timeout=0.3, grace=0.3) as pool:
+        assert pool.map(square, range(4)) == [0, 1, 4, 9]
+        assert pool.apply_async(square, (5,), timeout=0.3).get(20) == 25

@@ -210,8 +210,8 @@ class Dispatch:
             w.exclusive = True
             # the first check of the hard limit: one item's limit and the grace from now;
             # then it follows the item running (see Scheduler._hard_deadline)
-            sent = time.monotonic()
-            self._add_timer(task.timeout + self._grace, "hard", (task, task.attempts, sent, False))
+            what = (task, w, task.attempts, time.monotonic(), False)  # w: this sending only
+            self._add_timer(task.timeout + self._grace, "hard", what)
         w.sent += 1
         if self._maxtasks and w.sent >= self._maxtasks:
             w.retiring = True

@@ -757,11 +757,11 @@ class Scheduler(WorkerSupervision, Dispatch):
         while self._timers and self._timers[0][0] <= now:
             _, _, kind, what = heapq.heappop(self._timers)
             if kind == "hard":
-                task, attempt, sent, extended = what
-                if task.state == _SENT and task.attempts == attempt and task.worker is not None:
+                task, w, attempt, sent, extended = what
+                if task.state == _SENT and task.attempts == attempt and task.worker is w:
                     due, extended = self._hard_deadline(task, sent, extended, now)
                     if due > now:
-                        self._add_timer(due - now, "hard", (task, attempt, sent, extended))
+                        self._add_timer(due - now, "hard", (task, w, attempt, sent, extended))
                     else:
                         task.timed_out = True
                         self._kill(task.worker)
@@ -784,7 +784,8 @@ class Scheduler(WorkerSupervision, Dispatch):
         that overran.  A chunk still being unpickled has the whole chunk's budget from its
         sending, as before items are timed; a task not started one limit after its sending
         (the worker is stopped or hogged) is killed, as is one that finished but whose result
-        has not come ``grace`` seconds later."""
+        has not come ``grace`` seconds later.  A worker still starting up (its initializer, the
+        main script) is waited for: tasks are sent before it is ready."""
         running, done, _, started = P.PROGRESS.unpack_from(task.worker.progress)
         if running == task.id:
             if started:
@@ -792,6 +793,8 @@ class Scheduler(WorkerSupervision, Dispatch):
             return sent + task.timeout * task.n_items + self._grace, extended
         if done == task.id and not extended:  # finished: its result is on the way
             return now + self._grace, True
+        if not task.worker.ready:  # still starting (initializer, main script): wait for it
+            return now + task.timeout + self._grace, extended
         return now, extended
 
     # ------------------------------------------------------------------ shutdown

@@ -299,15 +299,16 @@ def dumps_function(func: Any) -> bytes:
             pass  # nested or renamed: cloudpickle knows how
     qualname = _main_qualname(func)
     try:
-        blob: bytes | None = _cloudpickle_dumps(func)
+        blob: bytes | str = _cloudpickle_dumps(func)
     except Exception as exc:
         if qualname is None:
             raise SerializationError(f"cannot pickle the function {describe(func)}: {exc}") from exc
-        # its globals cannot be copied (a lock, a socket...): by name alone, as multiprocessing
-        # sends it -- a worker that has the same function in its __main__ runs it
-        blob = None
+        # what it refers to cannot be copied (a lock, a socket...): by name alone, as
+        # multiprocessing sends it -- a worker that has the same function in its __main__
+        # runs it; the others say why there is no copy (a str in place of the copy)
+        blob = f"{type(exc).__name__}: {exc}"
     if qualname is None:
-        assert blob is not None
+        assert isinstance(blob, bytes)
         return blob
     return pickle.dumps(_MainFunction(qualname, _fingerprint(func), blob), PROTOCOL)
 
@@ -379,22 +380,23 @@ class _MainFunction:
 
     __slots__ = ("qualname", "fingerprint", "blob")
 
-    def __init__(self, qualname: str, fingerprint: tuple, blob: bytes | None) -> None:
+    def __init__(self, qualname: str, fingerprint: tuple, blob: bytes | str) -> None:
         self.qualname, self.fingerprint, self.blob = qualname, fingerprint, blob
 
     def __reduce__(self) -> tuple:
         return (_load_main_function, (self.qualname, self.fingerprint, self.blob))
 
 
-def _load_main_function(qualname: str, fingerprint: tuple, blob: bytes | None) -> Any:
-    copy = None if blob is None else pickle.loads(blob)
+def _load_main_function(qualname: str, fingerprint: tuple, blob: bytes | str) -> Any:
+    copy = pickle.loads(blob) if isinstance(blob, bytes) else None
     own = _lookup_main(qualname)
     if type(own) is not types.FunctionType or _fingerprint(own) != fingerprint:
-        if copy is None:
+        if isinstance(blob, str):  # (then there is no copy: blob says why)
             raise AttributeError(
-                f"__main__.{qualname} is not defined in this worker as in the parent (defined or"
-                " changed after the worker started), and it cannot be copied: its globals"
-                " cannot be pickled"
+                f"__main__.{qualname} is not in this worker's main module as the parent defines"
+                " it (defined or changed after the worker started, or only under"
+                ' `if __name__ == "__main__":` for spawn/forkserver workers), and it could not'
+                f" be copied: {blob}"
             )
         return copy
     if copy is None:
