@@ -233,8 +233,10 @@ class WorkerSupervision:
             self._spawn()
 
     def _settle_lost(
-        self, task: Task, w: _Worker, code: int | None, how: str, when: str, item: int = 0
+        self, task: Task, w: _Worker, code: int | None, how: str, when: str, item: int = -1
     ) -> None:
+        """Settle a task its dead worker held; *item*: the item of it that was running (-1:
+        none known -- a timed-out chunk then fails whole)."""
         task.state = _PENDING
         task.worker = None
         if task.cancel_requested:
