@@ -71,8 +71,26 @@ def spin_timed(iterations: int) -> float:
     return time.thread_time() - t0
 
 
+def spin_stamped(iterations: int) -> tuple[int, float, float, float]:
+    """``spin`` that says where and when it ran: (pid, start, end, CPU seconds).
+
+    ``start``/``end`` are ``time.perf_counter()`` readings (CLOCK_MONOTONIC, one clock for every
+    process on the machine), so the parent can lay the tasks of all workers on one timeline and
+    see where the workers' time went (``bench_scaling.py --timeline``).
+    """
+    c0, t0 = time.thread_time(), time.perf_counter()
+    spin(iterations)
+    return os.getpid(), t0, time.perf_counter(), time.thread_time() - c0
+
+
 def calibrate_spin(target_s: float = 0.001, repeats: int = 7) -> int:
-    """Return the ``spin`` iteration count that takes about ``target_s`` seconds here."""
+    """Return the ``spin`` iteration count that takes about ``target_s`` seconds here.
+
+    A quarter second of spinning first lets the core reach its running clock.
+    """
+    warm_until = time.perf_counter() + 0.25
+    while time.perf_counter() < warm_until:
+        spin(1000)
     n = 10_000
     while True:
         t0 = time.perf_counter()

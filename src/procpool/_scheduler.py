@@ -73,6 +73,8 @@ from .errors import (
 from .results import WAIT_SLICE
 
 HANDOFF_EVERY = 1024  # tasks a burst of submissions queues before it lets the I/O thread run
+HANDOFF_CHECK = 64  # ... and every this many tasks it looks whether the I/O thread ran lately:
+HANDOFF_AFTER = 1e-3  # not for this many seconds, and it lets it run (the workers wait on it)
 HANDOFF_WAIT = 0.05  # seconds the submitting thread gives the I/O thread at most
 IMAP_HELD = 65536  # items an imap may hold (read, not yet consumed): its memory bound
 FEED_BATCH = 8192  # items the imap feeder reads per lock acquisition (in-memory sources)
@@ -159,6 +161,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._handofffd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC | os.EFD_SEMAPHORE)
         self._handoffs = 0
         self._handoff_waiting = 0
+        self._turn_at = 0.0  # time.monotonic() at the end of the I/O thread's last turn
         self._epoll.register(self._wakefd, select.EPOLLIN)
         self._by_fd[self._wakefd] = ("wake", None)
         INTERNAL_FDS.update((self._epoll.fileno(), self._wakefd, self._handofffd))
@@ -250,7 +253,10 @@ class Scheduler(WorkerSupervision, Dispatch):
             inbox = self._inbox
             inbox.append(task)
             self._wake()
-            if not len(inbox) % HANDOFF_EVERY:
+            queued = len(inbox)
+            if not queued % HANDOFF_CHECK and (
+                queued >= HANDOFF_EVERY or time.monotonic() - self._turn_at > HANDOFF_AFTER
+            ):
                 self._handoff()
             if self._state != RUNNING:  # terminate() raced us: settle it ourselves
                 with self._lock:
@@ -284,9 +290,12 @@ class Scheduler(WorkerSupervision, Dispatch):
         A thread submitting in a loop holds the GIL; the I/O thread then runs only when the
         interpreter forces a switch (every 5 ms), and each of its syscalls (recv, send) hands
         the GIL back for another 5 ms: the workers starve while tasks pile up in the inbox.
-        Every ``HANDOFF_EVERY`` tasks the submitter instead sleeps (GIL released) until the I/O
-        thread has been through one turn -- read results, sent the inbox -- in one go; at most
-        ``HANDOFF_WAIT`` seconds, should the I/O thread be busy elsewhere.  The wake-up is an
+        Every ``HANDOFF_EVERY`` tasks -- or sooner, every ``HANDOFF_CHECK``, if the I/O
+        thread has not been through a turn for ``HANDOFF_AFTER`` seconds: workers holding a few
+        milliseconds of work would run dry waiting for the forced switch -- the submitter
+        instead sleeps (GIL released) until the I/O thread has been through one turn -- read
+        results, sent the inbox -- in one go; at most ``HANDOFF_WAIT`` seconds, should the I/O
+        thread be busy elsewhere.  The wake-up is an
         eventfd write, a syscall made without the GIL: the woken thread may take the CPU from
         the I/O thread at once, which must not be holding the GIL then (as it would be while
         releasing a lock).  A Ctrl-C during the sleep leaves at most a spare token behind.
@@ -646,6 +655,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                 self._deliver()
                 if self._handoffs:  # submitters waiting for this turn (see _handoff)
                     self._end_handoffs()
+                self._turn_at = time.monotonic()
                 if finished:
                     break
         except BaseException as exc:  # noqa: BLE001 - the engine itself failed: fail everything
