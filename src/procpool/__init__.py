@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 from multiprocessing import Process, active_children, cpu_count, current_process, parent_process
-from typing import TYPE_CHECKING, Any
 
 from .errors import (
     InitializerError,
@@ -29,6 +28,10 @@ from .errors import (
 )
 from .pool import Pool, ProcessPoolExecutor
 from .results import AsyncResult, IMapIterator, MapResult
+
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any
 
 if TYPE_CHECKING:  # the lazily loaded names, for type checkers
     from . import signals as signals

@@ -18,12 +18,16 @@ from __future__ import annotations
 import concurrent.futures
 import os
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
 
 from .results import IMapIterator, MapResult
 
-T = TypeVar("T")
-_PoolT = TypeVar("_PoolT", bound="PoolAPI")
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    T = TypeVar("T")
+    _PoolT = TypeVar("_PoolT", bound="PoolAPI")
+
 
 __all__ = ["PoolAPI", "check_chunksize", "check_timeout", "default_processes"]
 

@@ -14,7 +14,6 @@ import os
 import pickle
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
 
 from . import _protocol as P
 from . import _serialize
@@ -26,6 +25,10 @@ from ._worker import FUNC_CACHE
 from .errors import (
     SerializationError,
 )
+
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any
 
 INFLIGHT_BUDGET = 5e-3  # seconds of estimated work a worker may hold
 PREFETCH_LIMIT = 50e-3  # tasks shorter than this get one more queued behind them

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import pickle
 import traceback
-from typing import Any
 
 from . import _serialize
 from .errors import RemoteError, RemoteTraceback, TaskTimeout, TaskTimeoutError
+
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def error_info(exc: BaseException) -> tuple:

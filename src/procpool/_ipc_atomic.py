@@ -23,7 +23,10 @@ import mmap
 import os
 import platform
 from collections.abc import Callable
-from typing import Any
+
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["AtomicOps", "OPS", "load_ops"]
 

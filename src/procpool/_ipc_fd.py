@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import os
 from multiprocessing import context, reduction
-from typing import Any
 
 from . import _serialize
+
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["FdHandle", "register_forking_reducer", "send_token"]
 

@@ -31,10 +31,13 @@ import re
 import sys
 import threading
 import weakref
-from typing import Any
 
 from ._ipc_fd import FdHandle, close_quietly, send_token
 from ._serialize import recv_fd
+
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "Region",

@@ -29,9 +29,12 @@ import select
 import socket
 import struct
 import time
-from typing import Any
 
 from . import _ipc_bulk, _serialize
+
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Wire", "encode", "decode", "INLINE_MAX"]
 

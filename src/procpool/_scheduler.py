@@ -47,7 +47,6 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError
-from typing import Any
 
 from . import _protocol as P
 from . import _serialize
@@ -71,6 +70,10 @@ from .errors import (
     SerializationError,
 )
 from .results import WAIT_SLICE
+
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any
 
 HANDOFF_EVERY = 1024  # tasks a burst of submissions queues before it lets the I/O thread run
 HANDOFF_CHECK = 64  # ... and, when tasks take longer than HANDOFF_TASK seconds (the workers,

@@ -34,11 +34,14 @@ import types
 import weakref
 from collections import ChainMap
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 from ._channel import MAX_FDS_PER_FRAME
 from ._start import INTERNAL_FDS
 from .errors import SerializationError
+
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any
 
 if TYPE_CHECKING:
     from ._buffers import BufferCache, Segment

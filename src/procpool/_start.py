@@ -32,7 +32,10 @@ import struct
 import sys
 import threading
 import warnings
-from typing import Any, NamedTuple
+
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any
 
 # ---------------------------------------------------------------- fds the children must not keep
 #: every parent-side fd of every live pool in this process.  A forked worker closes them all
@@ -127,12 +130,15 @@ START_METHODS = ("fork", "forkserver", "spawn")
 DEFAULT_START_METHOD = "fork"
 
 
-class Proc(NamedTuple):
+class Proc:
     """A started worker process as the scheduler sees it."""
 
-    pid: int
-    pidfd: int
-    sock: socket.socket
+    __slots__ = ("pid", "pidfd", "sock")
+
+    def __init__(self, pid: int, pidfd: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.sock = sock
 
 
 _NO_PIDFD = bool(os.environ.get("PROCPOOL_NO_PIDFD"))  # force the fallback (tests)

@@ -16,7 +16,6 @@ import select
 import signal
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
-from typing import TYPE_CHECKING, Any
 
 from . import _protocol as P
 from . import _serialize
@@ -31,6 +30,10 @@ from .errors import (
     TaskTimeoutError,
     WorkerLostError,
 )
+
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any
 
 EXIT_GRACE = 5.0  # seconds a worker told to exit gets before SIGKILL
 EOF_GRACE = 1.0  # seconds a worker that closed its channel gets to exit before SIGKILL

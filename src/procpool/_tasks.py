@@ -9,9 +9,12 @@ thread, and kept (``payload``) until it is done, so a retry needs no second pick
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 from . import _serialize
+
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any
 
 CHUNK_TARGET = 2e-3  # seconds of work per map chunk
 

@@ -22,13 +22,16 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
 
 from . import _protocol as P
 from . import _serialize
 from ._channel import Channel, ChannelClosed
 from ._errinfo import error_info
 from .errors import SerializationError, TaskTimeout
+
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any
 
 FLUSH_INTERVAL = 2e-4  # seconds of work after which buffered results are sent anyway (0.2 ms)
 FLUSH_BYTES = 256 * 1024

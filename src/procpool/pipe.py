@@ -22,10 +22,13 @@ from __future__ import annotations
 import pickle
 import socket
 import time
-from typing import Any
 
 from . import _ipc_wire
 from ._ipc_fd import FdHandle
+
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Pipe", "Connection"]
 

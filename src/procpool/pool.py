@@ -18,7 +18,6 @@ import concurrent.futures
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
 
 from ._api import PoolAPI, check_chunksize, check_timeout, default_processes
 from ._scheduler import Scheduler
@@ -27,7 +26,12 @@ from ._supervise import RUNNING
 from .errors import TimeoutError as PoolTimeoutError  # multiprocessing.TimeoutError
 from .results import AsyncResult, Future, FutureSink, IMapIterator, MapResult, WeakSink
 
-T = TypeVar("T")
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    T = TypeVar("T")
+
 
 __all__ = ["Pool", "ProcessPoolExecutor"]
 

@@ -44,12 +44,15 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable
-from typing import Any
 
 from . import _ipc_wire, _serialize
 from ._ipc_fd import FdHandle
 from ._ipc_mem import SEM_VALUE_MAX, SEMAPHORE, Region
 from .sync import Condition, Lock
+
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Queue", "JoinableQueue", "SimpleQueue", "Empty", "Full"]
 

@@ -17,11 +17,17 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
-from typing import Any, Generic, TypeVar
 
 from .errors import TimeoutError
 
-T = TypeVar("T")
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any, Generic, TypeVar
+
+    T = TypeVar("T")
+else:
+    from ._typing import Generic, T
+
 
 _WAITER_LOCK = threading.Lock()
 

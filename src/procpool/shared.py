@@ -29,11 +29,14 @@ import struct
 import weakref
 from collections.abc import Iterable, Iterator
 from multiprocessing.sharedctypes import typecode_to_type  # type: ignore[attr-defined]
-from typing import Any
 
 from . import _ipc_atomic
 from ._ipc_mem import DATA_OFFSET, Region
 from .sync import Lock, RLock
+
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Value", "Array", "SharedArray"]
 

@@ -28,7 +28,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
-from typing import Any
+
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any
+
+    Handler = Callable[[int, FrameType | None], Any] | int | _signal.Handlers | None
 
 __all__ = [
     "kill",
@@ -40,8 +45,6 @@ __all__ = [
     "kill_pool",
     "SignalTimeout",
 ]
-
-Handler = Callable[[int, FrameType | None], Any] | int | _signal.Handlers | None
 
 
 # the smallest delay that still arms a timer (0 would disarm it): "fire as soon as possible"

@@ -38,9 +38,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from ._ipc_mem import RECURSIVE_MUTEX, SEM_VALUE_MAX, SEMAPHORE, Region
+
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "Lock",
