@@ -29,3 +29,28 @@ def test_pool_methods_are_documented():
             member = getattr(cls, name)
             if not name.startswith("_") and callable(member):
                 assert member.__doc__, f"{cls.__name__}.{name} has no docstring"
+
+
+def test_importing_procpool_and_running_a_pool_does_not_import_typing():
+    # typing would sit in every forked worker (~0.5 MB of the idle-worker RSS target); the
+    # modules read its names only under `if TYPE_CHECKING:` (see procpool/_typing.py)
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, procpool\n"
+        "with procpool.Pool(1) as p:\n"
+        "    assert p.apply(abs, (-2,)) == 2 and p.map(abs, [-1]) == [1]\n"
+        "    assert list(p.imap(abs, [-3])) == [3] and p.submit(abs, -4).result() == 4\n"
+        "import procpool.pipe, procpool.queue, procpool.shared, procpool.signals, procpool.sync\n"
+        "print(sorted(m for m in sys.modules if m == 'typing' or m.startswith('typing.')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_generic_classes_can_still_be_subscripted():
+    assert procpool.AsyncResult[int].__origin__ is procpool.AsyncResult
+    assert procpool.IMapIterator[str].__args__ == (str,)

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+from tasks import identity, sleep_then
 
 import procpool
 from procpool.errors import TaskTimeoutError
@@ -195,3 +196,32 @@ def test_a_process_forked_by_a_task_keeps_seeing_its_argument(tmp_path):
             time.sleep(0.05)
     with open(path) as f:
         assert f.read() == "1.0 1.0"
+
+
+def test_a_callback_holding_the_io_thread_does_not_stall_a_burst_of_submissions():
+    # Bursts of long tasks hand the GIL to the I/O thread early (so the workers are refilled),
+    # waiting for its turn to end: with that turn held up by a slow callback, a submitter must
+    # make one such wait, not one every 64 tasks (~15 here, each up to the full hand-off wait).
+    from procpool import _scheduler
+
+    with procpool.Pool(2) as pool:
+        pool.map(sleep_then, [0.002] * 8, chunksize=1)  # measured cost: ~2 ms a task
+        sched = pool._sched
+        waits: list[tuple] = []
+        real = sched._handoff
+        sched._handoff = lambda *wait: (waits.append(wait), real(*wait))[1]
+        inside, release = threading.Event(), threading.Event()
+
+        def slow_callback(_value):
+            inside.set()
+            release.wait(10)
+
+        pool.apply_async(identity, (1,), callback=slow_callback)
+        assert inside.wait(10)
+        try:
+            time.sleep(0.01)  # the I/O thread's last turn is now well over 1 ms old
+            results = [pool.apply_async(identity, (i,)) for i in range(1000)]
+        finally:
+            release.set()
+        assert [r.get(30) for r in results] == list(range(1000))
+        assert waits == [(_scheduler.HANDOFF_AFTER,)]  # (1000 < HANDOFF_EVERY: no other)

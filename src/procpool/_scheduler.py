@@ -166,6 +166,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._handoffs = 0
         self._handoff_waiting = 0
         self._turn_at = 0.0  # time.monotonic() at the end of the I/O thread's last turn
+        self._early_for = -1.0  # the _turn_at after which an early hand-off was last made
         self._epoll.register(self._wakefd, select.EPOLLIN)
         self._by_fd[self._wakefd] = ("wake", None)
         INTERNAL_FDS.update((self._epoll.fileno(), self._wakefd, self._handofffd))
@@ -258,14 +259,16 @@ class Scheduler(WorkerSupervision, Dispatch):
             inbox.append(task)
             self._wake()
             queued = len(inbox)
-            if not queued % HANDOFF_CHECK and (
-                queued >= HANDOFF_EVERY
-                or (
+            if not queued % HANDOFF_CHECK:
+                if queued >= HANDOFF_EVERY:
+                    self._handoff(HANDOFF_WAIT)
+                elif (
                     (self._est or 0.0) > HANDOFF_TASK
+                    and self._turn_at != self._early_for
                     and time.monotonic() - self._turn_at > HANDOFF_AFTER
-                )
-            ):
-                self._handoff()
+                ):
+                    self._early_for = self._turn_at  # once per turn of the I/O thread
+                    self._handoff(HANDOFF_AFTER)
             if self._state != RUNNING:  # terminate() raced us: settle it ourselves
                 with self._lock:
                     self._take_inbox()
@@ -292,7 +295,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._deliver()
         return task
 
-    def _handoff(self) -> None:
+    def _handoff(self, wait: float) -> None:
         """Let the I/O thread take a turn now, during a burst of submissions.
 
         A thread submitting in a loop holds the GIL; the I/O thread then runs only when the
@@ -304,9 +307,11 @@ class Scheduler(WorkerSupervision, Dispatch):
         long (``HANDOFF_TASK``), sooner: once the I/O thread has not been through a turn for
         ``HANDOFF_AFTER`` seconds, since workers holding a few milliseconds of work would run
         dry waiting for the forced switch (measured on 16 cores: the workers' useful share of
-        time rose 1-2 points).  Tiny tasks keep the long period: there the parent is the
-        limit, and each early turn sends smaller batches (measured: 15 % fewer tasks/s).  The wake-up is an
-        eventfd write, a syscall made without the GIL: the woken thread may take the CPU from
+        time rose 1-2 points).  An early hand-off waits at most ``HANDOFF_AFTER`` (*wait*),
+        and is made once per turn: an I/O thread held up by a slow callback costs a submitter
+        one such wait, not one every ``HANDOFF_CHECK`` tasks.  Tiny tasks keep the long
+        period: there the parent is the limit, and each early turn sends smaller batches
+        (measured: 15 % fewer tasks/s).  The wake-up is an eventfd write, a syscall made without the GIL: the woken thread may take the CPU from
         the I/O thread at once, which must not be holding the GIL then (as it would be while
         releasing a lock).  A Ctrl-C during the sleep leaves at most a spare token behind.
         """
@@ -322,7 +327,7 @@ class Scheduler(WorkerSupervision, Dispatch):
             self._wake()
             poller = select.poll()
             poller.register(fd, select.POLLIN)
-            if poller.poll(HANDOFF_WAIT * 1000):
+            if poller.poll(wait * 1000):
                 try:
                     os.eventfd_read(fd)  # one token (semaphore mode)
                 except BlockingIOError:  # another waiter took it: fine, the turn came
