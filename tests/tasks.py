@@ -121,3 +121,25 @@ def make_array(n):
 
 def double(array):
     return array * 2
+
+
+def record(path, x, seconds=0.0, bad=-1):
+    """Append ``x`` as one line to *path* (O_APPEND: whole lines from any process), sleep,
+    return ``x``; raise ValueError for ``x == bad``.  Counts what actually ran."""
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, b"%d\n" % x)
+    finally:
+        os.close(fd)
+    time.sleep(seconds)
+    return x
+
+
+def count_lines(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except FileNotFoundError:
+        return 0

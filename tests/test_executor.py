@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import os
 import time
 
 import pytest
-from tasks import fail, fail_on, sleep_then, square
+from tasks import count_lines, fail, fail_on, record, sleep_then, square
 
 import procpool
 
@@ -116,3 +117,57 @@ def test_an_initializer_failure_is_a_broken_executor():
     with procpool.ProcessPoolExecutor(1, initializer=failing_initializer) as ex:
         with pytest.raises(concurrent.futures.BrokenExecutor, match="initializer exploded"):
             ex.submit(square, 2).result(20)
+
+
+# ProcessPoolExecutor.map left early cancels what it has not sent, as the stdlib cancels the
+# futures of a map whose iterator is closed (its map submits them all at once; ours reads the
+# input lazily). Each task records that it ran: far fewer than the 400 items may run.
+def _map_400(ex, path, **kw):
+    n = 400
+    return ex.map(record, [path] * n, range(n), [0.01] * n, **kw)
+
+
+def test_closing_an_executor_map_iterator_cancels_what_it_has_not_sent(tmp_path):
+    path = str(tmp_path / "ran")
+    with procpool.ProcessPoolExecutor(2) as ex:
+        it = _map_400(ex, path)
+        assert next(it) == 0
+        it.close()
+        assert ex.submit(square, 4).result(10) == 16
+    assert count_lines(path) < 100
+
+
+def test_dropping_an_executor_map_iterator_cancels_what_it_has_not_sent(tmp_path):
+    path = str(tmp_path / "ran")
+    with procpool.ProcessPoolExecutor(2) as ex:
+        it = _map_400(ex, path)
+        assert next(it) == 0
+        del it
+        gc.collect()
+    assert count_lines(path) < 100
+
+
+def test_an_executor_map_item_error_cancels_the_rest(tmp_path):
+    path = str(tmp_path / "ran")
+    n = 400
+    with procpool.ProcessPoolExecutor(2) as ex:
+        got = []
+        with pytest.raises(ValueError, match="bad item 3"):
+            for x in ex.map(record, [path] * n, range(n), [0.01] * n, [3] * n):
+                got.append(x)
+        assert got == [0, 1, 2]
+    assert count_lines(path) < 100
+
+
+def test_shutdown_cancel_futures_cancels_a_running_executor_map(tmp_path):
+    path = str(tmp_path / "ran")
+    ex = procpool.ProcessPoolExecutor(2)
+    it = _map_400(ex, path)
+    assert next(it) == 0
+    ex.shutdown(wait=True, cancel_futures=True)
+    got = []
+    with pytest.raises(concurrent.futures.CancelledError):
+        for x in it:
+            got.append(x)
+    assert got == list(range(1, len(got) + 1))  # what was sent, in order, then the error
+    assert count_lines(path) < 100

@@ -7,6 +7,7 @@ Real processes, bounded in time (pytest-timeout and explicit timeouts on every w
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from tasks import identity, sleep_then
+from tasks import count_lines, identity, record, sleep_then
 
 import procpool
 from procpool.errors import TaskTimeoutError
@@ -225,3 +226,25 @@ def test_a_callback_holding_the_io_thread_does_not_stall_a_burst_of_submissions(
             release.set()
         assert [r.get(30) for r in results] == list(range(1000))
         assert waits == [(_scheduler.HANDOFF_AFTER,)]  # (1000 < HANDOFF_EVERY: no other)
+
+
+def test_a_dropped_imap_iterator_still_runs_all_its_input(tmp_path, monkeypatch):
+    # multiprocessing runs every item of an imap whose iterator is dropped unread; ours reads
+    # its input lazily, holding at most IMAP_HELD items nobody has consumed -- a dropped
+    # iterator must not leave the rest unread while the pool stays open
+    import functools
+
+    from procpool import _scheduler
+
+    monkeypatch.setattr(_scheduler, "IMAP_HELD", 16)
+    path = str(tmp_path / "ran")
+    with procpool.Pool(2) as pool:
+        it = pool.imap(functools.partial(record, path), range(200))
+        assert next(it) == 0
+        del it
+        gc.collect()
+        deadline = time.monotonic() + 30
+        while count_lines(path) < 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert count_lines(path) == 200
+        assert pool.apply(identity, (5,)) == 5

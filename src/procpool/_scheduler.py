@@ -389,6 +389,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         kind = P.STARMAP if star else P.MAP
         limit = max(IMAP_HELD, 4 * self.processes * (chunksize or 1)) if lazy else None
         job = MapJob(self._lock, fid, blob, kind, sink, label, timeout, retries, chunksize, limit)
+        job.on_end = on_input_end
         with self._lock:
             self._check_running()
             self._jobs_open += 1
@@ -436,12 +437,21 @@ class Scheduler(WorkerSupervision, Dispatch):
             with job.space:
                 # the bound holds while the caller may still read; once the pool is closed,
                 # the rest of the input is read and run, as close() promises
-                while job.held >= job.limit and self._state == RUNNING and not self._broken:
+                while (
+                    job.held >= job.limit
+                    and self._state == RUNNING
+                    and not self._broken
+                    and not job.cancelled
+                    and not job.orphaned
+                ):
                     job.space.wait(1.0)  # 1 s: a safety net; release() and close() notify
+                if job.cancelled:  # (cancel_map has ended its input)
+                    break
                 if self._state in (TERMINATING, FINISHED) or self._broken:
                     error = self._stopped_error()  # the caller's iterator must say why
                     break
-                room = job.limit - job.held if self._state == RUNNING else FEED_BATCH
+                bounded = self._state == RUNNING and not job.orphaned
+                room = job.limit - job.held if bounded else FEED_BATCH
             want = min(room, size)
             batch: list = []
             if window:  # a range: widen the window
@@ -456,6 +466,8 @@ class Scheduler(WorkerSupervision, Dispatch):
                 if bulk:
                     size = min(size * 2, FEED_BATCH)
             with self._lock:
+                if job.cancelled:  # meanwhile: what was just read is not run
+                    break
                 if got and not (window and job.stop is None):  # (None: failed meanwhile)
                     job.held += got
                     if window:
@@ -569,7 +581,8 @@ class Scheduler(WorkerSupervision, Dispatch):
         return result
 
     def cancel_pending(self) -> None:
-        """Cancel every task not yet sent (``shutdown(cancel_futures=True)``)."""
+        """Cancel every task not yet sent, map jobs' unsent items too
+        (``shutdown(cancel_futures=True)``)."""
         with self._lock:
             self._take_inbox()
             for item in self._pending:
@@ -577,8 +590,35 @@ class Scheduler(WorkerSupervision, Dispatch):
                     item.state = _DONE
                     item.cancel_requested = True
                     self._fail(item, CancelledError())
+            jobs = {item for item in self._pending if isinstance(item, MapJob)}
+            for job in jobs | self._feeding:
+                self._cancel_map(job)
             self._pending = deque(i for i in self._pending if isinstance(i, MapJob))
         self._deliver()
+
+    def cancel_map(self, job: MapJob) -> None:
+        """Cancel what a map job has not sent: its unread input, the items read but not cut
+        into chunks yet, chunks waiting to be sent again.  Its consumer gets
+        ``CancelledError`` at the first of them; chunks already with a worker finish.  (What
+        ``ProcessPoolExecutor.map``'s iterator does when it is closed, as the stdlib cancels
+        the futures of a map whose iterator is closed.)"""
+        with self._lock:
+            self._cancel_map(job)
+        self._deliver()
+
+    def _cancel_map(self, job: MapJob) -> None:
+        if job.cancelled:
+            return
+        job.cancelled = True
+        self._fail_job(job, CancelledError())  # the items read, not yet in a chunk
+        for task in self._pending:  # chunks queued again (after a worker died, a time limit)
+            if type(task) is Task and task.job is job and task.state == _PENDING:
+                task.cancel_requested = True
+                self._fail(task, CancelledError())
+        if not job.input_done:  # the feeder stops at its next look, and reads no more
+            self._feeding.discard(job)
+            self._input_end(job, CancelledError(), job.on_end)
+            job.space.notify_all()
 
     def close(self) -> None:
         with self._lock:

@@ -115,6 +115,11 @@ class MapJob:
         self.queued = False  # in the scheduler's pending deque
         self.limit = limit  # max items held (read, not consumed): None for lists
         self.held = 0
+        self.on_end: Any = None  # called with (length, error) once the input is read
+        self.cancelled = False  # what it has not sent will not run (Scheduler.cancel_map)
+        # its iterator was dropped: nothing consumes the results, so the limit no longer
+        # applies (all of it runs, as multiprocessing's imap does); set by a finalizer
+        self.orphaned = False
         self.space = threading.Condition(lock)  # the scheduler's lock: the feeder waits on it
 
     def chunk_size(self, est: float | None, nworkers: int) -> int:

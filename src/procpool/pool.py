@@ -281,7 +281,11 @@ class Pool(PoolAPI):
             on_input_end=sink._end_of_input,
         )
         it._release = job.release
+        it._job = job  # (ProcessPoolExecutor.map cancels it)
         it._pool = self  # the pool lives as long as its iterator
+        # dropped unread, it no longer holds the input back: all of it runs, as it does with
+        # multiprocessing (a flag only: a finalizer may run anywhere, the lock held or not)
+        weakref.finalize(it, setattr, job, "orphaned", True).atexit = False
         return it
 
     # ---------------------------------------------------------------- lifecycle
@@ -365,22 +369,29 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         standard library (``TimeoutError``); an item's exception is raised at its position.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        pool = self._pool
         try:
-            it = self._pool._imap(
+            it = pool._imap(
                 fn, zip(*iterables, strict=False), chunksize, None, ordered=True, star=True
             )
         except ValueError:
             raise RuntimeError("cannot schedule new futures after shutdown") from None
+        job = it._job
 
         def results() -> Iterator[T]:
-            while True:
-                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    yield it.next(wait)
-                except StopIteration:
-                    return
-                except PoolTimeoutError:  # executors raise their own TimeoutError
-                    raise concurrent.futures.TimeoutError from None
+            # Left early -- closed, dropped, a timeout, an item's exception -- the rest is
+            # cancelled (what has not been sent), as the stdlib cancels the map's futures.
+            try:
+                while True:
+                    wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    try:
+                        yield it.next(wait)
+                    except StopIteration:
+                        return
+                    except PoolTimeoutError:  # executors raise their own TimeoutError
+                        raise concurrent.futures.TimeoutError from None
+            finally:
+                pool._sched.cancel_map(job)  # (nothing left to cancel after the last item)
 
         return results()
 

@@ -319,6 +319,7 @@ class IMapIterator(Generic[T]):
         self._release = release
         self._consumed = 0  # results taken but not yet reported to the feeder (batched)
         self._pool: Any = None  # kept alive by its iterator (see AsyncResult._pool)
+        self._job: Any = None  # the scheduler's MapJob feeding it (set by Pool._imap)
 
     def __iter__(self) -> Iterator[T]:
         """Iterate over the results, a chunk at a time.
