@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     # A machine just started (or busy a moment ago) can run the calibration several times
     # slower than the benchmark later: check the count in a fresh process, and correct it.
     spin, t_task, tries = _tasks.calibrate_spin(0.001), None, 0
-    while tries < 3:
+    while True:
         tries += 1
         inproc = run_child(
             SCRIPT, {"scenario": "inprocess", "spin": spin, "tasks": 500, "repeats": 5}, 60
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         if "samples_s" not in inproc:
             break
         t_task = median(inproc["samples_s"]) / 500
-        if 0.8e-3 <= t_task <= 1.25e-3:
+        if 0.8e-3 <= t_task <= 1.25e-3 or tries == 3:  # (the count used is one measured)
             break
         spin = max(1, round(spin * 1e-3 / t_task))
     print(

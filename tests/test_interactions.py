@@ -248,3 +248,61 @@ def test_a_dropped_imap_iterator_still_runs_all_its_input(tmp_path, monkeypatch)
             time.sleep(0.05)
         assert count_lines(path) == 200
         assert pool.apply(identity, (5,)) == 5
+
+
+def _hold_the_io_thread(pool):
+    """Run a callback on the I/O thread that waits: return the event that lets it go."""
+    inside, release = threading.Event(), threading.Event()
+    pool.apply_async(identity, (1,), callback=lambda _v: (inside.set(), release.wait(10)))
+    assert inside.wait(10)
+    time.sleep(0.01)  # its last turn is now well over 1 ms old
+    return release
+
+
+def test_a_long_burst_hands_off_once_per_1024_tasks_while_the_io_thread_is_held():
+    # past 1024 queued tasks the 50 ms hand-off came every 64 tasks (48 waits for 4096)
+    from procpool import _scheduler
+
+    with procpool.Pool(2) as pool:
+        sched = pool._sched
+        waits: list[tuple] = []
+        real = sched._handoff
+        sched._handoff = lambda *wait: (waits.append(wait), real(*wait))[1]
+        release = _hold_the_io_thread(pool)
+        try:
+            results = [pool.apply_async(identity, (i,)) for i in range(4096)]
+        finally:
+            release.set()
+        assert [r.get(60) for r in results] == list(range(4096))
+        assert 1 <= waits.count((_scheduler.HANDOFF_WAIT,)) <= 4096 // 1024, waits
+        assert waits.count((_scheduler.HANDOFF_AFTER,)) <= 1, waits  # (once per turn)
+
+
+def test_a_hand_off_that_times_out_leaves_no_token_behind():
+    # a token written for a waiter that had given up let every later hand-off return at once
+    import select
+
+    from procpool import _scheduler
+
+    with procpool.Pool(2) as pool:
+        pool.map(sleep_then, [0.002] * 8, chunksize=1)  # ~2 ms a task: early hand-offs
+        sched = pool._sched
+        release = _hold_the_io_thread(pool)
+        try:  # one early hand-off, which times out (1 ms) while the I/O thread is held
+            results = [pool.apply_async(identity, (i,)) for i in range(200)]
+        finally:
+            release.set()
+        assert [r.get(30) for r in results] == list(range(200))
+        deadline = time.monotonic() + 10
+        while (sched._handoffs or sched._handoff_waiting) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)  # the I/O thread has been through its turns; nobody waits
+        assert not select.select([sched._handofffd], [], [], 0)[0], "a token was left behind"
+        release = _hold_the_io_thread(pool)
+        try:
+            started = time.monotonic()
+            sched._handoff(_scheduler.HANDOFF_WAIT)  # no turn can come: it must wait it out
+            waited = time.monotonic() - started
+        finally:
+            release.set()
+        assert waited >= _scheduler.HANDOFF_WAIT * 0.9

@@ -83,6 +83,17 @@ HANDOFF_WAIT = 0.05  # seconds the submitting thread gives the I/O thread at mos
 IMAP_HELD = 65536  # items an imap may hold (read, not yet consumed): its memory bound
 FEED_BATCH = 8192  # items the imap feeder reads per lock acquisition (in-memory sources)
 
+
+def _take_token(fd: int) -> bool:
+    """Read one token from a semaphore-mode eventfd; False if it had none (another waiter of
+    the same turn took it: the turn came all the same)."""
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        return False
+    return True
+
+
 #: iterators that only walk memory: reading them in bulk can neither block nor deadlock
 _IN_MEMORY_ITERATORS: frozenset[type] = frozenset(
     {
@@ -259,8 +270,8 @@ class Scheduler(WorkerSupervision, Dispatch):
             inbox.append(task)
             self._wake()
             queued = len(inbox)
-            if not queued % HANDOFF_CHECK:
-                if queued >= HANDOFF_EVERY:
+            if not queued % HANDOFF_CHECK:  # (HANDOFF_EVERY is a multiple of it)
+                if not queued % HANDOFF_EVERY:
                     self._handoff(HANDOFF_WAIT)
                 elif (
                     (self._est or 0.0) > HANDOFF_TASK
@@ -313,7 +324,9 @@ class Scheduler(WorkerSupervision, Dispatch):
         period: there the parent is the limit, and each early turn sends smaller batches
         (measured: 15 % fewer tasks/s).  The wake-up is an eventfd write, a syscall made without the GIL: the woken thread may take the CPU from
         the I/O thread at once, which must not be holding the GIL then (as it would be while
-        releasing a lock).  A Ctrl-C during the sleep leaves at most a spare token behind.
+        releasing a lock).  A waiter that gives up (time-out, Ctrl-C) withdraws its request, or
+        takes the token written for it meanwhile: a token left behind would let every later
+        hand-off return at once, without a turn.
         """
         if threading.current_thread() is self._thread or self._delivering == threading.get_ident():
             return  # a callback submitting: the I/O thread would wait for this very thread
@@ -323,17 +336,19 @@ class Scheduler(WorkerSupervision, Dispatch):
             self._handoffs += 1
             self._handoff_waiting += 1
             fd = self._handofffd
+        got = False
         try:
             self._wake()
             poller = select.poll()
             poller.register(fd, select.POLLIN)
-            if poller.poll(wait * 1000):
-                try:
-                    os.eventfd_read(fd)  # one token (semaphore mode)
-                except BlockingIOError:  # another waiter took it: fine, the turn came
-                    pass
+            got = bool(poller.poll(wait * 1000)) and _take_token(fd)
         finally:
             with self._lock:
+                if not got:  # timed out (or interrupted): no token may stay behind for us
+                    if self._handoffs:
+                        self._handoffs -= 1  # the request was not served yet: withdrawn
+                    elif self._handofffd >= 0:
+                        _take_token(self._handofffd)  # served meanwhile: that token is ours
                 self._handoff_waiting -= 1
                 if self._state == FINISHED and not self._handoff_waiting:
                     self._close_handoff()  # the I/O thread left it open for us
