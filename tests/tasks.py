@@ -143,3 +143,24 @@ def count_lines(path):
             return f.read().count(b"\n")
     except FileNotFoundError:
         return 0
+
+
+def record_die_once(path, marker, x, seconds=0.0, die_at=1):
+    """``record`` x; for ``x == die_at``, the first time (no *marker* file yet), sleep
+    *seconds*, then kill the worker (``os._exit``)."""
+    record(path, x)
+    if x == die_at and not os.path.exists(marker):
+        open(marker, "w").close()
+        time.sleep(seconds)
+        os._exit(7)
+    time.sleep(0.01)
+    return x
+
+
+def recorded(path):
+    """The values ``record`` wrote to *path*, in order."""
+    try:
+        with open(path, "rb") as f:
+            return [int(line) for line in f.read().split()]
+    except FileNotFoundError:
+        return []

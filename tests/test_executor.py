@@ -9,7 +9,16 @@ import os
 import time
 
 import pytest
-from tasks import count_lines, fail, fail_on, record, sleep_then, square
+from tasks import (
+    count_lines,
+    fail,
+    fail_on,
+    record,
+    record_die_once,
+    recorded,
+    sleep_then,
+    square,
+)
 
 import procpool
 
@@ -171,3 +180,19 @@ def test_shutdown_cancel_futures_cancels_a_running_executor_map(tmp_path):
             got.append(x)
     assert got == list(range(1, len(got) + 1))  # what was sent, in order, then the error
     assert count_lines(path) < 100
+
+
+def test_a_cancelled_map_does_not_send_again_what_a_dead_worker_gives_back(tmp_path):
+    # after the cancel, a retry (or a chunk handed back by a dead worker) must not run
+    path, marker = str(tmp_path / "ran"), str(tmp_path / "marker")
+    n = 50
+    with procpool.ProcessPoolExecutor(1, retries=1) as ex:
+        it = ex.map(record_die_once, [path] * n, [marker] * n, range(n), [1.0] * n)
+        assert next(it) == 0
+        deadline = time.monotonic() + 20
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.02)  # item 1 runs; its worker dies in 1 s
+        it.close()
+        assert ex.submit(sleep_then, 1.5, "after").result(20) == "after"
+    ran = recorded(path)
+    assert ran.count(1) == 1 and max(ran) <= 3, ran  # item 1 once; nothing sent after

@@ -306,3 +306,31 @@ def test_a_hand_off_that_times_out_leaves_no_token_behind():
         finally:
             release.set()
         assert waited >= _scheduler.HANDOFF_WAIT * 0.9
+
+
+def test_a_dropped_imap_iterator_keeps_reading_its_input_within_the_bound(tmp_path, monkeypatch):
+    # all of a dropped iterator's input runs, but it is never read faster than it runs
+    import functools
+    import itertools
+
+    from procpool import _scheduler
+
+    monkeypatch.setattr(_scheduler, "IMAP_HELD", 64)
+    path = str(tmp_path / "ran")
+    pool = procpool.Pool(2)
+    try:
+        it = pool.imap(functools.partial(record, path, seconds=0.001), itertools.count())
+        assert next(it) == 0
+        job = it._job
+        del it
+        gc.collect()
+        time.sleep(0.5)
+        ran = count_lines(path)
+        peak = 0
+        for _ in range(20):
+            time.sleep(0.05)
+            peak = max(peak, job.available())
+        assert count_lines(path) > ran  # still running
+        assert peak <= 64 and job.held <= 64 + 16  # (a chunk may be in flight past the bound)
+    finally:
+        pool.terminate()

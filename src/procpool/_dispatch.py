@@ -14,6 +14,7 @@ import os
 import pickle
 import time
 from collections.abc import Iterator
+from concurrent.futures import CancelledError
 
 from . import _protocol as P
 from . import _serialize
@@ -78,6 +79,11 @@ class Dispatch:
             if type(head) is Task:
                 if head.state != _PENDING:
                     pending.popleft()
+                    continue
+                if head.job is not None and head.job.cancelled:  # a chunk queued again (a
+                    pending.popleft()  # retry, a dead worker's, a split) after cancel_map
+                    head.cancel_requested = True
+                    self._fail(head, CancelledError())
                     continue
                 if w.inflight:  # _can_take(w, self._cost(head), bool(head.timeout)), inlined
                     est = self._est

@@ -177,6 +177,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._handoffs = 0
         self._handoff_waiting = 0
         self._turn_at = 0.0  # time.monotonic() at the end of the I/O thread's last turn
+        self._cancels: list[MapJob] = []  # map jobs to cancel (see cancel_map)
         self._early_for = -1.0  # the _turn_at after which an early hand-off was last made
         self._epoll.register(self._wakefd, select.EPOLLIN)
         self._by_fd[self._wakefd] = ("wake", None)
@@ -452,21 +453,21 @@ class Scheduler(WorkerSupervision, Dispatch):
             with job.space:
                 # the bound holds while the caller may still read; once the pool is closed,
                 # the rest of the input is read and run, as close() promises
+                job.take_dropped()
                 while (
                     job.held >= job.limit
                     and self._state == RUNNING
                     and not self._broken
                     and not job.cancelled
-                    and not job.orphaned
                 ):
                     job.space.wait(1.0)  # 1 s: a safety net; release() and close() notify
+                    job.take_dropped()  # (an iterator dropped meanwhile does not notify)
                 if job.cancelled:  # (cancel_map has ended its input)
                     break
                 if self._state in (TERMINATING, FINISHED) or self._broken:
                     error = self._stopped_error()  # the caller's iterator must say why
                     break
-                bounded = self._state == RUNNING and not job.orphaned
-                room = job.limit - job.held if bounded else FEED_BATCH
+                room = job.limit - job.held if self._state == RUNNING else FEED_BATCH
             want = min(room, size)
             batch: list = []
             if window:  # a range: widen the window
@@ -613,13 +614,19 @@ class Scheduler(WorkerSupervision, Dispatch):
 
     def cancel_map(self, job: MapJob) -> None:
         """Cancel what a map job has not sent: its unread input, the items read but not cut
-        into chunks yet, chunks waiting to be sent again.  Its consumer gets
-        ``CancelledError`` at the first of them; chunks already with a worker finish.  (What
-        ``ProcessPoolExecutor.map``'s iterator does when it is closed, as the stdlib cancels
-        the futures of a map whose iterator is closed.)"""
-        with self._lock:
-            self._cancel_map(job)
-        self._deliver()
+        into chunks yet, chunks waiting to be sent again, or queued again later.  Its
+        consumer gets ``CancelledError`` at the first of them; chunks already with a worker
+        finish.  (What ``ProcessPoolExecutor.map``'s iterator does when it is closed, as the
+        stdlib cancels the futures of a map whose iterator is closed.)
+
+        Done by the I/O thread, first thing in its next turn, before it sends anything: this
+        is called from a generator's ``finally``, which a garbage collection may run anywhere
+        -- in the middle of the engine's own work, or in a forked child (then: nothing).
+        """
+        if os.getpid() != self._owner:
+            return
+        self._cancels.append(job)  # (one operation: safe wherever this runs)
+        self._wake()
 
     def _cancel_map(self, job: MapJob) -> None:
         if job.cancelled:
@@ -710,6 +717,8 @@ class Scheduler(WorkerSupervision, Dispatch):
             while True:
                 events = self._epoll.poll(self._poll_timeout())
                 with self._lock:
+                    while self._cancels:
+                        self._cancel_map(self._cancels.pop())
                     for fd, mask in events:
                         self._on_event(fd, mask)
                     self._run_timers()

@@ -117,9 +117,10 @@ class MapJob:
         self.held = 0
         self.on_end: Any = None  # called with (length, error) once the input is read
         self.cancelled = False  # what it has not sent will not run (Scheduler.cancel_map)
-        # its iterator was dropped: nothing consumes the results, so the limit no longer
-        # applies (all of it runs, as multiprocessing's imap does); set by a finalizer
-        self.orphaned = False
+        # items a dropped imap iterator held (delivered, not consumed): appended by its
+        # __del__, which may run anywhere (a garbage collection), and so only appends; the
+        # feeder subtracts them from `held` (a list: append and pop are single operations)
+        self.dropped: list[int] = []
         self.space = threading.Condition(lock)  # the scheduler's lock: the feeder waits on it
 
     def chunk_size(self, est: float | None, nworkers: int) -> int:
@@ -162,3 +163,9 @@ class MapJob:
         with self.space:
             self.held -= n
             self.space.notify()
+
+    def take_dropped(self) -> None:
+        """Count what a dropped iterator held as consumed (the scheduler's lock held)."""
+        dropped = self.dropped
+        while dropped:
+            self.held -= dropped.pop()

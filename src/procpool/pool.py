@@ -283,9 +283,7 @@ class Pool(PoolAPI):
         it._release = job.release
         it._job = job  # (ProcessPoolExecutor.map cancels it)
         it._pool = self  # the pool lives as long as its iterator
-        # dropped unread, it no longer holds the input back: all of it runs, as it does with
-        # multiprocessing (a flag only: a finalizer may run anywhere, the lock held or not)
-        weakref.finalize(it, setattr, job, "orphaned", True).atexit = False
+        sink._release = job.release  # once the iterator is gone, results arriving free room
         return it
 
     # ---------------------------------------------------------------- lifecycle
