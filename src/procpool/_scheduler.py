@@ -453,21 +453,21 @@ class Scheduler(WorkerSupervision, Dispatch):
             with job.space:
                 # the bound holds while the caller may still read; once the pool is closed,
                 # the rest of the input is read and run, as close() promises
-                job.take_dropped()
                 while (
-                    job.held >= job.limit
+                    job.backlog() >= job.limit
                     and self._state == RUNNING
                     and not self._broken
                     and not job.cancelled
                 ):
-                    job.space.wait(1.0)  # 1 s: a safety net; release() and close() notify
-                    job.take_dropped()  # (an iterator dropped meanwhile does not notify)
+                    # 1 s: a safety net (release(), close() and dispatch notify), and how soon
+                    # a dropped iterator's finalizer, which cannot notify, is seen
+                    job.space.wait(1.0)
                 if job.cancelled:  # (cancel_map has ended its input)
                     break
                 if self._state in (TERMINATING, FINISHED) or self._broken:
                     error = self._stopped_error()  # the caller's iterator must say why
                     break
-                room = job.limit - job.held if self._state == RUNNING else FEED_BATCH
+                room = job.limit - job.backlog() if self._state == RUNNING else FEED_BATCH
             want = min(room, size)
             batch: list = []
             if window:  # a range: widen the window
@@ -566,6 +566,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                     self._read(w)
                     gone = w.eof
                     if self._pending or self._inbox:  # the results freed room: refill
+                        self._take_cancels()
                         self._take_inbox()
                         self._dispatch()
                 self._deliver()
@@ -627,6 +628,10 @@ class Scheduler(WorkerSupervision, Dispatch):
             return
         self._cancels.append(job)  # (one operation: safe wherever this runs)
         self._wake()
+
+    def _take_cancels(self) -> None:
+        while self._cancels:
+            self._cancel_map(self._cancels.pop())
 
     def _cancel_map(self, job: MapJob) -> None:
         if job.cancelled:
@@ -717,8 +722,6 @@ class Scheduler(WorkerSupervision, Dispatch):
             while True:
                 events = self._epoll.poll(self._poll_timeout())
                 with self._lock:
-                    while self._cancels:
-                        self._cancel_map(self._cancels.pop())
                     for fd, mask in events:
                         self._on_event(fd, mask)
                     self._run_timers()
@@ -728,6 +731,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                     while self._dead:
                         w = self._dead.pop()
                         self._bury(w, self._launcher.reap(w.proc))
+                    self._take_cancels()  # (after the wake-up is read: see _wake)
                     self._take_inbox()
                     self._dispatch()
                     finished = self._progress_shutdown()

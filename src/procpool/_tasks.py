@@ -117,10 +117,10 @@ class MapJob:
         self.held = 0
         self.on_end: Any = None  # called with (length, error) once the input is read
         self.cancelled = False  # what it has not sent will not run (Scheduler.cancel_map)
-        # items a dropped imap iterator held (delivered, not consumed): appended by its
-        # __del__, which may run anywhere (a garbage collection), and so only appends; the
-        # feeder subtracts them from `held` (a list: append and pop are single operations)
-        self.dropped: list[int] = []
+        # its imap iterator was dropped: nobody consumes, so `held` no longer paces the
+        # feeder -- the items read but not yet sent do (all of it runs, as multiprocessing
+        # runs a dropped imap's tasks, within the bound); set by a finalizer, a flag only
+        self.orphaned = False
         self.space = threading.Condition(lock)  # the scheduler's lock: the feeder waits on it
 
     def chunk_size(self, est: float | None, nworkers: int) -> int:
@@ -164,8 +164,7 @@ class MapJob:
             self.held -= n
             self.space.notify()
 
-    def take_dropped(self) -> None:
-        """Count what a dropped iterator held as consumed (the scheduler's lock held)."""
-        dropped = self.dropped
-        while dropped:
-            self.held -= dropped.pop()
+    def backlog(self) -> int:
+        """What paces the feeder: items held (read, not consumed), or for a job whose
+        iterator was dropped, items read but not sent yet."""
+        return self.available() if self.orphaned else self.held

@@ -283,7 +283,9 @@ class Pool(PoolAPI):
         it._release = job.release
         it._job = job  # (ProcessPoolExecutor.map cancels it)
         it._pool = self  # the pool lives as long as its iterator
-        sink._release = job.release  # once the iterator is gone, results arriving free room
+        # dropped, it no longer holds its input back (see MapJob.orphaned): a finalizer may run
+        # anywhere, the lock held or not, so it only sets a flag
+        weakref.finalize(it, setattr, job, "orphaned", True).atexit = False
         return it
 
     # ---------------------------------------------------------------- lifecycle

@@ -376,7 +376,10 @@ class IMapIterator(Generic[T]):
             if self._consumed >= 1024:
                 self._flush_release()
             if exc is not None:
-                raise exc
+                try:
+                    raise exc
+                finally:  # the traceback must not keep this frame, and so self, alive: an
+                    del exc, self  # iterator dropped after an item raised is then freed at once
             return value
 
     __next__ = next
@@ -425,21 +428,6 @@ class IMapIterator(Generic[T]):
         if n:
             self._release(n)  # takes the scheduler's lock: never called holding ours
 
-    def __del__(self) -> None:
-        # Dropped: what it holds -- delivered, not consumed -- no longer holds back its job's
-        # input (see MapJob.dropped).  Nothing else can be using it now (a delivery holds a
-        # reference while it runs), so no lock; and no lock taken: this may run anywhere.
-        job = self._job
-        if job is None:
-            return
-        held = self._consumed + max(0, len(self._values) - self._pos)
-        for values, _ in self._chunks.values():
-            held += len(values)
-        for values, _ in self._arrived:
-            held += len(values)
-        if held:
-            job.dropped.append(held)
-
     def _on_chunk(self, task: Any, values: list, errors: dict[int, BaseException]) -> None:
         with self._lock:
             if self._ordered:
@@ -471,39 +459,25 @@ class WeakSink:
     discarded.
     """
 
-    __slots__ = ("_ref", "_release")
+    __slots__ = ("_ref",)
 
     def __init__(self, target: Any) -> None:
         self._ref = weakref.ref(target)
-        # an imap job's release(n): results arriving for a dropped iterator count as consumed,
-        # so its input goes on being read within its bound (all of it runs, as multiprocessing
-        # runs a dropped imap's tasks)
-        self._release: Callable[[int], None] | None = None
-
-    def _dropped(self, n: int) -> None:
-        if self._release is not None:
-            self._release(n)
 
     def _on_chunk(self, task: Any, values: list, errors: dict[int, BaseException]) -> None:
         target = self._ref()
         if target is not None:
             target._on_chunk(task, values, errors)
-        else:
-            self._dropped(len(values))
 
     def _on_error(self, task: Any, exc: BaseException) -> None:
         target = self._ref()
         if target is not None:
             target._on_error(task, exc)
-        else:
-            self._dropped(task.n_items)
 
     def _on_result(self, task: Any, value: Any) -> None:
         target = self._ref()
         if target is not None:
             target._on_result(task, value)
-        else:
-            self._dropped(1)
 
     def _end_of_input(self, length: int, error: BaseException | None) -> None:
         target = self._ref()
