@@ -240,3 +240,28 @@ def test_an_open_file_as_an_argument_is_refused_not_copied(pool, tmp_path):
         with pytest.raises(procpool.SerializationError, match="open file"):
             r.get(10)
     assert pool.apply(length, (str(path),)) == len(str(path))
+
+
+def test_next_inside_a_for_loop_over_the_same_imap_iterator_is_refused_and_loses_nothing():
+    # the loop holds a chunk of results: next() in its body skipped past the rest of it, and
+    # lost it when the loop then stopped (items 1-9 here); now a clear error, nothing lost
+    with procpool.Pool(2) as pool:
+        it = pool.imap(abs, range(100), chunksize=10)
+        got = []
+        with pytest.raises(RuntimeError, match="inside a for loop"):
+            for x in it:
+                got.append(x)
+                got.append(next(it))
+        assert got == [0]
+        assert list(it) == list(range(1, 100))
+        it = pool.imap(abs, range(30), chunksize=10)
+        with pytest.raises(RuntimeError, match="another loop"):
+            for _ in it:
+                for _ in it:
+                    pass
+        it = pool.imap(abs, range(30), chunksize=10)
+        assert [next(it), next(it)] == [0, 1]
+        for x in it:  # next() before or after a loop is fine
+            if x == 5:
+                break
+        assert next(it) == 6 and list(it) == list(range(7, 30))

@@ -292,6 +292,18 @@ class MapResult(AsyncResult[list]):
         self._on_chunk(task, [value], {})
 
 
+def _not_held_by_this_thread(holders: set[int]) -> None:
+    """A ``for`` loop over an imap iterator takes a chunk of results at a time: the same thread
+    advancing it meanwhile (``next(it)``, or a nested loop, in the loop's body) would skip past
+    the rest of that chunk, and lose it should the loop then stop.  Refused instead."""
+    if threading.get_ident() in holders:
+        raise RuntimeError(
+            "next() on an imap iterator, or another loop over it, inside a for loop over the"
+            " same iterator: the loop holds a batch of its results (use next() alone, or the"
+            " for loop alone)"
+        )
+
+
 class IMapIterator(Generic[T]):
     """The iterator returned by :meth:`Pool.imap` / ``imap_unordered``.
 
@@ -318,6 +330,7 @@ class IMapIterator(Generic[T]):
         self._input_error: BaseException | None = None
         self._release = release
         self._consumed = 0  # results taken but not yet reported to the feeder (batched)
+        self._holders: set[int] = set()  # threads whose for loop holds a chunk (see __iter__)
         self._pool: Any = None  # kept alive by its iterator (see AsyncResult._pool)
         self._job: Any = None  # the scheduler's MapJob feeding it (set by Pool._imap)
 
@@ -335,8 +348,10 @@ class IMapIterator(Generic[T]):
                 if self._errors or self._pos >= len(self._values):
                     chunk = None  # failures in it (or another consumer took it): item by item
                 else:
+                    _not_held_by_this_thread(self._holders)
                     chunk, start = self._values, self._pos
                     self._pos = len(chunk)  # ours now; what we do not yield is given back
+                    self._holders.add(threading.get_ident())
             if chunk is None:
                 try:
                     yield self.next()
@@ -350,6 +365,7 @@ class IMapIterator(Generic[T]):
                     yield value
             finally:
                 with self._lock:
+                    self._holders.discard(threading.get_ident())
                     if given < len(chunk) and self._values is chunk:
                         self._pos = given  # the loop was left early: the rest stays
                     taken = given - start
@@ -359,6 +375,8 @@ class IMapIterator(Generic[T]):
                     self._flush_release()
 
     def next(self, timeout: float | None = None) -> T:
+        if self._holders:  # before anything is taken
+            _not_held_by_this_thread(self._holders)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
