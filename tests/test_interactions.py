@@ -354,3 +354,20 @@ def test_an_imap_iterator_dropped_after_an_item_raised_is_freed_at_once():
             assert ref() is None
         finally:
             gc.enable()
+
+
+def test_a_hand_off_eventfd_whose_waiter_count_was_lost_is_closed_with_its_pool():
+    # a Ctrl-C landing in a hand-off's bookkeeping can leave the waiter count above 0; the
+    # eventfd, which the last waiter would close, must not outlive the pool
+    pool = procpool.Pool(1)
+    sched = pool._sched
+    with sched._lock:
+        sched._handoff_waiting += 1  # as a waiter interrupted before its count went down
+    fd = sched._handofffd
+    pool.close()
+    pool.join()
+    assert sched._handofffd == fd  # left open for the (lost) waiter
+    del pool, sched
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(fd)

@@ -84,6 +84,16 @@ IMAP_HELD = 65536  # items an imap may hold (read, not yet consumed): its memory
 FEED_BATCH = 8192  # items the imap feeder reads per lock acquisition (in-memory sources)
 
 
+def _close_left_over(box: list[int]) -> None:
+    """Close a hand-off eventfd nobody closed (see Scheduler.__init__): in its own process
+    only (a forked child's copy of the number may name another file there)."""
+    fd, pid = box
+    if fd >= 0 and pid == os.getpid():
+        box[0] = -1
+        INTERNAL_FDS.discard(fd)
+        os.close(fd)
+
+
 def _take_token(fd: int) -> bool:
     """Read one token from a semaphore-mode eventfd; False if it had none (another waiter of
     the same turn took it: the turn came all the same)."""
@@ -182,6 +192,11 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._epoll.register(self._wakefd, select.EPOLLIN)
         self._by_fd[self._wakefd] = ("wake", None)
         INTERNAL_FDS.update((self._epoll.fileno(), self._wakefd, self._handofffd))
+        # The hand-off eventfd is closed by whoever is last of the I/O thread and the waiters
+        # (_handoff_waiting); a Ctrl-C landing in a waiter's bookkeeping can lose its count.
+        # Then it is closed when the scheduler goes (no waiter can exist: each holds it).
+        self._handoff_box = [self._handofffd, os.getpid()]
+        weakref.finalize(self, _close_left_over, self._handoff_box).atexit = False
 
         _live.add(self)
         # released once the first workers are started (a bare lock, not an Event: a Ctrl-C
@@ -365,7 +380,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         if self._handofffd >= 0:
             INTERNAL_FDS.discard(self._handofffd)
             os.close(self._handofffd)
-            self._handofffd = -1
+            self._handofffd = self._handoff_box[0] = -1
 
     def _take_inbox(self) -> None:
         """Move tasks submitted without the lock into the pending queue (or fail them)."""
