@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -259,6 +260,18 @@ def test_next_inside_a_for_loop_over_the_same_imap_iterator_is_refused_and_loses
             for _ in it:
                 for _ in it:
                     pass
+        assert list(it) == list(range(1, 30))  # refused before the inner loop took anything
+        it = pool.imap(abs, range(5), chunksize=5)  # one chunk: nothing to wait for
+        with pytest.raises(RuntimeError):
+            list(zip(it, it, strict=False))  # (multiprocessing pairs them up)
+        assert list(it) == [1, 2, 3, 4]
+        it = pool.imap(abs, range(30), chunksize=10)
+        loop = iter(it)
+        assert next(loop) == 0
+        closer = threading.Thread(target=loop.close)  # a loop closed in another thread
+        closer.start()
+        closer.join(10)
+        assert next(it) == 1 and list(it) == list(range(2, 30))
         it = pool.imap(abs, range(30), chunksize=10)
         assert [next(it), next(it)] == [0, 1]
         for x in it:  # next() before or after a loop is fine

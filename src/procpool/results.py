@@ -342,16 +342,18 @@ class IMapIterator(Generic[T]):
         after it, as with :mod:`multiprocessing`.
         """
         while True:
+            if self._holders:  # before anything is taken (_wait_for_item may move on)
+                _not_held_by_this_thread(self._holders)
             if not self._wait_for_item(None):
                 return
             with self._lock:
                 if self._errors or self._pos >= len(self._values):
                     chunk = None  # failures in it (or another consumer took it): item by item
                 else:
-                    _not_held_by_this_thread(self._holders)
                     chunk, start = self._values, self._pos
                     self._pos = len(chunk)  # ours now; what we do not yield is given back
-                    self._holders.add(threading.get_ident())
+                    holder = threading.get_ident()
+                    self._holders.add(holder)
             if chunk is None:
                 try:
                     yield self.next()
@@ -363,9 +365,9 @@ class IMapIterator(Generic[T]):
                 for value in chunk[start:] if start else chunk:
                     given += 1
                     yield value
-            finally:
+            finally:  # (maybe in another thread: a generator can be closed anywhere)
                 with self._lock:
-                    self._holders.discard(threading.get_ident())
+                    self._holders.discard(holder)
                     if given < len(chunk) and self._values is chunk:
                         self._pos = given  # the loop was left early: the rest stays
                     taken = given - start
