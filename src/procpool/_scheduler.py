@@ -338,11 +338,13 @@ class Scheduler(WorkerSupervision, Dispatch):
         and is made once per turn: an I/O thread held up by a slow callback costs a submitter
         one such wait, not one every ``HANDOFF_CHECK`` tasks.  Tiny tasks keep the long
         period: there the parent is the limit, and each early turn sends smaller batches
-        (measured: 15 % fewer tasks/s).  The wake-up is an eventfd write, a syscall made without the GIL: the woken thread may take the CPU from
-        the I/O thread at once, which must not be holding the GIL then (as it would be while
-        releasing a lock).  A waiter that gives up (time-out, Ctrl-C) withdraws its request, or
-        takes the token written for it meanwhile: a token left behind would let every later
-        hand-off return at once, without a turn.
+        (measured: 15 % fewer tasks/s).
+
+        The wake-up is an eventfd write, a syscall made without the GIL: the woken thread may
+        take the CPU from the I/O thread at once, which must not be holding the GIL then (as
+        it would be while releasing a lock).  A waiter that gives up (time-out, Ctrl-C)
+        withdraws its request, or takes the token written for it meanwhile: a token left
+        behind would let every later hand-off return at once, without a turn.
         """
         if threading.current_thread() is self._thread or self._delivering == threading.get_ident():
             return  # a callback submitting: the I/O thread would wait for this very thread
@@ -635,9 +637,10 @@ class Scheduler(WorkerSupervision, Dispatch):
         finish.  (What ``ProcessPoolExecutor.map``'s iterator does when it is closed, as the
         stdlib cancels the futures of a map whose iterator is closed.)
 
-        Done by the I/O thread, first thing in its next turn, before it sends anything: this
-        is called from a generator's ``finally``, which a garbage collection may run anywhere
-        -- in the middle of the engine's own work, or in a forked child (then: nothing).
+        Done by the I/O thread in its next turn, before it sends anything (or by a caller's
+        ``drive`` before it does): this is called from a generator's ``finally``, which a
+        garbage collection may run anywhere -- in the middle of the engine's own work, or in
+        a forked child (then: nothing).
         """
         if os.getpid() != self._owner:
             return
