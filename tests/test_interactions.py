@@ -294,10 +294,13 @@ def test_a_hand_off_that_times_out_leaves_no_token_behind():
         finally:
             release.set()
         assert [r.get(30) for r in results] == list(range(200))
+        turn = sched._turn_at
+        sched._wake()
         deadline = time.monotonic() + 10
-        while (sched._handoffs or sched._handoff_waiting) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.1)  # the I/O thread has been through its turns; nobody waits
+        while (
+            sched._handoffs or sched._handoff_waiting or sched._turn_at == turn
+        ) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until nobody waits and the I/O thread has been through a turn
         assert not select.select([sched._handofffd], [], [], 0)[0], "a token was left behind"
         release = _hold_the_io_thread(pool)
         try:
@@ -325,11 +328,11 @@ def test_a_dropped_imap_iterator_keeps_reading_its_input_within_the_bound(tmp_pa
         job = it._job
         del it
         gc.collect()
-        time.sleep(0.5)
         ran = count_lines(path)
         peak = 0
-        for _ in range(20):
-            time.sleep(0.05)
+        deadline = time.monotonic() + 30
+        while count_lines(path) < ran + 4 * 64 and time.monotonic() < deadline:
+            time.sleep(0.02)  # until it has run well past the bound it held when dropped
             peak = max(peak, job.available())
         assert count_lines(path) > ran  # still running
         assert peak <= 64  # read but not sent: what its input costs in memory

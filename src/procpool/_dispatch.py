@@ -14,7 +14,6 @@ import os
 import pickle
 import time
 from collections.abc import Iterator
-from concurrent.futures import CancelledError
 
 from . import _protocol as P
 from . import _serialize
@@ -54,6 +53,7 @@ class Dispatch:
     if TYPE_CHECKING:  # provided by Scheduler and WorkerSupervision
 
         def _fail(self, task: Task, error: BaseException) -> None: ...
+        def _cancel_pending_task(self, task: Task) -> None: ...
         def _add_timer(self, delay: float, kind: str, what: Any) -> None: ...
         def _accepts(self, w: _Worker) -> bool: ...
         def _flush(self, w: _Worker) -> None: ...
@@ -82,8 +82,7 @@ class Dispatch:
                     continue
                 if head.job is not None and head.job.cancelled:  # a chunk queued again (a
                     pending.popleft()  # retry, a dead worker's, a split) after cancel_map
-                    head.cancel_requested = True
-                    self._fail(head, CancelledError())
+                    self._cancel_pending_task(head)
                     continue
                 if w.inflight:  # _can_take(w, self._cost(head), bool(head.timeout)), inlined
                     est = self._est

@@ -431,16 +431,16 @@ class Scheduler(WorkerSupervision, Dispatch):
             if not lazy:
                 # a list as it is; a range too (its chunks are ranges: a few bytes to pickle)
                 job.buf = items if isinstance(items, (list, range)) else list(items)
-                self._input_end(job, None, on_input_end)
+                self._input_end(job, None)
                 self._wake()
         if lazy:
             source = items if type(items) is range else iter(items)
             # a feeder reading the caller's generator runs the caller's code: signals as theirs
             quiet = type(source) is range or type(source) in _IN_MEMORY_ITERATORS
-            start_thread(self._feed, "procpool-feeder", (job, source, on_input_end), quiet=quiet)
+            start_thread(self._feed, "procpool-feeder", (job, source), quiet=quiet)
         return job
 
-    def _feed(self, job: MapJob, it: Iterator | range, on_end: Callable | None) -> None:
+    def _feed(self, job: MapJob, it: Iterator | range) -> None:
         """The imap feeder thread: reads the caller's iterable within the job's limit.
 
         A range is not read at all: it becomes the job's buffer and "reading" moves the end of
@@ -515,7 +515,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                 self._wake()
         with self._lock:
             self._feeding.discard(job)
-            self._input_end(job, error, on_end)
+            self._input_end(job, error)
             self._wake()  # someone must deliver the end of input
         self._deliver()  # ...and if the I/O thread is gone already, that is us
 
@@ -524,14 +524,14 @@ class Scheduler(WorkerSupervision, Dispatch):
             return self._broken_error()
         return PoolTerminated("the pool was terminated")
 
-    def _input_end(self, job: MapJob, error: BaseException | None, on_end: Callable | None) -> None:
+    def _input_end(self, job: MapJob, error: BaseException | None) -> None:
         if job.input_done:
             return
         job.input_done = True
         self._jobs_open -= 1
         total = job.next_index + job.available()
-        if on_end is not None:
-            self._deliveries.append(("call", on_end, (total, error)))
+        if job.on_end is not None:
+            self._deliveries.append(("call", job.on_end, (total, error)))
         self._queue_job(job)
 
     def _queue_job(self, job: MapJob) -> None:
@@ -601,9 +601,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         """Cancel a pending task; with *force*, stop a running one by replacing its worker."""
         with self._lock:
             if task.state == _PENDING:
-                task.state = _DONE
-                task.cancel_requested = True
-                self._fail(task, CancelledError())
+                self._cancel_pending_task(task)
                 result = True
             elif task.state == _SENT and force and task.worker is not None:
                 task.cancel_requested = True
@@ -621,9 +619,7 @@ class Scheduler(WorkerSupervision, Dispatch):
             self._take_inbox()
             for item in self._pending:
                 if isinstance(item, Task) and item.state == _PENDING:
-                    item.state = _DONE
-                    item.cancel_requested = True
-                    self._fail(item, CancelledError())
+                    self._cancel_pending_task(item)
             jobs = {item for item in self._pending if isinstance(item, MapJob)}
             for job in jobs | self._feeding:
                 self._cancel_map(job)
@@ -647,6 +643,10 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._cancels.append(job)  # (one operation: safe wherever this runs)
         self._wake()
 
+    def _cancel_pending_task(self, task: Task) -> None:
+        task.cancel_requested = True
+        self._fail(task, CancelledError())
+
     def _take_cancels(self) -> None:
         while self._cancels:
             self._cancel_map(self._cancels.pop())
@@ -658,11 +658,10 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._fail_job(job, CancelledError())  # the items read, not yet in a chunk
         for task in self._pending:  # chunks queued again (after a worker died, a time limit)
             if type(task) is Task and task.job is job and task.state == _PENDING:
-                task.cancel_requested = True
-                self._fail(task, CancelledError())
+                self._cancel_pending_task(task)
         if not job.input_done:  # the feeder stops at its next look, and reads no more
             self._feeding.discard(job)
-            self._input_end(job, CancelledError(), job.on_end)
+            self._input_end(job, CancelledError())
             job.space.notify_all()
 
     def close(self) -> None:
