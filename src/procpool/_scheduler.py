@@ -580,22 +580,56 @@ class Scheduler(WorkerSupervision, Dispatch):
                 with self._lock:
                     if w.wid not in self._workers:
                         return
-                    self._read(w)
+                    rec = self._read_reply(w, task)
+                    if rec is None:
+                        self._read(w)
                     gone = w.eof
                     if self._pending or self._inbox:  # the results freed room: refill
                         self._take_cancels()
                         self._take_inbox()
                         self._dispatch()
+                if rec is not None:  # ours alone: delivered here, no queue, no second lock
+                    self._deliver_results([task], [rec], [()], [], 0)
                 self._deliver()
-                if gone:
+                if gone or rec is not None:
                     return
         finally:
-            with self._lock:
-                w.driven = None
-                if w.wid in self._workers:
+            if w.driven is task:  # (only this thread clears its own claim: no lock to look)
+                with self._lock:
+                    w.driven = None
+                    if w.wid in self._workers:
+                        self._set_mask(w)
+            if self._state in (CLOSING, TERMINATING):
+                self._wake()  # we may have read the last result close() waits for
+
+    def _read_reply(self, w: _Worker, task: Task) -> tuple | None:
+        """Read the driven *task*'s reply when one read brings just that: a RESULTS frame with
+        its one record, a plain value (``apply``'s path: no generator, list or delivery queue
+        per reply).  Settle the task, release the claim, and return the record to deliver.
+        Otherwise return None, anything that came having been handled or left for ``_read``."""
+        body = w.chan.read_single(P.RESULTS)
+        if body is None:
+            return None
+        head = P.RESULT_HEAD
+        if len(body) >= head.size and task.kind == P.CALL and len(w.inflight) == 1:
+            tid, status, duration, nbuf, nfd, size = head.unpack_from(body)
+            if tid == task.id and status == P.OK and not (nbuf or nfd) and w.inflight.get(tid):
+                if head.size + size == len(body):
+                    del w.inflight[tid]
+                    # as _on_results does for each record
+                    spent = self._est_time = 0.7 * self._est_time + duration
+                    items = self._est_items = 0.7 * self._est_items + 1
+                    self._est = spent / items
+                    task.state = _DONE
+                    task.worker = None
+                    w.exclusive = False  # (a timed task ran alone)
+                    w.cost = 0.0
+                    w.driven = None
+                    self._maybe_exit(w)
                     self._set_mask(w)
-                if self._state in (CLOSING, TERMINATING):
-                    self._wake()  # we may have read the last result close() waits for
+                    return (tid, status, duration, 0, 0, body[head.size :])
+        self._on_results(w, body, [])
+        return None
 
     def cancel(self, task: Task, force: bool) -> bool:
         """Cancel a pending task; with *force*, stop a running one by replacing its worker."""

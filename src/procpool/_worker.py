@@ -241,6 +241,33 @@ class Worker:
             return P.CHUNK_PARTIAL, (values, errors)
         return P.OK, values
 
+    def run_one(self, body: memoryview) -> bool:
+        """Run a TASKS frame of one plain call (``apply``'s): what run_tasks and run_record do
+        for it, without their loop, generator and checks.  Return False, having done nothing,
+        for anything else: several records, fds, a time limit, a function not yet loaded."""
+        head = P.TASK_HEAD
+        task_id, fid, kind, timeout, nbuf, _, n = head.unpack_from(body)
+        func = self.funcs.get(fid)
+        if kind != P.CALL or timeout or nbuf or head.size + n != len(body) or self.out:
+            return False
+        if func is None or type(func) is _Pickled:
+            return False
+        start = time.perf_counter()
+        try:
+            args, kwds = pickle.loads(body[head.size :])
+        except BaseException:  # noqa: BLE001 - run_tasks reports it
+            return False
+        P.PROGRESS.pack_into(self.progress, 0, task_id, self.last_done, 0, 0.0)
+        try:
+            status, value = P.OK, func(*args, **kwds)
+        except BaseException as exc:  # noqa: BLE001 - as in run_record
+            status, value = P.ERROR, error_info(exc)
+        self.add_result(task_id, status, time.perf_counter() - start, value)
+        self.last_done = task_id
+        P.PROGRESS.pack_into(self.progress, 0, 0, task_id, 0, 0.0)
+        self.flush()
+        return True
+
     def run_tasks(self, body: memoryview, fds: list[int]) -> None:
         mine: list[int] = []
         pack_progress = P.PROGRESS.pack_into
@@ -282,7 +309,8 @@ class Worker:
             while True:
                 kind, body, fds = chan.recv_frame()
                 if kind == P.TASKS:
-                    self.run_tasks(body, fds)
+                    if fds or len(body) < P.TASK_HEAD.size or not self.run_one(body):
+                        self.run_tasks(body, fds)
                 elif kind == P.FUNC:
                     (fid,) = P.FUNC_HEAD.unpack_from(body)
                     self.load_func(fid, body[P.FUNC_HEAD.size :])
