@@ -71,6 +71,9 @@ from .errors import (
 )
 from .results import WAIT_SLICE
 
+PLAIN = _serialize.PLAIN
+PROTOCOL = _serialize.PROTOCOL
+
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
     from typing import Any
@@ -320,6 +323,44 @@ class Scheduler(WorkerSupervision, Dispatch):
                 if w.writing:
                     self._wake()
         self._deliver()
+        return task
+
+    def call(self, func: Callable, args: tuple, sink: Any, retries: int, retry_on: tuple) -> Any:
+        """``apply``'s quick submission: when the pool is idle, *func* cached and known to an
+        idle worker, and the arguments plain scalars, send the call to that worker from here,
+        claimed for :meth:`drive` -- what :meth:`submit_call` does in that case, minus its
+        general checks.  Return the task, or None having done nothing (then submit_call)."""
+        entry = self._funcs.get(id(func))
+        if entry is None or entry[0] is not func:
+            return None
+        for a in args:
+            if type(a) not in PLAIN:
+                return None
+        fid = entry[1]
+        data = pickle.dumps((args, {}), PROTOCOL)  # (as dumps_call)
+        with self._lock:
+            if self._state != RUNNING or self._broken is not None or self._inbox or self._pending:
+                return None
+            w = None
+            for x in self._workers.values():
+                if x.inflight:
+                    return None
+                if w is None and fid in x.known and x.driven is None and not x.writing:
+                    if self._accepts(x):
+                        w = x
+            if w is None:
+                return None
+            tid = next(self._tids)
+            task = Task(tid, fid, entry[2], P.CALL, data, sink, entry[3], None, retries, retry_on)
+            w.driven = task
+            self._assign(w, task)
+            chan = w.chan
+            chan.write(P.task_frame(tid, fid, P.CALL, 0.0, data))
+            if chan.pending():  # (_flush also settles a broken channel)
+                self._flush(w)
+            self._set_mask(w)
+            if w.writing:
+                self._wake()
         return task
 
     def _handoff(self, wait: float) -> None:

@@ -152,16 +152,20 @@ class Pool(PoolAPI):
     ) -> T:
         """Run ``func(*args, **kwds)`` in a worker and return its result (blocking)."""
         result: AsyncResult[T] = AsyncResult()
-        task = self._sched.submit_call(
-            func,
-            tuple(args),
-            dict(kwds) if kwds else {},
-            result,
-            timeout=self._timeout,
-            retries=self._retries,
-            retry_on=self._retry_on,
-            claim=True,
-        )
+        task = None
+        if not kwds and self._timeout is None and type(args) is tuple:
+            task = self._sched.call(func, args, result, self._retries, self._retry_on)
+        if task is None:
+            task = self._sched.submit_call(
+                func,
+                tuple(args),
+                dict(kwds) if kwds else {},
+                result,
+                timeout=self._timeout,
+                retries=self._retries,
+                retry_on=self._retry_on,
+                claim=True,
+            )
         if not result._done:
             result._sched, result._task = self._sched, task
             self._sched.drive(task, result, None)  # always releases the claim
