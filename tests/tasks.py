@@ -27,6 +27,14 @@ def sleep_then(seconds, value=None):
     return value
 
 
+def mixed(i):
+    """A result of another kind for each ``i % 8``: scalars, a string, a list, an error."""
+    kind = i % 8
+    if kind == 5:
+        raise ValueError(f"bad {i}")
+    return [i, i / 2, str(i), None, [i], None, i % 3 == 0, complex(i, 1)][kind]
+
+
 def fail(message="boom"):
     raise ValueError(message)
 

@@ -15,6 +15,7 @@ from tasks import (
     fail_on,
     get_init_value,
     identity,
+    mixed,
     pid,
     set_init_value,
     sleep_then,
@@ -81,6 +82,34 @@ def test_callbacks_receive_result_and_error(pool):
         r.get(10)
     assert done.wait(10)
     assert got == [("ok", 16), ("err", "ValueError")]
+
+
+def test_a_burst_of_calls_with_mixed_results_gives_each_its_own(pool):
+    """Small scalar results of a batch travel together (one VALUES record); strings, lists and
+    errors between them keep records of their own: each caller and callback gets its value."""
+    n = 4000
+    called: dict[int, object] = {}
+
+    def on(i):
+        return lambda value: called.setdefault(i, value)
+
+    results = [
+        pool.apply_async(mixed, (i,), callback=on(i), error_callback=on(i)) for i in range(n)
+    ]
+    for i, r in enumerate(results):
+        if i % 8 == 5:
+            with pytest.raises(ValueError, match=f"^bad {i}$"):
+                r.get(60)
+            continue
+        want = [i, i / 2, str(i), None, [i], None, i % 3 == 0, complex(i, 1)][i % 8]
+        value = r.get(60)
+        assert value == want and type(value) is type(want), (i, value)
+    deadline = time.monotonic() + 30  # callbacks run just after get() can return
+    while len(called) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(called) == n
+    assert [called[i] for i in range(0, n, 8)] == list(range(0, n, 8))
+    assert all(isinstance(called[i], ValueError) for i in range(5, n, 8))
 
 
 def test_callback_may_submit_more_work(pool):

@@ -39,6 +39,9 @@ STARMAP = 2  # [args, args, ...]    -> [func(*args) ...]
 OK = 0  # payload: the value (or, for MAP/STARMAP, the list of values)
 ERROR = 1  # payload: an error tuple (see ``_worker.error_info``)
 CHUNK_PARTIAL = 2  # payload: (values, {index_in_chunk: error tuple}) for a chunk with failures
+VALUES = 3  # payload: ([task id, ...], [value, ...]): several single calls' small scalar values
+#             (int, float, bool, None, complex) in one pickle; the head's id is the first one's
+#             and its duration their total
 
 TASK_HEAD = struct.Struct("<QIBdHHI")  # id, fid, kind, timeout (0 = none), nbuf, nfd, size
 RESULT_HEAD = struct.Struct("<QBdHHI")  # id, status, duration in seconds, nbuf, nfd, size

@@ -1037,6 +1037,9 @@ class Scheduler(WorkerSupervision, Dispatch):
                 if item[0] == "results":
                     self._deliver_results(item[1], item[2], item[3], batch, i)
                     continue
+                if item[0] == "values":
+                    self._deliver_values(item[1], batch, i)
+                    continue
                 try:
                     if item[0] == "error":
                         task, error = item[1], item[2]
@@ -1084,6 +1087,25 @@ class Scheduler(WorkerSupervision, Dispatch):
                 rest = batch[i + 1 :]
                 if j + 1 < len(tasks):
                     rest.insert(0, ("results", tasks[j + 1 :], recs[j + 1 :], rfds[j + 1 :]))
+                with self._lock:
+                    self._deliveries[:0] = rest
+                    self._wake()
+                raise
+            except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
+                traceback.print_exc()
+
+    def _deliver_values(self, values: list, batch: list[tuple], i: int) -> None:
+        """Deliver the ``[task, value, ...]`` of a frame's VALUES records (``batch[i]``)."""
+        for j in range(0, len(values), 2):
+            task = values[j]
+            try:
+                if type(task.payload) is not bytes:  # bytes: nothing to release
+                    task.release()
+                task.sink._on_result(task, values[j + 1])
+            except KeyboardInterrupt:  # as in _deliver_results
+                rest = batch[i + 1 :]
+                if j + 2 < len(values):
+                    rest.insert(0, ("values", values[j + 2 :]))
                 with self._lock:
                     self._deliveries[:0] = rest
                     self._wake()

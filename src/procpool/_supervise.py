@@ -338,7 +338,22 @@ class WorkerSupervision:
         recs: list[P.ResultRecord] = []
         rfds: list[Any] = []
         mine: Any = ()
+        values: list[Any] = []  # tasks and values of VALUES records: [task, value, ...]
         for rec in P.iter_results(body):
+            if rec[1] == P.VALUES:  # several calls' scalars (no fds, no user code to unpickle)
+                ids, got = pickle.loads(rec[5])
+                for tid, value in zip(ids, got, strict=True):
+                    task = inflight.pop(tid, None)
+                    if task is not None:  # (None: cancelled or failed meanwhile)
+                        cost -= task.cost
+                        task.state = _DONE
+                        task.worker = None
+                        if task.timeout:
+                            w.exclusive = False
+                        values += (task, value)
+                spent = 0.7 * spent + rec[2]
+                items = 0.7 * items + len(ids)
+                continue
             if fds:
                 n = rec[3] + rec[4]  # nbuf + nfd
                 mine, fds = fds[:n], fds[n:]
@@ -361,6 +376,8 @@ class WorkerSupervision:
             mine = ()
         if tasks:
             self._deliveries.append(("results", tasks, recs, rfds))
+        if values:
+            self._deliveries.append(("values", values))
         self._est_time, self._est_items = spent, items
         if items:
             self._est = spent / items

@@ -37,6 +37,8 @@ FLUSH_INTERVAL = 2e-4  # seconds of work after which buffered results are sent a
 FLUSH_BYTES = 256 * 1024
 FUNC_CACHE = 1024  # the parent mirrors this FIFO (see _scheduler)
 PLAIN = _serialize.PLAIN
+#: result types buffered as they are and sent as one VALUES record (small, fixed size)
+SCALARS = frozenset({int, float, bool, type(None), complex})
 
 
 class _Pickled:
@@ -80,6 +82,10 @@ class Worker:
         self.chan = chan
         self.funcs: dict[int, Any] = {}
         self.out = bytearray()
+        # consecutive small scalar results, not yet packed (see add_result)
+        self.scalar_ids: list[int] = []
+        self.scalars: list[Any] = []
+        self.scalar_time = 0.0
         self.out_fds: list[int] = []
         self.last_flush = time.perf_counter()
         self.alarm = _SoftTimeout()
@@ -137,6 +143,8 @@ class Worker:
             inodes = self.released[:n]
             del self.released[:n]  # a finalizer may append meanwhile
             self.chan.push(P.frame(P.RELEASED, P.pack_inodes(inodes)))
+        if self.scalar_ids:
+            self.pack_scalars()
         if self.out:
             fds, self.out_fds = self.out_fds, []
             body, self.out = self.out, bytearray()
@@ -146,7 +154,16 @@ class Worker:
         self.last_flush = time.perf_counter()
 
     def add_result(self, task_id: int, status: int, duration: float, value: Any) -> None:
-        if type(value) in PLAIN:  # the common tiny result: no out-of-band machinery
+        if type(value) in SCALARS and status == P.OK:  # (a chunk's value is a list)
+            # the commonest tiny result: kept as it is, and those of a batch go together in
+            # one VALUES record -- one pickle and one record head instead of one per task
+            self.scalar_ids.append(task_id)
+            self.scalars.append(value)
+            self.scalar_time += duration
+            return
+        if self.scalar_ids:  # results keep their order
+            self.pack_scalars()
+        if type(value) in PLAIN:  # a tiny result: no out-of-band machinery
             P.pack_result(self.out, task_id, status, duration, 0, 0, pickle.dumps(value, 5))
             return
         try:
@@ -159,6 +176,16 @@ class Worker:
         nfd = len(payload.fds) - payload.nbuf
         P.pack_result(self.out, task_id, status, duration, payload.nbuf, nfd, payload.data)
         self.out_fds.extend(payload.fds)
+
+    def pack_scalars(self) -> None:
+        ids, values = self.scalar_ids, self.scalars
+        if len(ids) == 1:  # a plain OK record: what apply's reader expects (see _read_reply)
+            data = pickle.dumps(values[0], 5)
+            P.pack_result(self.out, ids[0], P.OK, self.scalar_time, 0, 0, data)
+        else:
+            data = pickle.dumps((ids, values), 5)
+            P.pack_result(self.out, ids[0], P.VALUES, self.scalar_time, 0, 0, data)
+        self.scalar_ids, self.scalars, self.scalar_time = [], [], 0.0
 
     # ---------------------------------------------------------------- tasks
     def run_record(self, rec: P.TaskRecord, fds: list[int]) -> None:
@@ -248,7 +275,9 @@ class Worker:
         head = P.TASK_HEAD
         task_id, fid, kind, timeout, nbuf, _, n = head.unpack_from(body)
         func = self.funcs.get(fid)
-        if kind != P.CALL or timeout or nbuf or head.size + n != len(body) or self.out:
+        if kind != P.CALL or timeout or nbuf or head.size + n != len(body):
+            return False
+        if self.out or self.scalar_ids:
             return False
         if func is None or type(func) is _Pickled:
             return False
@@ -280,7 +309,7 @@ class Worker:
                 # Another function: its cost may be nothing like the last one's (the parent's
                 # batching estimate is one for the pool), so the results buffered so far go
                 # now -- not after a slow task that follows them, nor die with its worker.
-                if self.out:
+                if self.out or self.scalar_ids:
                     self.flush()
                 fid = rec[1]
             task_id = rec[0]
