@@ -172,3 +172,25 @@ def recorded(path):
             return [int(line) for line in f.read().split()]
     except FileNotFoundError:
         return []
+
+
+def _fail_unpickling(path):
+    record(path, 1)
+    raise ValueError("cannot rebuild")
+
+
+class FailsWhenUnpickled:
+    """An argument whose unpickling (in the worker) records one line in *path*, then raises."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (_fail_unpickling, (self.path,))
+
+
+class KillsWhenUnpickled:
+    """An argument whose unpickling kills the worker (as an OOM kill of a large one would)."""
+
+    def __reduce__(self):
+        return (os._exit, (7,))

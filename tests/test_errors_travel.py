@@ -8,6 +8,8 @@ import threading
 import pytest
 from tasks import (
     CustomError,
+    FailsWhenUnpickled,
+    KillsWhenUnpickled,
     Unpicklable,
     fail,
     raise_bad_init,
@@ -16,7 +18,9 @@ from tasks import (
     raise_local_class,
     raise_system_exit,
     raise_unpicklable_attr,
+    recorded,
     return_unpicklable,
+    sleep_then,
     square,
 )
 
@@ -88,6 +92,28 @@ def test_unpicklable_argument_is_reported_promptly_naming_it(pool):
     with pytest.raises(procpool.SerializationError, match="Unpicklable"):
         pool.apply(square, (Unpicklable(),))
     assert pool.apply(square, (7,)) == 49
+
+
+def test_arguments_whose_unpickling_fails_fail_their_task_and_run_that_code_once(tmp_path):
+    log = str(tmp_path / "unpickled")
+    with procpool.Pool(1) as p:
+        assert p.apply(square, (3,)) == 9  # the function is loaded: apply's quick path next
+        with pytest.raises(procpool.SerializationError, match="arguments could not be"):
+            p.apply(square, (FailsWhenUnpickled(log),))
+        assert recorded(log) == [1]  # unpickled once: no second try runs the user's code
+        assert p.apply(square, (4,)) == 16
+
+
+def test_arguments_that_kill_the_worker_while_unpickled_fail_their_task_once():
+    """The worker names the task running before it unpickles the arguments: the task fails
+    (it is not resent as one that never started, killing a worker each time)."""
+    with procpool.Pool(4) as p:
+        p.map(sleep_then, [0.05] * 16, chunksize=1)  # the function loaded in every worker
+        before = set(p.pids())
+        with pytest.raises(procpool.WorkerLostError, match="while running"):
+            p.apply(sleep_then, (KillsWhenUnpickled(),))
+        assert p.apply(sleep_then, (0, 5)) == 5
+        assert len(before - set(p.pids())) == 1
 
 
 def test_unpicklable_item_in_map(pool):

@@ -112,6 +112,24 @@ def test_a_burst_of_calls_with_mixed_results_gives_each_its_own(pool):
     assert all(isinstance(called[i], ValueError) for i in range(5, n, 8))
 
 
+def test_callbacks_run_one_at_a_time_also_for_a_reply_its_caller_reads(pool):
+    """A caller whose get() reads its own reply delivers it in order, after the callback the
+    I/O thread is running: callbacks never overlap (as with multiprocessing)."""
+    inside = threading.Event()
+    overlapped: list[bool] = []
+
+    def slow(_):
+        inside.set()
+        time.sleep(0.5)
+        inside.clear()
+
+    pool.apply(square, (0,))
+    pool.apply_async(square, (1,), callback=slow)
+    assert inside.wait(10)
+    pool.apply_async(square, (2,), callback=lambda _: overlapped.append(inside.is_set())).get(10)
+    assert overlapped == [False]
+
+
 def test_callback_may_submit_more_work(pool):
     nested = []
     finished = threading.Event()

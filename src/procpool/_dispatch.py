@@ -30,6 +30,7 @@ TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
     from typing import Any
 
+PROTOCOL = _serialize.PROTOCOL
 INFLIGHT_BUDGET = 5e-3  # seconds of estimated work a worker may hold
 PREFETCH_LIMIT = 50e-3  # tasks shorter than this get one more queued behind them
 MAX_INFLIGHT = 4096  # tasks a worker may hold, whatever their cost
@@ -159,7 +160,9 @@ class Dispatch:
         be split (its items travel with file descriptors): it then fails whole."""
         payload = task.payload
         job = task.job
-        if job is None or isinstance(payload, bytes) or payload.fds or not 0 <= item < task.n_items:
+        if job is None or not isinstance(payload, _serialize.Payload) or payload.fds:
+            return None
+        if not 0 <= item < task.n_items:
             return None
         try:
             items = pickle.loads(payload.data)  # the parent pickled them: it can read them
@@ -230,8 +233,11 @@ class Dispatch:
         chan = w.chan
         if len(tasks) == 1:  # the common single call (apply): one pack, one send
             task = tasks[0]
-            if type(task.payload) is bytes and task.fid in w.known:
-                data = P.task_frame(task.id, task.fid, task.kind, task.timeout or 0.0, task.payload)
+            payload = task.payload
+            if type(payload) is tuple:
+                payload = pickle.dumps((payload, {}), PROTOCOL)
+            if type(payload) is bytes and task.fid in w.known:
+                data = P.task_frame(task.id, task.fid, task.kind, task.timeout or 0.0, payload)
                 chan.write(data)
                 if chan.pending():  # (_flush also settles a broken channel)
                     self._flush(w)
@@ -241,7 +247,10 @@ class Dispatch:
         fds: list[int] = []
         known = w.known
         pack_task = P.pack_task
-        for task in tasks:
+        i, n = 0, len(tasks)
+        while i < n:
+            task = tasks[i]
+            i += 1
             if task.fid not in known:
                 if len(w.known) >= FUNC_CACHE and body:
                     # this FUNC evicts the worker's oldest function, which a task already in
@@ -253,6 +262,22 @@ class Dispatch:
                 if len(w.known) > FUNC_CACHE:
                     del w.known[next(iter(w.known))]
             payload = task.payload
+            if isinstance(payload, tuple):  # plain arguments (see Task.payload): with the plain
+                fid = task.fid  # calls that follow it to the same function, one CALLS record
+                j = i  # (a call with a time limit goes alone: CALLS records have none)
+                while j < n and type(tasks[j].payload) is tuple and tasks[j].fid == fid:
+                    if task.timeout or tasks[j].timeout:
+                        break
+                    j += 1
+                if j == i:  # alone: a CALL record, as apply's worker expects (run_one)
+                    data = pickle.dumps((payload, {}), PROTOCOL)
+                    pack_task(body, task.id, fid, P.CALL, task.timeout or 0.0, 0, 0, data)
+                    continue
+                group = tasks[i - 1 : j]
+                data = pickle.dumps(([t.id for t in group], [t.payload for t in group]), PROTOCOL)
+                pack_task(body, task.id, fid, P.CALLS, 0.0, 0, 0, data)
+                i = j
+                continue
             if isinstance(payload, bytes):  # nothing out of band (see Task.payload)
                 pack_task(body, task.id, task.fid, task.kind, task.timeout or 0.0, 0, 0, payload)
                 continue

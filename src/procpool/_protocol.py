@@ -34,6 +34,8 @@ FRAME_PREFIX = 4  # bytes of the size field itself
 CALL = 0  # (args, kwds)            -> func(*args, **kwds)
 MAP = 1  # [item, item, ...]        -> [func(item) ...]
 STARMAP = 2  # [args, args, ...]    -> [func(*args) ...]
+CALLS = 3  # ([id, ...], [args, ...]) -> func(*args) for each, every one a task of its own (the
+#            head's id is the first one's): single calls of plain arguments sent together
 
 # result record status
 OK = 0  # payload: the value (or, for MAP/STARMAP, the list of values)

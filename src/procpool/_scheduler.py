@@ -62,7 +62,7 @@ from ._start import (
     start_thread,
 )
 from ._supervise import CLOSING, FINISHED, RUNNING, TERMINATING, WorkerSupervision, _Worker
-from ._tasks import _DONE, _PENDING, _SENT, MapJob, Task
+from ._tasks import _DONE, _PENDING, _SENT, BARE, MapJob, Task
 from ._worker import FUNC_CACHE
 from .errors import (
     InitializerError,
@@ -337,7 +337,7 @@ class Scheduler(WorkerSupervision, Dispatch):
             if type(a) not in PLAIN:
                 return None
         fid = entry[1]
-        data = pickle.dumps((args, {}), PROTOCOL)  # (as dumps_call)
+        data = pickle.dumps((args, {}), PROTOCOL)  # (as _send pickles a lone plain call)
         with self._lock:
             if self._state != RUNNING or self._broken is not None or self._inbox or self._pending:
                 return None
@@ -621,18 +621,16 @@ class Scheduler(WorkerSupervision, Dispatch):
                 with self._lock:
                     if w.wid not in self._workers:
                         return
-                    rec = self._read_reply(w, task)
-                    if rec is None:
+                    ours = self._read_reply(w, task)
+                    if not ours:
                         self._read(w)
                     gone = w.eof
                     if self._pending or self._inbox:  # the results freed room: refill
                         self._take_cancels()
                         self._take_inbox()
                         self._dispatch()
-                if rec is not None:  # ours alone: delivered here, no queue, no second lock
-                    self._deliver_results([task], [rec], [()], [], 0)
                 self._deliver()
-                if gone or rec is not None:
+                if gone or ours:
                     return
         finally:
             if w.driven is task:  # (only this thread clears its own claim: no lock to look)
@@ -643,14 +641,15 @@ class Scheduler(WorkerSupervision, Dispatch):
             if self._state in (CLOSING, TERMINATING):
                 self._wake()  # we may have read the last result close() waits for
 
-    def _read_reply(self, w: _Worker, task: Task) -> tuple | None:
+    def _read_reply(self, w: _Worker, task: Task) -> bool:
         """Read the driven *task*'s reply when one read brings just that: a RESULTS frame with
-        its one record, a plain value (``apply``'s path: no generator, list or delivery queue
-        per reply).  Settle the task, release the claim, and return the record to deliver.
-        Otherwise return None, anything that came having been handled or left for ``_read``."""
+        its one record, a plain value (``apply``'s path: no frame list, generator or record
+        parsing loop per reply).  Settle the task, release the claim, queue the delivery (in
+        order, and for whoever delivers next should a Ctrl-C stop this thread) and return
+        True.  Otherwise return False, what came having been handled or left for ``_read``."""
         body = w.chan.read_single(P.RESULTS)
         if body is None:
-            return None
+            return False
         head = P.RESULT_HEAD
         if len(body) >= head.size and task.kind == P.CALL and len(w.inflight) == 1:
             tid, status, duration, nbuf, nfd, size = head.unpack_from(body)
@@ -668,9 +667,11 @@ class Scheduler(WorkerSupervision, Dispatch):
                     w.driven = None
                     self._maybe_exit(w)
                     self._set_mask(w)
-                    return (tid, status, duration, 0, 0, body[head.size :])
+                    rec = (tid, status, duration, 0, 0, body[head.size :])
+                    self._deliveries.append(("results", [task], [rec], [()]))
+                    return True
         self._on_results(w, body, [])
-        return None
+        return False
 
     def cancel(self, task: Task, force: bool) -> bool:
         """Cancel a pending task; with *force*, stop a running one by replacing its worker."""
@@ -1072,7 +1073,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                 fds = rfds[j]
                 nbuf = rec[3]
                 if rec[1] == ok and task.kind == call and not fds and not nbuf:
-                    if type(task.payload) is not bytes:  # bytes: nothing to release
+                    if type(task.payload) not in BARE:  # nothing to release
                         task.release()
                     try:
                         value = loads(rec[5])
@@ -1099,7 +1100,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         for j in range(0, len(values), 2):
             task = values[j]
             try:
-                if type(task.payload) is not bytes:  # bytes: nothing to release
+                if type(task.payload) not in BARE:  # nothing to release
                     task.release()
                 task.sink._on_result(task, values[j + 1])
             except KeyboardInterrupt:  # as in _deliver_results

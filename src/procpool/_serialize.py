@@ -184,15 +184,16 @@ def recv_fd(token: int) -> int:
 PLAIN = frozenset({int, float, str, bool, type(None), complex})
 
 
-def dumps_call(args: tuple, kwds: dict, cache: BufferCache | None = None) -> Payload | bytes:
-    """Serialize a call's ``(args, kwds)``.  The common all-scalar case skips the machinery and
-    returns the pickle itself (bytes: no fd can come with it), one object fewer per task."""
+def dumps_call(args: tuple, kwds: dict, cache: BufferCache | None = None) -> Payload | tuple:
+    """Serialize a call's ``(args, kwds)``.  The common case, no keywords and every argument a
+    plain scalar or string (immutable, always picklable), returns *args* as it is: the pool
+    pickles those of a batch together, when it sends them (see ``_dispatch``)."""
     if not kwds:
         for a in args:  # a plain loop: no generator to allocate, as all() would need
             if type(a) not in PLAIN:
                 break
         else:
-            return pickle.dumps((args, kwds), PROTOCOL)
+            return args
     return dumps((args, kwds), cache=cache)
 
 

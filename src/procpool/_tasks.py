@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 CHUNK_TARGET = 2e-3  # seconds of work per map chunk
+BARE = (bytes, tuple)  # payload types with nothing to release (see Task.payload)
 
 _PENDING, _SENT, _DONE = 0, 1, 2
 
@@ -52,9 +53,10 @@ class Task:
         self.fid = fid
         self.func_blob = func_blob
         self.kind = kind
-        # the pickled arguments: a Payload, or only its bytes when nothing travels out of band
-        # (the common small call: one object fewer to allocate and for the GC to track)
-        self.payload: _serialize.Payload | bytes = payload
+        # the pickled arguments: a Payload, or only its bytes when nothing travels out of band;
+        # or, for a call whose arguments are all plain scalars and strings (immutable, always
+        # picklable), the args tuple itself: the I/O thread pickles those of a batch together
+        self.payload: _serialize.Payload | bytes | tuple = payload
         self.sink = sink
         self.label = label
         self.timeout = timeout
@@ -84,7 +86,7 @@ class Task:
 
     def release(self) -> None:
         payload = self.payload
-        if not isinstance(payload, bytes):
+        if isinstance(payload, _serialize.Payload):  # (bytes, tuple: nothing to release)
             payload.close()
 
     def describe(self) -> str:

@@ -282,20 +282,51 @@ class Worker:
         if func is None or type(func) is _Pickled:
             return False
         start = time.perf_counter()
-        try:
-            args, kwds = pickle.loads(body[head.size :])
-        except BaseException:  # noqa: BLE001 - run_tasks reports it
-            return False
+        # running from here: unpickling may run user code that kills the worker (as run_tasks)
         P.PROGRESS.pack_into(self.progress, 0, task_id, self.last_done, 0, 0.0)
         try:
-            status, value = P.OK, func(*args, **kwds)
+            args, kwds = pickle.loads(body[head.size :])
         except BaseException as exc:  # noqa: BLE001 - as in run_record
-            status, value = P.ERROR, error_info(exc)
+            err = SerializationError(f"the task's arguments could not be unpickled: {exc!r}")
+            status, value = P.ERROR, error_info(err)
+        else:
+            try:
+                status, value = P.OK, func(*args, **kwds)
+            except BaseException as exc:  # noqa: BLE001 - as in run_record
+                status, value = P.ERROR, error_info(exc)
         self.add_result(task_id, status, time.perf_counter() - start, value)
         self.last_done = task_id
         P.PROGRESS.pack_into(self.progress, 0, 0, task_id, 0, 0.0)
         self.flush()
         return True
+
+    def run_calls(self, rec: P.TaskRecord) -> None:
+        """A CALLS record: plain calls to one function, each a task of its own -- its progress
+        slot, its result, the flush checks after it -- as run_tasks runs single records."""
+        pack_progress, progress = P.PROGRESS.pack_into, self.progress
+        perf = time.perf_counter
+        ids, argss = pickle.loads(rec[6])  # (plain values the parent pickled: no user code)
+        pack_progress(progress, 0, ids[0], self.last_done, 0, 0.0)  # loading func may crash
+        try:
+            func = self.func(rec[1])
+        except BaseException as exc:  # noqa: BLE001 - as in run_record
+            err = SerializationError(f"the task's function could not be loaded: {exc!r}")
+            for task_id in ids:
+                self.add_result(task_id, P.ERROR, 0.0, error_info(err))
+            return
+        for task_id, args in zip(ids, argss, strict=True):
+            start = perf()
+            pack_progress(progress, 0, task_id, self.last_done, 0, 0.0)
+            try:
+                status, value = P.OK, func(*args)
+            except BaseException as exc:  # noqa: BLE001 - as in run_record
+                status, value = P.ERROR, error_info(exc)
+            now = perf()
+            self.add_result(task_id, status, now - start, value)
+            self.last_done = task_id
+            pack_progress(progress, 0, 0, task_id, 0, 0.0)
+            if now - self.last_flush > FLUSH_INTERVAL or len(self.out) > FLUSH_BYTES:
+                self.flush()
 
     def run_tasks(self, body: memoryview, fds: list[int]) -> None:
         mine: list[int] = []
@@ -312,6 +343,9 @@ class Worker:
                 if self.out or self.scalar_ids:
                     self.flush()
                 fid = rec[1]
+            if rec[2] == P.CALLS:
+                self.run_calls(rec)
+                continue
             task_id = rec[0]
             # a call with a time limit: its hard limit counts from here (a chunk's, from each
             # item's start: see run_chunk_timed)
