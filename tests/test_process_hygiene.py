@@ -47,6 +47,16 @@ def test_pool_threads_leave_signals_to_the_main_thread_and_workers_get_them_back
         assert blocked(f"/proc/{worker}/status") == before  # as the program had it
 
 
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_workers_run_under_batch_scheduling_and_the_parent_does_not(method):
+    """SCHED_BATCH: a worker woken by a task does not preempt the parent (a forked worker
+    gets it from the parent, see ForkLauncher.start)."""
+    with procpool.Pool(2, start_method=method) as pool:
+        pool.apply(square, (2,))
+        assert all(os.sched_getscheduler(p) == os.SCHED_BATCH for p in pool.pids())
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
 def test_importable_functions_do_not_import_cloudpickle():
     code = textwrap.dedent(
         """

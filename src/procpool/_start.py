@@ -291,6 +291,10 @@ class ForkLauncher(Launcher):
         if pid == 0:  # the worker (its _FORK_LOCK is new: see _new_fork_lock)
             code = 1
             try:
+                # out of the set first: child_setup closes the rest, and a second close's
+                # EBADF would build an OSError, whose strerror() loads libc's message catalog
+                # machinery (≈ 0.4 MB of code pages more in every idle worker)
+                INTERNAL_FDS.discard(parent_sock.fileno())
                 parent_sock.close()
                 die_with_parent(ppid)
                 child_setup(child_sock.fileno())  # SIGINT ignored from here...
@@ -299,10 +303,13 @@ class ForkLauncher(Launcher):
                     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 from . import _worker
 
-                code = _worker.main(child_sock)
+                code = _worker.main(child_sock, batch=False)  # (set by the parent, below)
             finally:
                 os._exit(code)
         child_sock.close()
+        from ._worker import batch_scheduling
+
+        batch_scheduling(pid)
         return Proc(pid, open_pidfd(pid), parent_sock)
 
 

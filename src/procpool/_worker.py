@@ -415,19 +415,27 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def main(sock: socket.socket) -> int:
-    """Serve the pool on *sock* until told to exit or the parent goes away."""
+def batch_scheduling(pid: int) -> None:
+    """Put process *pid* (0: this one) under SCHED_BATCH: a worker woken by a new task then
+    does not preempt the parent on its CPU, so the parent's send returns at once instead of
+    after the task (measured: the sendmsg of an `apply` fell from ~34 us to ~4 us on the
+    2-core machine).  A forked worker gets it from the parent (see ForkLauncher.start): the
+    call's libc code is then not paged into every worker."""
+    try:
+        os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux (or the worker is gone)
+        pass
+
+
+def main(sock: socket.socket, batch: bool = True) -> int:
+    """Serve the pool on *sock* until told to exit or the parent goes away (*batch*: put this
+    process under SCHED_BATCH first, unless the parent did)."""
     sock.setblocking(True)
     from ._start import INTERNAL_FDS
 
     INTERNAL_FDS.add(sock.fileno())  # a pool created inside a task must not inherit it
-    try:
-        # SCHED_BATCH: a worker woken by a new task does not preempt the parent on its CPU,
-        # so the parent's send returns at once instead of after the task (measured: the
-        # sendmsg of an `apply` fell from ~34 us to ~4 us on the 2-core machine).
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        pass
+    if batch:
+        batch_scheduling(0)
     code = Worker(Channel(sock)).serve()
     for stream in (sys.stdout, sys.stderr):
         try:
