@@ -112,6 +112,21 @@ def test_a_burst_of_calls_with_mixed_results_gives_each_its_own(pool):
     assert all(isinstance(called[i], ValueError) for i in range(5, n, 8))
 
 
+def test_callbacks_of_one_worker_run_in_the_order_its_tasks_finished():
+    """Small scalar results travel apart from the others (VALUES records), yet callbacks and
+    error callbacks still run in the order the worker finished the tasks."""
+    order: list[int] = []
+    n = 3000
+    with procpool.Pool(1) as p:
+        for i in range(n):
+            p.apply_async(mixed, (i,), callback=lambda _, i=i: order.append(i),
+                          error_callback=lambda _, i=i: order.append(i))  # fmt: skip
+        deadline = time.monotonic() + 60
+        while len(order) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert order == list(range(n))
+
+
 def test_callbacks_run_one_at_a_time_also_for_a_reply_its_caller_reads(pool):
     """A caller whose get() reads its own reply delivers it in order, after the callback the
     I/O thread is running: callbacks never overlap (as with multiprocessing)."""

@@ -341,6 +341,9 @@ class WorkerSupervision:
         values: list[Any] = []  # tasks and values of VALUES records: [task, value, ...]
         for rec in P.iter_results(body):
             if rec[1] == P.VALUES:  # several calls' scalars (no fds, no user code to unpickle)
+                if tasks:  # deliveries keep the records' order (callbacks run in it)
+                    self._deliveries.append(("results", tasks, recs, rfds))
+                    tasks, recs, rfds = [], [], []
                 ids, got = pickle.loads(rec[5])
                 for tid, value in zip(ids, got, strict=True):
                     task = inflight.pop(tid, None)
@@ -354,6 +357,9 @@ class WorkerSupervision:
                 spent = 0.7 * spent + rec[2]
                 items = 0.7 * items + len(ids)
                 continue
+            if values:
+                self._deliveries.append(("values", values))
+                values = []
             if fds:
                 n = rec[3] + rec[4]  # nbuf + nfd
                 mine, fds = fds[:n], fds[n:]
@@ -376,7 +382,7 @@ class WorkerSupervision:
             mine = ()
         if tasks:
             self._deliveries.append(("results", tasks, recs, rfds))
-        if values:
+        if values:  # (at most one of the two is left: each flushed the other, above)
             self._deliveries.append(("values", values))
         self._est_time, self._est_items = spent, items
         if items:

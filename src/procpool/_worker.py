@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 FLUSH_INTERVAL = 2e-4  # seconds of work after which buffered results are sent anyway (0.2 ms)
 FLUSH_BYTES = 256 * 1024
+FLUSH_COUNT = 32  # small results buffered at most: what a worker's death loses (see run_calls)
 FUNC_CACHE = 1024  # the parent mirrors this FIFO (see _scheduler)
 PLAIN = _serialize.PLAIN
 #: result types buffered as they are and sent as one VALUES record (small, fixed size)
@@ -305,8 +306,9 @@ class Worker:
         slot, its result, the flush checks after it -- as run_tasks runs single records."""
         pack_progress, progress = P.PROGRESS.pack_into, self.progress
         perf = time.perf_counter
+        # the first one runs from here (the record's id): loading may crash this process
+        pack_progress(progress, 0, rec[0], self.last_done, 0, 0.0)
         ids, argss = pickle.loads(rec[6])  # (plain values the parent pickled: no user code)
-        pack_progress(progress, 0, ids[0], self.last_done, 0, 0.0)  # loading func may crash
         try:
             func = self.func(rec[1])
         except BaseException as exc:  # noqa: BLE001 - as in run_record
@@ -325,7 +327,11 @@ class Worker:
             self.add_result(task_id, status, now - start, value)
             self.last_done = task_id
             pack_progress(progress, 0, 0, task_id, 0, 0.0)
-            if now - self.last_flush > FLUSH_INTERVAL or len(self.out) > FLUSH_BYTES:
+            # a time bound, and a count bound: these tasks take well under a microsecond
+            # each, and results still buffered die with the worker (result_lost)
+            if now - self.last_flush > FLUSH_INTERVAL or len(self.scalar_ids) >= FLUSH_COUNT:
+                self.flush()
+            elif len(self.out) > FLUSH_BYTES:
                 self.flush()
 
     def run_tasks(self, body: memoryview, fds: list[int]) -> None:
