@@ -3,7 +3,8 @@ MapJob (a map/imap whose input is cut into chunk Tasks on demand).
 
 A Task's lifecycle: PENDING (queued) -> SENT (held by a worker) -> DONE; a task a dead worker
 had not started goes back to PENDING.  Its arguments are pickled once, by the submitting
-thread, and kept (``payload``) until it is done, so a retry needs no second pickling.
+thread, and kept (``payload``) until it is done, so a retry needs no second pickling -- except
+plain scalars and strings, kept as they are and pickled by the I/O thread as they are sent.
 """
 
 from __future__ import annotations

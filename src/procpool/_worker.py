@@ -315,6 +315,8 @@ class Worker:
             err = SerializationError(f"the task's function could not be loaded: {exc!r}")
             for task_id in ids:
                 self.add_result(task_id, P.ERROR, 0.0, error_info(err))
+            self.last_done = ids[-1]
+            pack_progress(progress, 0, 0, ids[-1], 0, 0.0)
             return
         for task_id, args in zip(ids, argss, strict=True):
             start = perf()
