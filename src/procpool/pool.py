@@ -24,7 +24,7 @@ from ._scheduler import Scheduler
 from ._start import check_not_importing_main, make_launcher
 from ._supervise import RUNNING
 from .errors import TimeoutError as PoolTimeoutError  # multiprocessing.TimeoutError
-from .results import AsyncResult, Future, FutureSink, IMapIterator, MapResult, WeakSink
+from .results import AsyncResult, Future, IMapIterator, MapResult, WeakSink
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
@@ -212,7 +212,21 @@ class Pool(PoolAPI):
         limit use :meth:`schedule`).  Raises ``RuntimeError`` after :meth:`shutdown`/:meth:`close`,
         as executors do.
         """
-        return self.schedule(fn, args, kwargs)
+        future: Future[T] = Future()  # (schedule(fn, args, kwargs), inlined: once per task)
+        future._pool = self  # until its result is in
+        try:
+            self._sched.submit_call(
+                fn,
+                args,
+                dict(kwargs) if kwargs else {},
+                future,
+                timeout=self._timeout,
+                retries=self._retries,
+                retry_on=self._retry_on,
+            )
+        except ValueError:
+            raise RuntimeError("cannot schedule new futures after shutdown") from None
+        return future
 
     def schedule(
         self,
@@ -236,7 +250,7 @@ class Pool(PoolAPI):
                 fn,
                 tuple(args),
                 dict(kwargs) if kwargs else {},
-                FutureSink(future),
+                future,
                 timeout=limit,
                 retries=self._retries if retries is None else retries,
                 retry_on=self._retry_on,

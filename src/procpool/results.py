@@ -540,6 +540,7 @@ class Future(concurrent.futures.Future[T]):
     """
 
     _pool: Any = None  # the pool, until the result is in (see AsyncResult._pool)
+    needs_start = True  # the scheduler calls _start when it sends the task (see below)
 
     def __init__(self) -> None:  # the stdlib's, minus the condition
         self._cond: threading.Condition | None = None
@@ -579,6 +580,43 @@ class Future(concurrent.futures.Future[T]):
         if self._cond is None and self._settle(result, None):
             return
         super().set_result(result)
+
+    # -- the scheduler's side: a Future is its task's sink, as an AsyncResult is ----------
+    def _start(self) -> bool:
+        """Its task is being sent to a worker: False if the future was cancelled meanwhile."""
+        if self._state == _RUNNING:  # sent before, to a worker that died before starting it
+            return True
+        return self.set_running_or_notify_cancel()
+
+    def _on_result(self, task: Any, value: Any) -> None:
+        self._resolve(value)
+
+    def _on_error(self, task: Any, exc: BaseException) -> None:
+        self._pool = None
+        if isinstance(exc, CancelledError) and self.cancel():
+            return  # still pending: a proper cancellation, as executors do
+        if not self.done():
+            self.set_exception(exc)
+
+    def _on_chunk(self, task: Any, values: list, errors: dict[int, BaseException]) -> None:
+        if errors:
+            self._on_error(task, errors[min(errors)])
+        else:
+            self._on_result(task, values[0])
+
+    def _resolve(self, value: Any) -> None:
+        """The pool's result for this future, unless it is already over (cancelled): what
+        ``if not done(): set_result(value)`` does, in one call while nobody waits on it."""
+        self._pool = None  # (see Future._pool)
+        if self._cond is None:
+            with _FUTURE_LOCK:
+                if self._cond is None:  # no waiter, no callback: nobody to notify
+                    if self._state not in _OVER:
+                        self._result = value
+                        self._state = _FINISHED
+                    return
+        if not self.done():
+            super().set_result(value)
 
     def set_exception(self, exception: BaseException | None) -> None:
         if self._cond is None and self._settle(None, exception):
@@ -660,37 +698,3 @@ class Future(concurrent.futures.Future[T]):
         if state in _OVER:
             raise CancelledError()
         raise concurrent.futures.TimeoutError()
-
-
-class FutureSink:
-    """Adapts a :class:`Future` to the scheduler's sink interface."""
-
-    __slots__ = ("future",)
-    needs_start = True
-
-    def __init__(self, future: Future) -> None:
-        self.future = future
-
-    def _start(self) -> bool:
-        """Called when the task is sent to a worker: False if the future was cancelled."""
-        if self.future.running():  # sent before, to a worker that died before starting it
-            return True
-        return self.future.set_running_or_notify_cancel()
-
-    def _on_result(self, task: Any, value: Any) -> None:
-        self.future._pool = None  # (see Future._pool)
-        if not self.future.done():
-            self.future.set_result(value)
-
-    def _on_error(self, task: Any, exc: BaseException) -> None:
-        self.future._pool = None
-        if isinstance(exc, CancelledError) and self.future.cancel():
-            return  # still pending: a proper cancellation, as executors do
-        if not self.future.done():
-            self.future.set_exception(exc)
-
-    def _on_chunk(self, task: Any, values: list, errors: dict[int, BaseException]) -> None:
-        if errors:
-            self._on_error(task, errors[min(errors)])
-        else:
-            self._on_result(task, values[0])

@@ -58,7 +58,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("procpool.backends.dask needs Dask: pip install 'procpool[dask]'") from exc
 
 from .._api import PoolAPI, check_chunksize, check_timeout, default_processes
-from ..results import AsyncResult, Future, FutureSink, IMapIterator, MapResult, WeakSink
+from ..results import AsyncResult, Future, IMapIterator, MapResult, WeakSink
 from ._dask_engine import RUN, _check_portable, _Engine, _Feeder, _Unit
 from ._dask_worker import CALL, MAP, STARMAP, _Payload
 
@@ -231,7 +231,7 @@ class DaskPool(PoolAPI):
         future: Future[T] = Future()
         future.set_running_or_notify_cancel()
         future._pool = self
-        self._submit_call(fn, args, kwargs, FutureSink(future), None)
+        self._submit_call(fn, args, kwargs, future, None)
         return future
 
     def _submit_call(
