@@ -284,26 +284,7 @@ class Scheduler(WorkerSupervision, Dispatch):
             task.release()
             raise ValueError("Pool not running")
         if self._inbox or self._pending or not self._pool_idle():
-            # busy: no lock, no syscall unless the I/O thread sleeps; it sends batches
-            inbox = self._inbox
-            inbox.append(task)
-            self._wake()
-            queued = len(inbox)
-            if not queued % HANDOFF_CHECK:  # (HANDOFF_EVERY is a multiple of it)
-                if not queued % HANDOFF_EVERY:
-                    self._handoff(HANDOFF_WAIT)
-                elif (
-                    (self._est or 0.0) > HANDOFF_TASK
-                    and self._turn_at != self._early_for
-                    and time.monotonic() - self._turn_at > HANDOFF_AFTER
-                ):
-                    self._early_for = self._turn_at  # once per turn of the I/O thread
-                    self._handoff(HANDOFF_AFTER)
-            if self._state != RUNNING:  # terminate() raced us: settle it ourselves
-                with self._lock:
-                    self._take_inbox()
-                self._deliver()
-            return task
+            return self._enqueue(task)
         with self._lock:  # idle: the low-latency path, sent from the caller's own thread
             if self._state != RUNNING:
                 task.release()
@@ -324,6 +305,50 @@ class Scheduler(WorkerSupervision, Dispatch):
                     self._wake()
         self._deliver()
         return task
+
+    def _enqueue(self, task: Task) -> Task:
+        """Queue *task* while the pool is busy: no lock, no syscall unless the I/O thread
+        sleeps (it sends batches); a burst hands off to it now and then (see _handoff)."""
+        inbox = self._inbox
+        inbox.append(task)
+        self._wake()
+        queued = len(inbox)
+        if not queued % HANDOFF_CHECK:  # (HANDOFF_EVERY is a multiple of it)
+            if not queued % HANDOFF_EVERY:
+                self._handoff(HANDOFF_WAIT)
+            elif (
+                (self._est or 0.0) > HANDOFF_TASK
+                and self._turn_at != self._early_for
+                and time.monotonic() - self._turn_at > HANDOFF_AFTER
+            ):
+                self._early_for = self._turn_at  # once per turn of the I/O thread
+                self._handoff(HANDOFF_AFTER)
+        if self._state != RUNNING:  # terminate() raced us: settle it ourselves
+            with self._lock:
+                self._take_inbox()
+            self._deliver()
+        return task
+
+    def call_async(
+        self, func: Callable, args: tuple, sink: Any, retries: int, retry_on: tuple
+    ) -> Any:
+        """``apply_async``'s quick submission in a burst: tasks already queued, *func* cached,
+        the arguments plain scalars or strings, no keywords or time limit -- what
+        :meth:`submit_call` does then, minus its general checks.  Return the task, or None
+        having done nothing (then submit_call)."""
+        entry = self._funcs.get(id(func))
+        if entry is None or entry[0] is not func or not (self._inbox or self._pending):
+            return None
+        for a in args:
+            if type(a) not in PLAIN:
+                return None
+        if self._state != RUNNING:
+            return None
+        tid = next(self._tids)
+        fid, blob, label = entry[1], entry[2], entry[3]
+        return self._enqueue(
+            Task(tid, fid, blob, P.CALL, args, sink, label, None, retries, retry_on)
+        )
 
     def call(self, func: Callable, args: tuple, sink: Any, retries: int, retry_on: tuple) -> Any:
         """``apply``'s quick submission: when the pool is idle, *func* cached and known to an

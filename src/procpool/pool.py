@@ -192,15 +192,20 @@ class Pool(PoolAPI):
         result: AsyncResult[T] = AsyncResult(callback, error_callback)
         result._pool = self  # before it can complete (which drops it): see AsyncResult._pool
         sched = self._sched
-        task = sched.submit_call(
-            func,
-            args if type(args) is tuple else tuple(args),
-            dict(kwds) if kwds else {},
-            result,
-            timeout=self._timeout if timeout is None else self._task_timeout(timeout),
-            retries=self._retries if retries is None else retries,
-            retry_on=self._retry_on,
-        )
+        task = None
+        if timeout is None and retries is None and not kwds and self._timeout is None:
+            if type(args) is tuple:
+                task = sched.call_async(func, args, result, self._retries, self._retry_on)
+        if task is None:
+            task = sched.submit_call(
+                func,
+                args if type(args) is tuple else tuple(args),
+                dict(kwds) if kwds else {},
+                result,
+                timeout=self._timeout if timeout is None else self._task_timeout(timeout),
+                retries=self._retries if retries is None else retries,
+                retry_on=self._retry_on,
+            )
         if not result._done:
             result._sched, result._task = sched, task
         return result
