@@ -52,8 +52,10 @@ def test_workers_run_under_batch_scheduling_and_the_parent_does_not(method):
     """SCHED_BATCH: a worker woken by a task does not preempt the parent (a forked worker
     gets it from the parent, see ForkLauncher.start)."""
     with procpool.Pool(2, start_method=method) as pool:
-        pool.apply(square, (2,))
-        assert all(os.sched_getscheduler(p) == os.SCHED_BATCH for p in pool.pids())
+        assert os.sched_getscheduler(pool.apply(pid)) == os.SCHED_BATCH  # one serving now
+        # (a spawned worker still starting sets it when it reaches its loop: wait for that)
+        batch = lambda: all(os.sched_getscheduler(p) == os.SCHED_BATCH for p in pool.pids())  # noqa: E731
+        assert wait_until(batch, timeout=30)
         assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
