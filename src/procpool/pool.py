@@ -208,6 +208,8 @@ class Pool(PoolAPI):
             )
         if not result._done:
             result._sched, result._task = sched, task
+            if result._done:  # it completed in between (sent inline, read by the I/O thread)
+                result._sched = result._task = None  # as _on_result leaves it: no references
         return result
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
