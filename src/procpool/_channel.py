@@ -15,6 +15,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+import struct
 from collections import deque
 
 from ._protocol import FRAME, FRAME_PREFIX
@@ -35,9 +36,8 @@ def _fds_from(ancdata) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % _INT_SIZE])
-            fds.extend(arr)
+            n = len(data) // _INT_SIZE  # (struct, not array: a worker then never runs
+            fds.extend(struct.unpack(f"{n}i", data[: n * _INT_SIZE]))  # array's code)
     return fds
 
 
