@@ -54,9 +54,10 @@ class Task:
         self.fid = fid
         self.func_blob = func_blob
         self.kind = kind
-        # the pickled arguments: a Payload, or only its bytes when nothing travels out of band;
-        # or, for a call whose arguments are all plain scalars and strings (immutable, always
-        # picklable), the args tuple itself: the I/O thread pickles those of a batch together
+        # the arguments: for a call whose arguments are all plain scalars and strings
+        # (immutable, always picklable) and no keywords, the args tuple itself (whoever sends
+        # the batch pickles those together); else pickled: a Payload, or only its bytes on
+        # apply's quick path (Scheduler.call)
         self.payload: _serialize.Payload | bytes | tuple = payload
         self.sink = sink
         self.label = label
