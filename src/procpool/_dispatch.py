@@ -60,10 +60,6 @@ class Dispatch:
         def _flush(self, w: _Worker) -> None: ...
         def _set_mask(self, w: _Worker) -> None: ...
 
-    def _cost(self, task: Task) -> float:
-        est = self._est
-        return float("inf") if est is None else est * task.n_items
-
     def _can_take(self, w: _Worker, cost: float, exclusive: bool) -> bool:
         if not w.inflight:
             return True
@@ -85,7 +81,7 @@ class Dispatch:
                     pending.popleft()  # retry, a dead worker's, a split) after cancel_map
                     self._cancel_pending_task(head)
                     continue
-                if w.inflight:  # _can_take(w, self._cost(head), bool(head.timeout)), inlined
+                if w.inflight:  # _can_take(w, est * head.n_items, bool(head.timeout)), inlined
                     est = self._est
                     if head.timeout or est is None or len(w.inflight) >= MAX_INFLIGHT:
                         return None
@@ -212,7 +208,7 @@ class Dispatch:
         task.worker = w
         task.attempts += 1
         w.inflight[task.id] = task
-        est = self._est  # self._cost(task), inlined; an unknown cost counts as 0 here
+        est = self._est  # the task's cost is est * n_items; an unknown cost counts as 0 here
         if est is not None:
             cost = est * task.n_items
             task.cost = cost
