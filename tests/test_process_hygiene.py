@@ -10,10 +10,11 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 from conftest import wait_until
-from tasks import pid, square
+from tasks import pid, sleep_then, square
 
 import procpool
 
@@ -57,6 +58,26 @@ def test_workers_run_under_batch_scheduling_and_the_parent_does_not(method):
         batch = lambda: all(os.sched_getscheduler(p) == os.SCHED_BATCH for p in pool.pids())  # noqa: E731
         assert wait_until(batch, timeout=30)
         assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_waiting_on_a_long_apply_after_short_ones_burns_no_cpu():
+    """apply polls without sleeping only for a short while (DRIVE_SPIN, when tasks have been
+    short), and a worker only briefly after a lone call (REPLY_SPIN): neither spins on."""
+    with procpool.Pool(1) as pool:
+        for i in range(2000):  # short tasks: the pool's estimate now says "spin"
+            assert pool.apply(square, (i,)) == i * i
+        assert pool.apply(sleep_then, (0.0, 1)) == 1  # known and loaded: the quick paths
+        (worker,) = pool.pids()
+        before, worker_before = time.thread_time(), cpu_seconds(worker)
+        assert pool.apply(sleep_then, (0.5, 7)) == 7
+        assert time.thread_time() - before < 0.1  # spinning throughout would be 0.5 s
+        time.sleep(0.5)  # the worker, idle after its call
+        assert cpu_seconds(worker) - worker_before < 0.1
 
 
 def test_importable_functions_do_not_import_cloudpickle():

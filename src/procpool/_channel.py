@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import array
 import os
+import select
 import socket
 import struct
+import time
 from collections import deque
 
 from ._protocol import FRAME, FRAME_PREFIX
@@ -52,6 +54,7 @@ class Channel:
         # outbox: [data, fds-or-None] pairs not yet (fully) written
         self._out: deque[list] = deque()
         self.eof = False
+        self._poller: select.poll | None = None  # (see spin)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -131,6 +134,16 @@ class Channel:
 
     def _take_fd(self) -> int:
         return self._rfds.popleft() if self._rfds else -1  # -1: never expected (see fill)
+
+    def spin(self, seconds: float) -> None:
+        """Poll for input without sleeping, for up to *seconds*; then return either way."""
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)
+        end = time.perf_counter() + seconds
+        while not poller.poll(0) and time.perf_counter() < end:
+            pass
 
     def recv_frame(self) -> tuple[int, memoryview, list[int]]:
         """Block until one frame has arrived and return it (raise ChannelClosed at EOF)."""

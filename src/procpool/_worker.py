@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 FLUSH_INTERVAL = 2e-4  # seconds of work after which buffered results are sent anyway (0.2 ms)
 FLUSH_BYTES = 256 * 1024
 FLUSH_COUNT = 32  # small results buffered at most: what a worker's death loses (see run_calls)
+REPLY_SPIN = 5e-5  # seconds a worker polls without sleeping after a lone call (see serve)
 FUNC_CACHE = 1024  # the parent mirrors this FIFO (see _scheduler)
 PLAIN = _serialize.PLAIN
 #: result types buffered as they are and sent as one VALUES record (small, fixed size)
@@ -382,6 +383,8 @@ class Worker:
                 if kind == P.TASKS:
                     if fds or len(body) < P.TASK_HEAD.size or not self.run_one(body):
                         self.run_tasks(body, fds)
+                    else:  # apply's: its caller may send the next call at once
+                        chan.spin(REPLY_SPIN)
                 elif kind == P.FUNC:
                     (fid,) = P.FUNC_HEAD.unpack_from(body)
                     self.load_func(fid, body[P.FUNC_HEAD.size :])

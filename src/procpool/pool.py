@@ -168,7 +168,9 @@ class Pool(PoolAPI):
             )
         if not result._done:
             result._sched, result._task = self._sched, task
-            self._sched.drive(task, result, None)  # always releases the claim
+            data = self._sched.drive(task, result, None, direct=True)  # releases the claim
+            if data is not None:  # the reply came to this thread, as a plain value
+                return self._sched.reply_value(task, data)
         return result.get()
 
     def apply_async(
