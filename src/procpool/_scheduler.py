@@ -609,9 +609,7 @@ class Scheduler(WorkerSupervision, Dispatch):
             job.queued = True
             self._pending.append(job)
 
-    def drive(
-        self, task: Task, result: Any, timeout: float | None, direct: bool = False
-    ) -> Any:
+    def drive(self, task: Task, result: Any, timeout: float | None, direct: bool = False) -> Any:
         """Wait for *task* by reading its worker's channel in the caller's own thread.
 
         The low-latency path of ``apply``: when the task is the only one its worker holds, the
