@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
-from tasks import sleep_then, square
+from conftest import wait_until
+from tasks import count_lines, record, sleep_then, square
 
 import procpool
 from procpool.results import Future
@@ -182,3 +185,33 @@ def test_a_worker_forked_while_a_thread_holds_the_futures_lock_gets_it_free():
     finally:
         release.set()
         t.join(10)
+
+
+def test_a_pool_future_read_by_its_own_thread_keeps_the_stdlib_semantics(tmp_path):
+    """result() may read the reply in the caller's thread (Scheduler.drive): deadlines, other
+    threads waiting, callbacks and a worker's death still behave as with any future."""
+    with procpool.Pool(1) as pool:
+        assert pool.submit(square, 2).result(10) == 4  # the function is known to the worker
+        slow = pool.submit(sleep_then, 0.3, "x")
+        with pytest.raises(cf.TimeoutError):
+            slow.result(timeout=0.01)  # gives up at its deadline, while driving
+        called = []
+        slow.add_done_callback(lambda f: called.append(f.result()))
+        results = []
+        threads = [
+            threading.Thread(target=lambda: results.append(slow.result(10))) for _ in range(4)
+        ]
+        for t in threads:
+            t.start()
+        assert slow.result(10) == "x"
+        for t in threads:
+            t.join(10)
+        assert results == ["x"] * 4 and called == ["x"]
+        assert slow._sched is None and slow._task is None  # no cycle with its task once in
+        started = str(tmp_path / "started")
+        lost = pool.submit(record, started, 1, 30)
+        assert wait_until(lambda: count_lines(started) == 1, 10)  # running in the worker
+        os.kill(pool.pids()[0], signal.SIGKILL)
+        with pytest.raises(procpool.WorkerLostError):
+            lost.result(10)
+        assert pool.submit(square, 3).result(10) == 9

@@ -352,3 +352,22 @@ def test_import_procpool_as_multiprocessing_has_the_tutorials_names():
         "TimeoutError",
     ):
         assert hasattr(mp, name), name
+
+
+def test_several_threads_waiting_on_one_result_all_get_it():
+    """Only one of them reads the worker's channel (Scheduler.drive); the others wait on the
+    result (before: the second one's poll() raised RuntimeError('concurrent poll() invocation'))."""
+    with procpool.Pool(1) as pool:
+        assert pool.apply(square, (2,)) == 4  # the function is known: the idle quick paths
+        for _ in range(3):
+            result = pool.apply_async(sleep_then, (0.2, "x"))
+            out = []
+            threads = [
+                threading.Thread(target=lambda r=result, o=out: o.append(r.get(10)))
+                for _ in range(4)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(20)
+            assert out == ["x"] * 4

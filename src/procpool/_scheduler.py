@@ -640,11 +640,12 @@ class Scheduler(WorkerSupervision, Dispatch):
             elif w.wid not in self._workers or w.eof:  # claimed, but it died meanwhile
                 w.driven = None
                 return None
-            poller = w.poller
-            if poller is None:  # one per worker, used by the one thread that drives it
-                poller = w.poller = select.poll()
-                poller.register(w.chan.fileno(), select.POLLIN)
+            fd = w.chan.fileno()
             est = self._est
+        # this thread's own: threads waiting on one result may all drive it (a poll object
+        # raises RuntimeError if two threads use it at once); one reads, under the lock
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
         try:
             deadline = None if timeout is None else time.monotonic() + timeout
             spin = DRIVE_SPIN if est is not None and est < DRIVE_SPIN else 0.0

@@ -62,7 +62,6 @@ class _Worker:
         "driven",
         "progress",
         "mask",
-        "poller",
     )
 
     def __init__(self, wid: int, proc: Proc) -> None:
@@ -82,7 +81,6 @@ class _Worker:
         self.driven: Task | None = None  # a caller reads its channel (Scheduler.drive)
         self.progress: Any = None  # mmap of the progress slot (see _protocol.PROGRESS)
         self.mask = select.EPOLLIN  # what epoll watches on its channel (see _set_mask)
-        self.poller: Any = None  # a poll() on its channel, for the thread that drives it
 
 
 class WorkerSupervision:

@@ -223,8 +223,9 @@ class Pool(PoolAPI):
         """
         future: Future[T] = Future()  # (schedule(fn, args, kwargs), inlined: once per task)
         future._pool = self  # until its result is in
+        sched = self._sched
         try:
-            self._sched.submit_call(
+            task = sched.submit_call(
                 fn,
                 args,
                 dict(kwargs) if kwargs else {},
@@ -235,6 +236,8 @@ class Pool(PoolAPI):
             )
         except ValueError:
             raise RuntimeError("cannot schedule new futures after shutdown") from None
+        if future._pool is not None:  # (not in yet: see Future._sched)
+            future._sched, future._task = sched, task
         return future
 
     def schedule(
@@ -254,8 +257,9 @@ class Pool(PoolAPI):
         future: Future[T] = Future()
         future._pool = self  # until its result is in
         limit = self._task_timeout(timeout)  # a bad timeout is a ValueError of its own
+        sched = self._sched
         try:
-            self._sched.submit_call(
+            task = sched.submit_call(
                 fn,
                 tuple(args),
                 dict(kwargs) if kwargs else {},
@@ -266,6 +270,8 @@ class Pool(PoolAPI):
             )
         except ValueError:
             raise RuntimeError("cannot schedule new futures after shutdown") from None
+        if future._pool is not None:  # (not in yet: see Future._sched)
+            future._sched, future._task = sched, task
         return future
 
     # ---------------------------------------------------------------- many tasks

@@ -540,6 +540,8 @@ class Future(concurrent.futures.Future[T]):
     """
 
     _pool: Any = None  # the pool, until the result is in (see AsyncResult._pool)
+    _sched: Any = None  # Pool.submit's scheduler and task, until the result is in: result()
+    _task: Any = None  # may then read the reply in its own thread (Scheduler.drive)
     needs_start = True  # the scheduler calls _start when it sends the task (see below)
 
     def __init__(self) -> None:  # the stdlib's, minus the condition
@@ -592,7 +594,7 @@ class Future(concurrent.futures.Future[T]):
         self._resolve(value)
 
     def _on_error(self, task: Any, exc: BaseException) -> None:
-        self._pool = None
+        self._pool = self._sched = self._task = None
         if isinstance(exc, CancelledError) and self.cancel():
             return  # still pending: a proper cancellation, as executors do
         if not self.done():
@@ -607,7 +609,7 @@ class Future(concurrent.futures.Future[T]):
     def _resolve(self, value: Any) -> None:
         """The pool's result for this future, unless it is already over (cancelled): what
         ``if not done(): set_result(value)`` does, in one call while nobody waits on it."""
-        self._pool = None  # (see Future._pool)
+        self._pool = self._sched = self._task = None  # (see Future._pool)
         if self._cond is None:
             with _FUTURE_LOCK:
                 if self._cond is None:  # no waiter, no callback: nobody to notify
@@ -650,7 +652,7 @@ class Future(concurrent.futures.Future[T]):
                     cancelled = True
         if cancelled is None and not super().cancel():
             return False
-        self._pool = None  # done: it no longer keeps its pool alive
+        self._pool = self._sched = self._task = None  # done: it no longer keeps its pool alive
         return True
 
     # -- reading: a plain read of the state is atomic -------------------------------------
@@ -663,8 +665,17 @@ class Future(concurrent.futures.Future[T]):
     def cancelled(self) -> bool:
         return self._state in (_CANCELLED, _CANCELLED_AND_NOTIFIED)
 
+    @property
+    def _done(self) -> bool:  # (what Scheduler.drive reads on the result it waits for)
+        return self._state in _OVER
+
     def _wait_sliced(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
+        sched, task = self._sched, self._task
+        if sched is not None and task is not None:  # maybe wait by reading the channel
+            sched.drive(task, self, timeout)  # (returns at the deadline at the latest)
+            if self._state in _OVER:
+                return
         cond = self._condition
         with cond:
             while self._state not in _OVER:
