@@ -278,3 +278,19 @@ def test_next_inside_a_for_loop_over_the_same_imap_iterator_is_refused_and_loses
             if x == 5:
                 break
         assert next(it) == 6 and list(it) == list(range(7, 30))
+
+
+def test_a_loop_left_early_while_another_thread_advanced_the_iterator_loses_nothing():
+    # the loop holds a chunk (0-9); another thread's next() moves on to the next chunk; the
+    # loop then stops: the 8 items it had not yielded are given back first (they were lost)
+    with procpool.Pool(2) as pool:
+        it = pool.imap(abs, range(100), chunksize=10)
+        got = []
+        for x in it:
+            got.append(x)
+            other = threading.Thread(target=lambda: got.append(next(it)))
+            other.start()
+            other.join(10)
+            break
+        assert got == [0, 10]
+        assert list(it) == list(range(1, 10)) + list(range(11, 100))

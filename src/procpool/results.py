@@ -368,8 +368,11 @@ class IMapIterator(Generic[T]):
             finally:  # (maybe in another thread: a generator can be closed anywhere)
                 with self._lock:
                     self._holders.discard(holder)
-                    if given < len(chunk) and self._values is chunk:
-                        self._pos = given  # the loop was left early: the rest stays
+                    if given < len(chunk):  # the loop was left early: the rest stays
+                        if self._values is chunk:
+                            self._pos = given
+                        else:  # another thread's next() moved on meanwhile: ours go first
+                            self._give_back(chunk[given:])
                     taken = given - start
                     self._yielded += taken
                     self._consumed += taken
@@ -429,6 +432,14 @@ class IMapIterator(Generic[T]):
             left = None if deadline is None else deadline - time.monotonic()
             if (left is not None and left <= 0) or not self._wakeup.sleep(waiter, left):
                 raise TimeoutError
+
+    def _give_back(self, rest: list) -> None:
+        """Put *rest* (results a loop took and did not yield, no failures among them) before
+        the chunk being consumed now (the caller holds the lock)."""
+        pos, n = self._pos, len(rest)
+        self._values = rest + self._values[pos:]
+        self._errors = {i - pos + n: e for i, e in self._errors.items() if i >= pos}
+        self._pos = 0
 
     def _next_chunk(self) -> bool:
         if self._ordered:
