@@ -80,6 +80,25 @@ def test_waiting_on_a_long_apply_after_short_ones_burns_no_cpu():
         assert cpu_seconds(worker) - worker_before < 0.1
 
 
+def test_nothing_spins_in_a_process_confined_to_one_cpu():
+    """A caller polling for its reply would hold the CPU its worker needs (see can_spin)."""
+    code = textwrap.dedent(
+        """
+        import os
+        from procpool._channel import can_spin
+        assert can_spin() == (len(os.sched_getaffinity(0)) > 1)
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        assert not can_spin()
+        import procpool
+        with procpool.Pool(1) as pool:
+            assert pool._sched._spin == 0.0 and pool.apply(abs, (-3,)) == 3
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
 def test_importable_functions_do_not_import_cloudpickle():
     code = textwrap.dedent(
         """

@@ -30,6 +30,15 @@ _MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: `flags & IntFlag` runs enum
 _INT_SIZE = array.array("i").itemsize
 
 
+def can_spin() -> bool:
+    """Whether this process may run on more than one CPU: a thread polling without sleeping
+    for a reply (see ``Channel.spin``) would otherwise hold the very CPU the other end needs."""
+    try:
+        return len(os.sched_getaffinity(0)) > 1
+    except (AttributeError, OSError):
+        return (os.cpu_count() or 1) > 1
+
+
 class ChannelClosed(EOFError):
     """The other end of the channel is gone."""
 

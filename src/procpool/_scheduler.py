@@ -51,6 +51,7 @@ from concurrent.futures import CancelledError
 from . import _protocol as P
 from . import _serialize
 from ._buffers import TRIM_AFTER, BufferCache
+from ._channel import can_spin
 from ._dispatch import Dispatch
 from ._errinfo import rebuild_error
 from ._start import (
@@ -167,6 +168,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._tids = itertools.count(1)
         self._wids = itertools.count(1)
         self._est: float | None = None  # seconds per item (see _supervise._on_results)
+        self._spin = DRIVE_SPIN if can_spin() else 0.0  # (see drive)
         self._est_time = 0.0
         self._est_items = 0.0
         self._state = RUNNING
@@ -615,7 +617,8 @@ class Scheduler(WorkerSupervision, Dispatch):
         The low-latency path of ``apply``: when the task is the only one its worker holds, the
         caller takes the channel out of the epoll set and polls it itself, so the reply wakes
         the caller directly instead of the I/O thread (one thread switch and a lock hand-off
-        fewer).  When tasks are short (the pool's estimate is under ``DRIVE_SPIN``), it first
+        fewer).  When tasks are short (the pool's estimate is under ``DRIVE_SPIN``) and the
+        process may use more than one CPU, it first
         polls without sleeping for up to ``DRIVE_SPIN`` seconds: a thread that sleeps pays
         its wake-up and cold caches (≈ 10–15 µs a reply on the development machine) on top
         of the reply; each poll releases the GIL.  Returns when the result is in, on
@@ -648,7 +651,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         poller.register(fd, select.POLLIN)
         try:
             deadline = None if timeout is None else time.monotonic() + timeout
-            spin = DRIVE_SPIN if est is not None and est < DRIVE_SPIN else 0.0
+            spin = self._spin if est is not None and est < DRIVE_SPIN else 0.0
             if timeout is not None:
                 spin = min(spin, timeout)
             while not result._done and task.state == _SENT:

@@ -25,7 +25,7 @@ import time
 
 from . import _protocol as P
 from . import _serialize
-from ._channel import Channel, ChannelClosed
+from ._channel import Channel, ChannelClosed, can_spin
 from ._errinfo import error_info
 from .errors import SerializationError, TaskTimeout
 
@@ -374,6 +374,7 @@ class Worker:
     # ---------------------------------------------------------------- loop
     def serve(self) -> int:
         chan = self.chan
+        spin = REPLY_SPIN if can_spin() else 0.0
         try:
             kind, body, fds = chan.recv_frame()
             if kind != P.INIT or not self.init(body, fds):
@@ -383,8 +384,8 @@ class Worker:
                 if kind == P.TASKS:
                     if fds or len(body) < P.TASK_HEAD.size or not self.run_one(body):
                         self.run_tasks(body, fds)
-                    else:  # apply's: its caller may send the next call at once
-                        chan.spin(REPLY_SPIN)
+                    elif spin:  # apply's: its caller may send the next call at once
+                        chan.spin(spin)
                 elif kind == P.FUNC:
                     (fid,) = P.FUNC_HEAD.unpack_from(body)
                     self.load_func(fid, body[P.FUNC_HEAD.size :])
