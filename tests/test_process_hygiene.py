@@ -91,7 +91,7 @@ def test_nothing_spins_in_a_process_confined_to_one_cpu():
         assert not can_spin()
         import procpool
         with procpool.Pool(1) as pool:
-            assert pool._sched._spin == 0.0 and pool.apply(abs, (-3,)) == 3
+            assert pool._sched._spin.limit == 0.0 and pool.apply(abs, (-3,)) == 3
         print("ok")
         """
     )

@@ -30,6 +30,10 @@ _MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: `flags & IntFlag` runs enum
 _INT_SIZE = array.array("i").itemsize
 
 
+SPIN_PROBE = 64  # waits without spinning before a Spin that stopped tries again
+SPIN_MIN = 5e-6  # seconds: a budget halved below this is none
+
+
 def can_spin() -> bool:
     """Whether this process may run on more than one CPU: a thread polling without sleeping
     for a reply (see ``Channel.spin``) would otherwise hold the very CPU the other end needs."""
@@ -37,6 +41,58 @@ def can_spin() -> bool:
         return len(os.sched_getaffinity(0)) > 1
     except (AttributeError, OSError):
         return (os.cpu_count() or 1) > 1
+
+
+class Spin:
+    """How long to poll without sleeping before a wait, adapted to what it gets.
+
+    Polling pays when the other end answers on another CPU meanwhile; it costs when the CPUs
+    are not really free (a loaded host, virtual CPUs that share one core): the process waited
+    for cannot run while we poll.  So the budget doubles (up to *limit*) each time the input
+    came while polling and halves each time it did not, down to none; then one wait in
+    ``SPIN_PROBE`` polls again (half the limit), to notice that the CPUs are free again.
+    Threads may share one: its updates are plain stores, a heuristic's.
+    """
+
+    __slots__ = ("limit", "budget", "skipped")
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit if can_spin() else 0.0
+        self.budget = self.limit
+        self.skipped = 0
+
+    def take(self) -> float:
+        """Seconds to poll before this wait (0.0: none)."""
+        budget = self.budget
+        if budget or not self.limit:
+            return budget
+        self.skipped += 1
+        if self.skipped < SPIN_PROBE:
+            return 0.0
+        self.skipped = 0
+        return self.limit / 2
+
+    def done(self, budget: float, got: bool) -> None:
+        """A wait polled for *budget* seconds: *got* says whether the input came meanwhile."""
+        if got:
+            self.budget = min(self.limit, 2 * budget)
+        else:
+            budget /= 2
+            self.budget = budget if budget >= SPIN_MIN else 0.0
+
+
+def poll_for(poller: select.poll, seconds: float) -> bool:
+    """``poller.poll(0)`` until it reports something (True) or *seconds* pass (False).
+
+    Yielding the CPU between polls: a process woken by our last write is often queued on
+    this very CPU (the kernel expects a writer to sleep next), and would wait for the end of
+    the polling otherwise (measured: apply p50 ≈ 40 → 200 µs in such phases of the VM)."""
+    end = time.perf_counter() + seconds
+    while not poller.poll(0):
+        if time.perf_counter() >= end:
+            return False
+        os.sched_yield()
+    return True
 
 
 class ChannelClosed(EOFError):
@@ -144,15 +200,13 @@ class Channel:
     def _take_fd(self) -> int:
         return self._rfds.popleft() if self._rfds else -1  # -1: never expected (see fill)
 
-    def spin(self, seconds: float) -> None:
-        """Poll for input without sleeping, for up to *seconds*; then return either way."""
+    def spin(self, seconds: float) -> bool:
+        """Poll for input without sleeping, for up to *seconds*: True if some came."""
         poller = self._poller
         if poller is None:
             poller = self._poller = select.poll()
             poller.register(self.sock.fileno(), select.POLLIN)
-        end = time.perf_counter() + seconds
-        while not poller.poll(0) and time.perf_counter() < end:
-            pass
+        return poll_for(poller, seconds)
 
     def recv_frame(self) -> tuple[int, memoryview, list[int]]:
         """Block until one frame has arrived and return it (raise ChannelClosed at EOF)."""

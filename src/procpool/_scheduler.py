@@ -51,7 +51,7 @@ from concurrent.futures import CancelledError
 from . import _protocol as P
 from . import _serialize
 from ._buffers import TRIM_AFTER, BufferCache
-from ._channel import can_spin
+from ._channel import Spin, poll_for
 from ._dispatch import Dispatch
 from ._errinfo import rebuild_error
 from ._start import (
@@ -168,7 +168,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._tids = itertools.count(1)
         self._wids = itertools.count(1)
         self._est: float | None = None  # seconds per item (see _supervise._on_results)
-        self._spin = DRIVE_SPIN if can_spin() else 0.0  # (see drive)
+        self._spin = Spin(DRIVE_SPIN)  # (see drive)
         self._est_time = 0.0
         self._est_items = 0.0
         self._state = RUNNING
@@ -651,15 +651,13 @@ class Scheduler(WorkerSupervision, Dispatch):
         poller.register(fd, select.POLLIN)
         try:
             deadline = None if timeout is None else time.monotonic() + timeout
-            spin = self._spin if est is not None and est < DRIVE_SPIN else 0.0
-            if timeout is not None:
-                spin = min(spin, timeout)
+            spin = self._spin.take() if est is not None and est < DRIVE_SPIN else 0.0
+            if timeout is not None and timeout < spin:
+                spin = 0.0  # (a deadline that short: nothing to learn from)
             while not result._done and task.state == _SENT:
-                if spin > 0:  # once: then sleep
-                    end = time.perf_counter() + spin
+                if spin:  # once: then sleep
+                    self._spin.done(spin, poll_for(poller, spin))
                     spin = 0.0
-                    while not poller.poll(0) and time.perf_counter() < end:
-                        pass
                 wait = 100.0 if deadline is None else (deadline - time.monotonic()) * 1000
                 if wait <= 0:
                     return None

@@ -25,7 +25,7 @@ import time
 
 from . import _protocol as P
 from . import _serialize
-from ._channel import Channel, ChannelClosed, can_spin
+from ._channel import Channel, ChannelClosed, Spin
 from ._errinfo import error_info
 from .errors import SerializationError, TaskTimeout
 
@@ -374,7 +374,7 @@ class Worker:
     # ---------------------------------------------------------------- loop
     def serve(self) -> int:
         chan = self.chan
-        spin = REPLY_SPIN if can_spin() else 0.0
+        spin = Spin(REPLY_SPIN)
         try:
             kind, body, fds = chan.recv_frame()
             if kind != P.INIT or not self.init(body, fds):
@@ -384,8 +384,10 @@ class Worker:
                 if kind == P.TASKS:
                     if fds or len(body) < P.TASK_HEAD.size or not self.run_one(body):
                         self.run_tasks(body, fds)
-                    elif spin:  # apply's: its caller may send the next call at once
-                        chan.spin(spin)
+                    else:  # apply's: its caller may send the next call at once
+                        budget = spin.take()
+                        if budget:
+                            spin.done(budget, chan.spin(budget))
                 elif kind == P.FUNC:
                     (fid,) = P.FUNC_HEAD.unpack_from(body)
                     self.load_func(fid, body[P.FUNC_HEAD.size :])
