@@ -158,3 +158,34 @@ def test_workers_started_later_inherit_no_argument_memory():
             data = arrays(6, offset=10 * round_)
             assert pool.map(first_last, data, chunksize=1)[0][0] == 10.0 * round_
         assert pool.apply(worker_memfds) == ([], [])
+
+
+def test_a_ctrl_c_as_apply_unpickles_its_reply_leaves_no_segment_lent():
+    # apply unpickles its own reply (Scheduler.reply_value, no delivery): the arguments'
+    # segment must be free by then, or a Ctrl-C there kept it lent for good
+    import sys
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "reply_value" and armed:
+            armed.clear()
+            raise KeyboardInterrupt
+        return None
+
+    with procpool.Pool(1) as pool:
+        a = np.full(N, 2.0)
+        for _ in range(3):
+            assert pool.apply(keep, (a,)) == 2.0  # kept: no RELEASED frame comes with the reply
+        interrupted = 0
+        try:
+            for _ in range(5):
+                armed = [True]
+                sys.settrace(tracer)  # (unset by the exception it raises)
+                try:
+                    pool.apply(keep, (a,))
+                except KeyboardInterrupt:
+                    interrupted += 1
+        finally:
+            sys.settrace(None)
+        assert interrupted == 5
+        assert pool.apply(first_last, (np.full(N, 1.0),)) == (1.0, 1.0, N * 8)
+        assert wait_until(lambda: not [s for s in segments(pool).values() if s.busy], 5.0)

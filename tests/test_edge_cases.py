@@ -294,3 +294,63 @@ def test_a_loop_left_early_while_another_thread_advanced_the_iterator_loses_noth
             break
         assert got == [0, 10]
         assert list(it) == list(range(1, 10)) + list(range(11, 100))
+
+
+def test_threads_waiting_on_a_shared_imap_are_woken_by_a_loop_giving_back_or_finishing():
+    # a for loop holds a chunk; another thread's next() waits: the loop's break gives the rest
+    # back, and the last result taken ends the iteration -- both must wake the waiter
+    with procpool.Pool(2) as pool:
+        for stop_early in (True, False):
+            it = pool.imap(abs, range(100), chunksize=100)  # one chunk: B can only wait
+            holding, release = threading.Event(), threading.Event()
+            got_a: list[int] = []
+            got_b: list[int] = []
+
+            def loop_a(it=it, got_a=got_a, holding=holding, release=release, stop=stop_early):
+                for x in it:
+                    got_a.append(x)
+                    holding.set()
+                    release.wait(10)
+                    if stop:
+                        break
+
+            def consumer_b(it=it, got_b=got_b):
+                for x in iter(it.next, None):
+                    got_b.append(x)
+
+            a = threading.Thread(target=loop_a)
+            a.start()
+            assert holding.wait(10)
+            b = threading.Thread(target=consumer_b)  # (iter() ends at StopIteration)
+            b.start()
+            time.sleep(0.2)  # B waits: A holds the only chunk
+            release.set()
+            a.join(10)
+            b.join(10)
+            assert not b.is_alive(), "the waiting thread was never woken"
+            assert sorted(got_a + got_b) == list(range(100))
+
+
+def test_results_given_back_by_loops_of_two_threads_stay_in_order():
+    with procpool.Pool(2) as pool:
+        it = pool.imap(abs, range(200), chunksize=100)
+        assert it.next(timeout=10) == 0
+        took: list[int] = []
+
+        def loop(took_one, close):  # takes one result (and holds its chunk), then stops
+            loop = iter(it)
+            took.append(next(loop))
+            took_one.set()
+            close.wait(10)
+            loop.close()
+
+        events = [(threading.Event(), threading.Event()) for _ in range(2)]
+        threads = [threading.Thread(target=loop, args=e) for e in events]
+        for t, (took_one, _) in zip(threads, events, strict=True):
+            t.start()  # the first takes 1 (of 1-99), the second 100 (of 100-199)
+            assert took_one.wait(10)
+        assert took == [1, 100]
+        for t, (_, close) in zip(threads, events, strict=True):
+            close.set()  # the earlier chunk is given back first, then the later one
+            t.join(10)
+        assert list(it) == list(range(2, 100)) + list(range(101, 200))

@@ -374,3 +374,35 @@ def test_a_hand_off_eventfd_whose_waiter_count_was_lost_is_closed_with_its_pool(
     gc.collect()
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def interrupt_on_entering(name: str):
+    """A trace function raising KeyboardInterrupt once, on entering procpool's *name*: where a
+    Ctrl-C's handler would run (CPython runs pending handlers on function entry)."""
+    armed = [True]
+
+    def tracer(frame, event, arg):
+        code = frame.f_code
+        if event == "call" and armed[0] and code.co_name == name and "procpool" in code.co_filename:
+            armed[0] = False
+            raise KeyboardInterrupt
+        return None
+
+    return tracer
+
+
+@pytest.mark.parametrize("where", ["drive", "_set_mask"])
+def test_a_ctrl_c_while_apply_holds_a_claim_on_its_worker_does_not_wedge_the_pool(where):
+    # apply claims an idle worker's channel for its own thread (the I/O thread stops reading
+    # it) before drive's try/finally; a Ctrl-C in between left it claimed: nobody read that
+    # worker again and the next task waited forever
+    with procpool.Pool(1) as pool:
+        assert pool.apply(identity, (2,)) == 2
+        sys.settrace(interrupt_on_entering(where))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                pool.apply(identity, (3,))
+        finally:
+            sys.settrace(None)
+        assert pool.apply_async(identity, (4,)).get(timeout=10) == 4
+        assert pool.apply(identity, (5,)) == 5

@@ -718,7 +718,10 @@ class Scheduler(WorkerSupervision, Dispatch):
                     self._maybe_exit(w)
                     self._set_mask(w)
                     data = body[head.size :]
-                    if not direct:
+                    if direct:  # (here, not in reply_value: a Ctrl-C in between skips that)
+                        if type(task.payload) not in BARE:  # arguments in shared memory
+                            task.release()
+                    else:
                         rec = (tid, status, duration, 0, 0, data)
                         self._deliveries.append(("results", [task], [rec], [()]))
                     return data
@@ -727,12 +730,21 @@ class Scheduler(WorkerSupervision, Dispatch):
 
     def reply_value(self, task: Task, data: memoryview) -> Any:
         """Unpickle a reply that :meth:`drive` returned (*direct*), as a delivery would."""
-        if type(task.payload) not in BARE:  # arguments in shared memory: free them for reuse
-            task.release()
         try:
             return pickle.loads(data)
         except BaseException as exc:  # noqa: BLE001 - as in _deliver_results
             raise self._unpickling_error(task, exc) from exc
+
+    def unclaim(self, sink: Any) -> None:
+        """``apply`` was interrupted (Ctrl-C) between claiming a worker for its task and
+        reading the reply (see drive): give that channel back to the I/O thread, which then
+        delivers the result to *sink* -- else nobody would ever read it, and the worker
+        would stay claimed for good."""
+        with self._lock:
+            for w in self._workers.values():
+                if w.driven is not None and w.driven.sink is sink:
+                    w.driven = None
+                    self._set_mask(w)
 
     def cancel(self, task: Task, force: bool) -> bool:
         """Cancel a pending task; with *force*, stop a running one by replacing its worker."""

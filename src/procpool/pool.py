@@ -152,25 +152,30 @@ class Pool(PoolAPI):
     ) -> T:
         """Run ``func(*args, **kwds)`` in a worker and return its result (blocking)."""
         result: AsyncResult[T] = AsyncResult()
-        task = None
-        if not kwds and self._timeout is None and type(args) is tuple:
-            task = self._sched.call(func, args, result, self._retries, self._retry_on)
-        if task is None:
-            task = self._sched.submit_call(
-                func,
-                tuple(args),
-                dict(kwds) if kwds else {},
-                result,
-                timeout=self._timeout,
-                retries=self._retries,
-                retry_on=self._retry_on,
-                claim=True,
-            )
-        if not result._done:
-            result._sched, result._task = self._sched, task
-            data = self._sched.drive(task, result, None, direct=True)  # releases the claim
-            if data is not None:  # the reply came to this thread, as a plain value
-                return self._sched.reply_value(task, data)
+        sched = self._sched
+        try:
+            task = None
+            if not kwds and self._timeout is None and type(args) is tuple:
+                task = sched.call(func, args, result, self._retries, self._retry_on)
+            if task is None:
+                task = sched.submit_call(
+                    func,
+                    tuple(args),
+                    dict(kwds) if kwds else {},
+                    result,
+                    timeout=self._timeout,
+                    retries=self._retries,
+                    retry_on=self._retry_on,
+                    claim=True,
+                )
+            if not result._done:
+                result._sched, result._task = sched, task
+                data = sched.drive(task, result, None, direct=True)  # releases the claim
+                if data is not None:  # the reply came to this thread, as a plain value
+                    return sched.reply_value(task, data)
+        except BaseException:  # a Ctrl-C before drive took the claim over: release it
+            sched.unclaim(result)
+            raise
         return result.get()
 
     def apply_async(

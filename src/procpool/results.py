@@ -324,6 +324,8 @@ class IMapIterator(Generic[T]):
         self._values: list = []  # the chunk being consumed
         self._errors: dict[int, BaseException] = {}
         self._pos = 0
+        self._base = 0  # the index of _values[0] among the results (ordered)
+        self._back: list[tuple[int, list, dict]] = []  # given back by loops (see _give_back)
         self._next_start = 0  # index of the first item of the next chunk (ordered)
         self._yielded = 0
         self._length: int | None = None  # known once the input is exhausted
@@ -350,7 +352,7 @@ class IMapIterator(Generic[T]):
                 if self._errors or self._pos >= len(self._values):
                     chunk = None  # failures in it (or another consumer took it): item by item
                 else:
-                    chunk, start = self._values, self._pos
+                    chunk, start, base = self._values, self._pos, self._base
                     self._pos = len(chunk)  # ours now; what we do not yield is given back
                     holder = threading.get_ident()
                     self._holders.add(holder)
@@ -371,11 +373,13 @@ class IMapIterator(Generic[T]):
                     if given < len(chunk):  # the loop was left early: the rest stays
                         if self._values is chunk:
                             self._pos = given
-                        else:  # another thread's next() moved on meanwhile: ours go first
-                            self._give_back(chunk[given:])
+                        else:  # another thread moved on meanwhile
+                            self._give_back(base + given, chunk[given:])
                     taken = given - start
                     self._yielded += taken
                     self._consumed += taken
+                    if given < len(chunk) or self._over():
+                        self._wakeup.notify_all()  # other consumers: results, or the end
                 if self._consumed >= 1024:
                     self._flush_release()
 
@@ -396,6 +400,8 @@ class IMapIterator(Generic[T]):
                 self._consumed += 1
                 exc = self._errors.pop(pos, None) if self._errors else None
                 value = self._values[pos]
+                if self._length is not None and self._over():
+                    self._wakeup.notify_all()  # other consumers waiting: this was the last
             if self._consumed >= 1024:
                 self._flush_release()
             if exc is not None:
@@ -418,7 +424,7 @@ class IMapIterator(Generic[T]):
             with self._lock:
                 if self._pos < len(self._values) or self._next_chunk():
                     return True
-                if self._length is not None and self._yielded >= self._length:
+                if self._over():
                     error, self._input_error = self._input_error, None
                     over = True
                 else:
@@ -433,15 +439,30 @@ class IMapIterator(Generic[T]):
             if (left is not None and left <= 0) or not self._wakeup.sleep(waiter, left):
                 raise TimeoutError
 
-    def _give_back(self, rest: list) -> None:
-        """Put *rest* (results a loop took and did not yield, no failures among them) before
-        the chunk being consumed now (the caller holds the lock)."""
-        pos, n = self._pos, len(rest)
-        self._values = rest + self._values[pos:]
-        self._errors = {i - pos + n: e for i, e in self._errors.items() if i >= pos}
+    def _over(self) -> bool:
+        return self._length is not None and self._yielded >= self._length
+
+    def _give_back(self, index: int, rest: list) -> None:
+        """Results a loop took and did not yield (*rest*, no failures among them; *index*: the
+        first one's among the results) after another thread moved on to a later chunk: they
+        are consumed first (ordered: by index, with the rest of the current chunk and any
+        other given back; the caller holds the lock)."""
+        pieces = self._back
+        pos = self._pos
+        if pos < len(self._values):
+            errors = {i - pos: e for i, e in self._errors.items() if i >= pos}
+            pieces.append((self._base + pos, self._values[pos:], errors))
+        pieces.append((index, rest, {}))
+        if self._ordered:
+            pieces.sort(key=lambda piece: piece[0])
+        self._base, self._values, self._errors = pieces.pop(0)
         self._pos = 0
 
     def _next_chunk(self) -> bool:
+        if self._back:  # (all of them before _next_start: from chunks taken already)
+            self._base, self._values, self._errors = self._back.pop(0)
+            self._pos = 0
+            return True
         if self._ordered:
             chunk = self._chunks.pop(self._next_start, None)
         else:
@@ -450,6 +471,7 @@ class IMapIterator(Generic[T]):
             return False
         self._values, self._errors = chunk
         self._pos = 0
+        self._base = self._next_start
         self._next_start += len(self._values)
         return True
 
