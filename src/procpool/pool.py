@@ -243,6 +243,8 @@ class Pool(PoolAPI):
             raise RuntimeError("cannot schedule new futures after shutdown") from None
         if future._pool is not None:  # (not in yet: see Future._sched)
             future._sched, future._task = sched, task
+            if future._pool is None:  # it came in meanwhile: as _resolve leaves it
+                future._sched = future._task = None
         return future
 
     def schedule(
@@ -277,6 +279,8 @@ class Pool(PoolAPI):
             raise RuntimeError("cannot schedule new futures after shutdown") from None
         if future._pool is not None:  # (not in yet: see Future._sched)
             future._sched, future._task = sched, task
+            if future._pool is None:  # it came in meanwhile: as _resolve leaves it
+                future._sched = future._task = None
         return future
 
     # ---------------------------------------------------------------- many tasks
