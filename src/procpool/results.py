@@ -362,12 +362,12 @@ class IMapIterator(Generic[T]):
                 except StopIteration:
                     return
                 continue
-            given = start
+            # a list iterator: yielded from in C, and what it has left says how far we got
+            view = iter(chunk[start:] if start else chunk)
             try:
-                for value in chunk[start:] if start else chunk:
-                    given += 1
-                    yield value
+                yield from view
             finally:  # (maybe in another thread: a generator can be closed anywhere)
+                given = len(chunk) - view.__length_hint__()
                 with self._lock:
                     self._holders.discard(holder)
                     if given < len(chunk):  # the loop was left early: the rest stays
