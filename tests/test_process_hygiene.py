@@ -80,6 +80,24 @@ def test_waiting_on_a_long_apply_after_short_ones_burns_no_cpu():
         assert cpu_seconds(worker) - worker_before < 0.1
 
 
+def test_a_spin_budget_shrinks_to_nothing_when_polling_does_not_pay_and_probes_again():
+    from procpool._channel import SPIN_PROBE, Spin, can_spin
+
+    if not can_spin():
+        pytest.skip("one CPU: nothing spins")
+    spin = Spin(1e-4)
+    assert spin.take() == 1e-4
+    for _ in range(10):  # the input never came in time: halved, then none
+        budget = spin.take()
+        if budget:
+            spin.done(budget, False)
+    assert spin.take() == 0.0
+    probes = [spin.take() for _ in range(SPIN_PROBE)]
+    assert probes.count(0.0) == SPIN_PROBE - 1 and max(probes) == 5e-5  # one probe
+    spin.done(5e-5, True)  # it paid: back to the limit
+    assert spin.take() == 1e-4
+
+
 def test_nothing_spins_in_a_process_confined_to_one_cpu():
     """A caller polling for its reply would hold the CPU its worker needs (see can_spin)."""
     code = textwrap.dedent(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import _thread
 import concurrent.futures
+import operator
 import os
 import threading
 import time
@@ -367,7 +368,7 @@ class IMapIterator(Generic[T]):
             try:
                 yield from view
             finally:  # (maybe in another thread: a generator can be closed anywhere)
-                given = len(chunk) - view.__length_hint__()
+                given = len(chunk) - operator.length_hint(view)
                 with self._lock:
                     self._holders.discard(holder)
                     if given < len(chunk):  # the loop was left early: the rest stays
