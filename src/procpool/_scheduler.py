@@ -617,13 +617,13 @@ class Scheduler(WorkerSupervision, Dispatch):
         The low-latency path of ``apply``: when the task is the only one its worker holds, the
         caller takes the channel out of the epoll set and polls it itself, so the reply wakes
         the caller directly instead of the I/O thread (one thread switch and a lock hand-off
-        fewer).  When tasks are short (the pool's estimate is under ``DRIVE_SPIN``) and the
-        process may use more than one CPU, it first
-        polls without sleeping for up to ``DRIVE_SPIN`` seconds: a thread that sleeps pays
-        its wake-up and cold caches (≈ 10–15 µs a reply on the development machine) on top
-        of the reply; each poll releases the GIL.  Returns when the result is in, on
-        timeout, or if anything unusual happens; the caller then falls back to waiting on the
-        result.
+        fewer).  When tasks are short (the pool's estimate is under ``DRIVE_SPIN``), it first
+        polls without sleeping, for as long as the pool's ``Spin`` budget says (at most
+        ``DRIVE_SPIN``; none on one CPU, nor while polling has not been paying): a thread
+        that sleeps pays its wake-up and cold caches (≈ 10–15 µs a reply on the development
+        machine) on top of the reply; each poll releases the GIL.  Returns when the result
+        is in, on timeout, or if anything unusual happens; the caller then falls back to
+        waiting on the result.
 
         *direct* (``apply``'s own result, which has no callback and nobody else sees): a
         reply that comes alone as one plain value is not delivered to *result*; its pickled
