@@ -49,7 +49,7 @@ class Spin:
     Polling pays when the other end answers on another CPU meanwhile; it costs when the CPUs
     are not really free (a loaded host, virtual CPUs that share one core): the process waited
     for cannot run while we poll.  So the budget doubles (up to *limit*) each time the input
-    came while polling and halves each time it did not, down to none; then one wait in
+    came in time while polling and halves each time it did not, down to none; then one wait in
     ``SPIN_PROBE`` polls again (half the limit), to notice that the CPUs are free again.
     Threads may share one: its updates are plain stores, a heuristic's.
     """
