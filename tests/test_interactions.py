@@ -406,3 +406,25 @@ def test_a_ctrl_c_while_apply_holds_a_claim_on_its_worker_does_not_wedge_the_poo
             sys.settrace(None)
         assert pool.apply_async(identity, (4,)).get(timeout=10) == 4
         assert pool.apply(identity, (5,)) == 5
+
+
+@pytest.mark.parametrize("how", ["get", "result"])
+def test_a_ctrl_c_as_a_waiting_caller_claims_the_worker_does_not_wedge_the_pool(how):
+    # get() / result() claim the worker's channel for their own thread (drive) under the lock,
+    # before drive's try/finally; a Ctrl-C right there left the claim behind
+    with procpool.Pool(1) as pool:
+        assert pool.apply(identity, (2,)) == 2
+        slow = (
+            pool.apply_async(sleep_then, (0.3, 3))
+            if how == "get"
+            else pool.submit(sleep_then, 0.3, 3)
+        )
+        wait = slow.get if how == "get" else slow.result
+        sys.settrace(interrupt_on_entering("_set_mask"))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                wait(10)
+        finally:
+            sys.settrace(None)
+        assert pool.apply_async(identity, (4,)).get(timeout=10) == 4  # not waiting on slow
+        assert wait(10) == 3

@@ -632,6 +632,20 @@ class Scheduler(WorkerSupervision, Dispatch):
         w = task.worker
         if w is None:
             return None
+        try:  # (from the claim on: a Ctrl-C anywhere after it must release it)
+            return self._drive(w, task, result, timeout, direct)
+        finally:
+            if w.driven is task:  # (only this thread clears its own claim: no lock to look)
+                with self._lock:
+                    w.driven = None
+                    if w.wid in self._workers:
+                        self._set_mask(w)
+            if self._state in (CLOSING, TERMINATING):
+                self._wake()  # we may have read the last result close() waits for
+
+    def _drive(
+        self, w: _Worker, task: Task, result: Any, timeout: float | None, direct: bool
+    ) -> Any:
         with self._lock:
             if w.driven is not task:
                 if task.state != _SENT or task.worker is not w or w.driven or w.eof or w.writing:
@@ -649,46 +663,37 @@ class Scheduler(WorkerSupervision, Dispatch):
         # raises RuntimeError if two threads use it at once); one reads, under the lock
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        try:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            spin = self._spin.take() if est is not None and est < DRIVE_SPIN else 0.0
-            if timeout is not None and timeout < spin:
-                spin = 0.0  # (a deadline that short: nothing to learn from)
-            while not result._done and task.state == _SENT:
-                if spin:  # once: then sleep
-                    self._spin.done(spin, poll_for(poller, spin))
-                    spin = 0.0
-                wait = 100.0 if deadline is None else (deadline - time.monotonic()) * 1000
-                if wait <= 0:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        spin = self._spin.take() if est is not None and est < DRIVE_SPIN else 0.0
+        if timeout is not None and timeout < spin:
+            spin = 0.0  # (a deadline that short: nothing to learn from)
+        while not result._done and task.state == _SENT:
+            if spin:  # once: then sleep
+                self._spin.done(spin, poll_for(poller, spin))
+                spin = 0.0
+            wait = 100.0 if deadline is None else (deadline - time.monotonic()) * 1000
+            if wait <= 0:
+                return None
+            if not poller.poll(min(wait, 100.0)):  # slices: re-check the task's state
+                continue
+            with self._lock:
+                if w.wid not in self._workers:
                     return None
-                if not poller.poll(min(wait, 100.0)):  # slices: re-check the task's state
-                    continue
-                with self._lock:
-                    if w.wid not in self._workers:
-                        return None
-                    ours = self._read_reply(w, task, direct)
-                    if ours is None:
-                        self._read(w)
-                    gone = w.eof
-                    if self._pending or self._inbox:  # the results freed room: refill
-                        self._take_cancels()
-                        self._take_inbox()
-                        self._dispatch()
-                if self._deliveries:
-                    self._deliver()
-                if ours is not None:
-                    return ours if direct else None
-                if gone:
-                    return None
-            return None
-        finally:
-            if w.driven is task:  # (only this thread clears its own claim: no lock to look)
-                with self._lock:
-                    w.driven = None
-                    if w.wid in self._workers:
-                        self._set_mask(w)
-            if self._state in (CLOSING, TERMINATING):
-                self._wake()  # we may have read the last result close() waits for
+                ours = self._read_reply(w, task, direct)
+                if ours is None:
+                    self._read(w)
+                gone = w.eof
+                if self._pending or self._inbox:  # the results freed room: refill
+                    self._take_cancels()
+                    self._take_inbox()
+                    self._dispatch()
+            if self._deliveries:
+                self._deliver()
+            if ours is not None:
+                return ours if direct else None
+            if gone:
+                return None
+        return None
 
     def _read_reply(self, w: _Worker, task: Task, direct: bool) -> memoryview | None:
         """Read the driven *task*'s reply when one read brings just that: a RESULTS frame with
