@@ -226,26 +226,7 @@ class Pool(PoolAPI):
         limit use :meth:`schedule`).  Raises ``RuntimeError`` after :meth:`shutdown`/:meth:`close`,
         as executors do.
         """
-        future: Future[T] = Future()  # (schedule(fn, args, kwargs), inlined: once per task)
-        future._pool = self  # until its result is in
-        sched = self._sched
-        try:
-            task = sched.submit_call(
-                fn,
-                args,
-                dict(kwargs) if kwargs else {},
-                future,
-                timeout=self._timeout,
-                retries=self._retries,
-                retry_on=self._retry_on,
-            )
-        except ValueError:
-            raise RuntimeError("cannot schedule new futures after shutdown") from None
-        if future._pool is not None:  # (not in yet: see Future._sched)
-            future._sched, future._task = sched, task
-            if future._pool is None:  # it came in meanwhile: as _resolve leaves it
-                future._sched = future._task = None
-        return future
+        return self._future_call(fn, args, kwargs, self._timeout, self._retries)
 
     def schedule(
         self,
@@ -261,18 +242,30 @@ class Pool(PoolAPI):
         ``pool.schedule(f, (1, 2), timeout=5).result()``: at the limit ``TaskTimeout`` is raised
         inside the task and the future fails with :class:`~procpool.TaskTimeoutError`.
         """
+        limit = self._task_timeout(timeout)  # a bad timeout is a ValueError of its own
+        retries = self._retries if retries is None else retries
+        return self._future_call(fn, tuple(args), kwargs, limit, retries)
+
+    def _future_call(
+        self,
+        fn: Callable[..., T],
+        args: tuple,
+        kwargs: dict | None,
+        timeout: float | None,
+        retries: int,
+    ) -> Future[T]:
+        """submit's and schedule's: queue the call with a Future as its sink."""
         future: Future[T] = Future()
         future._pool = self  # until its result is in
-        limit = self._task_timeout(timeout)  # a bad timeout is a ValueError of its own
         sched = self._sched
         try:
             task = sched.submit_call(
                 fn,
-                tuple(args),
+                args,
                 dict(kwargs) if kwargs else {},
                 future,
-                timeout=limit,
-                retries=self._retries if retries is None else retries,
+                timeout=timeout,
+                retries=retries,
                 retry_on=self._retry_on,
             )
         except ValueError:
