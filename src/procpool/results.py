@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import _thread
 import concurrent.futures
+import itertools
 import operator
 import os
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import CancelledError
 
 from .errors import TimeoutError
@@ -305,6 +306,18 @@ def _not_held_by_this_thread(holders: set[int]) -> None:
         )
 
 
+class _Loop(itertools.chain):
+    """A ``for`` loop's iterator over an :class:`IMapIterator`: the items are taken in C
+    (a chain of list iterators, one per chunk), Python code runs once per chunk."""
+
+    __slots__ = ("_views",)
+    _views: Generator
+
+    def close(self) -> None:
+        """Stop this loop now, as a generator's ``close()``: what it has not taken stays."""
+        self._views.close()
+
+
 class IMapIterator(Generic[T]):
     """The iterator returned by :meth:`Pool.imap` / ``imap_unordered``.
 
@@ -344,6 +357,14 @@ class IMapIterator(Generic[T]):
         there).  A failed item ends this loop with its exception; iterating again continues
         after it, as with :mod:`multiprocessing`.
         """
+        views = self._chunk_views()
+        loop = _Loop.from_iterable(views)
+        loop._views = views
+        return loop
+
+    def _chunk_views(self) -> Iterator[Iterator[T]]:
+        """__iter__'s chunks: an iterator over the rest of each chunk, taken whole.  What a
+        view has left when the loop is left (this generator closed) says how far it got."""
         while True:
             if self._holders:  # before anything is taken (_wait_for_item may move on)
                 _not_held_by_this_thread(self._holders)
@@ -354,19 +375,19 @@ class IMapIterator(Generic[T]):
                     chunk = None  # failures in it (or another consumer took it): item by item
                 else:
                     chunk, start, base = self._values, self._pos, self._base
-                    self._pos = len(chunk)  # ours now; what we do not yield is given back
+                    self._pos = len(chunk)  # ours now; what is not taken is given back
                     holder = threading.get_ident()
                     self._holders.add(holder)
             if chunk is None:
                 try:
-                    yield self.next()
+                    value = self.next()
                 except StopIteration:
                     return
+                yield iter((value,))
                 continue
-            # a list iterator: yielded from in C, and what it has left says how far we got
             view = iter(chunk[start:] if start else chunk)
             try:
-                yield from view
+                yield view  # resumed once the loop has taken it all, closed if left early
             finally:  # (maybe in another thread: a generator can be closed anywhere)
                 given = len(chunk) - operator.length_hint(view)
                 with self._lock:
