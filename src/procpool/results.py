@@ -359,7 +359,7 @@ class IMapIterator(Generic[T]):
         """
         views = self._chunk_views()
         loop = _Loop.from_iterable(views)
-        loop._views = views
+        loop._views = views  # type: ignore[attr-defined]  # (typeshed: from_iterable -> chain)
         return loop
 
     def _chunk_views(self) -> Iterator[Iterator[T]]:
