@@ -408,6 +408,51 @@ def test_a_ctrl_c_while_apply_holds_a_claim_on_its_worker_does_not_wedge_the_poo
         assert pool.apply(identity, (5,)) == 5
 
 
+@pytest.mark.parametrize(
+    ("call", "where"),
+    [
+        ("apply", "write"),  # apply's quick send: its task assigned, the frame not written
+        ("submit", "_send"),  # a call sent from the caller's thread to an idle worker
+        ("map", "_send"),  # a small map's chunks sent from the caller's thread
+        ("apply", "_maybe_exit"),  # its reply read and settled, the channel not watched again
+        ("get", "_maybe_exit"),  # the same, as get() reads a result itself
+        ("get", "_on_results"),  # an error reply taken off the socket, not settled yet
+    ],
+)
+def test_a_ctrl_c_inside_a_callers_channel_section_does_not_wedge_the_pool(call, where):
+    # the caller's own thread writes a task to an idle worker, or reads its reply (the low-
+    # latency paths); a Ctrl-C in the middle left a task with a worker that never got it, or
+    # a reply that nobody settled, or a channel nobody watched: the next tasks, or join(),
+    # waited forever.  Now that worker is killed and replaced, and the pool goes on.
+    pool = procpool.Pool(1)
+    try:
+        assert pool.apply(identity, (2,)) == 2
+        sys.settrace(interrupt_on_entering(where))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                if call == "apply":
+                    pool.apply(identity, (3,))
+                elif call == "submit":
+                    pool.submit(identity, 3).result(10)
+                elif call == "map":
+                    pool.map(identity, range(3))
+                else:
+                    bad = where == "_on_results"  # (a plain value is read without it)
+                    pool.apply_async(fail_on_three, (3 if bad else 1,)).get(10)
+        finally:
+            sys.settrace(None)
+        assert pool.apply_async(identity, (4,)).get(timeout=10) == 4
+        assert pool.apply(identity, (5,)) == 5
+        assert pool.map(identity, range(5)) == list(range(5))
+        pool.close()
+        t = time.monotonic()
+        pool.join(timeout=10)
+        assert time.monotonic() - t < 9, "join() waited for a task that never ends"
+        assert pool.pids() == []
+    finally:
+        pool.terminate()
+
+
 @pytest.mark.parametrize("how", ["get", "result"])
 def test_a_ctrl_c_as_a_waiting_caller_claims_the_worker_does_not_wedge_the_pool(how):
     # get() / result() claim the worker's channel for their own thread (drive) under the lock,

@@ -162,6 +162,18 @@ class WorkerSupervision:
     def _kill(self, w: _Worker) -> None:
         send_signal(w.proc, signal.SIGKILL)
 
+    def _abandon(self, w: _Worker) -> None:
+        """A caller's thread was stopped (a Ctrl-C) while it wrote to or read from *w*'s
+        channel, under the lock: what crossed it is unknown -- a task assigned and never
+        written, part of a frame, a reply taken off the socket and not settled.  Nobody could
+        ever tell, and a task would wait forever: the worker is killed, its death settles
+        its tasks as any worker's (see _bury), and a new one replaces it."""
+        if w.wid in self._workers:
+            w.driven = None  # watched again by the I/O thread, which sees it die
+            self._kill(w)
+            self._set_mask(w)
+            self._wake()
+
     def _kill_all(self) -> None:
         for w in self._workers.values():
             self._kill(w)
