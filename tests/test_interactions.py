@@ -414,6 +414,8 @@ def test_a_ctrl_c_while_apply_holds_a_claim_on_its_worker_does_not_wedge_the_poo
         ("apply", "write"),  # apply's quick send: its task assigned, the frame not written
         ("submit", "_send"),  # a call sent from the caller's thread to an idle worker
         ("map", "_send"),  # a small map's chunks sent from the caller's thread
+        ("map", "_input_end"),  # a map registered, its input not ended: close() waited
+        ("imap", "start_thread"),  # an imap registered, its feeder never started: the same
         ("apply", "_maybe_exit"),  # its reply read and settled, the channel not watched again
         ("get", "_maybe_exit"),  # the same, as get() reads a result itself
         ("get", "_on_results"),  # an error reply taken off the socket, not settled yet
@@ -436,6 +438,8 @@ def test_a_ctrl_c_inside_a_callers_channel_section_does_not_wedge_the_pool(call,
                     pool.submit(identity, 3).result(10)
                 elif call == "map":
                     pool.map(identity, range(3))
+                elif call == "imap":
+                    pool.imap(identity, range(3))
                 else:
                     bad = where == "_on_results"  # (a plain value is read without it)
                     pool.apply_async(fail_on_three, (3 if bad else 1,)).get(10)
@@ -449,6 +453,22 @@ def test_a_ctrl_c_inside_a_callers_channel_section_does_not_wedge_the_pool(call,
         pool.join(timeout=10)
         assert time.monotonic() - t < 9, "join() waited for a task that never ends"
         assert pool.pids() == []
+    finally:
+        pool.terminate()
+
+
+@pytest.mark.parametrize("method", ["imap", "imap_unordered", "map", "map_async"])
+def test_a_map_over_something_not_iterable_raises_and_leaves_nothing_open(method):
+    # imap(f, 5) raised TypeError after registering its job: close() then waited forever
+    pool = procpool.Pool(1)
+    try:
+        with pytest.raises(TypeError):
+            getattr(pool, method)(identity, 5)
+        assert pool.map(identity, range(3)) == [0, 1, 2]
+        pool.close()
+        t = time.monotonic()
+        pool.join(timeout=10)
+        assert time.monotonic() - t < 9, "join() waited for a job that never ends"
     finally:
         pool.terminate()
 

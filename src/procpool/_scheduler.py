@@ -174,7 +174,6 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._state = RUNNING
         self._broken: BaseException | None = None
         self._startup_failures = 0
-        self._jobs_open = 0  # map jobs whose input is not fully read yet
         # jobs whose feeder thread runs (a plain set, not a WeakSet: a weakref callback running
         # in the caller's thread when a job is freed could swallow its Ctrl-C)
         self._feeding: set[MapJob] = set()
@@ -514,14 +513,20 @@ class Scheduler(WorkerSupervision, Dispatch):
         limit = max(IMAP_HELD, 4 * self.processes * (chunksize or 1)) if lazy else None
         job = MapJob(self._lock, fid, blob, kind, sink, label, timeout, retries, chunksize, limit)
         job.on_end = on_input_end
+        # (everything that may raise -- a TypeError, a Ctrl-C in a call -- before the job is
+        # known to the pool: a job registered and never ended keeps close() waiting forever)
+        if lazy:
+            source = items if type(items) is range else iter(items)
+            # a feeder reading the caller's generator runs the caller's code: signals as theirs
+            quiet = type(source) is range or type(source) in _IN_MEMORY_ITERATORS
+        else:  # a list as it is; a range too (its chunks are ranges: a few bytes to pickle)
+            buf = items if isinstance(items, (list, range)) else list(items)
         with self._lock:
             self._check_running()
-            self._jobs_open += 1
             if lazy:
                 self._feeding.add(job)
-            if not lazy:
-                # a list as it is; a range too (its chunks are ranges: a few bytes to pickle)
-                job.buf = items if isinstance(items, (list, range)) else list(items)
+            else:
+                job.buf = buf
                 self._input_end(job, None)
                 if not self._inbox and len(self._pending) == 1 and self._pool_idle():
                     self._dispatch_here()  # idle: the first chunks go now, from this thread
@@ -530,10 +535,11 @@ class Scheduler(WorkerSupervision, Dispatch):
         if self._deliveries:
             self._deliver()
         if lazy:
-            source = items if type(items) is range else iter(items)
-            # a feeder reading the caller's generator runs the caller's code: signals as theirs
-            quiet = type(source) is range or type(source) in _IN_MEMORY_ITERATORS
-            start_thread(self._feed, "procpool-feeder", (job, source), quiet=quiet)
+            try:
+                start_thread(self._feed, "procpool-feeder", (job, source), quiet=quiet)
+            except BaseException:  # no feeder (a Ctrl-C, no thread to be had): end its input
+                self.cancel_map(job)
+                raise
         return job
 
     def _feed(self, job: MapJob, it: Iterator | range) -> None:
@@ -624,7 +630,6 @@ class Scheduler(WorkerSupervision, Dispatch):
         if job.input_done:
             return
         job.input_done = True
-        self._jobs_open -= 1
         total = job.next_index + job.available()
         if job.on_end is not None:
             self._deliveries.append(("call", job.on_end, (total, error)))
@@ -999,7 +1004,7 @@ class Scheduler(WorkerSupervision, Dispatch):
     def _has_work(self) -> bool:
         return (
             bool(self._pending or self._inbox)
-            or self._jobs_open > 0
+            or bool(self._feeding)  # map jobs whose input is not fully read yet
             or any(w.inflight for w in self._workers.values())
         )
 
