@@ -34,6 +34,7 @@ PROTOCOL = _serialize.PROTOCOL
 INFLIGHT_BUDGET = 5e-3  # seconds of estimated work a worker may hold
 PREFETCH_LIMIT = 50e-3  # tasks shorter than this get one more queued behind them
 MAX_INFLIGHT = 4096  # tasks a worker may hold, whatever their cost
+CALL_RUN = 64  # plain calls given to one worker in a row while dispatching (see _take_calls)
 
 
 class Dispatch:
@@ -194,7 +195,10 @@ class Dispatch:
                 if task is None:
                     continue
                 self._assign(w, task)
-                batches[w.wid].append(task)
+                batch = batches[w.wid]
+                batch.append(task)
+                if type(task.payload) is tuple and pending and not self._maxtasks:
+                    self._take_calls(w, task, batch)
                 still.append(w)
                 if not pending:
                     break
@@ -202,6 +206,46 @@ class Dispatch:
         for wid, tasks in batches.items():
             if tasks:
                 self._send(self._workers[wid], tasks)
+
+    def _take_calls(self, w: _Worker, first: Task, batch: list[Task]) -> None:
+        """After *first*, a plain call (see Task.payload), give *w* the plain calls to the same
+        function queued right behind it, up to CALL_RUN in all: what _next_for and _assign
+        would do for each, minus their general checks (a burst of ``apply_async`` sends
+        thousands of them; they then make one CALLS record, see _send)."""
+        pending = self._pending
+        fid = first.fid
+        est = self._est
+        inflight = w.inflight
+        cost = 0.0 if est is None else est  # (est * n_items, n_items being 1)
+        if est is not None:  # _next_for's budget, for one more such task
+            budget = 2 * cost if 2 * cost < PREFETCH_LIMIT else PREFETCH_LIMIT
+            limit = (budget if budget > INFLIGHT_BUDGET else INFLIGHT_BUDGET) - cost
+        taken = 0
+        while pending and taken < CALL_RUN:
+            head = pending[0]
+            if (
+                type(head) is not Task
+                or type(head.payload) is not tuple
+                or head.fid != fid
+                or head.state != _PENDING
+                or head.timeout
+                or head.attempts
+                or head.job is not None
+                or getattr(head.sink, "needs_start", False)
+                or len(inflight) >= MAX_INFLIGHT
+                or (est is None or w.cost > limit)
+            ):
+                return
+            pending.popleft()
+            head.state = _SENT  # _assign's, inlined
+            head.worker = w
+            head.attempts = 1
+            inflight[head.id] = head
+            head.cost = cost
+            w.cost += cost
+            w.sent += 1
+            batch.append(head)
+            taken += 1
 
     def _assign(self, w: _Worker, task: Task) -> None:
         task.state = _SENT
