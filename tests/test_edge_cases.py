@@ -147,6 +147,82 @@ def test_several_threads_can_share_one_imap_iterator(pool):
     assert sorted(got) == list(range(5000))
 
 
+def test_a_closed_imap_loop_yields_nothing_more_and_loses_nothing(pool):
+    # the loop is a chain over list iterators: close() gave the rest of the chunk back while
+    # the chain went on yielding it -- items 2-9 came out twice
+    it = pool.imap(identity_item, list(range(20)), chunksize=10)
+    loop = iter(it)
+    assert [next(loop), next(loop)] == [0, 1]
+    loop.close()
+    assert list(loop) == []
+    assert list(it) == list(range(2, 20))
+    # closed from another thread while the loop's own thread is in its body
+    it = pool.imap(identity_item, list(range(20)), chunksize=10)
+    loop = iter(it)
+    got = []
+    paused, closed = threading.Event(), threading.Event()
+
+    def consume():
+        for x in loop:
+            got.append(x)
+            if x == 2:
+                paused.set()
+                closed.wait(10)
+
+    t = threading.Thread(target=consume)
+    t.start()
+    assert paused.wait(10)
+    loop.close()
+    closed.set()
+    t.join(10)
+    assert got == [0, 1, 2]
+    assert list(it) == list(range(3, 20))
+
+
+def slow_identity(x):
+    time.sleep(0.02)
+    return x
+
+
+def test_threads_sharing_one_imap_loop_object_take_every_result_once(pool):
+    # a second thread's next() on the loop found its generator "already executing": a chain
+    # whose source raises drops it, and the first thread's loop ended early, results untaken
+    it = pool.imap(slow_identity, range(40), chunksize=4)
+    loop = iter(it)
+    got: list[list[int]] = [[], []]
+    errors: list[BaseException] = []
+
+    def consume(mine):
+        try:
+            for x in loop:
+                mine.append(x)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=consume, args=(g,)) for g in got]
+    threads[0].start()
+    time.sleep(0.02)
+    threads[1].start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert sorted(got[0] + got[1]) == list(range(40))
+    assert list(it) == []
+
+
+def sleepy_pid(_):
+    time.sleep(0.02)
+    return os.getpid()
+
+
+def test_a_map_after_a_far_cheaper_one_still_spreads_over_the_workers():
+    # the last chunks of a map are not cut below CHUNK_MIN of estimated work; the estimate
+    # is the pool's, here a cheap map's (≈ 0.1 µs an item): 8 slow items made one chunk
+    with procpool.Pool(2) as pool:
+        pool.map(identity_item, range(200_000))
+        assert len(set(pool.map(sleepy_pid, range(8)))) == 2
+
+
 def test_imap_input_that_waits_for_its_own_results(pool):
     import queue
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import _thread
 import concurrent.futures
 import itertools
-import operator
 import os
 import threading
 import time
@@ -310,12 +309,32 @@ class _Loop(itertools.chain):
     """A ``for`` loop's iterator over an :class:`IMapIterator`: the items are taken in C
     (a chain of list iterators, one per chunk), Python code runs once per chunk."""
 
-    __slots__ = ("_views",)
-    _views: Generator
+    __slots__ = ("_chunks",)
+    _chunks: _Chunks
 
     def close(self) -> None:
         """Stop this loop now, as a generator's ``close()``: what it has not taken stays."""
-        self._views.close()
+        self._chunks.views.close()
+
+
+class _Chunks:
+    """A _Loop's source: the chunk views of ``IMapIterator._chunk_views``, taken by one thread
+    at a time.  Threads sharing one loop then wait for the next chunk in turn; the generator
+    itself would raise "already executing" in the second, and a chain whose source raises
+    drops it: the first thread's loop would end there, its results left untaken."""
+
+    __slots__ = ("views", "lock")
+
+    def __init__(self, views: Generator) -> None:
+        self.views = views
+        self.lock = threading.Lock()
+
+    def __iter__(self) -> _Chunks:
+        return self
+
+    def __next__(self) -> Iterator:
+        with self.lock:
+            return next(self.views)
 
 
 class IMapIterator(Generic[T]):
@@ -357,12 +376,12 @@ class IMapIterator(Generic[T]):
         there).  A failed item ends this loop with its exception; iterating again continues
         after it, as with :mod:`multiprocessing`.
         """
-        views = self._chunk_views()
-        loop = _Loop.from_iterable(views)
-        loop._views = views  # type: ignore[attr-defined]  # (typeshed: from_iterable -> chain)
+        chunks = _Chunks(self._chunk_views())
+        loop = _Loop.from_iterable(chunks)
+        loop._chunks = chunks  # type: ignore[attr-defined]  # (typeshed: from_iterable -> chain)
         return loop
 
-    def _chunk_views(self) -> Iterator[Iterator[T]]:
+    def _chunk_views(self) -> Generator[Iterator[T], None, None]:
         """__iter__'s chunks: an iterator over the rest of each chunk, taken whole.  What a
         view has left when the loop is left (this generator closed) says how far it got."""
         while True:
@@ -389,7 +408,9 @@ class IMapIterator(Generic[T]):
             try:
                 yield view  # resumed once the loop has taken it all, closed if left early
             finally:  # (maybe in another thread: a generator can be closed anywhere)
-                given = len(chunk) - operator.length_hint(view)
+                # what the view has left, taken from it: the loop (a chain) must not go on
+                # yielding from it after a close(); list() runs in C, in one step
+                given = len(chunk) - len(list(view))
                 with self._lock:
                     self._holders.discard(holder)
                     if given < len(chunk):  # the loop was left early: the rest stays
