@@ -141,8 +141,13 @@ class MapJob:
             return 1  # imap: probe with one item before committing to big chunks
         est = max(est, 1e-8)
         size = max(1, int(CHUNK_TARGET / est))
-        if self.input_done:  # shrink near the end so the last chunks spread over the workers
-            size = min(size, max(1, int(CHUNK_MIN / est), -(-self.available() // (2 * nworkers))))
+        if self.input_done:
+            # shrink near the end so the last chunks spread over the workers, but not below
+            # CHUNK_MIN of work -- except that every worker still gets a chunk (est is the
+            # pool's: the last map's, maybe of a far cheaper function)
+            left = self.available()
+            floor = min(int(CHUNK_MIN / est), -(-left // nworkers))
+            size = min(size, max(1, floor, -(-left // (2 * nworkers))))
         return size
 
     def available(self) -> int:
