@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import wait_until
 from tasks import count_lines, identity, record, sleep_then
 from tasks import fail_on as fail_on_three
 
@@ -376,14 +378,20 @@ def test_a_hand_off_eventfd_whose_waiter_count_was_lost_is_closed_with_its_pool(
         os.fstat(fd)
 
 
-def interrupt_on_entering(name: str):
-    """A trace function raising KeyboardInterrupt once, on entering procpool's *name*: where a
-    Ctrl-C's handler would run (CPython runs pending handlers on function entry)."""
+def interrupt_on_entering(*names: str):
+    """A trace function raising KeyboardInterrupt once, on entering the first of procpool's
+    functions *names*: where a Ctrl-C's handler would run (CPython runs pending handlers on
+    function entry)."""
     armed = [True]
 
     def tracer(frame, event, arg):
         code = frame.f_code
-        if event == "call" and armed[0] and code.co_name == name and "procpool" in code.co_filename:
+        if (
+            event == "call"
+            and armed[0]
+            and code.co_name in names
+            and "procpool" in code.co_filename
+        ):
             armed[0] = False
             raise KeyboardInterrupt
         return None
@@ -415,9 +423,10 @@ def test_a_ctrl_c_while_apply_holds_a_claim_on_its_worker_does_not_wedge_the_poo
         ("submit", "_send"),  # a call sent from the caller's thread to an idle worker
         ("map", "_send"),  # a small map's chunks sent from the caller's thread
         ("map", "_input_end"),  # a map registered, its input not ended: close() waited
+        ("map_timeout", "_add_timer"),  # a chunk assigned (in inflight), not counted as sent
         ("imap", "start_thread"),  # an imap registered, its feeder never started: the same
-        ("apply", "_maybe_exit"),  # its reply read and settled, the channel not watched again
-        ("get", "_maybe_exit"),  # the same, as get() reads a result itself
+        ("apply", "read_single"),  # about to read its reply
+        ("get", "fill"),  # reading a reply from the socket, as get() reads a result itself
         ("get", "_on_results"),  # an error reply taken off the socket, not settled yet
     ],
 )
@@ -438,6 +447,8 @@ def test_a_ctrl_c_inside_a_callers_channel_section_does_not_wedge_the_pool(call,
                     pool.submit(identity, 3).result(10)
                 elif call == "map":
                     pool.map(identity, range(3))
+                elif call == "map_timeout":
+                    pool.map(identity, range(3), timeout=5)
                 elif call == "imap":
                     pool.imap(identity, range(3))
                 else:
@@ -455,6 +466,93 @@ def test_a_ctrl_c_inside_a_callers_channel_section_does_not_wedge_the_pool(call,
         assert pool.pids() == []
     finally:
         pool.terminate()
+
+
+def test_a_ctrl_c_after_get_settled_its_own_reply_costs_no_other_task():
+    # get() reads its reply itself (drive); a Ctrl-C once the reply was settled needs no
+    # abandon: the worker -- and another thread's task queued for it -- live on.  (Before,
+    # that task had been sent to the worker being driven, and the abandon killed it.)
+    with procpool.Pool(1) as pool:
+        for i in range(20):
+            assert pool.apply(identity, (i,)) == i  # the pool learns: tasks are short
+        before = pool.pids()
+        first = pool.apply_async(sleep_then, (0.3, 1))
+        other: dict = {}
+        queue_other = threading.Timer(
+            0.1, lambda: other.update(r=pool.apply_async(sleep_then, (0.3, 2)))
+        )
+        queue_other.start()
+        state = {"read": False, "armed": True}
+
+        def after_the_read(frame, event, arg):  # a Ctrl-C once get() has read its reply
+            code = frame.f_code
+            if event != "call" or "procpool" not in code.co_filename or not state["armed"]:
+                return None
+            if code.co_name == "read_single":
+                state["read"] = True
+            elif state["read"] and code.co_name in ("_maybe_exit", "_set_mask"):
+                state["armed"] = False
+                raise KeyboardInterrupt
+            return None
+
+        sys.settrace(after_the_read)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                first.get(10)
+        finally:
+            sys.settrace(None)
+        queue_other.join(10)
+        assert first.get(10) == 1
+        assert other["r"].get(10) == 2
+        assert pool.pids() == before
+
+
+def test_a_map_async_failing_at_submission_runs_its_error_callback_on_the_pools_thread():
+    # on an idle pool the first chunks are cut and sent from the caller's thread; one that
+    # cannot be pickled fails there, but its error callback must still run on the pool's
+    # thread (as multiprocessing's): the caller may hold a lock the callback takes
+    lock = threading.Lock()
+    seen: list = []
+
+    def on_error(exc):
+        with lock:
+            seen.append((type(exc).__name__, threading.current_thread().name))
+
+    with procpool.Pool(1) as pool:
+        pool.apply(identity, (0,))
+        with lock:
+            result = pool.map_async(identity, [threading.Lock()], error_callback=on_error)
+            assert not seen
+        with pytest.raises(procpool.SerializationError):
+            result.get(10)
+        assert wait_until(lambda: seen, timeout=10)
+        assert seen[0][0] == "SerializationError" and seen[0][1] != "MainThread"
+
+
+def test_a_ctrl_c_while_a_feeder_thread_starts_leaves_the_callers_signals_unblocked():
+    # start_thread blocks the program's signals while it starts a quiet thread; a Ctrl-C
+    # before its try (building the Thread) left SIGINT blocked in the caller for good
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    armed = [True]
+
+    def tracer(frame, event, arg):
+        code = frame.f_code
+        if event == "call" and armed[0] and code.co_filename.endswith("threading.py"):
+            if code.co_name == "__init__" and "self" in frame.f_locals:
+                if type(frame.f_locals["self"]).__name__ == "Thread":
+                    armed[0] = False
+                    raise KeyboardInterrupt
+        return None
+
+    with procpool.Pool(1) as pool:
+        sys.settrace(tracer)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                pool.imap(identity, range(3))
+        finally:
+            sys.settrace(None)
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+        assert list(pool.imap(identity, range(3))) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("method", ["imap", "imap_unordered", "map", "map_async"])

@@ -179,7 +179,9 @@ class Dispatch:
         """Hand pending work to workers that can take it, one batch (frame) per worker."""
         if not self._pending or self._broken is not None or self._state == TERMINATING:
             return
-        workers = [w for w in self._workers.values() if self._accepts(w)]
+        # not a worker a caller is reading itself (drive): its reply then stays the lone one
+        # that thread reads on its quick path, and a Ctrl-C there costs no other task
+        workers = [w for w in self._workers.values() if self._accepts(w) and w.driven is None]
         if not workers:
             return
         workers.sort(key=lambda w: w.cost if w.inflight else -1.0)

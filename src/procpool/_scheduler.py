@@ -178,6 +178,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         # in the caller's thread when a job is freed could swallow its Ctrl-C)
         self._feeding: set[MapJob] = set()
         self._deliveries: list[tuple] = []
+        self._settled: Task | None = None  # the reply _read_reply settled last (see _drive)
         self._killed_all = False
         self._owner = os.getpid()
 
@@ -403,12 +404,12 @@ class Scheduler(WorkerSupervision, Dispatch):
         have to wake up: ≈ 0.1-0.2 ms on the development machine, for a small map there
         ≈ a third of the call).  Stopped midway (a Ctrl-C), the workers it was sending to
         are abandoned (see ``_abandon``)."""
-        before = [(w, w.sent) for w in self._workers.values()]
+        before = [(w, w.sent, len(w.inflight)) for w in self._workers.values()]
         try:
             self._dispatch()
         except BaseException:
-            for w, sent in before:
-                if w.sent != sent:
+            for w, sent, held in before:  # (_assign counts a task in inflight, then in sent)
+                if w.sent != sent or len(w.inflight) != held:
                     self._abandon(w)
             raise
 
@@ -532,8 +533,8 @@ class Scheduler(WorkerSupervision, Dispatch):
                     self._dispatch_here()  # idle: the first chunks go now, from this thread
                 else:
                     self._wake()
-        if self._deliveries:
-            self._deliver()
+                if self._deliveries:  # (a chunk that could not be pickled): the I/O thread
+                    self._wake()  # runs its callbacks, as multiprocessing's threads do
         if lazy:
             try:
                 start_thread(self._feed, "procpool-feeder", (job, source), quiet=quiet)
@@ -672,8 +673,10 @@ class Scheduler(WorkerSupervision, Dispatch):
                     w.driven = None
                     if w.wid in self._workers:
                         self._set_mask(w)
-            if self._state in (CLOSING, TERMINATING):
-                self._wake()  # we may have read the last result close() waits for
+            if self._state in (CLOSING, TERMINATING) or self._pending or self._inbox:
+                # we may have read the last result close() waits for, or freed room for what
+                # waits (the I/O thread refills: sending from here, a Ctrl-C could cut a frame)
+                self._wake()
 
     def _drive(
         self, w: _Worker, task: Task, result: Any, timeout: float | None, direct: bool
@@ -711,16 +714,20 @@ class Scheduler(WorkerSupervision, Dispatch):
             with self._lock:
                 if w.wid not in self._workers:
                     return None
+                self._settled = None
                 try:
                     ours = self._read_reply(w, task, direct)
                     if ours is None:
                         self._read(w)
                 except BaseException:  # a Ctrl-C: a reply may be read and not settled
-                    self._abandon(w)
+                    if self._settled is task:  # (no: settled, and nothing else was read)
+                        self._set_mask(w)
+                        if direct and type(task.payload) not in BARE:
+                            task.release()
+                    else:
+                        self._abandon(w)
                     raise
                 gone = w.eof
-                if self._pending or self._inbox:  # the results freed room: the I/O thread
-                    self._wake()  # refills (sending from here, a Ctrl-C could cut a frame)
             if self._deliveries:
                 self._deliver()
             if ours is not None:
@@ -754,15 +761,19 @@ class Scheduler(WorkerSupervision, Dispatch):
                     w.exclusive = False  # (a timed task ran alone)
                     w.cost = 0.0
                     w.driven = None
-                    self._maybe_exit(w)
-                    self._set_mask(w)
                     data = body[head.size :]
-                    if direct:  # (here, not in reply_value: a Ctrl-C in between skips that)
-                        if type(task.payload) not in BARE:  # arguments in shared memory
-                            task.release()
-                    else:
+                    if not direct:
                         rec = (tid, status, duration, 0, 0, data)
                         self._deliveries.append(("results", [task], [rec], [()]))
+                    if w.retiring:  # (maxtasksperchild)
+                        self._maybe_exit(w)  # (may write to the worker: EXIT)
+                    # settled, nothing else read: a Ctrl-C from here on needs no _abandon,
+                    # only what follows (see _drive).  (No call since the settling began:
+                    # CPython raises a Ctrl-C's exception at calls, not between statements.)
+                    self._settled = task
+                    self._set_mask(w)
+                    if direct and type(task.payload) not in BARE:  # arguments in shared
+                        task.release()  # memory (here, not in reply_value: a Ctrl-C between)
                     return data
         self._on_results(w, body, [])
         return None

@@ -91,14 +91,14 @@ def start_thread(
     caller = _signal.pthread_sigmask(signal.SIG_BLOCK, ())  # (reads the mask)
     program = program_mask()
     base: set[int] = set(caller if program is None else program)
-    _signal.pthread_sigmask(signal.SIG_SETMASK, base | _ASYNC_SIGNALS if quiet else base)
 
     def run() -> None:
         _thread_state.mask = base
         target(*args)
 
     thread = threading.Thread(target=run, name=name, daemon=True)
-    try:
+    try:  # (a Ctrl-C anywhere in here must not leave the caller's signals blocked)
+        _signal.pthread_sigmask(signal.SIG_SETMASK, base | _ASYNC_SIGNALS if quiet else base)
         thread.start()
     finally:
         _signal.pthread_sigmask(signal.SIG_SETMASK, caller)
