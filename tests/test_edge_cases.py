@@ -210,6 +210,39 @@ def test_threads_sharing_one_imap_loop_object_take_every_result_once(pool):
     assert list(it) == []
 
 
+def fail_on_seven(x):
+    time.sleep(0.001)
+    if x == 7:
+        raise ValueError("seven")
+    return x
+
+
+def test_an_item_error_ends_only_the_loop_of_the_thread_that_takes_it(pool):
+    # the error is that thread's next item; a thread sharing the loop object goes on (it
+    # ended early, 190-odd results untaken, when the error came out of the chain's source)
+    it = pool.imap(fail_on_seven, range(200), chunksize=1)
+    loop = iter(it)
+    got: dict[str, tuple[str, list[int]]] = {}
+
+    def consume(name):
+        mine: list[int] = []
+        try:
+            for x in loop:
+                mine.append(x)
+            got[name] = ("ended", mine)
+        except ValueError:
+            got[name] = ("raised", mine)
+
+    threads = [threading.Thread(target=consume, args=(n,)) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(how for how, _ in got.values()) == ["ended", "raised"]
+    assert sorted(got["a"][1] + got["b"][1]) == [x for x in range(200) if x != 7]
+    assert list(it) == []
+
+
 def sleepy_pid(_):
     time.sleep(0.02)
     return os.getpid()

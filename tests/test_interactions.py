@@ -507,6 +507,24 @@ def test_a_ctrl_c_after_get_settled_its_own_reply_costs_no_other_task():
         assert pool.pids() == before
 
 
+def test_a_task_queued_while_a_caller_reads_its_worker_itself_is_sent_when_it_lets_go():
+    # get() reads its worker's channel itself (drive) and the dispatcher skips that worker
+    # meanwhile; a task queued then (here by the error callback get() runs) waited for good
+    # once get() let go, nothing waking the I/O thread (Pool(1): no other worker)
+    queued: list = []
+    with procpool.Pool(1) as pool:
+        pool.apply(identity, (0,))
+
+        def on_error(exc):
+            queued.append(pool.apply_async(identity, (7,)))
+            time.sleep(0.1)  # the I/O thread turns meanwhile: the worker is still claimed
+
+        failing = pool.apply_async(fail_on_three, (3,), error_callback=on_error)
+        with pytest.raises(ValueError):
+            failing.get(10)
+        assert queued[0].get(timeout=10) == 7
+
+
 def test_a_map_async_failing_at_submission_runs_its_error_callback_on_the_pools_thread():
     # on an idle pool the first chunks are cut and sent from the caller's thread; one that
     # cannot be pickled fails there, but its error callback must still run on the pool's

@@ -179,6 +179,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._feeding: set[MapJob] = set()
         self._deliveries: list[tuple] = []
         self._settled: Task | None = None  # the reply _read_reply settled last (see _drive)
+        self._refill = False  # a caller read results while tasks wait: wake the I/O thread
         self._killed_all = False
         self._owner = os.getpid()
 
@@ -668,14 +669,24 @@ class Scheduler(WorkerSupervision, Dispatch):
         try:  # (from the claim on: a Ctrl-C anywhere after it must release it)
             return self._drive(w, task, result, timeout, direct)
         finally:
-            if w.driven is task:  # (only this thread clears its own claim: no lock to look)
+            held = w.driven is task  # (only this thread clears its own claim: no lock to look)
+            if held:
                 with self._lock:
                     w.driven = None
                     if w.wid in self._workers:
                         self._set_mask(w)
-            if self._state in (CLOSING, TERMINATING) or self._pending or self._inbox:
-                # we may have read the last result close() waits for, or freed room for what
-                # waits (the I/O thread refills: sending from here, a Ctrl-C could cut a frame)
+            # The I/O thread must take a turn when we may have read the last result close()
+            # waits for; freed room for tasks waiting (it refills: sending from here, a Ctrl-C
+            # could cut a frame), or held a worker it could not send to (_dispatch skips a
+            # driven one); or left deliveries behind (a Ctrl-C).  Not after every attempt:
+            # one that claimed nothing changed nothing.
+            if (
+                self._refill
+                or self._deliveries
+                or (held and (self._pending or self._inbox))
+                or self._state in (CLOSING, TERMINATING)
+            ):
+                self._refill = False
                 self._wake()
 
     def _drive(
@@ -727,6 +738,9 @@ class Scheduler(WorkerSupervision, Dispatch):
                     else:
                         self._abandon(w)
                     raise
+                self._settled = None  # (no reference kept)
+                if self._pending or self._inbox:  # we freed room: the I/O thread refills
+                    self._refill = True  # (in drive's finally)
                 gone = w.eof
             if self._deliveries:
                 self._deliver()

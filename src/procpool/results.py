@@ -317,6 +317,27 @@ class _Loop(itertools.chain):
         self._chunks.views.close()
 
 
+class _Raising:
+    """An iterator whose first ``next()`` raises *exc*, and is then exhausted."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc: BaseException | None = exc
+
+    def __iter__(self) -> _Raising:
+        return self
+
+    def __next__(self) -> Any:
+        exc, self.exc = self.exc, None
+        if exc is None:
+            raise StopIteration
+        try:
+            raise exc
+        finally:  # the traceback must not keep this frame's references (see next())
+            del exc, self
+
+
 class _Chunks:
     """A _Loop's source: the chunk views of ``IMapIterator._chunk_views``, taken by one thread
     at a time.  Threads sharing one loop then wait for the next chunk in turn; the generator
@@ -402,6 +423,15 @@ class IMapIterator(Generic[T]):
                     value = self.next()
                 except StopIteration:
                     return
+                except Exception as exc:  # noqa: BLE001 - an item's error
+                    # raised as the loop's next item, not by its source: a chain whose source
+                    # raised drops it, and threads sharing the loop would see it end.  (Its
+                    # traceback without this frame: that would hold self, in a cycle.)
+                    tb = exc.__traceback__
+                    error = _Raising(exc.with_traceback(tb.tb_next if tb else None))
+                    tb = None
+                    yield error
+                    continue
                 yield iter((value,))
                 continue
             view = iter(chunk[start:] if start else chunk)
