@@ -60,14 +60,19 @@ def test_imap_over_an_empty_range_ends():
             it.next(timeout=5)
 
 
+def close_and_join(pool, within: float, what: str) -> None:
+    """close(), then join() must return within *within* seconds (else it waited for *what*)."""
+    pool.close()
+    t = time.monotonic()
+    pool.join(timeout=within + 1)
+    assert time.monotonic() - t < within, f"join() waited for {what}"
+
+
 def test_close_join_after_imap_over_an_empty_range_returns():
     pool = procpool.Pool(2)
     try:
         pool.imap_unordered(ident, range(0))
-        pool.close()
-        t = time.monotonic()
-        pool.join(timeout=5)
-        assert time.monotonic() - t < 4.5, "join() waited for a feeder that never ends"
+        close_and_join(pool, 4.5, "a feeder that never ends")
     finally:
         pool.terminate()
 
@@ -459,10 +464,7 @@ def test_a_ctrl_c_inside_a_callers_channel_section_does_not_wedge_the_pool(call,
         assert pool.apply_async(identity, (4,)).get(timeout=10) == 4
         assert pool.apply(identity, (5,)) == 5
         assert pool.map(identity, range(5)) == list(range(5))
-        pool.close()
-        t = time.monotonic()
-        pool.join(timeout=10)
-        assert time.monotonic() - t < 9, "join() waited for a task that never ends"
+        close_and_join(pool, 9, "a task that never ends")
         assert pool.pids() == []
     finally:
         pool.terminate()
@@ -581,10 +583,7 @@ def test_a_map_over_something_not_iterable_raises_and_leaves_nothing_open(method
         with pytest.raises(TypeError):
             getattr(pool, method)(identity, 5)
         assert pool.map(identity, range(3)) == [0, 1, 2]
-        pool.close()
-        t = time.monotonic()
-        pool.join(timeout=10)
-        assert time.monotonic() - t < 9, "join() waited for a job that never ends"
+        close_and_join(pool, 9, "a job that never ends")
     finally:
         pool.terminate()
 
