@@ -214,14 +214,14 @@ class Dispatch:
         function queued right behind it, up to CALL_RUN in all: what _next_for and _assign
         would do for each, minus their general checks (a burst of ``apply_async`` sends
         thousands of them; they then make one CALLS record, see _send)."""
+        cost = self._est  # (est * n_items, n_items being 1)
+        if cost is None:  # unknown cost: one task at a time (as _next_for)
+            return
         pending = self._pending
         fid = first.fid
-        est = self._est
         inflight = w.inflight
-        cost = 0.0 if est is None else est  # (est * n_items, n_items being 1)
-        if est is not None:  # _next_for's budget, for one more such task
-            budget = 2 * cost if 2 * cost < PREFETCH_LIMIT else PREFETCH_LIMIT
-            limit = (budget if budget > INFLIGHT_BUDGET else INFLIGHT_BUDGET) - cost
+        budget = 2 * cost if 2 * cost < PREFETCH_LIMIT else PREFETCH_LIMIT  # _next_for's
+        limit = (budget if budget > INFLIGHT_BUDGET else INFLIGHT_BUDGET) - cost
         taken = 0
         while pending and taken < CALL_RUN:
             head = pending[0]
@@ -235,7 +235,7 @@ class Dispatch:
                 or head.job is not None
                 or getattr(head.sink, "needs_start", False)
                 or len(inflight) >= MAX_INFLIGHT
-                or (est is None or w.cost > limit)
+                or w.cost > limit
             ):
                 return
             pending.popleft()

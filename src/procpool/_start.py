@@ -86,7 +86,7 @@ def start_thread(
     for a feeder that runs the caller's generator.  Processes started from the thread, and
     threads it starts, get the program's mask: the mask of the first thread outside procpool.
     """
-    # (``_signal``'s sigmask: sets of ints; ``signal``'s builds an enum per signal, ≈ 0.3 ms
+    # (``_signal``'s sigmask: sets of ints; ``signal``'s builds an enum per signal, ≈ 0.16 ms
     # for the full mask restored below -- once per imap, which starts a feeder)
     caller = _signal.pthread_sigmask(signal.SIG_BLOCK, ())  # (reads the mask)
     program = program_mask()
