@@ -304,6 +304,11 @@ class Dispatch:
                 if len(w.known) > FUNC_CACHE:
                     del w.known[next(iter(w.known))]
             payload = task.payload
+            if isinstance(payload, list):  # a run (see CallRun): one CALLS record, member i's id
+                first = task.id + 1  # the run's + 1 + i (given as the first alone)
+                data = pickle.dumps((first, payload), PROTOCOL)
+                pack_task(body, first, task.fid, P.CALLS, 0.0, 0, 0, data)
+                continue
             if isinstance(payload, tuple):  # plain arguments (see Task.payload): with the plain
                 fid = task.fid  # calls that follow it to the same function, one CALLS record
                 j = i  # (a call with a time limit goes alone: CALLS records have none)

@@ -35,7 +35,8 @@ CALL = 0  # (args, kwds)            -> func(*args, **kwds)
 MAP = 1  # [item, item, ...]        -> [func(item) ...]
 STARMAP = 2  # [args, args, ...]    -> [func(*args) ...]
 CALLS = 3  # ([id, ...], [args, ...]) -> func(*args) for each, every one a task of its own (the
-#            head's id is the first one's): single calls of plain arguments sent together
+#            head's id is the first one's): single calls of plain arguments sent together; ids
+#            that follow one another may come as the first one alone (an int)
 
 # result record status
 OK = 0  # payload: the value (or, for MAP/STARMAP, the list of values)
@@ -43,7 +44,7 @@ ERROR = 1  # payload: an error tuple (see ``_worker.error_info``)
 CHUNK_PARTIAL = 2  # payload: (values, {index_in_chunk: error tuple}) for a chunk with failures
 VALUES = 3  # payload: ([task id, ...], [value, ...]): several single calls' small scalar values
 #             (int, float, bool, None, complex) in one pickle; the head's id is the first one's
-#             and its duration their total
+#             and its duration their total; ids that follow one another come as the first alone
 
 TASK_HEAD = struct.Struct("<QIBdHHI")  # id, fid, kind, timeout (0 = none), nbuf, nfd, size
 RESULT_HEAD = struct.Struct("<QBdHHI")  # id, status, duration in seconds, nbuf, nfd, size

@@ -63,7 +63,19 @@ from ._start import (
     start_thread,
 )
 from ._supervise import CLOSING, FINISHED, RUNNING, TERMINATING, WorkerSupervision, _Worker
-from ._tasks import _DONE, _PENDING, _SENT, BARE, MapJob, Task
+from ._tasks import (
+    _DONE,
+    _PENDING,
+    _SENT,
+    BARE,
+    CHUNK_TARGET,
+    RUN_IDS,
+    RUN_MAX,
+    RUN_STRIDE,
+    CallRun,
+    MapJob,
+    Task,
+)
 from ._worker import FUNC_CACHE
 from .errors import (
     InitializerError,
@@ -157,7 +169,9 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._deliver_lock = threading.RLock()
         self._delivering: int | None = None  # the thread delivering (holding _deliver_lock)
         self._pending: deque[Task | MapJob] = deque()
-        self._inbox: deque[Task] = deque()  # appended by callers without the lock
+        # appended by callers without the lock: Tasks, and apply_async's quick calls as their
+        # AsyncResults (see call_async)
+        self._inbox: deque[Any] = deque()
         self._dead: list[_Worker] = []  # workers seen dead by EOF (no pidfd): to bury
         self._workers: dict[int, _Worker] = {}
         self._by_fd: dict[int, tuple[str, _Worker | None]] = {}
@@ -166,6 +180,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._funcs: dict[int, tuple[Callable, int, bytes, str]] = {}  # func, fid, blob, label
         self._fids = itertools.count(1)
         self._tids = itertools.count(1)
+        self._run_ids = itertools.count(RUN_IDS, RUN_STRIDE)  # (see CallRun)
         self._wids = itertools.count(1)
         self._est: float | None = None  # seconds per item (see _supervise._on_results)
         self._spin = Spin(DRIVE_SPIN)  # (see drive)
@@ -314,9 +329,10 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._deliver()
         return task
 
-    def _enqueue(self, task: Task) -> Task:
-        """Queue *task* while the pool is busy: no lock, no syscall unless the I/O thread
-        sleeps (it sends batches); a burst hands off to it now and then (see _handoff)."""
+    def _enqueue(self, task: Any) -> Any:
+        """Queue *task* (or a quick call's result, see call_async) while the pool is busy: no
+        lock, no syscall unless the I/O thread sleeps (it sends batches); a burst hands off to
+        it now and then (see _handoff)."""
         inbox = self._inbox
         inbox.append(task)
         self._wake()
@@ -338,25 +354,36 @@ class Scheduler(WorkerSupervision, Dispatch):
         return task
 
     def call_async(
-        self, func: Callable, args: tuple, sink: Any, retries: int, retry_on: tuple
-    ) -> Any:
+        self, func: Callable, args: tuple, result: Any, retries: int, retry_on: tuple
+    ) -> bool:
         """``apply_async``'s quick submission in a burst: tasks already queued, *func* cached,
-        the arguments plain scalars or strings, no keywords or time limit -- what
-        :meth:`submit_call` does then, minus its general checks.  Return the task, or None
-        having done nothing (then submit_call)."""
+        the arguments plain scalars or strings, no keywords or time limit.  Queue the call for
+        *result* and return True, or return False having done nothing (then submit_call).
+
+        *result* itself is what is queued: the I/O thread gathers such calls to one function
+        into runs (see _take_inbox and CallRun), so a call costs no Task.  Not with retries
+        (counted per task) or maxtasksperchild (a run would count as one task): a Task each."""
         entry = self._funcs.get(id(func))
         if entry is None or entry[0] is not func or not (self._inbox or self._pending):
-            return None
+            return False
         for a in args:
             if type(a) not in PLAIN:
-                return None
+                return False
         if self._state != RUNNING:
-            return None
-        tid = next(self._tids)
-        fid, blob, label = entry[1], entry[2], entry[3]
-        return self._enqueue(
-            Task(tid, fid, blob, P.CALL, args, sink, label, None, retries, retry_on)
-        )
+            return False
+        result._sched = self  # (before it is queued: it may complete at once)
+        if retries or self._maxtasks:
+            tid = next(self._tids)
+            task = Task(
+                tid, entry[1], entry[2], P.CALL, args, result, entry[3], None, retries, retry_on
+            )
+            result._task = task
+            self._enqueue(task)
+        else:
+            result._entry = entry
+            result._args = args
+            self._enqueue(result)
+        return True
 
     def call(self, func: Callable, args: tuple, sink: Any, retries: int, retry_on: tuple) -> Any:
         """``apply``'s quick submission: when the pool is idle, *func* cached and known to an
@@ -477,21 +504,76 @@ class Scheduler(WorkerSupervision, Dispatch):
             self._handofffd = self._handoff_box[0] = -1
 
     def _take_inbox(self) -> None:
-        """Move tasks submitted without the lock into the pending queue (or fail them)."""
+        """Move what callers queued without the lock into the pending queue (or fail it).
+
+        apply_async's quick calls come as their results (see call_async): those to one
+        function in a row are gathered into runs (see CallRun), each worth up to
+        ``CHUNK_TARGET`` seconds of work by the pool's estimate, and no more than an even share
+        of what is queued -- so that a short burst still spreads over the workers."""
         inbox = self._inbox
         if inbox and self._broken is None and self._state not in (TERMINATING, FINISHED):
             append, take = self._pending.append, inbox.popleft
-            for _ in range(len(inbox)):  # what a caller appends meanwhile waits for the next turn
-                append(take())
+            n = len(inbox)  # what a caller appends meanwhile waits for the next turn
+            size = 0
+            while n:
+                item = take()
+                n -= 1
+                if type(item) is Task:
+                    append(item)
+                    continue
+                if not size:
+                    size = self._run_size(n + 1)
+                entry = item._entry
+                members, argss = [item], [item._args]
+                item._args = None
+                while n and len(members) < size:
+                    item = inbox[0]
+                    if type(item) is Task or item._entry is not entry:
+                        break
+                    take()
+                    n -= 1
+                    members.append(item)
+                    argss.append(item._args)
+                    item._args = None
+                append(self._make_run(entry, members, argss))
             return
         while inbox:
             task = inbox.popleft()
+            if type(task) is not Task:  # a quick call's result (see call_async)
+                task = self._make_run(task._entry, [task], [task._args])
             if self._broken is not None:
                 self._fail(task, self._broken_error())
             elif self._state in (TERMINATING, FINISHED):
                 self._fail(task, PoolTerminated("the pool was terminated"))
             else:
                 self._pending.append(task)
+
+    def _run_size(self, queued: int) -> int:
+        """How many quick calls make a run (see _take_inbox); 1 while the cost is unknown."""
+        est = self._est
+        if est is None:
+            return 1
+        size = int(CHUNK_TARGET / est) if est > 0 else RUN_MAX
+        share = -(-queued // self.processes)
+        return max(1, min(RUN_MAX, size, share))
+
+    def _make_run(self, entry: tuple, members: list, argss: list) -> Task:
+        """The Task for quick calls to one function (see _take_inbox): a run, or a plain call
+        alone (as submit_call would have queued it)."""
+        if len(members) == 1:
+            result = members[0]
+            tid = next(self._tids)
+            task = Task(tid, entry[1], entry[2], P.CALL, argss[0], result, entry[3], None, 0, ())
+            result._task = task
+            return task
+        rid = next(self._run_ids)
+        task = Task(
+            rid, entry[1], entry[2], P.CALLS, argss, CallRun(members), entry[3], None, 0, ()
+        )
+        task.n_items = len(members)
+        for result in members:
+            result._task = task  # (its cancel() and wait() find it)
+        return task
 
     def submit_map(
         self,
@@ -810,20 +892,54 @@ class Scheduler(WorkerSupervision, Dispatch):
                     w.driven = None
                     self._set_mask(w)
 
-    def cancel(self, task: Task, force: bool) -> bool:
-        """Cancel a pending task; with *force*, stop a running one by replacing its worker."""
+    def cancel(self, task: Task | None, force: bool, result: Any = None) -> bool:
+        """Cancel a pending task; with *force*, stop a running one by replacing its worker.
+        *result*: the AsyncResult, for one of apply_async's quick calls (no Task of its own
+        while queued, then maybe a member of a run: see call_async)."""
         with self._lock:
-            if task.state == _PENDING:
+            if task is None or task.kind == P.CALLS:
+                self._take_inbox()  # (a call still queued is now in a run, or alone)
+                self._wake()
+                task = result._task
+            if task is None or (result is not None and result._done):
+                outcome = False
+            elif task.kind == P.CALLS:
+                outcome = self._cancel_member(task, result, force)
+            elif task.state == _PENDING:
                 self._cancel_pending_task(task)
-                result = True
+                outcome = True
             elif task.state == _SENT and force and task.worker is not None:
                 task.cancel_requested = True
                 self._kill(task.worker)
-                result = True
+                outcome = True
             else:
-                result = False
+                outcome = False
         self._deliver()
-        return result
+        return outcome
+
+    def _cancel_member(self, run: Task, result: Any, force: bool) -> bool:
+        """cancel() for a member of a run (see CallRun): one still queued leaves the run;
+        with *force*, one sent and not answered yet is cancelled with its worker."""
+        sink = run.sink
+        i = next((j for j, member in enumerate(sink.members) if member is result), -1)
+        if i < 0:
+            return False
+        if run.state == _PENDING:
+            assert isinstance(run.payload, list)
+            del sink.members[i]
+            del run.payload[i]
+            run.n_items -= 1
+            if not sink.members:
+                run.state = _DONE  # (the dispatcher drops it)
+            self._fail(Task.unsent(result, run.label), CancelledError())
+            return True
+        if run.state == _SENT and force and i >= sink.got and run.worker is not None:
+            if sink.cancelled is None:
+                sink.cancelled = set()
+            sink.cancelled.add(i)
+            self._kill(run.worker)
+            return True
+        return False
 
     def cancel_pending(self) -> None:
         """Cancel every task not yet sent, map jobs' unsent items too
@@ -1178,6 +1294,9 @@ class Scheduler(WorkerSupervision, Dispatch):
                 if item[0] == "values":
                     self._deliver_values(item[1], batch, i)
                     continue
+                if item[0] == "members":
+                    self._deliver_members(item[1], item[2], batch, i)
+                    continue
                 try:
                     if item[0] == "error":
                         task, error = item[1], item[2]
@@ -1244,6 +1363,22 @@ class Scheduler(WorkerSupervision, Dispatch):
                 rest = batch[i + 1 :]
                 if j + 2 < len(values):
                     rest.insert(0, ("values", values[j + 2 :]))
+                with self._lock:
+                    self._deliveries[:0] = rest
+                    self._wake()
+                raise
+            except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
+                traceback.print_exc()
+
+    def _deliver_members(self, results: list, values: list, batch: list[tuple], i: int) -> None:
+        """Deliver the plain values of run members (see CallRun), ``batch[i]``."""
+        for j in range(len(results)):
+            try:
+                results[j]._on_result(None, values[j])
+            except KeyboardInterrupt:  # as in _deliver_results
+                rest = batch[i + 1 :]
+                if j + 1 < len(results):
+                    rest.insert(0, ("members", results[j + 1 :], values[j + 1 :]))
                 with self._lock:
                     self._deliveries[:0] = rest
                     self._wake()

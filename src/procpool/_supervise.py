@@ -23,7 +23,7 @@ from ._buffers import BufferCache
 from ._channel import RECV_SIZE, Channel
 from ._errinfo import rebuild_error
 from ._start import INTERNAL_FDS, Launcher, Proc, describe_exit, send_signal
-from ._tasks import _DONE, _PENDING, Task
+from ._tasks import _DONE, _PENDING, RUN_IDS, RUN_MASK, Task
 from .errors import (
     InitializerError,
     PoolTerminated,
@@ -199,7 +199,13 @@ class WorkerSupervision:
         if not started:  # no item had started (a chunk still being read): none to blame
             item = -1
         w.progress.release()
-        held = list(w.inflight.values())  # in the order the worker runs them
+        held = []  # in the order the worker runs them
+        for task in w.inflight.values():
+            if task.kind == P.CALLS:  # a run: its members not answered yet, a Task each
+                sink = task.sink
+                held += [sink.member(task, i) for i in range(sink.got, len(sink.members))]
+            else:
+                held.append(task)
         w.inflight.clear()
         ids = [t.id for t in held]
         cut = ids.index(running) if running in ids else (ids.index(done) + 1 if done in ids else 0)
@@ -355,15 +361,21 @@ class WorkerSupervision:
                     self._deliveries.append(("results", tasks, recs, rfds))
                     tasks, recs, rfds = [], [], []
                 ids, got = pickle.loads(rec[5])
-                for tid, value in zip(ids, got, strict=True):
-                    task = inflight.pop(tid, None)
-                    if task is not None:  # (None: cancelled or failed meanwhile)
-                        cost -= task.cost
-                        task.state = _DONE
-                        task.worker = None
-                        if task.timeout:
-                            w.exclusive = False
-                        values += (task, value)
+                if type(ids) is int:  # the first of ids that follow one another
+                    ids = range(ids, ids + len(got))
+                if ids[-1] >= RUN_IDS or max(ids) >= RUN_IDS:  # members of runs (see CallRun)
+                    cost = self._on_values(w, ids, got, values, cost)
+                    values = []  # (_on_values queued them)
+                else:
+                    for tid, value in zip(ids, got, strict=True):
+                        task = inflight.pop(tid, None)
+                        if task is not None:  # (None: cancelled or failed meanwhile)
+                            cost -= task.cost
+                            task.state = _DONE
+                            task.worker = None
+                            if task.timeout:
+                                w.exclusive = False
+                            values += (task, value)
                 spent = 0.7 * spent + rec[2]
                 items = 0.7 * items + len(ids)
                 continue
@@ -374,6 +386,9 @@ class WorkerSupervision:
                 n = rec[3] + rec[4]  # nbuf + nfd
                 mine, fds = fds[:n], fds[n:]
             task = inflight.pop(rec[0], None)
+            if task is None and rec[0] >= RUN_IDS:  # a run's member: a Task of its own now
+                task, freed = self._run_member(inflight, rec[0])
+                cost -= freed
             if task is None:  # cancelled or failed meanwhile
                 if mine:
                     _serialize.Payload(b"", 0, list(mine)).close()
@@ -401,6 +416,69 @@ class WorkerSupervision:
         self._maybe_exit(w)
         if not inflight:
             self._set_mask(w)
+
+    def _on_values(self, w: _Worker, ids: list, got: list, values: list, cost: float) -> float:
+        """A VALUES record's plain values, *ids* among them members of runs (see CallRun):
+        queue their deliveries (*values*, the ``[task, value, ...]`` gathered before, first)
+        and return *cost* less what the runs answered in full held.  A run's members answer
+        in order, so its ids here are consecutive: a slice of its members at a time."""
+        inflight = w.inflight
+        i, n = 0, len(ids)
+        while i < n:
+            tid = ids[i]
+            task = inflight.pop(tid, None)
+            if task is not None or tid < RUN_IDS:  # a task of its own
+                i += 1
+                if task is not None:
+                    cost -= task.cost
+                    task.state = _DONE
+                    task.worker = None
+                    if task.timeout:
+                        w.exclusive = False
+                    values += (task, got[i - 1])
+                continue
+            base = tid & ~RUN_MASK
+            run = inflight.get(base)
+            k = tid - base - 1  # its index in the run
+            if run is None:  # failed meanwhile
+                i += 1
+                continue
+            sink = run.sink
+            m = min(len(sink.members) - k, n - i)
+            if ids[i + m - 1] != tid + m - 1:  # (never: the worker answers in order)
+                m = 1
+            if values:  # deliveries keep the records' order
+                self._deliveries.append(("values", values))
+                values = []
+            self._deliveries.append(("members", sink.members[k : k + m], got[i : i + m]))
+            sink.got = k + m
+            if sink.got == len(sink.members):  # all in
+                del inflight[base]
+                cost -= run.cost
+                run.state = _DONE
+                run.worker = None
+            i += m
+        if values:
+            self._deliveries.append(("values", values))
+        return cost
+
+    def _run_member(self, inflight: dict, tid: int) -> tuple[Task | None, float]:
+        """The run member *tid* (see CallRun) as a Task of its own, its reply read (its
+        result is not a plain value), and the cost freed should that finish its run."""
+        base = tid & ~RUN_MASK
+        run = inflight.get(base)
+        if run is None:  # failed meanwhile
+            return None, 0.0
+        sink = run.sink
+        k = tid - base - 1
+        task = sink.member(run, k)
+        sink.got = k + 1
+        if sink.got < len(sink.members):
+            return task, 0.0
+        del inflight[base]
+        run.state = _DONE
+        run.worker = None
+        return task, run.cost
 
     def _maybe_exit(self, w: _Worker) -> None:
         if w.retiring and not w.inflight and not w.exit_sent:

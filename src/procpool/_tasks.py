@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 
+from . import _protocol as P
 from . import _serialize
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
@@ -21,9 +22,16 @@ CHUNK_TARGET = 2e-3  # seconds of work per map chunk
 # seconds of work below which the last chunks of a map are not cut any smaller: each chunk
 # costs ≈ 20-30 µs of CPU (parent and worker) whatever its size, more than it balances then
 CHUNK_MIN = 1e-4
-BARE = (bytes, tuple)  # payload types with nothing to release (see Task.payload)
+BARE = (bytes, tuple, list)  # payload types with nothing to release (see Task.payload)
 
 _PENDING, _SENT, _DONE = 0, 1, 2
+
+# A run's task id is RUN_IDS + k * RUN_STRIDE and its member i's that plus 1 + i (see CallRun):
+# no plain task id (counted from 1) gets this high, and no member's is its run's
+RUN_IDS = 1 << 62
+RUN_STRIDE = 128  # (a power of two: a member's run is its id with the low bits cleared)
+RUN_MASK = RUN_STRIDE - 1
+RUN_MAX = 64  # members a run holds at most
 
 
 class Task:
@@ -59,9 +67,10 @@ class Task:
         self.kind = kind
         # the arguments: for a call whose arguments are all plain scalars and strings
         # (immutable, always picklable) and no keywords, the args tuple itself (whoever sends
-        # the batch pickles those together); else pickled: a Payload, or only its bytes on
-        # apply's quick path (Scheduler.call)
-        self.payload: _serialize.Payload | bytes | tuple = payload
+        # the batch pickles those together); for a run (kind CALLS, see CallRun), a list of
+        # such tuples; else pickled: a Payload, or only its bytes on apply's quick path
+        # (Scheduler.call)
+        self.payload: _serialize.Payload | bytes | tuple | list = payload
         self.sink = sink
         self.label = label
         self.timeout = timeout
@@ -91,16 +100,67 @@ class Task:
 
     def release(self) -> None:
         payload = self.payload
-        if isinstance(payload, _serialize.Payload):  # (bytes, tuple: nothing to release)
+        if isinstance(payload, _serialize.Payload):  # (bytes, tuple, list: nothing to release)
             payload.close()
 
     def describe(self) -> str:
         """'task 7 (f)' or 'items 100-199 of map(f)', for error messages."""
+        if self.id >= RUN_IDS:  # a member of a run (see CallRun): its id means nothing to anyone
+            return f"a call of {self.label} (apply_async)"
         if self.job is not None:
             last = self.index + self.n_items - 1
             items = f"item {self.index}" if last == self.index else f"items {self.index}-{last}"
             return f"{items} of {self.label}"
         return f"task {self.id} ({self.label})"
+
+
+class CallRun:
+    """The sink of a *run*: plain calls to one function that ``apply_async`` queued in a burst
+    (see ``Scheduler.call_async``), travelling as one Task whose payload is their argument
+    tuples -- one CALLS record on the wire -- so that a call costs no Task of its own.
+
+    Member *i* (``members[i]``, its AsyncResult) has the id ``task.id + 1 + i``.  The worker
+    runs the members in order, each a task of its own (its progress slot, its own result
+    record), so their replies come in member order: ``got`` counts those read.  A member that
+    needs more than a plain value -- an error, its worker's death, a cancel that kills it --
+    first becomes a Task of its own (:meth:`member`), and the usual paths take it from there.
+    """
+
+    __slots__ = ("members", "got", "cancelled")
+
+    def __init__(self, members: list) -> None:
+        self.members = members
+        self.got = 0  # members whose reply was read: members[:got] are settled or being so
+        self.cancelled: set[int] | None = None  # cancelled while running: their worker is killed
+
+    def member(self, run: Task, i: int) -> Task:
+        """Member *i* of *run* as a Task of its own, in the state *run* is in."""
+        result = self.members[i]
+        argss = run.payload
+        assert isinstance(argss, list)
+        task = Task(
+            run.id + 1 + i,
+            run.fid,
+            run.func_blob,
+            P.CALL,
+            argss[i],
+            result,
+            run.label,
+            None,
+            run.retries,
+            run.retry_on,
+        )
+        task.state, task.worker, task.attempts = run.state, run.worker, run.attempts
+        task.bounces = run.bounces
+        task.cancel_requested = self.cancelled is not None and i in self.cancelled
+        result._task = task  # (its cancel() now finds it)
+        return task
+
+    def _on_error(self, task: Task, exc: BaseException) -> None:
+        """The whole run failed: the pool was terminated or broke, or shutdown cancelled it."""
+        for result in self.members[self.got :]:
+            if not result._done:
+                result._on_error(None, exc)
 
 
 class MapJob:

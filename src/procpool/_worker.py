@@ -185,8 +185,11 @@ class Worker:
             data = pickle.dumps(values[0], 5)
             P.pack_result(self.out, ids[0], P.OK, self.scalar_time, 0, 0, data)
         else:
-            data = pickle.dumps((ids, values), 5)
-            P.pack_result(self.out, ids[0], P.VALUES, self.scalar_time, 0, 0, data)
+            first = ids[0]  # ids that follow one another (a run's, see _tasks.CallRun): the first
+            data = pickle.dumps(
+                (first if ids == list(range(first, first + len(ids))) else ids, values), 5
+            )
+            P.pack_result(self.out, first, P.VALUES, self.scalar_time, 0, 0, data)
         self.scalar_ids, self.scalars, self.scalar_time = [], [], 0.0
 
     # ---------------------------------------------------------------- tasks
@@ -310,6 +313,8 @@ class Worker:
         # the first one runs from here (the record's id): loading may crash this process
         pack_progress(progress, 0, rec[0], self.last_done, 0, 0.0)
         ids, argss = pickle.loads(rec[6])  # (plain values the parent pickled: no user code)
+        if type(ids) is int:  # the first of ids that follow one another
+            ids = range(ids, ids + len(argss))
         try:
             func = self.func(rec[1])
         except BaseException as exc:  # noqa: BLE001 - as in run_record

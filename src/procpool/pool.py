@@ -199,20 +199,19 @@ class Pool(PoolAPI):
         result: AsyncResult[T] = AsyncResult(callback, error_callback)
         result._pool = self  # before it can complete (which drops it): see AsyncResult._pool
         sched = self._sched
-        task = None
         if timeout is None and retries is None and not kwds and self._timeout is None:
             if type(args) is tuple:
-                task = sched.call_async(func, args, result, self._retries, self._retry_on)
-        if task is None:
-            task = sched.submit_call(
-                func,
-                args if type(args) is tuple else tuple(args),
-                dict(kwds) if kwds else {},
-                result,
-                timeout=self._timeout if timeout is None else self._task_timeout(timeout),
-                retries=self._retries if retries is None else retries,
-                retry_on=self._retry_on,
-            )
+                if sched.call_async(func, args, result, self._retries, self._retry_on):
+                    return result  # queued: the scheduler links it to its task
+        task = sched.submit_call(
+            func,
+            args if type(args) is tuple else tuple(args),
+            dict(kwds) if kwds else {},
+            result,
+            timeout=self._timeout if timeout is None else self._task_timeout(timeout),
+            retries=self._retries if retries is None else retries,
+            retry_on=self._retry_on,
+        )
         if not result._done:
             result._sched, result._task = sched, task
             if result._done:  # it completed in between (sent inline, read by the I/O thread)

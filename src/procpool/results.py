@@ -116,6 +116,8 @@ class AsyncResult(Generic[T]):
         "_sched",
         "_task",
         "_pool",
+        "_entry",
+        "_args",
         "__weakref__",
     )
 
@@ -137,6 +139,9 @@ class AsyncResult(Generic[T]):
         # the pool, while not done: a pool only its results refer to (``Pool(2).map_async``)
         # must live until they are in, as in multiprocessing (its finalizer terminates it)
         self._pool: Any = None
+        # _entry and _args, set only for one of apply_async's quick calls, queued with no Task
+        # of its own (see Scheduler.call_async): its function's cache entry and its arguments
+        # (the latter until the I/O thread takes it).  Not set here: a write fewer per result.
 
     # -- the caller's side ---------------------------------------------------
     def ready(self) -> bool:
@@ -183,11 +188,10 @@ class AsyncResult(Generic[T]):
         """Cancel the task if it has not started; with ``force=True`` also stop it if running
         (its worker is killed and replaced).  Return True if the task was cancelled; its
         ``get()`` then raises ``concurrent.futures.CancelledError``."""
-        task = self._task
         sched = self._sched
-        if self._done or task is None or sched is None:
+        if self._done or sched is None:
             return False
-        return sched.cancel(task, force)
+        return sched.cancel(self._task, force, self)  # (no task yet: a quick call, queued)
 
     # -- the scheduler's side ------------------------------------------------
     def _set(self, ok: bool, value: Any) -> None:

@@ -1,0 +1,155 @@
+"""Bursts of ``apply_async``: the calls travel as runs (``_tasks.CallRun``), each still a task of
+its own for the caller -- its value, its error, its cancel(), its fate when a worker dies."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from concurrent.futures import CancelledError
+
+import pytest
+from conftest import wait_until
+from faults.helpers import exit_on_tens, tiny
+from tasks import identity, record, recorded, sleep_then
+
+import procpool
+from procpool import _protocol as P
+
+N = 20  # calls in a burst
+
+
+@contextlib.contextmanager
+def io_thread_held(pool):
+    """The pool's I/O thread held in a callback: calls submitted meanwhile wait in its inbox,
+    with no task of their own yet, and go as one run once it is let go."""
+    inside, gate = threading.Event(), threading.Event()
+
+    def hold(_):
+        inside.set()
+        gate.wait(30)
+
+    pool.apply_async(identity, (0,), callback=hold)
+    assert inside.wait(10)
+    try:
+        yield
+    finally:
+        gate.set()
+
+
+def in_a_thread(call):
+    """Run *call* in a thread of its own (it may wait for the held I/O thread); its outcome."""
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(call()))
+    thread.start()
+    return thread, out
+
+
+@pytest.fixture
+def pool1():
+    with procpool.Pool(1) as p:
+        p.map(identity, range(500))  # the pool learns its calls are tiny: bursts make runs
+        yield p
+
+
+def test_a_burst_goes_as_runs_and_each_call_gets_its_own_value(pool1):
+    with io_thread_held(pool1):
+        rs = [pool1.apply_async(identity, (i,)) for i in range(N)]
+        assert all(r._task is None for r in rs[2:])  # queued as they are (see call_async)
+    assert wait_until(lambda: all(r.ready() for r in rs), 10)
+    assert [r.get() for r in rs] == list(range(N))
+
+
+def test_cancel_of_a_queued_call_or_one_in_a_pending_run_keeps_it_from_running(pool1, tmp_path):
+    path = str(tmp_path / "ran")
+    with io_thread_held(pool1):
+        rs = [pool1.apply_async(record, (path, i)) for i in range(N)]
+        # rs[0] went to the idle worker at once, rs[1] is a Task; the rest wait with none
+        assert rs[5]._task is None
+        t1, out1 = in_a_thread(rs[5].cancel)  # waits for the held thread to deliver
+        run = wait_until(lambda: rs[7]._task)  # ... having gathered the rest into a run
+        assert run.kind == P.CALLS and rs[5] not in run.sink.members
+        t2, out2 = in_a_thread(rs[7].cancel)
+        assert wait_until(lambda: rs[7] not in run.sink.members, 10)
+    t1.join(10)
+    t2.join(10)
+    assert out1 == out2 == [True]
+    for r in (rs[5], rs[7]):
+        with pytest.raises(CancelledError):
+            r.get(10)
+    want = [i for i in range(N) if i not in (5, 7)]
+    assert [rs[i].get(10) for i in want] == want
+    assert sorted(recorded(path)) == want
+
+
+def test_force_cancel_of_a_running_call_in_a_run_spares_the_others(pool1, tmp_path):
+    path = str(tmp_path / "ran")
+    with io_thread_held(pool1):
+        rs = [pool1.apply_async(record, (path, i, 30.0 if i == 6 else 0.001)) for i in range(N)]
+    assert wait_until(lambda: 6 in recorded(path), 10)
+    run = rs[6]._task
+    assert run.kind == P.CALLS and run.state == 1  # (_SENT)
+    assert not rs[6].cancel()  # running: only force stops it
+    assert rs[6].cancel(force=True)
+    with pytest.raises(CancelledError):
+        rs[6].get(10)
+    # those before it finished and said so (each took over a flush interval); those after it
+    # never started: sent again, to the replacement worker
+    assert [rs[i].get(20) for i in range(N) if i != 6] == [i for i in range(N) if i != 6]
+    assert sorted(recorded(path)) == list(range(N))
+
+
+def test_a_worker_dying_in_a_run_fails_the_call_that_killed_it_and_sends_the_rest_again():
+    with procpool.Pool(2) as pool:
+        pool.map(tiny, range(2000))  # tiny calls: bursts make runs
+        rs = [(i, pool.apply_async(exit_on_tens, (i,))) for i in range(1, 400)]
+        ok, lost, killed = 0, 0, []
+        for i, r in rs:
+            try:
+                assert r.get(60) == i
+                ok += 1
+            except procpool.WorkerLostError as exc:
+                message = str(exc)
+                assert "before it could start" not in message
+                if i % 10 == 0:
+                    assert "while running" in message and exc.exitcode == 3, message
+                    killed.append(message)
+                else:  # finished, but its result was still buffered in the dying worker
+                    assert exc.result_lost and "after running" in message, message
+                    lost += 1
+        assert len(killed) == 39 and ok + lost == 360
+        assert ok  # (those between a death and the next flush of results are lost with it)
+        assert any("a call of exit_on_tens (apply_async)" in m for m in killed), killed[:3]
+        assert pool.apply(tiny, (5,)) == 5
+
+
+def test_terminate_in_a_burst_settles_every_call():
+    pool = procpool.Pool(2)
+    try:
+        pool.map(identity, range(500))
+        rs = [pool.apply_async(sleep_then, (0.001, i)) for i in range(3000)]
+        pool.terminate()
+        for i, r in enumerate(rs):
+            try:
+                assert r.get(30) == i
+            except procpool.PoolTerminated:
+                pass
+    finally:
+        pool.terminate()
+        pool.join(10)
+
+
+def test_shutdown_cancelling_a_burst_cancels_exactly_what_did_not_run(tmp_path):
+    path = str(tmp_path / "ran")
+    with procpool.Pool(1) as pool:
+        pool.map(identity, range(500))
+        rs = [pool.apply_async(record, (path, i, 0.002)) for i in range(300)]
+        pool.shutdown(wait=True, cancel_futures=True)
+    ran, cancelled = [], []
+    for i, r in enumerate(rs):
+        try:
+            ran.append(r.get(10))
+        except CancelledError:
+            cancelled.append(i)
+    assert cancelled  # 300 calls of 2 ms each: most had not started
+    assert sorted(recorded(path)) == ran
+    assert sorted(ran + cancelled) == list(range(300))
