@@ -98,14 +98,18 @@ def test_force_cancel_of_a_running_call_in_a_run_spares_the_others(pool1, tmp_pa
     assert sorted(recorded(path)) == list(range(N))
 
 
-def test_a_worker_dying_in_a_run_fails_the_call_that_killed_it_and_sends_the_rest_again():
+@pytest.mark.parametrize("api", ["apply_async", "submit"])
+def test_a_worker_dying_in_a_run_fails_the_call_that_killed_it_and_sends_the_rest_again(api):
     with procpool.Pool(2) as pool:
         pool.map(tiny, range(2000))  # tiny calls: bursts make runs
-        rs = [(i, pool.apply_async(exit_on_tens, (i,))) for i in range(1, 400)]
+        if api == "submit":
+            rs = [(i, pool.submit(exit_on_tens, i)) for i in range(1, 400)]
+        else:
+            rs = [(i, pool.apply_async(exit_on_tens, (i,))) for i in range(1, 400)]
         ok, lost, killed = 0, 0, []
         for i, r in rs:
             try:
-                assert r.get(60) == i
+                assert (r.result(60) if api == "submit" else r.get(60)) == i
                 ok += 1
             except procpool.WorkerLostError as exc:
                 message = str(exc)
@@ -118,7 +122,7 @@ def test_a_worker_dying_in_a_run_fails_the_call_that_killed_it_and_sends_the_res
                     lost += 1
         assert len(killed) == 39 and ok + lost == 360
         assert ok  # (those between a death and the next flush of results are lost with it)
-        assert any("a call of exit_on_tens (apply_async)" in m for m in killed), killed[:3]
+        assert any("a call of exit_on_tens" in m for m in killed), killed[:3]
         assert pool.apply(tiny, (5,)) == 5
 
 
@@ -153,3 +157,23 @@ def test_shutdown_cancelling_a_burst_cancels_exactly_what_did_not_run(tmp_path):
     assert cancelled  # 300 calls of 2 ms each: most had not started
     assert sorted(recorded(path)) == ran
     assert sorted(ran + cancelled) == list(range(300))
+
+
+def test_a_burst_of_submits_goes_as_runs_and_a_cancelled_future_never_runs(pool1, tmp_path):
+    path = str(tmp_path / "ran")
+    with io_thread_held(pool1):
+        fs = [pool1.submit(record, path, i) for i in range(N)]
+        assert all(f._task is None for f in fs[2:])  # queued as they are (see call_async)
+        assert fs[5].cancel() and fs[9].cancel()  # queued: a Future's cancel() needs no one
+    assert wait_until(lambda: all(f.done() for f in fs), 10)
+    assert fs[5].cancelled() and fs[9].cancelled()
+    want = [i for i in range(N) if i not in (5, 9)]
+    assert [fs[i].result(10) for i in want] == want
+    assert sorted(recorded(path)) == want
+
+
+def test_apply_async_and_submit_calls_mixed_in_one_burst_each_get_their_own(pool1):
+    with io_thread_held(pool1):
+        hs = [pool1.submit(identity, i) if i % 3 else pool1.apply_async(identity, (i,))
+              for i in range(N)]  # fmt: skip
+    assert [h.result(10) if i % 3 else h.get(10) for i, h in enumerate(hs)] == list(range(N))

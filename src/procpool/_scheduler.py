@@ -335,9 +335,16 @@ class Scheduler(WorkerSupervision, Dispatch):
         it now and then (see _handoff)."""
         inbox = self._inbox
         inbox.append(task)
-        self._wake()
-        queued = len(inbox)
-        if not queued % HANDOFF_CHECK:  # (HANDOFF_EVERY is a multiple of it)
+        if not self._woken:
+            self._wake()
+        if not len(inbox) % HANDOFF_CHECK or self._state != RUNNING:
+            self._queued(len(inbox))
+        return task
+
+    def _queued(self, queued: int) -> None:
+        """_enqueue's rarer part, every HANDOFF_CHECK tasks queued (HANDOFF_EVERY is a multiple
+        of it), or when the pool stopped running meanwhile."""
+        if not queued % HANDOFF_CHECK:
             if not queued % HANDOFF_EVERY:
                 self._handoff(HANDOFF_WAIT)
             elif (
@@ -351,7 +358,6 @@ class Scheduler(WorkerSupervision, Dispatch):
             with self._lock:
                 self._take_inbox()
             self._deliver()
-        return task
 
     def call_async(
         self, func: Callable, args: tuple, result: Any, retries: int, retry_on: tuple
@@ -382,7 +388,12 @@ class Scheduler(WorkerSupervision, Dispatch):
         else:
             result._entry = entry
             result._args = args
-            self._enqueue(result)
+            inbox = self._inbox  # _enqueue(result), inlined: this runs once per call
+            inbox.append(result)
+            if not self._woken:
+                self._wake()
+            if not len(inbox) % HANDOFF_CHECK or self._state != RUNNING:
+                self._queued(len(inbox))
         return True
 
     def call(self, func: Callable, args: tuple, sink: Any, retries: int, retry_on: tuple) -> Any:
@@ -523,12 +534,12 @@ class Scheduler(WorkerSupervision, Dispatch):
                     continue
                 if not size:
                     size = self._run_size(n + 1)
-                entry = item._entry
+                entry, kind = item._entry, type(item)  # (AsyncResults, or Futures: submit)
                 members, argss = [item], [item._args]
                 item._args = None
                 while n and len(members) < size:
                     item = inbox[0]
-                    if type(item) is Task or item._entry is not entry:
+                    if type(item) is not kind or item._entry is not entry:
                         break
                     take()
                     n -= 1
@@ -567,9 +578,8 @@ class Scheduler(WorkerSupervision, Dispatch):
             result._task = task
             return task
         rid = next(self._run_ids)
-        task = Task(
-            rid, entry[1], entry[2], P.CALLS, argss, CallRun(members), entry[3], None, 0, ()
-        )
+        sink = CallRun(members, argss)
+        task = Task(rid, entry[1], entry[2], P.CALLS, argss, sink, entry[3], None, 0, ())
         task.n_items = len(members)
         for result in members:
             result._task = task  # (its cancel() and wait() find it)
@@ -925,9 +935,8 @@ class Scheduler(WorkerSupervision, Dispatch):
         if i < 0:
             return False
         if run.state == _PENDING:
-            assert isinstance(run.payload, list)
             del sink.members[i]
-            del run.payload[i]
+            del sink.args[i]  # (the run's payload)
             run.n_items -= 1
             if not sink.members:
                 run.state = _DONE  # (the dispatcher drops it)

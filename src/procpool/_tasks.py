@@ -106,7 +106,7 @@ class Task:
     def describe(self) -> str:
         """'task 7 (f)' or 'items 100-199 of map(f)', for error messages."""
         if self.id >= RUN_IDS:  # a member of a run (see CallRun): its id means nothing to anyone
-            return f"a call of {self.label} (apply_async)"
+            return f"a call of {self.label}"
         if self.job is not None:
             last = self.index + self.n_items - 1
             items = f"item {self.index}" if last == self.index else f"items {self.index}-{last}"
@@ -126,24 +126,38 @@ class CallRun:
     first becomes a Task of its own (:meth:`member`), and the usual paths take it from there.
     """
 
-    __slots__ = ("members", "got", "cancelled")
+    __slots__ = ("members", "args", "got", "cancelled", "needs_start")
 
-    def __init__(self, members: list) -> None:
+    def __init__(self, members: list, args: list) -> None:
         self.members = members
+        self.args = args  # their argument tuples: the run's payload
         self.got = 0  # members whose reply was read: members[:got] are settled or being so
         self.cancelled: set[int] | None = None  # cancelled while running: their worker is killed
+        # the members are Futures (Pool.submit): marked running as the run is sent (_start)
+        self.needs_start = getattr(members[0], "needs_start", False)
+
+    def _start(self) -> bool:
+        """The run is being sent: mark its Futures running, and drop those cancelled
+        meanwhile (a Future's cancel() only changes its state).  False if none is left."""
+        members, args = self.members, self.args
+        i = 0
+        while i < len(members):
+            if members[i]._start():
+                i += 1
+            else:
+                del members[i]
+                del args[i]
+        return bool(members)
 
     def member(self, run: Task, i: int) -> Task:
         """Member *i* of *run* as a Task of its own, in the state *run* is in."""
         result = self.members[i]
-        argss = run.payload
-        assert isinstance(argss, list)
         task = Task(
             run.id + 1 + i,
             run.fid,
             run.func_blob,
             P.CALL,
-            argss[i],
+            self.args[i],
             result,
             run.label,
             None,

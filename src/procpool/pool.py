@@ -257,6 +257,9 @@ class Pool(PoolAPI):
         future: Future[T] = Future()
         future._pool = self  # until its result is in
         sched = self._sched
+        if timeout is None and not kwargs and type(args) is tuple:
+            if sched.call_async(fn, args, future, retries, self._retry_on):
+                return future  # queued: the scheduler links it to its task
         try:
             task = sched.submit_call(
                 fn,
