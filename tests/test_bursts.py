@@ -4,7 +4,9 @@ its own for the caller -- its value, its error, its cancel(), its fate when a wo
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
+import weakref
 from concurrent.futures import CancelledError
 
 import pytest
@@ -59,24 +61,37 @@ def test_a_burst_goes_as_runs_and_each_call_gets_its_own_value(pool1):
     assert [r.get() for r in rs] == list(range(N))
 
 
-def test_cancel_of_a_queued_call_or_one_in_a_pending_run_keeps_it_from_running(pool1, tmp_path):
+def test_cancel_of_a_queued_call_keeps_it_from_running(pool1, tmp_path):
     path = str(tmp_path / "ran")
     with io_thread_held(pool1):
         rs = [pool1.apply_async(record, (path, i)) for i in range(N)]
         # rs[0] went to the idle worker at once, rs[1] is a Task; the rest wait with none
         assert rs[5]._task is None
-        t1, out1 = in_a_thread(rs[5].cancel)  # waits for the held thread to deliver
-        run = wait_until(lambda: rs[7]._task)  # ... having gathered the rest into a run
-        assert run.kind == P.CALLS and rs[5] not in run.sink.members
-        t2, out2 = in_a_thread(rs[7].cancel)
-        assert wait_until(lambda: rs[7] not in run.sink.members, 10)
-    t1.join(10)
-    t2.join(10)
-    assert out1 == out2 == [True]
-    for r in (rs[5], rs[7]):
+        thread, out = in_a_thread(rs[5].cancel)  # (its delivery waits for the held thread)
+        assert wait_until(lambda: rs[5]._entry is None, 10)  # marked: the I/O thread skips it
+    thread.join(10)
+    assert out == [True]
+    assert not rs[5].cancel()  # (once)
+    with pytest.raises(CancelledError):
+        rs[5].get(10)
+    want = [i for i in range(N) if i != 5]
+    assert [rs[i].get(10) for i in want] == want
+    assert sorted(recorded(path)) == want
+
+
+def test_cancel_of_a_call_in_a_pending_run_takes_it_out_of_the_run(pool1, tmp_path):
+    path = str(tmp_path / "ran")
+    blocker = pool1.apply_async(sleep_then, (0.5, "done"), timeout=10)  # a timed task runs alone
+    rs = [pool1.apply_async(record, (path, i)) for i in range(N)]
+    run = wait_until(lambda: rs[7]._task, 10)
+    assert run.kind == P.CALLS and run.state == 0  # a run, waiting (_PENDING)
+    assert rs[7].cancel() and rs[9].cancel()
+    assert rs[7] not in run.sink.members and rs[9] not in run.sink.members
+    for r in (rs[7], rs[9]):
         with pytest.raises(CancelledError):
             r.get(10)
-    want = [i for i in range(N) if i not in (5, 7)]
+    assert blocker.get(10) == "done"
+    want = [i for i in range(N) if i not in (7, 9)]
     assert [rs[i].get(10) for i in want] == want
     assert sorted(recorded(path)) == want
 
@@ -177,3 +192,54 @@ def test_apply_async_and_submit_calls_mixed_in_one_burst_each_get_their_own(pool
         hs = [pool1.submit(identity, i) if i % 3 else pool1.apply_async(identity, (i,))
               for i in range(N)]  # fmt: skip
     assert [h.result(10) if i % 3 else h.get(10) for i, h in enumerate(hs)] == list(range(N))
+
+
+def test_a_run_failed_whole_fails_each_call_apart_even_if_an_error_callback_raises(capsys):
+    def bad_callback(exc):
+        raise RuntimeError("a bug in the error callback")
+
+    pool = procpool.Pool(1)
+    try:
+        pool.map(identity, range(500))
+        with io_thread_held(pool):
+            rs = [pool.apply_async(identity, (i,), error_callback=bad_callback) for i in range(N)]
+            # the calls are still queued: shutdown gathers them into a run and cancels it (its
+            # deliveries wait for the held thread)
+            thread, _ = in_a_thread(lambda: pool.shutdown(wait=False, cancel_futures=True))
+            assert wait_until(lambda: rs[-1]._task is not None, 10)
+        thread.join(10)
+        errors = []
+        for r in rs[2:]:  # (rs[0] went at once, rs[1] as a task: they may have run)
+            with pytest.raises(CancelledError) as info:
+                r.get(10)
+            errors.append(info.value)
+        assert len({id(e) for e in errors}) == len(errors)  # each its own exception
+    finally:
+        pool.terminate()
+        pool.join(10)
+    assert "a bug in the error callback" in capsys.readouterr().err
+
+
+class _Big:
+    pass
+
+
+def _closure_over_a_big_object():
+    big = _Big()
+
+    def closure(i):  # pickled by value, with what it captures
+        return i + (big is not None)
+
+    return closure, weakref.ref(big)
+
+
+def test_finished_calls_keep_neither_their_function_nor_its_arguments():
+    closure, ref = _closure_over_a_big_object()
+    with procpool.Pool(1) as pool:
+        pool.map(identity, range(500))
+        rs = [pool.apply_async(closure, (i,)) for i in range(200)]
+        assert [r.get(10) for r in rs] == [i + 1 for i in range(200)]
+    del closure, pool
+    gc.collect()
+    assert ref() is None  # the results (still held) keep nothing of the call
+    assert all(getattr(r, "_entry", None) is None and getattr(r, "_args", None) is None for r in rs)

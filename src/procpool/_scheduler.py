@@ -532,11 +532,14 @@ class Scheduler(WorkerSupervision, Dispatch):
                 if type(item) is Task:
                     append(item)
                     continue
+                entry = item._entry
+                if entry is None:  # cancelled while queued (see _cancel_queued)
+                    continue
                 if not size:
                     size = self._run_size(n + 1)
-                entry, kind = item._entry, type(item)  # (AsyncResults, or Futures: submit)
+                kind = type(item)  # (AsyncResults, or Futures: submit)
                 members, argss = [item], [item._args]
-                item._args = None
+                item._entry = item._args = None  # (nothing kept once it is in a run)
                 while n and len(members) < size:
                     item = inbox[0]
                     if type(item) is not kind or item._entry is not entry:
@@ -545,13 +548,17 @@ class Scheduler(WorkerSupervision, Dispatch):
                     n -= 1
                     members.append(item)
                     argss.append(item._args)
-                    item._args = None
+                    item._entry = item._args = None
                 append(self._make_run(entry, members, argss))
             return
         while inbox:
             task = inbox.popleft()
             if type(task) is not Task:  # a quick call's result (see call_async)
-                task = self._make_run(task._entry, [task], [task._args])
+                entry, args = task._entry, task._args
+                if entry is None:  # cancelled while queued
+                    continue
+                task._entry = task._args = None
+                task = self._make_run(entry, [task], [args])
             if self._broken is not None:
                 self._fail(task, self._broken_error())
             elif self._state in (TERMINATING, FINISHED):
@@ -908,10 +915,10 @@ class Scheduler(WorkerSupervision, Dispatch):
         while queued, then maybe a member of a run: see call_async)."""
         with self._lock:
             if task is None or task.kind == P.CALLS:
-                self._take_inbox()  # (a call still queued is now in a run, or alone)
-                self._wake()
-                task = result._task
-            if task is None or (result is not None and result._done):
+                task = result._task  # (again, under the lock: the I/O thread sets it)
+            if task is None:
+                outcome = self._cancel_queued(result)
+            elif result is not None and result._done:
                 outcome = False
             elif task.kind == P.CALLS:
                 outcome = self._cancel_member(task, result, force)
@@ -927,6 +934,17 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._deliver()
         return outcome
 
+    def _cancel_queued(self, result: Any) -> bool:
+        """cancel() for a quick call still in the inbox (its task is None, read under the
+        lock: the I/O thread takes the inbox under it): marked, the I/O thread skips it."""
+        entry = getattr(result, "_entry", None)  # (None: cancelled already)
+        if entry is None:
+            return False
+        dead, error = Task.unsent(result, entry[3]), CancelledError()
+        result._entry = result._args = None  # (from here to its delivery: no Python call)
+        self._deliveries.append(("error", dead, error))
+        return True
+
     def _cancel_member(self, run: Task, result: Any, force: bool) -> bool:
         """cancel() for a member of a run (see CallRun): one still queued leaves the run;
         with *force*, one sent and not answered yet is cancelled with its worker."""
@@ -935,12 +953,13 @@ class Scheduler(WorkerSupervision, Dispatch):
         if i < 0:
             return False
         if run.state == _PENDING:
-            del sink.members[i]
+            dead, error = Task.unsent(result, run.label), CancelledError()
+            del sink.members[i]  # (from here to its delivery: no Python call)
             del sink.args[i]  # (the run's payload)
+            self._deliveries.append(("error", dead, error))
             run.n_items -= 1
             if not sink.members:
                 run.state = _DONE  # (the dispatcher drops it)
-            self._fail(Task.unsent(result, run.label), CancelledError())
             return True
         if run.state == _SENT and force and i >= sink.got and run.worker is not None:
             if sink.cancelled is None:
@@ -1271,6 +1290,14 @@ class Scheduler(WorkerSupervision, Dispatch):
     def _fail(self, task: Task, error: BaseException) -> None:
         task.state = _DONE
         task.release()
+        if task.kind == P.CALLS:  # a run: a delivery per member (its callbacks run apart, as
+            sink = task.sink  # for tasks of their own) and a cancel's exception its own
+            fresh = type(error) is CancelledError
+            for member in sink.members[sink.got :]:
+                if not member._done:
+                    dead = Task.unsent(member, task.label)
+                    self._deliveries.append(("error", dead, CancelledError() if fresh else error))
+            return
         self._deliveries.append(("error", task, error))
 
     def _deliver(self) -> None:

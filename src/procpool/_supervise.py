@@ -444,19 +444,23 @@ class WorkerSupervision:
                 i += 1
                 continue
             sink = run.sink
-            m = min(len(sink.members) - k, n - i)
+            total = len(sink.members)
+            m = min(total - k, n - i)
             if ids[i + m - 1] != tid + m - 1:  # (never: the worker answers in order)
                 m = 1
             if values:  # deliveries keep the records' order
                 self._deliveries.append(("values", values))
                 values = []
-            self._deliveries.append(("members", sink.members[k : k + m], got[i : i + m]))
+            delivery = ("members", sink.members[k : k + m], got[i : i + m])
+            # the run's bookkeeping, then its delivery, with no call in between: a Ctrl-C (in a
+            # caller's drive, see _drive) is raised at a call, so both are done, or neither
             sink.got = k + m
-            if sink.got == len(sink.members):  # all in
+            if k + m == total:  # all in
                 del inflight[base]
                 cost -= run.cost
                 run.state = _DONE
                 run.worker = None
+            self._deliveries.append(delivery)
             i += m
         if values:
             self._deliveries.append(("values", values))

@@ -123,7 +123,8 @@ class CallRun:
     runs the members in order, each a task of its own (its progress slot, its own result
     record), so their replies come in member order: ``got`` counts those read.  A member that
     needs more than a plain value -- an error, its worker's death, a cancel that kills it --
-    first becomes a Task of its own (:meth:`member`), and the usual paths take it from there.
+    first becomes a Task of its own (:meth:`member`), and the usual paths take it from there;
+    a run that fails whole fails each member apart (``Scheduler._fail``).
     """
 
     __slots__ = ("members", "args", "got", "cancelled", "needs_start")
@@ -169,12 +170,6 @@ class CallRun:
         task.cancel_requested = self.cancelled is not None and i in self.cancelled
         result._task = task  # (its cancel() now finds it)
         return task
-
-    def _on_error(self, task: Task, exc: BaseException) -> None:
-        """The whole run failed: the pool was terminated or broke, or shutdown cancelled it."""
-        for result in self.members[self.got :]:
-            if not result._done:
-                result._on_error(None, exc)
 
 
 class MapJob:
