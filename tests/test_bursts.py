@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import sys
 import threading
 import weakref
 from concurrent.futures import CancelledError
@@ -13,6 +14,7 @@ import pytest
 from conftest import wait_until
 from faults.helpers import exit_on_tens, tiny
 from tasks import identity, record, recorded, sleep_then
+from test_interactions import interrupt_on_entering
 
 import procpool
 from procpool import _protocol as P
@@ -243,3 +245,18 @@ def test_finished_calls_keep_neither_their_function_nor_its_arguments():
     gc.collect()
     assert ref() is None  # the results (still held) keep nothing of the call
     assert all(getattr(r, "_entry", None) is None and getattr(r, "_args", None) is None for r in rs)
+
+
+def test_a_ctrl_c_while_shutdown_gathers_queued_calls_into_a_run_loses_none(pool1):
+    # shutdown(cancel_futures=True) takes the inbox in the caller's thread; a Ctrl-C there
+    # lost the calls taken so far (in neither the inbox nor the queue: nothing ever settled
+    # them, not even terminate()).  They now go back to the inbox.
+    with io_thread_held(pool1):
+        rs = [pool1.apply_async(identity, (i,)) for i in range(N)]
+        sys.settrace(interrupt_on_entering("_make_run"))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                pool1.shutdown(wait=False, cancel_futures=True)
+        finally:
+            sys.settrace(None)
+    assert [r.get(10) for r in rs] == list(range(N))  # still running: they ran

@@ -192,7 +192,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         # jobs whose feeder thread runs (a plain set, not a WeakSet: a weakref callback running
         # in the caller's thread when a job is freed could swallow its Ctrl-C)
         self._feeding: set[MapJob] = set()
-        self._deliveries: list[tuple] = []
+        self._deliveries: list[Any] = []
         self._settled: Task | None = None  # the reply _read_reply settled last (see _drive)
         self._refill = False  # a caller read results while tasks wait: wake the I/O thread
         self._killed_all = False
@@ -525,7 +525,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         if inbox and self._broken is None and self._state not in (TERMINATING, FINISHED):
             append, take = self._pending.append, inbox.popleft
             n = len(inbox)  # what a caller appends meanwhile waits for the next turn
-            size = 0
+            size = self._run_size(n)
             while n:
                 item = take()
                 n -= 1
@@ -535,30 +535,31 @@ class Scheduler(WorkerSupervision, Dispatch):
                 entry = item._entry
                 if entry is None:  # cancelled while queued (see _cancel_queued)
                     continue
-                if not size:
-                    size = self._run_size(n + 1)
                 kind = type(item)  # (AsyncResults, or Futures: submit)
-                members, argss = [item], [item._args]
-                item._entry = item._args = None  # (nothing kept once it is in a run)
-                while n and len(members) < size:
-                    item = inbox[0]
-                    if type(item) is not kind or item._entry is not entry:
-                        break
-                    take()
-                    n -= 1
-                    members.append(item)
-                    argss.append(item._args)
-                    item._entry = item._args = None
-                append(self._make_run(entry, members, argss))
+                members = [item]
+                try:
+                    while n and len(members) < size:
+                        item = inbox[0]
+                        if type(item) is not kind or item._entry is not entry:
+                            break
+                        members.append(take())
+                        n -= 1
+                    task = self._make_run(entry, members)
+                except BaseException:  # a Ctrl-C, in a caller's thread (cancel_pending): the
+                    inbox.extendleft(reversed(members))  # calls taken go back, untouched
+                    raise
+                append(task)
+                self._taken(members, task)
             return
         while inbox:
             task = inbox.popleft()
             if type(task) is not Task:  # a quick call's result (see call_async)
-                entry, args = task._entry, task._args
+                entry = task._entry
                 if entry is None:  # cancelled while queued
                     continue
-                task._entry = task._args = None
-                task = self._make_run(entry, [task], [args])
+                members = [task]
+                task = self._make_run(entry, members)
+                self._taken(members, task)
             if self._broken is not None:
                 self._fail(task, self._broken_error())
             elif self._state in (TERMINATING, FINISHED):
@@ -575,22 +576,28 @@ class Scheduler(WorkerSupervision, Dispatch):
         share = -(-queued // self.processes)
         return max(1, min(RUN_MAX, size, share))
 
-    def _make_run(self, entry: tuple, members: list, argss: list) -> Task:
+    def _make_run(self, entry: tuple, members: list) -> Task:
         """The Task for quick calls to one function (see _take_inbox): a run, or a plain call
-        alone (as submit_call would have queued it)."""
+        alone (as submit_call would have queued it).  The calls are left as they are."""
+        argss = [result._args for result in members]
         if len(members) == 1:
-            result = members[0]
             tid = next(self._tids)
-            task = Task(tid, entry[1], entry[2], P.CALL, argss[0], result, entry[3], None, 0, ())
-            result._task = task
-            return task
+            return Task(
+                tid, entry[1], entry[2], P.CALL, argss[0], members[0], entry[3], None, 0, ()
+            )
         rid = next(self._run_ids)
         sink = CallRun(members, argss)
         task = Task(rid, entry[1], entry[2], P.CALLS, argss, sink, entry[3], None, 0, ())
         task.n_items = len(members)
-        for result in members:
-            result._task = task  # (its cancel() and wait() find it)
         return task
+
+    @staticmethod
+    def _taken(members: list, task: Task) -> None:
+        """The calls are in *task* now: each finds it (cancel(), wait()), and keeps neither its
+        function's cache entry nor its args."""
+        for result in members:
+            result._task = task
+            result._entry = result._args = None
 
     def submit_map(
         self,
@@ -689,7 +696,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                     break
                 room = job.limit - job.backlog() if self._state == RUNNING else FEED_BATCH
             want = min(room, size)
-            batch: list = []
+            batch: list[Any] = []
             if window:  # a range: widen the window
                 with self._lock:
                     got = min(want, len(job.buf) - (job.stop or 0))
@@ -1288,16 +1295,19 @@ class Scheduler(WorkerSupervision, Dispatch):
 
     # ------------------------------------------------------------------ deliveries
     def _fail(self, task: Task, error: BaseException) -> None:
-        task.state = _DONE
-        task.release()
         if task.kind == P.CALLS:  # a run: a delivery per member (its callbacks run apart, as
             sink = task.sink  # for tasks of their own) and a cancel's exception its own
             fresh = type(error) is CancelledError
-            for member in sink.members[sink.got :]:
-                if not member._done:
-                    dead = Task.unsent(member, task.label)
-                    self._deliveries.append(("error", dead, CancelledError() if fresh else error))
+            items = [
+                ("error", Task.unsent(member, task.label), CancelledError() if fresh else error)
+                for member in sink.members[sink.got :]
+                if not member._done
+            ]
+            task.state = _DONE  # (from here on: no Python call)
+            self._deliveries += items
             return
+        task.state = _DONE
+        task.release()
         self._deliveries.append(("error", task, error))
 
     def _deliver(self) -> None:
@@ -1318,39 +1328,49 @@ class Scheduler(WorkerSupervision, Dispatch):
                     self._delivering = outer
 
     def _deliver_all(self) -> None:
+        """Deliver what is queued, in order.  A Ctrl-C in a caller's thread delivering loses
+        nothing: what is left of the batch goes back to the front of the queue, for the I/O
+        thread, and the caller gets its interrupt.  An item stopped midway leaves in
+        ``batch[i]`` what is left of it (None: nothing) -- the one it was delivering counts
+        as delivered (its callback took the interrupt)."""
         while True:
-            with self._lock:
-                batch, self._deliveries = self._deliveries, []
-            if not batch:
-                return
-            for i, item in enumerate(batch):
-                if item[0] == "results":
-                    self._deliver_results(item[1], item[2], item[3], batch, i)
-                    continue
-                if item[0] == "values":
-                    self._deliver_values(item[1], batch, i)
-                    continue
-                if item[0] == "members":
-                    self._deliver_members(item[1], item[2], batch, i)
-                    continue
-                try:
-                    if item[0] == "error":
-                        task, error = item[1], item[2]
-                        task.sink._on_error(task, error)
+            batch: list[Any] = []
+            done = 0  # items delivered
+            try:
+                with self._lock:
+                    batch, self._deliveries = self._deliveries, []
+                if not batch:
+                    return
+                for i, item in enumerate(batch):
+                    kind = item[0]
+                    if kind == "results":
+                        self._deliver_results(item[1], item[2], item[3], batch, i)
+                    elif kind == "values":
+                        self._deliver_values(item[1], batch, i)
+                    elif kind == "members":
+                        self._deliver_members(item[1], item[2], batch, i)
                     else:
-                        item[1](*item[2])
-                except KeyboardInterrupt:
-                    # Ctrl-C in a caller thread that was delivering: the rest of the batch is
-                    # not lost, the I/O thread delivers it, and the caller gets its interrupt
-                    with self._lock:
-                        self._deliveries[:0] = batch[i + 1 :]
-                        self._wake()
-                    raise
-                except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
-                    traceback.print_exc()
+                        try:
+                            if kind == "error":
+                                task, error = item[1], item[2]
+                                task.sink._on_error(task, error)
+                            else:
+                                item[1](*item[2])
+                        except KeyboardInterrupt:
+                            batch[i] = None
+                            raise
+                        except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
+                            traceback.print_exc()
+                    done = i + 1
+            except KeyboardInterrupt:
+                rest = [item for item in batch[done:] if item is not None]
+                with self._lock:
+                    self._deliveries[:0] = rest
+                    self._wake()
+                raise
 
     def _deliver_results(
-        self, tasks: list[Task], recs: list, rfds: list, batch: list[tuple], i: int
+        self, tasks: list[Task], recs: list, rfds: list, batch: list[Any], i: int
     ) -> None:
         """Deliver the records of one RESULTS frame (``batch[i]``, see _on_results).
 
@@ -1375,19 +1395,16 @@ class Scheduler(WorkerSupervision, Dispatch):
                     task.sink._on_result(task, value)
                 else:
                     self._deliver_result(task, rec[1], rec[5], nbuf, fds)
-            except KeyboardInterrupt:
-                # as in _deliver_all: the rest is not lost, the I/O thread delivers it
-                rest = batch[i + 1 :]
-                if j + 1 < len(tasks):
-                    rest.insert(0, ("results", tasks[j + 1 :], recs[j + 1 :], rfds[j + 1 :]))
-                with self._lock:
-                    self._deliveries[:0] = rest
-                    self._wake()
+            except KeyboardInterrupt:  # what is left of this item (see _deliver_all)
+                more = j + 1 < len(tasks)
+                batch[i] = (
+                    ("results", tasks[j + 1 :], recs[j + 1 :], rfds[j + 1 :]) if more else None
+                )
                 raise
             except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
                 traceback.print_exc()
 
-    def _deliver_values(self, values: list, batch: list[tuple], i: int) -> None:
+    def _deliver_values(self, values: list, batch: list[Any], i: int) -> None:
         """Deliver the ``[task, value, ...]`` of a frame's VALUES records (``batch[i]``)."""
         for j in range(0, len(values), 2):
             task = values[j]
@@ -1395,29 +1412,20 @@ class Scheduler(WorkerSupervision, Dispatch):
                 if type(task.payload) not in BARE:  # nothing to release
                     task.release()
                 task.sink._on_result(task, values[j + 1])
-            except KeyboardInterrupt:  # as in _deliver_results
-                rest = batch[i + 1 :]
-                if j + 2 < len(values):
-                    rest.insert(0, ("values", values[j + 2 :]))
-                with self._lock:
-                    self._deliveries[:0] = rest
-                    self._wake()
+            except KeyboardInterrupt:  # what is left of this item (see _deliver_all)
+                batch[i] = ("values", values[j + 2 :]) if j + 2 < len(values) else None
                 raise
             except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
                 traceback.print_exc()
 
-    def _deliver_members(self, results: list, values: list, batch: list[tuple], i: int) -> None:
+    def _deliver_members(self, results: list, values: list, batch: list[Any], i: int) -> None:
         """Deliver the plain values of run members (see CallRun), ``batch[i]``."""
         for j in range(len(results)):
             try:
                 results[j]._on_result(None, values[j])
-            except KeyboardInterrupt:  # as in _deliver_results
-                rest = batch[i + 1 :]
-                if j + 1 < len(results):
-                    rest.insert(0, ("members", results[j + 1 :], values[j + 1 :]))
-                with self._lock:
-                    self._deliveries[:0] = rest
-                    self._wake()
+            except KeyboardInterrupt:  # what is left of this item (see _deliver_all)
+                more = j + 1 < len(results)
+                batch[i] = ("members", results[j + 1 :], values[j + 1 :]) if more else None
                 raise
             except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
                 traceback.print_exc()

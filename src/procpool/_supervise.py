@@ -102,7 +102,7 @@ class WorkerSupervision:
     _est: float | None
     _est_time: float
     _est_items: float
-    _deliveries: list[tuple]
+    _deliveries: list[Any]
     _grace: float
     _wids: Iterator[int]
 

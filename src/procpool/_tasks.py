@@ -146,6 +146,7 @@ class CallRun:
             if members[i]._start():
                 i += 1
             else:
+                members[i]._task = None  # (set after its cancel(): keep nothing)
                 del members[i]
                 del args[i]
         return bool(members)
