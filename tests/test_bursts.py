@@ -3,7 +3,6 @@ its own for the caller -- its value, its error, its cancel(), its fate when a wo
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import sys
 import threading
@@ -11,33 +10,15 @@ import weakref
 from concurrent.futures import CancelledError
 
 import pytest
+from _pool_helpers import interrupt_on_entering, io_thread_held
 from conftest import wait_until
 from faults.helpers import exit_on_tens, tiny
 from tasks import identity, record, recorded, sleep_then
-from test_interactions import interrupt_on_entering
 
 import procpool
 from procpool import _protocol as P
 
 N = 20  # calls in a burst
-
-
-@contextlib.contextmanager
-def io_thread_held(pool):
-    """The pool's I/O thread held in a callback: calls submitted meanwhile wait in its inbox,
-    with no task of their own yet, and go as one run once it is let go."""
-    inside, gate = threading.Event(), threading.Event()
-
-    def hold(_):
-        inside.set()
-        gate.wait(30)
-
-    pool.apply_async(identity, (0,), callback=hold)
-    assert inside.wait(10)
-    try:
-        yield
-    finally:
-        gate.set()
 
 
 def in_a_thread(call):

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from _pool_helpers import interrupt_on_entering, io_thread_held
 from conftest import wait_until
 from tasks import count_lines, identity, record, sleep_then
 from tasks import fail_on as fail_on_three
@@ -219,19 +220,9 @@ def test_a_callback_holding_the_io_thread_does_not_stall_a_burst_of_submissions(
         waits: list[tuple] = []
         real = sched._handoff
         sched._handoff = lambda *wait: (waits.append(wait), real(*wait))[1]
-        inside, release = threading.Event(), threading.Event()
-
-        def slow_callback(_value):
-            inside.set()
-            release.wait(10)
-
-        pool.apply_async(identity, (1,), callback=slow_callback)
-        assert inside.wait(10)
-        try:
+        with io_thread_held(pool):  # a slow callback
             time.sleep(0.01)  # the I/O thread's last turn is now well over 1 ms old
             results = [pool.apply_async(identity, (i,)) for i in range(1000)]
-        finally:
-            release.set()
         assert [r.get(30) for r in results] == list(range(1000))
         assert waits == [(_scheduler.HANDOFF_AFTER,)]  # (1000 < HANDOFF_EVERY: no other)
 
@@ -381,27 +372,6 @@ def test_a_hand_off_eventfd_whose_waiter_count_was_lost_is_closed_with_its_pool(
     gc.collect()
     with pytest.raises(OSError):
         os.fstat(fd)
-
-
-def interrupt_on_entering(*names: str):
-    """A trace function raising KeyboardInterrupt once, on entering the first of procpool's
-    functions *names*: where a Ctrl-C's handler would run (CPython runs pending handlers on
-    function entry)."""
-    armed = [True]
-
-    def tracer(frame, event, arg):
-        code = frame.f_code
-        if (
-            event == "call"
-            and armed[0]
-            and code.co_name in names
-            and "procpool" in code.co_filename
-        ):
-            armed[0] = False
-            raise KeyboardInterrupt
-        return None
-
-    return tracer
 
 
 @pytest.mark.parametrize("where", ["drive", "_set_mask"])
