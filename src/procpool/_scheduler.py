@@ -1329,27 +1329,29 @@ class Scheduler(WorkerSupervision, Dispatch):
 
     def _deliver_all(self) -> None:
         """Deliver what is queued, in order.  A Ctrl-C in a caller's thread delivering loses
-        nothing: what is left of the batch goes back to the front of the queue, for the I/O
-        thread, and the caller gets its interrupt.  An item stopped midway leaves in
-        ``batch[i]`` what is left of it (None: nothing) -- the one it was delivering counts
-        as delivered (its callback took the interrupt)."""
+        nothing and delivers nothing twice: what is left of the batch goes back to the front
+        of the queue, for the I/O thread, and the caller gets its interrupt.  Each item says
+        itself how far it got: a delivered one leaves None in ``batch[at]``, one stopped
+        midway what is left of it -- the part it had begun counts as delivered (a callback
+        took the interrupt) -- and one not begun is left as it is."""
         while True:
             batch: list[Any] = []
-            done = 0  # items delivered
+            at = 0  # the item being delivered (those before it are)
             try:
                 with self._lock:
                     batch, self._deliveries = self._deliveries, []
                 if not batch:
                     return
-                for i, item in enumerate(batch):
+                for at, item in enumerate(batch):
                     kind = item[0]
                     if kind == "results":
-                        self._deliver_results(item[1], item[2], item[3], batch, i)
+                        self._deliver_results(item[1], item[2], item[3], batch, at)
                     elif kind == "values":
-                        self._deliver_values(item[1], batch, i)
+                        self._deliver_values(item[1], batch, at)
                     elif kind == "members":
-                        self._deliver_members(item[1], item[2], batch, i)
+                        self._deliver_members(item[1], item[2], batch, at)
                     else:
+                        batch[at] = None  # (begun)
                         try:
                             if kind == "error":
                                 task, error = item[1], item[2]
@@ -1357,13 +1359,11 @@ class Scheduler(WorkerSupervision, Dispatch):
                             else:
                                 item[1](*item[2])
                         except KeyboardInterrupt:
-                            batch[i] = None
                             raise
                         except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
                             traceback.print_exc()
-                    done = i + 1
             except KeyboardInterrupt:
-                rest = [item for item in batch[done:] if item is not None]
+                rest = [item for item in batch[at:] if item is not None]
                 with self._lock:
                     self._deliveries[:0] = rest
                     self._wake()
@@ -1379,56 +1379,71 @@ class Scheduler(WorkerSupervision, Dispatch):
         """
         loads = pickle.loads
         ok, call = P.OK, P.CALL
-        for j, task in enumerate(tasks):
-            try:
-                rec = recs[j]
-                fds = rfds[j]
-                nbuf = rec[3]
-                if rec[1] == ok and task.kind == call and not fds and not nbuf:
-                    if type(task.payload) not in BARE:  # nothing to release
-                        task.release()
-                    try:
-                        value = loads(rec[5])
-                    except BaseException as exc:  # noqa: BLE001 - as in _deliver_result
-                        task.sink._on_error(task, self._unpickling_error(task, exc))
-                        continue
-                    task.sink._on_result(task, value)
-                else:
-                    self._deliver_result(task, rec[1], rec[5], nbuf, fds)
-            except KeyboardInterrupt:  # what is left of this item (see _deliver_all)
-                more = j + 1 < len(tasks)
-                batch[i] = (
-                    ("results", tasks[j + 1 :], recs[j + 1 :], rfds[j + 1 :]) if more else None
-                )
-                raise
-            except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
-                traceback.print_exc()
+        k = 0  # tasks delivered, or begun (see _deliver_all)
+        try:
+            for j, task in enumerate(tasks):
+                k = j + 1
+                try:
+                    rec = recs[j]
+                    fds = rfds[j]
+                    nbuf = rec[3]
+                    if rec[1] == ok and task.kind == call and not fds and not nbuf:
+                        if type(task.payload) not in BARE:  # nothing to release
+                            task.release()
+                        try:
+                            value = loads(rec[5])
+                        except BaseException as exc:  # noqa: BLE001 - as in _deliver_result
+                            task.sink._on_error(task, self._unpickling_error(task, exc))
+                            continue
+                        task.sink._on_result(task, value)
+                    else:
+                        self._deliver_result(task, rec[1], rec[5], nbuf, fds)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
+                    traceback.print_exc()
+            batch[i] = None  # (delivered: in the try, so that nothing can come between)
+        except KeyboardInterrupt:  # what is left of this item (see _deliver_all)
+            more = k < len(tasks)
+            batch[i] = ("results", tasks[k:], recs[k:], rfds[k:]) if more else None
+            raise
 
     def _deliver_values(self, values: list, batch: list[Any], i: int) -> None:
         """Deliver the ``[task, value, ...]`` of a frame's VALUES records (``batch[i]``)."""
-        for j in range(0, len(values), 2):
-            task = values[j]
-            try:
-                if type(task.payload) not in BARE:  # nothing to release
-                    task.release()
-                task.sink._on_result(task, values[j + 1])
-            except KeyboardInterrupt:  # what is left of this item (see _deliver_all)
-                batch[i] = ("values", values[j + 2 :]) if j + 2 < len(values) else None
-                raise
-            except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
-                traceback.print_exc()
+        k = 0  # entries delivered, or begun (see _deliver_all)
+        try:
+            for j in range(0, len(values), 2):
+                k = j + 2
+                task = values[j]
+                try:
+                    if type(task.payload) not in BARE:  # nothing to release
+                        task.release()
+                    task.sink._on_result(task, values[j + 1])
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
+                    traceback.print_exc()
+            batch[i] = None  # (delivered: in the try, so that nothing can come between)
+        except KeyboardInterrupt:  # what is left of this item (see _deliver_all)
+            batch[i] = ("values", values[k:]) if k < len(values) else None
+            raise
 
     def _deliver_members(self, results: list, values: list, batch: list[Any], i: int) -> None:
         """Deliver the plain values of run members (see CallRun), ``batch[i]``."""
-        for j in range(len(results)):
-            try:
-                results[j]._on_result(None, values[j])
-            except KeyboardInterrupt:  # what is left of this item (see _deliver_all)
-                more = j + 1 < len(results)
-                batch[i] = ("members", results[j + 1 :], values[j + 1 :]) if more else None
-                raise
-            except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
-                traceback.print_exc()
+        k = 0  # members delivered, or begun (see _deliver_all)
+        try:
+            for j in range(len(results)):
+                k = j + 1
+                try:
+                    results[j]._on_result(None, values[j])
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
+                    traceback.print_exc()
+            batch[i] = None  # (delivered: in the try, so that nothing can come between)
+        except KeyboardInterrupt:  # what is left of this item (see _deliver_all)
+            batch[i] = ("members", results[k:], values[k:]) if k < len(results) else None
+            raise
 
     def _deliver_result(self, task: Task, status, data, nbuf, fds) -> None:
         sink = task.sink
