@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import signal
 import sys
 import threading
 import weakref
@@ -310,3 +311,32 @@ def test_a_ctrl_c_in_a_delivering_caller_loses_at_most_the_result_begun_and_repe
             assert len(log) == len(set(log)), (lineno, hit, log)
             assert log == [x for x in want if x in log], (lineno, hit, log)
             assert len(log) >= len(want) - 1, (lineno, hit, log)
+
+
+def test_a_real_ctrl_c_while_shutdown_cancels_queued_calls_waits_until_they_are_cancelled(pool1):
+    # shutdown(cancel_futures=True) moves the queued calls in the caller's thread with SIGINT
+    # held back (interrupts_held): a Ctrl-C that comes meanwhile is raised once they are all
+    # cancelled, instead of cutting the moving in the middle.
+    sched = pool1._sched
+    make_run = sched._make_run
+
+    def make_run_with_a_ctrl_c(entry, members):
+        if not sent:
+            sent.append(1)
+            signal.raise_signal(signal.SIGINT)  # a real one, to this (the main) thread
+        return make_run(entry, members)
+
+    sent: list = []
+    with io_thread_held(pool1):
+        rs = [pool1.apply_async(identity, (i,)) for i in range(N)]
+        sched._make_run = make_run_with_a_ctrl_c
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                pool1.shutdown(wait=False, cancel_futures=True)
+        finally:
+            del sched._make_run
+    assert sent
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, ())  # (not left held)
+    for r in rs[1:]:  # (rs[0] went to the idle worker at once)
+        with pytest.raises(CancelledError):
+            r.get(10)

@@ -57,6 +57,7 @@ from ._errinfo import rebuild_error
 from ._start import (
     INTERNAL_FDS,
     Launcher,
+    interrupts_held,
     main_preparation,
     program_signals,
     send_signal,
@@ -355,8 +356,12 @@ class Scheduler(WorkerSupervision, Dispatch):
                 self._early_for = self._turn_at  # once per turn of the I/O thread
                 self._handoff(HANDOFF_AFTER)
         if self._state != RUNNING:  # terminate() raced us: settle it ourselves
-            with self._lock:
-                self._take_inbox()
+            try:
+                with interrupts_held(), self._lock:
+                    self._take_inbox()
+            except BaseException:  # the Ctrl-C held back: the I/O thread delivers
+                self._wake()
+                raise
             self._deliver()
 
     def call_async(
@@ -978,16 +983,21 @@ class Scheduler(WorkerSupervision, Dispatch):
 
     def cancel_pending(self) -> None:
         """Cancel every task not yet sent, map jobs' unsent items too
-        (``shutdown(cancel_futures=True)``)."""
-        with self._lock:
-            self._take_inbox()
-            for item in self._pending:
-                if isinstance(item, Task) and item.state == _PENDING:
-                    self._cancel_pending_task(item)
-            jobs = {item for item in self._pending if isinstance(item, MapJob)}
-            for job in jobs | self._feeding:
-                self._cancel_map(job)
-            self._pending = deque(i for i in self._pending if isinstance(i, MapJob))
+        (``shutdown(cancel_futures=True)``: often in a Ctrl-C handler, and a second Ctrl-C
+        must not cut the moving of tasks between queues in the middle: see interrupts_held)."""
+        try:
+            with interrupts_held(), self._lock:
+                self._take_inbox()
+                for item in self._pending:
+                    if isinstance(item, Task) and item.state == _PENDING:
+                        self._cancel_pending_task(item)
+                jobs = {item for item in self._pending if isinstance(item, MapJob)}
+                for job in jobs | self._feeding:
+                    self._cancel_map(job)
+                self._pending = deque(i for i in self._pending if isinstance(i, MapJob))
+        except BaseException:  # the Ctrl-C held back: the I/O thread delivers the cancels
+            self._wake()
+            raise
         self._deliver()
 
     def cancel_map(self, job: MapJob) -> None:

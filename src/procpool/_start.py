@@ -128,6 +128,30 @@ class program_signals:  # noqa: N801 - used as a function: ``with program_signal
             _signal.pthread_sigmask(signal.SIG_SETMASK, self._quiet)
 
 
+_HELD = frozenset({signal.SIGINT})
+
+
+class interrupts_held:  # noqa: N801 - used as a function: ``with interrupts_held():``
+    """Hold a Ctrl-C back from this thread for a stretch of bookkeeping that must not be cut
+    in the middle (a caller's thread moving tasks between the scheduler's queues): SIGINT is
+    blocked, and a Ctrl-C that comes meanwhile is raised as the stretch ends.  Only this
+    thread's mask: a thread of the program that does not block SIGINT may still take it (then
+    Python raises it in the main thread all the same).  Two system calls: for rare paths."""
+
+    __slots__ = ("_mask",)
+
+    def __enter__(self) -> None:
+        self._mask = _signal.pthread_sigmask(signal.SIG_BLOCK, ())  # (reads it)
+        try:  # (a Ctrl-C raised as this returns must not leave SIGINT blocked)
+            _signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+        except BaseException:
+            _signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        _signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+
+
 START_METHODS = ("fork", "forkserver", "spawn")
 DEFAULT_START_METHOD = "fork"
 
