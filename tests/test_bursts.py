@@ -3,6 +3,7 @@ its own for the caller -- its value, its error, its cancel(), its fate when a wo
 
 from __future__ import annotations
 
+import concurrent.futures
 import gc
 import inspect
 import signal
@@ -340,3 +341,18 @@ def test_a_real_ctrl_c_while_shutdown_cancels_queued_calls_waits_until_they_are_
     for r in rs[1:]:  # (rs[0] went to the idle worker at once)
         with pytest.raises(CancelledError):
             r.get(10)
+
+
+def test_futures_of_a_run_waited_on_or_not_each_settle_once(pool1):
+    # a run's Futures are marked running, and settled, together under one lock; those with a
+    # condition (a done callback, a waiter) one by one, so that their callbacks run
+    calls: list = []
+    with io_thread_held(pool1):
+        fs = [pool1.submit(identity, i) for i in range(N)]
+        for f in fs[::3]:
+            f.add_done_callback(lambda f: calls.append(f.result()))
+    done = list(concurrent.futures.as_completed(fs, timeout=10))
+    assert sorted(f.result() for f in done) == list(range(N))
+    assert wait_until(lambda: len(calls) == len(range(0, N, 3)), 10)
+    assert sorted(calls) == list(range(0, N, 3))
+    assert all(f.done() and not f.running() for f in fs)

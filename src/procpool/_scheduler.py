@@ -1442,6 +1442,11 @@ class Scheduler(WorkerSupervision, Dispatch):
         """Deliver the plain values of run members (see CallRun), ``batch[i]``."""
         k = 0  # members delivered, or begun (see _deliver_all)
         try:
+            if getattr(results[0], "needs_start", False):
+                # Futures: settled together (k stays 0: settling one again does nothing);
+                # those waited on, one by one (their callbacks) -- rebound in one statement
+                waited = type(results[0])._settle_run(results, values)
+                results, values = [f for f, _ in waited], [v for _, v in waited]
             for j in range(len(results)):
                 k = j + 1
                 try:

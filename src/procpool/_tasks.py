@@ -141,14 +141,10 @@ class CallRun:
         """The run is being sent: mark its Futures running, and drop those cancelled
         meanwhile (a Future's cancel() only changes its state).  False if none is left."""
         members, args = self.members, self.args
-        i = 0
-        while i < len(members):
-            if members[i]._start():
-                i += 1
-            else:
-                members[i]._task = None  # (set after its cancel(): keep nothing)
-                del members[i]
-                del args[i]
+        for i in reversed(type(members[0])._start_run(members)):
+            members[i]._task = None  # (set after its cancel(): keep nothing)
+            del members[i]
+            del args[i]
         return bool(members)
 
     def member(self, run: Task, i: int) -> Task:

@@ -730,6 +730,44 @@ class Future(concurrent.futures.Future[T]):
         if not self.done():
             super().set_result(value)
 
+    # -- a run's members (see _tasks.CallRun): many at once, under one acquisition of the lock
+    @staticmethod
+    def _start_run(futures: list[Future]) -> list[int]:
+        """``_start`` for each of *futures*, a run being sent; the indexes of those cancelled
+        meanwhile, in order."""
+        dropped: list[int] = []
+        waited: list[int] = []  # with a condition (or in a state only _start may judge)
+        with _FUTURE_LOCK:
+            for i, future in enumerate(futures):
+                state = future._state
+                if future._cond is not None or state not in (_PENDING, _CANCELLED):
+                    waited.append(i)
+                elif state == _PENDING:
+                    future._state = _RUNNING
+                else:
+                    future._state = _CANCELLED_AND_NOTIFIED
+                    dropped.append(i)
+        for i in waited:
+            if not futures[i]._start():
+                dropped.append(i)
+        dropped.sort()
+        return dropped
+
+    @staticmethod
+    def _settle_run(futures: list[Future], values: list) -> list[tuple[Future, Any]]:
+        """``_on_result`` for each of *futures* (a run's) that nobody waits on; the others,
+        with their values, are left to the caller.  Settling a Future twice does nothing."""
+        waited = []
+        with _FUTURE_LOCK:
+            for future, value in zip(futures, values, strict=True):
+                future._pool = future._sched = future._task = None
+                if future._cond is not None:
+                    waited.append((future, value))
+                elif future._state not in _OVER:
+                    future._result = value
+                    future._state = _FINISHED
+        return waited
+
     def set_exception(self, exception: BaseException | None) -> None:
         if self._cond is None and self._settle(None, exception):
             return
