@@ -54,3 +54,24 @@ def test_importing_procpool_and_running_a_pool_does_not_import_typing():
 def test_generic_classes_can_still_be_subscripted():
     assert procpool.AsyncResult[int].__origin__ is procpool.AsyncResult
     assert procpool.IMapIterator[str].__args__ == (str,)
+
+
+def test_a_pool_of_small_tasks_does_not_import_ctypes():
+    # ctypes (≈ 0.35 MB) would sit in every forked worker: forked workers die with the pool
+    # through a pipe (procpool._start.die_with_pipe) and the parent reads progress slots with
+    # pread; ctypes comes only with a large buffer (on Python < 3.13) or shared memory
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, procpool\n"
+        "with procpool.Pool(2) as p:\n"
+        "    assert p.map(abs, range(-50, 50)) == [abs(x) for x in range(-50, 50)]\n"
+        "    assert p.apply(abs, (-2,)) == 2 and p.submit(abs, -4).result() == 4\n"
+        "    in_worker = p.apply(eval, (\"'ctypes' in __import__('sys').modules\",))\n"
+        "print('ctypes' in sys.modules, in_worker)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "False False", out.stdout + out.stderr

@@ -1270,7 +1270,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         (the worker is stopped or hogged) is killed, as is one that finished but whose result
         has not come ``grace`` seconds later.  A worker still starting up (its initializer, the
         main script) is waited for: tasks are sent before it is ready."""
-        running, done, _, started = P.PROGRESS.unpack_from(task.worker.progress)
+        running, done, _, started = task.worker.read_progress()
         if running == task.id:
             if started:
                 return started + task.timeout + self._grace, extended

@@ -22,7 +22,6 @@ worker included) and most programs never need it.
 
 from __future__ import annotations
 
-import ctypes
 import io
 import mmap
 import os
@@ -456,19 +455,29 @@ if sys.version_info >= (3, 13):
         return memoryview(mm)
 
 else:  # mmap.mmap dup()s the fd and keeps it for the mapping's life: map it ourselves
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _libc.mmap.restype = ctypes.c_void_p
-    _libc.mmap.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_long,
-    ]
-    _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    _MAP_FAILED = ctypes.c_void_p(-1).value
+    _libc: Any = None  # loaded at the first mapping: see _load_libc
+
+    def _load_libc() -> Any:
+        """libc's mmap, munmap and madvise through ``ctypes``, imported now and not with
+        procpool: a forked worker holds every page of its parent's memory, and ctypes is
+        ≈ 0.35 MB of it, for programs that never send a large buffer."""
+        global _libc
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _libc = libc
+        return libc
 
     def _unmap(addr: int, size: int, on_unmap: Callable[[], None] | None) -> None:
         try:
@@ -484,13 +493,16 @@ else:  # mmap.mmap dup()s the fd and keeps it for the mapping's life: map it our
         thousands of received arrays without running out of fds, and a process forked later
         inherits no descriptor.  Unmapped when the last view is freed (then *on_unmap* runs).
         *dontfork*: forked children do not inherit the mapping either."""
+        import ctypes
+
+        libc = _libc or _load_libc()
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
-        if addr is None or addr == _MAP_FAILED:
+        addr = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
+        if addr is None or addr == ctypes.c_void_p(-1).value:  # MAP_FAILED
             err = ctypes.get_errno()
             raise OSError(err, f"mmap of a shared buffer failed: {os.strerror(err)}")
         if dontfork and hasattr(mmap, "MADV_DONTFORK"):
-            _libc.madvise(addr, size, mmap.MADV_DONTFORK)
+            libc.madvise(addr, size, mmap.MADV_DONTFORK)
         region = (ctypes.c_char * size).from_address(addr)
         # never at interpreter exit (finalize's default): code running then -- the pool's own
         # finalizer reading a progress slot, a user's atexit handler reading a result -- may

@@ -7,11 +7,11 @@ the exit code (negative: killed by that signal, as ``multiprocessing.Process.exi
 
 ``fork`` (default)
     ``os.fork()`` called from the pool's own I/O thread.  Fastest start (the worker inherits the
-    parent's imported modules), and ``PR_SET_PDEATHSIG`` ties the worker's life to that thread,
-    i.e. to the pool.  Between ``fork`` and the first line of user code, the child touches only
-    what is safe after a fork (pre-resolved ``prctl``, sockets, pickle): locks that other parent
-    threads held are never taken by procpool.  User code in tasks runs with the same caveat as
-    ``multiprocessing``'s fork method.
+    parent's imported modules), and the pool's *death pipe* ties the worker's life to the pool
+    (see :func:`die_with_pipe`).  Between ``fork`` and the first line of user code, the child
+    touches only what is safe after a fork (``fcntl``, sockets, pickle): locks that other
+    parent threads held are never taken by procpool.  User code in tasks runs with the same
+    caveat as ``multiprocessing``'s fork method.
 ``spawn``
     ``posix_spawn`` of a fresh interpreter (vfork+exec: safe whatever threads the parent has).
     Slower start; functions from ``__main__`` travel by value (cloudpickle).
@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import _signal
 import array
-import ctypes
+import fcntl
 import os
+import select
 import signal
 import socket
 import struct
@@ -43,12 +44,25 @@ if TYPE_CHECKING:
 #: (which would hide EOFs and keep dead workers' resources alive).
 INTERNAL_FDS: set[int] = set()
 
+#: the write ends of the fork launchers' death pipes (see die_with_pipe): only the pool's own
+#: process may hold them, so every child forked by ``os.fork()`` -- a worker, a
+#: ``multiprocessing`` worker, the program's own -- closes them first thing (_close_death_ends)
+DEATH_ENDS: set[int] = set()
+
+
+def _close_death_ends() -> None:
+    for fd in DEATH_ENDS:
+        try:
+            os.close(fd)
+        except OSError:  # pragma: no cover - open in the parent as it forked
+            pass
+    DEATH_ENDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_death_ends)
+
 PR_SET_PDEATHSIG = 1
-_prctl: Any
-try:  # resolved now, in the parent: dlopen/dlsym after fork could block on a loader lock
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # pragma: no cover - not Linux
-    _prctl = None
+_prctl: Any = None  # resolved at the first die_with_parent (see there)
 
 
 _FORK_LOCK = threading.Lock()  # see ForkLauncher.start
@@ -193,11 +207,76 @@ def send_signal(proc: Proc, signum: int) -> None:
 
 
 def die_with_parent(expected_ppid: int) -> None:
-    """Ask the kernel to SIGKILL us when our parent (thread) dies; exit if it already has."""
-    if _prctl is not None:
+    """Ask the kernel to SIGKILL us when our parent (thread) dies; exit if it already has.
+
+    ``PR_SET_PDEATHSIG`` through ``ctypes``, imported here and not at procpool's import: a
+    forked worker holds every page of its parent's memory, and ctypes is ≈ 0.35 MB of it
+    (the fork start method uses :func:`die_with_pipe` instead).  Called in fresh
+    interpreters (``spawn``, the fork server and its single-threaded children), where loading
+    a library is safe."""
+    global _prctl
+    if _prctl is None:
+        try:
+            import ctypes
+
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):  # pragma: no cover - not Linux
+            _prctl = False
+    if _prctl:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != expected_ppid:
         os._exit(1)
+
+
+def death_pipe() -> tuple[int, int]:
+    """A pool's death pipe: (read end, write end).  Nothing is ever written; the pool's process
+    holds the write end until its I/O thread ends (see ForkLauncher.close), and the kernel
+    closes it if the process dies.  Both ends are kept from every other child."""
+    r, w = os.pipe()
+    INTERNAL_FDS.add(r)
+    DEATH_ENDS.add(w)
+    return r, w
+
+
+def die_with_pipe(fd: int, expected_ppid: int) -> None:
+    """In a forked worker: be killed by the kernel the moment the death pipe's write end
+    closes, i.e. when the pool's I/O thread ends or its process dies, even in the middle of a
+    task -- what ``PR_SET_PDEATHSIG`` on the forking thread gives, without ``ctypes`` (see
+    die_with_parent).
+
+    *fd* is the pipe's read end, inherited.  The worker opens the pipe anew (a signal's owner
+    belongs to an open file, and every worker of the pool shares the inherited one), makes
+    itself the owner and asks for ``O_ASYNC`` notice: the end of the pipe then raises SIGIO,
+    whose default action terminates the process (a task that catches or blocks SIGIO outlives
+    the pool until it returns, and then exits at the channel's EOF).  Exits at once if the
+    end came before.
+
+    Buffer arguments only: ``fcntl`` given an int first fails to parse it as a buffer, and the
+    error message it formats (then drops) pages ≈ 0.2 MB of libc's printf into every worker.
+    """
+    try:
+        own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # pragma: no cover - no /proc
+        own = -1
+    os.close(fd)
+    if own < 0 or _FIOASYNC is None:  # pragma: no cover - no /proc, or an unknown machine
+        die_with_parent(expected_ppid)
+        return
+    fcntl.fcntl(own, _F_SETOWN_EX, _F_OWNER.pack(_F_OWNER_PID, os.getpid()))
+    fcntl.ioctl(own, _FIOASYNC, bytearray(_ON))
+    # the write end closed before O_ASYNC was on (no signal then): its EOF is already there
+    poller = select.poll()
+    poller.register(own, select.POLLIN)
+    if poller.poll(0):
+        os._exit(1)
+
+
+_F_SETOWN_EX = 15  # fcntl: struct f_owner_ex {int type; pid_t pid;}
+_F_OWNER = struct.Struct("ii")
+_F_OWNER_PID = 1  # F_OWNER_PID: the signal goes to this process, not its group
+_ON = struct.pack("i", 1)
+#: ioctl FIOASYNC (the generic value; termios, which has it, is a large module to import)
+_FIOASYNC = 0x5452 if os.uname().machine in ("x86_64", "aarch64", "i686", "riscv64") else None
 
 
 # ---------------------------------------------------------------- the main script in new workers
@@ -300,11 +379,17 @@ class Launcher:
 class ForkLauncher(Launcher):
     method = "fork"
 
+    def __init__(self) -> None:
+        self._death: tuple[int, int] | None = None  # the pool's death pipe (see die_with_pipe)
+
     def start(self) -> Proc:
         ppid = os.getpid()
         # One pool's I/O thread at a time from here to the fork: another pool forking in between
         # would let its worker inherit this socketpair before it is in INTERNAL_FDS.
         with _FORK_LOCK:
+            if self._death is None:
+                self._death = death_pipe()
+            death = self._death[0]
             parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             INTERNAL_FDS.update((parent_sock.fileno(), child_sock.fileno()))
             with warnings.catch_warnings():
@@ -322,7 +407,8 @@ class ForkLauncher(Launcher):
                 # machinery (≈ 0.4 MB of code pages more in every idle worker)
                 INTERNAL_FDS.discard(parent_sock.fileno())
                 parent_sock.close()
-                die_with_parent(ppid)
+                INTERNAL_FDS.discard(death)
+                die_with_pipe(death, ppid)
                 child_setup(child_sock.fileno())  # SIGINT ignored from here...
                 mask = program_mask()
                 if mask is not None:  # ...so a Ctrl-C pending since the fork is dropped
@@ -337,6 +423,16 @@ class ForkLauncher(Launcher):
 
         batch_scheduling(pid)
         return Proc(pid, open_pidfd(pid), parent_sock)
+
+    def close(self) -> None:
+        """Close the death pipe (the I/O thread is ending): a worker still alive is killed."""
+        if self._death is not None:
+            r, w = self._death
+            self._death = None
+            INTERNAL_FDS.discard(r)
+            DEATH_ENDS.discard(w)
+            os.close(w)
+            os.close(r)
 
 
 def _spawn_python(code: str, sock: socket.socket) -> int:

@@ -79,8 +79,17 @@ class _Worker:
         self.eof = False
         self.writing = False
         self.driven: Task | None = None  # a caller reads its channel (Scheduler.drive)
-        self.progress: Any = None  # mmap of the progress slot (see _protocol.PROGRESS)
+        self.progress = -1  # the progress slot's memfd (see _protocol.PROGRESS, progress())
         self.mask = select.EPOLLIN  # what epoll watches on its channel (see _set_mask)
+
+    def read_progress(self) -> tuple[int, int, int, float]:
+        """The worker's progress slot: running task id, last finished id, item, its start.
+        Read with ``pread`` (at a death and a time limit only), not mapped: mapping it keeping
+        no descriptor takes ``ctypes`` before Python 3.13, and every forked worker would hold
+        that module's pages (see _serialize.map_fd)."""
+        if self.progress < 0:  # (its start failed before the slot existed)
+            return 0, 0, 0, 0.0
+        return P.PROGRESS.unpack(os.pread(self.progress, P.PROGRESS_SIZE, 0))
 
 
 class WorkerSupervision:
@@ -128,13 +137,10 @@ class WorkerSupervision:
             INTERNAL_FDS.add(proc.pidfd)
             self._by_fd[proc.pidfd] = ("pidfd", w)
             self._epoll.register(proc.pidfd, select.EPOLLIN)
-        slot = os.memfd_create("procpool-progress", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(slot, P.PROGRESS_SIZE)
-            w.progress = _serialize.map_fd(slot, P.PROGRESS_SIZE)  # keeps no fd to inherit
-            w.chan.push(self._init_frame, [os.dup(slot)])
-        finally:
-            os.close(slot)
+        w.progress = os.memfd_create("procpool-progress", os.MFD_CLOEXEC)
+        INTERNAL_FDS.add(w.progress)  # (closed in _bury)
+        os.ftruncate(w.progress, P.PROGRESS_SIZE)
+        w.chan.push(self._init_frame, [os.dup(w.progress)])
         self._flush(w)
 
     def _idle_worker(self) -> _Worker | None:
@@ -195,10 +201,13 @@ class WorkerSupervision:
         if w.proc.pidfd >= 0:
             os.close(w.proc.pidfd)
         how = describe_exit(code)
-        running, done, item, started = P.PROGRESS.unpack_from(w.progress)
+        running, done, item, started = w.read_progress()
         if not started:  # no item had started (a chunk still being read): none to blame
             item = -1
-        w.progress.release()
+        if w.progress >= 0:
+            INTERNAL_FDS.discard(w.progress)
+            os.close(w.progress)
+            w.progress = -1
         held = []  # in the order the worker runs them
         for task in w.inflight.values():
             if task.kind == P.CALLS:  # a run: its members not answered yet, a Task each

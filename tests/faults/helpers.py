@@ -8,9 +8,11 @@ happens *inside the worker process*, exactly as a buggy or unlucky task would ca
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import resource
 import signal
+import stat
 import sys
 import time
 
@@ -410,6 +412,34 @@ def pdeathsig(_=None):
     if libc.prctl(2, ctypes.byref(value), 0, 0, 0) != 0:  # PR_GET_PDEATHSIG
         raise OSError(ctypes.get_errno(), "prctl(PR_GET_PDEATHSIG)")
     return value.value
+
+
+def death_notice(_=None):
+    """How the kernel ends this worker when its pool goes: ``("pdeathsig", signal)`` for
+    PR_SET_PDEATHSIG (spawn, forkserver), ``("pipe", signal)`` for a death pipe (fork): the
+    read end of a pipe opened by this process with O_ASYNC, owned by it, and the signal it
+    raises (F_GETSIG; 0 is SIGIO) at its default action and not blocked."""
+    sig = pdeathsig()
+    if sig:
+        return "pdeathsig", sig
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                continue
+            if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ASYNC:
+                continue
+            if fcntl.fcntl(fd, fcntl.F_GETOWN) != os.getpid():
+                continue
+            sig = fcntl.fcntl(fd, fcntl.F_GETSIG) or int(signal.SIGIO)
+        except OSError:
+            continue
+        if signal.getsignal(sig) != signal.SIG_DFL or sig in signal.pthread_sigmask(
+            signal.SIG_BLOCK, []
+        ):
+            return "pipe, but its signal is caught or blocked", sig
+        return "pipe", sig
+    return None, 0
 
 
 def nested_pool_then_sleep(path, seconds=60.0):

@@ -61,3 +61,43 @@ def test_workers_exit_when_parent_is_sigkilled(method, busy, leak_check):
         for pid in h.still_alive(tree):
             os.kill(pid, signal.SIGKILL)  # do not leave them to the next tests
         child.close()
+
+
+SCRIPT_WITH_KEEPER = """
+pool = procpool.Pool(2)
+report_pids(pool)
+keeper = os.fork()  # a child of the program's own, forked after the pool and never exec'd
+if keeper == 0:
+    time.sleep(60)
+    os._exit(0)
+print("KEEPER", keeper, flush=True)
+pool.map(h.print_then_sleep, range(8), chunksize=1)
+"""
+
+
+def test_a_child_the_program_forked_does_not_keep_the_workers_alive(leak_check):
+    """Forked workers die through the pool's death pipe (see procpool._start.die_with_pipe),
+    whose write end must be held by the pool's process alone: a child the program forks after
+    the pool (its own, a multiprocessing worker) closes it, and its life does not matter."""
+    child = h.Child(SCRIPT_WITH_KEEPER)
+    tree: dict[int, int] = {}
+    try:
+        workers = child.worker_pids()
+        keeper = int(child.wait_line("KEEPER")[len("KEEPER ") :])
+        child.wait_line("TASK-STARTED")
+        tree = h.descendants(child.pid)
+        assert set(workers) | {keeper} <= set(tree), (workers, keeper, tree)
+
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(10) == -signal.SIGKILL
+
+        in_pool = {pid: tree[pid] for pid in workers}
+        gone = wait_until(lambda: not h.still_alive(in_pool), DEATH_GRACE_S)
+        assert gone, (
+            f"still running {DEATH_GRACE_S}s after the parent died: {h.still_alive(in_pool)}"
+        )
+        assert h.still_alive({keeper: tree[keeper]}), "the keeper was to outlive the parent"
+    finally:
+        for pid in h.still_alive(tree):
+            os.kill(pid, signal.SIGKILL)
+        child.close()

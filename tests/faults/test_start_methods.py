@@ -1,5 +1,5 @@
 """What each start method must give every worker -- the first ones and their replacements:
-death with the parent (PR_SET_PDEATHSIG), SIGINT ignored, the right parentage -- and the faults
+death with the parent (a death pipe, or PR_SET_PDEATHSIG), SIGINT ignored, the right parentage -- and the faults
 that belong to one method: the ``forkserver``'s server dying; pools inside workers.
 """
 
@@ -45,8 +45,11 @@ def test_start_method_is_reported_and_checked():
 
 
 def check_workers(pool):
-    # PR_SET_PDEATHSIG: the kernel SIGKILLs the worker when its parent dies
-    assert set(every_worker(pool, h.pdeathsig).values()) == {int(signal.SIGKILL)}
+    # the kernel kills the worker when its pool goes: a forked worker through the pool's death
+    # pipe (SIGIO, default action); a fresh interpreter with PR_SET_PDEATHSIG (SIGKILL)
+    expected = ("pipe", int(signal.SIGIO)) if pool.start_method == "fork" else None
+    expected = expected or ("pdeathsig", int(signal.SIGKILL))
+    assert set(every_worker(pool, h.death_notice).values()) == {expected}
     # Ctrl-C belongs to the caller: workers ignore SIGINT
     assert set(every_worker(pool, h.sigint_disposition).values()) == {int(signal.SIG_IGN)}
     parents = set(every_worker(pool, h.parent_pid).values())
