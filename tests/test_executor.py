@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import gc
 import os
+import threading
 import time
 
 import pytest
@@ -76,6 +77,32 @@ def test_shutdown_cancel_futures_cancels_what_has_not_started():
     ex.shutdown(wait=True, cancel_futures=True)
     assert running.result(10) == "ran"
     assert any(f.cancelled() for f in queued)
+
+
+@pytest.mark.parametrize("waiting", ["before", "after"])
+def test_futures_cancelled_by_shutdown_end_concurrent_futures_waits(waiting):
+    """The stdlib's executors leave such futures CANCELLED without telling their waiters:
+    ``concurrent.futures.wait`` and ``as_completed`` then run to their timeout (or forever)."""
+    ex = procpool.ProcessPoolExecutor(1)
+    running = ex.submit(sleep_then, 0.5, "ran")
+    queued = [ex.submit(square, i) for i in range(10)]
+    waits = []
+    waiter = None
+    if waiting == "before":  # a thread already waiting on them all
+        waiter = threading.Thread(
+            target=lambda: waits.append(concurrent.futures.wait(queued, timeout=30.0))
+        )
+        waiter.start()
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert running.result(10) == "ran"
+    assert any(f.cancelled() for f in queued)
+    if waiter is not None:
+        waiter.join(30.0)
+        done, not_done = waits[0]
+    else:
+        done, not_done = concurrent.futures.wait(queued, timeout=30.0)
+    assert not not_done and done == set(queued)
+    assert set(concurrent.futures.as_completed(queued, timeout=30.0)) == set(queued)
 
 
 def test_future_cancel_before_it_runs():

@@ -706,9 +706,30 @@ class Future(concurrent.futures.Future[T]):
     def _on_error(self, task: Any, exc: BaseException) -> None:
         self._pool = self._sched = self._task = None
         if isinstance(exc, CancelledError) and self.cancel():
-            return  # still pending: a proper cancellation, as executors do
+            # still pending: a proper cancellation, as executors do -- and, as the pool will
+            # never start it, its waiters are told now (see _notify_cancelled)
+            self._notify_cancelled()
+            return
         if not self.done():
             self.set_exception(exc)
+
+    def _notify_cancelled(self) -> None:
+        """A cancelled future the pool will never start (``shutdown(cancel_futures=True)``):
+        tell ``concurrent.futures.wait``/``as_completed`` now, as ``set_running_or_notify_cancel``
+        does when an executor would have started it.  The stdlib's executors never do, and
+        those waits then run to their timeout, or forever."""
+        if self._cond is None:
+            with _FUTURE_LOCK:
+                if self._cond is None:  # no condition: no waiter to tell
+                    if self._state == _CANCELLED:
+                        self._state = _CANCELLED_AND_NOTIFIED
+                    return
+        with self._cond:
+            if self._state != _CANCELLED:  # told already (the scheduler started it meanwhile)
+                return
+            self._state = _CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
 
     def _on_chunk(self, task: Any, values: list, errors: dict[int, BaseException]) -> None:
         if errors:
