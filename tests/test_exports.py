@@ -31,12 +31,20 @@ def test_pool_methods_are_documented():
                 assert member.__doc__, f"{cls.__name__}.{name} has no docstring"
 
 
-def test_importing_procpool_and_running_a_pool_does_not_import_typing():
-    # typing would sit in every forked worker (~0.5 MB of the idle-worker RSS target); the
-    # modules read its names only under `if TYPE_CHECKING:` (see procpool/_typing.py)
+def _printed_by_a_fresh_python(code: str) -> str:
+    """What *code* prints, run by a fresh interpreter (nothing imported by the tests)."""
     import subprocess
     import sys
 
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    return out.stdout.strip() + out.stderr
+
+
+def test_importing_procpool_and_running_a_pool_does_not_import_typing():
+    # typing would sit in every forked worker (~0.5 MB of the idle-worker RSS target); the
+    # modules read its names only under `if TYPE_CHECKING:` (see procpool/_typing.py)
     code = (
         "import sys, procpool\n"
         "with procpool.Pool(1) as p:\n"
@@ -45,10 +53,7 @@ def test_importing_procpool_and_running_a_pool_does_not_import_typing():
         "import procpool.pipe, procpool.queue, procpool.shared, procpool.signals, procpool.sync\n"
         "print(sorted(m for m in sys.modules if m == 'typing' or m.startswith('typing.')))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert _printed_by_a_fresh_python(code) == "[]"
 
 
 def test_generic_classes_can_still_be_subscripted():
@@ -60,9 +65,6 @@ def test_a_pool_of_small_tasks_does_not_import_ctypes():
     # ctypes (≈ 0.35 MB) would sit in every forked worker: forked workers die with the pool
     # through a pipe (procpool._start.die_with_pipe) and the parent reads progress slots with
     # pread; ctypes comes only with a large buffer (on Python < 3.13) or shared memory
-    import subprocess
-    import sys
-
     code = (
         "import sys, procpool\n"
         "with procpool.Pool(2) as p:\n"
@@ -71,7 +73,4 @@ def test_a_pool_of_small_tasks_does_not_import_ctypes():
         "    in_worker = p.apply(eval, (\"'ctypes' in __import__('sys').modules\",))\n"
         "print('ctypes' in sys.modules, in_worker)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert out.stdout.strip() == "False False", out.stdout + out.stderr
+    assert _printed_by_a_fresh_python(code) == "False False"
