@@ -654,23 +654,30 @@ class Future(concurrent.futures.Future[T]):
     _task: Any = None  # may then read the reply in its own thread (Scheduler.drive)
     needs_start = True  # the scheduler calls _start when it sends the task (see below)
 
-    def __init__(self) -> None:  # the stdlib's, minus the condition
-        self._cond: threading.Condition | None = None
+    # Until its first use a future has no condition, nor the stdlib's lists of waiters and
+    # callbacks (nobody can add to them without the condition): these defaults stand in, and
+    # a future in a burst is one object for the garbage collector to track, not three.
+    _cond: threading.Condition | None = None
+    _result: Any = None
+    _exception: BaseException | None = None
+    _waiters: Any = ()  # then a list (see _condition)
+    _done_callbacks: Any = ()  # then a list
+
+    def __init__(self) -> None:  # the stdlib's, minus the condition and its lists
         self._state = _PENDING
-        self._result: Any = None
-        self._exception: BaseException | None = None
-        self._waiters: list = []
-        self._done_callbacks: list = []
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
         cond = self._cond
         if cond is None:
             new = threading.Condition()  # made outside the lock: see _FUTURE_LOCK
+            waiters: list = []
+            callbacks: list = []
             with _FUTURE_LOCK:
                 cond = self._cond
                 if cond is None:
-                    cond = self._cond = new
+                    self._waiters, self._done_callbacks = waiters, callbacks
+                    cond = self._cond = new  # (last: whoever sees it sees the lists)
         return cond
 
     # -- state changes: under the module lock while there is no condition ----------------
