@@ -105,6 +105,37 @@ def test_futures_cancelled_by_shutdown_end_concurrent_futures_waits(waiting):
     assert set(concurrent.futures.as_completed(queued, timeout=30.0)) == set(queued)
 
 
+@pytest.mark.parametrize("end", ["shutdown_cancel_futures", "terminate"])
+def test_futures_the_caller_cancelled_end_waits_when_the_pool_gives_them_up(end):
+    """Cancelled by the caller while queued in a burst (runs), then given up by the pool
+    before it would have started them: concurrent.futures waits on them end."""
+    ex = procpool.ProcessPoolExecutor(1)
+    assert ex.submit(square, 2).result(10) == 4  # cached: a burst travels as runs
+    blocker = ex.submit(sleep_then, 0.5, "ran")
+    futures = [ex.submit(square, i) for i in range(2000)]
+    cancelled = [f for f in futures[-500::50] if f.cancel()]
+    assert cancelled
+    if end == "terminate":
+        ex._pool.terminate()
+    ex.shutdown(wait=True, cancel_futures=True)
+    done, not_done = concurrent.futures.wait([blocker, *futures], timeout=30.0)
+    assert not not_done
+    assert all(f.cancelled() for f in cancelled)
+
+
+def test_a_done_callback_of_a_future_cancelled_by_shutdown_finds_it_done():
+    """Waiters are told before the callbacks run: a callback may wait on its own future."""
+    ex = procpool.ProcessPoolExecutor(1)
+    ex.submit(sleep_then, 0.5, "ran")
+    queued = ex.submit(square, 3)
+    seen = []
+    queued.add_done_callback(
+        lambda f: seen.append(len(concurrent.futures.wait([f], timeout=30.0).not_done))
+    )
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert queued.cancelled() and seen == [0]
+
+
 def test_future_cancel_before_it_runs():
     with procpool.Pool(1) as pool:
         blocker = pool.submit(sleep_then, 0.5)

@@ -83,7 +83,7 @@ from .errors import (
     PoolTerminated,
     SerializationError,
 )
-from .results import WAIT_SLICE
+from .results import WAIT_SLICE, untold
 
 PLAIN = _serialize.PLAIN
 PROTOCOL = _serialize.PROTOCOL
@@ -164,7 +164,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         if initializer is not None:
             payload = _serialize.dumps((initializer, initargs), oob=False)
             config["init"] = payload.data
-        self._init_frame = P.frame(P.INIT, pickle.dumps(config), 1)
+        self._init_body = pickle.dumps(config)  # (the INIT frame's: see _spawn)
 
         self._lock = threading.RLock()
         self._deliver_lock = threading.RLock()
@@ -1311,7 +1311,7 @@ class Scheduler(WorkerSupervision, Dispatch):
             items = [
                 ("error", Task.unsent(member, task.label), CancelledError() if fresh else error)
                 for member in sink.members[sink.got :]
-                if not member._done
+                if not member._done or untold(member)
             ]
             task.state = _DONE  # (from here on: no Python call)
             self._deliveries += items

@@ -460,9 +460,14 @@ else:  # mmap.mmap dup()s the fd and keeps it for the mapping's life: map it our
     def _load_libc() -> Any:
         """libc's mmap, munmap and madvise through ``ctypes``, imported now and not with
         procpool: a forked worker holds every page of its parent's memory, and ctypes is
-        ≈ 0.35 MB of it, for programs that never send a large buffer."""
+        ≈ 0.35 MB of it, for programs that never send a large buffer.  The parent loads it at
+        its first large buffer (workers forked later inherit it); a worker forked before
+        imports it at its own first (≈ 0.1 MB more in that worker)."""
         global _libc
-        import ctypes
+        from . import _start
+
+        with _start._FORK_LOCK:  # (no fork of ours in the middle of the import: see _cloudpickle)
+            import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.mmap.restype = ctypes.c_void_p

@@ -25,6 +25,7 @@ from __future__ import annotations
 import _signal
 import array
 import fcntl
+import mmap
 import os
 import select
 import signal
@@ -33,6 +34,8 @@ import struct
 import sys
 import threading
 import warnings
+
+from . import _protocol as P
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
@@ -44,13 +47,23 @@ if TYPE_CHECKING:
 #: (which would hide EOFs and keep dead workers' resources alive).
 INTERNAL_FDS: set[int] = set()
 
-#: the write ends of the fork launchers' death pipes (see die_with_pipe): only the pool's own
+#: both ends of the fork launchers' death pipes (see die_with_pipe): only the pool's own
 #: process may hold them, so every child forked by ``os.fork()`` -- a worker, a
-#: ``multiprocessing`` worker, the program's own -- closes them first thing (_close_death_ends)
+#: ``multiprocessing`` worker, the program's own -- closes them first thing
 DEATH_ENDS: set[int] = set()
+#: held from a death pipe's creation to its registration, and by every ``os.fork()``: a child
+#: forked in between by another thread would keep the write end unregistered (an RLock: a
+#: signal handler that forks may interrupt the holder)
+_DEATH_LOCK = threading.RLock()
+
+
+def _death_lock_release() -> None:
+    _DEATH_LOCK.release()
 
 
 def _close_death_ends() -> None:
+    global _DEATH_LOCK
+    _DEATH_LOCK = threading.RLock()  # the parent's holder (the forking thread) is not here
     for fd in DEATH_ENDS:
         try:
             os.close(fd)
@@ -59,7 +72,11 @@ def _close_death_ends() -> None:
     DEATH_ENDS.clear()
 
 
-os.register_at_fork(after_in_child=_close_death_ends)
+os.register_at_fork(
+    before=lambda: _DEATH_LOCK.acquire(),
+    after_in_parent=_death_lock_release,
+    after_in_child=_close_death_ends,
+)
 
 PR_SET_PDEATHSIG = 1
 _prctl: Any = None  # resolved at the first die_with_parent (see there)
@@ -173,12 +190,17 @@ DEFAULT_START_METHOD = "fork"
 class Proc:
     """A started worker process as the scheduler sees it."""
 
-    __slots__ = ("pid", "pidfd", "sock")
+    __slots__ = ("pid", "pidfd", "sock", "progress")
 
-    def __init__(self, pid: int, pidfd: int, sock: socket.socket) -> None:
+    def __init__(
+        self, pid: int, pidfd: int, sock: socket.socket, progress: mmap.mmap | None = None
+    ) -> None:
         self.pid = pid
         self.pidfd = pidfd
         self.sock = sock
+        # the worker's progress slot (see _protocol.PROGRESS) when the launcher gave it one
+        # (fork: shared memory mapped before the fork); None: the scheduler sends a memfd
+        self.progress = progress
 
 
 _NO_PIDFD = bool(os.environ.get("PROCPOOL_NO_PIDFD"))  # force the fallback (tests)
@@ -214,69 +236,99 @@ def die_with_parent(expected_ppid: int) -> None:
     (the fork start method uses :func:`die_with_pipe` instead).  Called in fresh
     interpreters (``spawn``, the fork server and its single-threaded children), where loading
     a library is safe."""
-    global _prctl
-    if _prctl is None:
-        try:
-            import ctypes
-
-            _prctl = ctypes.CDLL(None, use_errno=True).prctl
-        except (OSError, AttributeError):  # pragma: no cover - not Linux
-            _prctl = False
+    _resolve_prctl()
     if _prctl:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != expected_ppid:
         os._exit(1)
 
 
+def _resolve_prctl() -> None:
+    global _prctl
+    if _prctl is None:
+        try:
+            with _FORK_LOCK:  # (no fork of ours in the middle of the import: see _cloudpickle)
+                import ctypes
+
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):  # pragma: no cover - not Linux
+            _prctl = False
+
+
 def death_pipe() -> tuple[int, int]:
     """A pool's death pipe: (read end, write end).  Nothing is ever written; the pool's process
     holds the write end until its I/O thread ends (see ForkLauncher.close), and the kernel
-    closes it if the process dies.  Both ends are kept from every other child."""
-    r, w = os.pipe()
-    INTERNAL_FDS.add(r)
-    DEATH_ENDS.add(w)
+    closes it if the process dies.  Every forked child closes both ends (DEATH_ENDS)."""
+    with _DEATH_LOCK:
+        r, w = os.pipe()
+        DEATH_ENDS.update((r, w))
     return r, w
 
 
-def die_with_pipe(fd: int, expected_ppid: int) -> None:
-    """In a forked worker: be killed by the kernel the moment the death pipe's write end
+def death_end(r: int) -> int:
+    """In the parent, for the worker about to be forked: an open file of its own on the death
+    pipe's read end *r* (the owner of a signal belongs to an open file, and workers must not
+    share one), set to raise SIGKILL when the pipe ends (``F_SETSIG``).  -1 where that cannot
+    be had (no ``/proc``, not Linux): the worker then uses ``PR_SET_PDEATHSIG``, resolved here.
+
+    ``F_SETSIG`` takes an int, and ``fcntl`` given an int first fails to parse it as a buffer:
+    the error message it formats (then drops) pages ≈ 0.2 MB of libc's printf into the
+    process.  Paid here, in the parent, not in every worker."""
+    own = -1
+    if _FIOASYNC is not None:
+        try:
+            own = os.open(f"/proc/self/fd/{r}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            fcntl.fcntl(own, fcntl.F_SETSIG, signal.SIGKILL)
+        except (OSError, AttributeError):  # pragma: no cover - no /proc, not Linux
+            if own >= 0:
+                os.close(own)
+            own = -1
+    if own < 0:
+        _resolve_prctl()  # now, not in the worker: see die_with_parent
+    return own
+
+
+def die_with_pipe(own: int, expected_ppid: int) -> int:
+    """In a forked worker: be SIGKILLed by the kernel the moment the death pipe's write end
     closes, i.e. when the pool's I/O thread ends or its process dies, even in the middle of a
     task -- what ``PR_SET_PDEATHSIG`` on the forking thread gives, without ``ctypes`` (see
     die_with_parent).
 
-    *fd* is the pipe's read end, inherited.  The worker opens the pipe anew (a signal's owner
-    belongs to an open file, and every worker of the pool shares the inherited one), makes
-    itself the owner and asks for ``O_ASYNC`` notice: the end of the pipe then raises SIGIO,
-    whose default action terminates the process (a task that catches or blocks SIGIO outlives
-    the pool until it returns, and then exits at the channel's EOF).  Exits at once if the
-    end came before.
-
-    Buffer arguments only: ``fcntl`` given an int first fails to parse it as a buffer, and the
-    error message it formats (then drops) pages ≈ 0.2 MB of libc's printf into every worker.
-    """
-    try:
-        own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:  # pragma: no cover - no /proc
-        own = -1
-    os.close(fd)
-    if own < 0 or _FIOASYNC is None:  # pragma: no cover - no /proc, or an unknown machine
+    *own* is this worker's open file of the pipe's read end (see death_end; -1: none).  The
+    worker makes itself its owner and asks for ``O_ASYNC`` notice, which ``F_SETSIG`` made a
+    SIGKILL; then exits at once if the end came before.  Buffer arguments only (see
+    death_end).  Where the kernel refuses (a seccomp filter...), ``PR_SET_PDEATHSIG``.
+    Returns the fd kept open for the worker's life (-1: none)."""
+    if own >= 0:
+        try:
+            fcntl.fcntl(own, _F_SETOWN_EX, _F_OWNER.pack(_F_OWNER_PID, os.getpid()))
+            fcntl.ioctl(own, _FIOASYNC, bytearray(_ON))  # type: ignore[arg-type]
+        except OSError:  # pragma: no cover - refused
+            os.close(own)
+            own = -1
+    if own < 0:
         die_with_parent(expected_ppid)
-        return
-    fcntl.fcntl(own, _F_SETOWN_EX, _F_OWNER.pack(_F_OWNER_PID, os.getpid()))
-    fcntl.ioctl(own, _FIOASYNC, bytearray(_ON))
+        return -1
     # the write end closed before O_ASYNC was on (no signal then): its EOF is already there
     poller = select.poll()
     poller.register(own, select.POLLIN)
     if poller.poll(0):
         os._exit(1)
+    return own
 
 
 _F_SETOWN_EX = 15  # fcntl: struct f_owner_ex {int type; pid_t pid;}
 _F_OWNER = struct.Struct("ii")
 _F_OWNER_PID = 1  # F_OWNER_PID: the signal goes to this process, not its group
 _ON = struct.pack("i", 1)
-#: ioctl FIOASYNC (the generic value; termios, which has it, is a large module to import)
-_FIOASYNC = 0x5452 if os.uname().machine in ("x86_64", "aarch64", "i686", "riscv64") else None
+#: ioctl FIOASYNC where it has the generic value (termios, which has it, is a large module to
+#: import); elsewhere (powerpc, mips, sparc...) the workers use PR_SET_PDEATHSIG
+_FIOASYNC = (
+    0x5452
+    if os.uname().machine
+    in ("x86_64", "i686", "i386", "aarch64", "armv7l", "armv6l", "riscv64", "s390x", "loongarch64")
+    else None
+)
 
 
 # ---------------------------------------------------------------- the main script in new workers
@@ -384,21 +436,34 @@ class ForkLauncher(Launcher):
 
     def start(self) -> Proc:
         ppid = os.getpid()
+        if self._death is None:
+            self._death = death_pipe()
+        own = death_end(self._death[0])  # (not under _FORK_LOCK: it may import ctypes)
+        if own >= 0:
+            INTERNAL_FDS.add(own)
         # One pool's I/O thread at a time from here to the fork: another pool forking in between
         # would let its worker inherit this socketpair before it is in INTERNAL_FDS.
-        with _FORK_LOCK:
-            if self._death is None:
-                self._death = death_pipe()
-            death = self._death[0]
-            parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            INTERNAL_FDS.update((parent_sock.fileno(), child_sock.fileno()))
-            with warnings.catch_warnings():
-                # Python >= 3.12 warns about fork() with threads (ours is the I/O thread, see
-                # the module docstring); under -W error that warning would orphan the child
-                warnings.simplefilter("ignore", DeprecationWarning)
-                pid = os.fork()
-            if pid:
-                INTERNAL_FDS.discard(child_sock.fileno())
+        # the progress slot: shared memory the worker inherits, kept from later forks (no fd,
+        # no memfd to send: a slot the parent maps with no fd kept would need ctypes < 3.13)
+        slot = mmap.mmap(-1, P.PROGRESS_SIZE)
+        try:
+            with _FORK_LOCK:
+                parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                INTERNAL_FDS.update((parent_sock.fileno(), child_sock.fileno()))
+                with warnings.catch_warnings():
+                    # Python >= 3.12 warns about fork() with threads (ours is the I/O thread,
+                    # see the module docstring); under -W error that warning would orphan the
+                    # child
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    pid = os.fork()
+                if pid:
+                    INTERNAL_FDS.discard(child_sock.fileno())
+                    if hasattr(mmap, "MADV_DONTFORK"):
+                        slot.madvise(mmap.MADV_DONTFORK)
+        finally:
+            if own >= 0 and os.getpid() == ppid:  # the worker's own, from now on
+                INTERNAL_FDS.discard(own)
+                os.close(own)
         if pid == 0:  # the worker (its _FORK_LOCK is new: see _new_fork_lock)
             code = 1
             try:
@@ -406,31 +471,32 @@ class ForkLauncher(Launcher):
                 # EBADF would build an OSError, whose strerror() loads libc's message catalog
                 # machinery (≈ 0.4 MB of code pages more in every idle worker)
                 INTERNAL_FDS.discard(parent_sock.fileno())
+                INTERNAL_FDS.discard(own)
                 parent_sock.close()
-                INTERNAL_FDS.discard(death)
-                die_with_pipe(death, ppid)
+                own = die_with_pipe(own, ppid)
                 child_setup(child_sock.fileno())  # SIGINT ignored from here...
+                if own >= 0:  # (a pool started by a task: its workers need not keep it)
+                    INTERNAL_FDS.add(own)
                 mask = program_mask()
                 if mask is not None:  # ...so a Ctrl-C pending since the fork is dropped
                     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 from . import _worker
 
-                code = _worker.main(child_sock, batch=False)  # (set by the parent, below)
+                code = _worker.main(child_sock, batch=False, progress=slot)  # (batch: below)
             finally:
                 os._exit(code)
         child_sock.close()
         from ._worker import batch_scheduling
 
         batch_scheduling(pid)
-        return Proc(pid, open_pidfd(pid), parent_sock)
+        return Proc(pid, open_pidfd(pid), parent_sock, slot)
 
     def close(self) -> None:
         """Close the death pipe (the I/O thread is ending): a worker still alive is killed."""
         if self._death is not None:
             r, w = self._death
             self._death = None
-            INTERNAL_FDS.discard(r)
-            DEATH_ENDS.discard(w)
+            DEATH_ENDS.difference_update((r, w))
             os.close(w)
             os.close(r)
 

@@ -79,17 +79,29 @@ class _Worker:
         self.eof = False
         self.writing = False
         self.driven: Task | None = None  # a caller reads its channel (Scheduler.drive)
-        self.progress = -1  # the progress slot's memfd (see _protocol.PROGRESS, progress())
+        self.progress = -1  # the progress slot's memfd, when not mapped (see read_progress)
         self.mask = select.EPOLLIN  # what epoll watches on its channel (see _set_mask)
 
     def read_progress(self) -> tuple[int, int, int, float]:
-        """The worker's progress slot: running task id, last finished id, item, its start.
-        Read with ``pread`` (at a death and a time limit only), not mapped: mapping it keeping
-        no descriptor takes ``ctypes`` before Python 3.13, and every forked worker would hold
-        that module's pages (see _serialize.map_fd)."""
+        """The worker's progress slot (see _protocol.PROGRESS): running task id, last finished
+        id, item, its start.  A forked worker's is shared memory mapped before the fork
+        (``Proc.progress``); a spawned one's a memfd sent with INIT, which the parent reads
+        with ``pread`` (at a death and a time limit only) rather than maps: mapping it with
+        no descriptor kept takes ``ctypes`` before Python 3.13, and every forked worker would
+        hold that module's pages (see _serialize.map_fd)."""
+        if self.proc.progress is not None:
+            return P.PROGRESS.unpack_from(self.proc.progress)
         if self.progress < 0:  # (its start failed before the slot existed)
             return 0, 0, 0, 0.0
         return P.PROGRESS.unpack(os.pread(self.progress, P.PROGRESS_SIZE, 0))
+
+    def close_progress(self) -> None:
+        if self.proc.progress is not None:
+            self.proc.progress.close()
+        if self.progress >= 0:
+            INTERNAL_FDS.discard(self.progress)
+            os.close(self.progress)
+            self.progress = -1
 
 
 class WorkerSupervision:
@@ -101,7 +113,7 @@ class WorkerSupervision:
     _workers: dict[int, _Worker]
     _by_fd: dict[int, tuple[str, _Worker | None]]
     _epoll: Any
-    _init_frame: bytes
+    _init_body: bytes
     _pending: Any
     _dead: list[_Worker]
     _state: str
@@ -137,10 +149,13 @@ class WorkerSupervision:
             INTERNAL_FDS.add(proc.pidfd)
             self._by_fd[proc.pidfd] = ("pidfd", w)
             self._epoll.register(proc.pidfd, select.EPOLLIN)
-        w.progress = os.memfd_create("procpool-progress", os.MFD_CLOEXEC)
-        INTERNAL_FDS.add(w.progress)  # (closed in _bury)
-        os.ftruncate(w.progress, P.PROGRESS_SIZE)
-        w.chan.push(self._init_frame, [os.dup(w.progress)])
+        if proc.progress is None:  # (a forked worker has its slot already)
+            w.progress = os.memfd_create("procpool-progress", os.MFD_CLOEXEC)
+            INTERNAL_FDS.add(w.progress)  # (closed in _bury)
+            os.ftruncate(w.progress, P.PROGRESS_SIZE)
+            w.chan.push(P.frame(P.INIT, self._init_body, 1), [os.dup(w.progress)])
+        else:
+            w.chan.push(P.frame(P.INIT, self._init_body))
         self._flush(w)
 
     def _idle_worker(self) -> _Worker | None:
@@ -204,10 +219,7 @@ class WorkerSupervision:
         running, done, item, started = w.read_progress()
         if not started:  # no item had started (a chunk still being read): none to blame
             item = -1
-        if w.progress >= 0:
-            INTERNAL_FDS.discard(w.progress)
-            os.close(w.progress)
-            w.progress = -1
+        w.close_progress()
         held = []  # in the order the worker runs them
         for task in w.inflight.values():
             if task.kind == P.CALLS:  # a run: its members not answered yet, a Task each

@@ -93,7 +93,8 @@ class Worker:
         self.alarm = _SoftTimeout()
         self.max_memory = 0
         self.retiring = False
-        self.progress: Any = bytearray(P.PROGRESS_SIZE)  # replaced by the shared slot at INIT
+        # the progress slot: given by main() (fork), or replaced by the one INIT brings
+        self.progress: Any = bytearray(P.PROGRESS_SIZE)
         self.last_done = 0
         # inodes of argument buffers unmapped since the last flush (appended by finalizers)
         self.released: list[int] = []
@@ -446,16 +447,20 @@ def batch_scheduling(pid: int) -> None:
         pass
 
 
-def main(sock: socket.socket, batch: bool = True) -> int:
+def main(sock: socket.socket, batch: bool = True, progress: Any = None) -> int:
     """Serve the pool on *sock* until told to exit or the parent goes away (*batch*: put this
-    process under SCHED_BATCH first, unless the parent did)."""
+    process under SCHED_BATCH first, unless the parent did; *progress*: the progress slot,
+    when the parent mapped it before forking us -- otherwise it comes with INIT)."""
     sock.setblocking(True)
     from ._start import INTERNAL_FDS
 
     INTERNAL_FDS.add(sock.fileno())  # a pool created inside a task must not inherit it
     if batch:
         batch_scheduling(0)
-    code = Worker(Channel(sock)).serve()
+    worker = Worker(Channel(sock))
+    if progress is not None:
+        worker.progress = progress
+    code = worker.serve()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

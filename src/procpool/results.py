@@ -635,6 +635,12 @@ def _new_locks() -> None:
 os.register_at_fork(after_in_child=_new_locks)
 
 
+def untold(sink: Any) -> bool:
+    """A done result the pool must still deliver to when it gives up its task: a Future the
+    caller cancelled, whose waiters hear of it then (see Future._cancel_and_notify)."""
+    return getattr(sink, "_state", None) == _CANCELLED
+
+
 class Future(concurrent.futures.Future[T]):
     """A :class:`concurrent.futures.Future` (``Pool.submit`` returns it) that is cheap when
     nobody waits on it, and whose waits return to the interpreter every :data:`WAIT_SLICE`.
@@ -712,31 +718,35 @@ class Future(concurrent.futures.Future[T]):
 
     def _on_error(self, task: Any, exc: BaseException) -> None:
         self._pool = self._sched = self._task = None
-        if isinstance(exc, CancelledError) and self.cancel():
-            # still pending: a proper cancellation, as executors do -- and, as the pool will
-            # never start it, its waiters are told now (see _notify_cancelled)
-            self._notify_cancelled()
-            return
-        if not self.done():
+        state = self._state
+        if state == _CANCELLED or (state == _PENDING and isinstance(exc, CancelledError)):
+            self._cancel_and_notify()  # the pool will never start it
+        elif state not in _OVER:
             self.set_exception(exc)
 
-    def _notify_cancelled(self) -> None:
-        """A cancelled future the pool will never start (``shutdown(cancel_futures=True)``):
-        tell ``concurrent.futures.wait``/``as_completed`` now, as ``set_running_or_notify_cancel``
-        does when an executor would have started it.  The stdlib's executors never do, and
-        those waits then run to their timeout, or forever."""
+    def _cancel_and_notify(self) -> None:
+        """A future the pool gives up before starting it -- cancelled now
+        (``shutdown(cancel_futures=True)``), or by the caller before: CANCELLED_AND_NOTIFIED,
+        ``concurrent.futures.wait``/``as_completed`` told, then the callbacks run (one may wait
+        on it).  What ``set_running_or_notify_cancel`` does when an executor would have started
+        it.  The stdlib's executors never do this for the futures they cancel, nor for those
+        cancelled before they stop: such waits then run to their timeout, or forever."""
         if self._cond is None:
             with _FUTURE_LOCK:
-                if self._cond is None:  # no condition: no waiter to tell
-                    if self._state == _CANCELLED:
+                if self._cond is None:  # no condition: no waiter, no callback
+                    if self._state in (_PENDING, _CANCELLED):
                         self._state = _CANCELLED_AND_NOTIFIED
                     return
         with self._cond:
-            if self._state != _CANCELLED:  # told already (the scheduler started it meanwhile)
+            state = self._state
+            if state not in (_PENDING, _CANCELLED):
                 return
             self._state = _CANCELLED_AND_NOTIFIED
             for waiter in self._waiters:
                 waiter.add_cancelled(self)
+            self._cond.notify_all()
+        if state == _PENDING:  # (the caller's cancel() ran them)
+            self._invoke_callbacks()  # type: ignore[attr-defined]
 
     def _on_chunk(self, task: Any, values: list, errors: dict[int, BaseException]) -> None:
         if errors:

@@ -417,8 +417,8 @@ def pdeathsig(_=None):
 def death_notice(_=None):
     """How the kernel ends this worker when its pool goes: ``("pdeathsig", signal)`` for
     PR_SET_PDEATHSIG (spawn, forkserver), ``("pipe", signal)`` for a death pipe (fork): the
-    read end of a pipe opened by this process with O_ASYNC, owned by it, and the signal it
-    raises (F_GETSIG; 0 is SIGIO) at its default action and not blocked."""
+    read end of a pipe opened with O_ASYNC and owned by this process, and the signal it
+    raises (F_GETSIG; 0 is SIGIO, which only counts at its default action and not blocked)."""
     sig = pdeathsig()
     if sig:
         return "pdeathsig", sig

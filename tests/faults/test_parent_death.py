@@ -101,3 +101,36 @@ def test_a_child_the_program_forked_does_not_keep_the_workers_alive(leak_check):
         for pid in h.still_alive(tree):
             os.kill(pid, signal.SIGKILL)
         child.close()
+
+
+SCRIPT_HOSTILE = """
+import signal
+signal.signal(signal.SIGIO, signal.SIG_IGN)  # inherited by the workers
+signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # so is the mask
+pool = procpool.Pool(2)
+report_pids(pool)
+pool.map(h.print_then_sleep, range(8), chunksize=1)
+"""
+
+
+def test_forked_workers_die_with_the_pool_whatever_their_signals(leak_check):
+    """The death pipe raises SIGKILL (F_SETSIG), not SIGIO: neither a signal ignored or
+    blocked by the program (and inherited by its workers) nor a stopped worker survives."""
+    child = h.Child(SCRIPT_HOSTILE)
+    tree: dict[int, int] = {}
+    try:
+        workers = child.worker_pids()
+        child.wait_line("TASK-STARTED")
+        tree = h.descendants(child.pid)
+        assert set(workers) <= set(tree), (workers, tree)
+        os.kill(workers[0], signal.SIGSTOP)
+
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(10) == -signal.SIGKILL
+
+        gone = wait_until(lambda: not h.still_alive(tree), DEATH_GRACE_S)
+        assert gone, f"still running {DEATH_GRACE_S}s after the parent died: {h.still_alive(tree)}"
+    finally:
+        for pid in h.still_alive(tree):
+            os.kill(pid, signal.SIGKILL)
+        child.close()

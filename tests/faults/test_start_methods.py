@@ -45,11 +45,10 @@ def test_start_method_is_reported_and_checked():
 
 
 def check_workers(pool):
-    # the kernel kills the worker when its pool goes: a forked worker through the pool's death
-    # pipe (SIGIO, default action); a fresh interpreter with PR_SET_PDEATHSIG (SIGKILL)
-    expected = ("pipe", int(signal.SIGIO)) if pool.start_method == "fork" else None
-    expected = expected or ("pdeathsig", int(signal.SIGKILL))
-    assert set(every_worker(pool, h.death_notice).values()) == {expected}
+    # the kernel SIGKILLs the worker when its pool goes: a forked worker through the pool's
+    # death pipe; a fresh interpreter (spawn, the fork server's) with PR_SET_PDEATHSIG
+    how = "pipe" if pool.start_method == "fork" else "pdeathsig"
+    assert set(every_worker(pool, h.death_notice).values()) == {(how, int(signal.SIGKILL))}
     # Ctrl-C belongs to the caller: workers ignore SIGINT
     assert set(every_worker(pool, h.sigint_disposition).values()) == {int(signal.SIG_IGN)}
     parents = set(every_worker(pool, h.parent_pid).values())
