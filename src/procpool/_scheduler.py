@@ -164,7 +164,8 @@ class Scheduler(WorkerSupervision, Dispatch):
         if initializer is not None:
             payload = _serialize.dumps((initializer, initargs), oob=False)
             config["init"] = payload.data
-        self._init_body = pickle.dumps(config)  # (the INIT frame's: see _spawn)
+        self._init_body = pickle.dumps(config)  # (the INIT frame's: see _init_frame)
+        self._init_frames: dict[int, bytes] = {}
 
         self._lock = threading.RLock()
         self._deliver_lock = threading.RLock()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import _signal
 import array
+import errno
 import fcntl
 import mmap
 import os
@@ -49,21 +50,14 @@ INTERNAL_FDS: set[int] = set()
 
 #: both ends of the fork launchers' death pipes (see die_with_pipe): only the pool's own
 #: process may hold them, so every child forked by ``os.fork()`` -- a worker, a
-#: ``multiprocessing`` worker, the program's own -- closes them first thing
+#: ``multiprocessing`` worker, the program's own -- closes them first thing.  (A child that
+#: another thread forks in the instant between a pipe's creation and its registration keeps
+#: it: the pool's workers then outlive a dead pool as long as that child lives.  A lock every
+#: fork would take closes that window, at the price of one more way for a fork to hang.)
 DEATH_ENDS: set[int] = set()
-#: held from a death pipe's creation to its registration, and by every ``os.fork()``: a child
-#: forked in between by another thread would keep the write end unregistered (an RLock: a
-#: signal handler that forks may interrupt the holder)
-_DEATH_LOCK = threading.RLock()
-
-
-def _death_lock_release() -> None:
-    _DEATH_LOCK.release()
 
 
 def _close_death_ends() -> None:
-    global _DEATH_LOCK
-    _DEATH_LOCK = threading.RLock()  # the parent's holder (the forking thread) is not here
     for fd in DEATH_ENDS:
         try:
             os.close(fd)
@@ -72,11 +66,7 @@ def _close_death_ends() -> None:
     DEATH_ENDS.clear()
 
 
-os.register_at_fork(
-    before=lambda: _DEATH_LOCK.acquire(),
-    after_in_parent=_death_lock_release,
-    after_in_child=_close_death_ends,
-)
+os.register_at_fork(after_in_child=_close_death_ends)
 
 PR_SET_PDEATHSIG = 1
 _prctl: Any = None  # resolved at the first die_with_parent (see there)
@@ -243,12 +233,17 @@ def die_with_parent(expected_ppid: int) -> None:
         os._exit(1)
 
 
-def _resolve_prctl() -> None:
+def _resolve_prctl(fork_lock_held: bool = False) -> None:
+    """Import ctypes and find ``prctl`` (once), with no fork of ours in the middle of the
+    import (see _serialize._cloudpickle): under _FORK_LOCK, unless the caller holds it."""
     global _prctl
     if _prctl is None:
         try:
-            with _FORK_LOCK:  # (no fork of ours in the middle of the import: see _cloudpickle)
+            if fork_lock_held:
                 import ctypes
+            else:
+                with _FORK_LOCK:
+                    import ctypes
 
             _prctl = ctypes.CDLL(None, use_errno=True).prctl
         except (OSError, AttributeError):  # pragma: no cover - not Linux
@@ -259,17 +254,24 @@ def death_pipe() -> tuple[int, int]:
     """A pool's death pipe: (read end, write end).  Nothing is ever written; the pool's process
     holds the write end until its I/O thread ends (see ForkLauncher.close), and the kernel
     closes it if the process dies.  Every forked child closes both ends (DEATH_ENDS)."""
-    with _DEATH_LOCK:
-        r, w = os.pipe()
-        DEATH_ENDS.update((r, w))
+    r, w = os.pipe()
+    DEATH_ENDS.add(r)
+    DEATH_ENDS.add(w)
     return r, w
 
 
+#: why death_end may find no ``/proc/self/fd`` to open (other errors -- out of fds or memory
+#: -- are raised: they would load ctypes into the parent for good, see die_with_parent)
+_NO_PROC = frozenset({errno.ENOENT, errno.EACCES, errno.ENXIO, errno.ENOTDIR, errno.EPERM})
+
+
 def death_end(r: int) -> int:
-    """In the parent, for the worker about to be forked: an open file of its own on the death
-    pipe's read end *r* (the owner of a signal belongs to an open file, and workers must not
-    share one), set to raise SIGKILL when the pipe ends (``F_SETSIG``).  -1 where that cannot
-    be had (no ``/proc``, not Linux): the worker then uses ``PR_SET_PDEATHSIG``, resolved here.
+    """In the parent, under _FORK_LOCK, for the worker about to be forked: an open file of its
+    own on the death pipe's read end *r* (the owner of a signal belongs to an open file, and
+    workers must not share one), set to raise SIGKILL when the pipe ends (``F_SETSIG``).  -1
+    where that cannot be had (no ``/proc``, not Linux): the worker then uses
+    ``PR_SET_PDEATHSIG``, resolved here.  Closed in the parent once the worker is forked,
+    under the same lock: no other pool's worker inherits it.
 
     ``F_SETSIG`` takes an int, and ``fcntl`` given an int first fails to parse it as a buffer:
     the error message it formats (then drops) pages ≈ 0.2 MB of libc's printf into the
@@ -279,12 +281,14 @@ def death_end(r: int) -> int:
         try:
             own = os.open(f"/proc/self/fd/{r}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             fcntl.fcntl(own, fcntl.F_SETSIG, signal.SIGKILL)
-        except (OSError, AttributeError):  # pragma: no cover - no /proc, not Linux
+        except (OSError, AttributeError) as exc:  # (AttributeError: no F_SETSIG, not Linux)
             if own >= 0:
                 os.close(own)
+            if isinstance(exc, OSError) and exc.errno not in _NO_PROC:
+                raise
             own = -1
     if own < 0:
-        _resolve_prctl()  # now, not in the worker: see die_with_parent
+        _resolve_prctl(fork_lock_held=True)  # now, not in the worker: see die_with_parent
     return own
 
 
@@ -438,16 +442,19 @@ class ForkLauncher(Launcher):
         ppid = os.getpid()
         if self._death is None:
             self._death = death_pipe()
-        own = death_end(self._death[0])  # (not under _FORK_LOCK: it may import ctypes)
-        if own >= 0:
-            INTERNAL_FDS.add(own)
-        # One pool's I/O thread at a time from here to the fork: another pool forking in between
-        # would let its worker inherit this socketpair before it is in INTERNAL_FDS.
         # the progress slot: shared memory the worker inherits, kept from later forks (no fd,
-        # no memfd to send: a slot the parent maps with no fd kept would need ctypes < 3.13)
+        # no memfd to send: a slot the parent maps with no fd kept would need ctypes < 3.13).
+        # (A child forked later holds the mmap object, not the memory: it must never use it.)
         slot = mmap.mmap(-1, P.PROGRESS_SIZE)
+        own = pid = -1
+        parent_sock: socket.socket | None = None
+        child_sock: socket.socket | None = None
         try:
+            # One pool's I/O thread at a time from here to the fork: another pool forking in
+            # between would let its worker inherit this socketpair (or the worker's end of the
+            # death pipe) before it is in INTERNAL_FDS (or closed).
             with _FORK_LOCK:
+                own = death_end(self._death[0])
                 parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 INTERNAL_FDS.update((parent_sock.fileno(), child_sock.fileno()))
                 with warnings.catch_warnings():
@@ -457,21 +464,32 @@ class ForkLauncher(Launcher):
                     warnings.simplefilter("ignore", DeprecationWarning)
                     pid = os.fork()
                 if pid:
+                    if own >= 0:  # the worker's, from now on
+                        os.close(own)
                     INTERNAL_FDS.discard(child_sock.fileno())
-                    if hasattr(mmap, "MADV_DONTFORK"):
-                        slot.madvise(mmap.MADV_DONTFORK)
-        finally:
-            if own >= 0 and os.getpid() == ppid:  # the worker's own, from now on
-                INTERNAL_FDS.discard(own)
-                os.close(own)
+                    child_sock.close()
+                    try:
+                        slot.madvise(mmap.MADV_DONTFORK)  # (only spares later forks a page)
+                    except (OSError, AttributeError):  # pragma: no cover - an old kernel
+                        pass
+        except BaseException:
+            if pid != 0:  # (the parent: nothing forked, or the worker is forked but this failed)
+                if own >= 0 and pid < 0:
+                    os.close(own)
+                for sock in (parent_sock, child_sock):
+                    if sock is not None:
+                        INTERNAL_FDS.discard(sock.fileno())
+                        sock.close()
+                slot.close()
+            raise
         if pid == 0:  # the worker (its _FORK_LOCK is new: see _new_fork_lock)
             code = 1
             try:
                 # out of the set first: child_setup closes the rest, and a second close's
                 # EBADF would build an OSError, whose strerror() loads libc's message catalog
                 # machinery (≈ 0.4 MB of code pages more in every idle worker)
+                assert parent_sock is not None and child_sock is not None
                 INTERNAL_FDS.discard(parent_sock.fileno())
-                INTERNAL_FDS.discard(own)
                 parent_sock.close()
                 own = die_with_pipe(own, ppid)
                 child_setup(child_sock.fileno())  # SIGINT ignored from here...
@@ -485,10 +503,10 @@ class ForkLauncher(Launcher):
                 code = _worker.main(child_sock, batch=False, progress=slot)  # (batch: below)
             finally:
                 os._exit(code)
-        child_sock.close()
         from ._worker import batch_scheduling
 
         batch_scheduling(pid)
+        assert parent_sock is not None
         return Proc(pid, open_pidfd(pid), parent_sock, slot)
 
     def close(self) -> None:
@@ -496,9 +514,10 @@ class ForkLauncher(Launcher):
         if self._death is not None:
             r, w = self._death
             self._death = None
-            DEATH_ENDS.difference_update((r, w))
-            os.close(w)
-            os.close(r)
+            with _FORK_LOCK:  # (no worker of another pool forked with these out of the set)
+                DEATH_ENDS.difference_update((r, w))
+                os.close(w)
+                os.close(r)
 
 
 def _spawn_python(code: str, sock: socket.socket) -> int:

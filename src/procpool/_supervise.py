@@ -114,6 +114,7 @@ class WorkerSupervision:
     _by_fd: dict[int, tuple[str, _Worker | None]]
     _epoll: Any
     _init_body: bytes
+    _init_frames: dict[int, bytes]
     _pending: Any
     _dead: list[_Worker]
     _state: str
@@ -153,10 +154,18 @@ class WorkerSupervision:
             w.progress = os.memfd_create("procpool-progress", os.MFD_CLOEXEC)
             INTERNAL_FDS.add(w.progress)  # (closed in _bury)
             os.ftruncate(w.progress, P.PROGRESS_SIZE)
-            w.chan.push(P.frame(P.INIT, self._init_body, 1), [os.dup(w.progress)])
+            w.chan.push(self._init_frame(1), [os.dup(w.progress)])
         else:
-            w.chan.push(P.frame(P.INIT, self._init_body))
+            w.chan.push(self._init_frame(0))
         self._flush(w)
+
+    def _init_frame(self, nfds: int) -> bytes:
+        """The INIT frame, with the progress slot's memfd (*nfds* 1) or without (a forked
+        worker's slot is mapped before the fork), made once each."""
+        made = self._init_frames.get(nfds)
+        if made is None:
+            made = self._init_frames[nfds] = P.frame(P.INIT, self._init_body, nfds)
+        return made
 
     def _idle_worker(self) -> _Worker | None:
         for w in self._workers.values():

@@ -722,7 +722,10 @@ class Future(concurrent.futures.Future[T]):
         if state == _CANCELLED or (state == _PENDING and isinstance(exc, CancelledError)):
             self._cancel_and_notify()  # the pool will never start it
         elif state not in _OVER:
-            self.set_exception(exc)
+            try:
+                self.set_exception(exc)
+            except concurrent.futures.InvalidStateError:  # the caller cancelled it meanwhile
+                self._cancel_and_notify()
 
     def _cancel_and_notify(self) -> None:
         """A future the pool gives up before starting it -- cancelled now

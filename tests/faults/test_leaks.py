@@ -230,3 +230,32 @@ def test_a_cancelled_future_does_not_keep_its_pool(leak_check):
     gc.collect()
     assert wait_until(lambda: ref() is None, 5.0), "a cancelled future kept its pool alive"
     leak_check.assert_clean()
+
+
+def _start_into(pools: list) -> None:
+    pools.append(procpool.Pool(4))
+
+
+def test_pools_starting_together_keep_each_others_fds_out_of_their_workers(leak_check):
+    """Each forked worker holds one end of its own pool's death pipe, none of another's: the
+    parent makes a worker's end under the lock that serializes the pools' forks."""
+    import threading
+
+    for _ in range(3):
+        pools: list[procpool.Pool] = []
+        threads = [threading.Thread(target=_start_into, args=(pools,)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30.0)
+        try:
+            assert len(pools) == 2
+            for pool in pools:
+                counts = {}
+                while set(counts) != set(pool.pids()):
+                    counts.update(pool.map(h.death_pipe_fds, range(16), chunksize=1))
+                assert set(counts.values()) == {1}, counts
+        finally:
+            for pool in pools:
+                pool.terminate()
+                pool.join()
