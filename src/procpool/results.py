@@ -668,9 +668,12 @@ class Future(concurrent.futures.Future[T]):
     _exception: BaseException | None = None
     _waiters: Any = ()  # then a list (see _condition)
     _done_callbacks: Any = ()  # then a list
+    _state = _PENDING
 
-    def __init__(self) -> None:  # the stdlib's, minus the condition and its lists
-        self._state = _PENDING
+    # The stdlib's __init__ makes the condition: a future is made with no state of its own
+    # (the defaults above stand in), and object's __init__ is a C call where a Python one
+    # cost ≈ 0.1 µs of submit's ≈ 2 µs in the caller.
+    __init__ = object.__init__  # type: ignore[assignment]
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
