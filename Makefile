@@ -42,8 +42,10 @@ lint: .stamp-dev  ## ruff (lint + format check) and mypy on the package
 
 bench: .stamp-bench  ## side-by-side benchmarks against multiprocessing, loky, mpire, pebble, faster-fifo
 	@# compiled bytecode, as an installed package has (and the standard library always has):
-	@# otherwise every import compiles, and workers' RSS counts the compiler's memory
-	$(BIN)/python -m compileall -q src benchmarks
+	@# otherwise every import compiles, and workers' RSS counts the compiler's memory.
+	@# -f: compileall trusts a compiled file whose source has its mtime (to the second),
+	@# where import also checks the size -- an edit within that second went uncompiled
+	$(BIN)/python -m compileall -f -q src benchmarks
 	$(BIN)/python benchmarks/run_all.py
 
 clean:  ## remove the virtual environment and caches
