@@ -578,3 +578,31 @@ def test_a_ctrl_c_as_a_waiting_caller_claims_the_worker_does_not_wedge_the_pool(
             sys.settrace(None)
         assert pool.apply_async(identity, (4,)).get(timeout=10) == 4  # not waiting on slow
         assert wait(10) == 3
+
+
+def test_a_pool_collected_while_a_thread_holds_the_fork_lock_does_not_deadlock_its_end():
+    # The I/O thread ends holding its pool's lock (closing the death pipe); a thread holding
+    # _FORK_LOCK (importing cloudpickle or ctypes) may run that pool's finalizer in a garbage
+    # collection, which takes the pool's lock: the end must not wait for _FORK_LOCK.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import gc, os, time, procpool
+        from procpool import _start
+        pool = procpool.Pool(1)
+        pool.apply(os.getpid)
+        class Holder: pass
+        holder = Holder(); holder.pool = pool; holder.me = holder  # only a collection frees it
+        with _start._FORK_LOCK:
+            pool.close()
+            del pool, holder
+            time.sleep(0.5)
+            gc.collect()
+        print("ended")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ended", out.stderr

@@ -260,9 +260,10 @@ def death_pipe() -> tuple[int, int]:
     return r, w
 
 
-#: why death_end may find no ``/proc/self/fd`` to open (other errors -- out of fds or memory
-#: -- are raised: they would load ctypes into the parent for good, see die_with_parent)
-_NO_PROC = frozenset({errno.ENOENT, errno.EACCES, errno.ENXIO, errno.ENOTDIR, errno.EPERM})
+#: errors of death_end that are raised (a passing shortage of fds or memory), where any other
+#: means no death pipe here (no ``/proc``, no ``F_SETSIG``...) and PR_SET_PDEATHSIG instead:
+#: falling back for a shortage would load ctypes into the parent for good (die_with_parent)
+_SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 
 def death_end(r: int) -> int:
@@ -284,7 +285,7 @@ def death_end(r: int) -> int:
         except (OSError, AttributeError) as exc:  # (AttributeError: no F_SETSIG, not Linux)
             if own >= 0:
                 os.close(own)
-            if isinstance(exc, OSError) and exc.errno not in _NO_PROC:
+            if isinstance(exc, OSError) and exc.errno in _SHORTAGES:
                 raise
             own = -1
     if own < 0:
@@ -440,8 +441,6 @@ class ForkLauncher(Launcher):
 
     def start(self) -> Proc:
         ppid = os.getpid()
-        if self._death is None:
-            self._death = death_pipe()
         # the progress slot: shared memory the worker inherits, kept from later forks (no fd,
         # no memfd to send: a slot the parent maps with no fd kept would need ctypes < 3.13).
         # (A child forked later holds the mmap object, not the memory: it must never use it.)
@@ -454,6 +453,8 @@ class ForkLauncher(Launcher):
             # between would let its worker inherit this socketpair (or the worker's end of the
             # death pipe) before it is in INTERNAL_FDS (or closed).
             with _FORK_LOCK:
+                if self._death is None:
+                    self._death = death_pipe()
                 own = death_end(self._death[0])
                 parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 INTERNAL_FDS.update((parent_sock.fileno(), child_sock.fileno()))
@@ -473,14 +474,18 @@ class ForkLauncher(Launcher):
                     except (OSError, AttributeError):  # pragma: no cover - an old kernel
                         pass
         except BaseException:
-            if pid != 0:  # (the parent: nothing forked, or the worker is forked but this failed)
-                if own >= 0 and pid < 0:
-                    os.close(own)
-                for sock in (parent_sock, child_sock):
-                    if sock is not None:
-                        INTERNAL_FDS.discard(sock.fileno())
-                        sock.close()
-                slot.close()
+            if pid == 0:  # the worker: never into the parent's code (see the finally below)
+                os._exit(1)
+            if pid > 0:  # forked, but what followed failed: the worker goes, reaped
+                os.kill(pid, signal.SIGKILL)  # (ours, not reaped: the pid cannot be reused)
+                os.waitpid(pid, 0)
+            elif own >= 0:
+                os.close(own)
+            for sock in (parent_sock, child_sock):
+                if sock is not None:
+                    INTERNAL_FDS.discard(sock.fileno())
+                    sock.close()
+            slot.close()
             raise
         if pid == 0:  # the worker (its _FORK_LOCK is new: see _new_fork_lock)
             code = 1
@@ -514,10 +519,14 @@ class ForkLauncher(Launcher):
         if self._death is not None:
             r, w = self._death
             self._death = None
-            with _FORK_LOCK:  # (no worker of another pool forked with these out of the set)
-                DEATH_ENDS.difference_update((r, w))
-                os.close(w)
-                os.close(r)
+            # The write end goes at once (dup2 closes it as it reuses its number); both numbers
+            # stay in DEATH_ENDS until closed, so a child forked meanwhile closes them too.
+            # (Not under _FORK_LOCK: the I/O thread holds its pool's lock here, and a thread
+            # holding _FORK_LOCK may run that pool's finalizer in a garbage collection.)
+            os.dup2(r, w, inheritable=False)
+            DEATH_ENDS.difference_update((r, w))
+            os.close(w)
+            os.close(r)
 
 
 def _spawn_python(code: str, sock: socket.socket) -> int:

@@ -442,18 +442,21 @@ def death_notice(_=None):
     return None, 0
 
 
-def death_pipe_fds(_=None):
-    """(pid, the number of this process's fds on a pipe with O_ASYNC set: death-pipe ends)."""
+def pipe_inodes(_=None):
+    """(pid, (the inodes of this process's pipes with O_ASYNC set -- its own end of a death
+    pipe --, the inodes of its other pipes but stdin/stdout/stderr))."""
     time.sleep(0.02)  # long enough that one map spreads over all workers
-    count = 0
+    own, other = [], []
     for name in os.listdir("/proc/self/fd"):
         try:
             fd = int(name)
-            if stat.S_ISFIFO(os.fstat(fd).st_mode) and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ASYNC:
-                count += 1
+            st = os.fstat(fd)
+            if fd > 2 and stat.S_ISFIFO(st.st_mode):
+                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+                (own if flags & os.O_ASYNC else other).append(st.st_ino)
         except OSError:
             continue
-    return os.getpid(), count
+    return os.getpid(), (own, other)
 
 
 def nested_pool_then_sleep(path, seconds=60.0):

@@ -238,7 +238,8 @@ def _start_into(pools: list) -> None:
 
 def test_pools_starting_together_keep_each_others_fds_out_of_their_workers(leak_check):
     """Each forked worker holds one end of its own pool's death pipe, none of another's: the
-    parent makes a worker's end under the lock that serializes the pools' forks."""
+    parent makes a pool's pipe, and a worker's end, under the lock that serializes the pools'
+    forks."""
     import threading
 
     for _ in range(3):
@@ -250,11 +251,14 @@ def test_pools_starting_together_keep_each_others_fds_out_of_their_workers(leak_
             t.join(30.0)
         try:
             assert len(pools) == 2
+            pipes = {pool: os.fstat(pool._sched._launcher._death[0]).st_ino for pool in pools}
             for pool in pools:
-                counts = {}
-                while set(counts) != set(pool.pids()):
-                    counts.update(pool.map(h.death_pipe_fds, range(16), chunksize=1))
-                assert set(counts.values()) == {1}, counts
+                seen = {}
+                while set(seen) != set(pool.pids()):
+                    seen.update(pool.map(h.pipe_inodes, range(16), chunksize=1))
+                others = {ino for p, ino in pipes.items() if p is not pool}
+                for own, other in seen.values():
+                    assert own == [pipes[pool]] and not others & set(other), (seen, pipes)
         finally:
             for pool in pools:
                 pool.terminate()
