@@ -37,6 +37,14 @@ time.sleep(60)
 """
 
 
+def kill_and_expect_gone(child: h.Child, procs: dict[int, int]) -> None:
+    """SIGKILL the child Python; each of *procs* (pid -> start time) must be gone soon after."""
+    os.kill(child.pid, signal.SIGKILL)
+    assert child.wait(10) == -signal.SIGKILL
+    gone = wait_until(lambda: not h.still_alive(procs), DEATH_GRACE_S)
+    assert gone, f"still running {DEATH_GRACE_S}s after the parent died: {h.still_alive(procs)}"
+
+
 @pytest.mark.parametrize("method", START_METHODS)
 @pytest.mark.parametrize("busy", [True, False], ids=["mid-map", "idle"])
 def test_workers_exit_when_parent_is_sigkilled(method, busy, leak_check):
@@ -52,11 +60,7 @@ def test_workers_exit_when_parent_is_sigkilled(method, busy, leak_check):
         assert set(workers) <= set(tree), (workers, tree)
         assert len(workers) == 2
 
-        os.kill(child.pid, signal.SIGKILL)
-        assert child.wait(10) == -signal.SIGKILL
-
-        gone = wait_until(lambda: not h.still_alive(tree), DEATH_GRACE_S)
-        assert gone, f"still running {DEATH_GRACE_S}s after the parent died: {h.still_alive(tree)}"
+        kill_and_expect_gone(child, tree)
     finally:
         for pid in h.still_alive(tree):
             os.kill(pid, signal.SIGKILL)  # do not leave them to the next tests
@@ -88,14 +92,7 @@ def test_a_child_the_program_forked_does_not_keep_the_workers_alive(leak_check):
         tree = h.descendants(child.pid)
         assert set(workers) | {keeper} <= set(tree), (workers, keeper, tree)
 
-        os.kill(child.pid, signal.SIGKILL)
-        assert child.wait(10) == -signal.SIGKILL
-
-        in_pool = {pid: tree[pid] for pid in workers}
-        gone = wait_until(lambda: not h.still_alive(in_pool), DEATH_GRACE_S)
-        assert gone, (
-            f"still running {DEATH_GRACE_S}s after the parent died: {h.still_alive(in_pool)}"
-        )
+        kill_and_expect_gone(child, {pid: tree[pid] for pid in workers})
         assert h.still_alive({keeper: tree[keeper]}), "the keeper was to outlive the parent"
     finally:
         for pid in h.still_alive(tree):
@@ -125,11 +122,7 @@ def test_forked_workers_die_with_the_pool_whatever_their_signals(leak_check):
         assert set(workers) <= set(tree), (workers, tree)
         os.kill(workers[0], signal.SIGSTOP)
 
-        os.kill(child.pid, signal.SIGKILL)
-        assert child.wait(10) == -signal.SIGKILL
-
-        gone = wait_until(lambda: not h.still_alive(tree), DEATH_GRACE_S)
-        assert gone, f"still running {DEATH_GRACE_S}s after the parent died: {h.still_alive(tree)}"
+        kill_and_expect_gone(child, tree)
     finally:
         for pid in h.still_alive(tree):
             os.kill(pid, signal.SIGKILL)
