@@ -69,7 +69,7 @@ def _close_death_ends() -> None:
 os.register_at_fork(after_in_child=_close_death_ends)
 
 PR_SET_PDEATHSIG = 1
-_prctl: Any = None  # resolved at the first die_with_parent (see there)
+_prctl: Any = None  # prctl, once _resolve_prctl has found it (False: there is none)
 
 
 _FORK_LOCK = threading.Lock()  # see ForkLauncher.start
@@ -225,7 +225,9 @@ def die_with_parent(expected_ppid: int) -> None:
     forked worker holds every page of its parent's memory, and ctypes is ≈ 0.35 MB of it
     (the fork start method uses :func:`die_with_pipe` instead).  Called in fresh
     interpreters (``spawn``, the fork server and its single-threaded children), where loading
-    a library is safe."""
+    a library is safe; in a forked worker only where the death pipe cannot serve, having been
+    resolved in the parent before the fork (death_end) -- or, if the kernel refuses
+    ``O_ASYNC`` to the worker alone, imported there."""
     _resolve_prctl()
     if _prctl:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
