@@ -100,6 +100,53 @@ def test_force_cancel_of_a_running_call_in_a_run_spares_the_others(pool1, tmp_pa
     assert sorted(recorded(path)) == list(range(N))
 
 
+@pytest.mark.parametrize("progress_says", ["finished", "running (a race)"])
+def test_force_cancel_of_a_call_in_a_run_whose_reply_is_unread(pool1, tmp_path, progress_says):
+    """Call 6 of a run has finished and its reply waits unread (call 5's callback holds the
+    I/O thread); call 7 runs.  By the progress slot call 6 is done: cancel(force=True) says
+    False and its value comes.  Should the slot still say running (a race), the cancel says
+    True and the value, read before the worker's death, is not delivered: CancelledError."""
+    path = str(tmp_path / "ran")
+    inside, gate = threading.Event(), threading.Event()
+
+    def hold(_):
+        inside.set()
+        gate.wait(30)
+
+    seconds = {5: 0.2, 6: 0.5, 7: 30.0}  # (5 and 6: each flushed on its own)
+    with io_thread_held(pool1):
+        rs = [
+            pool1.apply_async(
+                record, (path, i, seconds.get(i, 0)), callback=hold if i == 5 else None
+            )
+            for i in range(N)
+        ]
+    try:
+        assert inside.wait(10)  # call 5 delivered: the I/O thread is held
+        run = rs[6]._task
+        assert run.kind == P.CALLS and rs[5]._task is None and rs[7]._task is run
+        assert wait_until(lambda: 7 in recorded(path), 10)  # call 6 has finished
+        pids = [w.proc.pid for w in pool1._sched._workers.values()]
+        if progress_says == "finished":
+            assert not rs[6].cancel(force=True)
+            assert [w.proc.pid for w in pool1._sched._workers.values()] == pids
+        else:
+            pool1._sched._finished_on = lambda w, tid: False
+            assert rs[6].cancel(force=True)
+        assert rs[7].cancel(force=True)  # running: its worker goes
+    finally:
+        gate.set()
+    if progress_says == "finished":
+        assert rs[6].get(10) == 6
+    else:
+        with pytest.raises(CancelledError):
+            rs[6].get(10)
+    with pytest.raises(CancelledError):
+        rs[7].get(10)
+    assert [r.get(20) for r in rs[8:]] == list(range(8, N))  # sent again
+    assert [r.get(1) for r in rs[:6]] == list(range(6))
+
+
 @pytest.mark.parametrize("api", ["apply_async", "submit"])
 def test_a_worker_dying_in_a_run_fails_the_call_that_killed_it_and_sends_the_rest_again(api):
     with procpool.Pool(2) as pool:

@@ -4,12 +4,16 @@ cancellation of pending and running tasks, and retries of tasks lost to a dead w
 from __future__ import annotations
 
 import os
+import select
 import signal
 import threading
 import time
+from concurrent.futures import CancelledError
 
 import pytest
-from tasks import sleep_then, square
+from _pool_helpers import io_thread_held
+from conftest import wait_until
+from tasks import record, recorded, sleep_then, square
 
 import procpool
 
@@ -109,6 +113,45 @@ def test_cancel_pending_and_running_tasks():
         with pytest.raises(concurrent.futures.CancelledError):
             pending.get(5)
         assert pool.apply(square, (4,)) == 16
+
+
+def reply_waiting(task) -> bool:
+    """Whether the worker holding *task* has written something the pool has not read."""
+    return bool(select.select([task.worker.proc.sock], [], [], 0)[0])
+
+
+def worker_pids(pool) -> list[int]:
+    return sorted(w.proc.pid for w in pool._sched._workers.values())
+
+
+@pytest.mark.parametrize("progress_says", ["finished", "running (a race)"])
+def test_force_cancel_of_a_task_whose_reply_is_unread(tmp_path, progress_says):
+    """The task has finished and its reply waits unread (the I/O thread is busy in a
+    callback).  By its progress slot the task is no longer running: cancel(force=True) says
+    False and kills nothing.  Should the slot still say running (a cancel racing the task's
+    last microseconds), the cancel says True and its promise holds: CancelledError, even
+    though the reply is read before the worker's death."""
+    path = str(tmp_path / "ran")
+    with procpool.Pool(2) as pool:
+        r = pool.apply_async(record, (path, 1, 1.5))  # (it finishes once the I/O thread is held)
+        assert wait_until(lambda: recorded(path) == [1], 10)
+        task = r._task
+        with io_thread_held(pool):
+            assert task.worker is not None  # (still running)
+            assert wait_until(lambda: reply_waiting(task), 10)
+            pids = worker_pids(pool)
+            if progress_says == "finished":
+                assert not r.cancel(force=True)
+                assert worker_pids(pool) == pids
+            else:
+                pool._sched._finished_on = lambda w, tid: False
+                assert r.cancel(force=True)
+        if progress_says == "finished":
+            assert r.get(10) == 1
+        else:
+            with pytest.raises(CancelledError):
+                r.get(10)
+        assert pool.apply(square, (3,)) == 9
 
 
 def test_retries_rerun_a_task_lost_to_a_dead_worker(tmp_path):

@@ -875,7 +875,13 @@ class Scheduler(WorkerSupervision, Dispatch):
         head = P.RESULT_HEAD
         if len(body) >= head.size and task.kind == P.CALL and len(w.inflight) == 1:
             tid, status, duration, nbuf, nfd, size = head.unpack_from(body)
-            if tid == task.id and status == P.OK and not (nbuf or nfd) and w.inflight.get(tid):
+            if (
+                tid == task.id
+                and status == P.OK
+                and not (nbuf or nfd)
+                and w.inflight.get(tid)
+                and not task.cancel_requested  # (_on_results settles it: see cancel)
+            ):
                 if head.size + size == len(body):
                     del w.inflight[tid]
                     # as _on_results does for each record
@@ -939,9 +945,12 @@ class Scheduler(WorkerSupervision, Dispatch):
                 self._cancel_pending_task(task)
                 outcome = True
             elif task.state == _SENT and force and task.worker is not None:
-                task.cancel_requested = True
-                self._kill(task.worker)
-                outcome = True
+                # stopped, unless it has finished (its reply is on its way): the promise is
+                # CancelledError, even should the reply arrive before the worker's death
+                outcome = not self._finished_on(task.worker, task.id)
+                if outcome:
+                    task.cancel_requested = True
+                    self._kill(task.worker)
             else:
                 outcome = False
         self._deliver()
@@ -974,7 +983,13 @@ class Scheduler(WorkerSupervision, Dispatch):
             if not sink.members:
                 run.state = _DONE  # (the dispatcher drops it)
             return True
-        if run.state == _SENT and force and i >= sink.got and run.worker is not None:
+        if (
+            run.state == _SENT
+            and force
+            and i >= sink.got
+            and run.worker is not None
+            and not self._finished_on(run.worker, run.id + 1 + i)
+        ):
             if sink.cancelled is None:
                 sink.cancelled = set()
             sink.cancelled.add(i)

@@ -189,6 +189,26 @@ class WorkerSupervision:
     def _accepts(w: _Worker) -> bool:
         return not (w.retiring or w.exit_sent or w.eof or w.exclusive)
 
+    def _finished_on(self, w: _Worker, tid: int) -> bool:
+        """Whether the task (or run member) *tid* that *w* holds has finished, by its progress
+        slot: its reply is then written or buffered, and comes unless the worker dies first."""
+        running, done, _, _ = w.read_progress()
+        if running == tid:
+            return False
+        if done == tid:
+            return True
+        seen = False
+        for task in w.inflight.values():  # in the order the worker runs them
+            if task.kind == P.CALLS:  # a run: its members not answered yet, in order
+                first = task.id + 1
+                ids: Any = range(first + task.sink.got, first + len(task.sink.members))
+            else:
+                ids = (task.id,)
+            if done in ids:  # what the worker finished last: tid, before it, did too
+                return seen or tid in ids and tid < done
+            seen = seen or tid in ids
+        return False
+
     def _kill(self, w: _Worker) -> None:
         send_signal(w.proc, signal.SIGKILL)
 
@@ -401,11 +421,17 @@ class WorkerSupervision:
                         task = inflight.pop(tid, None)
                         if task is not None:  # (None: cancelled or failed meanwhile)
                             cost -= task.cost
-                            task.state = _DONE
                             task.worker = None
                             if task.timeout:
                                 w.exclusive = False
-                            values += (task, value)
+                            task.state = _DONE
+                            if task.cancel_requested:  # came before its worker's death
+                                if values:  # (see the record's case below)
+                                    self._deliveries.append(("values", values))
+                                    values = []
+                                self._deliveries.append(("error", task, CancelledError()))
+                            else:
+                                values += (task, value)
                 spent = 0.7 * spent + rec[2]
                 items = 0.7 * items + len(ids)
                 continue
@@ -431,6 +457,19 @@ class WorkerSupervision:
             task.worker = None
             if task.timeout:
                 w.exclusive = False
+            if task.cancel_requested:
+                # the reply of a task cancel(force=True) stopped came before its worker's
+                # death: it fails all the same, as the cancel promised.  (Queued with no
+                # Python call since the pop: a Ctrl-C in a caller's drive is raised at one.)
+                if tasks:  # deliveries keep the records' order
+                    self._deliveries.append(("results", tasks, recs, rfds))
+                    tasks, recs, rfds = [], [], []
+                self._deliveries.append(("error", task, CancelledError()))
+                task.release()
+                if mine:
+                    _serialize.Payload(b"", 0, list(mine)).close()
+                    mine = ()
+                continue
             tasks.append(task)
             recs.append(rec)
             rfds.append(mine)
@@ -465,7 +504,13 @@ class WorkerSupervision:
                     task.worker = None
                     if task.timeout:
                         w.exclusive = False
-                    values += (task, got[i - 1])
+                    if task.cancel_requested:  # came before its worker's death
+                        if values:  # (see _on_results)
+                            self._deliveries.append(("values", values))
+                            values = []
+                        self._deliveries.append(("error", task, CancelledError()))
+                    else:
+                        values += (task, got[i - 1])
                 continue
             base = tid & ~RUN_MASK
             run = inflight.get(base)
@@ -481,16 +526,26 @@ class WorkerSupervision:
             if values:  # deliveries keep the records' order
                 self._deliveries.append(("values", values))
                 values = []
-            delivery = ("members", sink.members[k : k + m], got[i : i + m])
-            # the run's bookkeeping, then its delivery, with no call in between: a Ctrl-C (in a
-            # caller's drive, see _drive) is raised at a call, so both are done, or neither
+            members = sink.members[k : k + m]
+            deliveries: list[tuple[str, Any, Any]]
+            if sink.cancelled is None or sink.cancelled.isdisjoint(range(k, k + m)):
+                deliveries = [("members", members, got[i : i + m])]
+            else:  # replies of members a cancel(force=True) had stopped: they stay unread
+                deliveries = [
+                    ("error", Task.unsent(member, run.label), CancelledError())
+                    if k + j in sink.cancelled
+                    else ("members", [member], [got[i + j]])
+                    for j, member in enumerate(members)
+                ]
+            # the run's bookkeeping, then its deliveries, with no call in between: a Ctrl-C (in
+            # a caller's drive, see _drive) is raised at a call, so both are done, or neither
             sink.got = k + m
             if k + m == total:  # all in
                 del inflight[base]
                 cost -= run.cost
                 run.state = _DONE
                 run.worker = None
-            self._deliveries.append(delivery)
+            self._deliveries += deliveries
             i += m
         if values:
             self._deliveries.append(("values", values))
