@@ -347,6 +347,23 @@ def test_terminate_fails_what_is_outstanding(cluster, DaskPool):
         pool.apply(square, (1,))
 
 
+def test_terminate_of_an_own_cluster_kills_its_busy_workers_and_leaves_nothing(DaskPool):
+    """terminate() kills the own cluster's worker processes (a nanny closing waits 4 s for one
+    busy in a task before it kills it, and close() still waits: only terminate kills)."""
+    before = set(child_processes())
+    pool = DaskPool(1)
+    workers = list(pool.client.run(worker_pid).values())
+    result = pool.apply_async(nap, (60.0,))
+    assert wait_until(
+        lambda: pool.client.processing() and any(pool.client.processing().values()), 10
+    )
+    pool.terminate()
+    with pytest.raises(procpool.PoolTerminated):
+        result.get(timeout=10)
+    assert wait_until(lambda: not any(is_alive(pid) for pid in workers), timeout=10)
+    assert wait_until(lambda: not (set(child_processes()) - before), timeout=10)
+
+
 def test_uses_a_client_it_is_given_and_leaves_it_open(cluster, DaskPool):
     import distributed
 

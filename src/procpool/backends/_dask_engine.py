@@ -16,6 +16,7 @@ The data flow is drawn in :mod:`procpool.backends.dask`.  Here:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import pickle
 import sys
@@ -40,6 +41,10 @@ from ._dask_worker import STARMAP, _Outcome, _Payload, _run_unit
 ADAPTIVE_TARGET_S = 0.05
 #: ... but never beyond this many items
 ADAPTIVE_MAX_CHUNK = 4096
+
+#: terminate: how long a nanny of the own cluster waits for its worker process before killing
+#: it (the nanny's own default, when the cluster closes, is 4 s)
+KILL_WAIT = 0.5
 
 # pool states, as multiprocessing names them
 RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
@@ -294,9 +299,11 @@ class _Engine:
         with self._lock:
             self.state = TERMINATE
         self.cancel_outstanding(PoolTerminated("the pool was terminated"))
-        self._stop()
+        self._stop(now=True)
 
-    def _stop(self) -> None:
+    def _stop(self, now: bool = False) -> None:
+        """Stop the delivery thread, then release the client and the own cluster; *now*
+        (terminate): the own cluster's worker processes are killed at once, not waited for."""
         with self._lock:
             if self._stopped:
                 return
@@ -309,7 +316,19 @@ class _Engine:
         if self.own_client:
             _quietly(self.client.close)
         if self.cluster is not None:
+            if now:
+                self._kill_own_workers()
             _quietly(self.cluster.close)
+
+    def _kill_own_workers(self) -> None:
+        """Kill the own cluster's worker processes (terminate).  Closing the cluster asks each
+        to stop, and a nanny waits 4 s for one still running a task before it kills it."""
+        cluster = self.cluster
+        assert cluster is not None
+        for nanny in list(cluster.workers.values()):
+            kill = getattr(nanny, "kill", None)  # (a Nanny; a thread Worker has none)
+            if kill is not None:
+                _quietly(functools.partial(cluster.sync, kill, timeout=KILL_WAIT))
 
 
 def _quietly(fn: Callable[[], object]) -> None:
