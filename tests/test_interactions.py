@@ -606,3 +606,31 @@ def test_a_pool_collected_while_a_thread_holds_the_fork_lock_does_not_deadlock_i
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "ended", out.stderr
+
+
+def test_an_imap_loop_collected_inside_its_iterators_own_lock_does_not_deadlock():
+    # A for loop over an imap, left inside a reference cycle, is closed by whichever garbage
+    # collection finds it: maybe in a thread inside that iterator's own lock (the I/O thread
+    # delivering a chunk, a consumer in next()).  Its close gives back what it had not
+    # yielded, under that lock: it must neither deadlock nor lose them.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import gc, procpool
+        with procpool.Pool(2) as pool:
+            it = pool.imap(abs, range(100), chunksize=10)
+            class Box: pass
+            box = Box(); box.me = box
+            box.loop = iter(it)
+            first = next(box.loop)  # the loop holds the first chunk
+            del box  # left inside a cycle: only a collection closes it
+            with it._lock:
+                gc.collect()
+            print(first, list(it) == list(range(1, 100)))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.stdout.strip() == "0 True", out.stderr

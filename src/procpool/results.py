@@ -77,8 +77,9 @@ class _Wakeup:
         return waiter
 
     def notify_all(self) -> None:
-        with self._mutex:
-            waiters, self._waiters = self._waiters, []
+        fresh: list[Any] = []  # (made outside the mutex: a collection it set off could run a
+        with self._mutex:  # loop's close, which notifies, in this thread: see _chunk_views)
+            waiters, self._waiters = self._waiters, fresh
         for waiter in waiters:
             waiter.release()
 
@@ -374,7 +375,8 @@ class IMapIterator(Generic[T]):
     """
 
     def __init__(self, ordered: bool, release: Callable[[int], None]) -> None:
-        self._lock = threading.Lock()
+        # reentrant only so that a loop's close can tell it runs inside it (see _chunk_views)
+        self._lock = threading.RLock()
         self._wakeup = _Wakeup()
         self._ordered = ordered
         self._chunks: dict[int, tuple[list, dict[int, BaseException]]] = {}  # by start index
@@ -391,6 +393,8 @@ class IMapIterator(Generic[T]):
         self._release = release
         self._consumed = 0  # results taken but not yet reported to the feeder (batched)
         self._holders: set[int] = set()  # threads whose for loop holds a chunk (see __iter__)
+        # views of loops a garbage collection closed inside this lock (see _chunk_views)
+        self._late: list[tuple[int, list, int, int, int]] = []
         self._pool: Any = None  # kept alive by its iterator (see AsyncResult._pool)
         self._job: Any = None  # the scheduler's MapJob feeding it (set by Pool._imap)
 
@@ -410,6 +414,8 @@ class IMapIterator(Generic[T]):
         """__iter__'s chunks: an iterator over the rest of each chunk, taken whole.  What a
         view has left when the loop is left (this generator closed) says how far it got."""
         while True:
+            if self._late:
+                self._settle_late()
             if self._holders:  # before anything is taken (_wait_for_item may move on)
                 _not_held_by_this_thread(self._holders)
             if not self._wait_for_item(None):
@@ -445,22 +451,42 @@ class IMapIterator(Generic[T]):
                 # what the view has left, taken from it: the loop (a chain) must not go on
                 # yielding from it after a close(); list() runs in C, in one step
                 given = len(chunk) - len(list(view))
-                with self._lock:
-                    self._holders.discard(holder)
-                    if given < len(chunk):  # the loop was left early: the rest stays
-                        if self._values is chunk:
-                            self._pos = given
-                        else:  # another thread moved on meanwhile
-                            self._give_back(base + given, chunk[given:])
-                    taken = given - start
-                    self._yielded += taken
-                    self._consumed += taken
-                    if given < len(chunk) or self._over():
-                        self._wakeup.notify_all()  # other consumers: results, or the end
-                if self._consumed >= 1024:
-                    self._flush_release()
+                if self._lock._is_owned():  # type: ignore[attr-defined]
+                    # a garbage collection closes this loop (left inside a reference cycle)
+                    # in a thread inside this iterator's lock, its state maybe half changed:
+                    # settled by the next consumer, before it takes anything
+                    self._late.append((holder, chunk, start, base, given))
+                    self._wakeup.notify_all()
+                else:
+                    with self._lock:
+                        self._settle_view(holder, chunk, start, base, given)
+                    if self._consumed >= 1024:
+                        self._flush_release()
+
+    def _settle_view(self, holder: int, chunk: list, start: int, base: int, given: int) -> None:
+        """A loop's view of *chunk* (from *start*; *base*: the chunk's first index) is closed,
+        *given* of its items yielded: count them, and give back the rest (the lock is held)."""
+        self._holders.discard(holder)
+        if given < len(chunk):  # the loop was left early: the rest stays
+            if self._values is chunk:
+                self._pos = given
+            else:  # another thread moved on meanwhile
+                self._give_back(base + given, chunk[given:])
+        taken = given - start
+        self._yielded += taken
+        self._consumed += taken
+        if given < len(chunk) or self._over():
+            self._wakeup.notify_all()  # other consumers: results, or the end
+
+    def _settle_late(self) -> None:
+        """Settle the views a garbage collection closed inside the lock (see _chunk_views)."""
+        with self._lock:
+            while self._late:
+                self._settle_view(*self._late.pop(0))
 
     def next(self, timeout: float | None = None) -> T:
+        if self._late:
+            self._settle_late()
         if self._holders:  # before anything is taken
             _not_held_by_this_thread(self._holders)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -499,6 +525,8 @@ class IMapIterator(Generic[T]):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
+                while self._late:  # (see _chunk_views)
+                    self._settle_view(*self._late.pop(0))
                 if self._pos < len(self._values) or self._next_chunk():
                     return True
                 if self._over():
