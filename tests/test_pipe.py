@@ -230,3 +230,30 @@ def test_sender_killed_leaves_whole_messages_then_eof():
         except EOFError:
             break
     assert got == list(range(1000))
+
+
+@pytest.mark.parametrize("lib", [multiprocessing, procpool], ids=["multiprocessing", "procpool"])
+def test_bytes_api_details_as_multiprocessing(lib):
+    import array
+
+    a, b = lib.Pipe()
+    # recv_bytes_into counts bytes, whatever the buffer's item size
+    a.send_bytes(b"12345678")
+    assert b.recv_bytes_into(array.array("i", [0] * 4)) == 8
+    a.send_bytes(b"123456")
+    assert b.recv_bytes_into(array.array("i", [0] * 4), 4) == 6
+    # send() then recv_bytes(): the pickle, at any size (procpool sends big bytes raw)
+    for size in (100, 200_000):
+        payload = os.urandom(size)
+        a.send(payload)
+        assert pickle.loads(b.recv_bytes()) == payload
+    # a message longer than maxlength is lost; a duplex end can still send
+    a.send_bytes(b"x" * 100)
+    with pytest.raises(OSError, match="bad message length"):
+        b.recv_bytes(10)
+    b.send("still here")
+    assert a.recv() == "still here"
+    with pytest.raises(OSError):
+        b.recv_bytes()
+    a.close()
+    b.close()

@@ -372,3 +372,63 @@ def test_join_wakes_when_a_failed_put_takes_its_count_back_to_zero():
     assert failed
     assert joined.wait(5), "join() missed the count's return to zero"
     q.close()
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("maxsize", [0, 2])
+def test_an_exception_while_get_waits_takes_nothing_and_counts_nothing(maxsize):
+    # A signal handler's exception (Ctrl-C, a task's time limit) while get(timeout=) waits:
+    # nothing was taken, so the counters must not move (they did: qsize() stayed one short
+    # for good, and a bounded queue raised ValueError instead of the exception)
+    def interrupt(signum, frame):
+        raise _Interrupted
+
+    q = procpool.Queue(maxsize)
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        for method in ("get", "get_many"):
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            with pytest.raises(_Interrupted):
+                getattr(q, method)(timeout=10)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    q.put("a")
+    q.put("b")
+    assert q.qsize() == 2 and q.full() == (maxsize == 2)
+    assert q.get(timeout=5) == "a" and not q.empty()
+    assert q.get_many(timeout=5) == ["b"] and q.empty()
+
+
+def test_a_signal_timeout_goes_through_queue_and_pipe_waits():
+    # procpool.signals.timeout raises SignalTimeout, a TimeoutError: the waits must not take
+    # it for their own time limit (queue.Empty, queue.Full, poll() -> False)
+    from procpool.signals import SignalTimeout, timeout
+
+    q, full = procpool.Queue(), procpool.Queue(1)
+    full.put(0)
+    reader, _writer = procpool.Pipe()
+    for wait in (
+        lambda: q.get(timeout=10),
+        lambda: full.put(1, timeout=10),
+        lambda: reader.poll(10),
+    ):
+        with pytest.raises(SignalTimeout):
+            with timeout(0.2):
+                wait()
+
+
+def test_a_bytes_message_larger_than_one_read_is_delivered(monkeypatch):
+    # Linux returns at most 0x7ffff000 bytes per read: a bytes message larger than that (it
+    # travels raw, in a memfd) came back as EOFError and was lost.  The limit is lowered here
+    # so that the test need not move 2 GiB.
+    from procpool import _ipc_bulk
+
+    monkeypatch.setattr(_ipc_bulk, "_READ_MAX", 100_000)
+    q = procpool.Queue()
+    payload = os.urandom(300_000)
+    q.put(payload)
+    assert q.get(timeout=10) == payload and q.empty()

@@ -412,3 +412,24 @@ def test_received_rlock_not_owned_in_forked_child():
         assert run_child(_rlock_child_cannot_release, v.get_lock()) == 0
     finally:
         v.release()
+
+
+def test_a_named_object_whose_construction_fails_leaves_no_file_and_frees_its_name():
+    # bad input found after the region was made: nothing left in /dev/shm, the name reusable
+    name = f"procpool_test_bad_{os.getpid()}"
+    bad = [
+        lambda: procpool.Value("i", "abc", name=name),
+        lambda: procpool.Value("i", 0, lock="not a lock", name=name),
+        lambda: procpool.Array("i", [1, "a"], name=name),
+        lambda: procpool.Array("c", "text", name=name),
+        lambda: procpool.SharedArray((-3,), name=name),
+    ]
+    for make in bad:
+        with pytest.raises((TypeError, ValueError, AttributeError)):
+            make()
+        assert not os.path.exists(f"/dev/shm/{name}")
+    v = procpool.Value("i", 7, name=name)
+    try:
+        assert procpool.Value.open(name).value == 7
+    finally:
+        v.unlink()

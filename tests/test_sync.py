@@ -88,6 +88,11 @@ def test_semaphore_counts():
     assert sem.get_value() == 3
     with pytest.raises(ValueError):
         procpool.Semaphore(-1)
+    # too large for the kernel's counter: refused, not wrapped (2**32 became 0: acquire hung)
+    for value in (2**31, 2**32, 2**32 + 3):
+        for cls in (procpool.Semaphore, procpool.BoundedSemaphore):
+            with pytest.raises(OverflowError):
+                cls(value)
 
 
 def test_bounded_semaphore_refuses_extra_release():

@@ -102,10 +102,17 @@ def write(data: bytes | memoryview) -> tuple[int, bool]:
     return fd, cached
 
 
+#: the most one read() returns on Linux, whatever is asked (0x7ffff000 bytes)
+_READ_MAX = 0x7FFFF000
+
+
 def read_bytes(fd: int, size: int) -> bytes:
     """Copy the payload of a received memfd into ``bytes``."""
+    if size > _READ_MAX:  # one read would stop short: copy from a mapping instead
+        with mmap.mmap(fd, HEADER + size, prot=mmap.PROT_READ) as m:
+            return m[HEADER : HEADER + size]
     data = os.pread(fd, size, HEADER)
-    while len(data) < size:  # pread of a regular file returns short only at EOF
+    if len(data) < size:  # pread of a regular file returns short only at EOF
         raise EOFError("truncated out-of-band message")
     return data
 

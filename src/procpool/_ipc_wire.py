@@ -60,6 +60,15 @@ _POLLOUT = int(select.POLLOUT)
 _POLL_MAX_S = 2_000_000.0  # ~23 days: the longest single poll() (2**31 - 1 ms), rounded down
 
 
+class Expired(Exception):
+    """Nothing could be sent or received by the deadline (or at once, not blocking).
+
+    Deliberately not a ``TimeoutError``: the callers turn it into ``queue.Empty``, ``queue.Full``
+    or ``False``, and a ``TimeoutError`` a signal handler raises meanwhile
+    (:func:`procpool.signals.timeout`) must go through them untouched.
+    """
+
+
 class _NeedSlowPath(Exception):
     pass
 
@@ -136,7 +145,7 @@ class Wire:
         block: bool = True,
         raw: bool = False,
     ) -> None:
-        """Send one message; raise ``TimeoutError`` (nothing sent) past *deadline*.
+        """Send one message; raise :class:`Expired` (nothing sent) past *deadline*.
 
         Takes ownership of *fds* (closed once sent, or on error).
         """
@@ -180,14 +189,14 @@ class Wire:
             except BlockingIOError:
                 pass
             if not block:
-                raise TimeoutError("the socket buffer is full")
+                raise Expired("the socket buffer is full")
             wait_fd(sock.fileno(), _POLLOUT, deadline)
 
     # -- receiving --------------------------------------------------------------------------
     def recv_frame(self, block: bool, deadline: float | None) -> tuple[Any, int, list[int], bool]:
         """Receive one message -> ``(data, nbuf, fds, eof)`` (the caller owns *fds*).
 
-        Raises ``TimeoutError`` when nothing arrived by *deadline* (or at once without *block*).
+        Raises :class:`Expired` when nothing arrived by *deadline* (or at once without *block*).
         """
         data, anc, msg_flags = _recvmsg(self.sock, block, deadline)
         if not anc:
@@ -197,6 +206,11 @@ class Wire:
                 raise OSError("message truncated: sender and receiver disagree on the wire format")
             return data, 0, [], False
         return self._unpack(data, anc, msg_flags, as_object=False)
+
+    def recv_datagram(self, block: bool, deadline: float | None) -> tuple[bytes, Any, int]:
+        """Receive one datagram as it is -> ``(data, ancillary data, flags)``, for
+        :meth:`finish_object` (empty data and no ancillary data: end of file)."""
+        return _recvmsg(self.sock, block, deadline)
 
     def recv_object(self, block: bool, deadline: float | None) -> tuple[Any, bool]:
         """Receive and unpickle one message -> ``(obj, eof)``."""
@@ -240,8 +254,11 @@ class Wire:
                 return decode(body, nbuf, owned), 0, [], False
             bulk_fd = fds.pop(0)
             try:
-                if flags & RAW:  # a big bytes object: no pickle around it
-                    return _ipc_bulk.read_bytes(bulk_fd, size), 0, fds, False
+                if flags & RAW:  # a big bytes object send() sent with no pickle around it
+                    raw = _ipc_bulk.read_bytes(bulk_fd, size)
+                    if not as_object:  # recv_bytes(): the pickle send() stands for
+                        return pickle.dumps(raw, 5), 0, fds, False
+                    return raw, 0, fds, False
                 if not as_object or size == 0:
                     body = _ipc_bulk.read_bytes(bulk_fd, size)
                     if not as_object:
@@ -275,12 +292,12 @@ def _recvmsg(sock: socket.socket, block: bool, deadline: float | None) -> tuple[
             return data, anc, msg_flags
         except BlockingIOError:
             if not block:
-                raise TimeoutError("no message") from None
+                raise Expired("no message") from None
             wait_fd(sock.fileno(), _POLLIN, deadline)
 
 
 def wait_fd(fd: int, events: int, deadline: float | None) -> None:
-    """Wait until *fd* is ready for *events*; raise ``TimeoutError`` past *deadline*.
+    """Wait until *fd* is ready for *events*; raise :class:`Expired` past *deadline*.
 
     *fd* is always polled at least once, so a deadline already past (``poll(0)``, a
     non-blocking wait) still sees a descriptor that is ready now.
@@ -299,4 +316,4 @@ def wait_fd(fd: int, events: int, deadline: float | None) -> None:
         if poller.poll(timeout_ms):
             return
         if deadline is not None and time.monotonic() >= deadline:
-            raise TimeoutError("timed out")
+            raise Expired("timed out")

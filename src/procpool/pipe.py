@@ -184,7 +184,12 @@ class Connection:
             raise ValueError("negative maxlength")
         data = self._recv_raw()
         if maxlength is not None and len(data) > maxlength:
-            self.close()
+            # (as multiprocessing: the message is lost, so the end cannot be read any more; a
+            # duplex end can still send)
+            if self._writable:
+                self._readable = False
+            else:
+                self.close()
             raise OSError("bad message length")
         return bytes(data)
 
@@ -209,7 +214,7 @@ class Connection:
             if bytesize - offset < size:
                 raise BufferTooShort(bytes(data))
             m.cast("B")[offset : offset + size] = data
-            return size // itemsize
+            return size  # in bytes, whatever the buffer's item size (as multiprocessing)
 
     def poll(self, timeout: float | None = 0.0) -> bool:
         """True if a message (or EOF) is waiting; wait up to *timeout* (None: forever)."""
@@ -217,7 +222,7 @@ class Connection:
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         try:
             _ipc_wire.wait_fd(self.fileno(), 1, deadline)  # POLLIN
-        except TimeoutError:
+        except _ipc_wire.Expired:
             return False
         return True
 

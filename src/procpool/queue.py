@@ -197,7 +197,7 @@ class Queue:
             raise Full
         try:
             self._wire_w.send_frame(data, nbuf, fds, deadline, block, raw)
-        except TimeoutError:
+        except _ipc_wire.Expired:
             if free is not None:
                 free.release()
             raise Full from None
@@ -251,14 +251,12 @@ class Queue:
         else:
             deadline = None if timeout is None or not block else time.monotonic() + max(timeout, 0)
             try:
-                obj, eof = self._wire_r.recv_object(block, deadline)
-            except TimeoutError:
+                data, anc, msg_flags = self._wire_r.recv_datagram(block, deadline)
+            except _ipc_wire.Expired:
                 raise Empty from None
-            except BaseException:
-                self._account_get()  # the datagram was taken even though it did not unpickle
-                raise
-            if not eof:
-                self._account_get()
+            if data or anc:  # taken (an exception while waiting took nothing): counted even
+                self._account_get()  # should it not unpickle
+            obj, eof = self._wire_r.finish_object(data, anc, msg_flags)
         if eof:
             raise EOFError("no process holds this queue's writing end any more")
         return obj
@@ -282,20 +280,17 @@ class Queue:
         """Wait for one message (like :meth:`get`), then take every message already waiting,
         up to *max_messages*; return them in order.  Raises ``queue.Empty`` like ``get``."""
         out = [self.get(block, timeout)]
-        recv = self._wire_r.recv_object
+        recv, finish = self._wire_r.recv_datagram, self._wire_r.finish_object
         account = self._account_get
         while len(out) < max_messages:
             try:
-                obj, eof = recv(False, None)
-            except TimeoutError:
+                data, anc, msg_flags = recv(False, None)
+            except _ipc_wire.Expired:
                 break
-            except BaseException:
-                account()
-                raise
-            if eof:
+            if not (data or anc):  # end of file
                 break
-            account()
-            out.append(obj)
+            account()  # (taken: counted even should it not unpickle)
+            out.append(finish(data, anc, msg_flags)[0])
         return out
 
     # -- state --------------------------------------------------------------------------
@@ -518,7 +513,12 @@ class _Rendezvous:
                 sock.connect(_RENDEZVOUS.format(name))
             except (ConnectionRefusedError, FileNotFoundError):
                 raise FileNotFoundError(f"no process serves a queue named {name!r}") from None
-            obj, eof = _ipc_wire.Wire(sock).recv_object(True, time.monotonic() + timeout)
+            try:
+                obj, eof = _ipc_wire.Wire(sock).recv_object(True, time.monotonic() + timeout)
+            except _ipc_wire.Expired:
+                raise TimeoutError(
+                    f"the queue named {name!r} did not answer in {timeout}s"
+                ) from None
         if eof or not isinstance(obj, Queue):
             raise FileNotFoundError(f"no process serves a queue named {name!r}")
         return obj

@@ -61,6 +61,17 @@ def _typename(ctype: Any) -> str:
     )
 
 
+def _discard(region: Region) -> None:
+    """A new region whose object could not be made (bad input): its name goes, so that
+    nothing is left in /dev/shm and the name can be used again."""
+    if region.name is not None:
+        try:
+            region.unlink()
+        except OSError:
+            pass
+    region.close()
+
+
 def _make_lock(lock: Any) -> _LockType | None:
     if lock is True or lock is None:
         return RLock()
@@ -167,15 +178,18 @@ class Value(_Shared):
         ctype = _ctype_of(typecode_or_type)
         if _attach is not None:
             self._region, self._lock = _attach
-            fresh = False
+            self._obj = ctype.from_buffer(self._region.mmap, DATA_OFFSET)
         else:
             meta = {"kind": "Value", "typecode": _typename(ctype) if name else None}
             self._region = Region.create(ctypes.sizeof(ctype), meta, name)
-            self._lock = _make_lock(lock)
-            fresh = True
-        self._obj = ctype.from_buffer(self._region.mmap, DATA_OFFSET)
-        if fresh and args:
-            self._obj.__init__(*args)
+            try:
+                self._lock = _make_lock(lock)
+                self._obj = ctype.from_buffer(self._region.mmap, DATA_OFFSET)
+                if args:
+                    self._obj.__init__(*args)
+            except BaseException:
+                _discard(self._region)
+                raise
         self._ctype = ctype
         self._setup_atomics()
 
@@ -431,10 +445,16 @@ class Array(_Shared):
                 "length": length,
             }
             self._region = Region.create(ctypes.sizeof(array_type), meta, name)
-            self._lock = _make_lock(lock)
-        self._obj = array_type.from_buffer(self._region.mmap, DATA_OFFSET)
-        if init is not None and _attach is None:
-            self._obj[:] = init
+        try:
+            if _attach is None:
+                self._lock = _make_lock(lock)
+            self._obj = array_type.from_buffer(self._region.mmap, DATA_OFFSET)
+            if init is not None and _attach is None:
+                self._obj[:] = init
+        except BaseException:
+            if _attach is None:
+                _discard(self._region)
+            raise
         self._ctype = ctype
 
     @classmethod
@@ -552,6 +572,12 @@ class SharedArray:
                 described = dtype_to_descr(dt)
             meta = {"kind": "SharedArray", "shape": list(dims), "dtype": described}
             _region = Region.create(math.prod(dims) * dt.itemsize, meta, name)
+            try:
+                self._attach(_region, dims, dt)
+            except BaseException:
+                _discard(_region)
+                raise
+            return
         self._attach(_region, dims, dt)
 
     def _attach(self, region: Region, shape: tuple[int, ...], dtype: Any) -> None:

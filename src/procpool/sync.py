@@ -153,6 +153,8 @@ class Semaphore(_SemBased):
     def __init__(self, value: int = 1) -> None:
         if value < 0:
             raise ValueError("semaphore initial value must be >= 0")
+        if value > SEM_VALUE_MAX:  # (sem_init would wrap it, or refuse it with EINVAL)
+            raise OverflowError(f"semaphore initial value must be <= {SEM_VALUE_MAX}")
         super().__init__(value, SEM_VALUE_MAX)
 
     def get_value(self) -> int:
@@ -173,6 +175,8 @@ class BoundedSemaphore(Semaphore):
     def __init__(self, value: int = 1) -> None:
         if value < 0:
             raise ValueError("semaphore initial value must be >= 0")
+        if value > SEM_VALUE_MAX:
+            raise OverflowError(f"semaphore initial value must be <= {SEM_VALUE_MAX}")
         _SemBased.__init__(self, value, value)
 
     def __repr__(self) -> str:
