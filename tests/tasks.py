@@ -194,3 +194,20 @@ class KillsWhenUnpickled:
 
     def __reduce__(self):
         return (os._exit, (7,))
+
+
+_shared: dict = {}
+
+
+def keep_shared(lock, counter, q=None):
+    """An initializer: keep what the pool hands every worker (see use_shared)."""
+    _shared.update(lock=lock, counter=counter, q=q)
+
+
+def use_shared(x):
+    """Count *x* in the shared counter under the shared lock, and put it in the queue."""
+    with _shared["lock"]:
+        _shared["counter"].value += 1
+    if _shared["q"] is not None:
+        _shared["q"].put(x)
+    return x

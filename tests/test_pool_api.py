@@ -9,17 +9,20 @@ import threading
 import time
 
 import pytest
+from _ipc_helpers import no_leaks  # noqa: F401
 from tasks import (
     add,
     fail,
     fail_on,
     get_init_value,
     identity,
+    keep_shared,
     mixed,
     pid,
     set_init_value,
     sleep_then,
     square,
+    use_shared,
 )
 
 import procpool
@@ -371,3 +374,25 @@ def test_several_threads_waiting_on_one_result_all_get_it():
             for t in threads:
                 t.join(20)
             assert out == ["x"] * 4
+
+
+@pytest.mark.usefixtures("no_leaks")
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_procpool_ipc_objects_reach_the_workers_through_initargs(method):
+    # the textbook way to share a lock, a counter, a queue with a pool's workers; the
+    # descriptors they carry went nowhere (every worker failed to start) and leaked
+    lock, counter, q = procpool.Lock(), procpool.Value("i", 0), procpool.Queue()
+    with procpool.Pool(2, keep_shared, (lock, counter, q), start_method=method) as pool:
+        assert pool.map(use_shared, range(10)) == list(range(10))
+    assert counter.value == 10
+    assert sorted(q.get(timeout=10) for _ in range(10)) == list(range(10))
+    q.close()
+
+
+def test_a_multiprocessing_value_in_initargs_is_inherited_by_forked_workers():
+    # multiprocessing hands initargs to forked workers by inheritance: its Value and Lock,
+    # which refuse pickling, work there, and so after swapping in procpool.Pool
+    counter = multiprocessing.Value("i", 0)
+    with procpool.Pool(2, keep_shared, (counter.get_lock(), counter)) as pool:
+        assert pool.map(use_shared, range(10)) == list(range(10))
+    assert counter.value == 10

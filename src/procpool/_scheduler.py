@@ -161,9 +161,20 @@ class Scheduler(WorkerSupervision, Dispatch):
         if launcher.method != "fork":  # a fresh interpreter: the parent's path and main script
             config["sys_path"] = list(sys.path)
             config["main"] = main_preparation()
-        if initializer is not None:
+        # the descriptors the initializer's arguments carry (procpool's locks, queues...), sent
+        # with every INIT frame; kept until the pool ends
+        self._init_fds: list[int] = []
+        if initializer is None:
+            pass
+        elif launcher.method == "fork":  # inherited, as multiprocessing's forked workers do:
+            launcher.init = (initializer, initargs)  # (its Value, Lock... refuse pickling)
+            config["init"] = True
+        else:
             payload = _serialize.dumps((initializer, initargs), oob=False)
             config["init"] = payload.data
+            config["init_fds"] = len(payload.fds)
+            self._init_fds = payload.fds
+            INTERNAL_FDS.update(payload.fds)  # (no worker of another pool keeps them)
         self._init_body = pickle.dumps(config)  # (the INIT frame's: see _init_frame)
         self._init_frames: dict[int, bytes] = {}
 
@@ -1171,6 +1182,10 @@ class Scheduler(WorkerSupervision, Dispatch):
             self._epoll.close()
             os.close(self._wakefd)
             self._launcher.close()
+            for fd in self._init_fds:
+                INTERNAL_FDS.discard(fd)
+                os.close(fd)
+            self._init_fds = []
             self._funcs.clear()
             self._buffers.close()
             for job in self._feeding:  # feeders waiting for room: the pool is gone, stop

@@ -419,6 +419,8 @@ class Launcher:
     """Creates worker processes for one pool."""
 
     method = ""
+    #: the pool's initializer and its arguments, for forked workers to inherit (else None)
+    init: Any = None
 
     def start(self) -> Proc:
         raise NotImplementedError
@@ -507,7 +509,8 @@ class ForkLauncher(Launcher):
                     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 from . import _worker
 
-                code = _worker.main(child_sock, batch=False, progress=slot)  # (batch: below)
+                # (batch=False: the parent puts us under SCHED_BATCH, below)
+                code = _worker.main(child_sock, batch=False, progress=slot, init=self.init)
             finally:
                 os._exit(code)
         from ._worker import batch_scheduling

@@ -115,6 +115,7 @@ class WorkerSupervision:
     _epoll: Any
     _init_body: bytes
     _init_frames: dict[int, bytes]
+    _init_fds: list[int]
     _pending: Any
     _dead: list[_Worker]
     _state: str
@@ -150,18 +151,19 @@ class WorkerSupervision:
             INTERNAL_FDS.add(proc.pidfd)
             self._by_fd[proc.pidfd] = ("pidfd", w)
             self._epoll.register(proc.pidfd, select.EPOLLIN)
+        fds = [os.dup(fd) for fd in self._init_fds]  # (the initializer's arguments')
         if proc.progress is None:  # (a forked worker has its slot already)
             w.progress = os.memfd_create("procpool-progress", os.MFD_CLOEXEC)
             INTERNAL_FDS.add(w.progress)  # (closed in _bury)
             os.ftruncate(w.progress, P.PROGRESS_SIZE)
-            w.chan.push(self._init_frame(1), [os.dup(w.progress)])
-        else:
-            w.chan.push(self._init_frame(0))
+            fds.insert(0, os.dup(w.progress))
+        w.chan.push(self._init_frame(len(fds)), fds)
         self._flush(w)
 
     def _init_frame(self, nfds: int) -> bytes:
-        """The INIT frame, with the progress slot's memfd (*nfds* 1) or without (a forked
-        worker's slot is mapped before the fork), made once each."""
+        """The INIT frame, with *nfds* descriptors: the progress slot's memfd first, unless the
+        worker was forked (its slot is mapped before the fork), then those of the initializer's
+        arguments; made once each."""
         made = self._init_frames.get(nfds)
         if made is None:
             made = self._init_frames[nfds] = P.frame(P.INIT, self._init_body, nfds)

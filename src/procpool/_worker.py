@@ -105,11 +105,16 @@ class Worker:
         os.register_at_fork(before=self._pin_mapped)
 
     # ---------------------------------------------------------------- start-up
-    def init(self, body: memoryview, fds: list[int]) -> bool:
-        if fds:  # the progress slot (see _protocol.PROGRESS)
-            self.progress = mmap.mmap(fds[0], P.PROGRESS_SIZE)
-            _serialize.Payload(b"", 0, fds).close()  # (received fds are registered internal)
+    def init(self, body: memoryview, fds: list[int], inherited: Any = None) -> bool:
+        """Set up from the INIT frame: *fds* are the progress slot (unless forked) and the
+        initializer's arguments' descriptors; *inherited*: a forked worker's initializer and
+        its arguments, as the parent holds them."""
         config = pickle.loads(body)
+        cut = len(fds) - config.get("init_fds", 0)
+        init_fds = fds[cut:]
+        if cut:  # the progress slot (see _protocol.PROGRESS)
+            self.progress = mmap.mmap(fds[0], P.PROGRESS_SIZE)
+            _serialize.Payload(b"", 0, fds[:cut]).close()  # (received fds are registered internal)
         if config.get("sys_path"):
             sys.path[:] = config["sys_path"]
         self.max_memory = config.get("max_memory") or 0
@@ -120,8 +125,11 @@ class Worker:
 
                 import_main(config["main"])
             stage = "initializer"
-            if config.get("init"):
-                initializer, initargs = _serialize.loads(config["init"])
+            if inherited is not None:
+                initializer, initargs = inherited
+                initializer(*initargs)
+            elif config.get("init"):
+                initializer, initargs = _serialize.loads(config["init"], 0, init_fds)
                 initializer(*initargs)
         except BaseException as exc:  # noqa: BLE001 - reported to the caller, then we exit
             data = pickle.dumps((error_info(exc), stage))
@@ -378,12 +386,12 @@ class Worker:
         self.flush()
 
     # ---------------------------------------------------------------- loop
-    def serve(self) -> int:
+    def serve(self, inherited: Any = None) -> int:
         chan = self.chan
         spin = Spin(REPLY_SPIN)
         try:
             kind, body, fds = chan.recv_frame()
-            if kind != P.INIT or not self.init(body, fds):
+            if kind != P.INIT or not self.init(body, fds, inherited):
                 return 1
             while True:
                 kind, body, fds = chan.recv_frame()
@@ -447,10 +455,11 @@ def batch_scheduling(pid: int) -> None:
         pass
 
 
-def main(sock: socket.socket, batch: bool = True, progress: Any = None) -> int:
+def main(sock: socket.socket, batch: bool = True, progress: Any = None, init: Any = None) -> int:
     """Serve the pool on *sock* until told to exit or the parent goes away (*batch*: put this
     process under SCHED_BATCH first, unless the parent did; *progress*: the progress slot,
-    when the parent mapped it before forking us -- otherwise it comes with INIT)."""
+    when the parent mapped it before forking us -- otherwise it comes with INIT; *init*: the
+    initializer and its arguments, inherited from the parent that forked us)."""
     sock.setblocking(True)
     from ._start import INTERNAL_FDS
 
@@ -460,7 +469,7 @@ def main(sock: socket.socket, batch: bool = True, progress: Any = None) -> int:
     worker = Worker(Channel(sock))
     if progress is not None:
         worker.progress = progress
-    code = worker.serve()
+    code = worker.serve(init)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
