@@ -396,3 +396,23 @@ def test_a_multiprocessing_value_in_initargs_is_inherited_by_forked_workers():
     with procpool.Pool(2, keep_shared, (counter.get_lock(), counter)) as pool:
         assert pool.map(use_shared, range(10)) == list(range(10))
     assert counter.value == 10
+
+
+@pytest.mark.parametrize("lib", [multiprocessing, procpool], ids=["multiprocessing", "procpool"])
+def test_a_callback_has_run_once_its_result_is_ready(lib):
+    # as in multiprocessing: what a callback collects is there when wait() or get() returns
+    collected = []
+
+    def slow_append(value):
+        time.sleep(0.2)
+        collected.append(value)
+
+    with lib.Pool(2) as pool:
+        r = pool.map_async(square, [1, 2, 3], callback=slow_append)
+        r.wait(10)
+        assert r.ready() and collected == [[1, 4, 9]]
+        r = pool.apply_async(square, (4,), callback=slow_append)
+        assert r.get(10) == 16 and collected[-1] == 16
+        r = pool.apply_async(fail, ("boom",), error_callback=slow_append)
+        r.wait(10)
+        assert r.ready() and isinstance(collected[-1], ValueError)

@@ -201,13 +201,14 @@ class AsyncResult(Generic[T]):
         self._task = None  # drop the task: no reference cycle outlives the result
         self._sched = None
         self._pool = None
-        self._done = True
-        event = self._event
-        if event is not None:
-            event.notify_all()
         callback = self._callback if ok else self._error_callback
         if callback is not None:
-            callback(value)
+            self._call_back(callback, value)
+            return
+        self._done = True
+        event = self._event  # read after _done is set: see wait()
+        if event is not None:
+            event.notify_all()
 
     def _on_result(self, task: Any, value: Any) -> None:
         # _set(True, value), inlined: this runs once per task
@@ -216,13 +217,25 @@ class AsyncResult(Generic[T]):
         self._task = None
         self._sched = None
         self._pool = None
+        callback = self._callback
+        if callback is not None:
+            self._call_back(callback, value)
+            return
         self._done = True
         event = self._event  # read after _done is set: see wait()
         if event is not None:
             event.notify_all()
-        callback = self._callback
-        if callback is not None:
+
+    def _call_back(self, callback: Callable[[Any], object], value: Any) -> None:
+        """Run the callback, then make the result ready: as in :mod:`multiprocessing`, what a
+        callback collects is there once ``wait()`` or ``get()`` returns."""
+        try:
             callback(value)
+        finally:  # (a callback that raises: its traceback is printed, the result is ready)
+            self._done = True
+            event = self._event
+            if event is not None:
+                event.notify_all()
 
     def _on_error(self, task: Any, exc: BaseException) -> None:
         self._set(False, exc)
