@@ -211,3 +211,9 @@ def use_shared(x):
     if _shared["q"] is not None:
         _shared["q"].put(x)
     return x
+
+
+def nap_then_record(path, x, seconds):
+    """Sleep, then ``record`` x: what is recorded ran to its end."""
+    time.sleep(seconds)
+    return record(path, x)

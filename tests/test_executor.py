@@ -254,3 +254,41 @@ def test_a_cancelled_map_does_not_send_again_what_a_dead_worker_gives_back(tmp_p
         assert ex.submit(sleep_then, 1.5, "after").result(20) == "after"
     ran = recorded(path)
     assert ran.count(1) == 1 and max(ran) <= 3, ran  # item 1 once; nothing sent after
+
+
+@pytest.mark.parametrize("ending", ["shutdown(wait=False)", "no shutdown", "dropped"])
+def test_work_submitted_to_an_executor_runs_even_when_the_program_ends(tmp_path, ending):
+    # concurrent.futures: "the entire Python program will not exit until all pending futures
+    # are done executing"; procpool's executor terminated its pool at exit (nothing ran)
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import gc, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import procpool
+        from tasks import nap_then_record
+        ex = procpool.ProcessPoolExecutor(2)
+        for i in range(4):
+            ex.submit(nap_then_record, {str(tmp_path / "ran")!r}, i, 0.3)
+        ending = {ending!r}
+        if ending == "shutdown(wait=False)":
+            ex.shutdown(wait=False)
+        elif ending == "dropped":
+            del ex
+            gc.collect()
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], timeout=60, check=True)
+    assert sorted(recorded(str(tmp_path / "ran"))) == [0, 1, 2, 3]
+
+
+def test_executor_map_checks_its_chunksize_as_the_standard_one():
+    with procpool.ProcessPoolExecutor(1) as ex:
+        with pytest.raises(ValueError, match="chunksize must be >= 1"):
+            ex.map(square, [1], chunksize=0)
+        with pytest.raises(TypeError):
+            ex.map(square, [1], chunksize=None)
+        assert list(ex.map(square, [1, 2])) == [1, 4]

@@ -15,6 +15,7 @@ backends' pools, are written once in :mod:`procpool._api` (:class:`~procpool._ap
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -388,6 +389,14 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
             timeout=timeout,
             retries=retries,
         )
+        # As the standard executor: work submitted runs to its end even when the executor is
+        # dropped without shutdown() (it is closed: its workers exit once that work is done),
+        # and the program waits for it at exit.  (A Pool is terminated then, as
+        # multiprocessing's.)
+        sched = self._pool._sched
+        self._pool._finalizer.detach()
+        weakref.finalize(self, sched.close)
+        _register_for_exit(sched)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Schedule ``fn(*args, **kwargs)``; return a Future."""
@@ -405,6 +414,8 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         ``timeout`` is a deadline for the whole iteration, counted from this call, as in the
         standard library (``TimeoutError``); an item's exception is raised at its position.
         """
+        if chunksize < 1:  # (None: TypeError, as in the standard library)
+            raise ValueError("chunksize must be >= 1.")
         deadline = None if timeout is None else time.monotonic() + timeout
         pool = self._pool
         try:
@@ -435,3 +446,25 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; with *wait*, return when all running work is done."""
         self._pool.shutdown(wait, cancel_futures=cancel_futures)
+
+
+#: the schedulers of live ProcessPoolExecutors, whose work the program waits for at exit
+_executors: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+_exit_registered = False
+
+
+def _register_for_exit(sched: Scheduler) -> None:
+    global _exit_registered
+    if not _exit_registered:
+        # where concurrent.futures registers its own: before the interpreter joins its
+        # threads, so before the finalizers that terminate pools (atexit comes after)
+        threading._register_atexit(_wait_for_executors)  # type: ignore[attr-defined]
+        _exit_registered = True
+    _executors.add(sched)
+
+
+def _wait_for_executors() -> None:
+    """At exit: every ProcessPoolExecutor's work runs to its end (as the standard library's)."""
+    for sched in list(_executors):
+        sched.close()
+        sched.join()
