@@ -416,3 +416,37 @@ def test_a_callback_has_run_once_its_result_is_ready(lib):
         r = pool.apply_async(fail, ("boom",), error_callback=slow_append)
         r.wait(10)
         assert r.ready() and isinstance(collected[-1], ValueError)
+
+
+def worker_identity(_=None):
+    import multiprocessing as mp
+
+    parent = mp.parent_process()
+    return (
+        mp.current_process().name,
+        parent.pid if parent else None,
+        parent.is_alive() if parent else None,
+        [c.pid for c in mp.active_children()],
+    )
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_a_worker_is_a_pool_worker_for_multiprocessing(method):
+    # current_process() was the parent's MainProcess in a forked worker (and its children
+    # were the worker's): a script guarded by `current_process().name == "MainProcess"` ran
+    # its pool again in every spawned worker
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(5,))
+    child.start()
+    try:
+        with procpool.Pool(1, start_method=method) as pool:
+            name, parent, alive, children = pool.apply(worker_identity)
+    finally:
+        child.terminate()
+        child.join()
+    prefix = {"fork": "ForkPoolWorker-", "spawn": "SpawnPoolWorker-"}.get(
+        method, "ForkServerPoolWorker-"
+    )
+    assert name.startswith(prefix) and name != "MainProcess"
+    if method != "forkserver":  # (a forkserver worker's parent is the fork server)
+        assert parent == os.getpid() and alive
+    assert children == []

@@ -8,7 +8,8 @@ records must cost a few microseconds, not a second pickle pass.
 
 parent -> worker                              worker -> parent
 ----------------                              ----------------
-INIT    start-up settings + initializer       READY        initializer done, serving
+INIT    its number, start-up settings,        READY        initializer done, serving
+        the initializer
 FUNC    a function, sent once per worker      INIT_FAILED  the initializer (or main script) raised
 TASKS   a batch of task records               RESULTS      a batch of result records
 EXIT    finish and exit(0)                    RETIRE       over max_memory_per_child
@@ -49,6 +50,7 @@ VALUES = 3  # payload: ([task id, ...], [value, ...]): several single calls' sma
 TASK_HEAD = struct.Struct("<QIBdHHI")  # id, fid, kind, timeout (0 = none), nbuf, nfd, size
 RESULT_HEAD = struct.Struct("<QBdHHI")  # id, status, duration in seconds, nbuf, nfd, size
 FUNC_HEAD = struct.Struct("<I")  # fid
+INIT_HEAD = struct.Struct("<I")  # the worker's number in its pool (then the settings' pickle)
 INODE = struct.Struct("<Q")  # one inode in a RELEASED body
 
 # The progress slot: 32 bytes of shared memory per worker (a memfd sent with INIT).  The worker

@@ -175,8 +175,8 @@ class Scheduler(WorkerSupervision, Dispatch):
             config["init_fds"] = len(payload.fds)
             self._init_fds = payload.fds
             INTERNAL_FDS.update(payload.fds)  # (no worker of another pool keeps them)
-        self._init_body = pickle.dumps(config)  # (the INIT frame's: see _init_frame)
-        self._init_frames: dict[int, bytes] = {}
+        config["method"] = launcher.method
+        self._init_body = pickle.dumps(config)  # (the INIT frame's: see _spawn)
 
         self._lock = threading.RLock()
         self._deliver_lock = threading.RLock()

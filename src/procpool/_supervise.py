@@ -114,7 +114,6 @@ class WorkerSupervision:
     _by_fd: dict[int, tuple[str, _Worker | None]]
     _epoll: Any
     _init_body: bytes
-    _init_frames: dict[int, bytes]
     _init_fds: list[int]
     _pending: Any
     _dead: list[_Worker]
@@ -157,17 +156,12 @@ class WorkerSupervision:
             INTERNAL_FDS.add(w.progress)  # (closed in _bury)
             os.ftruncate(w.progress, P.PROGRESS_SIZE)
             fds.insert(0, os.dup(w.progress))
-        w.chan.push(self._init_frame(len(fds)), fds)
+        # INIT: the worker's number (its name: see _worker.take_identity), the settings; its
+        # descriptors: the progress slot's memfd first, unless the worker was forked (its slot
+        # is mapped before the fork), then those of the initializer's arguments
+        body = P.INIT_HEAD.pack(w.wid) + self._init_body
+        w.chan.push(P.frame(P.INIT, body, len(fds)), fds)
         self._flush(w)
-
-    def _init_frame(self, nfds: int) -> bytes:
-        """The INIT frame, with *nfds* descriptors: the progress slot's memfd first, unless the
-        worker was forked (its slot is mapped before the fork), then those of the initializer's
-        arguments; made once each."""
-        made = self._init_frames.get(nfds)
-        if made is None:
-            made = self._init_frames[nfds] = P.frame(P.INIT, self._init_body, nfds)
-        return made
 
     def _idle_worker(self) -> _Worker | None:
         for w in self._workers.values():

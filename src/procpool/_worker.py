@@ -109,7 +109,8 @@ class Worker:
         """Set up from the INIT frame: *fds* are the progress slot (unless forked) and the
         initializer's arguments' descriptors; *inherited*: a forked worker's initializer and
         its arguments, as the parent holds them."""
-        config = pickle.loads(body)
+        config = pickle.loads(body[P.INIT_HEAD.size :])
+        take_identity(config["method"], P.INIT_HEAD.unpack_from(body)[0])
         cut = len(fds) - config.get("init_fds", 0)
         init_fds = fds[cut:]
         if cut:  # the progress slot (see _protocol.PROGRESS)
@@ -453,6 +454,43 @@ def batch_scheduling(pid: int) -> None:
         os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux (or the worker is gone)
         pass
+
+
+_WORKER_NAMES = {
+    "fork": "ForkPoolWorker",
+    "spawn": "SpawnPoolWorker",
+    "forkserver": "ForkServerPoolWorker",
+}
+
+
+def take_identity(method: str, number: int) -> None:
+    """Be what :mod:`multiprocessing` says its pool workers are: ``current_process()`` named
+    ``ForkPoolWorker-<number>`` (or ``SpawnPoolWorker``...), ``parent_process()`` the pool's
+    process, no children yet -- not the parent's ``MainProcess`` and its children, which a
+    forked worker inherits and a script's ``current_process().name == "MainProcess"`` guard
+    tests.  (Not daemonic, unlike multiprocessing's: a task may start processes and pools.)"""
+    import itertools
+    from multiprocessing import process
+
+    me = process.current_process()
+    parent_pid, parent_name = os.getppid(), me.name
+    me._name = f"{_WORKER_NAMES.get(method, 'PoolWorker')}-{number}"  # type: ignore[attr-defined]
+    me._identity = (number,)  # type: ignore[attr-defined]  # (children: Process-<number>:k)
+    me._parent_pid = parent_pid  # type: ignore[attr-defined]
+    me._parent_name = parent_name  # type: ignore[attr-defined]
+    sentinel: int | None = None  # readable once the parent is gone
+    try:
+        fd = os.pidfd_open(parent_pid)
+    except (AttributeError, OSError):
+        pass
+    else:
+        from ._start import INTERNAL_FDS
+
+        INTERNAL_FDS.add(fd)  # (a pool a task starts: its workers need not keep it)
+        sentinel = fd
+    process._parent_process = process._ParentProcess(parent_name, parent_pid, sentinel)  # type: ignore[attr-defined]
+    process._children = set()  # type: ignore[attr-defined]
+    process._process_counter = itertools.count(1)  # type: ignore[attr-defined]
 
 
 def main(sock: socket.socket, batch: bool = True, progress: Any = None, init: Any = None) -> int:
