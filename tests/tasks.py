@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 
@@ -217,3 +218,17 @@ def nap_then_record(path, x, seconds):
     """Sleep, then ``record`` x: what is recorded ran to its end."""
     time.sleep(seconds)
     return record(path, x)
+
+
+def fork_and_end_child(x, how):
+    """Fork; the child ends *how* ("exit3": sys.exit(3), "return": returns, "raise": raises)
+    without os._exit -- back into the worker's code; the task returns (x, child's exit code)."""
+    pid = os.fork()
+    if pid == 0:
+        if how == "exit3":
+            sys.exit(3)
+        if how == "raise":
+            raise ValueError("raised in the child")
+        return "the child's value"
+    _, status = os.waitpid(pid, 0)
+    return x, os.waitstatus_to_exitcode(status)

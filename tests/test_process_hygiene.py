@@ -14,7 +14,7 @@ import time
 
 import pytest
 from conftest import wait_until
-from tasks import pid, sleep_then, square
+from tasks import fork_and_end_child, pid, sleep_then, square
 
 import procpool
 
@@ -228,3 +228,19 @@ def test_received_descriptors_are_never_inherited_by_a_worker_forked_meanwhile()
         os.close(memfd)
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_child_a_task_forks_never_acts_as_the_worker(method):
+    # a forked child that comes back into the worker's code (sys.exit() in it, an exception,
+    # a plain return) exits there: its SystemExit was sent as the task's result, and it went
+    # on reading the worker's channel, a second worker the parent did not know
+    with procpool.Pool(1, start_method=method) as pool:
+        got = [
+            pool.apply(fork_and_end_child, (i, how))
+            for i, how in enumerate(["exit3", "return", "raise"] * 2)
+        ]
+        assert got == [(0, 3), (1, 0), (2, 1), (3, 3), (4, 0), (5, 1)]
+        worker = pool.pids()[0]
+        assert pool.map(square, range(20)) == [x * x for x in range(20)]
+        assert pool.pids() == [worker]

@@ -102,7 +102,9 @@ class Worker:
         # buffers mapped when a task forks: the child may read them for as long as it lives,
         # after we unmap ours, so the parent must never rewrite them (PINNED)
         self.pinned: list[int] = []
-        os.register_at_fork(before=self._pin_mapped)
+        # set in a child a task forks (see failure): it must never act as this worker
+        self.task_child = False
+        os.register_at_fork(before=self._pin_mapped, after_in_child=self._in_task_child)
 
     # ---------------------------------------------------------------- start-up
     def init(self, body: memoryview, fds: list[int], inherited: Any = None) -> bool:
@@ -133,7 +135,7 @@ class Worker:
                 initializer, initargs = _serialize.loads(config["init"], 0, init_fds)
                 initializer(*initargs)
         except BaseException as exc:  # noqa: BLE001 - reported to the caller, then we exit
-            data = pickle.dumps((error_info(exc), stage))
+            data = pickle.dumps((self.failure(exc), stage))
             self.chan.send_frame(P.frame(P.INIT_FAILED, data))
             return False
         self.chan.send_frame(P.frame(P.READY))
@@ -141,6 +143,18 @@ class Worker:
 
     def _pin_mapped(self) -> None:
         self.pinned.extend(_serialize.mapped)
+
+    def _in_task_child(self) -> None:
+        self.task_child = True
+
+    def failure(self, exc: BaseException) -> tuple:
+        """What a task's exception is sent as (see _errinfo) -- unless this is a child the task
+        forked, come back into the worker's code with it (``sys.exit()`` in the child, say):
+        that child exits, as a ``multiprocessing.Process`` would, leaving the pool's channel to
+        the worker."""
+        if self.task_child:
+            _leave_task_child(exc)
+        return error_info(exc)
 
     # ---------------------------------------------------------------- results
     def flush(self) -> None:
@@ -166,6 +180,8 @@ class Worker:
         self.last_flush = time.perf_counter()
 
     def add_result(self, task_id: int, status: int, duration: float, value: Any) -> None:
+        if self.task_child:  # a child the task forked, back from the task's function
+            _leave_task_child(None)
         if type(value) in SCALARS and status == P.OK:  # (a chunk's value is a list)
             # the commonest tiny result: kept as it is, and those of a batch go together in
             # one VALUES record -- one pickle and one record head instead of one per task
@@ -226,7 +242,7 @@ class Worker:
                 args, kwds = data
                 status, value = P.OK, func(*args, **kwds)
             except BaseException as exc:  # noqa: BLE001 - SystemExit etc. fail the task only
-                status, value = P.ERROR, error_info(exc)
+                status, value = P.ERROR, self.failure(exc)
             finally:
                 if previous is not None:
                     self.disarm(previous)
@@ -255,14 +271,13 @@ class Worker:
             try:
                 values.append(func(*item) if star else func(item))
             except BaseException as exc:  # noqa: BLE001 - one item fails, the others go on
-                errors[i] = error_info(exc)
+                errors[i] = self.failure(exc)
                 values.append(None)
             finally:
                 self.disarm(previous)
         return (P.CHUNK_PARTIAL, (values, errors)) if errors else (P.OK, values)
 
-    @staticmethod
-    def run_chunk(func: Any, star: bool, items: list) -> tuple[int, Any]:
+    def run_chunk(self, func: Any, star: bool, items: list) -> tuple[int, Any]:
         values: list[Any] = []
         append = values.append
         errors: dict[int, tuple] = {}
@@ -277,7 +292,7 @@ class Worker:
                         append(func(item))
                 break
             except BaseException as exc:  # noqa: BLE001 - one item fails, the others go on
-                errors[len(values)] = error_info(exc)
+                errors[len(values)] = self.failure(exc)
                 append(None)
         if errors:
             return P.CHUNK_PARTIAL, (values, errors)
@@ -308,7 +323,7 @@ class Worker:
             try:
                 status, value = P.OK, func(*args, **kwds)
             except BaseException as exc:  # noqa: BLE001 - as in run_record
-                status, value = P.ERROR, error_info(exc)
+                status, value = P.ERROR, self.failure(exc)
         self.add_result(task_id, status, time.perf_counter() - start, value)
         self.last_done = task_id
         P.PROGRESS.pack_into(self.progress, 0, 0, task_id, 0, 0.0)
@@ -340,7 +355,7 @@ class Worker:
             try:
                 status, value = P.OK, func(*args)
             except BaseException as exc:  # noqa: BLE001 - as in run_record
-                status, value = P.ERROR, error_info(exc)
+                status, value = P.ERROR, self.failure(exc)
             now = perf()
             self.add_result(task_id, status, now - start, value)
             self.last_done = task_id
@@ -454,6 +469,28 @@ def batch_scheduling(pid: int) -> None:
         os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux (or the worker is gone)
         pass
+
+
+def _leave_task_child(exc: BaseException | None) -> None:
+    """End a child a task forked that came back into the worker's code: with the exit code of
+    its ``SystemExit``, or 1 (its traceback printed) for another exception, or 0."""
+    code = 0
+    try:
+        if isinstance(exc, SystemExit):
+            if isinstance(exc.code, int):
+                code = exc.code
+            elif exc.code is not None:  # sys.exit("message")
+                print(exc.code, file=sys.stderr)
+                code = 1
+        elif exc is not None:
+            import traceback
+
+            traceback.print_exception(exc)
+            code = 1
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    finally:
+        os._exit(code)
 
 
 _WORKER_NAMES = {
