@@ -634,3 +634,66 @@ def test_an_imap_loop_collected_inside_its_iterators_own_lock_does_not_deadlock(
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert out.stdout.strip() == "0 True", out.stderr
+
+
+def _children() -> list[int]:
+    me = os.getpid()
+    return [
+        int(pid)
+        for task in os.listdir(f"/proc/{me}/task")
+        for pid in open(f"/proc/{me}/task/{task}/children").read().split()
+    ]
+
+
+def test_a_ctrl_c_that_cuts_terminate_short_lets_it_be_called_again():
+    # terminate() was the pool's finalizer, spent once called: a Ctrl-C inside it (waiting
+    # for the I/O thread's lock, say) left the pool running for good, unterminable
+    armed = [True]
+
+    def tracer(frame, event, arg):  # a KeyboardInterrupt on entering Scheduler.terminate
+        code = frame.f_code
+        if event == "call" and armed[0] and code.co_name == "terminate":
+            if code.co_filename.endswith("_scheduler.py"):
+                armed[0] = False
+                raise KeyboardInterrupt
+        return None
+
+    pool = procpool.Pool(1)
+    pool.apply(identity, (1,))
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pool.terminate()
+    finally:
+        sys.settrace(None)
+    assert not armed[0] and pool._sched.state == "RUNNING"
+    pool.terminate()
+    pool.join(10)
+    assert pool._sched.state != "RUNNING" and pool.pids() == []
+
+
+def test_a_ctrl_c_raised_once_the_io_thread_has_started_leaves_nothing_running():
+    # A Ctrl-C arriving while Pool() starts its I/O thread (SIGINT blocked) is raised when the
+    # mask comes back: it left the thread and its workers running, with no pool to end them
+    raised = []
+
+    def tracer(frame, event, arg):
+        code = frame.f_code
+        if event == "return" and code.co_name == "start_thread" and "procpool" in code.co_filename:
+            raised.append(True)  # the next call of the caller's gets the interrupt
+        elif event == "call" and raised == [True]:
+            raised.append(False)
+            raise KeyboardInterrupt
+        return tracer
+
+    before, kids = set(threading.enumerate()), set(_children())
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            procpool.Pool(2)
+    finally:
+        sys.settrace(None)
+    gc.collect()
+    assert raised == [True, False]
+    assert wait_until(lambda: not (set(threading.enumerate()) - before), 10)
+    assert wait_until(lambda: not (set(_children()) - kids), 10)

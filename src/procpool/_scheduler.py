@@ -238,7 +238,15 @@ class Scheduler(WorkerSupervision, Dispatch):
         # in Condition.wait can leave its lock broken, see results._Wakeup)
         self._starting = threading.Lock()
         self._starting.acquire()
-        self._thread = start_thread(self._run, "procpool-io")
+        self._thread = threading.Thread()  # the I/O thread, once start() has made it
+
+    def start(self) -> None:
+        """Start the I/O thread, which starts the first workers.  (Apart from __init__: the
+        pool sets its finalizer first, which terminates a pool whose start a Ctrl-C cut.)"""
+        start_thread(self._run, "procpool-io", made=self._made)
+
+    def _made(self, thread: threading.Thread) -> None:
+        self._thread = thread
 
     # =================================================================== caller side
     @property
@@ -1085,8 +1093,9 @@ class Scheduler(WorkerSupervision, Dispatch):
         # not from the I/O thread, nor from a thread delivering (a result's last reference to
         # its pool can go in a delivery): the I/O thread's last deliveries would wait for it
         me = threading.get_ident()
-        if threading.current_thread() is not self._thread and self._delivering != me:
-            self._thread.join(10)
+        thread = self._thread
+        if thread is not threading.current_thread() and self._delivering != me and thread.ident:
+            thread.join(10)
         self._deliver()
 
     def join(self, timeout: float | None = None) -> bool:

@@ -100,12 +100,14 @@ _thread_state = threading.local()  # .mask: the signal mask the program gave the
 
 
 def start_thread(
-    target: Any, name: str, args: tuple = (), *, quiet: bool = True
+    target: Any, name: str, args: tuple = (), *, quiet: bool = True, made: Any = None
 ) -> threading.Thread:
     """Start a daemon thread of procpool's.  *quiet*: with the program's signals blocked (see
     _ASYNC_SIGNALS), for threads that run no user code; otherwise with the program's mask, as
     for a feeder that runs the caller's generator.  Processes started from the thread, and
     threads it starts, get the program's mask: the mask of the first thread outside procpool.
+    *made*: called with the thread before it starts (a Ctrl-C held back meanwhile is raised
+    here once it has started: the caller may never see the return value).
     """
     # (``_signal``'s sigmask: sets of ints; ``signal``'s builds an enum per signal, ≈ 0.16 ms
     # for the full mask restored below -- once per imap, which starts a feeder)
@@ -118,6 +120,8 @@ def start_thread(
         target(*args)
 
     thread = threading.Thread(target=run, name=name, daemon=True)
+    if made is not None:
+        made(thread)
     try:  # (a Ctrl-C anywhere in here must not leave the caller's signals blocked)
         _signal.pthread_sigmask(signal.SIG_SETMASK, base | _ASYNC_SIGNALS if quiet else base)
         thread.start()

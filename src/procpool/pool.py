@@ -125,8 +125,10 @@ class Pool(PoolAPI):
             max_memory_per_child,
             grace,
         )
-        # a pool dropped without close() or still alive at exit is terminated, not leaked
+        # a pool dropped without close() or still alive at exit is terminated, not leaked --
+        # also one whose start a Ctrl-C cuts (set before the I/O thread starts)
         self._finalizer = weakref.finalize(self, self._sched.terminate)
+        self._sched.start()
         self._sched.wait_started()
 
     # ---------------------------------------------------------------- introspection
@@ -333,7 +335,10 @@ class Pool(PoolAPI):
 
     def terminate(self) -> None:
         """Stop the workers now (SIGKILL); unfinished tasks fail with ``PoolTerminated``."""
-        self._finalizer()
+        # (not the finalizer itself: it is spent once called, and a Ctrl-C that cut the
+        # terminating short would leave the pool running for good)
+        self._sched.terminate()
+        self._finalizer.detach()
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the workers to exit; call :meth:`close` or :meth:`terminate` first."""
