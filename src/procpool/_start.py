@@ -539,15 +539,32 @@ class ForkLauncher(Launcher):
 
 
 def _spawn_python(code: str, sock: socket.socket) -> int:
-    """posix_spawn ``python -c code`` with *sock* as fd 3."""
+    """posix_spawn ``python -c code`` with *sock* as fd 3.
+
+    It starts with SIGINT blocked, on top of the program's mask: a Ctrl-C while it imports
+    (≈ 0.1 s) would print a traceback there; the process ignores SIGINT, then unblocks it
+    unless the program had it blocked (:func:`ignore_sigint`), and the held Ctrl-C is dropped.
+    """
     env = dict(os.environ)
     env["PROCPOOL_PARENT_PID"] = str(os.getpid())
     mask = program_mask()
+    if mask is None:  # (this thread's)
+        mask = set(_signal.pthread_sigmask(signal.SIG_BLOCK, ()))
+    if signal.SIGINT not in mask:
+        env["PROCPOOL_UNBLOCK_SIGINT"] = "1"
     argv = [sys.executable, "-c", code]
     actions = [(os.POSIX_SPAWN_DUP2, sock.fileno(), 3)]
-    if mask is None:
-        return os.posix_spawn(sys.executable, argv, env, file_actions=actions)
-    return os.posix_spawn(sys.executable, argv, env, file_actions=actions, setsigmask=mask)
+    return os.posix_spawn(
+        sys.executable, argv, env, file_actions=actions, setsigmask=set(mask) | {signal.SIGINT}
+    )
+
+
+def ignore_sigint() -> None:
+    """In a process _spawn_python started: ignore SIGINT, then unblock it as the program had
+    it (a Ctrl-C held since the start is dropped)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if os.environ.pop("PROCPOOL_UNBLOCK_SIGINT", ""):
+        _signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT,))
 
 
 class SpawnLauncher(Launcher):
@@ -631,7 +648,7 @@ class ForkServerLauncher(Launcher):
 def forkserver_main() -> None:
     """The fork server's loop (runs in its own fresh interpreter, single-threaded)."""
     die_with_parent(int(os.environ.pop("PROCPOOL_PARENT_PID", "0")) or os.getppid())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_sigint()  # (its workers inherit that)
     ctl = socket.socket(fileno=3)
     from . import _worker  # noqa: F401  (preloaded once, inherited by every worker)
 

@@ -555,8 +555,9 @@ def main(sock: socket.socket, batch: bool = True, progress: Any = None, init: An
 
 def spawn_main() -> None:
     """Entry point of a worker started with the ``spawn`` method (fd 3 is its socket)."""
-    from ._start import child_setup, die_with_parent
+    from ._start import child_setup, die_with_parent, ignore_sigint
 
     die_with_parent(int(os.environ.pop("PROCPOOL_PARENT_PID", "0")) or os.getppid())
     child_setup(3)
+    ignore_sigint()
     os._exit(main(socket.socket(fileno=3)))

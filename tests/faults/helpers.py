@@ -193,7 +193,8 @@ def leave_sigalrm_handler():
 
 def sigint_disposition(_=None):
     h = signal.getsignal(signal.SIGINT)
-    return h if isinstance(h, int) else repr(h)
+    blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    return (h if isinstance(h, int) else repr(h)), blocked
 
 
 def segfault_if_13(x):

@@ -67,13 +67,13 @@ def test_user_sigalrm_handler_does_not_break_soft_timeouts(leak_check):
 def test_workers_ignore_sigint_but_tasks_may_handle_it(pool, tmp_path):
     """Workers ignore SIGINT (Ctrl-C is the caller's), yet a task can install its own handler:
     SIGINT is then delivered to it like any other signal."""
-    assert pool.apply(h.sigint_disposition) == int(signal.SIG_IGN)
+    assert pool.apply(h.sigint_disposition) == (int(signal.SIG_IGN), False)
     flag = tmp_path / "pid"
     result = pool.apply_async(h.wait_for_signal, (str(flag), int(signal.SIGINT)))
     assert wait_until(flag.exists, 10.0), "the task did not start"
     os.kill(int(flag.read_text()), signal.SIGINT)
     assert result.get(timeout=GET_TIMEOUT) == ("got", signal.SIGINT)
-    assert pool.apply(h.sigint_disposition) == int(signal.SIG_IGN)  # the task restored it
+    assert pool.apply(h.sigint_disposition) == (int(signal.SIG_IGN), False)  # restored
 
 
 CALLER_SCRIPT = """
