@@ -74,3 +74,46 @@ def test_a_pool_of_small_tasks_does_not_import_ctypes():
         "print('ctypes' in sys.modules, in_worker)\n"
     )
     assert _printed_by_a_fresh_python(code) == "False False"
+
+
+def test_every_name_of_multiprocessing_is_there():
+    # `import procpool as multiprocessing` must run a classic program from its first line
+    import multiprocessing
+
+    assert [n for n in multiprocessing.__all__ if not hasattr(procpool, n)] == []
+
+
+def test_start_methods_contexts_and_raw_objects_as_multiprocessing():
+    code = """
+import procpool as multiprocessing
+multiprocessing.freeze_support()
+assert multiprocessing.get_start_method(allow_none=True) is None
+multiprocessing.set_start_method("spawn")
+try:
+    multiprocessing.set_start_method("fork")
+except RuntimeError:
+    pass
+else:
+    raise AssertionError("set twice without force")
+assert multiprocessing.get_start_method() == "spawn"
+with multiprocessing.Pool(1) as pool:
+    assert pool.start_method == "spawn" and pool.apply(abs, (-2,)) == 2
+ctx = multiprocessing.get_context("forkserver")
+assert ctx.get_start_method() == "forkserver" and ctx.Queue is multiprocessing.Queue
+with ctx.Pool(1) as pool:
+    assert pool.start_method == "forkserver"
+with multiprocessing.ProcessPoolExecutor(1, mp_context=ctx) as ex:
+    assert ex.submit(abs, -3).result() == 3
+raw = multiprocessing.RawValue("i", 3)
+arr = multiprocessing.RawArray("d", 4)
+assert raw.value == 3 and list(arr) == [0.0] * 4
+for obj in (raw, arr):
+    try:
+        obj.get_lock()
+    except AttributeError:
+        pass
+    else:
+        raise AssertionError("a raw object has no lock")
+print("ok")
+"""
+    assert _printed_by_a_fresh_python(code) == "ok"

@@ -35,6 +35,23 @@ if TYPE_CHECKING:
 
 if TYPE_CHECKING:  # the lazily loaded names, for type checkers
     from . import signals as signals
+    from ._mp_names import AuthenticationError as AuthenticationError
+    from ._mp_names import BufferTooShort as BufferTooShort
+    from ._mp_names import Manager as Manager
+    from ._mp_names import ProcessError as ProcessError
+    from ._mp_names import RawArray as RawArray
+    from ._mp_names import RawValue as RawValue
+    from ._mp_names import allow_connection_pickling as allow_connection_pickling
+    from ._mp_names import freeze_support as freeze_support
+    from ._mp_names import get_all_start_methods as get_all_start_methods
+    from ._mp_names import get_context as get_context
+    from ._mp_names import get_logger as get_logger
+    from ._mp_names import get_start_method as get_start_method
+    from ._mp_names import log_to_stderr as log_to_stderr
+    from ._mp_names import reducer as reducer
+    from ._mp_names import set_executable as set_executable
+    from ._mp_names import set_forkserver_preload as set_forkserver_preload
+    from ._mp_names import set_start_method as set_start_method
     from .pipe import Connection as Connection
     from .pipe import Pipe as Pipe
     from .queue import JoinableQueue as JoinableQueue
@@ -70,6 +87,31 @@ _LAZY = {
     "Value": "shared",
     "signals": "signals",
 }
+#: the rest of multiprocessing's names (see _mp_names), loaded on first access too
+_LAZY.update(
+    dict.fromkeys(
+        (
+            "AuthenticationError",
+            "BufferTooShort",
+            "Manager",
+            "ProcessError",
+            "RawArray",
+            "RawValue",
+            "allow_connection_pickling",
+            "freeze_support",
+            "get_all_start_methods",
+            "get_context",
+            "get_logger",
+            "get_start_method",
+            "log_to_stderr",
+            "reducer",
+            "set_executable",
+            "set_forkserver_preload",
+            "set_start_method",
+        ),
+        "_mp_names",
+    )
+)
 
 
 def __getattr__(name: str) -> Any:

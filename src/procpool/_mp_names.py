@@ -1,0 +1,108 @@
+"""The rest of :mod:`multiprocessing`'s names, so that ``import procpool as multiprocessing``
+runs a classic program from its first line (``freeze_support()``, ``set_start_method()``).
+
+Start methods and contexts choose how procpool's pools start their workers (and, through
+:mod:`multiprocessing`, how a ``Process`` starts); ``RawValue``/``RawArray`` are procpool's
+shared objects without a lock.  The other names are :mod:`multiprocessing`'s own objects:
+``Manager`` (its proxies reach a forked pool's workers; spawned ones lack the parent's
+authentication key), the exceptions, logging, and the settings that concern only
+:mod:`multiprocessing`'s processes (``set_executable``, ``set_forkserver_preload``,
+``allow_connection_pickling``, ``reducer``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from multiprocessing import (  # noqa: F401 - re-exported
+    AuthenticationError,
+    BufferTooShort,
+    Manager,
+    ProcessError,
+    allow_connection_pickling,
+    freeze_support,
+    get_all_start_methods,
+    get_logger,
+    log_to_stderr,
+    reducer,
+    set_executable,
+    set_forkserver_preload,
+)
+
+from . import _start
+
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any
+
+#: the start method set_start_method chose (None: not chosen, procpool's default applies)
+_chosen: str | None = None
+
+
+def set_start_method(method: str | None, force: bool = False) -> None:
+    """Set how pools (and ``Process``) start processes: ``"fork"``, ``"spawn"`` or
+    ``"forkserver"``.  As in :mod:`multiprocessing`, ``RuntimeError`` if it was set already
+    (unless *force*); ``None`` with *force* goes back to the default."""
+    global _chosen
+    if method is not None and method not in _start.START_METHODS:
+        raise ValueError(f"cannot find context for {method!r}")
+    multiprocessing.set_start_method(method, force)  # (its checks: set already, force)
+    _chosen = method
+    _start.DEFAULT_START_METHOD = method or _start.START_METHODS[0]
+
+
+def get_start_method(allow_none: bool = False) -> str | None:
+    """The start method pools use; with *allow_none*, None while none was set."""
+    if _chosen is None and allow_none:
+        return None
+    return _chosen or _start.DEFAULT_START_METHOD
+
+
+def get_context(method: str | None = None) -> Context:
+    """A context: procpool's names, its ``Pool`` and ``ProcessPoolExecutor`` starting their
+    workers with *method* (default: the current start method), and ``Process`` (the rest of
+    :mod:`multiprocessing`'s context) using it too."""
+    return Context(method or _chosen or _start.DEFAULT_START_METHOD)
+
+
+class Context:
+    """What :func:`get_context` returns (see there)."""
+
+    def __init__(self, method: str) -> None:
+        if method not in _start.START_METHODS:
+            raise ValueError(f"cannot find context for {method!r}")
+        self._method = method
+        self._mp = multiprocessing.get_context(method)
+
+    def get_start_method(self, allow_none: bool = False) -> str:
+        return self._method
+
+    def Pool(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802 - multiprocessing's name
+        from .pool import Pool
+
+        kwargs.setdefault("start_method", self._method)
+        return Pool(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        import procpool
+
+        try:
+            return getattr(procpool, name)  # (procpool's IPC primitives)
+        except AttributeError:
+            return getattr(self._mp, name)  # Process, Manager... with this start method
+
+    def __repr__(self) -> str:
+        return f"<procpool context {self._method!r}>"
+
+
+def RawValue(typecode_or_type: Any, *args: Any) -> Any:  # noqa: N802 - multiprocessing's name
+    """A shared value without a lock (:func:`multiprocessing.RawValue`)."""
+    from .shared import Value
+
+    return Value(typecode_or_type, *args, lock=False)
+
+
+def RawArray(typecode_or_type: Any, size_or_initializer: Any) -> Any:  # noqa: N802
+    """A shared array without a lock (:func:`multiprocessing.RawArray`)."""
+    from .shared import Array
+
+    return Array(typecode_or_type, size_or_initializer, lock=False)
