@@ -232,3 +232,13 @@ def fork_and_end_child(x, how):
         return "the child's value"
     _, status = os.waitpid(pid, 0)
     return x, os.waitstatus_to_exitcode(status)
+
+
+def killed_initializer(path):
+    """An initializer its worker dies of, by SIGKILL (as the out-of-memory killer does), after
+    appending a line to *path* (one per worker start)."""
+    import signal
+
+    with open(path, "a") as f:
+        f.write("started\n")
+    os.kill(os.getpid(), signal.SIGKILL)

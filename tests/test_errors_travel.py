@@ -4,6 +4,7 @@ exceptions or values that cannot make the trip fail their task clearly without h
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from tasks import (
@@ -147,3 +148,21 @@ def test_initializer_that_raises_is_reported_and_not_respawned_forever():
         with pytest.raises(procpool.InitializerError):
             pool.apply(square, (3,))
         assert len(pool.pids()) <= 2  # no endless respawn loop
+
+
+def test_an_initializer_killed_every_time_breaks_the_pool_instead_of_a_fork_storm(tmp_path):
+    # a worker killed while starting says little about the next one (a stray kill), so such
+    # deaths were never counted: an initializer the OOM killer ends every time had the pool
+    # fork ≈ 350 workers a second for good
+    from tasks import killed_initializer
+
+    path = tmp_path / "starts"
+    with procpool.Pool(2, initializer=killed_initializer, initargs=(str(path),)) as pool:
+        with pytest.raises(procpool.WorkerLostError):
+            pool.apply_async(square, (2,)).get(20)
+        with pytest.raises(procpool.WorkerLostError, match="in a row died while starting"):
+            pool.apply(square, (3,))
+        time.sleep(0.5)
+        starts = len(path.read_text().splitlines())
+        time.sleep(0.5)
+        assert len(path.read_text().splitlines()) == starts <= 12  # no more workers started

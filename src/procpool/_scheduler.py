@@ -201,7 +201,8 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._est_items = 0.0
         self._state = RUNNING
         self._broken: BaseException | None = None
-        self._startup_failures = 0
+        self._startup_failures = 0  # workers that crashed while starting, in a row
+        self._startup_kills = 0  # ... and that were killed while starting (see _bury)
         # jobs whose feeder thread runs (a plain set, not a WeakSet: a weakref callback running
         # in the caller's thread when a job is freed could swallow its Ctrl-C)
         self._feeding: set[MapJob] = set()

@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 EXIT_GRACE = 5.0  # seconds a worker told to exit gets before SIGKILL
 EOF_GRACE = 1.0  # seconds a worker that closed its channel gets to exit before SIGKILL
 STARTUP_FAILURES = 3  # workers crashing before READY, in a row, before the pool gives up
+#: workers killed (SIGKILL/SIGTERM) before READY, in a row, before the pool gives up: one says
+#: nothing about the next (a stray kill), a run of them does (the OOM killer and an
+#: initializer that needs more memory than there is: a fork storm otherwise)
+STARTUP_KILLS = 10
 MAX_BOUNCES = 5  # a task re-sent this often, never started, fails instead of going round again
 
 # the pool's states (Scheduler._state)
@@ -120,6 +124,7 @@ class WorkerSupervision:
     _state: str
     _broken: BaseException | None
     _startup_failures: int
+    _startup_kills: int
     _buffers: BufferCache
     _est: float | None
     _est_time: float
@@ -282,15 +287,19 @@ class WorkerSupervision:
             else:
                 self._pending.appendleft(task)
         killed = code is not None and -code in (signal.SIGKILL, signal.SIGTERM)
-        if not w.ready and not w.exit_sent and self._broken is None and not killed:
-            # it crashed while starting (initializer, imports): a few in a row means it always
-            # will; a worker killed from outside says nothing about the next one
-            self._startup_failures += 1
-            if self._startup_failures >= STARTUP_FAILURES:
+        if not w.ready and not w.exit_sent and self._broken is None:
+            # it died while starting (initializer, imports): a few crashes in a row mean it
+            # always will; a kill from outside says little about the next one, many do
+            if killed:
+                self._startup_kills += 1
+            else:
+                self._startup_failures += 1
+            if self._startup_failures >= STARTUP_FAILURES or self._startup_kills >= STARTUP_KILLS:
+                n = STARTUP_KILLS if killed else STARTUP_FAILURES
+                why = " (the out-of-memory killer?)" if killed else ""
                 self._break(
                     WorkerLostError(
-                        f"{STARTUP_FAILURES} workers in a row died while starting; the last one"
-                        f" {how}",
+                        f"{n} workers in a row died while starting; the last one {how}{why}",
                         code,
                     )
                 )
@@ -367,7 +376,7 @@ class WorkerSupervision:
                 self._on_results(w, body, fds)
             elif kind == P.READY:
                 w.ready = True
-                self._startup_failures = 0
+                self._startup_failures = self._startup_kills = 0
                 self._set_mask(w)
             elif kind == P.INIT_FAILED:
                 info, stage = pickle.loads(body)  # stage: "initializer" or "main script"
