@@ -74,6 +74,9 @@ def test_pool_default_timeout_and_map_completes_the_other_items():
         with pytest.raises(procpool.TaskTimeoutError, match="item 2"):
             pool.map(sleep_then, [0.01, 0.01, 30, 0.01])
         assert pool.map(square, range(5)) == [0, 1, 4, 9, 16]
+        # in a chunk, a soft timeout names its item, not the chunk ("items 0-10 of ...")
+        with pytest.raises(procpool.TaskTimeoutError, match=r"^item 5 of map\(sleep_then\)"):
+            pool.map(sleep_then, [0.01] * 5 + [30] + [0.01] * 5, chunksize=11)
 
 
 def users_alarm_handler(signum, frame):

@@ -42,8 +42,9 @@ def error_info(exc: BaseException) -> tuple:
     return (blob, name, message, tb)
 
 
-def rebuild_error(info: tuple, task: Any = None) -> BaseException:
-    """Turn a worker's error tuple back into an exception with the remote traceback as cause."""
+def rebuild_error(info: tuple, task: Any = None, item: int | None = None) -> BaseException:
+    """Turn a worker's error tuple back into an exception with the remote traceback as cause
+    (*task*: the task it failed; *item*: which item of that map chunk, by its input index)."""
     blob, name, message, tb = info
     exc: Any = None
     if blob is not None:
@@ -57,7 +58,7 @@ def rebuild_error(info: tuple, task: Any = None) -> BaseException:
         exc = RemoteError(f"{name}: {message}", name)
     exc.__cause__ = RemoteTraceback(tb)
     if isinstance(exc, TaskTimeout) and task is not None:
-        where = task.describe()
+        where = task.describe() if item is None else f"item {item} of {task.label}"
         outer = TaskTimeoutError(f"{where} exceeded its timeout of {task.timeout}s", task.timeout)
         outer.__cause__ = exc
         return outer

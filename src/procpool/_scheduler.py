@@ -1524,7 +1524,10 @@ class Scheduler(WorkerSupervision, Dispatch):
                 sink._on_chunk(task, value, {})
         else:
             values, errors = value
-            sink._on_chunk(task, values, {i: rebuild_error(e, task) for i, e in errors.items()})
+            start = task.index
+            sink._on_chunk(
+                task, values, {i: rebuild_error(e, task, start + i) for i, e in errors.items()}
+            )
 
     @staticmethod
     def _unpickling_error(task: Task, exc: BaseException) -> SerializationError:
