@@ -432,3 +432,29 @@ def test_a_bytes_message_larger_than_one_read_is_delivered(monkeypatch):
     payload = os.urandom(300_000)
     q.put(payload)
     assert q.get(timeout=10) == payload and q.empty()
+
+
+def _put_big(q, started):
+    big = bytes(512 * 2**20)
+    started.set()
+    q.put(big)  # (killed while it copies the payload)
+
+
+def test_a_producer_killed_while_it_copies_a_big_message_takes_no_slot():
+    # a bounded queue's slot was taken before the payload was copied (≈ 0.1 s for 512 MiB):
+    # a producer killed meanwhile left the queue full for good, with nothing in it
+    q = procpool.Queue(1)
+    started = FORK.Event()
+    p = FORK.Process(target=_put_big, args=(q, started))
+    p.start()
+    try:
+        assert started.wait(10)
+        time.sleep(0.02)
+        os.kill(p.pid, signal.SIGKILL)
+    finally:
+        p.join(10)
+    if not q.empty():  # (a machine fast enough to finish the copy first: it went whole)
+        assert len(q.get(timeout=5)) == 512 * 2**20
+    assert q.empty() and not q.full()
+    q.put("small", timeout=5)
+    assert q.get(timeout=5) == "small"

@@ -34,6 +34,7 @@ from . import _ipc_bulk, _serialize
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 __all__ = ["Wire", "encode", "decode", "INLINE_MAX"]
@@ -144,14 +145,20 @@ class Wire:
         deadline: float | None,
         block: bool = True,
         raw: bool = False,
+        ready: Callable[[], None] | None = None,
     ) -> None:
         """Send one message; raise :class:`Expired` (nothing sent) past *deadline*.
 
-        Takes ownership of *fds* (closed once sent, or on error).
+        Takes ownership of *fds* (closed once sent, or on error).  *ready* is called once the
+        message is ready to go, a large one's payload written (a bounded queue takes its slot
+        there: a producer killed while it copies must not hold one); what it raises, nothing
+        is sent.
         """
         try:
             size = len(data)
             if not fds and not raw and 0 < size <= self.inline_max:
+                if ready is not None:
+                    ready()
                 self._send(data, None, deadline, block)
                 return
             bulk_fd, cached = -1, False
@@ -170,6 +177,8 @@ class Wire:
                     raise ValueError(f"a message can carry at most {MAX_FDS} descriptors")
                 header = HEADER.pack(MAGIC, flags, nbuf, size)
                 anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", all_fds))]
+                if ready is not None:
+                    ready()
                 self._send([header, *parts], anc, deadline, block)
             finally:
                 if bulk_fd >= 0 and not cached:

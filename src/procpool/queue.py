@@ -192,18 +192,26 @@ class Queue:
     ) -> None:
         deadline = None if timeout is None or not block else time.monotonic() + max(timeout, 0)
         free = self._free
-        if free is not None and not free.acquire(block, timeout):
-            _ipc_wire._close_all(fds)
-            raise Full
+        took: list[Any] = []  # the slot (a bounded queue's), once the message is ready to go
+
+        def take_slot() -> None:
+            assert free is not None
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            if not free.acquire(block, left):
+                raise Full
+            took.append(free)
+
         try:
-            self._wire_w.send_frame(data, nbuf, fds, deadline, block, raw)
+            self._wire_w.send_frame(
+                data, nbuf, fds, deadline, block, raw, None if free is None else take_slot
+            )
         except _ipc_wire.Expired:
-            if free is not None:
-                free.release()
+            for slot in took:
+                slot.release()
             raise Full from None
         except BaseException:
-            if free is not None:
-                free.release()
+            for slot in took:
+                slot.release()
             raise
         if not self._debt_acquire(False):
             self._items_release()
