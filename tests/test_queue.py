@@ -458,3 +458,45 @@ def test_a_producer_killed_while_it_copies_a_big_message_takes_no_slot():
     assert q.empty() and not q.full()
     q.put("small", timeout=5)
     assert q.get(timeout=5) == "small"
+
+
+def test_more_large_messages_in_flight_than_the_fd_limit_wait_for_the_consumer():
+    # Each large message holds a descriptor in flight; an unprivileged user may have at most
+    # RLIMIT_NOFILE of them (the kernel says ETOOMANYREFS): put raised OSError there.  It now
+    # waits for room (or raises queue.Full after its timeout).  Run as an unprivileged user
+    # with a low limit, in a child (root is exempt from the limit).
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import os, queue, resource, threading, time
+        import procpool
+        q = procpool.Queue()  # (everything imported first: root's files stay out of reach)
+        if os.geteuid() == 0:
+            os.setgid(65534)
+            os.setuid(65534)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        blob = b"x" * 100_000  # out of band: one memfd per message
+        try:
+            for n in range(80):
+                q.put(blob, timeout=0.2)
+        except queue.Full:
+            print("full", n)
+        got = []
+        consumer = threading.Thread(target=lambda: got.extend(q.get(timeout=10) for _ in range(200)))
+        consumer.start()
+        for n in range(200 - q.qsize()):
+            q.put(blob, timeout=10)
+        consumer.join(30)
+        print(len(got), all(g == blob for g in got))
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, second = out.stdout.split("\n")[:2]
+    assert first.startswith("full ") and second == "200 True", out.stdout

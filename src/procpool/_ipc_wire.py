@@ -22,6 +22,7 @@ it; an object that cannot be pickled raises :class:`~procpool.SerializationError
 from __future__ import annotations
 
 import array
+import errno
 import math
 import os
 import pickle
@@ -188,6 +189,7 @@ class Wire:
 
     def _send(self, data: Any, anc: list[Any] | None, deadline: float | None, block: bool) -> None:
         sock = self.sock
+        pause = 0.001
         while True:
             try:
                 if anc is None:
@@ -197,6 +199,20 @@ class Wire:
                 return
             except BlockingIOError:
                 pass
+            except OSError as exc:
+                # An unprivileged user may have at most RLIMIT_NOFILE descriptors in flight in
+                # sockets: each large message holds one until a consumer takes it.  That is a
+                # full queue too, only the socket cannot say when it has room: poll for it.
+                if exc.errno != errno.ETOOMANYREFS:
+                    raise
+                if not block:
+                    raise Expired("too many descriptors in flight") from None
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    raise Expired("too many descriptors in flight") from None
+                time.sleep(pause if deadline is None else min(pause, deadline - now))
+                pause = min(pause * 2, 0.05)
+                continue
             if not block:
                 raise Expired("the socket buffer is full")
             wait_fd(sock.fileno(), _POLLOUT, deadline)
