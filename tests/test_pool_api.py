@@ -291,6 +291,17 @@ def test_processes_argument_is_validated():
         procpool.Pool(1, initializer=3)
     with pytest.raises(ValueError):
         procpool.Pool(1, maxtasksperchild=0)
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="retries"):
+            procpool.Pool(1, retries=bad)
+    with procpool.Pool(1) as pool:  # per call too (apply_async took retries=-1 silently)
+        for call in (
+            lambda: pool.apply_async(square, (1,), retries=-1),
+            lambda: pool.schedule(square, (1,), retries=-1),
+        ):
+            with pytest.raises(ValueError, match="retries"):
+                call()
+        assert pool.apply_async(square, (3,), retries=2).get(10) == 9
 
 
 def test_default_processes_is_the_cpu_count():

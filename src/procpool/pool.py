@@ -37,6 +37,12 @@ if TYPE_CHECKING:
 __all__ = ["Pool", "ProcessPoolExecutor"]
 
 
+def _check_retries(retries: Any) -> int:
+    if type(retries) is not int or retries < 0:  # (not a bool either)
+        raise ValueError(f"retries must be a non-negative int, not {retries!r}")
+    return retries
+
+
 def _start_method(start_method: str | None, context: Any) -> str | None:
     if start_method is None and context is not None:
         return context.get_start_method()
@@ -110,8 +116,7 @@ class Pool(PoolAPI):
         ):
             raise ValueError("maxtasksperchild must be a positive int or None")
         limit = check_timeout(timeout)
-        if not isinstance(retries, int) or retries < 0:
-            raise ValueError("retries must be a non-negative int")
+        _check_retries(retries)
         launcher = make_launcher(_start_method(start_method, context))
         self._timeout = limit
         self._retries = retries
@@ -212,7 +217,7 @@ class Pool(PoolAPI):
             dict(kwds) if kwds else {},
             result,
             timeout=self._timeout if timeout is None else self._task_timeout(timeout),
-            retries=self._retries if retries is None else retries,
+            retries=self._retries if retries is None else _check_retries(retries),
             retry_on=self._retry_on,
         )
         if not result._done:
@@ -245,7 +250,7 @@ class Pool(PoolAPI):
         inside the task and the future fails with :class:`~procpool.TaskTimeoutError`.
         """
         limit = self._task_timeout(timeout)  # a bad timeout is a ValueError of its own
-        retries = self._retries if retries is None else retries
+        retries = self._retries if retries is None else _check_retries(retries)
         return self._future_call(fn, tuple(args), kwargs, limit, retries)
 
     def _future_call(
