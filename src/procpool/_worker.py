@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import time
+from multiprocessing import process
 
 from . import _protocol as P
 from . import _serialize
@@ -494,10 +495,46 @@ def _leave_task_child(exc: BaseException | None) -> None:
 
 
 _WORKER_NAMES = {
-    "fork": "ForkPoolWorker",
-    "spawn": "SpawnPoolWorker",
-    "forkserver": "ForkServerPoolWorker",
+    "fork": "ForkPoolWorker-",
+    "spawn": "SpawnPoolWorker-",
+    "forkserver": "ForkServerPoolWorker-",
 }
+
+
+class _Parent(process._ParentProcess):  # type: ignore[name-defined,misc]
+    """``parent_process()`` in a worker: the pool's process.  Its sentinel, a pidfd, is opened
+    when first used: opening it in every worker pages in ≈ 64 kB more of the interpreter."""
+
+    def __init__(self, name: str, pid: int) -> None:  # (_ParentProcess's, with no sentinel)
+        self._identity = ()
+        self._name = name
+        self._pid = pid
+        self._parent_pid = None
+        self._popen = None
+        self._closed = False
+        self._sentinel: int | None = None
+        self._config: dict = {}
+
+    def _open(self) -> int:
+        sentinel = self._sentinel
+        if sentinel is None:
+            from ._start import INTERNAL_FDS
+
+            sentinel = self._sentinel = os.pidfd_open(self._pid)
+            INTERNAL_FDS.add(sentinel)  # (a pool a task starts: its workers need not)
+        return sentinel
+
+    @property
+    def sentinel(self) -> Any:
+        return self._open()
+
+    def is_alive(self) -> bool:
+        self._open()
+        return super().is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._open()
+        super().join(timeout)
 
 
 def take_identity(method: str, number: int) -> None:
@@ -506,28 +543,16 @@ def take_identity(method: str, number: int) -> None:
     process, no children yet -- not the parent's ``MainProcess`` and its children, which a
     forked worker inherits and a script's ``current_process().name == "MainProcess"`` guard
     tests.  (Not daemonic, unlike multiprocessing's: a task may start processes and pools.)"""
-    import itertools
-    from multiprocessing import process
-
+    # (plain statements, no f-string, no set or counter made, no multiprocessing code run:
+    # each cold path of the interpreter an idle worker first runs pages in ≈ 64 kB)
     me = process.current_process()
-    parent_pid, parent_name = os.getppid(), me.name
-    me._name = f"{_WORKER_NAMES.get(method, 'PoolWorker')}-{number}"  # type: ignore[attr-defined]
+    parent_pid, parent_name = os.getppid(), me._name  # type: ignore[attr-defined]
+    me._name = _WORKER_NAMES[method] + str(number)  # type: ignore[attr-defined]
     me._identity = (number,)  # type: ignore[attr-defined]  # (children: Process-<number>:k)
     me._parent_pid = parent_pid  # type: ignore[attr-defined]
     me._parent_name = parent_name  # type: ignore[attr-defined]
-    sentinel: int | None = None  # readable once the parent is gone
-    try:
-        fd = os.pidfd_open(parent_pid)
-    except (AttributeError, OSError):
-        pass
-    else:
-        from ._start import INTERNAL_FDS
-
-        INTERNAL_FDS.add(fd)  # (a pool a task starts: its workers need not keep it)
-        sentinel = fd
-    process._parent_process = process._ParentProcess(parent_name, parent_pid, sentinel)  # type: ignore[attr-defined]
-    process._children = set()  # type: ignore[attr-defined]
-    process._process_counter = itertools.count(1)  # type: ignore[attr-defined]
+    process._parent_process = _Parent(parent_name, parent_pid)  # type: ignore[attr-defined]
+    process._children.clear()  # type: ignore[attr-defined]  # (a forked worker's: the parent's)
 
 
 def main(sock: socket.socket, batch: bool = True, progress: Any = None, init: Any = None) -> int:
