@@ -242,3 +242,10 @@ def killed_initializer(path):
     with open(path, "a") as f:
         f.write("started\n")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fill(arr, value):
+    """Write 1, 2, 3... into a shared array and 7 into a shared value, in place."""
+    for i in range(len(arr)):
+        arr[i] = i + 1.0
+    value.value = 7

@@ -4,6 +4,7 @@ docstring, and nothing private leaks into it (as trio's test_exports does)."""
 from __future__ import annotations
 
 import inspect
+import os
 
 import procpool
 
@@ -85,6 +86,9 @@ def test_every_name_of_multiprocessing_is_there():
 
 def test_start_methods_contexts_and_raw_objects_as_multiprocessing():
     code = """
+import sys
+sys.path.insert(0, TESTS)
+from tasks import fill
 import procpool as multiprocessing
 multiprocessing.freeze_support()
 assert multiprocessing.get_start_method(allow_none=True) is None
@@ -107,6 +111,15 @@ with multiprocessing.ProcessPoolExecutor(1, mp_context=ctx) as ex:
 raw = multiprocessing.RawValue("i", 3)
 arr = multiprocessing.RawArray("d", 4)
 assert raw.value == 3 and list(arr) == [0.0] * 4
+# ctypes objects, as multiprocessing's (numpy, memoryview, byref), that travel by reference
+import ctypes, numpy
+assert numpy.frombuffer(arr).shape == (4,) and ctypes.sizeof(arr) == 32
+ctypes.byref(raw)
+with multiprocessing.Pool(1) as pool:  # (spawn, set above)
+    pool.apply(fill, (arr, raw))
+assert list(arr) == [1.0, 2.0, 3.0, 4.0] and raw.value == 7
+ctx = multiprocessing.get_context("spawn")
+assert ctx.Process is __import__("multiprocessing").get_context("spawn").Process
 for obj in (raw, arr):
     try:
         obj.get_lock()
@@ -116,4 +129,5 @@ for obj in (raw, arr):
         raise AssertionError("a raw object has no lock")
 print("ok")
 """
-    assert _printed_by_a_fresh_python(code) == "ok"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    assert _printed_by_a_fresh_python(code.replace("TESTS", repr(tests))) == "ok"

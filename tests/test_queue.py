@@ -500,3 +500,65 @@ def test_more_large_messages_in_flight_than_the_fd_limit_wait_for_the_consumer()
     assert out.returncode == 0, out.stderr[-2000:]
     first, second = out.stdout.split("\n")[:2]
     assert first.startswith("full ") and second == "200 True", out.stdout
+
+
+class _Boom(Exception):
+    pass
+
+
+def test_a_signal_handlers_exception_around_a_bounded_put_loses_no_message_and_no_slot():
+    # An exception a signal handler raises as put's send returns (the message went) gave the
+    # slot back twice: the get() that took that message raised ValueError ("released too many
+    # times") and lost it.  Giving back a slot at maxsize is now a no-op, and a put counts its
+    # slot held from just before the acquire (losing one would block a maxsize=1 queue).
+    armed = [False]
+
+    def handler(signum, frame):
+        if armed[0]:
+            raise _Boom
+
+    q = procpool.Queue(1)
+    previous = signal.signal(signal.SIGALRM, handler)
+    deadline = time.monotonic() + 3
+    n = 0
+    try:
+        while time.monotonic() < deadline and n < 3000:
+            n += 1
+            try:
+                armed[0] = True
+                signal.setitimer(signal.ITIMER_REAL, 0.00001 + (n % 50) * 0.000002)
+                q.put("x" * 100, timeout=1)
+            except _Boom:
+                pass
+            finally:
+                armed[0] = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            try:
+                while True:
+                    assert q.get(timeout=0.001) == "x" * 100
+            except queue.Empty:
+                pass
+            assert q._free._get_value() == 1, n
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class _BadOnLoad:
+    def __reduce__(self):
+        return (_refuse, ())
+
+
+def _refuse():
+    raise RuntimeError("cannot rebuild")
+
+
+def test_get_many_returns_what_it_took_before_a_message_that_does_not_unpickle():
+    # the messages a batch had taken were thrown away with the error of a later one
+    q = procpool.Queue()
+    for m in ("first", "second", _BadOnLoad(), "fourth"):
+        q.put(m)
+    assert q.get_many(timeout=5) == ["first", "second"]
+    with pytest.raises(RuntimeError, match="cannot rebuild"):
+        q.get(timeout=5)  # its error, next
+    assert q.get_many(timeout=5) == ["fourth"] and q.empty()

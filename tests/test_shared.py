@@ -423,6 +423,10 @@ def test_a_named_object_whose_construction_fails_leaves_no_file_and_frees_its_na
         lambda: procpool.Array("i", [1, "a"], name=name),
         lambda: procpool.Array("c", "text", name=name),
         lambda: procpool.SharedArray((-3,), name=name),
+        # a description too long for the region's header (written after the file exists)
+        lambda: procpool.SharedArray(
+            3, np.dtype([(f"field{i}", "f8") for i in range(200)]), name=name
+        ),
     ]
     for make in bad:
         with pytest.raises((TypeError, ValueError, AttributeError)):

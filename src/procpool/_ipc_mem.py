@@ -162,11 +162,15 @@ class Region:
                 close_quietly(fd)
                 raise
             region = cls(fd, name)  # closes fd itself if it fails: not twice
+            try:
+                region.write_meta(meta)  # (a description too long, say)
+            except BaseException:
+                region.close()
+                raise
         except BaseException:
             if name is not None:
                 _unlink_quietly(shm_path(name))
             raise
-        region.write_meta(meta)
         return region
 
     @classmethod

@@ -116,6 +116,15 @@ def enlarge_buffers(sock: socket.socket, want: int = _SOCK_WANT_BYTES) -> None:
         pass
 
 
+def call_or_close(call: Callable[[], None], fds: list[int]) -> None:
+    """``call()``; should it raise, close *fds* (a message's, not sent) first."""
+    try:
+        call()
+    except BaseException:
+        _close_all(fds)
+        raise
+
+
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
         try:

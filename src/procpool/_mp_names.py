@@ -51,8 +51,9 @@ def set_start_method(method: str | None, force: bool = False) -> None:
 
 
 def get_start_method(allow_none: bool = False) -> str | None:
-    """The start method pools use; with *allow_none*, None while none was set."""
-    if _chosen is None and allow_none:
+    """The start method pools use; with *allow_none*, None while none was set (neither here
+    nor in :mod:`multiprocessing`, which fixes its own once it has been asked)."""
+    if _chosen is None and allow_none and multiprocessing.get_start_method(True) is None:
         return None
     return _chosen or _start.DEFAULT_START_METHOD
 
@@ -82,27 +83,60 @@ class Context:
         kwargs.setdefault("start_method", self._method)
         return Pool(*args, **kwargs)
 
+    def ProcessPoolExecutor(self, max_workers: int | None = None, **kwargs: Any) -> Any:  # noqa: N802
+        from .pool import ProcessPoolExecutor
+
+        kwargs.setdefault("mp_context", self)
+        return ProcessPoolExecutor(max_workers, **kwargs)
+
     def __getattr__(self, name: str) -> Any:
         import procpool
 
-        try:
-            return getattr(procpool, name)  # (procpool's IPC primitives)
-        except AttributeError:
+        value = getattr(procpool, name, None)
+        if value is None or getattr(value, "__module__", "").startswith("multiprocessing"):
             return getattr(self._mp, name)  # Process, Manager... with this start method
+        return value  # procpool's own: its IPC primitives need no start method
 
     def __repr__(self) -> str:
         return f"<procpool context {self._method!r}>"
 
 
 def RawValue(typecode_or_type: Any, *args: Any) -> Any:  # noqa: N802 - multiprocessing's name
-    """A shared value without a lock (:func:`multiprocessing.RawValue`)."""
+    """A ctypes object in shared memory, without a lock (:func:`multiprocessing.RawValue`):
+    ``ctypes.byref``, ``memoryview`` and numpy take it; passed to a task or through a queue
+    it travels by reference, as procpool's ``Value`` (which it is underneath)."""
     from .shared import Value
 
-    return Value(typecode_or_type, *args, lock=False)
+    return _raw(Value(typecode_or_type, *args, lock=False))
 
 
 def RawArray(typecode_or_type: Any, size_or_initializer: Any) -> Any:  # noqa: N802
-    """A shared array without a lock (:func:`multiprocessing.RawArray`)."""
+    """A ctypes array in shared memory, without a lock (:func:`multiprocessing.RawArray`):
+    ``numpy.frombuffer`` and ``memoryview`` take it; it travels by reference, as ``RawValue``."""
     from .shared import Array
 
-    return Array(typecode_or_type, size_or_initializer, lock=False)
+    return _raw(Array(typecode_or_type, size_or_initializer, lock=False))
+
+
+#: ctypes type -> its subclass whose objects pickle as the shared object under them
+_RAW_TYPES: dict[Any, Any] = {}
+
+
+def _raw(shared: Any) -> Any:
+    """The ctypes object of *shared* (a procpool Value or Array), as a subclass that pickles
+    by reference: as *shared* itself, rebuilt into the same kind of object on arrival."""
+    from ._ipc_mem import DATA_OFFSET
+
+    base = type(shared.get_obj())
+    raw_type: Any = _RAW_TYPES.get(base)
+    if raw_type is None:
+        raw_type = _RAW_TYPES[base] = type(
+            base.__name__, (base,), {"__reduce__": _reduce_raw, "__module__": __name__}
+        )
+    obj = raw_type.from_buffer(shared._region.mmap, DATA_OFFSET)
+    obj._procpool_shared = shared  # (keeps the mapping, and says how to travel)
+    return obj
+
+
+def _reduce_raw(obj: Any) -> tuple[Any, tuple[Any, ...]]:
+    return (_raw, (obj._procpool_shared,))

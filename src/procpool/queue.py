@@ -71,6 +71,16 @@ _inband_only = _ipc_wire._inband_only
 _RENDEZVOUS = "\0procpool-queue-{}"
 
 
+def _give_slot(free: Any) -> None:
+    """Give a bounded queue's slot back.  Already all free (a put interrupted just after its
+    message went gave its slot back too, see Queue._put_slow): nothing to give, and the
+    message is not lost for it."""
+    try:
+        free.release()
+    except ValueError:  # ("semaphore or lock released too many times": at maxsize already)
+        pass
+
+
 class Queue:
     """A process-safe FIFO queue (:class:`multiprocessing.Queue`), see the module docstring.
 
@@ -113,6 +123,9 @@ class Queue:
             region.semaphore(_FREE, SEMAPHORE, maxsize, maxsize, init=init) if maxsize else None
         )
         self._closed = False
+        # a message get_many took that did not unpickle, after others it returned: raised by
+        # the next get or get_many
+        self._deferred: BaseException | None = None
         self._server = None
         # bound methods for the hot path
         self._send = self._w.send
@@ -192,26 +205,37 @@ class Queue:
     ) -> None:
         deadline = None if timeout is None or not block else time.monotonic() + max(timeout, 0)
         free = self._free
-        took: list[Any] = []  # the slot (a bounded queue's), once the message is ready to go
+        # A bounded queue's slot: taken once the message is ready to go (a producer killed while
+        # it copies a large payload must not hold one), or first when not waiting (a full
+        # queue then costs no copy).  Counted as held from just before the acquire: a signal
+        # handler's exception can land between a call's return and the next statement, and
+        # giving back a slot that was not taken (or whose message went) only lets the queue
+        # hold one message more for a while (see _give_slot), while keeping one would shrink
+        # the queue for good -- a maxsize=1 queue would block every put.
+        took: list[Any] = []
 
         def take_slot() -> None:
             assert free is not None
+            took.append(free)
             left = None if deadline is None else max(deadline - time.monotonic(), 0)
             if not free.acquire(block, left):
+                took.pop()
                 raise Full
-            took.append(free)
 
+        if free is not None and not block:
+            _ipc_wire.call_or_close(take_slot, fds)
+            ready = None
+        else:
+            ready = None if free is None else take_slot
         try:
-            self._wire_w.send_frame(
-                data, nbuf, fds, deadline, block, raw, None if free is None else take_slot
-            )
+            self._wire_w.send_frame(data, nbuf, fds, deadline, block, raw, ready)
         except _ipc_wire.Expired:
             for slot in took:
-                slot.release()
+                _give_slot(slot)
             raise Full from None
         except BaseException:
             for slot in took:
-                slot.release()
+                _give_slot(slot)
             raise
         if not self._debt_acquire(False):
             self._items_release()
@@ -248,6 +272,9 @@ class Queue:
         """
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
+        if self._deferred is not None:
+            error, self._deferred = self._deferred, None
+            raise error
         if block and timeout is None:
             # the fast path: one blocking recvmsg, no header, no extra call layers
             data, anc, msg_flags, _ = self._r.recvmsg(_RECVBUF, _ANCBUF, _RECV_WAIT)
@@ -273,7 +300,7 @@ class Queue:
         if not self._items_acquire(False):
             self._debt_release()  # we overtook the producer's counter update
         if self._free is not None:
-            self._free.release()
+            _give_slot(self._free)
 
     def get_nowait(self) -> Any:
         """``get(block=False)``."""
@@ -286,7 +313,9 @@ class Queue:
         timeout: float | None = None,
     ) -> list[Any]:
         """Wait for one message (like :meth:`get`), then take every message already waiting,
-        up to *max_messages*; return them in order.  Raises ``queue.Empty`` like ``get``."""
+        up to *max_messages*; return them in order.  Raises ``queue.Empty`` like ``get``.  A
+        message that does not unpickle ends the batch: the messages before it are returned,
+        and its error is raised by the next ``get``/``get_many``."""
         out = [self.get(block, timeout)]
         recv, finish = self._wire_r.recv_datagram, self._wire_r.finish_object
         account = self._account_get
@@ -298,7 +327,11 @@ class Queue:
             if not (data or anc):  # end of file
                 break
             account()  # (taken: counted even should it not unpickle)
-            out.append(finish(data, anc, msg_flags)[0])
+            try:
+                out.append(finish(data, anc, msg_flags)[0])
+            except Exception as exc:  # (the messages taken before it are returned first)
+                self._deferred = exc
+                break
         return out
 
     # -- state --------------------------------------------------------------------------
