@@ -292,3 +292,36 @@ def test_executor_map_checks_its_chunksize_as_the_standard_one():
         with pytest.raises(TypeError):
             ex.map(square, [1], chunksize=None)
         assert list(ex.map(square, [1, 2])) == [1, 4]
+
+
+def test_a_forked_child_exits_while_the_program_has_a_busy_executor():
+    # The exit hook that waits for executors ran in forked children too (a Process runs
+    # threading._shutdown): it closed the child's copy of the parent's executor, whose lock
+    # the I/O thread may have held at the fork -- and the child hung at exit for good.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import multiprocessing, time
+        import procpool
+        def spin(x):
+            return sum(range(x))
+        if __name__ == "__main__":
+            ex = procpool.ProcessPoolExecutor(2)
+            ctx = multiprocessing.get_context("fork")
+            for i in range(40):
+                fs = [ex.submit(spin, 1000) for _ in range(200)]
+                p = ctx.Process(target=time.sleep, args=(0,))
+                p.start()
+                p.join(20)
+                assert p.exitcode == 0, (i, p.exitcode)
+                for f in fs:
+                    f.result()
+            ex.shutdown()
+            print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -10,6 +10,7 @@ import time
 
 import pytest
 from _ipc_helpers import no_leaks  # noqa: F401
+from conftest import child_processes, wait_until
 from tasks import (
     add,
     fail,
@@ -458,6 +459,39 @@ def test_a_worker_is_a_pool_worker_for_multiprocessing(method):
         method, "ForkServerPoolWorker-"
     )
     assert name.startswith(prefix) and name != "MainProcess"
-    if method != "forkserver":  # (a forkserver worker's parent is the fork server)
-        assert parent == os.getpid() and alive
+    assert parent == os.getpid() and alive  # (the pool's process, also behind a fork server)
     assert children == []
+
+
+def test_initargs_with_more_descriptors_than_a_frame_holds_are_refused_at_once():
+    # 250 descriptors plus the progress slot's: every worker died at start (3 in a row)
+    pipes = [procpool.Pipe() for _ in range(125)]
+    try:
+        for method in ("spawn", "forkserver"):
+            before = set(child_processes())
+            with pytest.raises(ValueError, match="at most 249"):
+                procpool.Pool(1, identity, (pipes,), start_method=method)
+            assert wait_until(lambda b=before: set(child_processes()) <= b, 10)  # (no server)
+        with procpool.Pool(
+            1, keep_shared, (procpool.Lock(), procpool.Value("i", 0)), start_method="spawn"
+        ) as pool:
+            assert pool.apply(identity, (5,)) == 5
+    finally:
+        for a, b in pipes:
+            a.close()
+            b.close()
+
+
+def slow_start(seconds):
+    time.sleep(seconds)
+
+
+def test_force_cancelling_tasks_of_a_starting_worker_does_not_break_the_pool():
+    # the pool's own kills of workers still starting counted as deaths from outside: ten
+    # force-cancels broke the pool ("the out-of-memory killer?")
+    with procpool.Pool(1, slow_start, (0.3,)) as pool:
+        for _ in range(12):
+            r = pool.apply_async(sleep_then, (5,))
+            time.sleep(0.02)
+            r.cancel(force=True)
+        assert pool.apply(square, (7,)) == 49

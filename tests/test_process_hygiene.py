@@ -11,10 +11,11 @@ import sys
 import textwrap
 import threading
 import time
+from functools import partial
 
 import pytest
 from conftest import wait_until
-from tasks import fork_and_end_child, pid, sleep_then, square
+from tasks import fork_and_end_child, pid, record_and_fork_on_zero, recorded, sleep_then, square
 
 import procpool
 
@@ -244,3 +245,16 @@ def test_a_child_a_task_forks_never_acts_as_the_worker(method):
         worker = pool.pids()[0]
         assert pool.map(square, range(20)) == [x * x for x in range(20)]
         assert pool.pids() == [worker]
+
+
+def test_a_child_forked_by_a_map_item_does_not_run_the_rest_of_the_chunk(tmp_path):
+    # back in the worker's chunk loop, the child ran the chunk's remaining items again
+    path = str(tmp_path / "ran")
+    with procpool.Pool(1) as pool:
+        assert pool.map(partial(record_and_fork_on_zero, path), range(4), chunksize=4) == [
+            0,
+            1,
+            2,
+            3,
+        ]
+        assert sorted(recorded(path)) == [0, 1, 2, 3]

@@ -51,7 +51,7 @@ from concurrent.futures import CancelledError
 from . import _protocol as P
 from . import _serialize
 from ._buffers import TRIM_AFTER, BufferCache
-from ._channel import Spin, poll_for
+from ._channel import MAX_FDS_PER_FRAME, Spin, poll_for
 from ._dispatch import Dispatch
 from ._errinfo import rebuild_error
 from ._start import (
@@ -171,11 +171,19 @@ class Scheduler(WorkerSupervision, Dispatch):
             config["init"] = True
         else:
             payload = _serialize.dumps((initializer, initargs), oob=False)
+            nfds = len(payload.fds)
+            if nfds >= MAX_FDS_PER_FRAME:  # (INIT carries the progress slot too)
+                payload.close()
+                raise ValueError(
+                    f"initargs carry {nfds} file descriptors (procpool objects); a pool's"
+                    f" workers can be given at most {MAX_FDS_PER_FRAME - 1}"
+                )
             config["init"] = payload.data
             config["init_fds"] = len(payload.fds)
             self._init_fds = payload.fds
             INTERNAL_FDS.update(payload.fds)  # (no worker of another pool keeps them)
         config["method"] = launcher.method
+        config["pool_pid"] = os.getpid()  # (a forkserver worker's parent is the server)
         self._init_body = pickle.dumps(config)  # (the INIT frame's: see _spawn)
 
         self._lock = threading.RLock()
@@ -1075,6 +1083,8 @@ class Scheduler(WorkerSupervision, Dispatch):
             job.space.notify_all()
 
     def close(self) -> None:
+        if os.getpid() != self._owner:
+            return  # a forked child (its exit hooks, say): the pool belongs to the parent
         with self._lock:
             if self._state == RUNNING:
                 self._state = CLOSING
@@ -1292,7 +1302,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                         self._kill(task.worker)
             elif kind == "exit":
                 if what.wid in self._workers:
-                    self._kill(what)
+                    self._kill(what, deliberate=False)  # (it closed its channel, or was told to go)
             elif kind == "trim":
                 self._trim_armed = False
                 self._buffers.trim()

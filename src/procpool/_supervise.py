@@ -66,6 +66,7 @@ class _Worker:
         "driven",
         "progress",
         "mask",
+        "killed",
     )
 
     def __init__(self, wid: int, proc: Proc) -> None:
@@ -85,6 +86,7 @@ class _Worker:
         self.driven: Task | None = None  # a caller reads its channel (Scheduler.drive)
         self.progress = -1  # the progress slot's memfd, when not mapped (see read_progress)
         self.mask = select.EPOLLIN  # what epoll watches on its channel (see _set_mask)
+        self.killed = False  # by the pool (a time limit, a cancel, terminate): see _bury
 
     def read_progress(self) -> tuple[int, int, int, float]:
         """The worker's progress slot (see _protocol.PROGRESS): running task id, last finished
@@ -210,7 +212,12 @@ class WorkerSupervision:
             seen = seen or tid in ids
         return False
 
-    def _kill(self, w: _Worker) -> None:
+    def _kill(self, w: _Worker, deliberate: bool = True) -> None:
+        """SIGKILL *w*: *deliberate* for the pool's own reasons (a time limit, a cancel,
+        terminate), which say nothing about the next worker (see _bury); not when the worker
+        is only made sure of (its channel broke, it closed it and lingers)."""
+        if deliberate:
+            w.killed = True
         send_signal(w.proc, signal.SIGKILL)
 
     def _abandon(self, w: _Worker) -> None:
@@ -287,7 +294,7 @@ class WorkerSupervision:
             else:
                 self._pending.appendleft(task)
         killed = code is not None and -code in (signal.SIGKILL, signal.SIGTERM)
-        if not w.ready and not w.exit_sent and self._broken is None:
+        if not w.ready and not w.exit_sent and not w.killed and self._broken is None:
             # it died while starting (initializer, imports): a few crashes in a row mean it
             # always will; a kill from outside says little about the next one, many do
             if killed:
@@ -366,7 +373,7 @@ class WorkerSupervision:
                 # status; one that closed its channel but lives on is killed after a grace.
                 self._add_timer(EOF_GRACE, "exit", w)
             else:  # no pidfd to tell us: kill it and let the I/O thread reap it now
-                self._kill(w)
+                self._kill(w, deliberate=False)
                 self._dead.append(w)
                 self._wake()
 
@@ -590,7 +597,9 @@ class WorkerSupervision:
             done = w.chan.flush()
         except OSError:  # the worker is gone, or the channel is unusable: settle it as dead
             w.chan.discard_output()
-            self._kill(w)  # its pidfd (or EOF) then tells us, and its tasks are settled
+            self._kill(
+                w, deliberate=False
+            )  # its pidfd (or EOF) then tells us, and its tasks are settled
             done = True
         writing = not done
         if writing != w.writing:

@@ -32,6 +32,7 @@ from .errors import SerializationError, TaskTimeout
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from typing import Any
 
 FLUSH_INTERVAL = 2e-4  # seconds of work after which buffered results are sent anyway (0.2 ms)
@@ -105,6 +106,7 @@ class Worker:
         self.pinned: list[int] = []
         # set in a child a task forks (see failure): it must never act as this worker
         self.task_child = False
+        self.chunk_rest: Iterator[Any] = iter(())  # the items of the chunk running, left
         os.register_at_fork(before=self._pin_mapped, after_in_child=self._in_task_child)
 
     # ---------------------------------------------------------------- start-up
@@ -113,7 +115,7 @@ class Worker:
         initializer's arguments' descriptors; *inherited*: a forked worker's initializer and
         its arguments, as the parent holds them."""
         config = pickle.loads(body[P.INIT_HEAD.size :])
-        take_identity(config["method"], P.INIT_HEAD.unpack_from(body)[0])
+        take_identity(config["method"], P.INIT_HEAD.unpack_from(body)[0], config["pool_pid"])
         cut = len(fds) - config.get("init_fds", 0)
         init_fds = fds[cut:]
         if cut:  # the progress slot (see _protocol.PROGRESS)
@@ -147,6 +149,10 @@ class Worker:
 
     def _in_task_child(self) -> None:
         self.task_child = True
+        # a chunk's loop the task forked from goes no further in the child: its items are
+        # the worker's (the child exits at the end of its own item, see add_result)
+        for _ in self.chunk_rest:
+            pass
 
     def failure(self, exc: BaseException) -> tuple:
         """What a task's exception is sent as (see _errinfo) -- unless this is a child the task
@@ -265,7 +271,8 @@ class Worker:
         values: list[Any] = []
         errors: dict[int, tuple] = {}
         pack_item = P.PROGRESS_ITEM.pack_into
-        for i, item in enumerate(items):
+        self.chunk_rest = rest = enumerate(items)  # (see _in_task_child)
+        for i, item in rest:
             # the scheduler's hard limit runs from here, and then fails only this item
             pack_item(self.progress, P.ITEM_OFFSET, i, time.monotonic())
             previous = self.alarm.arm(timeout)
@@ -282,7 +289,7 @@ class Worker:
         values: list[Any] = []
         append = values.append
         errors: dict[int, tuple] = {}
-        rest = iter(items)
+        self.chunk_rest = rest = iter(items)  # (see _in_task_child)
         while True:
             try:  # the fast loop; after a failure it resumes with the next item
                 if star:
@@ -537,7 +544,7 @@ class _Parent(process._ParentProcess):  # type: ignore[name-defined,misc]
         super().join(timeout)
 
 
-def take_identity(method: str, number: int) -> None:
+def take_identity(method: str, number: int, pool_pid: int) -> None:
     """Be what :mod:`multiprocessing` says its pool workers are: ``current_process()`` named
     ``ForkPoolWorker-<number>`` (or ``SpawnPoolWorker``...), ``parent_process()`` the pool's
     process, no children yet -- not the parent's ``MainProcess`` and its children, which a
@@ -546,7 +553,7 @@ def take_identity(method: str, number: int) -> None:
     # (plain statements, no f-string, no set or counter made, no multiprocessing code run:
     # each cold path of the interpreter an idle worker first runs pages in ≈ 64 kB)
     me = process.current_process()
-    parent_pid, parent_name = os.getppid(), me._name  # type: ignore[attr-defined]
+    parent_pid, parent_name = pool_pid, me._name  # type: ignore[attr-defined]
     me._name = _WORKER_NAMES[method] + str(number)  # type: ignore[attr-defined]
     me._identity = (number,)  # type: ignore[attr-defined]  # (children: Process-<number>:k)
     me._parent_pid = parent_pid  # type: ignore[attr-defined]

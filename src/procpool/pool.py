@@ -15,6 +15,7 @@ backends' pools, are written once in :mod:`procpool._api` (:class:`~procpool._ap
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
 import time
 import weakref
@@ -121,15 +122,19 @@ class Pool(PoolAPI):
         self._timeout = limit
         self._retries = retries
         self._retry_on = tuple(retry_on)
-        self._sched = Scheduler(
-            processes,
-            launcher,
-            initializer,
-            tuple(initargs),
-            maxtasksperchild,
-            max_memory_per_child,
-            grace,
-        )
+        try:
+            self._sched = Scheduler(
+                processes,
+                launcher,
+                initializer,
+                tuple(initargs),
+                maxtasksperchild,
+                max_memory_per_child,
+                grace,
+            )
+        except BaseException:  # (initargs that cannot go, say): no fork server left behind
+            launcher.close()
+            raise
         # a pool dropped without close() or still alive at exit is terminated, not leaked --
         # also one whose start a Ctrl-C cuts (set before the I/O thread starts)
         self._finalizer = weakref.finalize(self, self._sched.terminate)
@@ -474,7 +479,11 @@ def _register_for_exit(sched: Scheduler) -> None:
 
 
 def _wait_for_executors() -> None:
-    """At exit: every ProcessPoolExecutor's work runs to its end (as the standard library's)."""
+    """At exit: every ProcessPoolExecutor's work runs to its end (as the standard library's).
+    Not in a forked child (a Process, a task's fork), whose copies of the executors are not
+    its own: their lock may be held by a thread that does not exist there."""
+    me = os.getpid()
     for sched in list(_executors):
-        sched.close()
-        sched.join()
+        if sched._owner == me:
+            sched.close()
+            sched.join()
