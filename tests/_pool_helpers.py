@@ -46,3 +46,15 @@ def interrupt_on_entering(*names: str):
         return None
 
     return tracer
+
+
+@contextlib.contextmanager
+def traced(tracer):
+    """Run the block under ``sys.settrace(tracer)`` (removed on the way out, whatever happens)."""
+    import sys
+
+    sys.settrace(tracer)
+    try:
+        yield
+    finally:
+        sys.settrace(None)

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import pytest
-from _pool_helpers import interrupt_on_entering, io_thread_held
+from _pool_helpers import interrupt_on_entering, io_thread_held, traced
 from conftest import wait_until
 from tasks import count_lines, identity, record, sleep_then
 from tasks import fail_on as fail_on_three
@@ -660,12 +660,8 @@ def test_a_ctrl_c_that_cuts_terminate_short_lets_it_be_called_again():
 
     pool = procpool.Pool(1)
     pool.apply(identity, (1,))
-    sys.settrace(tracer)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            pool.terminate()
-    finally:
-        sys.settrace(None)
+    with pytest.raises(KeyboardInterrupt), traced(tracer):
+        pool.terminate()
     assert not armed[0] and pool._sched.state == "RUNNING"
     pool.terminate()
     pool.join(10)
@@ -687,12 +683,8 @@ def test_a_ctrl_c_raised_once_the_io_thread_has_started_leaves_nothing_running()
         return tracer
 
     before, kids = set(threading.enumerate()), set(_children())
-    sys.settrace(tracer)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            procpool.Pool(2)
-    finally:
-        sys.settrace(None)
+    with pytest.raises(KeyboardInterrupt), traced(tracer):
+        procpool.Pool(2)
     gc.collect()
     assert raised == [True, False]
     assert wait_until(lambda: not (set(threading.enumerate()) - before), 10)
