@@ -439,6 +439,7 @@ def worker_identity(_=None):
         parent.pid if parent else None,
         parent.is_alive() if parent else None,
         [c.pid for c in mp.active_children()],
+        mp.get_context("fork").Process(target=abs).name,  # (its first child's name)
     )
 
 
@@ -451,7 +452,7 @@ def test_a_worker_is_a_pool_worker_for_multiprocessing(method):
     child.start()
     try:
         with procpool.Pool(1, start_method=method) as pool:
-            name, parent, alive, children = pool.apply(worker_identity)
+            name, parent, alive, children, child_name = pool.apply(worker_identity)
     finally:
         child.terminate()
         child.join()
@@ -461,6 +462,7 @@ def test_a_worker_is_a_pool_worker_for_multiprocessing(method):
     assert name.startswith(prefix) and name != "MainProcess"
     assert parent == os.getpid() and alive  # (the pool's process, also behind a fork server)
     assert children == []
+    assert child_name == f"ForkProcess-{name.rsplit('-', 1)[1]}:1"  # (its own count, from 1)
 
 
 def test_initargs_with_more_descriptors_than_a_frame_holds_are_refused_at_once():

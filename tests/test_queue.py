@@ -8,6 +8,7 @@ import os
 import pickle
 import queue
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -562,3 +563,53 @@ def test_get_many_returns_what_it_took_before_a_message_that_does_not_unpickle()
     with pytest.raises(RuntimeError, match="cannot rebuild"):
         q.get(timeout=5)  # its error, next
     assert q.get_many(timeout=5) == ["fourth"] and q.empty()
+
+
+def test_a_put_interrupted_while_it_waits_for_a_slot_gives_none_back():
+    # the slot counted as held from before the acquire: each interrupted wait on a full
+    # maxsize=1 queue gave one back it never took, and the queue grew by one each time
+    def interrupt(signum, frame):
+        raise _Interrupted
+
+    q = procpool.Queue(1)
+    q.put(0)
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        for _ in range(3):
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            with pytest.raises(_Interrupted):
+                q.put("blocked", timeout=10)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    with pytest.raises(queue.Full):
+        q.put_nowait("over")
+    assert q.qsize() == 1 and q.get(timeout=5) == 0 and q.empty()
+
+
+@pytest.mark.parametrize("block", [True, False])
+def test_a_put_interrupted_just_after_taking_its_slot_keeps_none(block):
+    # an exception landing right after the acquire returned True (where a pending handler
+    # runs): the slot must go back, or an empty maxsize=1 queue refuses every put
+    def tracer(frame, event, arg):
+        if frame.f_code.co_name == "take_slot":
+            return local
+        return None
+
+    def local(frame, event, arg):
+        if event == "return" and armed and frame.f_locals.get("took"):
+            armed.clear()
+            raise KeyboardInterrupt
+        return local
+
+    armed = [True]
+    q = procpool.Queue(1)
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            q.put("x", block=block)
+    finally:
+        sys.settrace(None)
+    assert not armed and q.empty()
+    q.put("y", timeout=5)
+    assert q.get(timeout=5) == "y"

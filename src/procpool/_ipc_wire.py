@@ -116,15 +116,6 @@ def enlarge_buffers(sock: socket.socket, want: int = _SOCK_WANT_BYTES) -> None:
         pass
 
 
-def call_or_close(call: Callable[[], None], fds: list[int]) -> None:
-    """``call()``; should it raise, close *fds* (a message's, not sent) first."""
-    try:
-        call()
-    except BaseException:
-        _close_all(fds)
-        raise
-
-
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
         try:
@@ -156,15 +147,19 @@ class Wire:
         block: bool = True,
         raw: bool = False,
         ready: Callable[[], None] | None = None,
+        ready_first: bool = False,
     ) -> None:
         """Send one message; raise :class:`Expired` (nothing sent) past *deadline*.
 
         Takes ownership of *fds* (closed once sent, or on error).  *ready* is called once the
         message is ready to go, a large one's payload written (a bounded queue takes its slot
-        there: a producer killed while it copies must not hold one); what it raises, nothing
-        is sent.
+        there: a producer killed while it copies must not hold one), or with *ready_first*
+        before anything; what it raises, nothing is sent.
         """
         try:
+            if ready_first and ready is not None:
+                ready()
+                ready = None
             size = len(data)
             if not fds and not raw and 0 < size <= self.inline_max:
                 if ready is not None:

@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import time
+from itertools import count as _count
 from multiprocessing import process
 
 from . import _protocol as P
@@ -544,6 +545,11 @@ class _Parent(process._ParentProcess):  # type: ignore[name-defined,misc]
         super().join(timeout)
 
 
+#: the counter of a worker's children, made here (at import, in the parent: a forked worker
+#: inherits it unused) rather than in take_identity, where making it pages in ≈ 64 kB
+_CHILDREN = _count(1)
+
+
 def take_identity(method: str, number: int, pool_pid: int) -> None:
     """Be what :mod:`multiprocessing` says its pool workers are: ``current_process()`` named
     ``ForkPoolWorker-<number>`` (or ``SpawnPoolWorker``...), ``parent_process()`` the pool's
@@ -560,6 +566,7 @@ def take_identity(method: str, number: int, pool_pid: int) -> None:
     me._parent_name = parent_name  # type: ignore[attr-defined]
     process._parent_process = _Parent(parent_name, parent_pid)  # type: ignore[attr-defined]
     process._children.clear()  # type: ignore[attr-defined]  # (a forked worker's: the parent's)
+    process._process_counter = _CHILDREN  # type: ignore[attr-defined]  # (Process-N:1, N:2...)
 
 
 def main(sock: socket.socket, batch: bool = True, progress: Any = None, init: Any = None) -> int:

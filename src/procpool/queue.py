@@ -207,35 +207,37 @@ class Queue:
         free = self._free
         # A bounded queue's slot: taken once the message is ready to go (a producer killed while
         # it copies a large payload must not hold one), or first when not waiting (a full
-        # queue then costs no copy).  Counted as held from just before the acquire: a signal
-        # handler's exception can land between a call's return and the next statement, and
-        # giving back a slot that was not taken (or whose message went) only lets the queue
-        # hold one message more for a while (see _give_slot), while keeping one would shrink
-        # the queue for good -- a maxsize=1 queue would block every put.
-        took: list[Any] = []
+        # queue then costs no copy).  What the acquire said is recorded by C code, with no
+        # point between where a signal handler's exception could land: the interpreter runs
+        # handlers between calls, so ``ok = acquire()`` could lose a slot taken (a maxsize=1
+        # queue would refuse every put for good), while an interrupted wait takes none.
+        took: list[bool] = []  # [True] once the slot is ours
 
         def take_slot() -> None:
             assert free is not None
-            took.append(free)
             left = None if deadline is None else max(deadline - time.monotonic(), 0)
-            if not free.acquire(block, left):
-                took.pop()
+            took.extend(map(free.acquire, (block,), (left,)))  # (a C call records it)
+            if not took[0]:
                 raise Full
 
-        if free is not None and not block:
-            _ipc_wire.call_or_close(take_slot, fds)
-            ready = None
-        else:
-            ready = None if free is None else take_slot
         try:
-            self._wire_w.send_frame(data, nbuf, fds, deadline, block, raw, ready)
+            self._wire_w.send_frame(
+                data,
+                nbuf,
+                fds,
+                deadline,
+                block,
+                raw,
+                None if free is None else take_slot,
+                not block,
+            )
         except _ipc_wire.Expired:
-            for slot in took:
-                _give_slot(slot)
+            if took and took[0]:
+                _give_slot(free)
             raise Full from None
         except BaseException:
-            for slot in took:
-                _give_slot(slot)
+            if took and took[0]:
+                _give_slot(free)
             raise
         if not self._debt_acquire(False):
             self._items_release()
