@@ -120,6 +120,11 @@ with multiprocessing.Pool(1) as pool:  # (spawn, set above)
 assert list(arr) == [1.0, 2.0, 3.0, 4.0] and raw.value == 7
 ctx = multiprocessing.get_context("spawn")
 assert ctx.Process is __import__("multiprocessing").get_context("spawn").Process
+assert ctx.get_context() is ctx and ctx.get_context("fork").get_start_method() == "fork"
+import copy  # a copy is private, as multiprocessing's
+twin, deep = copy.copy(arr), copy.deepcopy(arr)
+twin[0] = deep[0] = 42.0
+assert arr[0] == 1.0 and twin[0] == deep[0] == 42.0
 for obj in (raw, arr):
     try:
         obj.get_lock()

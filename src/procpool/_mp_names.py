@@ -77,6 +77,9 @@ class Context:
     def get_start_method(self, allow_none: bool = False) -> str:
         return self._method
 
+    def get_context(self, method: str | None = None) -> Context:
+        return self if method is None else Context(method)
+
     def Pool(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802 - multiprocessing's name
         from .pool import Pool
 
@@ -131,7 +134,14 @@ def _raw(shared: Any) -> Any:
     raw_type: Any = _RAW_TYPES.get(base)
     if raw_type is None:
         raw_type = _RAW_TYPES[base] = type(
-            base.__name__, (base,), {"__reduce__": _reduce_raw, "__module__": __name__}
+            base.__name__,
+            (base,),
+            {
+                "__reduce__": _reduce_raw,
+                "__copy__": _copy_raw,  # (a private copy, as multiprocessing's)
+                "__deepcopy__": lambda obj, memo: _copy_raw(obj),
+                "__module__": __name__,
+            },
         )
     obj = raw_type.from_buffer(shared._region.mmap, DATA_OFFSET)
     obj._procpool_shared = shared  # (keeps the mapping, and says how to travel)
@@ -140,3 +150,9 @@ def _raw(shared: Any) -> Any:
 
 def _reduce_raw(obj: Any) -> tuple[Any, tuple[Any, ...]]:
     return (_raw, (obj._procpool_shared,))
+
+
+def _copy_raw(obj: Any) -> Any:
+    """``copy.copy`` of a raw object: a plain ctypes object holding a copy of its data."""
+    base: Any = type(obj).__mro__[1]
+    return base.from_buffer_copy(obj)
