@@ -3,19 +3,31 @@
 ``leak_check``: snapshot this process's child processes, open file descriptors and ``/dev/shm``
 entries before a test; after it, wait (polling, up to a few seconds) for the test's pools to
 settle and fail if anything new is left.  ``wait_until`` is the polling helper every test uses
-instead of sleeping.
+instead of sleeping; ``run_python`` runs code in a fresh interpreter, bounded in time.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
 import pytest
 
 SETTLE_S = 5.0  # how long leftovers may take to disappear (workers exiting, threads joining)
+
+
+def run_python(
+    code: str, timeout: float = 60.0, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run *code* with a fresh interpreter (``python -c``), killed after *timeout* seconds
+    (``subprocess.TimeoutExpired``): its exit code, stdout and stderr, as text."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 5.0, interval: float = 0.01):

@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from conftest import run_python
 from tasks import (
     count_lines,
     fail,
@@ -260,8 +261,6 @@ def test_a_cancelled_map_does_not_send_again_what_a_dead_worker_gives_back(tmp_p
 def test_work_submitted_to_an_executor_runs_even_when_the_program_ends(tmp_path, ending):
     # concurrent.futures: "the entire Python program will not exit until all pending futures
     # are done executing"; procpool's executor terminated its pool at exit (nothing ran)
-    import subprocess
-    import sys
     import textwrap
 
     code = textwrap.dedent(
@@ -281,7 +280,8 @@ def test_work_submitted_to_an_executor_runs_even_when_the_program_ends(tmp_path,
             gc.collect()
         """
     )
-    subprocess.run([sys.executable, "-c", code], timeout=60, check=True)
+    out = run_python(code, 60)
+    assert out.returncode == 0, out.stderr[-2000:]
     assert sorted(recorded(str(tmp_path / "ran"))) == [0, 1, 2, 3]
 
 
@@ -298,8 +298,6 @@ def test_a_forked_child_exits_while_the_program_has_a_busy_executor():
     # The exit hook that waits for executors ran in forked children too (a Process runs
     # threading._shutdown): it closed the child's copy of the parent's executor, whose lock
     # the I/O thread may have held at the fork -- and the child hung at exit for good.
-    import subprocess
-    import sys
     import textwrap
 
     code = textwrap.dedent(
@@ -323,5 +321,5 @@ def test_a_forked_child_exits_while_the_program_has_a_busy_executor():
             print("ok")
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = run_python(code, 120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import inspect
 import os
 
+from conftest import run_python
+
 import procpool
 
 
@@ -34,12 +36,8 @@ def test_pool_methods_are_documented():
 
 def _printed_by_a_fresh_python(code: str) -> str:
     """What *code* prints, run by a fresh interpreter (nothing imported by the tests)."""
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
+    out = run_python(code, 60)
+    assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip() + out.stderr
 
 

@@ -8,13 +8,11 @@ import asyncio
 import concurrent.futures as cf
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from conftest import wait_until
+from conftest import run_python, wait_until
 from tasks import count_lines, record, sleep_then, square
 
 import procpool
@@ -153,7 +151,7 @@ for i in range(200):
 gc.disable()
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    out = run_python(code, 30)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 

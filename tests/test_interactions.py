@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 from _pool_helpers import interrupt_on_entering, io_thread_held, traced
-from conftest import wait_until
+from conftest import run_python, wait_until
 from tasks import count_lines, identity, record, sleep_then
 from tasks import fail_on as fail_on_three
 
@@ -584,8 +584,6 @@ def test_a_pool_collected_while_a_thread_holds_the_fork_lock_does_not_deadlock_i
     # The I/O thread ends holding its pool's lock (closing the death pipe); a thread holding
     # _FORK_LOCK (importing cloudpickle or ctypes) may run that pool's finalizer in a garbage
     # collection, which takes the pool's lock: the end must not wait for _FORK_LOCK.
-    import subprocess
-    import sys
     import textwrap
 
     code = textwrap.dedent(
@@ -604,7 +602,7 @@ def test_a_pool_collected_while_a_thread_holds_the_fork_lock_does_not_deadlock_i
         print("ended")
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = run_python(code, 60)
     assert out.stdout.strip() == "ended", out.stderr
 
 
@@ -613,8 +611,6 @@ def test_an_imap_loop_collected_inside_its_iterators_own_lock_does_not_deadlock(
     # collection finds it: maybe in a thread inside that iterator's own lock (the I/O thread
     # delivering a chunk, a consumer in next()).  Its close gives back what it had not
     # yielded, under that lock: it must neither deadlock nor lose them.
-    import subprocess
-    import sys
     import textwrap
 
     code = textwrap.dedent(
@@ -632,7 +628,7 @@ def test_an_imap_loop_collected_inside_its_iterators_own_lock_does_not_deadlock(
             print(first, list(it) == list(range(1, 100)))
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    out = run_python(code, 30)
     assert out.stdout.strip() == "0 True", out.stderr
 
 

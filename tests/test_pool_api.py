@@ -494,6 +494,6 @@ def test_force_cancelling_tasks_of_a_starting_worker_does_not_break_the_pool():
     with procpool.Pool(1, slow_start, (0.3,)) as pool:
         for _ in range(12):
             r = pool.apply_async(sleep_then, (5,))
-            time.sleep(0.02)
-            r.cancel(force=True)
+            assert wait_until(lambda r=r: r._task is not None and r._task.worker is not None, 10)
+            r.cancel(force=True)  # (sent to the worker still starting: its worker is killed)
         assert pool.apply(square, (7,)) == 49

@@ -14,7 +14,7 @@ import time
 from functools import partial
 
 import pytest
-from conftest import wait_until
+from conftest import run_python, wait_until
 from tasks import fork_and_end_child, pid, record_and_fork_on_zero, recorded, sleep_then, square
 
 import procpool
@@ -114,7 +114,7 @@ def test_nothing_spins_in_a_process_confined_to_one_cpu():
         print("ok")
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = run_python(code, 60)
     assert out.stdout.strip() == "ok", out.stderr
 
 
@@ -164,7 +164,7 @@ def test_a_program_that_leaves_its_pool_open_exits_cleanly(method):
         print("workers", *pids)
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = run_python(code, 60)
     assert out.returncode == 0, out.stderr
     assert "sum at exit 262144" in out.stdout
     assert not out.stderr

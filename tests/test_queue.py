@@ -16,6 +16,7 @@ import uuid
 import numpy as np
 import pytest
 from _ipc_helpers import FORK, SPAWN, no_leaks, run_child  # noqa: F401
+from conftest import run_python
 
 import procpool
 
@@ -466,7 +467,6 @@ def test_more_large_messages_in_flight_than_the_fd_limit_wait_for_the_consumer()
     # RLIMIT_NOFILE of them (the kernel says ETOOMANYREFS): put raised OSError there.  It now
     # waits for room (or raises queue.Full after its timeout).  Run as an unprivileged user
     # with a low limit, in a child (root is exempt from the limit).
-    import subprocess
     import sys
     import textwrap
 
@@ -495,9 +495,7 @@ def test_more_large_messages_in_flight_than_the_fd_limit_wait_for_the_consumer()
         """
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
-    )
+    out = run_python(code, 60, env)
     assert out.returncode == 0, out.stderr[-2000:]
     first, second = out.stdout.split("\n")[:2]
     assert first.startswith("full ") and second == "200 True", out.stdout
