@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
+import time
 import uuid
 
 import numpy as np
 import pytest
 from _ipc_helpers import FORK, SPAWN, no_leaks, run_child, shm_entries  # noqa: F401
+from conftest import wait_until
 
 import procpool
 from procpool import _ipc_atomic
@@ -352,16 +355,164 @@ def _memfd_regions():
     return maps, fds
 
 
-def test_worker_keeps_nothing_of_the_shared_arrays_it_was_passed():
-    """No cache: once a task drops a SharedArray, its mapping and descriptors are gone."""
-    arrays = [procpool.SharedArray((1 << 16,), "float64") for _ in range(4)]
+def _first_values(*arrays):
+    return [float(a.array[0]) for a in arrays]
+
+
+def _add_one_to_each(*arrays):
+    for a in arrays:
+        a.array[0] += 1
+    return _first_values(*arrays)
+
+
+def test_a_worker_maps_a_shared_array_once_and_unmaps_it_once_the_parent_drops_it():
+    """Each worker maps a SharedArray the first time a task names it (no mapping per task)
+    and keeps it while the parent holds the array; once the parent drops it, so does the
+    worker: its memory is not held by an idle pool."""
+    arrays = [procpool.SharedArray.from_array(np.ones(1 << 16)) for _ in range(4)]
     with procpool.Pool(1) as pool:
-        before = pool.apply_async(_memfd_regions).get(20)
-        for _ in range(10):
+        before = pool.apply(_memfd_regions)
+        for _ in range(5):
             for sa in arrays:
-                pool.apply_async(_double, (sa,)).get(20)
-        assert pool.apply_async(_memfd_regions).get(20) == before
-    assert all(sa.array[0] == 0.0 for sa in arrays)
+                pool.apply(_double, (sa,))  # apply's quick path
+                pool.apply_async(_double, (sa,)).get(20)  # the general one
+                pool.map(_double, [sa, sa])  # a chunk
+        maps, fds = pool.apply(_memfd_regions)
+        assert maps == before[0] + 4 and fds > before[1]
+        assert [sa.array[0] for sa in arrays] == [2.0**20] * 4  # the same memory, in place
+        del arrays, sa
+        gc.collect()
+        assert wait_until(lambda: pool.apply(_memfd_regions) == before, timeout=10)
+
+
+def test_many_shared_arrays_through_one_worker_each_reach_their_task(monkeypatch):
+    """More arrays than a worker keeps mapped, several per task, in batches: the least used
+    are dropped (FORGET) and mapped again when named, the tasks of a batch before them run
+    first; beyond what one task names by key, the rest travel as descriptors."""
+    from procpool import _dispatch, _serialize
+
+    monkeypatch.setattr(_dispatch, "MAPPED_PER_WORKER", 6)
+    monkeypatch.setattr(_serialize, "MAX_REGIONS", 3)
+    arrays = [procpool.SharedArray.from_array(np.full(8, float(i))) for i in range(12)]
+    rng = np.random.default_rng(7)
+    picks = [tuple(rng.choice(12, size=rng.integers(1, 6), replace=False)) for _ in range(300)]
+    with procpool.Pool(1) as pool:
+        before = pool.apply(_memfd_regions)
+        results = [
+            pool.apply_async(_first_values, tuple(arrays[i] for i in pick)) for pick in picks
+        ]
+        for pick, r in zip(picks, results, strict=True):
+            assert r.get(20) == [float(i) for i in pick]
+        got = pool.starmap(_first_values, [tuple(arrays[i] for i in pick) for pick in picks], 7)
+        assert got == [[float(i) for i in pick] for pick in picks]
+        for pick in picks[:50]:
+            args = tuple(arrays[i] for i in pick)
+            assert pool.apply(_add_one_to_each, args) == [a.array[0] for a in args]
+        assert pool.apply(_memfd_regions)[0] <= before[0] + 6 + 5  # (+ a task's descriptors)
+    del arrays, results, args
+    gc.collect()
+
+
+def _nested_double(sa):
+    with procpool.Pool(1) as inner:
+        return inner.apply(_double, (sa,)), _double(sa)
+
+
+def test_a_worker_passes_on_a_shared_array_it_was_given_by_key():
+    """A task's SharedArray goes on to the task's own pool (keys of two parents meet in that
+    pool's worker), back as a result, and into a retried task's new worker."""
+    sa = procpool.SharedArray.from_array(np.ones(4))
+    with procpool.Pool(1) as pool:
+        assert pool.apply(_nested_double, (sa,)) == (8.0, 16.0)
+        back = pool.apply(_identity, (sa,))
+        back.array[1] = 5.0
+        assert sa.array[1] == 5.0 and back.shape == (4,)
+    del back
+
+
+def _identity(x):
+    return x
+
+
+def _die_first_time_then_sum(marker, sa):
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return float(sa.array.sum())
+
+
+def test_a_retried_task_has_its_shared_array_mapped_in_the_new_worker(tmp_path):
+    sa = procpool.SharedArray.from_array(np.arange(5.0))
+    with procpool.Pool(1, retries=1) as pool:
+        marker = str(tmp_path / "first")
+        assert pool.apply(_die_first_time_then_sum, (marker, sa)) == 10.0
+        marker = str(tmp_path / "second")
+        assert pool.apply_async(_die_first_time_then_sum, (marker, sa)).get(20) == 10.0
+
+
+def _locked_add(v, n):
+    for _ in range(n):
+        with v.get_lock():
+            v.value += 1
+
+
+def test_values_and_locks_passed_by_key_task_after_task_keep_their_semantics():
+    v = procpool.Value("i", 0)
+    arr = procpool.Array("d", 3)
+    with procpool.Pool(2) as pool:
+        for r in [pool.apply_async(_locked_add, (v, 50)) for _ in range(40)]:
+            r.get(20)
+        for _ in range(20):
+            pool.apply(_locked_add, (v, 1))
+        assert pool.apply(_set_first, (arr, 4)) == 3
+    assert v.value == 40 * 50 + 20 and arr[0] == 4
+
+
+def _write_or_hang_on_five(item):
+    sa, x = item
+    if x == 5:
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)  # TaskTimeout never comes: a hard kill
+        time.sleep(30)
+    sa.array[x] = x
+    return x
+
+
+def test_a_chunk_of_shared_array_items_split_by_a_hard_timeout_runs_its_other_items():
+    """The parent unpickles the chunk to send its other items again: the SharedArray in them,
+    named by key, is found in the parent too."""
+    sa = procpool.SharedArray(12)
+    items = [(sa, i) for i in range(12)]
+    out = []
+    with procpool.Pool(2, grace=0.2) as pool:
+        it = pool.imap(_write_or_hang_on_five, items, chunksize=4, timeout=0.3)
+        for _ in items:
+            try:
+                out.append(next(it))
+            except procpool.TaskTimeoutError as exc:
+                out.append(str(exc).split(" of ")[0])
+    assert out == [0, 1, 2, 3, 4, "item 5", 6, 7, 8, 9, 10, 11]
+    assert sa.array.tolist() == [0, 1, 2, 3, 4, 0, 6, 7, 8, 9, 10, 11]
+
+
+def _private_memory():
+    """This process's resident memory less what it shares through files and shared memory."""
+    with open("/proc/self/statm") as f:
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _touch_all(sa):
+    sa.array[:] = 1.0
+    return os.getpid()
+
+
+def test_shared_memory_a_worker_maps_does_not_count_against_max_memory_per_child():
+    """The worker keeps the arrays it was passed mapped, and the pages it touched count in its
+    RSS; they are not its own memory, and it is not replaced for them."""
+    sa = procpool.SharedArray(16 * 2**20 // 8)  # 16 MiB
+    with procpool.Pool(1, max_memory_per_child=8 * 2**20 + _private_memory()) as pool:
+        pids = {pool.apply(_touch_all, (sa,)) for _ in range(5)}
+    assert len(pids) == 1 and sa.array.sum() == sa.size
 
 
 def test_shared_objects_pass_to_a_stdlib_pool():

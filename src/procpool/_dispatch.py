@@ -35,6 +35,9 @@ INFLIGHT_BUDGET = 5e-3  # seconds of estimated work a worker may hold
 PREFETCH_LIMIT = 50e-3  # tasks shorter than this get one more queued behind them
 MAX_INFLIGHT = 4096  # tasks a worker may hold, whatever their cost
 CALL_RUN = 64  # plain calls given to one worker in a row while dispatching (see _take_calls)
+#: shared-memory regions a worker keeps mapped for the tasks that name them by key (see
+#: _map_regions); beyond, the least recently used go.  Each holds a descriptor or two there.
+MAPPED_PER_WORKER = 128
 
 
 class Dispatch:
@@ -60,6 +63,9 @@ class Dispatch:
         def _accepts(self, w: _Worker) -> bool: ...
         def _flush(self, w: _Worker) -> None: ...
         def _set_mask(self, w: _Worker) -> None: ...
+        def _watch_region(self, region: Any) -> None: ...
+
+    _mapped: dict[int, Any]
 
     def _can_take(self, w: _Worker, cost: float, exclusive: bool) -> bool:
         if not w.inflight:
@@ -129,7 +135,7 @@ class Dispatch:
             index = job.next_index
             job.next_index += len(items)
         try:
-            payload = _serialize.dumps(items, cache=self._buffers)
+            payload = _serialize.dumps(items, cache=self._buffers, keyed=True)
         except SerializationError as exc:
             task = Task.unsent(job.sink, job.label, job.kind, job, index, len(items))
             self._fail(task, SerializationError(f"{task.describe()}: {exc}"))
@@ -328,6 +334,8 @@ class Dispatch:
             if isinstance(payload, bytes):  # nothing out of band (see Task.payload)
                 pack_task(body, task.id, task.fid, task.kind, task.timeout or 0.0, 0, 0, payload)
                 continue
+            if payload.regions:
+                body, fds = self._map_regions(w, payload.regions, body, fds)
             if payload.fds:
                 if len(fds) + len(payload.fds) > MAX_FDS_PER_FRAME and body:
                     chan.push(P.frame(P.TASKS, body, len(fds)), fds)
@@ -349,3 +357,51 @@ class Dispatch:
         chan.push(P.frame(P.TASKS, body, len(fds)), fds)
         self._flush(w)
         self._set_mask(w)
+
+    def _map_regions(
+        self, w: _Worker, regions: list, body: bytearray, fds: list[int]
+    ) -> tuple[bytearray, list[int]]:
+        """Before a task whose arguments name *regions* by key (see _serialize.send_region)
+        goes to *w*: a MAP frame, with its descriptor, for each region *w* does not map yet,
+        so a SharedArray (or Value, Lock...) costs its worker one mapping, not one per task.
+
+        *w* keeps at most ``MAPPED_PER_WORKER``, least recently used out first (a FORGET
+        frame).  The tasks already packed in *body* (a TASKS frame being built, with its
+        *fds*) may use those: they go first, and the frame being built starts again -- the
+        body and fds to go on with are returned.  A worker runs its frames in order, so the
+        tasks sent before a FORGET are done with the region by then.  It also forgets a
+        region once it dies here (see Scheduler._forget_gone)."""
+        known = w.regions
+        new = None
+        for region in regions:
+            key = region._key
+            if key in known:  # most recently used: last out
+                del known[key]
+                known[key] = None
+            elif new is None:
+                new = [region]
+            else:
+                new.append(region)
+        if new is None:
+            return body, fds
+        chan = w.chan
+        over = len(known) + len(new) - MAPPED_PER_WORKER
+        if over > 0:  # (a payload names at most MAX_REGIONS: never its own regions go)
+            if body:
+                chan.push(P.frame(P.TASKS, body, len(fds)), fds)
+                body, fds = bytearray(), []
+            oldest = iter(known)
+            out = [next(oldest) for _ in range(over)]
+            for key in out:
+                del known[key]
+            chan.push(P.forget_frame(out))
+        mapped = self._mapped
+        for region in new:
+            key = region._key
+            if region.fd < 0:  # (closed since it was pickled: its tasks say it is not mapped)
+                continue
+            chan.push(P.map_frame(key, region.name), [os.dup(region.fd)])
+            known[key] = None
+            if key not in mapped:
+                self._watch_region(region)
+        return body, fds

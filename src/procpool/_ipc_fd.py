@@ -28,7 +28,7 @@ TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["FdHandle", "register_forking_reducer", "send_token"]
+__all__ = ["FdHandle", "register_forking_reducer", "region_token", "send_token"]
 
 
 def send_token(fd: int) -> int | None:
@@ -44,6 +44,16 @@ def send_token(fd: int) -> int | None:
         return None
     try:
         return _serialize.send_fd(fd)
+    except RuntimeError:
+        return None
+
+
+def region_token(region: Any) -> int | None:
+    """:func:`send_token` for a shared-memory region: in a pool task's arguments, the region
+    goes by key, without its descriptor (see :func:`procpool._serialize.send_region`).
+    (Only procpool's own pickling passes one: no need to look for a spawning Popen first.)"""
+    try:
+        return _serialize.send_region(region)
     except RuntimeError:
         return None
 

@@ -31,9 +31,10 @@ import re
 import sys
 import threading
 import weakref
+from itertools import count
 
-from ._ipc_fd import FdHandle, close_quietly, send_token
-from ._serialize import recv_fd
+from ._ipc_fd import FdHandle, close_quietly, region_token
+from ._serialize import recv_fd, send_region
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
@@ -100,6 +101,10 @@ def _after_fork_in_child() -> None:
     # A forked child must not believe it owns the RLocks its parent held (same thread id).
     for sem in list(_live_sems):
         sem._after_fork()
+    # Nobody will tell a child to forget the regions its parent was given by key: a worker of
+    # a pool its task starts would keep them mapped for good.  (Objects already rebuilt from
+    # them hold their regions themselves.)
+    _MAPPED.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -117,15 +122,49 @@ def shm_path(name: str) -> str:
 _MAP_KW: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
 
+# Regions passed by key (a pool task's arguments, see _serialize.send_region).  A key is
+# unique across processes (the pid in its high bits): a worker may itself run a pool.
+_KEY_COUNTER = count(1)
+_KEY_PID_SHIFT = 40
+#: the regions this process gave a key, for unpickling its own keyed payloads (a chunk split)
+_OWN: weakref.WeakValueDictionary[int, Region] = weakref.WeakValueDictionary()
+#: in a worker: the regions its pool mapped here (MAP frames), until it says FORGET; or why
+#: mapping one failed (raised to the tasks that use it)
+_MAPPED: dict[int, Region | BaseException] = {}
+
+
+def remember(key: int, fd: int, name: str | None) -> None:
+    """Map the region *fd* (taking ownership) to be found under *key* (a MAP frame)."""
+    try:
+        _MAPPED[key] = Region(fd, name)
+    except Exception as exc:  # noqa: BLE001 - the tasks using it will say why
+        _MAPPED[key] = exc
+
+
+def forget(keys: list[int]) -> None:
+    """Drop the regions under *keys* (a FORGET frame); objects built on them keep them."""
+    for key in keys:
+        _MAPPED.pop(key, None)
+
+
+def by_key(key: int) -> Region:
+    region = _MAPPED.get(key) or _OWN.get(key)
+    if isinstance(region, Region):
+        return region
+    if region is None:
+        raise RuntimeError(f"shared memory {key:#x} is not mapped in this process")
+    raise OSError(f"shared memory {key:#x} could not be mapped here: {region}") from region
+
+
 class Region:
     """A shared-memory region mapped in this process (see the module docstring).
 
-    Cheap to make: mapping it is the whole cost (a region passed to a pool task is rebuilt in
-    the worker for every task).  The semaphores in it are tracked for fork (``_live_sems``);
-    its address is computed on first use.
+    Cheap to make: mapping it is the whole cost.  A region passed to a pool task is mapped in
+    the worker once and found by key after that (see :meth:`key`).  The semaphores in it are
+    tracked for fork (``_live_sems``); its address is computed on first use.
     """
 
-    __slots__ = ("mmap", "fd", "size", "name", "_address", "__weakref__")
+    __slots__ = ("mmap", "fd", "size", "name", "_address", "_key", "__weakref__")
 
     mmap: mmap.mmap
     fd: int
@@ -144,6 +183,7 @@ class Region:
         self.size = len(self.mmap)
         self.name = name
         self._address = None
+        self._key = 0
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
@@ -181,8 +221,21 @@ class Region:
 
     @classmethod
     def received(cls, token: int, name: str | None) -> Region:
-        """The region whose descriptor procpool received under *token* (see :meth:`token`)."""
+        """The region procpool passed under *token* (see :meth:`token`): its descriptor, or
+        for a negative token the region mapped under that key (see :meth:`key`)."""
+        if token < 0:
+            return by_key(-token)
         return cls(recv_fd(token), name)
+
+    def key(self) -> int:
+        """This region's key, given on first use: a pool sends its descriptor to each worker
+        once (a MAP frame), then its tasks name it by this key (``_dispatch._map_regions``).
+        The pool tells the workers to forget it when the region dies here."""
+        key = self._key
+        if not key:
+            key = self._key = (os.getpid() << _KEY_PID_SHIFT) | next(_KEY_COUNTER)
+            _OWN[key] = self
+        return key
 
     # -- metadata ---------------------------------------------------------------------------
     def write_meta(self, meta: dict[str, Any]) -> None:
@@ -261,21 +314,24 @@ class Region:
         return self.fd
 
     def token(self) -> int | None:
-        """Register the descriptor to travel with what procpool is pickling now; the token to
-        give :meth:`received` on the other side.  ``None`` when procpool is not pickling: pickle
-        the region itself then (its ``__reduce__`` finds the way).
+        """Register the region to travel with what procpool is pickling now (its descriptor,
+        or in a pool task's arguments its key); the token to give :meth:`received` on the
+        other side.  ``None`` when procpool is not pickling: pickle the region itself then
+        (its ``__reduce__`` finds the way).
 
         Objects built on one region reduce to ``(_attach_x, (..., token, name))`` with this: one
         global in the pickle, no nested Region and FdHandle reductions.
         """
-        fd = self.fd
-        if fd < 0:
+        if self.fd < 0:
             raise ValueError("cannot pass a closed shared object")
-        return send_token(fd)
+        try:  # (region_token, inlined: the hot path of a task's SharedArray argument)
+            return send_region(self)
+        except RuntimeError:
+            return None
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         fd = self._fd()
-        token = send_token(fd)
+        token = region_token(self)
         if token is not None:
             return (_attach_region, (token, self.name))
         return (_rebuild_region, (FdHandle(fd), self.name))
@@ -286,7 +342,7 @@ def _rebuild_region(fd: int, name: str | None) -> Region:
 
 
 def _attach_region(token: int, name: str | None) -> Region:
-    return Region(recv_fd(token), name)
+    return Region.received(token, name)
 
 
 def _unlink_quietly(path: str) -> None:

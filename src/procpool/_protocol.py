@@ -13,6 +13,10 @@ INIT    its number, start-up settings,        READY        initializer done, ser
 FUNC    a function, sent once per worker      INIT_FAILED  the initializer (or main script) raised
 TASKS   a batch of task records               RESULTS      a batch of result records
 EXIT    finish and exit(0)                    RETIRE       over max_memory_per_child
+MAP     a shared-memory region (its fd) and
+        its key: tasks then name it by key
+FORGET  keys of regions to drop (they died
+        in the parent, or made room)
                                               RELEASED     inodes of argument buffers it has
                                                            unmapped (see ``_buffers``)
                                               PINNED       inodes of argument buffers mapped
@@ -25,7 +29,7 @@ import struct
 from collections.abc import Iterator
 
 # frame kinds
-INIT, FUNC, TASKS, EXIT = 1, 2, 3, 4
+INIT, FUNC, TASKS, EXIT, MAP, FORGET = 1, 2, 3, 4, 5, 6
 READY, INIT_FAILED, RESULTS, RETIRE, RELEASED, PINNED = 11, 12, 13, 14, 15, 16
 
 FRAME = struct.Struct("<IBH")  # size (after this u32), kind, nfds
@@ -52,6 +56,8 @@ RESULT_HEAD = struct.Struct("<QBdHHI")  # id, status, duration in seconds, nbuf,
 FUNC_HEAD = struct.Struct("<I")  # fid
 INIT_HEAD = struct.Struct("<I")  # the worker's number in its pool (then the settings' pickle)
 INODE = struct.Struct("<Q")  # one inode in a RELEASED body
+MAP_HEAD = struct.Struct("<Q")  # the region's key (then its name, UTF-8, if it has one)
+KEY = struct.Struct("<Q")  # one key in a FORGET body
 
 # The progress slot: 32 bytes of shared memory per worker (a memfd sent with INIT).  The worker
 # writes the id of the task it starts and, when the task's result is buffered, that id as the
@@ -113,6 +119,20 @@ def pack_inodes(inodes: list[int]) -> bytes:
 
 def unpack_inodes(body: memoryview) -> list[int]:
     return list(struct.unpack(f"<{len(body) // INODE.size}Q", body))
+
+
+def map_frame(key: int, name: str | None) -> bytes:
+    """A whole MAP frame (its one fd goes beside it)."""
+    return frame(MAP, MAP_HEAD.pack(key) + (name or "").encode(), 1)
+
+
+def forget_frame(keys: list[int]) -> bytes:
+    """A whole FORGET frame."""
+    return frame(FORGET, struct.pack(f"<{len(keys)}Q", *keys))
+
+
+def unpack_keys(body: memoryview) -> list[int]:
+    return list(struct.unpack(f"<{len(body) // KEY.size}Q", body))
 
 
 def iter_tasks(body: memoryview) -> Iterator[TaskRecord]:

@@ -86,6 +86,7 @@ from .errors import (
 from .results import WAIT_SLICE, untold
 
 PLAIN = _serialize.PLAIN
+KEYED = _serialize.KEYED  # (filled when procpool.shared is imported)
 PROTOCOL = _serialize.PROTOCOL
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
@@ -232,6 +233,10 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._handoff_waiting = 0
         self._turn_at = 0.0  # time.monotonic() at the end of the I/O thread's last turn
         self._cancels: list[MapJob] = []  # map jobs to cancel (see cancel_map)
+        # the shared-memory regions this pool's workers were given by key (see _map_regions),
+        # watched; and the keys of those that died here since (see _forget_gone)
+        self._mapped: dict[int, weakref.ref] = {}
+        self._gone: list[int] = []
         self._early_for = -1.0  # the _turn_at after which an early hand-off was last made
         self._epoll.register(self._wakefd, select.EPOLLIN)
         self._by_fd[self._wakefd] = ("wake", None)
@@ -438,11 +443,25 @@ class Scheduler(WorkerSupervision, Dispatch):
         entry = self._funcs.get(id(func))
         if entry is None or entry[0] is not func:
             return None
+        keyed = False
         for a in args:
             if type(a) not in PLAIN:
-                return None
+                if type(a) not in KEYED:
+                    return None
+                keyed = True
         fid = entry[1]
-        data = pickle.dumps((args, {}), PROTOCOL)  # (as _send pickles a lone plain call)
+        payload: Any
+        if keyed:  # SharedArray, Value...: their regions by key (see _map_regions)
+            try:
+                payload = _serialize.dumps_refs(args) or _serialize.dumps_keyed((args, {}))
+            except Exception:  # (a closed one, say: submit_call says so)
+                return None
+            if payload.fds:  # (more regions than go by key)
+                payload.close()
+                return None
+            data = payload.data
+        else:
+            payload = data = pickle.dumps((args, {}), PROTOCOL)  # (as _send pickles one)
         with self._lock:
             if self._state != RUNNING or self._broken is not None or self._inbox or self._pending:
                 return None
@@ -456,11 +475,15 @@ class Scheduler(WorkerSupervision, Dispatch):
             if w is None:
                 return None
             tid = next(self._tids)
-            task = Task(tid, fid, entry[2], P.CALL, data, sink, entry[3], None, retries, retry_on)
+            task = Task(
+                tid, fid, entry[2], P.CALL, payload, sink, entry[3], None, retries, retry_on
+            )
             w.driven = task
             try:
                 self._assign(w, task)
                 chan = w.chan
+                if keyed:
+                    self._map_regions(w, payload.regions, bytearray(), [])
                 chan.write(P.task_frame(tid, fid, P.CALL, 0.0, data))
                 if chan.pending():  # (_flush also settles a broken channel)
                     self._flush(w)
@@ -1170,6 +1193,8 @@ class Scheduler(WorkerSupervision, Dispatch):
                         w = self._dead.pop()
                         self._bury(w, self._launcher.reap(w.proc))
                     self._take_cancels()  # (after the wake-up is read: see _wake)
+                    if self._gone:
+                        self._forget_gone()
                     self._take_inbox()
                     self._dispatch()
                     finished = self._progress_shutdown()
@@ -1207,6 +1232,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                 os.close(fd)
             self._init_fds = []
             self._funcs.clear()
+            self._mapped.clear()  # (no callback may wake a closed eventfd)
             self._buffers.close()
             for job in self._feeding:  # feeders waiting for room: the pool is gone, stop
                 job.space.notify_all()
@@ -1237,6 +1263,37 @@ class Scheduler(WorkerSupervision, Dispatch):
         elif what == "pidfd" and w is not None:
             self._read(w)  # results it wrote before dying still count
             self._bury(w, self._launcher.reap(w.proc))
+
+    def _watch_region(self, region: Any) -> None:
+        """Have the workers told to forget *region* once it dies here (see _forget_gone).
+        The callback runs wherever the region is freed, maybe inside this very lock's holder:
+        it only notes the key and wakes the I/O thread."""
+        gone, wake = self._gone, self._wake
+
+        def died(_ref: Any, key: int = region._key) -> None:
+            gone.append(key)
+            wake()
+
+        self._mapped[region._key] = weakref.ref(region, died)
+
+    def _forget_gone(self) -> None:
+        """A FORGET frame to each worker that maps regions which died here: their memory is
+        freed once no process maps it.  No task of theirs is in flight: a task's payload
+        keeps its regions alive until it is done."""
+        gone = self._gone
+        keys: dict[int, list[int]] = {}
+        while gone:  # (pop: a callback may append meanwhile)
+            key = gone.pop()
+            self._mapped.pop(key, None)
+            for w in self._workers.values():
+                if key in w.regions:
+                    del w.regions[key]
+                    keys.setdefault(w.wid, []).append(key)
+        for wid, out in keys.items():
+            w = self._workers[wid]
+            w.chan.push(P.forget_frame(out))
+            self._flush(w)
+            self._set_mask(w)
 
     def _has_work(self) -> bool:
         return (

@@ -11,6 +11,9 @@ descriptors that travel beside it (``SCM_RIGHTS`` over the worker's socket):
   first: nothing can leak into ``/dev/shm``.
 * objects that carry a file descriptor (procpool's Queue, Pipe, Value...) call :func:`send_fd`
   from their ``__reduce__``; the receiver gets a fresh descriptor back from :func:`recv_fd`.
+* shared-memory regions (SharedArray, Value, Array, Lock...) in a pool task's arguments
+  (``keyed``) travel *by key* instead (:func:`send_region`): the payload lists the regions, and
+  the pool maps each one in a worker once, then names it (see ``_dispatch._map_regions``).
 
 The plain C pickler is tried first (fast); where it fails (lambdas, closures, classes defined in
 ``__main__``), cloudpickle takes over.  A task's function goes by reference when it is a plain
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 
 if TYPE_CHECKING:
     from ._buffers import BufferCache, Segment
+    from ._ipc_mem import Region
 
 #: buffers at least this large travel through shared memory instead of the socket.  Below it,
 #: creating, mapping and closing a memfd (~20 us) costs more than copying through the socket.
@@ -56,6 +60,10 @@ MAX_FDS = MAX_FDS_PER_FRAME
 #: fds a payload leaves free for objects that pass their own (Queue, Pipe...): large buffers
 #: beyond ``MAX_FDS`` minus these travel in-band, in the pickle itself (slower, but they travel)
 _FDS_KEPT_FOR_OBJECTS = 16
+#: regions one keyed payload names by key (see send_region); more travel as descriptors.  Well
+#: under what a worker keeps mapped (``_dispatch.MAPPED_PER_WORKER``): a task's own regions
+#: never evict one another
+MAX_REGIONS = 16
 
 _tls = threading.local()
 
@@ -69,7 +77,7 @@ class Payload:
     which :meth:`close` gives back instead.
     """
 
-    __slots__ = ("data", "nbuf", "fds", "cache", "segments")
+    __slots__ = ("data", "nbuf", "fds", "cache", "segments", "regions")
 
     def __init__(
         self,
@@ -78,15 +86,20 @@ class Payload:
         fds: list[int] | None = None,
         cache: BufferCache | None = None,
         segments: list[Segment] | None = None,
+        regions: list[Region] | None = None,
     ) -> None:
         self.data = data
         self.nbuf = nbuf
         self.fds = fds or []
         self.cache = cache
         self.segments = segments
+        #: the regions the pickle names by key (see send_region): kept alive while it may be
+        #: sent, since a worker maps each from its descriptor the first time
+        self.regions = regions
 
     def close(self) -> None:
         """Close the fds this payload still owns (after they were sent, or if they never will be)."""
+        self.regions = None
         fds, self.fds = self.fds, []
         segments, self.segments = self.segments, None
         lent = {seg.fd for seg in segments} if segments else ()
@@ -122,12 +135,15 @@ def _memfd_from_buffer(raw: memoryview) -> int:
 class _Collector:
     """Collects the fds produced while one object is pickled."""
 
-    def __init__(self, oob: bool, cache: BufferCache | None = None) -> None:
+    __slots__ = ("oob", "cache", "buffer_fds", "passed_fds", "segments", "regions")
+
+    def __init__(self, oob: bool, cache: BufferCache | None = None, keyed: bool = False) -> None:
         self.oob = oob
         self.cache = cache
         self.buffer_fds: list[int] = []
         self.passed_fds: list[int] = []
         self.segments: list[Segment] = []
+        self.regions: list[Region] | None = [] if keyed else None
 
     def buffer_callback(self, pb: pickle.PickleBuffer) -> bool:
         if not self.oob:
@@ -150,11 +166,14 @@ class _Collector:
 
     def payload(self, data: bytes) -> Payload:
         fds = self.buffer_fds + self.passed_fds
-        return Payload(data, len(self.buffer_fds), fds, self.cache, self.segments or None)
+        segments = self.segments or None
+        return Payload(data, len(self.buffer_fds), fds, self.cache, segments, self.regions or None)
 
     def discard(self) -> None:
         self.payload(b"").close()
         self.buffer_fds, self.passed_fds, self.segments = [], [], []
+        if self.regions is not None:
+            self.regions = []
 
 
 def send_fd(fd: int) -> int:
@@ -171,6 +190,27 @@ def send_fd(fd: int) -> int:
     return len(collector.passed_fds) - 1
 
 
+def send_region(region: Region) -> int:
+    """Register the shared-memory *region* to travel with the object being pickled; return the
+    token to rebuild it with (``Region.received``).
+
+    In a pool task's arguments (a keyed pickling) the region goes by key: a negative token, no
+    descriptor -- the pool maps it in the worker beforehand (see ``_dispatch._map_regions``);
+    elsewhere, or beyond :data:`MAX_REGIONS`, its descriptor goes (:func:`send_fd`).  Raises
+    ``RuntimeError`` outside procpool's pickling, as send_fd does.
+    """
+    collector: _Collector | None = getattr(_tls, "collector", None)
+    if collector is None:
+        raise RuntimeError("file descriptors can only be sent through procpool's channels")
+    regions = collector.regions
+    if regions is None or (len(regions) >= MAX_REGIONS and region not in regions):
+        return send_fd(region.fd)
+    key = region._key or region.key()
+    if region not in regions:
+        regions.append(region)
+    return -key
+
+
 def recv_fd(token: int) -> int:
     """Return a new descriptor for *token* (see :func:`send_fd`); the caller owns it."""
     received: list[int] | None = getattr(_tls, "received", None)
@@ -183,26 +223,77 @@ def recv_fd(token: int) -> int:
 PLAIN = frozenset({int, float, str, bool, type(None), complex})
 
 
+#: types whose pickling is procpool's own code and passes only shared-memory regions (by key,
+#: in a task's arguments): apply's quick path takes them as it takes PLAIN ones (shared.py
+#: registers its classes)
+KEYED: set[type] = set()
+
+
 def dumps_call(args: tuple, kwds: dict, cache: BufferCache | None = None) -> Payload | tuple:
-    """Serialize a call's ``(args, kwds)``.  The common case, no keywords and every argument a
-    plain scalar or string (immutable, always picklable), returns *args* as it is: the pool
-    pickles those of a batch together, when it sends them (see ``_dispatch``)."""
+    """Serialize a pool task's ``(args, kwds)``, shared-memory regions by key.  The common
+    case, no keywords and every argument a plain scalar or string (immutable, always
+    picklable), returns *args* as it is: the pool pickles those of a batch together, when it
+    sends them (see ``_dispatch``)."""
     if not kwds:
         for a in args:  # a plain loop: no generator to allocate, as all() would need
             if type(a) not in PLAIN:
                 break
         else:
             return args
-    return dumps((args, kwds), cache=cache)
+    return dumps((args, kwds), cache=cache, keyed=True)
 
 
-def dumps(obj: Any, *, oob: bool = True, cache: BufferCache | None = None) -> Payload:
+def dumps_refs(args: tuple) -> Payload | None:
+    """apply's quick path for *args* made of PLAIN values and objects with a plain *reference*
+    form (``_task_ref``: a SharedArray): the pickle of ``(args, {}, refs)``, plain data only,
+    each such argument None in *args* and ``(index, *ref)`` in *refs* (the worker rebuilds it,
+    see ``_worker.with_refs``).  No reduce and no global to pickle or unpickle: a third of a
+    SharedArray round trip otherwise.  None when an argument has no such form."""
+    out = list(args)
+    refs = []
+    regions: list[Region] = []
+    i = 0
+    for a in args:
+        if type(a) not in PLAIN:
+            task_ref = getattr(a, "_task_ref", None)
+            ref = task_ref() if task_ref is not None else None
+            if ref is None:
+                return None
+            out[i] = None
+            refs.append((i, *ref))
+            region = a._region
+            if region not in regions:
+                regions.append(region)
+        i += 1
+    return Payload(pickle.dumps((out, {}, refs), PROTOCOL), 0, None, None, None, regions)
+
+
+def dumps_keyed(obj: Any) -> Payload:
+    """``dumps(obj, keyed=True)``, lean, for *obj* made only of PLAIN values and KEYED objects
+    (apply's quick path): no large buffers, no cloudpickle.  Raises what pickling raises."""
+    collector = _Collector(False, None, True)
+    previous = getattr(_tls, "collector", None)
+    _tls.collector = collector
+    try:
+        data = pickle.dumps(obj, PROTOCOL)
+    except BaseException:
+        collector.discard()
+        raise
+    finally:
+        _tls.collector = previous
+    return Payload(data, 0, collector.passed_fds, None, None, collector.regions)
+
+
+def dumps(
+    obj: Any, *, oob: bool = True, cache: BufferCache | None = None, keyed: bool = False
+) -> Payload:
     """Serialize *obj*; raise :class:`SerializationError` naming it if it cannot be pickled.
 
     With *cache* (a pool's task arguments), large buffers are copied into reusable segments
-    instead of fresh memfds (see ``_buffers``).
+    instead of fresh memfds (see ``_buffers``).  *keyed* (a pool's task arguments too):
+    shared-memory regions go by key, listed in the payload's ``regions`` (see send_region).
     """
-    collector = _Collector(oob, cache)
+    collector = _Collector(oob, cache, keyed)
     previous = getattr(_tls, "collector", None)
     _tls.collector = collector
     try:
@@ -230,6 +321,8 @@ def dumps(obj: Any, *, oob: bool = True, cache: BufferCache | None = None) -> Pa
                 " put them in one SharedArray)"
             )
         return collector.payload(data)
+    if collector.regions:
+        return Payload(data, regions=collector.regions)
     return Payload(data)
 
 

@@ -56,6 +56,7 @@ class _Worker:
         "inflight",
         "cost",
         "known",
+        "regions",
         "exclusive",
         "sent",
         "retiring",
@@ -76,6 +77,7 @@ class _Worker:
         self.inflight: dict[int, Task] = {}
         self.cost = 0.0
         self.known: dict[int, None] = {}  # fids sent, FIFO, mirrors the worker's cache
+        self.regions: dict[int, None] = {}  # keys of the regions it maps, least recent first
         self.exclusive = False
         self.sent = 0
         self.retiring = False

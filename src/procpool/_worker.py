@@ -2,6 +2,8 @@
 
     INIT ──► run the initializer ──► READY (or INIT_FAILED and exit)
     loop:  FUNC  ──► remember the function under its id
+           MAP   ──► map a shared-memory region, found under its key by the tasks that name it
+           FORGET ─► drop those regions
            TASKS ──► run each record in order; results are buffered and flushed when the batch
                      is done, every ~0.2 ms while it runs, before a task of another
                      function, or when the buffer grows large
@@ -247,6 +249,8 @@ class Worker:
         if kind == P.CALL:
             previous = self.alarm.arm(timeout) if timeout > 0 else None
             try:
+                if len(data) != 2:  # (args, kwds, refs): see with_refs
+                    data = with_refs(*data)
                 args, kwds = data
                 status, value = P.OK, func(*args, **kwds)
             except BaseException as exc:  # noqa: BLE001 - SystemExit etc. fail the task only
@@ -324,7 +328,8 @@ class Worker:
         # running from here: unpickling may run user code that kills the worker (as run_tasks)
         P.PROGRESS.pack_into(self.progress, 0, task_id, self.last_done, 0, 0.0)
         try:
-            args, kwds = pickle.loads(body[head.size :])
+            data = pickle.loads(body[head.size :])
+            args, kwds = data if len(data) == 2 else with_refs(*data)
         except BaseException as exc:  # noqa: BLE001 - as in run_record
             err = SerializationError(f"the task's arguments could not be unpickled: {exc!r}")
             status, value = P.ERROR, error_info(err)
@@ -430,11 +435,28 @@ class Worker:
                 elif kind == P.FUNC:
                     (fid,) = P.FUNC_HEAD.unpack_from(body)
                     self.load_func(fid, body[P.FUNC_HEAD.size :])
+                elif kind == P.MAP or kind == P.FORGET:
+                    self.map_regions(kind, body, fds)
                 elif kind == P.EXIT:
                     self.flush()
                     return 0
         except (ChannelClosed, BrokenPipeError, ConnectionResetError):
             return 0  # the parent is gone: nothing to report to
+
+    def map_regions(self, kind: int, body: memoryview, fds: list[int]) -> None:
+        """A MAP or FORGET frame (see _ipc_mem.remember): imported here, on the first one, as
+        a worker that is never passed shared memory must not carry the module."""
+        from . import _ipc_mem
+
+        if kind == P.MAP:
+            if not fds:  # (never: the parent sends its fd with it)
+                return
+            (key,) = P.MAP_HEAD.unpack_from(body)
+            name = bytes(body[P.MAP_HEAD.size :]).decode() or None
+            _ipc_mem.remember(key, fds[0], name)
+            _serialize.Payload(b"", 0, fds[1:]).close()  # (never more than one)
+        else:
+            _ipc_mem.forget(P.unpack_keys(body))
 
     def load_func(self, fid: int, blob: memoryview) -> None:
         # Kept pickled until a task uses it: unpickling runs user code (imports, __setstate__)
@@ -462,10 +484,30 @@ class Worker:
         return func
 
 
+_from_ref: Any = None  # procpool.shared.from_ref, imported on first use (see with_refs)
+
+
+def with_refs(args: list, kwds: dict, refs: list) -> tuple[list, dict]:
+    """A call's arguments as ``_serialize.dumps_refs`` sent them: each ``(index, key, ...)``
+    of *refs* is the SharedArray at ``args[index]``, its region mapped here by key (MAP)."""
+    global _from_ref
+    from_ref = _from_ref
+    if from_ref is None:  # (a worker never passed one does without the module)
+        from .shared import from_ref
+
+        _from_ref = from_ref
+    for i, key, shape, dtype, name in refs:
+        args[i] = from_ref(key, shape, dtype, name)
+    return args, kwds
+
+
 def rss() -> int:
-    """Resident set size of this process in bytes."""
+    """This process's own resident memory in bytes: its resident set less the pages it shares
+    through files and shared memory (statm's ``shared``) -- the SharedArrays and argument
+    buffers it maps are not its memory, nor are they freed by replacing it."""
     with open("/proc/self/statm", "rb") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
 
 
 def batch_scheduling(pid: int) -> None:

@@ -84,8 +84,9 @@ class Pool(PoolAPI):
         timeout: default time limit in seconds for each task (None: none).
         retries: how many times a task lost to a worker's death is run again.
         retry_on: exception types that also trigger a retry.
-        max_memory_per_child: a worker whose RSS exceeds this many bytes after a batch is
-            replaced once its tasks are done.
+        max_memory_per_child: a worker whose own memory (its resident set, less the shared
+            memory and files it maps) exceeds this many bytes after a batch is replaced once
+            its tasks are done.
         grace: seconds between the soft timeout (``TaskTimeout`` raised in the task) and the
             hard one (the worker is killed).
     """

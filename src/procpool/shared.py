@@ -30,8 +30,8 @@ import weakref
 from collections.abc import Iterable, Iterator
 from multiprocessing.sharedctypes import typecode_to_type  # type: ignore[attr-defined]
 
-from . import _ipc_atomic
-from ._ipc_mem import DATA_OFFSET, Region
+from . import _ipc_atomic, _serialize
+from ._ipc_mem import DATA_OFFSET, Region, by_key
 from .sync import Lock, RLock
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
@@ -591,6 +591,23 @@ class SharedArray:
         self._region = region
         self.array = np.ndarray(shape, dtype, region.mmap, DATA_OFFSET)
 
+    _ref: tuple | None = None
+
+    def _task_ref(self) -> tuple | None:
+        """This array as apply's quick path passes it (``_serialize.dumps_refs``): plain values
+        ``(key, shape, dtype, name)``, its region mapped in the worker beforehand (see
+        ``_dispatch._map_regions``); None for a dtype its ``str`` does not describe."""
+        ref = self._ref
+        region = self._region
+        if region.fd < 0:
+            raise ValueError("cannot pass a closed shared object")
+        if ref is None or ref[1] is not self.shape:
+            dt = self.dtype
+            if dt.fields is not None or dt.subdtype is not None:
+                return None
+            ref = self._ref = (region._key or region.key(), self.shape, dt.str, region.name)
+        return ref
+
     @classmethod
     def from_array(cls, a: Any, *, name: str | None = None) -> SharedArray:
         """A new SharedArray holding a copy of *a*."""
@@ -685,3 +702,21 @@ def _attach_shared_array(
     sa = SharedArray.__new__(SharedArray)
     sa._attach(Region.received(token, name), shape, dtype)
     return sa
+
+
+def from_ref(key: int, shape: tuple[int, ...], dtype: str, name: str | None) -> SharedArray:
+    """The SharedArray a task's argument refers to (see ``SharedArray._task_ref``): what
+    ``_attach`` does, inlined (once per task)."""
+    import numpy as np
+
+    region = by_key(key)
+    sa = SharedArray.__new__(SharedArray)
+    sa.dtype = dt = np.dtype(dtype)
+    sa.shape = shape
+    sa._region = region
+    sa.array = np.ndarray(shape, dt, region.mmap, DATA_OFFSET)
+    return sa
+
+
+# apply's quick path takes these arguments as it takes scalars: they pickle as a region's key
+_serialize.KEYED.update((Value, Array, SharedArray))
