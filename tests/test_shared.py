@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import pickle
 import signal
 import time
 import uuid
@@ -411,6 +412,137 @@ def test_many_shared_arrays_through_one_worker_each_reach_their_task(monkeypatch
         assert pool.apply(_memfd_regions)[0] <= before[0] + 6 + 5  # (+ a task's descriptors)
     del arrays, results, args
     gc.collect()
+
+
+def _count(*arrays):
+    return len(arrays), float(sum(a.array[0] for a in arrays))
+
+
+def test_one_call_naming_more_arrays_than_a_worker_keeps_still_runs():
+    """apply's quick path names at most MAX_REGIONS arrays by key (more go as descriptors), so
+    a task never makes its worker drop its own arrays -- nor fails the pool (before the
+    review: 130 arrays in one apply killed the I/O thread)."""
+    arrays = [procpool.SharedArray.from_array(np.full(2, float(i))) for i in range(130)]
+    total = float(sum(range(130)))
+    with procpool.Pool(1) as pool:
+        assert pool.apply(_count, tuple(arrays[:20])) == (20, float(sum(range(20))))
+        assert pool.apply(_count, tuple(arrays)) == (130, total)
+        assert pool.apply_async(_count, tuple(arrays)).get(20) == (130, total)
+        assert pool.starmap(_count, [tuple(arrays)] * 3) == [(130, total)] * 3
+        assert pool.apply(_count, (arrays[0],)) == (1, 0.0)  # the pool goes on
+    del arrays
+    gc.collect()
+
+
+def _same_object(a, b):
+    return a is b
+
+
+def test_an_array_passed_twice_to_one_call_is_one_object_in_the_worker():
+    sa = procpool.SharedArray(3)
+    with procpool.Pool(1) as pool:
+        assert pool.apply(_same_object, (1, 2)) is False  # (apply's quick path from now on)
+        assert pool.apply(_same_object, (sa, sa)) is True
+        assert pool.apply_async(_same_object, (sa, sa)).get(20) is True
+        assert pool.apply(_same_object, (sa, procpool.SharedArray(3))) is False
+
+
+def test_two_threads_passing_a_fresh_array_give_it_one_key():
+    import sys
+    import threading
+
+    from procpool._ipc_mem import Region
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(300):
+            region = Region.create(8, {})
+            keys = []
+            both = threading.Barrier(2)
+
+            def take(region=region, keys=keys, both=both):
+                both.wait()
+                keys.append(region.key())
+
+            threads = [threading.Thread(target=take) for _ in "ab"]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert keys[0] == keys[1] == region.key()
+            region.close()
+    finally:
+        sys.setswitchinterval(switch)
+
+
+_KEPT = None
+
+
+def _keep(sa):
+    global _KEPT
+    _KEPT = sa
+
+
+def _drop_kept_and_check_fds():
+    """In a worker of a pool a task started: drop the array kept by the task that forked this
+    process, with descriptors of our own open that may have taken a number it held."""
+    global _KEPT
+    ours = [fd for _ in range(8) for fd in os.pipe()]  # the lowest free numbers
+    try:
+        value = float(_KEPT.array[1])
+        back = pickle.loads(pickle.dumps(_KEPT.array))  # (a copy: the memory is readable)
+        _KEPT = None
+        gc.collect()
+        for fd in ours:
+            os.fstat(fd)  # EBADF: closed behind our back
+    finally:
+        for fd in ours:
+            os.close(fd)
+    return value, float(back[1])
+
+
+def _nested_pool_drops_the_kept_array():
+    with procpool.Pool(1) as inner:
+        return inner.apply(_drop_kept_and_check_fds)
+
+
+def test_a_task_keeping_its_shared_array_then_starting_a_pool_loses_no_descriptor():
+    """A worker's mapped region is the task's object: a pool the task starts inherits its
+    descriptor as any other (before the review: closed in the new workers as the worker's
+    own, and its number, reused, was closed again when the array went)."""
+    sa = procpool.SharedArray.from_array(np.array([1.0, 2.0, 3.0]))
+    with procpool.Pool(1) as pool:
+        pool.apply(_keep, (sa,))
+        assert pool.apply(_nested_pool_drops_the_kept_array) == (2.0, 2.0)
+        assert pool.apply(_nested_double, (sa,)) == (12.0, 24.0)  # doubled twice, summed
+
+
+def _limit_address_space(extra):
+    import resource
+
+    with open("/proc/self/statm") as f:
+        size = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    resource.setrlimit(resource.RLIMIT_AS, (size + extra, resource.RLIM_INFINITY))
+
+
+def _unlimit_address_space():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+
+def test_an_array_a_worker_could_not_map_is_tried_again_when_named_again():
+    """The parent counts the array as mapped in the worker once it sent it; a mapping that
+    failed there (the address space was short) is made when a later task names it."""
+    sa = procpool.SharedArray(2**30 // 8)  # 1 GiB of address space
+    with procpool.Pool(1) as pool:
+        pool.apply(_limit_address_space, (256 * 2**20,))
+        with pytest.raises(procpool.SerializationError, match="cannot be mapped here"):
+            pool.apply(_double, (sa,))
+        pool.apply(_unlimit_address_space)
+        assert pool.apply(_double, (sa,)) == 0.0
+        assert pool.apply_async(_double, (sa,)).get(20) == 0.0
 
 
 def _nested_double(sa):

@@ -10,6 +10,7 @@ as one TASKS frame (plus a FUNC frame for each function it has not seen).  A mix
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import time
@@ -373,11 +374,13 @@ class Dispatch:
         region once it dies here (see Scheduler._forget_gone)."""
         known = w.regions
         new = None
+        ours = 0
         for region in regions:
             key = region._key
             if key in known:  # most recently used: last out
                 del known[key]
                 known[key] = None
+                ours += 1
             elif new is None:
                 new = [region]
             else:
@@ -385,13 +388,14 @@ class Dispatch:
         if new is None:
             return body, fds
         chan = w.chan
-        over = len(known) + len(new) - MAPPED_PER_WORKER
-        if over > 0:  # (a payload names at most MAX_REGIONS: never its own regions go)
+        # the payload's own are the last `ours` (a payload names at most MAX_REGIONS: fewer
+        # than that many, and never evicted)
+        over = min(len(known) + len(new) - MAPPED_PER_WORKER, len(known) - ours)
+        if over > 0:
             if body:
                 chan.push(P.frame(P.TASKS, body, len(fds)), fds)
                 body, fds = bytearray(), []
-            oldest = iter(known)
-            out = [next(oldest) for _ in range(over)]
+            out = list(itertools.islice(known, over))
             for key in out:
                 del known[key]
             chan.push(P.forget_frame(out))

@@ -128,17 +128,36 @@ _KEY_COUNTER = count(1)
 _KEY_PID_SHIFT = 40
 #: the regions this process gave a key, for unpickling its own keyed payloads (a chunk split)
 _OWN: weakref.WeakValueDictionary[int, Region] = weakref.WeakValueDictionary()
-#: in a worker: the regions its pool mapped here (MAP frames), until it says FORGET; or why
-#: mapping one failed (raised to the tasks that use it)
-_MAPPED: dict[int, Region | BaseException] = {}
+_key_lock = threading.Lock()
+
+
+class _Unmapped:
+    """A region whose MAP frame came but whose mapping failed (ENOMEM, the map count...):
+    its descriptor, kept to try again when a task names it, since the parent counts it as
+    mapped here."""
+
+    __slots__ = ("fd", "name")
+
+    def __init__(self, fd: int, name: str | None) -> None:
+        self.fd = fd
+        self.name = name
+
+    def __del__(self) -> None:
+        close_quietly(self.fd)
+
+
+#: in a worker: the regions its pool mapped here (MAP frames), until it says FORGET
+_MAPPED: dict[int, Region | _Unmapped] = {}
 
 
 def remember(key: int, fd: int, name: str | None) -> None:
     """Map the region *fd* (taking ownership) to be found under *key* (a MAP frame)."""
     try:
-        _MAPPED[key] = Region(fd, name)
-    except Exception as exc:  # noqa: BLE001 - the tasks using it will say why
-        _MAPPED[key] = exc
+        _MAPPED[key] = Region(os.dup(fd), name)
+    except Exception:  # noqa: BLE001 - tried again, and explained, when a task names it
+        _MAPPED[key] = _Unmapped(fd, name)
+    else:
+        os.close(fd)
 
 
 def forget(keys: list[int]) -> None:
@@ -148,12 +167,19 @@ def forget(keys: list[int]) -> None:
 
 
 def by_key(key: int) -> Region:
+    """The region passed under *key*: mapped here by its pool (a MAP frame), or this
+    process's own (see :meth:`Region.key`)."""
     region = _MAPPED.get(key) or _OWN.get(key)
-    if isinstance(region, Region):
+    if type(region) is Region:
         return region
     if region is None:
         raise RuntimeError(f"shared memory {key:#x} is not mapped in this process")
-    raise OSError(f"shared memory {key:#x} could not be mapped here: {region}") from region
+    try:  # its mapping failed when it came: once more
+        mapped = Region(os.dup(region.fd), region.name)
+    except OSError as exc:
+        raise OSError(exc.errno, f"shared memory {key:#x} cannot be mapped here: {exc}") from None
+    _MAPPED[key] = mapped  # (the _Unmapped goes, and its descriptor)
+    return mapped
 
 
 class Region:
@@ -233,8 +259,12 @@ class Region:
         The pool tells the workers to forget it when the region dies here."""
         key = self._key
         if not key:
-            key = self._key = (os.getpid() << _KEY_PID_SHIFT) | next(_KEY_COUNTER)
-            _OWN[key] = self
+            with _key_lock:  # two threads passing a fresh region: one key
+                key = self._key
+                if not key:
+                    key = (os.getpid() << _KEY_PID_SHIFT) | next(_KEY_COUNTER)
+                    _OWN[key] = self
+                    self._key = key
         return key
 
     # -- metadata ---------------------------------------------------------------------------

@@ -1221,6 +1221,7 @@ class Scheduler(WorkerSupervision, Dispatch):
 
     def _close_resources(self) -> None:
         with self._lock:
+            self._mapped.clear()  # (first: no region's callback may wake a closed eventfd)
             self._state = FINISHED
             INTERNAL_FDS.discard(self._wakefd)
             INTERNAL_FDS.discard(self._epoll.fileno())
@@ -1232,7 +1233,6 @@ class Scheduler(WorkerSupervision, Dispatch):
                 os.close(fd)
             self._init_fds = []
             self._funcs.clear()
-            self._mapped.clear()  # (no callback may wake a closed eventfd)
             self._buffers.close()
             for job in self._feeding:  # feeders waiting for room: the pool is gone, stop
                 job.space.notify_all()

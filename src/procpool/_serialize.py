@@ -259,10 +259,15 @@ def dumps_refs(args: tuple) -> Payload | None:
             ref = task_ref() if task_ref is not None else None
             if ref is None:
                 return None
+            for j in range(i):  # passed twice: one object in the worker too (pickle's memo)
+                if out[j] is None and args[j] is a:
+                    return None
             out[i] = None
             refs.append((i, *ref))
             region = a._region
             if region not in regions:
+                if len(regions) == MAX_REGIONS:  # (a payload never evicts its own regions)
+                    return None
                 regions.append(region)
         i += 1
     return Payload(pickle.dumps((out, {}, refs), PROTOCOL), 0, None, None, None, regions)

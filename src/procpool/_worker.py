@@ -447,13 +447,18 @@ class Worker:
         """A MAP or FORGET frame (see _ipc_mem.remember): imported here, on the first one, as
         a worker that is never passed shared memory must not carry the module."""
         from . import _ipc_mem
+        from ._start import INTERNAL_FDS
 
         if kind == P.MAP:
             if not fds:  # (never: the parent sends its fd with it)
                 return
             (key,) = P.MAP_HEAD.unpack_from(body)
             name = bytes(body[P.MAP_HEAD.size :]).decode() or None
-            _ipc_mem.remember(key, fds[0], name)
+            fd = fds[0]
+            # no longer the channel's: the region's, which a pool this worker's task starts
+            # inherits as any shared object of the task's (the channel closes its own in them)
+            INTERNAL_FDS.discard(fd)
+            _ipc_mem.remember(key, fd, name)
             _serialize.Payload(b"", 0, fds[1:]).close()  # (never more than one)
         else:
             _ipc_mem.forget(P.unpack_keys(body))
