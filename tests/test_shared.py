@@ -13,7 +13,7 @@ import uuid
 import numpy as np
 import pytest
 from _ipc_helpers import FORK, SPAWN, no_leaks, run_child, shm_entries  # noqa: F401
-from conftest import wait_until
+from conftest import run_python, wait_until
 
 import procpool
 from procpool import _ipc_atomic
@@ -390,9 +390,9 @@ def test_many_shared_arrays_through_one_worker_each_reach_their_task(monkeypatch
     """More arrays than a worker keeps mapped, several per task, in batches: the least used
     are dropped (FORGET) and mapped again when named, the tasks of a batch before them run
     first; beyond what one task names by key, the rest travel as descriptors."""
-    from procpool import _dispatch, _serialize
+    from procpool import _serialize, _supervise
 
-    monkeypatch.setattr(_dispatch, "MAPPED_PER_WORKER", 6)
+    monkeypatch.setattr(_supervise, "MAPPED_PER_WORKER", 6)
     monkeypatch.setattr(_serialize, "MAX_REGIONS", 3)
     arrays = [procpool.SharedArray.from_array(np.full(8, float(i))) for i in range(12)]
     rng = np.random.default_rng(7)
@@ -432,6 +432,36 @@ def test_one_call_naming_more_arrays_than_a_worker_keeps_still_runs():
         assert pool.apply(_count, (arrays[0],)) == (1, 0.0)  # the pool goes on
     del arrays
     gc.collect()
+
+
+def test_a_worker_keeps_only_as_many_arrays_as_its_descriptors_allow():
+    """A forked worker inherits the parent's shared objects' descriptors (two each before
+    Python 3.13); the arrays it keeps mapped must leave its tasks room (before the review:
+    with 180 arrays under a limit of 512, tasks failed with EMFILE and workers died)."""
+    code = """if True:
+        import os, resource
+        import numpy as np
+        import procpool
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        arrays = [procpool.SharedArray.from_array(np.full(2, float(i))) for i in range(180)]
+        with procpool.Pool(1) as pool:
+            pids = set()
+            for i, sa in enumerate(arrays):
+                value, pid = pool.apply(_first_and_pid, (sa,))
+                assert value == float(i), (value, i)
+                pids.add(pid)
+        print("workers", len(pids))
+    """
+    here = os.path.dirname(__file__)
+    code = code.replace("_first_and_pid", "test_shared._first_and_pid")
+    code = f"import sys; sys.path.insert(0, {here!r}); import test_shared\n" + code
+    done = run_python(code, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["workers", "1"]
+
+
+def _first_and_pid(sa):
+    return float(sa.array[0]), os.getpid()
 
 
 def _same_object(a, b):
@@ -474,6 +504,24 @@ def test_two_threads_passing_a_fresh_array_give_it_one_key():
             region.close()
     finally:
         sys.setswitchinterval(switch)
+
+
+def test_a_child_forked_while_a_key_was_being_given_gives_keys():
+    """The lock behind Region.key() is made anew in a forked child (a pool forks workers from
+    its own thread while another thread may hold it: the child hung in its first key)."""
+    from procpool import _ipc_mem
+
+    with _ipc_mem._key_lock:  # as another thread giving a key at the fork
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            signal.alarm(10)  # a hang ends the child with SIGALRM
+            try:
+                region = _ipc_mem.Region.create(8, {})
+                os._exit(0 if region.key() else 1)
+            except BaseException:
+                os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 _KEPT = None

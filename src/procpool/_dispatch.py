@@ -20,6 +20,7 @@ from . import _protocol as P
 from . import _serialize
 from ._buffers import BufferCache
 from ._channel import MAX_FDS_PER_FRAME
+from ._start import INTERNAL_FDS
 from ._supervise import TERMINATING, _Worker
 from ._tasks import _DONE, _PENDING, _SENT, MapJob, Task
 from ._worker import FUNC_CACHE
@@ -36,9 +37,6 @@ INFLIGHT_BUDGET = 5e-3  # seconds of estimated work a worker may hold
 PREFETCH_LIMIT = 50e-3  # tasks shorter than this get one more queued behind them
 MAX_INFLIGHT = 4096  # tasks a worker may hold, whatever their cost
 CALL_RUN = 64  # plain calls given to one worker in a row while dispatching (see _take_calls)
-#: shared-memory regions a worker keeps mapped for the tasks that name them by key (see
-#: _map_regions); beyond, the least recently used go.  Each holds a descriptor or two there.
-MAPPED_PER_WORKER = 128
 
 
 class Dispatch:
@@ -366,8 +364,8 @@ class Dispatch:
         goes to *w*: a MAP frame, with its descriptor, for each region *w* does not map yet,
         so a SharedArray (or Value, Lock...) costs its worker one mapping, not one per task.
 
-        *w* keeps at most ``MAPPED_PER_WORKER``, least recently used out first (a FORGET
-        frame).  The tasks already packed in *body* (a TASKS frame being built, with its
+        *w* keeps at most ``w.map_cap`` (see _supervise.mapping_cap), least recently used out
+        first (a FORGET frame).  The tasks already packed in *body* (a TASKS frame being built, with its
         *fds*) may use those: they go first, and the frame being built starts again -- the
         body and fds to go on with are returned.  A worker runs its frames in order, so the
         tasks sent before a FORGET are done with the region by then.  It also forgets a
@@ -390,7 +388,7 @@ class Dispatch:
         chan = w.chan
         # the payload's own are the last `ours` (a payload names at most MAX_REGIONS: fewer
         # than that many, and never evicted)
-        over = min(len(known) + len(new) - MAPPED_PER_WORKER, len(known) - ours)
+        over = min(len(known) + len(new) - w.map_cap, len(known) - ours)
         if over > 0:
             if body:
                 chan.push(P.frame(P.TASKS, body, len(fds)), fds)
@@ -404,7 +402,9 @@ class Dispatch:
             key = region._key
             if region.fd < 0:  # (closed since it was pickled: its tasks say it is not mapped)
                 continue
-            chan.push(P.map_frame(key, region.name), [os.dup(region.fd)])
+            fd = os.dup(region.fd)
+            INTERNAL_FDS.add(fd)  # (a worker forked before it goes must not inherit it)
+            chan.push(P.map_frame(key, region.name), [fd])
             known[key] = None
             if key not in mapped:
                 self._watch_region(region)

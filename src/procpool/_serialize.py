@@ -60,9 +60,9 @@ MAX_FDS = MAX_FDS_PER_FRAME
 #: fds a payload leaves free for objects that pass their own (Queue, Pipe...): large buffers
 #: beyond ``MAX_FDS`` minus these travel in-band, in the pickle itself (slower, but they travel)
 _FDS_KEPT_FOR_OBJECTS = 16
-#: regions one keyed payload names by key (see send_region); more travel as descriptors.  Well
-#: under what a worker keeps mapped (``_dispatch.MAPPED_PER_WORKER``): a task's own regions
-#: never evict one another
+#: regions one keyed payload names by key (see send_region); more travel as descriptors.  At
+#: most what a worker keeps mapped (``_supervise.mapping_cap``): a task's own regions never
+#: evict one another
 MAX_REGIONS = 16
 
 _tls = threading.local()

@@ -44,6 +44,29 @@ STARTUP_FAILURES = 3  # workers crashing before READY, in a row, before the pool
 STARTUP_KILLS = 10
 MAX_BOUNCES = 5  # a task re-sent this often, never started, fails instead of going round again
 
+#: shared-memory regions a worker keeps mapped for the tasks that name them by key (see
+#: _dispatch._map_regions), at most; beyond, the least recently used go.  Fewer when
+#: descriptors are short (see mapping_cap).
+MAPPED_PER_WORKER = 128
+#: descriptors a worker of a process that started no pool holds (a spawned interpreter's)
+_SPAWNED_FDS = 16
+
+
+def mapping_cap(forked: bool) -> int:
+    """How many regions a worker started now may keep mapped: a quarter of the descriptors it
+    will have free, each region holding two there (its own and, before Python 3.13, mmap's),
+    so that its tasks keep the rest; bounded by ``MAX_REGIONS`` (what one task may name) and
+    ``MAPPED_PER_WORKER``.  A forked worker starts with the descriptors this process holds
+    now, the shared objects made before it included.  (Asking the worker itself would page
+    ≈ 0.1 MB of libc into every idle worker; an initializer that lowers its limit or opens
+    many files is not seen.)"""
+    limit = os.sysconf("SC_OPEN_MAX")  # RLIMIT_NOFILE's soft limit (-1: none)
+    if limit < 0:
+        return MAPPED_PER_WORKER
+    free = limit - (len(os.listdir("/proc/self/fd")) if forked else _SPAWNED_FDS)
+    return max(_serialize.MAX_REGIONS, min(MAPPED_PER_WORKER, free // 8))
+
+
 # the pool's states (Scheduler._state)
 RUNNING, CLOSING, TERMINATING, FINISHED = "RUNNING", "CLOSING", "TERMINATING", "FINISHED"
 
@@ -57,6 +80,7 @@ class _Worker:
         "cost",
         "known",
         "regions",
+        "map_cap",
         "exclusive",
         "sent",
         "retiring",
@@ -78,6 +102,7 @@ class _Worker:
         self.cost = 0.0
         self.known: dict[int, None] = {}  # fids sent, FIFO, mirrors the worker's cache
         self.regions: dict[int, None] = {}  # keys of the regions it maps, least recent first
+        self.map_cap = 0  # how many it may keep (see _dispatch.mapping_cap)
         self.exclusive = False
         self.sent = 0
         self.retiring = False
@@ -147,8 +172,10 @@ class WorkerSupervision:
         def _split_chunk(self, task: Task, item: int) -> Task | None: ...
 
     def _spawn(self) -> None:
+        cap = mapping_cap(self._launcher.method == "fork")  # (our descriptors, before the fork)
         proc = self._launcher.start()
         w = _Worker(next(self._wids), proc)
+        w.map_cap = cap
         proc.sock.setblocking(False)
         sfd = proc.sock.fileno()
         INTERNAL_FDS.add(sfd)
