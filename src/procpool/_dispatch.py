@@ -365,9 +365,9 @@ class Dispatch:
         so a SharedArray (or Value, Lock...) costs its worker one mapping, not one per task.
 
         *w* keeps at most ``w.map_cap`` (see _supervise.mapping_cap), least recently used out
-        first (a FORGET frame).  The tasks already packed in *body* (a TASKS frame being built, with its
-        *fds*) may use those: they go first, and the frame being built starts again -- the
-        body and fds to go on with are returned.  A worker runs its frames in order, so the
+        first (a FORGET frame).  The tasks already packed in *body* (a TASKS frame being
+        built, with its *fds*) may use those: they go first, and the frame being built starts
+        again -- the body and fds to go on with are returned.  A worker runs its frames in order, so the
         tasks sent before a FORGET are done with the region by then.  It also forgets a
         region once it dies here (see Scheduler._forget_gone)."""
         known = w.regions

@@ -1290,10 +1290,12 @@ class Scheduler(WorkerSupervision, Dispatch):
                     del w.regions[key]
                     keys.setdefault(w.wid, []).append(key)
         for wid, out in keys.items():
-            w = self._workers[wid]
-            w.chan.push(P.forget_frame(out))
-            self._flush(w)
-            self._set_mask(w)
+            told = self._workers.get(wid)
+            if told is None:  # (buried meanwhile: never expected, a flush buries its own)
+                continue
+            told.chan.push(P.forget_frame(out))
+            self._flush(told)
+            self._set_mask(told)
 
     def _has_work(self) -> bool:
         return (

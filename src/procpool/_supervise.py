@@ -102,7 +102,7 @@ class _Worker:
         self.cost = 0.0
         self.known: dict[int, None] = {}  # fids sent, FIFO, mirrors the worker's cache
         self.regions: dict[int, None] = {}  # keys of the regions it maps, least recent first
-        self.map_cap = 0  # how many it may keep (see _dispatch.mapping_cap)
+        self.map_cap = 0  # how many it may keep (see mapping_cap)
         self.exclusive = False
         self.sent = 0
         self.retiring = False
