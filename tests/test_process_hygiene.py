@@ -108,9 +108,12 @@ def test_nothing_spins_in_a_process_confined_to_one_cpu():
         assert can_spin() == (len(os.sched_getaffinity(0)) > 1)
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
         assert not can_spin()
+        import pickle
         import procpool
         with procpool.Pool(1) as pool:
             assert pool._sched._spin.limit == 0.0 and pool.apply(abs, (-3,)) == 3
+            # its workers are told so (they do not ask: see _scheduler's config["spin"])
+            assert pickle.loads(pool._sched._init_body)["spin"] is False
         print("ok")
         """
     )

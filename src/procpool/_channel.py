@@ -56,8 +56,11 @@ class Spin:
 
     __slots__ = ("limit", "budget", "skipped")
 
-    def __init__(self, limit: float) -> None:
-        self.limit = limit if can_spin() else 0.0
+    def __init__(self, limit: float, allowed: bool | None = None) -> None:
+        """*allowed*: whether this process may spin (None: ask ``can_spin``)."""
+        if allowed is None:
+            allowed = can_spin()
+        self.limit = limit if allowed else 0.0
         self.budget = self.limit
         self.skipped = 0
 

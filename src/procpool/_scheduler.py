@@ -51,7 +51,7 @@ from concurrent.futures import CancelledError
 from . import _protocol as P
 from . import _serialize
 from ._buffers import TRIM_AFTER, BufferCache
-from ._channel import MAX_FDS_PER_FRAME, Spin, poll_for
+from ._channel import MAX_FDS_PER_FRAME, Spin, can_spin, poll_for
 from ._dispatch import Dispatch
 from ._errinfo import rebuild_error
 from ._start import (
@@ -185,6 +185,9 @@ class Scheduler(WorkerSupervision, Dispatch):
             INTERNAL_FDS.update(payload.fds)  # (no worker of another pool keeps them)
         config["method"] = launcher.method
         config["pool_pid"] = os.getpid()  # (a forkserver worker's parent is the server)
+        # whether its workers may spin (see Spin): they run on this process's CPUs, and asking
+        # in each would page ≈ 64 kB of libc (sched_getaffinity) into every idle worker
+        config["spin"] = spin = can_spin()
         self._init_body = pickle.dumps(config)  # (the INIT frame's: see _spawn)
 
         self._lock = threading.RLock()
@@ -205,7 +208,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._run_ids = itertools.count(RUN_IDS, RUN_STRIDE)  # (see CallRun)
         self._wids = itertools.count(1)
         self._est: float | None = None  # seconds per item (see _supervise._on_results)
-        self._spin = Spin(DRIVE_SPIN)  # (see drive)
+        self._spin = Spin(DRIVE_SPIN, spin)  # (see drive)
         self._est_time = 0.0
         self._est_items = 0.0
         self._state = RUNNING

@@ -97,6 +97,7 @@ class Worker:
         self.last_flush = time.perf_counter()
         self.alarm = _SoftTimeout()
         self.max_memory = 0
+        self.spin_allowed: bool | None = None
         self.retiring = False
         # the progress slot: given by main() (fork), or replaced by the one INIT brings
         self.progress: Any = bytearray(P.PROGRESS_SIZE)
@@ -127,6 +128,7 @@ class Worker:
         if config.get("sys_path"):
             sys.path[:] = config["sys_path"]
         self.max_memory = config.get("max_memory") or 0
+        self.spin_allowed = config.get("spin")  # (see Spin: the parent asked for us)
         stage = "main script"
         try:
             if config.get("main"):
@@ -418,11 +420,11 @@ class Worker:
     # ---------------------------------------------------------------- loop
     def serve(self, inherited: Any = None) -> int:
         chan = self.chan
-        spin = Spin(REPLY_SPIN)
         try:
             kind, body, fds = chan.recv_frame()
             if kind != P.INIT or not self.init(body, fds, inherited):
                 return 1
+            spin = Spin(REPLY_SPIN, self.spin_allowed)
             while True:
                 kind, body, fds = chan.recv_frame()
                 if kind == P.TASKS:
