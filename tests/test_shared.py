@@ -460,6 +460,45 @@ def test_a_worker_keeps_only_as_many_arrays_as_its_descriptors_allow():
     assert done.stdout.split() == ["workers", "1"]
 
 
+def test_a_parent_out_of_descriptors_fails_only_the_task_whose_array_it_cannot_send():
+    """The pool duplicates an array's descriptor to send it to a worker the first time; out
+    of descriptors, that task fails saying so, the pool and its worker go on, and the array
+    is sent when a later task names it (before the review: the pool's I/O thread died, or
+    apply's worker was killed)."""
+    code = """if True:
+        import os, resource
+        import procpool
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        with procpool.Pool(1) as pool:
+            pid = pool.apply(os.getpid)
+            sa = procpool.SharedArray(4, "i8")
+            sa[0] = 7
+            held = []
+            try:
+                while True:
+                    held.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError:
+                pass
+            for call in (pool.apply, lambda f, a: pool.apply_async(f, a).get(20)):
+                try:
+                    call(test_shared._first_and_pid, (sa,))
+                except procpool.SerializationError as exc:
+                    assert "could not be sent to this worker" in str(exc), exc
+                else:
+                    raise AssertionError("it was sent")
+            for fd in held:
+                os.close(fd)
+            assert pool.apply(test_shared._first_and_pid, (sa,)) == (7.0, pid)
+            assert pool.apply_async(test_shared._first_and_pid, (sa,)).get(20) == (7.0, pid)
+        print("ok")
+    """
+    here = os.path.dirname(__file__)
+    code = f"import sys; sys.path.insert(0, {here!r}); import test_shared\n" + code
+    done = run_python(code, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["ok"]
+
+
 def _first_and_pid(sa):
     return float(sa.array[0]), os.getpid()
 

@@ -402,7 +402,11 @@ class Dispatch:
             key = region._key
             if region.fd < 0:  # (closed since it was pickled: its tasks say it is not mapped)
                 continue
-            fd = os.dup(region.fd)
+            try:
+                fd = os.dup(region.fd)
+            except OSError as exc:  # out of descriptors here: its tasks fail, saying so
+                chan.push(P.unsent_frame(key, f"{exc.strerror} in the pool's process"))
+                continue  # (not counted as mapped: the next task naming it sends it again)
             INTERNAL_FDS.add(fd)  # (a worker forked before it goes must not inherit it)
             chan.push(P.map_frame(key, region.name), [fd])
             known[key] = None

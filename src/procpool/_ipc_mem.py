@@ -148,8 +148,9 @@ class _Unmapped:
         close_quietly(self.fd)
 
 
-#: in a worker: the regions its pool mapped here (MAP frames), until it says FORGET
-_MAPPED: dict[int, Region | _Unmapped] = {}
+#: in a worker: the regions its pool mapped here (MAP frames), until it says FORGET; or why
+#: the pool could not send one (a str: see unsent)
+_MAPPED: dict[int, Region | _Unmapped | str] = {}
 
 
 def remember(key: int, fd: int, name: str | None) -> None:
@@ -160,6 +161,12 @@ def remember(key: int, fd: int, name: str | None) -> None:
         _MAPPED[key] = _Unmapped(fd, name)
     else:
         os.close(fd)
+
+
+def unsent(key: int, reason: str) -> None:
+    """The pool could not send the region under *key* (a MAP frame without its fd): the
+    tasks naming it fail, saying *reason*; the next one to reach here brings it again."""
+    _MAPPED[key] = reason
 
 
 def forget(keys: list[int]) -> None:
@@ -176,6 +183,8 @@ def by_key(key: int) -> Region:
         return region
     if region is None:
         raise RuntimeError(f"shared memory {key:#x} is not mapped in this process")
+    if isinstance(region, str):
+        raise OSError(f"shared memory {key:#x} could not be sent to this worker: {region}")
     try:  # its mapping failed when it came: once more
         mapped = Region(os.dup(region.fd), region.name)
     except OSError as exc:

@@ -15,6 +15,8 @@ TASKS   a batch of task records               RESULTS      a batch of result rec
 EXIT    finish and exit(0)                    RETIRE       over max_memory_per_child
 MAP     a shared-memory region (its fd) and
         its key: tasks then name it by key
+        (no fd: it could not be sent, and the
+        body says why)
 FORGET  keys of regions to drop (they died
         in the parent, or made room)
                                               RELEASED     inodes of argument buffers it has
@@ -124,6 +126,11 @@ def unpack_inodes(body: memoryview) -> list[int]:
 def map_frame(key: int, name: str | None) -> bytes:
     """A whole MAP frame (its one fd goes beside it)."""
     return frame(MAP, MAP_HEAD.pack(key) + (name or "").encode(), 1)
+
+
+def unsent_frame(key: int, reason: str) -> bytes:
+    """A MAP frame without its fd: the region could not be sent (*reason*)."""
+    return frame(MAP, MAP_HEAD.pack(key) + reason.encode(), 0)
 
 
 def forget_frame(keys: list[int]) -> bytes:

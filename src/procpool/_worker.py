@@ -452,10 +452,12 @@ class Worker:
         from ._start import INTERNAL_FDS
 
         if kind == P.MAP:
-            if not fds:  # (never: the parent sends its fd with it)
-                return
             (key,) = P.MAP_HEAD.unpack_from(body)
-            name = bytes(body[P.MAP_HEAD.size :]).decode() or None
+            text = bytes(body[P.MAP_HEAD.size :]).decode()
+            if not fds:  # the parent could not send it: the tasks naming it say why
+                _ipc_mem.unsent(key, text)
+                return
+            name = text or None
             fd = fds[0]
             # no longer the channel's: the region's, which a pool this worker's task starts
             # inherits as any shared object of the task's (the channel closes its own in them)
