@@ -235,11 +235,21 @@ def dumps_call(args: tuple, kwds: dict, cache: BufferCache | None = None) -> Pay
     picklable), returns *args* as it is: the pool pickles those of a batch together, when it
     sends them (see ``_dispatch``)."""
     if not kwds:
+        keyed = False
         for a in args:  # a plain loop: no generator to allocate, as all() would need
             if type(a) not in PLAIN:
-                break
+                if type(a) not in KEYED:
+                    break
+                keyed = True
         else:
-            return args
+            if not keyed:
+                return args
+            try:  # SharedArrays as plain references, as apply's quick path sends them
+                payload = dumps_refs(args)
+            except Exception:  # noqa: BLE001 - dumps says what is wrong
+                payload = None
+            if payload is not None:
+                return payload
     return dumps((args, kwds), cache=cache, keyed=True)
 
 

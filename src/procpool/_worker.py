@@ -244,6 +244,8 @@ class Worker:
             return
         try:
             data = _serialize.loads(payload, nbuf, fds) if fds else pickle.loads(payload)
+            if kind == P.CALL and len(data) != 2:  # (args, kwds, refs): see with_refs
+                data = with_refs(*data)
         except BaseException as exc:  # noqa: BLE001
             err = SerializationError(f"the task's arguments could not be unpickled: {exc!r}")
             self.add_result(task_id, P.ERROR, 0.0, error_info(err))
@@ -251,8 +253,6 @@ class Worker:
         if kind == P.CALL:
             previous = self.alarm.arm(timeout) if timeout > 0 else None
             try:
-                if len(data) != 2:  # (args, kwds, refs): see with_refs
-                    data = with_refs(*data)
                 args, kwds = data
                 status, value = P.OK, func(*args, **kwds)
             except BaseException as exc:  # noqa: BLE001 - SystemExit etc. fail the task only
