@@ -466,7 +466,7 @@ def test_a_parent_out_of_descriptors_fails_only_the_task_whose_array_it_cannot_s
     is sent when a later task names it (before the review: the pool's I/O thread died, or
     apply's worker was killed)."""
     code = """if True:
-        import os, resource
+        import os, resource, time
         import procpool
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
         with procpool.Pool(1) as pool:
@@ -490,6 +490,27 @@ def test_a_parent_out_of_descriptors_fails_only_the_task_whose_array_it_cannot_s
                 os.close(fd)
             assert pool.apply(test_shared._first_and_pid, (sa,)) == (7.0, pid)
             assert pool.apply_async(test_shared._first_and_pid, (sa,)).get(20) == (7.0, pid)
+            # an array never sent: the worker's note of why goes when the array does
+            other = procpool.SharedArray(4, "i8")
+            key = other._region.key()
+            held = []
+            try:
+                while True:
+                    held.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError:
+                pass
+            try:
+                pool.apply_async(test_shared._first_and_pid, (other,)).get(20)
+            except procpool.SerializationError:
+                pass
+            for fd in held:
+                os.close(fd)
+            assert key in pool.apply(test_shared._mapped_keys)
+            del other
+            deadline = time.monotonic() + 10
+            while key in pool.apply(test_shared._mapped_keys):
+                assert time.monotonic() < deadline, "the note stayed"
+                time.sleep(0.01)
         print("ok")
     """
     here = os.path.dirname(__file__)
@@ -497,6 +518,12 @@ def test_a_parent_out_of_descriptors_fails_only_the_task_whose_array_it_cannot_s
     done = run_python(code, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["ok"]
+
+
+def _mapped_keys():
+    from procpool import _ipc_mem
+
+    return list(_ipc_mem._MAPPED)
 
 
 def _first_and_pid(sa):

@@ -375,11 +375,14 @@ class Dispatch:
         ours = 0
         for region in regions:
             key = region._key
-            if key in known:  # most recently used: last out
-                del known[key]
-                known[key] = None
-                ours += 1
-            elif new is None:
+            if key in known:
+                if known[key]:  # mapped there, now most recently used: last out
+                    del known[key]
+                    known[key] = True
+                    ours += 1
+                    continue
+                del known[key]  # (it could not be sent last time: once more)
+            if new is None:
                 new = [region]
             else:
                 new.append(region)
@@ -406,10 +409,11 @@ class Dispatch:
                 fd = os.dup(region.fd)
             except OSError as exc:  # out of descriptors here: its tasks fail, saying so
                 chan.push(P.unsent_frame(key, f"{exc.strerror} in the pool's process"))
-                continue  # (not counted as mapped: the next task naming it sends it again)
-            INTERNAL_FDS.add(fd)  # (a worker forked before it goes must not inherit it)
-            chan.push(P.map_frame(key, region.name), [fd])
-            known[key] = None
+                known[key] = False  # (not mapped: the next task naming it sends it again;
+            else:  # but its note there goes with a FORGET, as a mapping would)
+                INTERNAL_FDS.add(fd)  # (a worker forked before it goes must not inherit it)
+                chan.push(P.map_frame(key, region.name), [fd])
+                known[key] = True
             if key not in mapped:
                 self._watch_region(region)
         return body, fds

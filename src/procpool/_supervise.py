@@ -101,7 +101,9 @@ class _Worker:
         self.inflight: dict[int, Task] = {}
         self.cost = 0.0
         self.known: dict[int, None] = {}  # fids sent, FIFO, mirrors the worker's cache
-        self.regions: dict[int, None] = {}  # keys of the regions it maps, least recent first
+        # keys of the regions it maps (True), or was told could not be sent (False), least
+        # recently used first (see _dispatch._map_regions)
+        self.regions: dict[int, bool] = {}
         self.map_cap = 0  # how many it may keep (see mapping_cap)
         self.exclusive = False
         self.sent = 0
