@@ -93,8 +93,9 @@ class Payload:
         self.fds = fds or []
         self.cache = cache
         self.segments = segments
-        #: the regions the pickle names by key (see send_region): kept alive while it may be
-        #: sent, since a worker maps each from its descriptor the first time
+        #: the regions the pickle names by key (see send_region): kept alive until the task
+        #: is released (retries included), since a worker maps each from its descriptor the
+        #: first time it is sent there
         self.regions = regions
 
     def close(self) -> None:
@@ -224,8 +225,8 @@ PLAIN = frozenset({int, float, str, bool, type(None), complex})
 
 
 #: types whose pickling is procpool's own code and passes only shared-memory regions (by key,
-#: in a task's arguments): apply's quick path takes them as it takes PLAIN ones (shared.py
-#: registers its classes)
+#: in a task's arguments): apply's quick path takes them as it takes PLAIN ones, and
+#: dumps_call tries dumps_refs for them (shared.py registers its classes)
 KEYED: set[type] = set()
 
 
@@ -254,7 +255,7 @@ def dumps_call(args: tuple, kwds: dict, cache: BufferCache | None = None) -> Pay
 
 
 def dumps_refs(args: tuple) -> Payload | None:
-    """apply's quick path for *args* made of PLAIN values and objects with a plain *reference*
+    """A call's *args* made of PLAIN values and objects with a plain *reference*
     form (``_task_ref``: a SharedArray): the pickle of ``(args, {}, refs)``, plain data only,
     each such argument None in *args* and ``(index, *ref)`` in *refs* (the worker rebuilds it,
     see ``_worker.with_refs``).  No reduce and no global to pickle or unpickle: a third of a
