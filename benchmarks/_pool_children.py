@@ -194,10 +194,14 @@ def child_arrays(lib: Any, spec: dict) -> dict:
     import numpy as np
 
     n, size, count = spec["workers"], spec["nbytes"], spec["count"]
+    as_bytes = spec.get("kind") == "bytes"
     pool = lib.open(n)
     try:
         if spec["direction"] == "args":
-            arrays = [np.full(size // 8, float(i)) for i in range(count)]
+            if as_bytes:
+                arrays = [bytes([i]) * size for i in range(count)]
+            else:
+                arrays = [np.full(size // 8, float(i)) for i in range(count)]
 
             def run() -> Any:
                 return lib.map(pool, _tasks.nbytes, arrays)
@@ -206,13 +210,14 @@ def child_arrays(lib: Any, spec: dict) -> dict:
                 if list(res) != [size] * count:
                     raise AssertionError(f"wrong results: {list(res)[:3]}...")
         else:
+            make = _tasks.make_bytes if as_bytes else _tasks.make_array
 
             def run() -> Any:
-                return lib.map(pool, _tasks.make_array, [size] * count)
+                return lib.map(pool, make, [size] * count)
 
             def check(res: Any) -> None:
                 res = list(res)
-                if len(res) != count or any(int(a.nbytes) != size or a[-1] != 1.0 for a in res):
+                if len(res) != count or any(_tasks.nbytes(a) != size or a[-1] != 1 for a in res):
                     raise AssertionError("wrong results")
 
         check(run())  # warm-up: workers build (and cache) their result arrays here

@@ -29,7 +29,16 @@ def getpid(_x: object = None) -> int:
 
 def nbytes(a: object) -> int:
     """Receive a buffer and return a small value: its size in bytes."""
-    return int(getattr(a, "nbytes", 0))
+    size = getattr(a, "nbytes", None)
+    return int(size) if size is not None else len(a)  # type: ignore[arg-type]
+
+
+def make_bytes(nbytes_: int) -> bytes:
+    """Return ``nbytes_`` bytes, built once per worker process and cached (see make_array)."""
+    data = _ARRAYS.get(("bytes", nbytes_))
+    if data is None:
+        data = _ARRAYS[("bytes", nbytes_)] = b"\x01" * nbytes_
+    return data  # type: ignore[return-value]
 
 
 def make_array(nbytes_: int) -> object:

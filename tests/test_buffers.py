@@ -8,15 +8,16 @@ that nothing is left when the pool ends.
 
 from __future__ import annotations
 
+import array
 import os
 import signal
 
 import numpy as np
 import pytest
-from conftest import wait_until
+from conftest import run_python, wait_until
 
 import procpool
-from procpool import _buffers
+from procpool import _buffers, _serialize
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -189,3 +190,119 @@ def test_a_ctrl_c_as_apply_unpickles_its_reply_leaves_no_segment_lent():
         assert interrupted == 5
         assert pool.apply(first_last, (np.full(N, 1.0),)) == (1.0, 1.0, N * 8)
         assert wait_until(lambda: not [s for s in segments(pool).values() if s.busy], 5.0)
+
+
+BIG = bytes(range(256)) * 4096  # 1 MiB: above the out-of-band threshold
+
+
+def same(x):
+    return x
+
+
+def described(*args):
+    """What a task got: each argument's type, length and whether it is the first one."""
+    return [(type(a).__name__, len(a), a is args[0]) for a in args]
+
+
+def made(kind):
+    """A large bytes-like result of each kind, made in the worker."""
+    if kind == "bytes":
+        return BIG
+    if kind == "bytearray":
+        return bytearray(BIG)
+    if kind == "pair":
+        return ("key", BIG)
+    return memoryview(array.array("d", range(len(BIG) // 8)))
+
+
+def test_large_bytes_bytearrays_and_memoryviews_go_out_of_band():
+    # pickle copies these three into its stream whatever their size (its C code handles them
+    # before any reducer): procpool wraps them to travel through shared memory, as arrays do
+    doubles = memoryview(array.array("d", range(len(BIG) // 8)))
+    for obj in (BIG, bytearray(BIG), doubles, memoryview(BIG), ((BIG,), {}), {"k": [1, (BIG,)]}):
+        payload = _serialize.dumps(obj)
+        try:
+            assert payload.nbuf == 1 and len(payload.data) < 1000, type(obj)
+            back = _serialize.loads(payload.data, payload.nbuf, [os.dup(fd) for fd in payload.fds])
+        finally:
+            payload.close()
+        assert type(back) is type(obj) and back == obj
+    back = _serialize.loads(*_parts(_serialize.dumps(doubles)))
+    assert (back.format, back.shape, back.readonly) == ("d", doubles.shape, False)
+    assert _serialize.loads(*_parts(_serialize.dumps(memoryview(BIG)))).readonly
+    # named twice, sent once, and one object on arrival (as pickle's memo keeps it in band)
+    payload = _serialize.dumps((BIG, BIG))
+    assert payload.nbuf == 1
+    first, second = _serialize.loads(*_parts(payload))
+    assert first is second and first == BIG
+    # small ones, and large ones deep inside big containers, stay in the stream -- a small
+    # memoryview too, but it arrives as one (plain pickle refuses it; cloudpickle made bytes)
+    assert _serialize.dumps((b"x" * 1000,)).nbuf == 0
+    small = _serialize.loads(*_parts(_serialize.dumps((memoryview(b"abc"),))))[0]
+    assert type(small) is memoryview and small.readonly and small == b"abc"
+    assert _serialize.dumps([0] * 100 + [BIG]).nbuf == 0
+
+
+def _parts(payload):
+    fds = [os.dup(fd) for fd in payload.fds]
+    payload.close()
+    return payload.data, payload.nbuf, fds
+
+
+def test_bytes_like_arguments_and_results_cross_a_pool_intact(leak_check):
+    doubles = memoryview(array.array("d", range(len(BIG) // 8)))
+    with procpool.Pool(1) as pool:
+        for obj in (BIG, bytearray(BIG), doubles):
+            back = pool.apply(same, (obj,))
+            assert type(back) is type(obj) and back == obj
+            assert pool.apply_async(same, (obj,)).get(30) == obj
+        assert segments(pool), "the arguments did not travel through shared memory"
+        assert pool.apply(described, (BIG, BIG, bytearray(BIG))) == [
+            ("bytes", len(BIG), True),
+            ("bytes", len(BIG), True),
+            ("bytearray", len(BIG), False),
+        ]
+        assert pool.map(len, [BIG, bytearray(BIG)] * 3) == [len(BIG)] * 6
+        kinds = ["bytes", "bytearray", "pair", "view"]
+        got = pool.map(made, kinds, chunksize=1)
+        assert [type(g) for g in got] == [bytes, bytearray, tuple, memoryview]
+        assert got[0] == BIG and got[1] == BIG and got[2] == ("key", BIG)
+        assert got[3] == doubles and got[3].format == "d"
+        del got
+
+
+def test_a_parent_out_of_descriptors_fails_only_the_task_it_cannot_send():
+    """The pool duplicates a large argument's descriptor when it sends the task; out of
+    descriptors then, that task fails saying so and the pool goes on (before: the pool's I/O
+    thread died, and with it every task and the pool)."""
+    code = """if True:
+        import os, resource, time
+        import numpy as np
+        import procpool
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        with procpool.Pool(1) as pool:
+            busy = pool.apply_async(time.sleep, (1.0,), timeout=60)  # runs alone: the next waits
+            big = pool.apply_async(np.sum, (np.ones(1 << 16),))
+            held = []
+            try:
+                while True:
+                    held.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError:
+                pass
+            try:
+                busy.get(30)
+                try:
+                    big.get(30)
+                except procpool.SerializationError as exc:
+                    assert "could not be sent" in str(exc), exc
+                else:
+                    raise AssertionError("it was sent")
+            finally:
+                for fd in held:
+                    os.close(fd)
+            assert pool.apply(np.sum, (np.ones(1 << 16),)) == 1 << 16
+        print("ok")
+    """
+    done = run_python(code, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["ok"]

@@ -261,3 +261,56 @@ def test_a_child_forked_by_a_map_item_does_not_run_the_rest_of_the_chunk(tmp_pat
             3,
         ]
         assert sorted(recorded(path)) == [0, 1, 2, 3]
+
+
+def test_a_wake_up_racing_the_pools_end_never_writes_into_a_reused_descriptor(tmp_path):
+    """A thread that wakes the I/O thread (a task queued, a SharedArray or a buffer freed)
+    just as the pool ends: the pool's eventfd stays open until that thread has written it.
+    Before, the pool could close it in between, and the 8 bytes went into whatever file took
+    its number."""
+    import inspect
+
+    from procpool._scheduler import Scheduler
+
+    lines, first = inspect.getsourcelines(Scheduler._wake)
+    at = first + next(i for i, line in enumerate(lines) if "eventfd_write" in line)
+    paused, go = threading.Event(), threading.Event()
+    failed: list[BaseException] = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code is Scheduler._wake.__code__:
+            if event == "line" and frame.f_lineno == at:
+                paused.set()
+                go.wait(10)
+            return tracer
+        return None
+
+    pool = procpool.Pool(1)
+    assert pool.apply(square, (3,)) == 9
+
+    def wake():
+        sys.settrace(tracer)
+        try:
+            pool._sched._woken = False  # (idle: nothing else wakes it)
+            pool._sched._wake()
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            failed.append(exc)
+        finally:
+            sys.settrace(None)
+
+    waker = threading.Thread(target=wake)
+    waker.start()
+    assert paused.wait(10)
+    pool._sched._woken = False  # as if the I/O thread had read a wake-up meanwhile
+    ender = threading.Thread(target=lambda: (pool.terminate(), pool.join()))
+    ender.start()
+    ender.join(1.0)  # (the fix keeps it waiting for the waker here)
+    files = [os.open(tmp_path / f"f{i}", os.O_WRONLY | os.O_CREAT) for i in range(64)]
+    go.set()
+    waker.join(10)
+    ender.join(10)
+    for fd in files:
+        os.close(fd)
+    assert not ender.is_alive() and not waker.is_alive()
+    assert not failed, failed
+    assert [os.path.getsize(tmp_path / f"f{i}") for i in range(64)] == [0] * 64

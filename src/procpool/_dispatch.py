@@ -336,10 +336,15 @@ class Dispatch:
             if payload.regions:
                 body, fds = self._map_regions(w, payload.regions, body, fds)
             if payload.fds:
-                if len(fds) + len(payload.fds) > MAX_FDS_PER_FRAME and body:
+                try:
+                    dups = _dup_all(payload.fds)  # keep ours for a retry
+                except OSError as exc:  # out of descriptors here: this task fails, saying so
+                    self._not_sent(w, task, exc)
+                    continue
+                if len(fds) + len(dups) > MAX_FDS_PER_FRAME and body:
                     chan.push(P.frame(P.TASKS, body, len(fds)), fds)
                     body, fds = bytearray(), []
-                fds.extend(os.dup(fd) for fd in payload.fds)  # keep ours for a retry
+                fds += dups
                 if payload.segments:  # it maps them until it says RELEASED
                     self._buffers.hold(payload.segments, w.wid)
             nfd = len(payload.fds) - payload.nbuf
@@ -356,6 +361,18 @@ class Dispatch:
         chan.push(P.frame(P.TASKS, body, len(fds)), fds)
         self._flush(w)
         self._set_mask(w)
+
+    def _not_sent(self, w: _Worker, task: Task, exc: OSError) -> None:
+        """*task*, assigned to *w*, cannot go (its descriptors could not be duplicated): it
+        fails alone, and *w* goes on as if it had never been given it."""
+        w.inflight.pop(task.id, None)
+        w.cost = max(0.0, w.cost - task.cost) if w.inflight else 0.0
+        w.sent -= 1
+        if task.timeout:
+            w.exclusive = False
+        task.worker = None
+        why = f"{exc.strerror or exc} in the pool's process"
+        self._fail(task, SerializationError(f"{task.describe()} could not be sent: {why}"))
 
     def _map_regions(
         self, w: _Worker, regions: list, body: bytearray, fds: list[int]
@@ -417,3 +434,16 @@ class Dispatch:
             if key not in mapped:
                 self._watch_region(region)
         return body, fds
+
+
+def _dup_all(fds: list[int]) -> list[int]:
+    """Duplicates of *fds*, all or none (OSError, the ones made closed)."""
+    out: list[int] = []
+    try:
+        for fd in fds:
+            out.append(os.dup(fd))
+    except OSError:
+        for fd in out:
+            os.close(fd)
+        raise
+    return out

@@ -229,6 +229,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._epoll = select.epoll()
         self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._woken = False
+        self._wake_lock = threading.RLock()  # its writers and its closing (see _wake)
         # submitters waiting for one turn of the I/O thread (see _handoff): an eventfd in
         # semaphore mode, the tokens asked for, and the threads inside the wait
         self._handofffd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC | os.EFD_SEMAPHORE)
@@ -1160,11 +1161,16 @@ class Scheduler(WorkerSupervision, Dispatch):
 
     # =================================================================== the I/O thread
     def _wake(self) -> None:
-        # Safe without the lock: the I/O thread clears _woken *before* it drains the inbox, so
-        # a caller that sees True here appended its task before that drain.
-        if not self._woken and self._state != FINISHED:  # FINISHED: the eventfd is closed
-            self._woken = True
-            os.eventfd_write(self._wakefd, 1)
+        # Safe without the pool's lock: the I/O thread clears _woken *before* it drains the
+        # inbox, so a caller that sees True here appended its task before that drain.
+        # _wake_lock keeps the eventfd open while it is written: once the pool has closed it
+        # (FINISHED), its number may already be another file's, which would get the 8 bytes.
+        # (Reentrant: a region's death callback may wake from inside a wake's allocation.)
+        if not self._woken:
+            with self._wake_lock:
+                if self._state != FINISHED:
+                    self._woken = True
+                    os.eventfd_write(self._wakefd, 1)
 
     def wait_started(self) -> None:
         """Return once the pool's first workers exist (forked: they hold the program's state
@@ -1224,12 +1230,13 @@ class Scheduler(WorkerSupervision, Dispatch):
 
     def _close_resources(self) -> None:
         with self._lock:
-            self._mapped.clear()  # (first: no region's callback may wake a closed eventfd)
-            self._state = FINISHED
-            INTERNAL_FDS.discard(self._wakefd)
+            self._mapped.clear()  # (no region's death calls back from here on)
+            with self._wake_lock:  # (no _wake is writing the eventfd)
+                self._state = FINISHED
+                INTERNAL_FDS.discard(self._wakefd)
+                os.close(self._wakefd)
             INTERNAL_FDS.discard(self._epoll.fileno())
             self._epoll.close()
-            os.close(self._wakefd)
             self._launcher.close()
             for fd in self._init_fds:
                 INTERNAL_FDS.discard(fd)

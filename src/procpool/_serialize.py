@@ -4,7 +4,8 @@
 descriptors that travel beside it (``SCM_RIGHTS`` over the worker's socket):
 
 * buffers of at least :data:`OOB_THRESHOLD` bytes that pickle hands out of band (numpy arrays,
-  ``bytearray``, ``PickleBuffer``; ``bytes`` and ``str`` stay in-band) are copied once into an
+  ``PickleBuffer``; ``bytes``, ``bytearray`` and memoryviews too, where :func:`lift_buffers`
+  finds them; ``str`` stays in-band) are copied once into an
   anonymous ``memfd`` and their fd sent instead of their bytes.  The receiver maps the memfd
   and hands the mapping to the unpickler, so a numpy array arrives *without a second copy*.
   The kernel frees the memory when the last mapping and fd are gone, whichever process dies
@@ -230,6 +231,107 @@ PLAIN = frozenset({int, float, str, bool, type(None), complex})
 KEYED: set[type] = set()
 
 
+#: the types :func:`lift_buffers` sends out of band: pickle copies them into its stream
+#: (its C code handles them before any reducer could)
+_BYTES_LIKE = frozenset({bytes, bytearray, memoryview})
+#: the containers it looks into, and how many items one may hold for it to look (a larger
+#: one -- a map's chunk of small items -- costs a pass over it, and rarely holds large buffers)
+_LIFT_CONTAINERS = frozenset({tuple, list, dict})
+_LIFT_ITEMS = 16
+#: how many containers down it looks: ``(args, kwds)``, an argument, its items
+_LIFT_DEPTH = 3
+
+
+class _Lifted:
+    """A large bytes-like object in the making of a pickle: it pickles as a
+    :class:`pickle.PickleBuffer` (out of band: through shared memory, see _Collector) and a
+    call that rebuilds the original type from it -- ``bytes``/``bytearray`` copy out of the
+    received mapping once; a memoryview is rebuilt on the mapping itself, with its format and
+    shape."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: bytes | bytearray | memoryview) -> None:
+        self.obj = obj
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        obj = self.obj
+        if type(obj) is memoryview:
+            return _view, (pickle.PickleBuffer(obj), obj.format, obj.shape, obj.readonly)
+        return type(obj), (pickle.PickleBuffer(obj),)
+
+
+def _view(buf: Any, fmt: str, shape: tuple, readonly: bool) -> memoryview:
+    """A memoryview like the one sent, on the received buffer (see _Lifted)."""
+    view = memoryview(buf)
+    if readonly and not view.readonly:
+        view = view.toreadonly()
+    view = view.cast("B")
+    return view.cast(fmt, shape) if (fmt, shape) != ("B", (view.nbytes,)) else view
+
+
+def lift_buffers(obj: Any) -> Any:
+    """*obj*, with its large ``bytes`` and ``bytearray`` objects (at least
+    :data:`OOB_THRESHOLD` bytes) and its contiguous memoryviews wrapped to travel out of band
+    when large, as numpy arrays do, and to arrive as memoryviews whatever their size (plain
+    pickle refuses them) -- or *obj* itself when there are none.  Pickle copies those three into its stream
+    however large they are, and then through the socket: ~4 copies and 0.1-0.2 GB/s, against
+    one copy each way through shared memory.  Looks only where a large buffer usually is: *obj*
+    itself and small tuples, lists and dicts (:data:`_LIFT_ITEMS` items, :data:`_LIFT_DEPTH`
+    levels) in it -- a call's ``(args, kwds)``, a returned ``(key, data)``; it copies those
+    containers where it wraps something in them, never the buffers."""
+    t = type(obj)
+    if t in _BYTES_LIKE:
+        return _lift(obj, {}) or obj
+    if t in _LIFT_CONTAINERS:
+        return _lift_in(obj, t, _LIFT_DEPTH, {}) or obj
+    return obj
+
+
+def _lift(obj: Any, seen: dict[int, _Lifted]) -> _Lifted | None:
+    """One bytes-like object wrapped, or None when it stays in band.  *seen*: the wrappers
+    made so far by id, so an object named twice is sent once (pickle's memo) and arrives as one."""
+    lifted = seen.get(id(obj))
+    if lifted is not None:
+        return lifted
+    if type(obj) is memoryview:  # any size: a small one arrives as a memoryview too
+        try:
+            if not obj.c_contiguous or len(obj.format) != 1:
+                return None  # (a struct format: cloudpickle sends its bytes)
+        except ValueError:  # released: pickling says so
+            return None
+    elif len(obj) < OOB_THRESHOLD:
+        return None
+    lifted = seen[id(obj)] = _Lifted(obj)
+    return lifted
+
+
+def _lift_in(obj: Any, t: type, depth: int, seen: dict[int, _Lifted]) -> Any:
+    """A copy of the container *obj* (of type *t*) with its large buffers wrapped, or None
+    when it has none."""
+    if len(obj) > _LIFT_ITEMS:
+        return None
+    items = obj.values() if t is dict else obj
+    new = None
+    for i, item in enumerate(items):
+        it = type(item)
+        if it in _BYTES_LIKE:
+            got = _lift(item, seen)
+        elif depth > 1 and it in _LIFT_CONTAINERS:
+            got = _lift_in(item, it, depth - 1, seen)
+        else:
+            continue
+        if got is not None:
+            if new is None:
+                new = list(items)
+            new[i] = got
+    if new is None:
+        return None
+    if t is dict:
+        return dict(zip(obj, new, strict=True))
+    return new if t is list else tuple(new)
+
+
 def dumps_call(args: tuple, kwds: dict, cache: BufferCache | None = None) -> Payload | tuple:
     """Serialize a pool task's ``(args, kwds)``, shared-memory regions by key.  The common
     case, no keywords and every argument a plain scalar or string (immutable, always
@@ -309,6 +411,8 @@ def dumps(
     instead of fresh memfds (see ``_buffers``).  *keyed* (a pool's task arguments too):
     shared-memory regions go by key, listed in the payload's ``regions`` (see send_region).
     """
+    if oob:
+        obj = lift_buffers(obj)
     collector = _Collector(oob, cache, keyed)
     previous = getattr(_tls, "collector", None)
     _tls.collector = collector
