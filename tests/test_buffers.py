@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -195,6 +196,13 @@ def test_a_ctrl_c_as_apply_unpickles_its_reply_leaves_no_segment_lent():
 BIG = bytes(range(256)) * 4096  # 1 MiB: above the out-of-band threshold
 
 
+class Holder:
+    """An object whose attribute is a large buffer also passed beside it."""
+
+    def __init__(self, value):
+        self.value = value
+
+
 def same(x):
     return x
 
@@ -202,6 +210,12 @@ def same(x):
 def described(*args):
     """What a task got: each argument's type, length and whether it is the first one."""
     return [(type(a).__name__, len(a), a is args[0]) for a in args]
+
+
+def shares(a, holder):
+    """Whether *holder* holds the very object *a*, and a change to *a* shows there."""
+    a[0] = 255
+    return holder.value is a, holder.value[0]
 
 
 def made(kind):
@@ -215,44 +229,54 @@ def made(kind):
     return memoryview(array.array("d", range(len(BIG) // 8)))
 
 
-def test_large_bytes_bytearrays_and_memoryviews_go_out_of_band():
-    # pickle copies these three into its stream whatever their size (its C code handles them
-    # before any reducer): procpool wraps them to travel through shared memory, as arrays do
-    doubles = memoryview(array.array("d", range(len(BIG) // 8)))
-    for obj in (BIG, bytearray(BIG), doubles, memoryview(BIG), ((BIG,), {}), {"k": [1, (BIG,)]}):
-        payload = _serialize.dumps(obj)
-        try:
-            assert payload.nbuf == 1 and len(payload.data) < 1000, type(obj)
-            back = _serialize.loads(payload.data, payload.nbuf, [os.dup(fd) for fd in payload.fds])
-        finally:
-            payload.close()
-        assert type(back) is type(obj) and back == obj
-    back = _serialize.loads(*_parts(_serialize.dumps(doubles)))
-    assert (back.format, back.shape, back.readonly) == ("d", doubles.shape, False)
-    assert _serialize.loads(*_parts(_serialize.dumps(memoryview(BIG)))).readonly
-    # named twice, sent once, and one object on arrival (as pickle's memo keeps it in band)
-    payload = _serialize.dumps((BIG, BIG))
-    assert payload.nbuf == 1
-    first, second = _serialize.loads(*_parts(payload))
-    assert first is second and first == BIG
-    # small ones, and large ones deep inside big containers, stay in the stream -- a small
-    # memoryview too, but it arrives as one (plain pickle refuses it; cloudpickle made bytes)
-    assert _serialize.dumps((b"x" * 1000,)).nbuf == 0
-    small = _serialize.loads(*_parts(_serialize.dumps((memoryview(b"abc"),))))[0]
-    assert type(small) is memoryview and small.readonly and small == b"abc"
-    assert _serialize.dumps([0] * 100 + [BIG]).nbuf == 0
-
-
-def _parts(payload):
+def _round_trip(obj):
+    """*obj* through dumps and loads, and the payload's stream length and buffer count."""
+    payload = _serialize.dumps(obj)
     fds = [os.dup(fd) for fd in payload.fds]
     payload.close()
-    return payload.data, payload.nbuf, fds
+    return _serialize.loads(payload.data, payload.nbuf, fds), len(payload.data), payload.nbuf
+
+
+def test_large_bytes_bytearrays_and_memoryviews_go_out_of_band():
+    # pickle copies these three into its stream whatever their size (its C code saves them
+    # before any reducer): procpool sends them through shared memory, as arrays
+    for obj in (BIG, bytearray(BIG), ((BIG,), {}), {"k": [1, (BIG,)]}, [[0] * 16, BIG]):
+        back, size, nbuf = _round_trip(obj)
+        assert nbuf == 1 and size < 1000, type(obj)
+        assert type(back) is type(obj) and back == obj
+    # a memoryview arrives as bytes, as cloudpickle sends one (plain pickle refuses them)
+    doubles = memoryview(array.array("d", range(len(BIG) // 8)))
+    for view in (doubles, memoryview(BIG), memoryview(np.zeros(3, np.float16)), doubles[::2]):
+        back, _, _ = _round_trip((view, BIG))
+        assert type(back[0]) is bytes and back[0] == view.tobytes()
+    assert _round_trip((doubles,))[2] == 1
+    # small ones stay in the stream, and large ones deep in large containers too
+    assert _round_trip((b"x" * 1000,))[2] == 0
+    assert _round_trip([[0] * 100 + [BIG]])[2] == 0
+
+
+def test_sending_buffers_out_of_band_keeps_what_pickle_keeps():
+    # identity, sharing and cycles: an object named twice is sent once and arrives as one,
+    # wherever the second mention is
+    (first, second), _, nbuf = _round_trip((BIG, BIG))
+    assert nbuf == 1 and first is second
+    shared = [bytearray(BIG)]
+    (a, b), _, _ = _round_trip((shared, shared))
+    assert a is b
+    cyclic = {"data": BIG}
+    cyclic["self"] = cyclic
+    back, _, nbuf = _round_trip(cyclic)
+    assert nbuf == 1 and back["self"] is back
+    ba = bytearray(BIG)
+    (x, many), _, nbuf = _round_trip((ba, [ba] * 40))
+    assert nbuf == 1 and all(m is x for m in many)
+    (y, holder), _, nbuf = _round_trip((ba, Holder(ba)))
+    assert nbuf == 1 and holder.value is y
 
 
 def test_bytes_like_arguments_and_results_cross_a_pool_intact(leak_check):
-    doubles = memoryview(array.array("d", range(len(BIG) // 8)))
     with procpool.Pool(1) as pool:
-        for obj in (BIG, bytearray(BIG), doubles):
+        for obj in (BIG, bytearray(BIG)):
             back = pool.apply(same, (obj,))
             assert type(back) is type(obj) and back == obj
             assert pool.apply_async(same, (obj,)).get(30) == obj
@@ -262,47 +286,90 @@ def test_bytes_like_arguments_and_results_cross_a_pool_intact(leak_check):
             ("bytes", len(BIG), True),
             ("bytearray", len(BIG), False),
         ]
+        ba = bytearray(BIG)
+        assert pool.apply(shares, (ba, Holder(ba))) == (True, 255)
+        assert ba[0] == 0  # (the task's copy changed, not the caller's)
         assert pool.map(len, [BIG, bytearray(BIG)] * 3) == [len(BIG)] * 6
-        kinds = ["bytes", "bytearray", "pair", "view"]
-        got = pool.map(made, kinds, chunksize=1)
-        assert [type(g) for g in got] == [bytes, bytearray, tuple, memoryview]
+        got = pool.map(made, ["bytes", "bytearray", "pair", "view"], chunksize=1)
+        assert [type(g) for g in got] == [bytes, bytearray, tuple, bytes]
         assert got[0] == BIG and got[1] == BIG and got[2] == ("key", BIG)
-        assert got[3] == doubles and got[3].format == "d"
+        assert got[3] == array.array("d", range(len(BIG) // 8)).tobytes()
         del got
 
 
 def test_a_parent_out_of_descriptors_fails_only_the_task_it_cannot_send():
     """The pool duplicates a large argument's descriptor when it sends the task; out of
     descriptors then, that task fails saying so and the pool goes on (before: the pool's I/O
-    thread died, and with it every task and the pool)."""
+    thread died, and with it every task and the pool).  Also when the task is apply's on an
+    idle pool (sent from the caller's thread, which claims the worker), and when it was its
+    worker's last before retiring (maxtasksperchild): the worker is not left claimed or
+    retiring with nothing to run (a review found both hanging the next task)."""
     code = """if True:
         import os, resource, time
         import numpy as np
         import procpool
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-        with procpool.Pool(1) as pool:
-            busy = pool.apply_async(time.sleep, (1.0,), timeout=60)  # runs alone: the next waits
-            big = pool.apply_async(np.sum, (np.ones(1 << 16),))
+
+        def use_up():
             held = []
             try:
                 while True:
                     held.append(os.open("/dev/null", os.O_RDONLY))
             except OSError:
-                pass
+                return held
+
+        def unsent(call):
+            held = use_up()
             try:
-                busy.get(30)
-                try:
-                    big.get(30)
-                except procpool.SerializationError as exc:
-                    assert "could not be sent" in str(exc), exc
-                else:
-                    raise AssertionError("it was sent")
+                call()
+            except procpool.SerializationError as exc:
+                assert "could not be sent" in str(exc), exc
+            else:
+                raise AssertionError("it was sent")
             finally:
                 for fd in held:
                     os.close(fd)
-            assert pool.apply(np.sum, (np.ones(1 << 16),)) == 1 << 16
+
+        arg = np.ones(1 << 16)
+        with procpool.Pool(1) as pool:
+            busy = pool.apply_async(time.sleep, (1.0,), timeout=60)  # runs alone: the next waits
+            big = pool.apply_async(np.sum, (arg,))
+            unsent(lambda: (busy.get(30), big.get(30)))
+            assert pool.apply(np.sum, (arg,)) == 1 << 16
+            unsent(lambda: pool.apply(np.sum, (arg,)))  # idle: apply's own path
+            assert pool.apply_async(int, (7,)).get(20) == 7
+        for maxtasks in (1, 2):
+            with procpool.Pool(1, maxtasksperchild=maxtasks) as pool:
+                assert pool.apply(np.sum, (arg,)) == 1 << 16
+                time.sleep(0.5)  # (a new worker, and the argument's segment free again)
+                unsent(lambda: pool.apply_async(np.sum, (arg,)).get(20))
+                assert pool.apply_async(int, (7,)).get(20) == 7
         print("ok")
     """
     done = run_python(code, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["ok"]
+
+
+def first_byte_or_hang(b):
+    if b[0] == 5:
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)  # (the hard limit kills it)
+        time.sleep(30)
+    return b[0]
+
+
+def test_a_chunk_of_large_buffers_past_its_time_limit_fails_only_its_item():
+    # the chunk's other items are sent again: its large buffers are read back from their
+    # memfds (before the review: a chunk with any descriptor failed whole)
+    items = [bytes([i]) * (300 * 1024) for i in range(8)]
+    with procpool.Pool(1, grace=0.2) as pool:
+        got = []
+        it = pool.imap(first_byte_or_hang, items, chunksize=4, timeout=0.3)
+        while True:
+            try:
+                got.append(next(it))
+            except StopIteration:
+                break
+            except procpool.TaskTimeoutError as exc:
+                got.append(str(exc).split(" of ")[0])
+        assert got == [0, 1, 2, 3, 4, "item 5", 6, 7]

@@ -314,3 +314,29 @@ def test_a_wake_up_racing_the_pools_end_never_writes_into_a_reused_descriptor(tm
     assert not ender.is_alive() and not waker.is_alive()
     assert not failed, failed
     assert [os.path.getsize(tmp_path / f"f{i}") for i in range(64)] == [0] * 64
+
+
+def test_a_pool_ends_even_when_its_ender_interrupted_a_wake_up():
+    """A signal handler that ends the pool (terminate and join: the usual SIGTERM pattern) may
+    run in the main thread inside ``_wake``, which holds the lock that keeps the eventfd open
+    while it is written.  The pool's end waits for it a moment, then leaves the eventfd to be
+    closed with the scheduler (a review's handler deadlocked the pool's end on that lock)."""
+    import gc
+
+    pool = procpool.Pool(1)
+    assert pool.apply(square, (2,)) == 4
+    sched = pool._sched
+    fd = sched._wakefd
+    with sched._wake_lock:  # as a handler running inside _wake in this thread
+        pool.terminate()
+        pool.join()
+        assert os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    del pool, sched
+    gc.collect()
+    assert wait_until(
+        lambda: (
+            not os.path.exists(f"/proc/self/fd/{fd}")
+            or os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[eventfd]"
+        ),
+        timeout=5,
+    ), "the eventfd outlived its scheduler"

@@ -63,6 +63,7 @@ class Dispatch:
         def _flush(self, w: _Worker) -> None: ...
         def _set_mask(self, w: _Worker) -> None: ...
         def _watch_region(self, region: Any) -> None: ...
+        def _maybe_exit(self, w: _Worker) -> None: ...
 
     _mapped: dict[int, Any]
 
@@ -159,15 +160,19 @@ class Dispatch:
         queue the chunk's other items again -- those before it (their results died with the
         worker) and those after it (never started) -- as chunks of their own, first in line,
         and return a task standing for the item alone, to be failed.  None if the chunk cannot
-        be split (its items travel with file descriptors): it then fails whole."""
+        be split (its items carry descriptors other than their large buffers': a Queue, a
+        Pipe): it then fails whole."""
         payload = task.payload
         job = task.job
-        if job is None or not isinstance(payload, _serialize.Payload) or payload.fds:
+        if job is None or not isinstance(payload, _serialize.Payload):
             return None
-        if not 0 <= item < task.n_items:
+        if len(payload.fds) != payload.nbuf or not 0 <= item < task.n_items:
             return None
-        try:
-            items = pickle.loads(payload.data)  # the parent pickled them: it can read them
+        try:  # the parent pickled them: it can read them (large buffers mapped here)
+            if payload.fds:
+                items = _serialize.loads(payload.data, payload.nbuf, _dup_all(payload.fds))
+            else:
+                items = pickle.loads(payload.data)
         except Exception:  # noqa: BLE001 - then the chunk fails whole, as before
             return None
         for lo, hi in ((item + 1, len(items)), (0, item)):  # appendleft: the earlier ones first
@@ -358,18 +363,25 @@ class Dispatch:
                 nfd,
                 payload.data,
             )
-        chan.push(P.frame(P.TASKS, body, len(fds)), fds)
+        if body:
+            chan.push(P.frame(P.TASKS, body, len(fds)), fds)
         self._flush(w)
+        if not w.inflight:  # (tasks that could not be sent: see _not_sent)
+            self._maybe_exit(w)
         self._set_mask(w)
 
     def _not_sent(self, w: _Worker, task: Task, exc: OSError) -> None:
         """*task*, assigned to *w*, cannot go (its descriptors could not be duplicated): it
-        fails alone, and *w* goes on as if it had never been given it."""
+        fails alone, and *w* goes on as if it had never been given it -- unless that was its
+        last task before retiring (maxtasksperchild), which the caller of _send then settles
+        (see _maybe_exit)."""
         w.inflight.pop(task.id, None)
         w.cost = max(0.0, w.cost - task.cost) if w.inflight else 0.0
         w.sent -= 1
         if task.timeout:
             w.exclusive = False
+        if w.driven is task:  # apply's claim (this thread's own: see Scheduler.drive)
+            w.driven = None
         task.worker = None
         why = f"{exc.strerror or exc} in the pool's process"
         self._fail(task, SerializationError(f"{task.describe()} could not be sent: {why}"))

@@ -93,6 +93,7 @@ TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
     from typing import Any
 
+WAKE_CLOSE_WAIT = 0.5  # seconds a pool's end waits for a thread writing its eventfd (_wake)
 DRIVE_SPIN = 1e-4  # seconds a caller waiting on a short task polls without sleeping (see drive)
 HANDOFF_EVERY = 1024  # tasks a burst of submissions queues before it lets the I/O thread run
 HANDOFF_CHECK = 64  # ... and, when tasks take longer than HANDOFF_TASK seconds (the workers,
@@ -1164,8 +1165,9 @@ class Scheduler(WorkerSupervision, Dispatch):
         # Safe without the pool's lock: the I/O thread clears _woken *before* it drains the
         # inbox, so a caller that sees True here appended its task before that drain.
         # _wake_lock keeps the eventfd open while it is written: once the pool has closed it
-        # (FINISHED), its number may already be another file's, which would get the 8 bytes.
-        # (Reentrant: a region's death callback may wake from inside a wake's allocation.)
+        # (FINISHED), its number may already be another file's, which would get the 8 bytes
+        # (see _close_resources).  Reentrant: a region's death callback, or a signal handler,
+        # may wake from inside a wake.
         if not self._woken:
             with self._wake_lock:
                 if self._state != FINISHED:
@@ -1231,10 +1233,17 @@ class Scheduler(WorkerSupervision, Dispatch):
     def _close_resources(self) -> None:
         with self._lock:
             self._mapped.clear()  # (no region's death calls back from here on)
-            with self._wake_lock:  # (no _wake is writing the eventfd)
-                self._state = FINISHED
-                INTERNAL_FDS.discard(self._wakefd)
-                os.close(self._wakefd)
+            # no _wake may be writing the eventfd as it closes -- but one may be stopped in
+            # there for good: a signal handler that ends the pool ran in its thread (Python
+            # runs handlers between any two bytecodes).  Then it stays open until the
+            # scheduler is freed: no thread can write it after that
+            held = self._wake_lock.acquire(timeout=WAKE_CLOSE_WAIT)
+            self._state = FINISHED
+            if held:
+                _close_internal(self._wakefd)
+                self._wake_lock.release()
+            else:
+                weakref.finalize(self, _close_internal, self._wakefd)
             INTERNAL_FDS.discard(self._epoll.fileno())
             self._epoll.close()
             self._launcher.close()
@@ -1624,6 +1633,11 @@ class Scheduler(WorkerSupervision, Dispatch):
                 self._wake()
                 return
         self._deliver()
+
+
+def _close_internal(fd: int) -> None:
+    INTERNAL_FDS.discard(fd)
+    os.close(fd)
 
 
 def _after_fork_in_child() -> None:

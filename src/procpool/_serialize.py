@@ -4,8 +4,9 @@
 descriptors that travel beside it (``SCM_RIGHTS`` over the worker's socket):
 
 * buffers of at least :data:`OOB_THRESHOLD` bytes that pickle hands out of band (numpy arrays,
-  ``PickleBuffer``; ``bytes``, ``bytearray`` and memoryviews too, where :func:`lift_buffers`
-  finds them; ``str`` stays in-band) are copied once into an
+  ``PickleBuffer``; large ``bytes``, ``bytearray`` and memoryviews too, through
+  :class:`_LiftingPickler`, when :func:`_holds_large_bytes` finds one; ``str`` stays in-band)
+  are copied once into an
   anonymous ``memfd`` and their fd sent instead of their bytes.  The receiver maps the memfd
   and hands the mapping to the unpickler, so a numpy array arrives *without a second copy*.
   The kernel frees the memory when the last mapping and fd are gone, whichever process dies
@@ -231,23 +232,49 @@ PLAIN = frozenset({int, float, str, bool, type(None), complex})
 KEYED: set[type] = set()
 
 
-#: the types :func:`lift_buffers` sends out of band: pickle copies them into its stream
-#: (its C code handles them before any reducer could)
+#: the types pickle copies into its stream however large (its C code saves them before any
+#: reducer could be asked): see _LiftingPickler
 _BYTES_LIKE = frozenset({bytes, bytearray, memoryview})
-#: the containers it looks into, and how many items one may hold for it to look (a larger
-#: one -- a map's chunk of small items -- costs a pass over it, and rarely holds large buffers)
+#: where :func:`_holds_large_bytes` looks for them: in containers of these types holding at
+#: most _LIFT_ITEMS items (a larger one -- a map's chunk of small items -- would cost a pass
+#: over it for every payload), _LIFT_DEPTH levels down (a call's ``(args, kwds)``, an argument,
+#: its items)
 _LIFT_CONTAINERS = frozenset({tuple, list, dict})
 _LIFT_ITEMS = 16
-#: how many containers down it looks: ``(args, kwds)``, an argument, its items
 _LIFT_DEPTH = 3
 
 
+def _holds_large_bytes(obj: Any, depth: int = _LIFT_DEPTH) -> bool:
+    """Whether *obj* is, or holds where such things usually are, a ``bytes``, ``bytearray`` or
+    memoryview of at least :data:`OOB_THRESHOLD` bytes.  Cheap: no allocation, and only small
+    containers are looked into."""
+    t = type(obj)
+    if t is bytes or t is bytearray:
+        return len(obj) >= OOB_THRESHOLD
+    if t is memoryview:
+        return _liftable_view(obj) and obj.nbytes >= OOB_THRESHOLD
+    if depth and t in _LIFT_CONTAINERS and len(obj) <= _LIFT_ITEMS:
+        for item in obj.values() if t is dict else obj:
+            it = type(item)
+            if (it in _BYTES_LIKE or it in _LIFT_CONTAINERS) and _holds_large_bytes(
+                item, depth - 1
+            ):
+                return True
+    return False
+
+
+def _liftable_view(view: memoryview) -> bool:
+    try:
+        return view.c_contiguous
+    except ValueError:  # released: pickling says so
+        return False
+
+
 class _Lifted:
-    """A large bytes-like object in the making of a pickle: it pickles as a
-    :class:`pickle.PickleBuffer` (out of band: through shared memory, see _Collector) and a
-    call that rebuilds the original type from it -- ``bytes``/``bytearray`` copy out of the
-    received mapping once; a memoryview is rebuilt on the mapping itself, with its format and
-    shape."""
+    """A ``bytes``, ``bytearray`` or memoryview as :class:`_LiftingPickler` sends it: its
+    contents as a :class:`pickle.PickleBuffer` (out of band, through shared memory, when large:
+    see _Collector) and the type to rebuild from them, which copies them out of the received
+    mapping once.  A memoryview arrives as ``bytes``, as cloudpickle has always sent it."""
 
     __slots__ = ("obj",)
 
@@ -256,80 +283,40 @@ class _Lifted:
 
     def __reduce_ex__(self, protocol: Any) -> tuple:
         obj = self.obj
-        if type(obj) is memoryview:
-            return _view, (pickle.PickleBuffer(obj), obj.format, obj.shape, obj.readonly)
-        return type(obj), (pickle.PickleBuffer(obj),)
+        rebuild = bytearray if type(obj) is bytearray else bytes
+        return rebuild, (pickle.PickleBuffer(obj),)
 
 
-def _view(buf: Any, fmt: str, shape: tuple, readonly: bool) -> memoryview:
-    """A memoryview like the one sent, on the received buffer (see _Lifted)."""
-    view = memoryview(buf)
-    if readonly and not view.readonly:
-        view = view.toreadonly()
-    view = view.cast("B")
-    return view.cast(fmt, shape) if (fmt, shape) != ("B", (view.nbytes,)) else view
+class _LiftingPickler(pickle.Pickler):
+    """A pickler that sends large ``bytes``/``bytearray``/memoryviews out of band, wherever they
+    are: as persistent ids (the one hook pickle's C code calls before it copies them), each a
+    :class:`_Lifted`.  The same object named twice is one :class:`_Lifted`, pickled once and
+    memoized as any object: identity, cycles and sharing are pickle's own.  The stream then
+    needs :func:`loads`' ``persistent_load``: :func:`dumps` uses this pickler only when a
+    buffer goes out of band, so the payload carries descriptors and its receiver calls
+    :func:`loads`.  A Python call per object pickled: used only when
+    :func:`_holds_large_bytes` says it is worth it."""
 
+    def __init__(self, file: io.BytesIO, buffer_callback: Callable) -> None:
+        super().__init__(file, PROTOCOL, buffer_callback=buffer_callback)
+        self._lifted: dict[int, _Lifted] = {}
 
-def lift_buffers(obj: Any) -> Any:
-    """*obj*, with its large ``bytes`` and ``bytearray`` objects (at least
-    :data:`OOB_THRESHOLD` bytes) and its contiguous memoryviews wrapped to travel out of band
-    when large, as numpy arrays do, and to arrive as memoryviews whatever their size (plain
-    pickle refuses them) -- or *obj* itself when there are none.  Pickle copies those three into its stream
-    however large they are, and then through the socket: ~4 copies and 0.1-0.2 GB/s, against
-    one copy each way through shared memory.  Looks only where a large buffer usually is: *obj*
-    itself and small tuples, lists and dicts (:data:`_LIFT_ITEMS` items, :data:`_LIFT_DEPTH`
-    levels) in it -- a call's ``(args, kwds)``, a returned ``(key, data)``; it copies those
-    containers where it wraps something in them, never the buffers."""
-    t = type(obj)
-    if t in _BYTES_LIKE:
-        return _lift(obj, {}) or obj
-    if t in _LIFT_CONTAINERS:
-        return _lift_in(obj, t, _LIFT_DEPTH, {}) or obj
-    return obj
-
-
-def _lift(obj: Any, seen: dict[int, _Lifted]) -> _Lifted | None:
-    """One bytes-like object wrapped, or None when it stays in band.  *seen*: the wrappers
-    made so far by id, so an object named twice is sent once (pickle's memo) and arrives as one."""
-    lifted = seen.get(id(obj))
-    if lifted is not None:
-        return lifted
-    if type(obj) is memoryview:  # any size: a small one arrives as a memoryview too
-        try:
-            if not obj.c_contiguous or len(obj.format) != 1:
-                return None  # (a struct format: cloudpickle sends its bytes)
-        except ValueError:  # released: pickling says so
+    def persistent_id(self, obj: Any) -> _Lifted | None:  # noqa: D102 - see the class
+        t = type(obj)
+        if t is bytes or t is bytearray:
+            if len(obj) < OOB_THRESHOLD:
+                return None
+        elif t is not memoryview or not _liftable_view(obj):  # (any size: pickle refuses views)
             return None
-    elif len(obj) < OOB_THRESHOLD:
-        return None
-    lifted = seen[id(obj)] = _Lifted(obj)
-    return lifted
+        lifted = self._lifted.get(id(obj))
+        if lifted is None:
+            lifted = self._lifted[id(obj)] = _Lifted(obj)
+        return lifted
 
 
-def _lift_in(obj: Any, t: type, depth: int, seen: dict[int, _Lifted]) -> Any:
-    """A copy of the container *obj* (of type *t*) with its large buffers wrapped, or None
-    when it has none."""
-    if len(obj) > _LIFT_ITEMS:
-        return None
-    items = obj.values() if t is dict else obj
-    new = None
-    for i, item in enumerate(items):
-        it = type(item)
-        if it in _BYTES_LIKE:
-            got = _lift(item, seen)
-        elif depth > 1 and it in _LIFT_CONTAINERS:
-            got = _lift_in(item, it, depth - 1, seen)
-        else:
-            continue
-        if got is not None:
-            if new is None:
-                new = list(items)
-            new[i] = got
-    if new is None:
-        return None
-    if t is dict:
-        return dict(zip(obj, new, strict=True))
-    return new if t is list else tuple(new)
+def _same(pid: Any) -> Any:
+    """``persistent_load`` for :class:`_LiftingPickler`'s ids: each was rebuilt by its reduce."""
+    return pid
 
 
 def dumps_call(args: tuple, kwds: dict, cache: BufferCache | None = None) -> Payload | tuple:
@@ -411,14 +398,21 @@ def dumps(
     instead of fresh memfds (see ``_buffers``).  *keyed* (a pool's task arguments too):
     shared-memory regions go by key, listed in the payload's ``regions`` (see send_region).
     """
-    if oob:
-        obj = lift_buffers(obj)
     collector = _Collector(oob, cache, keyed)
     previous = getattr(_tls, "collector", None)
     _tls.collector = collector
     try:
         try:
-            data = pickle.dumps(obj, PROTOCOL, buffer_callback=collector.buffer_callback)
+            data = None
+            if oob and _holds_large_bytes(obj):
+                stream = io.BytesIO()
+                _LiftingPickler(stream, collector.buffer_callback).dump(obj)
+                if collector.buffer_fds or collector.passed_fds:  # (see _LiftingPickler)
+                    data = stream.getvalue()
+                else:
+                    collector.discard()
+            if data is None:
+                data = pickle.dumps(obj, PROTOCOL, buffer_callback=collector.buffer_callback)
         except Exception:
             collector.discard()
             try:
@@ -755,15 +749,22 @@ def loads(data: bytes | memoryview, nbuf: int = 0, fds: list[int] | None = None)
             discard_received(nbuf, fds, len(buffers) + 1)  # the rest were never mapped
             raise
         if len(fds) == nbuf:
-            return pickle.loads(data, buffers=buffers)
+            return _load(data, buffers)
         previous = getattr(_tls, "received", None)
         _tls.received = fds[nbuf:]
         try:
-            return pickle.loads(data, buffers=buffers)
+            return _load(data, buffers)
         finally:
             _tls.received = previous
     finally:
         Payload(b"", 0, fds).close()
+
+
+def _load(data: bytes | memoryview, buffers: list[Any]) -> Any:
+    """Unpickle a stream that came with descriptors: it may hold _LiftingPickler's ids."""
+    unpickler = pickle.Unpickler(io.BytesIO(data), buffers=buffers)
+    unpickler.persistent_load = _same  # type: ignore[method-assign]
+    return unpickler.load()
 
 
 def discard_received(nbuf: int, fds: list[int], start: int = 0) -> None:
