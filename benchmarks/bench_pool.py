@@ -476,11 +476,13 @@ class Runner:
 
     def memory(self) -> None:
         rows = []
+        each: dict[str, float | None] = {}
         for key in self.libs:
             r = self.child({"scenario": "idle_rss", "lib": key}, 60)
             if "error" in r:
                 rows.append([self.label(key), r["error"], "—", "—", "—", "—"])
                 continue
+            each[key] = median(r["rss"]) if r["rss"] else None
             rows.append(
                 [
                     self.label(key),
@@ -506,6 +508,8 @@ class Runner:
             ],
             rows,
         )
+        r = ratio(each.get("procpool"), each.get("mp"))
+        self.targets.check("idle worker RSS <= mp's", r, "<=", 1.0, fmt_ratio(r))
         if not self.args.memory:
             print("(5b. imap memory over 10,000,000 items: run with --memory)\n")
             return

@@ -261,3 +261,85 @@ def _child_cannot_release(rlock):
 
 def test_sync_module_exports():
     assert set(sync.__all__) <= set(procpool.__all__)
+
+
+def _wait_on(event, seen):
+    seen.value = 1 if event.wait(30) else -1
+
+
+def _sleeping(cond, n):
+    """Whether *n* processes are counted as sleeping in *cond*'s wait."""
+    return cond._sleeping_count._get_value() - cond._woken_count._get_value() >= n
+
+
+def _wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_a_process_killed_in_event_wait_does_not_hold_up_set():
+    # the stdlib's construction (and procpool's before): set() waited for good for the killed
+    # sleeper to say it woke up
+    event = procpool.Event()
+    seen = procpool.Value("i", 0, lock=False)
+    doomed = FORK.Process(target=_wait_on, args=(event, procpool.Value("i", 0, lock=False)))
+    doomed.start()
+    assert _wait_until(lambda: _sleeping(event._cond, 1))
+    os.kill(doomed.pid, signal.SIGKILL)
+    doomed.join(10)
+    live = FORK.Process(target=_wait_on, args=(event, seen))
+    live.start()
+    assert _wait_until(lambda: _sleeping(event._cond, 2))
+    setter = threading.Thread(target=event.set, daemon=True)
+    setter.start()
+    setter.join(10)
+    assert not setter.is_alive(), "set() waits for the killed sleeper"
+    live.join(10)
+    assert seen.value == 1
+    assert event.wait(0)
+
+
+def _notified_once(cond, seen, ready):
+    with cond:
+        ready.release()
+        seen.value = 1 if cond.wait(30) else -1
+
+
+def test_notify_wakes_a_live_sleeper_past_a_killed_one():
+    cond = procpool.Condition()
+    ready = procpool.Semaphore(0)
+    doomed = FORK.Process(target=_notified_once, args=(cond, procpool.Value("i", 0), ready))
+    doomed.start()
+    assert ready.acquire(timeout=10)
+    assert _wait_until(lambda: _sleeping(cond, 1))
+    os.kill(doomed.pid, signal.SIGKILL)  # (not reaped yet: a zombie counts as gone)
+    seen = procpool.Value("i", 0, lock=False)
+    live = FORK.Process(target=_notified_once, args=(cond, seen, ready))
+    live.start()
+    assert ready.acquire(timeout=10)
+    assert _wait_until(lambda: _sleeping(cond, 2))
+    for _ in range(2):  # the first may take the killed one's turn; never waits for good
+        with cond:
+            t0 = time.monotonic()
+            cond.notify()
+            assert time.monotonic() - t0 < 5
+        if _wait_until(lambda: seen.value != 0, 1.0):
+            break
+    live.join(10)
+    doomed.join(10)
+    assert seen.value == 1
+
+    def notify():
+        with cond:
+            cond.notify()
+
+    notifier = threading.Thread(target=notify, daemon=True)  # (only the killed one counted)
+    notifier.start()
+    notifier.join(10)
+    assert not notifier.is_alive(), "notify() waits for the killed sleeper"
+    with cond:  # nothing left over: a wait times out
+        assert cond.wait(0.01) is False

@@ -35,6 +35,7 @@ the data the lock protects is consistent.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -183,6 +184,12 @@ class BoundedSemaphore(Semaphore):
         return f"<procpool.BoundedSemaphore(value={self.get_value()}, maxvalue={self._maxvalue})>"
 
 
+#: sleepers a Condition tracks by process (see Condition): one page of (pid, start time)
+SLEEPER_SLOTS = 256
+#: seconds ``notify`` waits for a woken sleeper before it looks whether the sleepers still live
+ACK_WAIT = 0.05
+
+
 class Condition:
     """A condition variable shared between processes (:class:`multiprocessing.Condition`).
 
@@ -190,19 +197,29 @@ class Condition:
     ``notify_all()``; the caller must hold the lock (an :class:`RLock` by default, or the
     *lock* given).  ``wait`` on a lock the caller does not hold raises ``AssertionError``.
 
-    Built like the stdlib's: three semaphores count sleepers, wakers and woken processes.
+    Built like the stdlib's: three semaphores count sleepers, wakers and woken processes, and
+    ``notify`` waits for each sleeper it wakes to say so.  Unlike the stdlib's, a sleeper killed
+    in ``wait`` does not make the next ``notify`` (``Event.set``, ``Barrier.wait``,
+    ``JoinableQueue.task_done``) wait for good: each sleeper writes its pid and start time in
+    the region's table while it waits, and a ``notify`` whose sleepers do not answer within
+    :data:`ACK_WAIT` looks there -- when none of them lives, it stops waiting.  (A pid's start
+    time tells a recycled pid from the sleeper.  Beyond :data:`SLEEPER_SLOTS` sleepers at once,
+    the others are counted, not named: while any of them waits, ``notify`` waits as the
+    stdlib's does.)
     """
 
     def __init__(self, lock: Lock | RLock | None = None, *, _region: Region | None = None):
         fresh = _region is None
         self._lock = RLock() if lock is None else lock
         if fresh:
-            _region = Region.create(0, {"kind": "Condition"})
+            _region = Region.create(SLEEPER_SLOTS * 16, {"kind": "Condition"})
         assert _region is not None
         self._region = _region
         self._sleeping_count = _region.semaphore(0, SEMAPHORE, 0, SEM_VALUE_MAX, init=fresh)
         self._woken_count = _region.semaphore(1, SEMAPHORE, 0, SEM_VALUE_MAX, init=fresh)
         self._wait_semaphore = _region.semaphore(2, SEMAPHORE, 0, SEM_VALUE_MAX, init=fresh)
+        self._unnamed = _region.semaphore(3, SEMAPHORE, 0, SEM_VALUE_MAX, init=fresh)
+        self._sleepers = _region.data(0, SLEEPER_SLOTS * 16).cast("q")  # [pid, start, ...]
         self.acquire = self._lock.acquire
         self.release = self._lock.release
 
@@ -225,6 +242,7 @@ class Condition:
     def wait(self, timeout: float | None = None) -> bool:
         """Release the lock, wait for a notify (or *timeout*), re-acquire; True unless timed out."""
         assert self._lock._semlock._is_mine(), "must acquire() condition before using wait()"
+        slot = self._name_sleeper()
         self._sleeping_count.release()
         count = self._lock._semlock._count()
         for _ in range(count):  # release the lock fully (RLock)
@@ -233,8 +251,39 @@ class Condition:
             return self._wait_semaphore.acquire(True, timeout)
         finally:
             self._woken_count.release()
+            if slot < 0:
+                self._unnamed.acquire(False)
+            else:
+                self._sleepers[2 * slot] = 0  # (the pid last in, first out: see _live_sleepers)
             for _ in range(count):
                 self._lock.acquire()
+
+    def _name_sleeper(self) -> int:
+        """Write this process in a free slot of the sleepers' table (the caller holds the
+        lock: no other sleeper writes there meanwhile); -1, counted in ``_unnamed``, when
+        the table is full."""
+        pid, start = _this_process()
+        table = self._sleepers
+        first = pid % SLEEPER_SLOTS
+        for i in range(SLEEPER_SLOTS):
+            slot = (first + i) % SLEEPER_SLOTS
+            if not table[2 * slot]:
+                table[2 * slot + 1] = start
+                table[2 * slot] = pid
+                return slot
+        self._unnamed.release()
+        return -1
+
+    def _live_sleepers(self) -> bool:
+        """Whether a process named in the sleepers' table still lives (or some are unnamed)."""
+        if self._unnamed._get_value():
+            return True
+        table = self._sleepers
+        for slot in range(SLEEPER_SLOTS):
+            pid = table[2 * slot]
+            if pid and _started(pid) in (table[2 * slot + 1], None):
+                return True
+        return False
 
     def notify(self, n: int = 1) -> None:
         """Wake up to *n* processes waiting on the condition (the caller holds the lock)."""
@@ -250,8 +299,12 @@ class Condition:
             self._wait_semaphore.release()  # wake up one sleeper
             sleepers += 1
         if sleepers:
-            for _ in range(sleepers):
-                self._woken_count.acquire()  # wait for a sleeper to wake
+            answered = 0
+            while answered < sleepers:  # wait for each sleeper to wake -- while one may
+                if self._woken_count.acquire(True, ACK_WAIT):
+                    answered += 1
+                elif not self._live_sleepers():  # the others were killed in wait
+                    break
             # rezero wait_semaphore in case some timeouts just happened
             while self._wait_semaphore.acquire(False):
                 pass
@@ -275,6 +328,37 @@ class Condition:
             self.wait(waittime)
             result = predicate()
         return result
+
+
+_this: tuple[int, int] = (0, 0)
+
+
+def _this_process() -> tuple[int, int]:
+    """This process's pid and start time (see _started), found once per process."""
+    global _this
+    pid = os.getpid()
+    if _this[0] != pid:
+        _this = (pid, _started(pid) or 0)
+    return _this
+
+
+def _started(pid: int) -> int | None:
+    """When process *pid* started (clock ticks since boot, from /proc): 0 when it is gone,
+    None when that cannot be told (then it counts as living)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return 0
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()  # (the name in parentheses may hold spaces)
+    try:
+        if fields[0] == b"Z":  # a zombie: killed, not yet reaped
+            return 0
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
 
 
 def _rebuild_condition(lock: Lock | RLock, region: Region) -> Condition:
