@@ -240,7 +240,7 @@ def _round_trip(obj):
 def test_large_bytes_bytearrays_and_memoryviews_go_out_of_band():
     # pickle copies these three into its stream whatever their size (its C code saves them
     # before any reducer): procpool sends them through shared memory, as arrays
-    for obj in (BIG, bytearray(BIG), ((BIG,), {}), {"k": [1, (BIG,)]}, [[0] * 16, BIG]):
+    for obj in (BIG, bytearray(BIG), ((BIG,), {}), {"k": [1, BIG]}, [[0] * 16, BIG]):
         back, size, nbuf = _round_trip(obj)
         assert nbuf == 1 and size < 1000, type(obj)
         assert type(back) is type(obj) and back == obj
@@ -250,6 +250,9 @@ def test_large_bytes_bytearrays_and_memoryviews_go_out_of_band():
         back, _, _ = _round_trip((view, BIG))
         assert type(back[0]) is bytes and back[0] == view.tobytes()
     assert _round_trip((doubles,))[2] == 1
+    # a level further down (a chunk of (key, data) items): found once the stream is large
+    back, _, nbuf = _round_trip([(i, BIG) for i in range(10)])
+    assert nbuf == 1 and back == [(i, BIG) for i in range(10)]
     # small ones stay in the stream, and large ones deep in large containers too
     assert _round_trip((b"x" * 1000,))[2] == 0
     assert _round_trip([[0] * 100 + [BIG]])[2] == 0
@@ -373,3 +376,19 @@ def test_a_chunk_of_large_buffers_past_its_time_limit_fails_only_its_item():
             except procpool.TaskTimeoutError as exc:
                 got.append(str(exc).split(" of ")[0])
         assert got == [0, 1, 2, 3, 4, "item 5", 6, 7]
+
+
+def raise_with(size):
+    raise ValueError(b"x" * size)
+
+
+def test_an_exception_carrying_large_bytes_reaches_the_caller():
+    # its pickle (bytes) went out of band, and the parent read error records as plain pickle:
+    # the task never settled and its memfd leaked (a review found it)
+    with procpool.Pool(1) as pool:
+        for size in (1000, 300 * 1024):
+            with pytest.raises(ValueError) as info:
+                pool.apply(raise_with, (size,))
+            assert info.value.args[0] == b"x" * size
+            with pytest.raises(ValueError):
+                pool.apply_async(raise_with, (size,)).get(30)

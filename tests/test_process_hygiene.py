@@ -340,3 +340,27 @@ def test_a_pool_ends_even_when_its_ender_interrupted_a_wake_up():
         ),
         timeout=5,
     ), "the eventfd outlived its scheduler"
+
+
+def test_a_child_forked_while_a_thread_wakes_the_pool_can_still_wake_it():
+    # the child inherits the wake lock as the parent's thread held it: held for good there
+    pool = procpool.Pool(1)
+    try:
+        sched = pool._sched
+        with sched._wake_lock:  # (as another thread inside _wake at the fork)
+            pid = os.fork()
+            if pid == 0:  # the child: _wake must return at once (its pool is FINISHED here)
+                done = threading.Event()
+
+                def wake():
+                    sched._woken = False
+                    sched._wake()
+                    done.set()
+
+                threading.Thread(target=wake, daemon=True).start()
+                os._exit(0 if done.wait(5) else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        pool.terminate()
+        pool.join()

@@ -63,7 +63,6 @@ class Dispatch:
         def _flush(self, w: _Worker) -> None: ...
         def _set_mask(self, w: _Worker) -> None: ...
         def _watch_region(self, region: Any) -> None: ...
-        def _maybe_exit(self, w: _Worker) -> None: ...
 
     _mapped: dict[int, Any]
 
@@ -366,18 +365,17 @@ class Dispatch:
         if body:
             chan.push(P.frame(P.TASKS, body, len(fds)), fds)
         self._flush(w)
-        if not w.inflight:  # (tasks that could not be sent: see _not_sent)
-            self._maybe_exit(w)
         self._set_mask(w)
 
     def _not_sent(self, w: _Worker, task: Task, exc: OSError) -> None:
         """*task*, assigned to *w*, cannot go (its descriptors could not be duplicated): it
-        fails alone, and *w* goes on as if it had never been given it -- unless that was its
-        last task before retiring (maxtasksperchild), which the caller of _send then settles
-        (see _maybe_exit)."""
+        fails alone, and *w* goes on as if it had never been given it (its count for
+        maxtasksperchild too: a retirement now would start a worker while descriptors are
+        short)."""
         w.inflight.pop(task.id, None)
         w.cost = max(0.0, w.cost - task.cost) if w.inflight else 0.0
         w.sent -= 1
+        w.retiring = w.retire_asked or bool(self._maxtasks and w.sent >= self._maxtasks)
         if task.timeout:
             w.exclusive = False
         if w.driven is task:  # apply's claim (this thread's own: see Scheduler.drive)

@@ -1591,8 +1591,10 @@ class Scheduler(WorkerSupervision, Dispatch):
 
     def _deliver_result(self, task: Task, status, data, nbuf, fds) -> None:
         sink = task.sink
-        if status == P.ERROR:
-            error = rebuild_error(pickle.loads(data), task)
+        if status == P.ERROR:  # (a plain stream: see _worker.add_result -- fds, if any, closed)
+            error = rebuild_error(
+                _serialize.loads(data, nbuf, fds) if fds else pickle.loads(data), task
+            )
             if task.retry_on and task.attempts <= task.retries and isinstance(error, task.retry_on):
                 self._requeue(task)  # keeps its payload (and fds) for the next run
                 return
@@ -1643,6 +1645,7 @@ def _close_internal(fd: int) -> None:
 def _after_fork_in_child() -> None:
     for sched in list(_live):
         sched._state = FINISHED  # the I/O thread does not exist here
+        sched._wake_lock = threading.RLock()  # (a thread of the parent may have held it)
     _live.clear()
 
 

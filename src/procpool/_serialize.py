@@ -236,31 +236,44 @@ KEYED: set[type] = set()
 #: reducer could be asked): see _LiftingPickler
 _BYTES_LIKE = frozenset({bytes, bytearray, memoryview})
 #: where :func:`_holds_large_bytes` looks for them: in containers of these types holding at
-#: most _LIFT_ITEMS items (a larger one -- a map's chunk of small items -- would cost a pass
-#: over it for every payload), _LIFT_DEPTH levels down (a call's ``(args, kwds)``, an argument,
-#: its items)
+#: most _LIFT_ITEMS items before pickling (a larger one -- a map's chunk of small items --
+#: would cost a pass over it for every payload), at most _LIFT_ITEMS_DEEP once the stream
+#: came out large (a pass then costs little next to the pickling)
 _LIFT_CONTAINERS = frozenset({tuple, list, dict})
-_LIFT_ITEMS = 16
-_LIFT_DEPTH = 3
+_LIFT_ITEMS = 8
+_LIFT_ITEMS_DEEP = 1024
 
 
-def _holds_large_bytes(obj: Any, depth: int = _LIFT_DEPTH) -> bool:
+def _holds_large_bytes(obj: Any, deep: bool = False) -> bool:
     """Whether *obj* is, or holds where such things usually are, a ``bytes``, ``bytearray`` or
-    memoryview of at least :data:`OOB_THRESHOLD` bytes.  Cheap: no allocation, and only small
-    containers are looked into."""
+    memoryview of at least :data:`OOB_THRESHOLD` bytes: itself or its items (in tuples, lists
+    and dicts of at most _LIFT_ITEMS items), and the items of a call's ``(args, kwds)``.  It
+    runs before every payload that is not plain scalars is pickled: no allocation, no
+    recursion, and a chunk of small tuples costs a look at each tuple at most, not at what
+    they hold.  *deep* (:func:`dumps`, once a stream came out large): in a larger container,
+    and in the small containers it holds."""
     t = type(obj)
-    if t is bytes or t is bytearray:
-        return len(obj) >= OOB_THRESHOLD
-    if t is memoryview:
-        return _liftable_view(obj) and obj.nbytes >= OOB_THRESHOLD
-    if depth and t in _LIFT_CONTAINERS and len(obj) <= _LIFT_ITEMS:
-        for item in obj.values() if t is dict else obj:
-            it = type(item)
-            if (it in _BYTES_LIKE or it in _LIFT_CONTAINERS) and _holds_large_bytes(
-                item, depth - 1
-            ):
+    if t in _BYTES_LIKE:
+        return _large(obj)
+    if t not in _LIFT_CONTAINERS or len(obj) > (_LIFT_ITEMS_DEEP if deep else _LIFT_ITEMS):
+        return False
+    deep = deep or (t is tuple and len(obj) == 2 and type(obj[1]) is dict)
+    for item in obj.values() if t is dict else obj:
+        it = type(item)
+        if it in _BYTES_LIKE:
+            if _large(item):
                 return True
+        elif deep and it in _LIFT_CONTAINERS and len(item) <= _LIFT_ITEMS:
+            for inner in item.values() if it is dict else item:
+                if type(inner) in _BYTES_LIKE and _large(inner):
+                    return True
     return False
+
+
+def _large(obj: bytes | bytearray | memoryview) -> bool:
+    if type(obj) is memoryview:
+        return _liftable_view(obj) and obj.nbytes >= OOB_THRESHOLD
+    return len(obj) >= OOB_THRESHOLD
 
 
 def _liftable_view(view: memoryview) -> bool:
@@ -312,6 +325,21 @@ class _LiftingPickler(pickle.Pickler):
         if lifted is None:
             lifted = self._lifted[id(obj)] = _Lifted(obj)
         return lifted
+
+
+def _dumps_lifting(obj: Any, collector: _Collector) -> bytes | None:
+    """*obj* pickled by :class:`_LiftingPickler`, or None (having discarded what it collected)
+    when no buffer went out of band: the stream must then be plain pickle (see there)."""
+    stream = io.BytesIO()
+    try:
+        _LiftingPickler(stream, collector.buffer_callback).dump(obj)
+    except BaseException:
+        collector.discard()
+        raise
+    if collector.buffer_fds or collector.passed_fds:
+        return stream.getvalue()
+    collector.discard()
+    return None
 
 
 def _same(pid: Any) -> Any:
@@ -403,16 +431,24 @@ def dumps(
     _tls.collector = collector
     try:
         try:
-            data = None
-            if oob and _holds_large_bytes(obj):
-                stream = io.BytesIO()
-                _LiftingPickler(stream, collector.buffer_callback).dump(obj)
-                if collector.buffer_fds or collector.passed_fds:  # (see _LiftingPickler)
-                    data = stream.getvalue()
-                else:
-                    collector.discard()
+            data = _dumps_lifting(obj, collector) if oob and _holds_large_bytes(obj) else None
             if data is None:
                 data = pickle.dumps(obj, PROTOCOL, buffer_callback=collector.buffer_callback)
+                if oob and len(data) >= OOB_THRESHOLD and _holds_large_bytes(obj, deep=True):
+                    # large buffers one level further down (a chunk of (key, data) items):
+                    # found once the stream says there is something large to look for
+                    lifted = _Collector(oob, cache, keyed)
+                    _tls.collector = lifted
+                    try:
+                        again = _dumps_lifting(obj, lifted)
+                    except Exception:  # noqa: BLE001 - the plain stream stands
+                        again = None
+                    finally:
+                        _tls.collector = collector
+                    if again is not None:
+                        collector.discard()
+                        collector, data = lifted, again
+                        _tls.collector = collector
         except Exception:
             collector.discard()
             try:

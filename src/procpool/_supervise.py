@@ -84,6 +84,7 @@ class _Worker:
         "exclusive",
         "sent",
         "retiring",
+        "retire_asked",
         "exit_sent",
         "ready",
         "eof",
@@ -107,7 +108,8 @@ class _Worker:
         self.map_cap = 0  # how many it may keep (see mapping_cap)
         self.exclusive = False
         self.sent = 0
-        self.retiring = False
+        self.retiring = False  # no more tasks: maxtasksperchild reached, or it asked (RETIRE)
+        self.retire_asked = False  # it said RETIRE (max_memory_per_child)
         self.exit_sent = False
         self.ready = False
         self.eof = False
@@ -431,7 +433,7 @@ class WorkerSupervision:
             elif kind == P.PINNED:
                 self._buffers.pin(P.unpack_inodes(body))
             elif kind == P.RETIRE:
-                w.retiring = True
+                w.retiring = w.retire_asked = True
                 self._maybe_exit(w)
 
     def _on_results(self, w: _Worker, body: memoryview, fds: list[int]) -> None:

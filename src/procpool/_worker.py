@@ -206,8 +206,8 @@ class Worker:
         if type(value) in PLAIN:  # a tiny result: no out-of-band machinery
             P.pack_result(self.out, task_id, status, duration, 0, 0, pickle.dumps(value, 5))
             return
-        try:
-            payload = _serialize.dumps(value)
+        try:  # (an error tuple holds bytes and strings: a plain stream, as the parent reads it)
+            payload = _serialize.dumps(value, oob=status == P.OK)
         except BaseException as exc:  # noqa: BLE001 - even SystemExit from a __reduce__
             status = P.ERROR
             why = exc.__cause__ if isinstance(exc, SerializationError) and exc.__cause__ else exc
