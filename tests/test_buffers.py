@@ -240,7 +240,8 @@ def _round_trip(obj):
 def test_large_bytes_bytearrays_and_memoryviews_go_out_of_band():
     # pickle copies these three into its stream whatever their size (its C code saves them
     # before any reducer): procpool sends them through shared memory, as arrays
-    for obj in (BIG, bytearray(BIG), ((BIG,), {}), {"k": [1, BIG]}, [[0] * 16, BIG]):
+    doubles_array = array.array("d", range(len(BIG) // 8))  # (reduces to a bytes copy)
+    for obj in (BIG, bytearray(BIG), ((BIG,), {}), {"k": [1, BIG]}, [[0] * 16, BIG], doubles_array):
         back, size, nbuf = _round_trip(obj)
         assert nbuf == 1 and size < 1000, type(obj)
         assert type(back) is type(obj) and back == obj
@@ -253,9 +254,10 @@ def test_large_bytes_bytearrays_and_memoryviews_go_out_of_band():
     # a level further down (a chunk of (key, data) items): found once the stream is large
     back, _, nbuf = _round_trip([(i, BIG) for i in range(10)])
     assert nbuf == 1 and back == [(i, BIG) for i in range(10)]
-    # small ones stay in the stream, and large ones deep in large containers too
+    assert _round_trip([[0] * 100 + [BIG]])[2] == 1  # (not the first item of its list)
+    # small ones stay in the stream, and large ones deeper than three levels too
     assert _round_trip((b"x" * 1000,))[2] == 0
-    assert _round_trip([[0] * 100 + [BIG]])[2] == 0
+    assert _round_trip([[[[BIG]]]])[2] == 0  # (four levels down)
 
 
 def test_sending_buffers_out_of_band_keeps_what_pickle_keeps():

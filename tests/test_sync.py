@@ -343,3 +343,94 @@ def test_notify_wakes_a_live_sleeper_past_a_killed_one():
     assert not notifier.is_alive(), "notify() waits for the killed sleeper"
     with cond:  # nothing left over: a wait times out
         assert cond.wait(0.01) is False
+
+
+def _wait_forever(event):
+    event.wait()
+
+
+def test_killed_sleepers_slots_are_taken_again(monkeypatch):
+    # a table of 4 (256 in use): killed sleepers' slots used to stay theirs, so once it was
+    # full every new sleeper went unnamed, and a killed one made set() wait for good again
+    monkeypatch.setattr(sync, "SLEEPER_SLOTS", 4)
+    event = procpool.Event()
+    for _ in range(3):
+        doomed = [FORK.Process(target=_wait_forever, args=(event,)) for _ in range(4)]
+        for p in doomed:
+            p.start()
+        assert _wait_until(lambda: _sleeping(event._cond, 4))
+        for p in doomed:
+            os.kill(p.pid, signal.SIGKILL)
+        for p in doomed:
+            p.join(10)
+        setter = threading.Thread(target=event.set, daemon=True)
+        setter.start()
+        setter.join(10)
+        assert not setter.is_alive(), "set() waits for the killed sleepers"
+        assert event._cond._unnamed._get_value() == 0
+        event.clear()
+
+
+def _sleep_after_a_blind_first_wait(cond, ready, seen):
+    real = sync._started
+    sync._started = lambda pid: None  # as when /proc could not be read (out of descriptors)
+    with cond:
+        cond.wait(0.01)
+    sync._started = real
+    with cond:
+        ready.release()
+        seen.value = 1 if cond.wait(10) else -1
+
+
+def test_a_sleeper_slow_to_answer_is_waited_for_even_if_its_start_time_was_unknown():
+    # its first wait could not read its start time: it was cached as 0 for good, and a later
+    # notify took the sleeper, stopped for a moment, for dead: its wake-up was lost
+    cond = procpool.Condition()
+    ready = procpool.Semaphore(0)
+    seen = procpool.Value("i", 0, lock=False)
+    p = FORK.Process(target=_sleep_after_a_blind_first_wait, args=(cond, ready, seen))
+    p.start()
+    assert ready.acquire(timeout=10)
+    assert _wait_until(lambda: _sleeping(cond, 1))
+    os.kill(p.pid, signal.SIGSTOP)  # slow to answer: more than ACK_WAIT
+    threading.Timer(0.3, os.kill, (p.pid, signal.SIGCONT)).start()
+    try:
+        with cond:
+            cond.notify()
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    p.join(10)
+    assert seen.value == 1
+
+
+def test_an_answer_that_comes_as_notify_gives_up_is_not_left_over(monkeypatch):
+    # notify gave up on the sleepers (none alive, it read) just as a slow one answered: the
+    # answer was left for the next notify, which took it for a timed-out sleeper's and ate
+    # another's turn (AssertionError, or a lost wake-up)
+    cond = procpool.Condition()
+    ready = procpool.Semaphore(0)
+    seen = procpool.Value("i", 0, lock=False)
+    p = FORK.Process(target=_notified_once, args=(cond, seen, ready))
+    p.start()
+    assert ready.acquire(timeout=10)
+    assert _wait_until(lambda: _sleeping(cond, 1))
+    os.kill(p.pid, signal.SIGSTOP)  # it will answer late
+    real = sync.Condition._live_sleepers
+
+    def answered_meanwhile(self):  # it runs again, answers and clears its slot, then we look
+        os.kill(p.pid, signal.SIGCONT)
+        _wait_until(lambda: p.pid not in self._sleepers.tolist()[0::2], 5.0)
+        return real(self)
+
+    monkeypatch.setattr(sync.Condition, "_live_sleepers", answered_meanwhile)
+    try:
+        with cond:
+            cond.notify()
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    monkeypatch.setattr(sync.Condition, "_live_sleepers", real)
+    p.join(10)
+    assert seen.value == 1
+    assert cond._woken_count._get_value() == 0, "an answer was left over"
+    with cond:
+        cond.notify()  # (raised AssertionError with one left over)

@@ -27,6 +27,7 @@ worker included) and most programs never need it.
 
 from __future__ import annotations
 
+import array
 import io
 import mmap
 import os
@@ -233,46 +234,54 @@ KEYED: set[type] = set()
 
 
 #: the types pickle copies into its stream however large (its C code saves them before any
-#: reducer could be asked): see _LiftingPickler
-_BYTES_LIKE = frozenset({bytes, bytearray, memoryview})
-#: where :func:`_holds_large_bytes` looks for them: in containers of these types holding at
-#: most _LIFT_ITEMS items before pickling (a larger one -- a map's chunk of small items --
-#: would cost a pass over it for every payload), at most _LIFT_ITEMS_DEEP once the stream
-#: came out large (a pass then costs little next to the pickling)
+#: reducer could be asked; an array.array reduces to a bytes copy of itself): see
+#: _LiftingPickler
+_BYTES_LIKE = frozenset({bytes, bytearray, memoryview, array.array})
+#: where :func:`_holds_large_bytes` looks for them: every item of tuples and dicts of at most
+#: _LIFT_ITEMS items, the first item of lists and of larger ones (a list of large buffers is
+#: seldom mixed; a map's chunk of small items costs one look), _LIFT_DEPTH levels down (a
+#: call's ``(args, kwds)``, an argument, its items).  Once a plain stream came out large,
+#: every item of containers up to _LIFT_ITEMS_DEEP (see dumps)
 _LIFT_CONTAINERS = frozenset({tuple, list, dict})
 _LIFT_ITEMS = 8
 _LIFT_ITEMS_DEEP = 1024
+_LIFT_DEPTH = 3
 
 
-def _holds_large_bytes(obj: Any, deep: bool = False) -> bool:
-    """Whether *obj* is, or holds where such things usually are, a ``bytes``, ``bytearray`` or
-    memoryview of at least :data:`OOB_THRESHOLD` bytes: itself or its items (in tuples, lists
-    and dicts of at most _LIFT_ITEMS items), and the items of a call's ``(args, kwds)``.  It
-    runs before every payload that is not plain scalars is pickled: no allocation, no
-    recursion, and a chunk of small tuples costs a look at each tuple at most, not at what
-    they hold.  *deep* (:func:`dumps`, once a stream came out large): in a larger container,
-    and in the small containers it holds."""
+def _holds_large_bytes(obj: Any, depth: int = _LIFT_DEPTH, deep: bool = False) -> bool:
+    """Whether *obj* is, or holds where such things usually are, a ``bytes``, ``bytearray``,
+    ``array.array`` or memoryview of at least :data:`OOB_THRESHOLD` bytes.  It runs before
+    every payload that is not plain scalars is pickled: a few type checks for a call's
+    arguments or a chunk of small items, no allocation.  *deep* (:func:`dumps`, once a stream
+    came out large): every item of larger containers too."""
     t = type(obj)
     if t in _BYTES_LIKE:
         return _large(obj)
-    if t not in _LIFT_CONTAINERS or len(obj) > (_LIFT_ITEMS_DEEP if deep else _LIFT_ITEMS):
+    if not depth or t not in _LIFT_CONTAINERS:
         return False
-    deep = deep or (t is tuple and len(obj) == 2 and type(obj[1]) is dict)
-    for item in obj.values() if t is dict else obj:
+    items: Any = obj.values() if t is dict else obj
+    if deep:
+        if len(obj) > _LIFT_ITEMS_DEEP:
+            return False
+    elif t is list or len(obj) > _LIFT_ITEMS:
+        if not obj:
+            return False
+        items = (next(iter(items)),)  # its first item stands for the rest
+    for item in items:
         it = type(item)
         if it in _BYTES_LIKE:
             if _large(item):
                 return True
-        elif deep and it in _LIFT_CONTAINERS and len(item) <= _LIFT_ITEMS:
-            for inner in item.values() if it is dict else item:
-                if type(inner) in _BYTES_LIKE and _large(inner):
-                    return True
+        elif depth > 1 and it in _LIFT_CONTAINERS and _holds_large_bytes(item, depth - 1, deep):
+            return True
     return False
 
 
-def _large(obj: bytes | bytearray | memoryview) -> bool:
-    if type(obj) is memoryview:
+def _large(obj: bytes | bytearray | memoryview | array.array) -> bool:
+    if isinstance(obj, memoryview):
         return _liftable_view(obj) and obj.nbytes >= OOB_THRESHOLD
+    if isinstance(obj, array.array):  # (it pickles as a bytes copy of itself, then lifted)
+        return len(obj) * obj.itemsize >= OOB_THRESHOLD
     return len(obj) >= OOB_THRESHOLD
 
 

@@ -207,7 +207,7 @@ class Worker:
             P.pack_result(self.out, task_id, status, duration, 0, 0, pickle.dumps(value, 5))
             return
         try:  # (an error tuple holds bytes and strings: a plain stream, as the parent reads it)
-            payload = _serialize.dumps(value, oob=status == P.OK)
+            payload = _serialize.dumps(value, oob=status != P.ERROR)
         except BaseException as exc:  # noqa: BLE001 - even SystemExit from a __reduce__
             status = P.ERROR
             why = exc.__cause__ if isinstance(exc, SerializationError) and exc.__cause__ else exc

@@ -243,47 +243,63 @@ class Condition:
         """Release the lock, wait for a notify (or *timeout*), re-acquire; True unless timed out."""
         assert self._lock._semlock._is_mine(), "must acquire() condition before using wait()"
         slot = self._name_sleeper()
-        self._sleeping_count.release()
+        try:
+            self._sleeping_count.release()
+        except BaseException:  # (a Ctrl-C: not a sleeper after all)
+            self._forget_sleeper(slot)
+            raise
         count = self._lock._semlock._count()
         for _ in range(count):  # release the lock fully (RLock)
             self._lock.release()
         try:
             return self._wait_semaphore.acquire(True, timeout)
         finally:
-            self._woken_count.release()
-            if slot < 0:
-                self._unnamed.acquire(False)
-            else:
-                self._sleepers[2 * slot] = 0  # (the pid last in, first out: see _live_sleepers)
+            self._woken_count.release()  # (before the slot is cleared: see notify)
+            self._forget_sleeper(slot)
             for _ in range(count):
                 self._lock.acquire()
 
     def _name_sleeper(self) -> int:
         """Write this process in a free slot of the sleepers' table (the caller holds the
         lock: no other sleeper writes there meanwhile); -1, counted in ``_unnamed``, when
-        the table is full."""
+        the table is full even of the dead's slots."""
         pid, start = _this_process()
         table = self._sleepers
-        first = pid % SLEEPER_SLOTS
-        for i in range(SLEEPER_SLOTS):
-            slot = (first + i) % SLEEPER_SLOTS
-            if not table[2 * slot]:
-                table[2 * slot + 1] = start
-                table[2 * slot] = pid
-                return slot
+        slots = len(table) // 2
+        first = pid % slots
+        for reclaim in (False, True):
+            for i in range(slots):
+                slot = (first + i) % slots
+                other = table[2 * slot]
+                if not other or (reclaim and not _alive(other, table[2 * slot + 1])):
+                    table[2 * slot + 1] = start
+                    table[2 * slot] = pid
+                    return slot
         self._unnamed.release()
         return -1
+
+    def _forget_sleeper(self, slot: int) -> None:
+        if slot < 0:
+            self._unnamed.acquire(False)
+        else:
+            self._sleepers[2 * slot] = 0  # (the pid: last in, first out)
 
     def _live_sleepers(self) -> bool:
         """Whether a process named in the sleepers' table still lives (or some are unnamed)."""
         if self._unnamed._get_value():
             return True
         table = self._sleepers
-        for slot in range(SLEEPER_SLOTS):
+        for slot in range(len(table) // 2):
             pid = table[2 * slot]
-            if pid and _started(pid) in (table[2 * slot + 1], None):
+            if pid and _alive(pid, table[2 * slot + 1]):
                 return True
         return False
+
+    def _clear_sleepers(self) -> None:
+        """Empty the table of the dead (the caller holds the lock, and no sleeper lives)."""
+        table = self._sleepers
+        for slot in range(len(table) // 2):
+            table[2 * slot] = 0
 
     def notify(self, n: int = 1) -> None:
         """Wake up to *n* processes waiting on the condition (the caller holds the lock)."""
@@ -304,6 +320,11 @@ class Condition:
                 if self._woken_count.acquire(True, ACK_WAIT):
                     answered += 1
                 elif not self._live_sleepers():  # the others were killed in wait
+                    # (a sleeper posts before it clears its slot: those that answered while
+                    # the table was read are counted here, not left to the next notify)
+                    while answered < sleepers and self._woken_count.acquire(False):
+                        answered += 1
+                    self._clear_sleepers()
                     break
             # rezero wait_semaphore in case some timeouts just happened
             while self._wait_semaphore.acquire(False):
@@ -334,12 +355,24 @@ _this: tuple[int, int] = (0, 0)
 
 
 def _this_process() -> tuple[int, int]:
-    """This process's pid and start time (see _started), found once per process."""
+    """This process's pid and start time (see _started), found once per process; a start
+    time that could not be read is 0 (then the pid alone says whether it lives), and read
+    again next time."""
     global _this
     pid = os.getpid()
     if _this[0] != pid:
-        _this = (pid, _started(pid) or 0)
+        start = _started(pid)
+        if not start:
+            return pid, 0
+        _this = (pid, start)
     return _this
+
+
+def _alive(pid: int, start: int) -> bool:
+    """Whether the process named (*pid*, *start*) in a sleepers' table still lives: when it
+    cannot be told (no /proc for it here: another pid namespace, ``hidepid``), it does."""
+    now = _started(pid)
+    return now is None or now == start or (not start and now != 0)
 
 
 def _started(pid: int) -> int | None:
@@ -348,8 +381,14 @@ def _started(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-    except FileNotFoundError:
-        return 0
+    except FileNotFoundError:  # gone -- or hidden from us (hidepid): ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return 0
+        except OSError:
+            pass
+        return None
     except OSError:
         return None
     fields = stat[stat.rfind(b")") + 2 :].split()  # (the name in parentheses may hold spaces)
