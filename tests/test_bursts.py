@@ -68,8 +68,9 @@ def test_cancel_of_a_queued_call_keeps_it_from_running(pool1, tmp_path):
 
 def test_cancel_of_a_call_in_a_pending_run_takes_it_out_of_the_run(pool1, tmp_path):
     path = str(tmp_path / "ran")
-    blocker = pool1.apply_async(sleep_then, (0.5, "done"), timeout=10)  # a timed task runs alone
-    rs = [pool1.apply_async(record, (path, i)) for i in range(N)]
+    with io_thread_held(pool1):  # (the calls then go as one run, however the threads run)
+        blocker = pool1.apply_async(sleep_then, (0.5, "done"), timeout=10)  # runs alone
+        rs = [pool1.apply_async(record, (path, i)) for i in range(N)]
     run = wait_until(lambda: rs[7]._task, 10)
     assert run.kind == P.CALLS and run.state == 0  # a run, waiting (_PENDING)
     assert rs[7].cancel() and rs[9].cancel()
