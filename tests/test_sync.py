@@ -309,19 +309,23 @@ def _notified_once(cond, seen, ready):
         seen.value = 1 if cond.wait(30) else -1
 
 
+def _start_sleeper(cond, target, count=1):
+    """A forked process running ``target(cond, seen, ready)``, once it sleeps in *cond* (the
+    *count*-th sleeper counted there), and *seen*, where it says how its wait ended."""
+    ready = procpool.Semaphore(0)
+    seen = procpool.Value("i", 0, lock=False)
+    p = FORK.Process(target=target, args=(cond, seen, ready))
+    p.start()
+    assert ready.acquire(timeout=10)
+    assert _wait_until(lambda: _sleeping(cond, count))
+    return p, seen
+
+
 def test_notify_wakes_a_live_sleeper_past_a_killed_one():
     cond = procpool.Condition()
-    ready = procpool.Semaphore(0)
-    doomed = FORK.Process(target=_notified_once, args=(cond, procpool.Value("i", 0), ready))
-    doomed.start()
-    assert ready.acquire(timeout=10)
-    assert _wait_until(lambda: _sleeping(cond, 1))
+    doomed, _ = _start_sleeper(cond, _notified_once)
     os.kill(doomed.pid, signal.SIGKILL)  # (not reaped yet: a zombie counts as gone)
-    seen = procpool.Value("i", 0, lock=False)
-    live = FORK.Process(target=_notified_once, args=(cond, seen, ready))
-    live.start()
-    assert ready.acquire(timeout=10)
-    assert _wait_until(lambda: _sleeping(cond, 2))
+    live, seen = _start_sleeper(cond, _notified_once, 2)
     for _ in range(2):  # the first may take the killed one's turn; never waits for good
         with cond:
             t0 = time.monotonic()
@@ -371,7 +375,7 @@ def test_killed_sleepers_slots_are_taken_again(monkeypatch):
         event.clear()
 
 
-def _sleep_after_a_blind_first_wait(cond, ready, seen):
+def _sleep_after_a_blind_first_wait(cond, seen, ready):
     real = sync._started
     sync._started = lambda pid: None  # as when /proc could not be read (out of descriptors)
     with cond:
@@ -386,12 +390,7 @@ def test_a_sleeper_slow_to_answer_is_waited_for_even_if_its_start_time_was_unkno
     # its first wait could not read its start time: it was cached as 0 for good, and a later
     # notify took the sleeper, stopped for a moment, for dead: its wake-up was lost
     cond = procpool.Condition()
-    ready = procpool.Semaphore(0)
-    seen = procpool.Value("i", 0, lock=False)
-    p = FORK.Process(target=_sleep_after_a_blind_first_wait, args=(cond, ready, seen))
-    p.start()
-    assert ready.acquire(timeout=10)
-    assert _wait_until(lambda: _sleeping(cond, 1))
+    p, seen = _start_sleeper(cond, _sleep_after_a_blind_first_wait)
     os.kill(p.pid, signal.SIGSTOP)  # slow to answer: more than ACK_WAIT
     threading.Timer(0.3, os.kill, (p.pid, signal.SIGCONT)).start()
     try:
@@ -408,12 +407,7 @@ def test_an_answer_that_comes_as_notify_gives_up_is_not_left_over(monkeypatch):
     # answer was left for the next notify, which took it for a timed-out sleeper's and ate
     # another's turn (AssertionError, or a lost wake-up)
     cond = procpool.Condition()
-    ready = procpool.Semaphore(0)
-    seen = procpool.Value("i", 0, lock=False)
-    p = FORK.Process(target=_notified_once, args=(cond, seen, ready))
-    p.start()
-    assert ready.acquire(timeout=10)
-    assert _wait_until(lambda: _sleeping(cond, 1))
+    p, seen = _start_sleeper(cond, _notified_once)
     os.kill(p.pid, signal.SIGSTOP)  # it will answer late
     real = sync.Condition._live_sleepers
 
