@@ -215,6 +215,9 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._state = RUNNING
         self._broken: BaseException | None = None
         self._startup_failures = 0  # workers that crashed while starting, in a row
+        self._no_worker_since: float | None = None  # since when starts fail with no worker
+        self._start_error: OSError | None = None  # why the first worker could not start
+        self._spawn_armed = False  # a "spawn" timer is set
         self._startup_kills = 0  # ... and that were killed while starting (see _bury)
         # jobs whose feeder thread runs (a plain set, not a WeakSet: a weakref callback running
         # in the caller's thread when a job is freed could swallow its Ctrl-C)
@@ -1179,15 +1182,24 @@ class Scheduler(WorkerSupervision, Dispatch):
         as it is now, as ``multiprocessing.Pool()`` forks before it returns)."""
         while not self._starting.acquire(True, WAIT_SLICE):  # in slices: see WAIT_SLICE
             if not self._thread.is_alive():
-                return
-        self._starting.release()
+                break
+        else:
+            self._starting.release()
+        if self._start_error is not None:  # not even one worker could start: Pool() says why
+            self._thread.join()
+            raise self._start_error
 
     def _run(self) -> None:
         try:
             try:
-                with self._lock:
-                    for _ in range(self.processes):
+                with self._lock:  # the first start's failure is Pool()'s; later ones are retried
+                    try:
                         self._spawn()
+                    except OSError as exc:
+                        self._start_error = exc  # (wait_started raises it)
+                        raise
+                    for _ in range(self.processes - 1):
+                        self._replace()
             finally:
                 self._starting.release()
             self._deliver()
@@ -1216,7 +1228,8 @@ class Scheduler(WorkerSupervision, Dispatch):
                 if finished:
                     break
         except BaseException as exc:  # noqa: BLE001 - the engine itself failed: fail everything
-            traceback.print_exc()
+            if exc is not self._start_error:  # (that one Pool() raises)
+                traceback.print_exc()
             with self._lock:
                 self._state = TERMINATING
                 self._broken = self._broken or PoolTerminated(
@@ -1381,6 +1394,10 @@ class Scheduler(WorkerSupervision, Dispatch):
             elif kind == "exit":
                 if what.wid in self._workers:
                     self._kill(what, deliberate=False)  # (it closed its channel, or was told to go)
+            elif kind == "spawn":
+                self._spawn_armed = False
+                while self._needs_workers() and not self._spawn_armed and self._broken is None:
+                    self._replace()
             elif kind == "trim":
                 self._trim_armed = False
                 self._buffers.trim()

@@ -574,6 +574,9 @@ class SpawnLauncher(Launcher):
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             pid = _spawn_python("from procpool._worker import spawn_main; spawn_main()", child_sock)
+        except BaseException:
+            parent_sock.close()
+            raise
         finally:
             child_sock.close()
         return Proc(pid, open_pidfd(pid), parent_sock)
@@ -582,6 +585,11 @@ class SpawnLauncher(Launcher):
 # ------------------------------------------------------------------------------ fork server
 _REQ = struct.Struct("<ci")  # command, pid
 _REPLY = struct.Struct("<ii")  # pid or status, flag
+
+
+class _NoRoom(OSError):
+    """The fork server's new worker came without its descriptors: this process is out of
+    them.  (The worker, its channel gone, ends at once; the server stays.)"""
 
 
 class ForkServerLauncher(Launcher):
@@ -605,6 +613,8 @@ class ForkServerLauncher(Launcher):
     def start(self) -> Proc:
         try:
             return self._fork()
+        except _NoRoom:  # (the server is fine)
+            raise
         except OSError:  # the server died (OOM killer, a stray kill): start a new one, once
             self.close()
             self._start_server()
@@ -622,6 +632,12 @@ class ForkServerLauncher(Launcher):
                 arr = array.array("i")
                 arr.frombytes(raw[: len(raw) - len(raw) % 4])
                 fds.extend(arr)
+        if len(fds) < 1 + bool(has_pidfd):  # this process had no room for them (MSG_CTRUNC)
+            for fd in fds:
+                os.close(fd)
+            raise _NoRoom(
+                errno.EMFILE, f"the new worker's descriptors: {os.strerror(errno.EMFILE)}"
+            )
         pidfd = fds.pop(0) if has_pidfd else -1
         return Proc(pid, pidfd, socket.socket(fileno=fds[0]))
 

@@ -14,6 +14,7 @@ import os
 import pickle
 import select
 import signal
+import time
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
 
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 
 EXIT_GRACE = 5.0  # seconds a worker told to exit gets before SIGKILL
 EOF_GRACE = 1.0  # seconds a worker that closed its channel gets to exit before SIGKILL
+SPAWN_RETRY = 0.1  # seconds before a worker is started again, after starting one failed here
+SPAWN_GIVE_UP = 5.0  # seconds with no worker, its starts failing, before the pool gives up
 STARTUP_FAILURES = 3  # workers crashing before READY, in a row, before the pool gives up
 #: workers killed (SIGKILL/SIGTERM) before READY, in a row, before the pool gives up: one says
 #: nothing about the next (a stray kill), a run of them does (the OOM killer and an
@@ -158,6 +161,8 @@ class WorkerSupervision:
     _broken: BaseException | None
     _startup_failures: int
     _startup_kills: int
+    _no_worker_since: float | None
+    _spawn_armed: bool
     _buffers: BufferCache
     _est: float | None
     _est_time: float
@@ -175,27 +180,87 @@ class WorkerSupervision:
         def _add_timer(self, delay: float, kind: str, what: Any) -> None: ...
         def _split_chunk(self, task: Task, item: int) -> Task | None: ...
 
+    def _replace(self) -> None:
+        """Start a worker in place of one gone.  When starting fails here (out of
+        descriptors, processes or memory: an OSError), try again SPAWN_RETRY seconds later
+        (a "spawn" timer); when no worker is left for SPAWN_GIVE_UP seconds, the pool fails,
+        saying why.  (Before, the first failure killed the I/O thread, and the pool.)"""
+        try:
+            self._spawn()
+        except OSError as exc:
+            now = time.monotonic()
+            if self._workers:
+                self._no_worker_since = None
+            elif self._no_worker_since is None:
+                self._no_worker_since = now
+            if self._no_worker_since is not None and now - self._no_worker_since >= SPAWN_GIVE_UP:
+                self._break(
+                    WorkerLostError(
+                        f"no worker could be started for {SPAWN_GIVE_UP:g} s: {exc.strerror or exc}",
+                        None,
+                    )
+                )
+            elif not self._spawn_armed:
+                self._spawn_armed = True
+                self._add_timer(SPAWN_RETRY, "spawn", None)
+        else:
+            self._no_worker_since = None
+
     def _spawn(self) -> None:
+        """Start a worker and send it INIT.  A failure leaves nothing behind: what needs
+        descriptors is made before the worker is started, and if watching it fails, it goes."""
         cap = mapping_cap(self._launcher.method == "fork")  # (our descriptors, before the fork)
-        proc = self._launcher.start()
-        w = _Worker(next(self._wids), proc)
-        w.map_cap = cap
-        proc.sock.setblocking(False)
+        fds: list[int] = []  # INIT's: the progress slot's memfd unless forked, the initializer's
+        progress = -1
+        try:
+            if self._launcher.method != "fork":  # (a forked worker has its slot already)
+                progress = os.memfd_create("procpool-progress", os.MFD_CLOEXEC)
+                INTERNAL_FDS.add(progress)  # (closed in _bury)
+                os.ftruncate(progress, P.PROGRESS_SIZE)
+                fds.append(os.dup(progress))
+            for fd in self._init_fds:  # (the initializer's arguments')
+                fds.append(os.dup(fd))
+            proc = self._launcher.start()
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            if progress >= 0:
+                INTERNAL_FDS.discard(progress)
+                os.close(progress)
+            raise
         sfd = proc.sock.fileno()
         INTERNAL_FDS.add(sfd)
-        self._workers[w.wid] = w
-        self._by_fd[sfd] = ("sock", w)
-        self._epoll.register(sfd, select.EPOLLIN)
         if proc.pidfd >= 0:
             INTERNAL_FDS.add(proc.pidfd)
+        try:  # (epoll may refuse: ENOMEM, max_user_watches)
+            proc.sock.setblocking(False)
+            self._epoll.register(sfd, select.EPOLLIN)
+            try:
+                if proc.pidfd >= 0:
+                    self._epoll.register(proc.pidfd, select.EPOLLIN)
+            except BaseException:
+                self._epoll.unregister(sfd)
+                raise
+        except BaseException:  # the worker goes, and all that was made for it
+            send_signal(proc, signal.SIGKILL)
+            self._launcher.reap(proc)
+            for fd in (sfd, proc.pidfd, progress):
+                INTERNAL_FDS.discard(fd)
+            proc.sock.close()
+            for fd in [proc.pidfd, progress, *fds]:
+                if fd >= 0:
+                    os.close(fd)
+            if proc.progress is not None:
+                proc.progress.close()
+            raise
+        w = _Worker(next(self._wids), proc)
+        w.map_cap = cap
+        self._workers[w.wid] = w
+        self._by_fd[sfd] = ("sock", w)
+        if proc.pidfd >= 0:
             self._by_fd[proc.pidfd] = ("pidfd", w)
-            self._epoll.register(proc.pidfd, select.EPOLLIN)
-        fds = [os.dup(fd) for fd in self._init_fds]  # (the initializer's arguments')
-        if proc.progress is None:  # (a forked worker has its slot already)
-            w.progress = os.memfd_create("procpool-progress", os.MFD_CLOEXEC)
-            INTERNAL_FDS.add(w.progress)  # (closed in _bury)
-            os.ftruncate(w.progress, P.PROGRESS_SIZE)
-            fds.insert(0, os.dup(w.progress))
+        if progress >= 0:
+            w.progress = progress
         # INIT: the worker's number (its name: see _worker.take_identity), the settings; its
         # descriptors: the progress slot's memfd first, unless the worker was forked (its slot
         # is mapped before the fork), then those of the initializer's arguments
@@ -344,7 +409,7 @@ class WorkerSupervision:
                     )
                 )
         if self._needs_workers():
-            self._spawn()
+            self._replace()
 
     def _settle_lost(
         self, task: Task, w: _Worker, code: int | None, how: str, when: str, item: int = -1

@@ -358,3 +358,107 @@ def test_results_of_one_function_do_not_wait_for_another_functions_slow_task(lea
         assert [r.get() for r in tiny] == list(range(5))
         assert not slow.ready()
         pool.terminate()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_a_worker_lost_while_the_parent_is_out_of_descriptors_is_replaced_later(method):
+    """Its replacement cannot start (socketpair, memfd: EMFILE): the pool tries again, and
+    runs the next task once descriptors are back (before: the first failure killed the I/O
+    thread, and every task with it)."""
+    from conftest import run_python
+
+    code = f"""if True:
+        import os, resource, signal, time
+        import procpool
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        with procpool.Pool(1, start_method={method!r}) as pool:
+            pid = pool.apply(os.getpid)
+            held = []
+            try:
+                while True:
+                    held.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError:
+                pass
+            os.kill(pid, signal.SIGKILL)
+            late = pool.apply_async(os.getpid)  # waits for a worker
+            time.sleep(1.0)  # (the replacement fails, again and again)
+            for fd in held:
+                os.close(fd)
+            assert late.get(30) != pid
+            assert pool.apply(os.getpid) != pid
+            before = len(os.listdir("/proc/self/fd"))  # (nothing a failed start made is left)
+            assert pool.apply(os.getpid) != pid
+            assert len(os.listdir("/proc/self/fd")) == before
+        print("ok")
+    """
+    done = run_python(code, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["ok"]
+
+
+def test_a_pool_that_cannot_start_any_worker_for_long_fails_saying_why():
+    from conftest import run_python
+
+    code = """if True:
+        import os, resource, signal
+        import procpool
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        with procpool.Pool(1) as pool:
+            pid = pool.apply(os.getpid)
+            held = []
+            try:
+                while True:
+                    held.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError:
+                pass
+            os.kill(pid, signal.SIGKILL)
+            try:
+                pool.apply_async(os.getpid).get(30)
+            except procpool.WorkerLostError as exc:
+                assert "no worker could be started" in str(exc), exc
+            else:
+                raise AssertionError("it ran")
+            finally:
+                for fd in held:
+                    os.close(fd)
+        print("ok")
+    """
+    done = run_python(code, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["ok"]
+
+
+def test_pool_raises_when_not_one_worker_can_start():
+    # out of descriptors at Pool(): it said nothing, printed the I/O thread's traceback and
+    # returned a dead pool ("Pool not running" at the first task)
+    from conftest import run_python
+
+    code = """if True:
+        import os, resource, threading
+        import procpool
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        held = []
+        try:
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        for fd in held[-3:]:  # (room for the pool's own eventfds and epoll, not a worker)
+            os.close(fd)
+        try:
+            procpool.Pool(1)
+        except OSError as exc:
+            assert exc.errno == 24, exc
+        else:
+            raise AssertionError("Pool() returned")
+        for fd in held[:-3]:
+            os.close(fd)
+        assert threading.active_count() == 1, threading.enumerate()
+        with procpool.Pool(1) as pool:
+            assert pool.apply(os.getpid) != os.getpid()
+        print("ok")
+    """
+    done = run_python(code, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["ok"]
+    assert "Traceback" not in done.stderr
