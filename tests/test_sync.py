@@ -428,3 +428,52 @@ def test_an_answer_that_comes_as_notify_gives_up_is_not_left_over(monkeypatch):
     assert cond._woken_count._get_value() == 0, "an answer was left over"
     with cond:
         cond.notify()  # (raised AssertionError with one left over)
+
+
+def _party(barrier, seen):
+    try:
+        seen.value = barrier.wait(30) + 1
+    except threading.BrokenBarrierError:
+        seen.value = -1
+
+
+def test_a_party_killed_at_a_barrier_does_not_hold_up_the_others():
+    # a Barrier of 3: one party waits and is killed, one waits; a third arrives, the count is
+    # reached: the release (notify_all) waited for good for the killed one's answer
+    barrier = procpool.Barrier(3)
+    doomed = FORK.Process(target=_party, args=(barrier, procpool.Value("i", 0)))
+    doomed.start()
+    assert _wait_until(lambda: barrier.n_waiting == 1)
+    seen = procpool.Value("i", 0, lock=False)
+    live = FORK.Process(target=_party, args=(barrier, seen))
+    live.start()
+    assert _wait_until(lambda: barrier.n_waiting == 2)
+    os.kill(doomed.pid, signal.SIGKILL)
+    doomed.join(10)
+    last = threading.Thread(target=lambda: barrier.wait(30), daemon=True)
+    last.start()
+    last.join(10)
+    assert not last.is_alive(), "the third party waits for the killed one"
+    live.join(10)
+    assert seen.value > 0
+
+
+def _join_queue(q):
+    q.join()
+
+
+def test_a_process_killed_in_joinable_queue_join_does_not_hold_up_task_done():
+    q = procpool.JoinableQueue()
+    q.put(1)
+    doomed = FORK.Process(target=_join_queue, args=(q,))
+    doomed.start()
+    assert _wait_until(lambda: _sleeping(q._cond, 1))
+    os.kill(doomed.pid, signal.SIGKILL)
+    doomed.join(10)
+    assert q.get(timeout=10) == 1
+    done = threading.Thread(target=q.task_done, daemon=True)
+    done.start()
+    done.join(10)
+    assert not done.is_alive(), "task_done() waits for the killed joiner"
+    q.join()  # (returns at once: nothing unfinished)
+    q.close()

@@ -1179,7 +1179,8 @@ class Scheduler(WorkerSupervision, Dispatch):
 
     def wait_started(self) -> None:
         """Return once the pool's first workers exist (forked: they hold the program's state
-        as it is now, as ``multiprocessing.Pool()`` forks before it returns)."""
+        as it is now, as ``multiprocessing.Pool()`` forks before it returns).  Raise the
+        OSError of the first worker's start when it failed (``Pool()`` then fails)."""
         while not self._starting.acquire(True, WAIT_SLICE):  # in slices: see WAIT_SLICE
             if not self._thread.is_alive():
                 break

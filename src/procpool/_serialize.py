@@ -4,7 +4,7 @@
 descriptors that travel beside it (``SCM_RIGHTS`` over the worker's socket):
 
 * buffers of at least :data:`OOB_THRESHOLD` bytes that pickle hands out of band (numpy arrays,
-  ``PickleBuffer``; large ``bytes``, ``bytearray`` and memoryviews too, through
+  ``PickleBuffer``; large ``bytes``, ``bytearray``, ``array.array`` and memoryviews too, through
   :class:`_LiftingPickler`, when :func:`_holds_large_bytes` finds one; ``str`` stays in-band)
   are copied once into an
   anonymous ``memfd`` and their fd sent instead of their bytes.  The receiver maps the memfd
@@ -237,8 +237,8 @@ KEYED: set[type] = set()
 #: reducer could be asked; an array.array reduces to a bytes copy of itself): see
 #: _LiftingPickler
 _BYTES_LIKE = frozenset({bytes, bytearray, memoryview, array.array})
-#: where :func:`_holds_large_bytes` looks for them: every item of tuples and dicts of at most
-#: _LIFT_ITEMS items, the first item of lists and of larger ones (a list of large buffers is
+#: where :func:`_holds_large_bytes` looks for them: every item of tuples and value of dicts of
+#: at most _LIFT_ITEMS items (not dict keys, nor sets), the first item of lists and of larger ones (a list of large buffers is
 #: seldom mixed; a map's chunk of small items costs one look), _LIFT_DEPTH levels down (a
 #: call's ``(args, kwds)``, an argument, its items).  Once a plain stream came out large,
 #: every item of containers up to _LIFT_ITEMS_DEEP (see dumps)
@@ -310,13 +310,13 @@ class _Lifted:
 
 
 class _LiftingPickler(pickle.Pickler):
-    """A pickler that sends large ``bytes``/``bytearray``/memoryviews out of band, wherever they
-    are: as persistent ids (the one hook pickle's C code calls before it copies them), each a
-    :class:`_Lifted`.  The same object named twice is one :class:`_Lifted`, pickled once and
+    """A pickler that sends large ``bytes``/``bytearray`` (an ``array.array``'s bytes copy
+    too) out of band, wherever they are, and contiguous memoryviews of any size, as bytes
+    (small ones in-band): as persistent ids (the one hook pickle's C code calls before it
+    copies them), each a :class:`_Lifted`.  The same object named twice is one :class:`_Lifted`, pickled once and
     memoized as any object: identity, cycles and sharing are pickle's own.  The stream then
-    needs :func:`loads`' ``persistent_load``: :func:`dumps` uses this pickler only when a
-    buffer goes out of band, so the payload carries descriptors and its receiver calls
-    :func:`loads`.  A Python call per object pickled: used only when
+    needs :func:`loads`' ``persistent_load``: :func:`dumps` keeps its stream only when a
+    descriptor goes with it, so that its receiver calls :func:`loads`.  A Python call per object pickled: used only when
     :func:`_holds_large_bytes` says it is worth it."""
 
     def __init__(self, file: io.BytesIO, buffer_callback: Callable) -> None:

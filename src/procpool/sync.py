@@ -197,7 +197,8 @@ class Condition:
     ``notify_all()``; the caller must hold the lock (an :class:`RLock` by default, or the
     *lock* given).  ``wait`` on a lock the caller does not hold raises ``AssertionError``.
 
-    Built like the stdlib's: three semaphores count sleepers, wakers and woken processes, and
+    Built like the stdlib's: three semaphores count sleepers, wakers and woken processes (a
+    fourth, the sleepers the table below has no slot for), and
     ``notify`` waits for each sleeper it wakes to say so.  Unlike the stdlib's, a sleeper killed
     in ``wait`` does not make the next ``notify`` (``Event.set``, ``Barrier.wait``,
     ``JoinableQueue.task_done``) wait for good: each sleeper writes its pid and start time in
