@@ -30,6 +30,26 @@ def run_python(
     )
 
 
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def importing_tests(code: str) -> str:
+    """*code* for :func:`run_python`, able to import the tests' modules (``conftest``...)."""
+    return f"import sys; sys.path.insert(0, {TESTS_DIR!r})\n" + code
+
+
+def use_up_descriptors() -> list[int]:
+    """Open /dev/null until this process has no descriptor left; the caller closes them.
+    (Lower RLIMIT_NOFILE first: a few hundred fill at once.)"""
+    held = []
+    try:
+        while True:
+            held.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    return held
+
+
 def wait_until(condition: Callable[[], object], timeout: float = 5.0, interval: float = 0.01):
     """Poll *condition* until it returns a truthy value (returned) or *timeout* passes (None)."""
     deadline = time.monotonic() + timeout

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import run_python, wait_until
+from conftest import importing_tests, run_python, wait_until
 
 import procpool
 from procpool import _buffers, _serialize
@@ -313,18 +313,18 @@ def test_a_parent_out_of_descriptors_fails_only_the_task_it_cannot_send():
         import os, resource, time
         import numpy as np
         import procpool
+        from conftest import use_up_descriptors, wait_until
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
-        def use_up():
-            held = []
-            try:
-                while True:
-                    held.append(os.open("/dev/null", os.O_RDONLY))
-            except OSError:
-                return held
+        def settled(pool):  # one worker ready (not the one retiring), the segment free again
+            sched = pool._sched
+            with sched._lock:
+                workers = list(sched._workers.values())
+                free = not any(s.busy or s.holders for s in sched._buffers._segments.values())
+            return free and len(workers) == 1 and workers[0].ready and not workers[0].retiring
 
         def unsent(call):
-            held = use_up()
+            held = use_up_descriptors()
             try:
                 call()
             except procpool.SerializationError as exc:
@@ -346,12 +346,12 @@ def test_a_parent_out_of_descriptors_fails_only_the_task_it_cannot_send():
         for maxtasks in (1, 2):
             with procpool.Pool(1, maxtasksperchild=maxtasks) as pool:
                 assert pool.apply(np.sum, (arg,)) == 1 << 16
-                time.sleep(0.5)  # (a new worker, and the argument's segment free again)
+                assert wait_until(lambda: settled(pool), 10)  # (maxtasks=1: a new worker)
                 unsent(lambda: pool.apply_async(np.sum, (arg,)).get(20))
                 assert pool.apply_async(int, (7,)).get(20) == 7
         print("ok")
     """
-    done = run_python(code, timeout=120)
+    done = run_python(importing_tests(code), timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["ok"]
 

@@ -468,13 +468,13 @@ def test_a_parent_out_of_descriptors_fails_only_the_task_whose_array_it_cannot_s
     code = """if True:
         import os, resource
         import procpool
-        from conftest import wait_until
+        from conftest import use_up_descriptors, wait_until
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
         with procpool.Pool(1) as pool:
             pid = pool.apply(os.getpid)
             sa = procpool.SharedArray(4, "i8")
             sa[0] = 7
-            held = test_shared._use_up_descriptors()
+            held = use_up_descriptors()
             for call in (pool.apply, lambda f, a: pool.apply_async(f, a).get(20)):
                 try:
                     call(test_shared._first_and_pid, (sa,))
@@ -489,7 +489,7 @@ def test_a_parent_out_of_descriptors_fails_only_the_task_whose_array_it_cannot_s
             # an array never sent: the worker's note of why goes when the array does
             other = procpool.SharedArray(4, "i8")
             key = other._region.key()
-            held = test_shared._use_up_descriptors()
+            held = use_up_descriptors()
             try:
                 pool.apply_async(test_shared._first_and_pid, (other,)).get(20)
             except procpool.SerializationError:
@@ -507,17 +507,6 @@ def test_a_parent_out_of_descriptors_fails_only_the_task_whose_array_it_cannot_s
     done = run_python(code, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["ok"]
-
-
-def _use_up_descriptors() -> list[int]:
-    """Open /dev/null until this process has no descriptor left; the caller closes them."""
-    held = []
-    try:
-        while True:
-            held.append(os.open("/dev/null", os.O_RDONLY))
-    except OSError:
-        pass
-    return held
 
 
 def _mapped_keys():

@@ -16,10 +16,11 @@ import multiprocessing
 import os
 import re
 import signal
+import textwrap
 import threading
 
 import pytest
-from conftest import wait_until
+from conftest import importing_tests, run_python, wait_until
 
 import procpool
 
@@ -360,28 +361,38 @@ def test_results_of_one_function_do_not_wait_for_another_functions_slow_task(lea
         pool.terminate()
 
 
+#: the start of a script whose process may have at most 256 descriptors (use_up_descriptors
+#: then fills them at once)
+_SHORT_OF_DESCRIPTORS = """\
+import os, resource, signal, threading, time
+import procpool
+from conftest import use_up_descriptors, wait_until
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+"""
+
+
+def _run_short_of_descriptors(body: str):
+    """Run *body* after _SHORT_OF_DESCRIPTORS in a fresh interpreter; it must print "ok"."""
+    code = importing_tests(_SHORT_OF_DESCRIPTORS + textwrap.dedent(body))
+    done = run_python(code, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["ok"]
+    return done
+
+
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_a_worker_lost_while_the_parent_is_out_of_descriptors_is_replaced_later(method):
     """Its replacement cannot start (socketpair, memfd: EMFILE): the pool tries again, and
     runs the next task once descriptors are back (before: the first failure killed the I/O
     thread, and every task with it)."""
-    from conftest import run_python
-
-    code = f"""if True:
-        import os, resource, signal, time
-        import procpool
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    _run_short_of_descriptors(
+        f"""
         with procpool.Pool(1, start_method={method!r}) as pool:
             pid = pool.apply(os.getpid)
-            held = []
-            try:
-                while True:
-                    held.append(os.open("/dev/null", os.O_RDONLY))
-            except OSError:
-                pass
+            held = use_up_descriptors()
             os.kill(pid, signal.SIGKILL)
             late = pool.apply_async(os.getpid)  # waits for a worker
-            time.sleep(1.0)  # (the replacement fails, again and again)
+            assert wait_until(lambda: pool._sched._spawn_armed, 10)  # (a start failed)
             for fd in held:
                 os.close(fd)
             assert late.get(30) != pid
@@ -390,27 +401,16 @@ def test_a_worker_lost_while_the_parent_is_out_of_descriptors_is_replaced_later(
             assert pool.apply(os.getpid) != pid
             assert len(os.listdir("/proc/self/fd")) == before
         print("ok")
-    """
-    done = run_python(code, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["ok"]
+        """
+    )
 
 
 def test_a_pool_that_cannot_start_any_worker_for_long_fails_saying_why():
-    from conftest import run_python
-
-    code = """if True:
-        import os, resource, signal
-        import procpool
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    _run_short_of_descriptors(
+        """
         with procpool.Pool(1) as pool:
             pid = pool.apply(os.getpid)
-            held = []
-            try:
-                while True:
-                    held.append(os.open("/dev/null", os.O_RDONLY))
-            except OSError:
-                pass
+            held = use_up_descriptors()
             os.kill(pid, signal.SIGKILL)
             try:
                 pool.apply_async(os.getpid).get(30)
@@ -422,27 +422,16 @@ def test_a_pool_that_cannot_start_any_worker_for_long_fails_saying_why():
                 for fd in held:
                     os.close(fd)
         print("ok")
-    """
-    done = run_python(code, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["ok"]
+        """
+    )
 
 
 def test_pool_raises_when_not_one_worker_can_start():
     # out of descriptors at Pool(): it said nothing, printed the I/O thread's traceback and
     # returned a dead pool ("Pool not running" at the first task)
-    from conftest import run_python
-
-    code = """if True:
-        import os, resource, threading
-        import procpool
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-        held = []
-        try:
-            while True:
-                held.append(os.open("/dev/null", os.O_RDONLY))
-        except OSError:
-            pass
+    done = _run_short_of_descriptors(
+        """
+        held = use_up_descriptors()
         for fd in held[-3:]:  # (room for the pool's own eventfds and epoll, not a worker)
             os.close(fd)
         try:
@@ -457,8 +446,6 @@ def test_pool_raises_when_not_one_worker_can_start():
         with procpool.Pool(1) as pool:
             assert pool.apply(os.getpid) != os.getpid()
         print("ok")
-    """
-    done = run_python(code, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["ok"]
+        """
+    )
     assert "Traceback" not in done.stderr
