@@ -394,3 +394,138 @@ def test_an_exception_carrying_large_bytes_reaches_the_caller():
             assert info.value.args[0] == b"x" * size
             with pytest.raises(ValueError):
                 pool.apply_async(raise_with, (size,)).get(30)
+
+
+# ---------------------------------------------------------------- results: the worker's segments
+
+
+def full(value, n=N):
+    """A large result made in the worker: n float64 items, all *value*."""
+    return np.full(n, float(value))
+
+
+def result_segments(_=None):
+    """This worker's result segments: descriptors it holds, and those it maps."""
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if "memfd:procpool-result" in target:
+            fds.append(target)
+    with open("/proc/self/maps") as f:
+        maps = [line for line in f if "procpool-result" in line]
+    return len(fds), len(maps)
+
+
+def intact(results):
+    """Each result still holds the value it was made with (its index in *results*' keys)."""
+    return all(bool((a == float(v)).all()) for v, a in results.items())
+
+
+def test_results_the_caller_keeps_are_never_overwritten_and_dropped_ones_are_reused():
+    kept = {}
+    with procpool.Pool(1) as pool:
+        for i in range(40):
+            got = pool.apply(full, (i,)) if i % 2 else pool.apply_async(full, (i,)).get(30)
+            if i % 5 == 0:
+                kept[i] = got  # same size as the rest: its segment would be taken if free
+            del got
+            for j, a in enumerate(pool.map(full, [100 + i, 200 + i], chunksize=1)):
+                assert (a == float((j + 1) * 100 + i)).all()
+            assert intact(kept)
+        fds, _ = pool.apply(result_segments)
+        assert fds <= len(kept) + 4, f"{fds} result segments: dropped ones are not reused"
+        assert fds > len(kept) - 1, "results kept alive are not in segments of the worker"
+    assert intact(kept)  # (the pool is gone: the memory lives as long as the arrays do)
+
+
+def test_a_fork_pins_the_results_the_parent_maps_then():
+    # the forked child keeps its view of a result after the parent drops its own: the
+    # worker must never write that segment again
+    with procpool.Pool(1) as pool:
+        a = pool.apply(full, (7,))
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: wait for the parent's word, then check its copy
+            try:
+                os.close(w)
+                os.read(r, 1)
+                os._exit(0 if (a == 7.0).all() else 3)
+            finally:
+                os._exit(4)
+        os.close(r)
+        try:
+            del a
+            for i in range(10):  # each would reuse the segment, were it not pinned
+                assert (pool.apply(full, (i,)) == float(i)).all()
+        finally:
+            os.write(w, b"x")
+            os.close(w)
+            _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the child saw a reused segment"
+
+
+def test_results_outlive_their_worker():
+    with procpool.Pool(1) as pool:
+        a = pool.apply(full, (3,))
+        (pid,) = pool.pids()
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: [p for p in pool.pids() if p != pid], 10.0)
+        assert (a == 3.0).all()
+        del a
+        assert (pool.apply(full, (4,)) == 4.0).all()
+
+
+def test_an_idle_worker_gives_its_free_result_segments_back(leak_check):
+    with procpool.Pool(1) as pool:
+        for i in range(3):
+            assert (pool.apply(full, (i,)) == float(i)).all()
+        assert pool.apply(result_segments)[0] > 0
+        # dropped: RELEASED reaches the worker, which closes free segments unused for TRIM_AFTER
+        time.sleep(_buffers.TRIM_AFTER + 0.5)
+        assert pool.apply(result_segments) == (0, 0)
+
+
+def test_a_result_dropped_unread_is_given_back_to_its_worker():
+    # a result that comes for a cancelled task is closed unmapped: its worker is told all
+    # the same (else the segment stayed lent for good)
+    from procpool import _supervise
+
+    class Lender:  # (as _buffers.Returns: told each segment's inode)
+        def __init__(self):
+            self.told = []
+
+        def released(self, ino):
+            self.told.append(ino)
+
+    lender = Lender()
+    fd = os.memfd_create("procpool-result")
+    os.ftruncate(fd, 4096)
+    ino = os.fstat(fd).st_ino
+    _serialize.lenders[ino] = lender
+    try:
+        _supervise._drop_received(1, [fd])
+    finally:
+        _serialize.lenders.pop(ino, None)
+    assert lender.told == [ino]
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed
+
+
+def test_the_result_cache_is_bounded_in_segments():
+    cache = _buffers.BufferCache(max_segments=2, name="procpool-result")
+    raw = memoryview(np.zeros(N)).cast("B")
+    a, b = cache.take(raw), cache.take(raw)
+    assert a is not None and b is not None
+    cache.hold([a, b], 0)
+    cache.unlend(a)
+    cache.unlend(b)
+    assert cache.take(raw) is None  # both lent to the receiver: the sender makes a fresh memfd
+    cache.released(0, [a.ino])
+    cache.released(0, [a.ino])  # (a second word for the same lending changes nothing)
+    assert cache.free_bytes == raw.nbytes
+    c = cache.take(memoryview(np.zeros(2 * N)).cast("B"))  # another size: the free one makes room
+    assert c is not None and len(cache._segments) == 2
+    cache.close()

@@ -1,29 +1,39 @@
-"""Reusable shared-memory segments for a pool's large task arguments (parent side).
+"""Reusable shared-memory segments for large buffers between a pool and its workers.
 
-A large argument buffer (``_serialize.OOB_THRESHOLD`` and up) travels as a memfd.  Writing into
-a *fresh* memfd is capped by the kernel allocating and clearing its pages (about 3 GB/s here,
-a third of ``memcpy``); writing into one whose pages already exist and are mapped in the parent
-runs at ``memcpy`` speed.  So each pool keeps a :class:`BufferCache`: segments of exactly the
-size asked for, mapped once in the parent, handed out again once nobody can still see their
-old contents.
+A large buffer (``_serialize.OOB_THRESHOLD`` and up) travels as a memfd.  Writing into a
+*fresh* memfd is capped by the kernel allocating and clearing its pages (about 1.6-3 GB/s
+here, a fifth to a third of ``memcpy``); writing into one whose pages already exist and are
+mapped runs at ``memcpy`` speed.  So each side keeps a :class:`BufferCache` for what it
+sends: the pool one for its tasks' arguments, each worker one for its results.  Segments are
+of exactly the size asked for, mapped once by their owner, and handed out again once nobody
+can still see their old contents.
 
 A segment is free for reuse only when both of these are gone:
 
 * the **payload** that holds it (``_serialize.Payload``): released when its task is done, after
-  the last retry;
-* every **worker mapping** of it: each time the dispatcher sends the segment to a worker it
-  counts one hold for that worker (:meth:`BufferCache.hold`); the worker reports the segment's
+  the last retry (a worker's result: once its frame is written);
+* every **mapping** of it on the other side: each time the owner sends the segment it counts
+  one hold for the receiver (:meth:`BufferCache.hold`); the receiver reports the segment's
   inode in a ``RELEASED`` frame once the unpickled objects that used the mapping are freed and
-  it is unmapped (:meth:`BufferCache.released`); a dead worker's holds go with it
-  (:meth:`BufferCache.forget_worker`).  A segment the worker had mapped when a task forked is
-  *pinned* (a ``PINNED`` frame): the child may read it for as long as it lives, so it is
-  closed when given back, never reused.
+  it is unmapped, or once it drops the descriptor unmapped (:meth:`BufferCache.released`); a
+  dead worker's holds go with it (:meth:`BufferCache.forget_worker`).  A segment mapped on the
+  receiving side when that process forked is *pinned* (a ``PINNED`` frame): the child may read
+  it for as long as it lives, so it is closed when given back, never reused.
 
-A task that keeps an argument alive (stores it in a global) simply keeps its segment busy;
-the cache then makes new ones.  Free segments are bounded (:data:`CACHE_BYTES`,
-:data:`CACHE_SEGMENTS`) and trimmed after :data:`TRIM_AFTER` seconds unused, so an idle pool
-gives its memory back.  The parent's mappings are ``MADV_DONTFORK`` and the fds are internal:
-forked workers inherit neither.
+Arguments: the worker reports what it unmapped (``_worker``, ``_serialize.on_release``).
+Results: the pool's process notes the inode of each result buffer it receives, with the
+:class:`Returns` of the worker that sent it (``_serialize.lenders``); mapping it or dropping it
+unread says so, and the I/O thread sends the worker its ``PINNED`` and ``RELEASED`` frames
+(``Scheduler._give_back``).  memfd inodes are numbered by a kernel counter, so an inode names
+one segment for as long as either side can still mention it.
+
+An object that keeps a buffer alive (a task storing its argument in a global, a caller keeping
+a result) simply keeps its segment busy; the cache then makes new ones, up to
+``max_segments`` (a worker's: each lent segment holds one of its descriptors), and past that
+fresh memfds as before.  Free segments are bounded (:data:`CACHE_BYTES`, :data:`CACHE_SEGMENTS`)
+and trimmed after :data:`TRIM_AFTER` seconds unused, so an idle pool or worker gives its memory
+back.  Mappings are ``MADV_DONTFORK`` and the fds are internal: forked workers (and children a
+task forks) inherit no mapping, and pool workers no descriptor.
 """
 
 from __future__ import annotations
@@ -31,15 +41,29 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
+from . import _protocol as P
 from ._serialize import map_fd
 from ._start import INTERNAL_FDS
+
+TYPE_CHECKING = False  # typing is not imported at run time: see _typing
+if TYPE_CHECKING:
+    from typing import Any
 
 CACHE_BYTES = 256 << 20  # free segments a pool keeps, in bytes
 CACHE_SEGMENTS = 32  # ...and in number (each holds a descriptor)
 TRIM_AFTER = 2.0  # seconds a free segment is kept unused before it is closed
+#: free result segments all of a pool's workers keep, in bytes (each at least WORKER_MIN)
+WORKERS_BYTES = 512 << 20
+WORKER_MIN = 64 << 20
+
+
+def worker_cache_bytes(processes: int) -> int:
+    """The bytes of free result segments each of *processes* workers may keep."""
+    return max(WORKER_MIN, WORKERS_BYTES // max(1, processes))
 
 
 class Segment:
@@ -47,10 +71,10 @@ class Segment:
 
     __slots__ = ("fd", "ino", "size", "view", "busy", "holders", "freed_at", "pinned")
 
-    def __init__(self, raw: memoryview) -> None:
+    def __init__(self, raw: memoryview, name: str = "procpool-arg") -> None:
         """A new segment holding a copy of *raw*: written with pwrite(2), which fills a fresh
         memfd faster than page faults through a mapping; mapped when first reused."""
-        fd = os.memfd_create("procpool-arg", os.MFD_CLOEXEC)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
         INTERNAL_FDS.add(fd)  # at once: a worker forked during the write must not inherit it
         try:
             view = raw.cast("B")
@@ -84,14 +108,24 @@ class Segment:
 
 
 class BufferCache:
-    """A pool's reusable argument segments (see the module docstring).  Thread-safe."""
+    """Reusable segments of one sender (see the module docstring).  Thread-safe."""
 
-    def __init__(self, limit: int = CACHE_BYTES, on_free: Callable[[], None] | None = None) -> None:
-        """*on_free* is called (under the cache's lock: it must not take others) when a first
-        segment becomes free: the owner then arranges for :meth:`trim` to run."""
+    def __init__(
+        self,
+        limit: int = CACHE_BYTES,
+        on_free: Callable[[], None] | None = None,
+        max_segments: int = 0,
+        name: str = "procpool-arg",
+    ) -> None:
+        """*limit*: bytes of free segments kept.  *on_free* is called (under the cache's lock:
+        it must not take others) when a first segment becomes free: the owner then arranges
+        for :meth:`trim` to run.  *max_segments*: segments at most, busy or free (0: no
+        bound); past it, :meth:`take` gives None.  *name*: the memfds' (as /proc shows it)."""
         self._lock = threading.Lock()
         self._limit = limit
         self._on_free = on_free
+        self._max = max_segments
+        self._name = name
         self._segments: dict[int, Segment] = {}  # inode -> segment, busy or free
         self._free: OrderedDict[int, Segment] = OrderedDict()  # inode -> free segment (LRU)
         self._free_bytes = 0
@@ -99,7 +133,8 @@ class BufferCache:
 
     def take(self, raw: memoryview) -> Segment | None:
         """A segment holding a copy of *raw* (bytes, C-contiguous), lent to the caller until
-        :meth:`unlend`; None when the cache is closed (the caller makes a fresh memfd)."""
+        :meth:`unlend`; None when the cache is closed or holds ``max_segments`` none of which
+        is free (the caller makes a fresh memfd)."""
         size = raw.nbytes
         with self._lock:
             if self._closed:
@@ -113,8 +148,14 @@ class BufferCache:
                     break
             if seg is not None:
                 seg.busy = True
+            elif self._max and len(self._segments) >= self._max:
+                if not self._free:
+                    return None
+                _, old = self._free.popitem(last=False)  # room for one of this size
+                self._free_bytes -= old.size
+                self._drop(old)
         if seg is None:
-            seg = Segment(raw)
+            seg = Segment(raw, self._name)
             with self._lock:
                 if self._closed:
                     INTERNAL_FDS.discard(seg.fd)
@@ -146,9 +187,9 @@ class BufferCache:
         with self._lock:
             for ino in inodes:
                 seg = self._segments.get(ino)
-                if seg is None:
+                if seg is None or wid not in seg.holders:
                     continue  # not ours (a buffer of another kind), or already closed
-                left = seg.holders.get(wid, 0) - 1
+                left = seg.holders[wid] - 1
                 if left > 0:
                     seg.holders[wid] = left
                 else:
@@ -156,7 +197,7 @@ class BufferCache:
                     self._maybe_free(seg)
 
     def pin(self, inodes: list[int]) -> None:
-        """A task forked while its worker mapped these segments (PINNED): the child may read
+        """The receiver forked while it mapped these segments (PINNED): the child may read
         them as long as it lives, so they are closed when given back, never reused."""
         with self._lock:
             for ino in inodes:
@@ -172,7 +213,9 @@ class BufferCache:
                     self._maybe_free(seg)
 
     def _maybe_free(self, seg: Segment) -> None:
-        if seg.busy or seg.holders or seg.ino not in self._segments:
+        if seg.busy or seg.holders or seg.ino in self._free:
+            return
+        if self._segments.get(seg.ino) is not seg:  # (closed)
             return
         if self._closed or seg.pinned:
             self._drop(seg)
@@ -217,3 +260,35 @@ class BufferCache:
                 self._drop(seg)
             self._free.clear()
             self._free_bytes = 0
+
+
+class Returns:
+    """What the pool's process owes one worker for the result buffers it sent: the inodes of
+    those unmapped here (or dropped unread), and of those mapped when this process forked.
+
+    Called from anywhere -- a mapping's finalizer runs in whichever thread frees the last
+    object using it, perhaps holding the scheduler's lock -- so it only queues ``(worker id,
+    frame kind, inode)`` on the scheduler's deque and wakes its I/O thread, which sends the
+    frames (``Scheduler._give_back``).  It holds the scheduler weakly: results outlive pools.
+    """
+
+    __slots__ = ("wid", "_sched")
+
+    def __init__(self, wid: int, sched: Any) -> None:
+        self.wid = wid
+        self._sched = weakref.ref(sched)
+
+    def released(self, ino: int) -> None:
+        """The segment *ino* is no longer mapped here (nor held unmapped): the worker may
+        reuse it once this reaches it."""
+        sched = self._sched()
+        if sched is not None:
+            sched._returns.append((self.wid, P.RELEASED, ino))
+            sched._wake()
+
+    def pinned(self, ino: int) -> None:
+        """This process forks while it maps *ino*: its child may keep reading it (no wake-up:
+        the segment's RELEASED follows, and the two go in this order)."""
+        sched = self._sched()
+        if sched is not None:
+            sched._returns.append((self.wid, P.PINNED, ino))

@@ -206,13 +206,23 @@ class Channel:
     def _take_fd(self) -> int:
         return self._rfds.popleft() if self._rfds else -1  # -1: never expected (see fill)
 
-    def spin(self, seconds: float) -> bool:
-        """Poll for input without sleeping, for up to *seconds*: True if some came."""
+    def _poll(self) -> select.poll:
         poller = self._poller
         if poller is None:
             poller = self._poller = select.poll()
             poller.register(self.sock.fileno(), select.POLLIN)
-        return poll_for(poller, seconds)
+        return poller
+
+    def spin(self, seconds: float) -> bool:
+        """Poll for input without sleeping, for up to *seconds*: True if some came."""
+        return poll_for(self._poller or self._poll(), seconds)
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep until input comes or *seconds* pass: True if a frame can be taken now or
+        some input is waiting (a blocking reader's timed wait)."""
+        if self._ready:
+            return True
+        return bool((self._poller or self._poll()).poll(max(0, int(seconds * 1000))))
 
     def recv_frame(self) -> tuple[int, memoryview, list[int]]:
         """Block until one frame has arrived and return it (raise ChannelClosed at EOF)."""

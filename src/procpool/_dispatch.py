@@ -53,6 +53,7 @@ class Dispatch:
     _grace: float
     _tids: Iterator[int]
     _buffers: BufferCache
+    _returns: Any  # (worker id, frame kind, inode), see _buffers.Returns
 
     if TYPE_CHECKING:  # provided by Scheduler and WorkerSupervision
 
@@ -184,8 +185,30 @@ class Dispatch:
         overran.timeout = task.timeout
         return overran
 
+    def _give_back(self) -> None:
+        """Tell each worker which of its result segments are no longer mapped here (RELEASED:
+        it may reuse them) or were mapped when this process forked (PINNED: never reuse),
+        as ``_buffers.Returns`` queued them; those of a dead worker are dropped."""
+        returns = self._returns
+        owed: dict[int, tuple[list[int], list[int]]] = {}
+        while returns:
+            wid, kind, ino = returns.popleft()
+            owed.setdefault(wid, ([], []))[kind == P.RELEASED].append(ino)
+        for wid, (pinned, released) in owed.items():
+            w = self._workers.get(wid)
+            if w is None or w.eof or w.exit_sent:
+                continue
+            if pinned:  # first: a pinned segment must not be freed for reuse
+                w.chan.push(P.frame(P.PINNED, P.pack_inodes(pinned)))
+            if released:
+                w.chan.push(P.frame(P.RELEASED, P.pack_inodes(released)))
+            self._flush(w)
+            self._set_mask(w)
+
     def _dispatch(self) -> None:
         """Hand pending work to workers that can take it, one batch (frame) per worker."""
+        if self._returns:
+            self._give_back()
         if not self._pending or self._broken is not None or self._state == TERMINATING:
             return
         # not a worker a caller is reading itself (drive): its reply then stays the lone one

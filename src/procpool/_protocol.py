@@ -19,10 +19,13 @@ MAP     a shared-memory region (its fd) and
         body says why)
 FORGET  keys of regions to drop (they died
         in the parent, or made room)
-                                              RELEASED     inodes of argument buffers it has
-                                                           unmapped (see ``_buffers``)
-                                              PINNED       inodes of argument buffers mapped
-                                                           when a task forked: never reuse
+RELEASED inodes of result buffers the         RELEASED     inodes of argument buffers it has
+        parent unmapped, or dropped unread                 unmapped (see ``_buffers``)
+PINNED  inodes of result buffers mapped       PINNED       inodes of argument buffers mapped
+        when the parent forked: never reuse                when a task forked: never reuse
+
+RELEASED and PINNED mean the same both ways: the receiver of large buffers tells their sender
+which of its reused segments it may write again (see ``_buffers``).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ from concurrent.futures import CancelledError
 
 from . import _protocol as P
 from . import _serialize
-from ._buffers import TRIM_AFTER, BufferCache
+from ._buffers import TRIM_AFTER, BufferCache, worker_cache_bytes
 from ._channel import MAX_FDS_PER_FRAME, Spin, can_spin, poll_for
 from ._dispatch import Dispatch
 from ._errinfo import rebuild_error
@@ -189,6 +189,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         # whether its workers may spin (see Spin): they run on this process's CPUs, and asking
         # in each would page ≈ 64 kB of libc (sched_getaffinity) into every idle worker
         config["spin"] = spin = can_spin()
+        config["result_cache"] = worker_cache_bytes(processes)  # (see _buffers)
         self._init_body = pickle.dumps(config)  # (the INIT frame's: see _spawn)
 
         self._lock = threading.RLock()
@@ -229,6 +230,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._owner = os.getpid()
 
         self._buffers = BufferCache(on_free=self._wake)  # large arguments' memfds, reused
+        self._returns: deque[tuple[int, int, int]] = deque()  # see _buffers.Returns
         self._trim_armed = False
         self._epoll = select.epoll()
         self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -488,6 +490,8 @@ class Scheduler(WorkerSupervision, Dispatch):
             )
             w.driven = task
             try:
+                if self._returns:  # (the last result's segments, for this call's to reuse)
+                    self._give_back()
                 self._assign(w, task)
                 chan = w.chan
                 if keyed:

@@ -688,6 +688,47 @@ def _released(ino: int) -> None:
         report(ino)
 
 
+#: in the pool's process: result buffers received from workers and neither mapped nor dropped
+#: yet, by inode -> the sender's ``_buffers.Returns`` (noted by ``_supervise._on_results``):
+#: the worker may reuse the segment once told it is no longer mapped here
+lenders: dict[int, Any] = {}
+#: ...and those mapped now: a fork pins them (see _pin_lent)
+mapped_lent: dict[int, Any] = {}
+
+
+def _map_lent(fd: int, size: int, ino: int, lender: Any) -> memoryview:
+    """Map a worker's result buffer; tell *lender* when the mapping is gone."""
+    try:
+        view = map_fd(fd, size, on_unmap=lambda: _unmapped_lent(ino, lender))
+    except BaseException:
+        lender.released(ino)
+        raise
+    mapped_lent[ino] = lender
+    return view
+
+
+def _unmapped_lent(ino: int, lender: Any) -> None:
+    mapped_lent.pop(ino, None)
+    lender.released(ino)
+
+
+def _pin_lent() -> None:
+    """Before a fork of this process: a child keeps the result buffers mapped now, so their
+    workers must never rewrite them (PINNED; the unmapping here still says RELEASED)."""
+    if mapped_lent:
+        for ino, lender in list(mapped_lent.items()):
+            lender.pinned(ino)
+        mapped_lent.clear()
+
+
+def _forget_lent() -> None:
+    lenders.clear()  # (a forked worker: those of its pool's process, not its own)
+    mapped_lent.clear()
+
+
+os.register_at_fork(before=_pin_lent, after_in_child=_forget_lent)
+
+
 if sys.version_info >= (3, 13):
 
     def map_fd(
@@ -769,9 +810,14 @@ else:  # mmap.mmap dup()s the fd and keeps it for the mapping's life: map it our
 
 
 def _map_buffer(fd: int) -> memoryview:
-    """Map a received memfd (its reuse is reported to the parent once unmapped, in a worker)."""
+    """Map a received memfd (its reuse is reported to the sender once unmapped: the parent in
+    a worker, a worker in the pool's process)."""
     st = os.fstat(fd)
     ino = st.st_ino
+    if lenders:
+        lender = lenders.pop(ino, None)
+        if lender is not None:
+            return _map_lent(fd, st.st_size, ino, lender)
     try:
         view = map_fd(fd, st.st_size, on_unmap=(lambda: _released(ino)) if on_release else None)
     except BaseException:
@@ -815,13 +861,18 @@ def _load(data: bytes | memoryview, buffers: list[Any]) -> Any:
 def discard_received(nbuf: int, fds: list[int], start: int = 0) -> None:
     """Received buffers that will never be mapped (from *start* on): say so, as an unmapping
     would.  Does not close *fds*."""
-    if on_release is None:
+    if on_release is None and not lenders:
         return
     for fd in fds[start:nbuf]:
         try:
-            _released(os.fstat(fd).st_ino)
+            ino = os.fstat(fd).st_ino
         except OSError:
-            pass
+            continue
+        lender = lenders.pop(ino, None)
+        if lender is not None:
+            lender.released(ino)
+        elif on_release is not None:
+            _released(ino)
 
 
 def describe(obj: Any) -> str:

@@ -20,7 +20,7 @@ from concurrent.futures import CancelledError
 
 from . import _protocol as P
 from . import _serialize
-from ._buffers import BufferCache
+from ._buffers import BufferCache, Returns
 from ._channel import RECV_SIZE, Channel
 from ._errinfo import rebuild_error
 from ._start import INTERNAL_FDS, Launcher, Proc, describe_exit, send_signal
@@ -96,6 +96,7 @@ class _Worker:
         "progress",
         "mask",
         "killed",
+        "returns",
     )
 
     def __init__(self, wid: int, proc: Proc) -> None:
@@ -121,6 +122,8 @@ class _Worker:
         self.progress = -1  # the progress slot's memfd, when not mapped (see read_progress)
         self.mask = select.EPOLLIN  # what epoll watches on its channel (see _set_mask)
         self.killed = False  # by the pool (a time limit, a cancel, terminate): see _bury
+        # what we owe it for its result buffers (made at its first: see _note_lent)
+        self.returns: Returns | None = None
 
     def read_progress(self) -> tuple[int, int, int, float]:
         """The worker's progress slot (see _protocol.PROGRESS): running task id, last finished
@@ -348,6 +351,10 @@ class WorkerSupervision:
                 pass
         w.chan.close()
         self._buffers.forget_worker(w.wid)  # its mappings died with it
+        if w.returns is not None:  # and its segments: nothing to tell it any more
+            lenders = _serialize.lenders
+            for ino in [ino for ino, r in lenders.items() if r is w.returns]:
+                del lenders[ino]
         if w.proc.pidfd >= 0:
             os.close(w.proc.pidfd)
         how = describe_exit(code)
@@ -551,13 +558,15 @@ class WorkerSupervision:
             if fds:
                 n = rec[3] + rec[4]  # nbuf + nfd
                 mine, fds = fds[:n], fds[n:]
+                if rec[3]:  # large buffers: the worker reuses each once we are done with it
+                    self._note_lent(w, mine, rec[3])
             task = inflight.pop(rec[0], None)
             if task is None and rec[0] >= RUN_IDS:  # a run's member: a Task of its own now
                 task, freed = self._run_member(inflight, rec[0])
                 cost -= freed
             if task is None:  # cancelled or failed meanwhile
                 if mine:
-                    _serialize.Payload(b"", 0, list(mine)).close()
+                    _drop_received(rec[3], mine)
                     mine = ()
                 continue
             spent = 0.7 * spent + rec[2]  # the duration
@@ -577,7 +586,7 @@ class WorkerSupervision:
                 self._deliveries.append(("error", task, CancelledError()))
                 task.release()
                 if mine:
-                    _serialize.Payload(b"", 0, list(mine)).close()
+                    _drop_received(rec[3], mine)
                     mine = ()
                 continue
             tasks.append(task)
@@ -595,6 +604,20 @@ class WorkerSupervision:
         self._maybe_exit(w)
         if not inflight:
             self._set_mask(w)
+
+    def _note_lent(self, w: _Worker, fds: list[int], nbuf: int) -> None:
+        """The first *nbuf* of *fds* are result buffers *w* sent: note the inode of each, so
+        that mapping it, or dropping it unmapped, tells *w* when the segment may be reused
+        (see _buffers)."""
+        returns = w.returns
+        if returns is None:
+            returns = w.returns = Returns(w.wid, self)
+        lenders = _serialize.lenders
+        for fd in fds[:nbuf]:
+            try:
+                lenders[os.fstat(fd).st_ino] = returns
+            except OSError:
+                pass
 
     def _on_values(self, w: _Worker, ids: list, got: list, values: list, cost: float) -> float:
         """A VALUES record's plain values, *ids* among them members of runs (see CallRun):
@@ -720,3 +743,10 @@ class WorkerSupervision:
                 self._epoll.modify(w.chan.fileno(), mask)
             except (OSError, ValueError):
                 pass
+
+
+def _drop_received(nbuf: int, fds: Any) -> None:
+    """A result that will never be read: its worker may reuse its segments, and its
+    descriptors are closed."""
+    _serialize.discard_received(nbuf, fds)
+    _serialize.Payload(b"", 0, list(fds)).close()

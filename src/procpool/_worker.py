@@ -29,6 +29,7 @@ from multiprocessing import process
 
 from . import _protocol as P
 from . import _serialize
+from ._buffers import TRIM_AFTER, BufferCache
 from ._channel import Channel, ChannelClosed, Spin
 from ._errinfo import error_info
 from .errors import SerializationError, TaskTimeout
@@ -43,6 +44,8 @@ FLUSH_BYTES = 256 * 1024
 FLUSH_COUNT = 32  # small results buffered at most: what a worker's death loses (see run_calls)
 REPLY_SPIN = 5e-5  # seconds a worker polls without sleeping after a lone call (see serve)
 FUNC_CACHE = 1024  # the parent mirrors this FIFO (see _scheduler)
+RESULT_SEGMENTS = 64  # result segments a worker keeps, lent or free (each holds a descriptor)
+PARENT = 0  # the holder of a lent result segment (see _buffers.BufferCache.hold)
 PLAIN = _serialize.PLAIN
 #: result types buffered as they are and sent as one VALUES record (small, fixed size)
 SCALARS = frozenset({int, float, bool, type(None), complex})
@@ -111,6 +114,10 @@ class Worker:
         # set in a child a task forks (see failure): it must never act as this worker
         self.task_child = False
         self.chunk_rest: Iterator[Any] = iter(())  # the items of the chunk running, left
+        # segments our large results travel in, reused once the parent unmaps them (see
+        # _buffers); made at the first such result, with the free bytes INIT allows
+        self.results: BufferCache | None = None
+        self.results_bytes = 0
         os.register_at_fork(before=self._pin_mapped, after_in_child=self._in_task_child)
 
     # ---------------------------------------------------------------- start-up
@@ -128,6 +135,7 @@ class Worker:
         if config.get("sys_path"):
             sys.path[:] = config["sys_path"]
         self.max_memory = config.get("max_memory") or 0
+        self.results_bytes = config.get("result_cache", 0)
         self.spin_allowed = config.get("spin")  # (see Spin: the parent asked for us)
         stage = "main script"
         try:
@@ -206,16 +214,51 @@ class Worker:
         if type(value) in PLAIN:  # a tiny result: no out-of-band machinery
             P.pack_result(self.out, task_id, status, duration, 0, 0, pickle.dumps(value, 5))
             return
-        try:  # (an error tuple holds bytes and strings: a plain stream, as the parent reads it)
-            payload = _serialize.dumps(value, oob=status != P.ERROR)
+        ok = status != P.ERROR  # (an error tuple holds bytes and strings: a plain stream,
+        try:  # as the parent reads it)
+            payload = _serialize.dumps(value, oob=ok, cache=self.result_cache() if ok else None)
+            fds = self.lend(payload) if payload.segments else payload.fds
         except BaseException as exc:  # noqa: BLE001 - even SystemExit from a __reduce__
             status = P.ERROR
             why = exc.__cause__ if isinstance(exc, SerializationError) and exc.__cause__ else exc
             exc2 = SerializationError(f"the result of the task could not be pickled: {why!r}")
             payload = _serialize.Payload(pickle.dumps(error_info(exc2)))
-        nfd = len(payload.fds) - payload.nbuf
+            fds = []
+        nfd = len(fds) - payload.nbuf
         P.pack_result(self.out, task_id, status, duration, payload.nbuf, nfd, payload.data)
-        self.out_fds.extend(payload.fds)
+        self.out_fds.extend(fds)
+
+    def result_cache(self) -> BufferCache | None:
+        cache = self.results
+        if cache is None and self.results_bytes:
+            cache = self.results = BufferCache(
+                self.results_bytes, max_segments=RESULT_SEGMENTS, name="procpool-result"
+            )
+        return cache
+
+    def lend(self, payload: _serialize.Payload) -> list[int]:
+        """The descriptors to send for *payload*, whose large buffers are (some of them) in
+        segments of ``self.results``: duplicates of those (the channel closes what it sends),
+        each segment held for the parent until it says RELEASED.  On an OSError (out of
+        descriptors) the payload is closed and the error raised."""
+        cache = self.results
+        segments = payload.segments or []
+        lent = {seg.fd for seg in segments}
+        fds: list[int] = []
+        try:
+            for fd in payload.fds:
+                fds.append(os.dup(fd) if fd in lent else fd)
+        except BaseException:
+            for fd in fds:
+                if fd not in payload.fds:
+                    os.close(fd)
+            payload.close()
+            raise
+        assert cache is not None
+        cache.hold(segments, PARENT)
+        for seg in segments:
+            cache.unlend(seg)
+        return fds
 
     def pack_scalars(self) -> None:
         ids, values = self.scalar_ids, self.scalars
@@ -426,6 +469,8 @@ class Worker:
                 return 1
             spin = Spin(REPLY_SPIN, self.spin_allowed)
             while True:
+                if self.results is not None and self.results.free_bytes:
+                    self.trim_while_idle()
                 kind, body, fds = chan.recv_frame()
                 if kind == P.TASKS:
                     if fds or len(body) < P.TASK_HEAD.size or not self.run_one(body):
@@ -439,11 +484,31 @@ class Worker:
                     self.load_func(fid, body[P.FUNC_HEAD.size :])
                 elif kind == P.MAP or kind == P.FORGET:
                     self.map_regions(kind, body, fds)
+                elif kind == P.RELEASED or kind == P.PINNED:
+                    self.given_back(kind, body)
                 elif kind == P.EXIT:
                     self.flush()
                     return 0
         except (ChannelClosed, BrokenPipeError, ConnectionResetError):
             return 0  # the parent is gone: nothing to report to
+
+    def given_back(self, kind: int, body: memoryview) -> None:
+        """A RELEASED or PINNED frame: the parent unmapped these result segments (reuse
+        them), or forked while it mapped them (never reuse them)."""
+        cache = self.results
+        if cache is not None:
+            if kind == P.RELEASED:
+                cache.released(PARENT, P.unpack_inodes(body))
+            else:
+                cache.pin(P.unpack_inodes(body))
+
+    def trim_while_idle(self) -> None:
+        """Wait for the next frame while result segments lie free, closing those unused
+        for ``TRIM_AFTER`` seconds: an idle worker gives their memory back."""
+        cache = self.results
+        assert cache is not None
+        while cache.free_bytes and not self.chan.wait(TRIM_AFTER):
+            cache.trim()
 
     def map_regions(self, kind: int, body: memoryview, fds: list[int]) -> None:
         """A MAP or FORGET frame (see _ipc_mem.remember): imported here, on the first one, as

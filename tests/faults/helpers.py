@@ -381,6 +381,17 @@ def fd_count(_=None):
     return len(os.listdir("/proc/self/fd"))
 
 
+def result_segments(_=None):
+    """How many of this worker's descriptors are its result segments (reused: see _buffers)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += "memfd:procpool-result" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return count
+
+
 def procpool_mappings(_=None):
     """The memfd mappings procpool created that this process still has mapped."""
     with open("/proc/self/maps") as f:
