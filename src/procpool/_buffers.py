@@ -282,13 +282,17 @@ class Returns:
         """The segment *ino* is no longer mapped here (nor held unmapped): the worker may
         reuse it once this reaches it."""
         sched = self._sched()
-        if sched is not None:
-            sched._returns.append((self.wid, P.RELEASED, ino))
+        if sched is None:
+            return
+        owed = sched._returns
+        if owed is not None:  # (None: the pool has ended, nobody would send it)
+            owed.append((self.wid, P.RELEASED, ino))
             sched._wake()
 
     def pinned(self, ino: int) -> None:
         """This process forks while it maps *ino*: its child may keep reading it (no wake-up:
         the segment's RELEASED follows, and the two go in this order)."""
         sched = self._sched()
-        if sched is not None:
-            sched._returns.append((self.wid, P.PINNED, ino))
+        owed = sched._returns if sched is not None else None
+        if owed is not None:
+            owed.append((self.wid, P.PINNED, ino))

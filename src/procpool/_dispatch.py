@@ -191,7 +191,7 @@ class Dispatch:
         as ``_buffers.Returns`` queued them; those of a dead worker are dropped."""
         returns = self._returns
         owed: dict[int, tuple[list[int], list[int]]] = {}
-        while returns:
+        while returns:  # (not None: while it runs)
             wid, kind, ino = returns.popleft()
             owed.setdefault(wid, ([], []))[kind == P.RELEASED].append(ino)
         for wid, (pinned, released) in owed.items():

@@ -230,7 +230,8 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._owner = os.getpid()
 
         self._buffers = BufferCache(on_free=self._wake)  # large arguments' memfds, reused
-        self._returns: deque[tuple[int, int, int]] = deque()  # see _buffers.Returns
+        # what result buffers unmapped owe their workers (see _buffers.Returns); None once over
+        self._returns: deque[tuple[int, int, int]] | None = deque()
         self._trim_armed = False
         self._epoll = select.epoll()
         self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -1271,6 +1272,7 @@ class Scheduler(WorkerSupervision, Dispatch):
             self._init_fds = []
             self._funcs.clear()
             self._buffers.close()
+            self._returns = None  # (what results unmapped from now on owe: nothing, see Returns)
             for job in self._feeding:  # feeders waiting for room: the pool is gone, stop
                 job.space.notify_all()
         self._end_handoffs()  # whoever still waits returns, and the last one closes the fd

@@ -353,8 +353,9 @@ class WorkerSupervision:
         self._buffers.forget_worker(w.wid)  # its mappings died with it
         if w.returns is not None:  # and its segments: nothing to tell it any more
             lenders = _serialize.lenders
-            for ino in [ino for ino, r in lenders.items() if r is w.returns]:
-                del lenders[ino]
+            for ino, r in list(lenders.items()):  # (one C call: others pop meanwhile)
+                if r is w.returns:
+                    lenders.pop(ino, None)
         if w.proc.pidfd >= 0:
             os.close(w.proc.pidfd)
         how = describe_exit(code)
