@@ -529,3 +529,103 @@ def test_the_result_cache_is_bounded_in_segments():
     c = cache.take(memoryview(np.zeros(2 * N)).cast("B"))  # another size: the free one makes room
     assert c is not None and len(cache._segments) == 2
     cache.close()
+
+
+def test_a_result_mapped_while_the_process_forks_is_pinned_too():
+    # another thread maps a result after procpool's before-fork hook ran but before the fork
+    # (a later hook -- logging's -- waits for its lock meanwhile): the child has the mapping,
+    # so the worker must never rewrite it (a review found the child reading other results)
+    code = """if True:
+        import logging  # imported first: its before-fork hook runs after procpool's
+        import os, threading, time
+        import numpy as np
+        import procpool
+        from test_buffers import full
+        pool = procpool.Pool(1)
+        pool.apply(full, (0,))
+        held = {}
+        ready, forking = threading.Event(), threading.Event()
+        def hold_logging_lock():
+            logging._acquireLock(); ready.set(); time.sleep(0.5); logging._releaseLock()
+        def get_result():
+            forking.wait(); time.sleep(0.1)
+            held["a"] = pool.apply(full, (7,))  # mapped while the main thread is in os.fork
+        t1 = threading.Thread(target=hold_logging_lock); t1.start(); ready.wait()
+        t2 = threading.Thread(target=get_result); t2.start()
+        r, w = os.pipe()
+        forking.set()
+        pid = os.fork()
+        if pid == 0:
+            os.close(w); os.read(r, 1)
+            a = held.get("a")
+            os._exit(0 if a is not None and (a == 7.0).all() else 3)
+        os.close(r); t1.join(); t2.join()
+        assert (held.pop("a") == 7.0).all()
+        for i in range(1, 6):  # each would rewrite the segment, were it not pinned
+            assert (pool.apply(full, (100 + i,)) == 100 + i).all()
+        os.write(w, b"x"); os.close(w)
+        _, status = os.waitpid(pid, 0)
+        pool.terminate()
+        print(os.waitstatus_to_exitcode(status))
+    """
+    done = run_python(importing_tests(code), timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["0"], "the child saw its result rewritten"
+
+
+def test_a_mapping_that_fails_half_way_is_reported_once(monkeypatch):
+    # a Ctrl-C (here: injected) after map_fd registered its finalizer: the except and the
+    # finalizer both said RELEASED, and the second one freed a segment lent again since
+    calls = []
+    real = _serialize.weakref.finalize
+
+    def finalize_then_interrupt(*args):
+        real(*args)
+        raise KeyboardInterrupt
+
+    fd = os.memfd_create("procpool-test")
+    try:
+        os.ftruncate(fd, 1 << 20)
+        monkeypatch.setattr(_serialize.weakref, "finalize", finalize_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            _serialize.map_fd(fd, 1 << 20, on_unmap=lambda: calls.append(1))
+        monkeypatch.undo()
+        assert calls == [1]  # at once: nothing maps it any more
+        import gc
+
+        gc.collect()
+        assert calls == [1]  # and not again when the finalizer's object goes
+    finally:
+        os.close(fd)
+    with open("/proc/self/maps") as f:
+        assert not [line for line in f if "procpool-test" in line]
+
+
+_real_map_fd = _serialize.map_fd
+
+
+def test_a_result_whose_reading_fails_keeps_its_segment_until_freed(monkeypatch):
+    # the result's mapping lives on in the failure's traceback: its segment must not be
+    # rewritten until that goes (before: reported at once, and again when freed)
+    armed = [True]
+
+    def flaky(fd, size, **kw):
+        view = _real_map_fd(fd, size, **kw)
+        if armed[0] and kw.get("on_unmap"):
+            armed[0] = False
+            raise KeyboardInterrupt  # (where a Ctrl-C can land)
+        return view
+
+    monkeypatch.setattr(_serialize, "map_fd", flaky)
+    with procpool.Pool(1) as pool:
+        bad = pool.apply_async(full, (1,))
+        with pytest.raises(procpool.SerializationError):
+            bad.get(30)
+        kept = pool.apply(full, (2,))
+        del bad
+        import gc
+
+        gc.collect()
+        for i in range(3, 6):
+            assert (pool.apply(full, (i,)) == float(i)).all()
+        assert (kept == 2.0).all()

@@ -24,7 +24,7 @@ Arguments: the worker reports what it unmapped (``_worker``, ``_serialize.on_rel
 Results: the pool's process notes the inode of each result buffer it receives, with the
 :class:`Returns` of the worker that sent it (``_serialize.lenders``); mapping it or dropping it
 unread says so, and the I/O thread sends the worker its ``PINNED`` and ``RELEASED`` frames
-(``Scheduler._give_back``).  memfd inodes are numbered by a kernel counter, so an inode names
+(``Dispatch._give_back``).  memfd inodes are numbered by a kernel counter, so an inode names
 one segment for as long as either side can still mention it.
 
 An object that keeps a buffer alive (a task storing its argument in a global, a caller keeping
@@ -204,6 +204,9 @@ class BufferCache:
                 seg = self._segments.get(ino)
                 if seg is not None:
                     seg.pinned = True
+                    if self._free.pop(ino, None) is not None:  # (never, in the order frames
+                        self._free_bytes -= seg.size  # go: PINNED first) no reuse from now
+                        self._drop(seg)
 
     def forget_worker(self, wid: int) -> None:
         """Worker *wid* is dead: its mappings are gone with it."""
@@ -269,7 +272,7 @@ class Returns:
     Called from anywhere -- a mapping's finalizer runs in whichever thread frees the last
     object using it, perhaps holding the scheduler's lock -- so it only queues ``(worker id,
     frame kind, inode)`` on the scheduler's deque and wakes its I/O thread, which sends the
-    frames (``Scheduler._give_back``).  It holds the scheduler weakly: results outlive pools.
+    frames (``Dispatch._give_back``).  It holds the scheduler weakly: results outlive pools.
     """
 
     __slots__ = ("wid", "_sched")

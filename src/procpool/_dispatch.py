@@ -304,6 +304,8 @@ class Dispatch:
             w.retiring = True
 
     def _send(self, w: _Worker, tasks: list[Task]) -> None:
+        if self._returns:  # (first: the tasks' results may reuse those segments)
+            self._give_back()
         chan = w.chan
         if len(tasks) == 1:  # the common single call (apply): one pack, one send
             task = tasks[0]

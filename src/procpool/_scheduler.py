@@ -1670,6 +1670,7 @@ def _after_fork_in_child() -> None:
     for sched in list(_live):
         sched._state = FINISHED  # the I/O thread does not exist here
         sched._wake_lock = threading.RLock()  # (a thread of the parent may have held it)
+        sched._returns = None  # (results the child drops owe the workers nothing: pinned)
     _live.clear()
 
 

@@ -689,7 +689,7 @@ def _released(ino: int) -> None:
 
 
 #: in the pool's process: result buffers received from workers and neither mapped nor dropped
-#: yet, by inode -> the sender's ``_buffers.Returns`` (noted by ``_supervise._on_results``):
+#: yet, by inode -> the sender's ``_buffers.Returns`` (noted by ``_supervise._note_lent``):
 #: the worker may reuse the segment once told it is no longer mapped here
 lenders: dict[int, Any] = {}
 #: ...and those mapped now: a fork pins them (see _pin_lent)
@@ -697,13 +697,14 @@ mapped_lent: dict[int, Any] = {}
 
 
 def _map_lent(fd: int, size: int, ino: int, lender: Any) -> memoryview:
-    """Map a worker's result buffer; tell *lender* when the mapping is gone."""
-    try:
-        view = map_fd(fd, size, on_unmap=lambda: _unmapped_lent(ino, lender))
-    except BaseException:
-        lender.released(ino)
-        raise
-    mapped_lent[ino] = lender
+    """Map a worker's result buffer; tell *lender* once when the mapping is gone (map_fd
+    calls back once, also when it fails), and that it is pinned if a fork may have copied it
+    before it was listed in mapped_lent (see _pin_lent)."""
+    forked = _forks[1]  # forks finished so far
+    mapped_lent[ino] = lender  # (before the mapping: a fork from now on pins it)
+    view = map_fd(fd, size, on_unmap=lambda: _unmapped_lent(ino, lender))
+    if _forks[0] != forked:  # a fork began since, or was under way: its child may map it
+        lender.pinned(ino)
     return view
 
 
@@ -712,21 +713,61 @@ def _unmapped_lent(ino: int, lender: Any) -> None:
     lender.released(ino)
 
 
+#: forks of this process begun (before-fork hooks run) and finished (in the parent): a
+#: mapping made while they differ may be in a child that _pin_lent did not see it for
+_forks = [0, 0]
+_forks_lock = threading.Lock()  # (the counts only: nothing else is done under it)
+
+
 def _pin_lent() -> None:
     """Before a fork of this process: a child keeps the result buffers mapped now, so their
-    workers must never rewrite them (PINNED; the unmapping here still says RELEASED)."""
+    workers must never rewrite them (PINNED; the unmapping here still says RELEASED).
+    Mappings made from here until the fork is done pin themselves (see _map_lent)."""
+    with _forks_lock:
+        _forks[0] += 1
     if mapped_lent:
-        for ino, lender in list(mapped_lent.items()):
+        for ino, lender in list(mapped_lent.items()):  # (one C call: others add meanwhile)
             lender.pinned(ino)
-        mapped_lent.clear()
+            mapped_lent.pop(ino, None)  # (pinned for good: the unmapping still says RELEASED)
+
+
+def _forked_in_parent() -> None:
+    with _forks_lock:
+        _forks[1] += 1
 
 
 def _forget_lent() -> None:
+    global _forks_lock
+    _forks_lock = threading.Lock()  # (another thread of the parent may have held it)
     lenders.clear()  # (a forked worker: those of its pool's process, not its own)
     mapped_lent.clear()
 
 
-os.register_at_fork(before=_pin_lent, after_in_child=_forget_lent)
+os.register_at_fork(
+    before=_pin_lent, after_in_parent=_forked_in_parent, after_in_child=_forget_lent
+)
+
+
+class _Unmapped:
+    """A mapping's end, run once (see map_fd): unmap it, if it was made, then call *on_unmap*
+    -- from the finalizer when its last view is freed, or at once when map_fd fails half
+    way.  Once only: a second report would let the sender rewrite a segment lent again."""
+
+    __slots__ = ("close", "on_unmap")
+
+    def __init__(self, on_unmap: Callable[[], None] | None) -> None:
+        self.close: Callable[[], object] | None = None  # set once the mapping exists
+        self.on_unmap = on_unmap
+
+    def __call__(self) -> None:
+        close, self.close = self.close, None
+        on_unmap, self.on_unmap = self.on_unmap, None
+        try:
+            if close is not None:
+                close()
+        finally:  # a soft timeout's SIGALRM may raise in here: the sender must still be told
+            if on_unmap is not None:
+                on_unmap()
 
 
 if sys.version_info >= (3, 13):
@@ -736,16 +777,27 @@ if sys.version_info >= (3, 13):
     ) -> memoryview:
         """Map *fd* shared, read-write and populated, keeping no descriptor (``trackfd=False``):
         the fd can be closed at once, and a process forked later inherits no descriptor.
-        Unmapped when the last view is freed (then *on_unmap* runs).  *dontfork*: forked
-        children do not inherit the mapping either."""
+        Unmapped when the last view is freed, then *on_unmap* runs -- exactly once, also when
+        this raises (after undoing the mapping).  *dontfork*: forked children do not inherit
+        the mapping either."""
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         prot = mmap.PROT_READ | mmap.PROT_WRITE
-        mm = mmap.mmap(fd, size, flags=flags, prot=prot, trackfd=False)  # type: ignore[call-arg]
-        if dontfork and hasattr(mmap, "MADV_DONTFORK"):
-            mm.madvise(mmap.MADV_DONTFORK)
-        if on_unmap is not None:
-            weakref.finalize(mm, on_unmap).atexit = False
-        return memoryview(mm)
+        once = _Unmapped(on_unmap)  # (the mmap's own dealloc unmaps: no close to give it)
+        mm = None
+        try:
+            mm = mmap.mmap(fd, size, flags=flags, prot=prot, trackfd=False)  # type: ignore[call-arg]
+            if dontfork and hasattr(mmap, "MADV_DONTFORK"):
+                mm.madvise(mmap.MADV_DONTFORK)
+            weakref.finalize(mm, once).atexit = False
+            return memoryview(mm)
+        except BaseException:
+            if mm is not None:
+                try:
+                    mm.close()
+                except BufferError:  # (a view made just before the exception: it goes with it)
+                    pass
+            once()  # told once: the finalizer, if made, finds it done
+            raise
 
 else:  # mmap.mmap dup()s the fd and keeps it for the mapping's life: map it ourselves
     _libc: Any = None  # loaded at the first mapping: see _load_libc
@@ -777,36 +829,36 @@ else:  # mmap.mmap dup()s the fd and keeps it for the mapping's life: map it our
         _libc = libc
         return libc
 
-    def _unmap(addr: int, size: int, on_unmap: Callable[[], None] | None) -> None:
-        try:
-            _libc.munmap(addr, size)
-        finally:  # a soft timeout's SIGALRM may raise in here: the parent must still be told
-            if on_unmap is not None:
-                on_unmap()
-
     def map_fd(
         fd: int, size: int, *, dontfork: bool = False, on_unmap: Callable[[], None] | None = None
     ) -> memoryview:
         """Map *fd* shared, read-write and populated, keeping no descriptor: a program may hold
         thousands of received arrays without running out of fds, and a process forked later
-        inherits no descriptor.  Unmapped when the last view is freed (then *on_unmap* runs).
-        *dontfork*: forked children do not inherit the mapping either."""
+        inherits no descriptor.  Unmapped when the last view is freed, then *on_unmap* runs --
+        exactly once, also when this raises (after undoing the mapping).  *dontfork*: forked
+        children do not inherit the mapping either."""
         import ctypes
 
-        libc = _libc or _load_libc()
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        addr = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
-        if addr is None or addr == ctypes.c_void_p(-1).value:  # MAP_FAILED
-            err = ctypes.get_errno()
-            raise OSError(err, f"mmap of a shared buffer failed: {os.strerror(err)}")
-        if dontfork and hasattr(mmap, "MADV_DONTFORK"):
-            libc.madvise(addr, size, mmap.MADV_DONTFORK)
-        region = (ctypes.c_char * size).from_address(addr)
-        # never at interpreter exit (finalize's default): code running then -- the pool's own
-        # finalizer reading a progress slot, a user's atexit handler reading a result -- may
-        # still use the memory, and the exit unmaps everything anyway
-        weakref.finalize(region, _unmap, addr, size, on_unmap).atexit = False
-        return memoryview(region).cast("B")
+        once = _Unmapped(on_unmap)
+        try:
+            libc = _libc or _load_libc()
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            addr = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
+            if addr is None or addr == ctypes.c_void_p(-1).value:  # MAP_FAILED
+                err = ctypes.get_errno()
+                raise OSError(err, f"mmap of a shared buffer failed: {os.strerror(err)}")
+            once.close = lambda: libc.munmap(addr, size)
+            if dontfork and hasattr(mmap, "MADV_DONTFORK"):
+                libc.madvise(addr, size, mmap.MADV_DONTFORK)
+            region = (ctypes.c_char * size).from_address(addr)
+            # never at interpreter exit (finalize's default): code running then -- the pool's
+            # own finalizer reading a progress slot, a user's atexit handler reading a result
+            # -- may still use the memory, and the exit unmaps everything anyway
+            weakref.finalize(region, once).atexit = False
+            return memoryview(region).cast("B")
+        except BaseException:  # unmapped now and told once (the finalizer, if made, finds
+            once()  # it done; `region`, kept by this traceback alone, must not be read)
+            raise
 
 
 def _map_buffer(fd: int) -> memoryview:
@@ -818,13 +870,10 @@ def _map_buffer(fd: int) -> memoryview:
         lender = lenders.pop(ino, None)
         if lender is not None:
             return _map_lent(fd, st.st_size, ino, lender)
-    try:
-        view = map_fd(fd, st.st_size, on_unmap=(lambda: _released(ino)) if on_release else None)
-    except BaseException:
-        _released(ino)
-        raise
-    _mapped(ino)
-    return view
+    if on_release is None:
+        return map_fd(fd, st.st_size)
+    _mapped(ino)  # (map_fd reports its end once, also when it fails)
+    return map_fd(fd, st.st_size, on_unmap=lambda: _released(ino))
 
 
 def loads(data: bytes | memoryview, nbuf: int = 0, fds: list[int] | None = None) -> Any:

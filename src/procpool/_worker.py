@@ -241,13 +241,18 @@ class Worker:
         segments of ``self.results``: duplicates of those (the channel closes what it sends),
         each segment held for the parent until it says RELEASED.  On an OSError (out of
         descriptors) the payload is closed and the error raised."""
+        from ._start import INTERNAL_FDS
+
         cache = self.results
         segments = payload.segments or []
         lent = {seg.fd for seg in segments}
         fds: list[int] = []
         try:
             for fd in payload.fds:
-                fds.append(os.dup(fd) if fd in lent else fd)
+                if fd in lent:
+                    fd = os.dup(fd)
+                    INTERNAL_FDS.add(fd)  # (a pool a task starts: its workers need not)
+                fds.append(fd)
         except BaseException:
             for fd in fds:
                 if fd not in payload.fds:
