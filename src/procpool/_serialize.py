@@ -737,10 +737,15 @@ def _forked_in_parent() -> None:
 
 
 def _forget_lent() -> None:
+    # (touching as little as it can: every forked worker runs this, and each page written
+    # is its own from then on -- the idle worker's memory)
     global _forks_lock
-    _forks_lock = threading.Lock()  # (another thread of the parent may have held it)
-    lenders.clear()  # (a forked worker: those of its pool's process, not its own)
-    mapped_lent.clear()
+    if _forks_lock.locked():  # (held by another thread of the parent as it forked)
+        _forks_lock = threading.Lock()
+    if lenders:  # a forked worker: its pool's process's, not its own
+        lenders.clear()
+    if mapped_lent:
+        mapped_lent.clear()
 
 
 os.register_at_fork(
