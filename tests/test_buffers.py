@@ -629,3 +629,43 @@ def test_a_result_whose_reading_fails_keeps_its_segment_until_freed(monkeypatch)
         for i in range(3, 6):
             assert (pool.apply(full, (i,)) == float(i)).all()
         assert (kept == 2.0).all()
+
+
+_held_descriptors: list = []
+
+
+def full_without_descriptors(value):
+    """A large result made while this worker has no descriptor left (kept until the next
+    call of ``give_descriptors_back``): it cannot be sent."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _held_descriptors.append((soft, hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    from conftest import use_up_descriptors
+
+    _held_descriptors.extend(use_up_descriptors())
+    return np.full(N, float(value))
+
+
+def give_descriptors_back(_=None):
+    import resource
+
+    limits = _held_descriptors.pop(0)
+    for fd in _held_descriptors:
+        os.close(fd)
+    _held_descriptors.clear()
+    resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+    return True
+
+
+def test_a_large_result_a_worker_out_of_descriptors_cannot_send_fails_alone():
+    with procpool.Pool(1) as pool:
+        for first in (True, False):  # no segment yet (memfd_create fails); one to reuse (dup)
+            if not first:
+                assert (pool.apply(full, (1,)) == 1.0).all()
+            with pytest.raises(procpool.SerializationError, match="could not be sent"):
+                pool.apply(full_without_descriptors, (2,))
+            assert pool.apply(give_descriptors_back)
+            assert (pool.apply(full, (3,)) == 3.0).all()
+        assert pool.apply(result_segments)[0] <= 2  # nothing left lent by the failures

@@ -221,7 +221,11 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - even SystemExit from a __reduce__
             status = P.ERROR
             why = exc.__cause__ if isinstance(exc, SerializationError) and exc.__cause__ else exc
-            exc2 = SerializationError(f"the result of the task could not be pickled: {why!r}")
+            if isinstance(why, OSError) and why.errno is not None:  # (its memfds: EMFILE...)
+                text = f"could not be sent: {why.strerror} in the worker"
+            else:
+                text = f"could not be pickled: {why!r}"
+            exc2 = SerializationError(f"the result of the task {text}")
             payload = _serialize.Payload(pickle.dumps(error_info(exc2)))
             fds = []
         nfd = len(fds) - payload.nbuf
@@ -256,6 +260,7 @@ class Worker:
         except BaseException:
             for fd in fds:
                 if fd not in payload.fds:
+                    INTERNAL_FDS.discard(fd)
                     os.close(fd)
             payload.close()
             raise
