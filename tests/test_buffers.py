@@ -669,3 +669,14 @@ def test_a_large_result_a_worker_out_of_descriptors_cannot_send_fails_alone():
             assert pool.apply(give_descriptors_back)
             assert (pool.apply(full, (3,)) == 3.0).all()
         assert pool.apply(result_segments)[0] <= 2  # nothing left lent by the failures
+
+
+def test_free_result_segments_are_closed_while_small_tasks_keep_the_worker_busy():
+    # they were closed only after TRIM_AFTER seconds with no frame at all (a review)
+    with procpool.Pool(1) as pool:
+        assert (pool.apply(full, (1,)) == 1.0).all()
+        assert pool.apply(result_segments)[0] == 1
+        deadline = time.monotonic() + 3 * _buffers.TRIM_AFTER
+        while pool.apply(result_segments)[0] and time.monotonic() < deadline:
+            time.sleep(0.3)  # a small call every 0.3 s: never 2 s without a frame
+        assert pool.apply(result_segments) == (0, 0)

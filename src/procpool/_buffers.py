@@ -11,7 +11,8 @@ can still see their old contents.
 A segment is free for reuse only when both of these are gone:
 
 * the **payload** that holds it (``_serialize.Payload``): released when its task is done, after
-  the last retry (a worker's result: once its frame is written);
+  the last retry (a worker's result: once its descriptors are queued, held for the parent
+  first);
 * every **mapping** of it on the other side: each time the owner sends the segment it counts
   one hold for the receiver (:meth:`BufferCache.hold`); the receiver reports the segment's
   inode in a ``RELEASED`` frame once the unpickled objects that used the mapping are freed and
@@ -30,9 +31,9 @@ one segment for as long as either side can still mention it.
 An object that keeps a buffer alive (a task storing its argument in a global, a caller keeping
 a result) simply keeps its segment busy; the cache then makes new ones, up to
 ``max_segments`` (a worker's: each lent segment holds one of its descriptors), and past that
-fresh memfds as before.  Free segments are bounded (:data:`CACHE_BYTES`, :data:`CACHE_SEGMENTS`)
-and trimmed after :data:`TRIM_AFTER` seconds unused, so an idle pool or worker gives its memory
-back.  Mappings are ``MADV_DONTFORK`` and the fds are internal: forked workers (and children a
+fresh memfds as before.  Free segments are bounded (:data:`CACHE_BYTES`, or a worker's
+:func:`worker_cache_bytes`, and :data:`CACHE_SEGMENTS`) and trimmed after :data:`TRIM_AFTER`
+seconds unused, so an idle pool or worker gives its memory back.  Mappings are ``MADV_DONTFORK`` and the fds are internal: forked workers (and children a
 task forks) inherit no mapping, and pool workers no descriptor.
 """
 
@@ -67,7 +68,7 @@ def worker_cache_bytes(processes: int) -> int:
 
 
 class Segment:
-    """One memfd, mapped in the parent, lent to one payload at a time."""
+    """One memfd, mapped by its owner (the sender), lent to one payload at a time."""
 
     __slots__ = ("fd", "ino", "size", "view", "busy", "holders", "freed_at", "pinned")
 

@@ -25,7 +25,9 @@ PINNED  inodes of result buffers mapped       PINNED       inodes of argument bu
         when the parent forked: never reuse                when a task forked: never reuse
 
 RELEASED and PINNED mean the same both ways: the receiver of large buffers tells their sender
-which of its reused segments it may write again (see ``_buffers``).
+which of its reused segments it may write again (RELEASED) and which it must never write
+again (PINNED: the receiver forked while it mapped them); PINNED goes first (see
+``_buffers``).
 """
 
 from __future__ import annotations

@@ -431,8 +431,8 @@ def dumps(
 ) -> Payload:
     """Serialize *obj*; raise :class:`SerializationError` naming it if it cannot be pickled.
 
-    With *cache* (a pool's task arguments), large buffers are copied into reusable segments
-    instead of fresh memfds (see ``_buffers``).  *keyed* (a pool's task arguments too):
+    With *cache* (a pool's task arguments, a worker's results), large buffers are copied into
+    reusable segments instead of fresh memfds (see ``_buffers``).  *keyed* (a pool's task arguments too):
     shared-memory regions go by key, listed in the payload's ``regions`` (see send_region).
     """
     collector = _Collector(oob, cache, keyed)

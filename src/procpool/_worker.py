@@ -118,6 +118,7 @@ class Worker:
         # _buffers); made at the first such result, with the free bytes INIT allows
         self.results: BufferCache | None = None
         self.results_bytes = 0
+        self.trim_at = 0.0  # when free result segments are next looked at between frames
         os.register_at_fork(before=self._pin_mapped, after_in_child=self._in_task_child)
 
     # ---------------------------------------------------------------- start-up
@@ -513,10 +514,16 @@ class Worker:
                 cache.pin(P.unpack_inodes(body))
 
     def trim_while_idle(self) -> None:
-        """Wait for the next frame while result segments lie free, closing those unused
-        for ``TRIM_AFTER`` seconds: an idle worker gives their memory back."""
+        """Before waiting for the next frame while result segments lie free: close those
+        unused for ``TRIM_AFTER`` seconds -- looked at every ``TRIM_AFTER`` seconds between
+        frames (a stream of small tasks), and when no frame comes for that long (an idle
+        worker gives their memory back)."""
         cache = self.results
         assert cache is not None
+        now = time.monotonic()
+        if now >= self.trim_at:
+            self.trim_at = now + TRIM_AFTER
+            cache.trim()
         while cache.free_bytes and not self.chan.wait(TRIM_AFTER):
             cache.trim()
 
