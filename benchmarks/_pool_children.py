@@ -9,6 +9,7 @@ keeps each file to one job.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -330,11 +331,13 @@ def child_memory_imap(lib: Any, spec: dict) -> dict:
 
 def child_idle_rss(lib: Any, spec: dict) -> dict:
     n = spec["workers"]
+    # 5c: a function of the main script (this child's __main__ is bench_pool.py)
+    func = sys.modules["__main__"].main_inc if spec.get("main_func") else _tasks.inc
     parent_before = rss_bytes()
     pool = lib.open(n)
     try:
         for i in range(4 * n):  # make sure lazily started workers exist
-            lib.apply(pool, _tasks.inc, i)
+            lib.apply(pool, func, i)
         time.sleep(0.5)  # let workers settle to idle (no condition to wait on: we only observe)
         kids = descendants(os.getpid())
         rss = [rss_bytes(p) for p in kids]

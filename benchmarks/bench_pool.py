@@ -510,6 +510,24 @@ class Runner:
         )
         r = ratio(each.get("procpool"), each.get("mp"))
         self.targets.check("idle worker RSS <= mp's", r, "<=", 1.0, fmt_ratio(r))
+        rows = []
+        each = {}
+        for key in self.libs:
+            r = self.child({"scenario": "idle_rss", "lib": key, "main_func": True}, 60)
+            if "error" in r:
+                rows.append([self.label(key), r["error"], "—", "—"])
+                continue
+            each[key] = median(r["rss"]) if r["rss"] else None
+            rows.append([self.label(key), fmt(each[key] or 0, "B"), key, fmt(sum(r["pss"]), "B")])
+        for row in rows:  # (÷ mp once mp's is known)
+            if row[2] in each:
+                row[2] = fmt_ratio(ratio(each[row[2]], each.get("mp")))
+        print_table(
+            f"5c. Idle worker memory after running a function defined in the main script "
+            f"({self.workers} workers; 5a ran one of an importable module)",
+            ["library", "median RSS each", "÷ mp", "total PSS"],
+            rows,
+        )
         if not self.args.memory:
             print("(5b. imap memory over 10,000,000 items: run with --memory)\n")
             return
@@ -555,6 +573,12 @@ class Runner:
             print()
         pp_problems = [p for p in self.problems if "procpool" in p or "shared_array" in p]
         return 1 if (self.args.strict and pp_problems) else 0
+
+
+def main_inc(x: int) -> int:
+    """``x + 1`` defined in the main script (a child's ``__main__`` is this file): scenario 5c,
+    the idle worker after running a function of the main script, as most programs do."""
+    return x + 1
 
 
 def main(argv: list[str] | None = None) -> int:

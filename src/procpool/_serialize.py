@@ -565,7 +565,8 @@ def dumps_function(func: Any) -> bytes:
     if qualname is None:
         assert isinstance(blob, bytes)
         return blob
-    return pickle.dumps(_MainFunction(qualname, _fingerprint(func), blob), PROTOCOL)
+    needed = tuple(sorted(_code_names(func.__code__) & func.__globals__.keys()))
+    return pickle.dumps(_MainFunction(qualname, _fingerprint(func), blob, needed), PROTOCOL)
 
 
 _BY_REFERENCE = (types.FunctionType, types.BuiltinFunctionType)
@@ -620,6 +621,16 @@ def _code_print(code: types.CodeType) -> tuple:
     return (code.co_code, code.co_names, tuple(_const_print(c) for c in code.co_consts))
 
 
+def _code_names(code: types.CodeType) -> set[str]:
+    """The names *code* and the code nested in it may look up as globals (with attribute
+    names: a superset, as cloudpickle takes them to find the globals a copy carries)."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
 def _const_print(const: Any) -> Any:
     if isinstance(const, types.CodeType):
         return _code_print(const)
@@ -633,18 +644,35 @@ def _const_print(const: Any) -> Any:
 class _MainFunction:
     """Pickles as a call of :func:`_load_main_function` (see above)."""
 
-    __slots__ = ("qualname", "fingerprint", "blob")
+    __slots__ = ("qualname", "fingerprint", "blob", "needed")
 
-    def __init__(self, qualname: str, fingerprint: tuple, blob: bytes | str) -> None:
+    def __init__(
+        self, qualname: str, fingerprint: tuple, blob: bytes | str, needed: tuple = ()
+    ) -> None:
         self.qualname, self.fingerprint, self.blob = qualname, fingerprint, blob
+        self.needed = needed  # the parent's globals the function may use (their names)
 
     def __reduce__(self) -> tuple:
-        return (_load_main_function, (self.qualname, self.fingerprint, self.blob))
+        args = (self.qualname, self.fingerprint, self.blob, self.needed)
+        return (_load_main_function, args)
 
 
-def _load_main_function(qualname: str, fingerprint: tuple, blob: bytes | str) -> Any:
-    copy = pickle.loads(blob) if isinstance(blob, bytes) else None
+def _load_main_function(
+    qualname: str, fingerprint: tuple, blob: bytes | str, needed: tuple | None = None
+) -> Any:
+    """The worker's own function when it is the parent's (same fingerprint), with the globals
+    it needs that the worker lacks taken from the copy -- unpickled only then: unpickling it
+    imports cloudpickle, ≈ 2 MB in every worker that runs a ``__main__`` function; else the
+    copy.  (*needed*: the names of the parent's globals the function may use; None: look.)"""
     own = _lookup_main(qualname)
+    if (
+        needed is not None
+        and type(own) is types.FunctionType
+        and all(name in own.__globals__ for name in needed)
+        and _fingerprint(own) == fingerprint
+    ):
+        return own  # nothing to fill in: no copy needed
+    copy = pickle.loads(blob) if isinstance(blob, bytes) else None
     if type(own) is not types.FunctionType or _fingerprint(own) != fingerprint:
         if isinstance(blob, str):  # (then there is no copy: blob says why)
             raise AttributeError(
