@@ -106,6 +106,21 @@ def check_clean_exit(child, pgid, start):
     assert elapsed < EXIT_WITHIN_S
 
 
+#: what CPython prints when a KeyboardInterrupt is raised inside a weakref callback (and
+#: dropped there): the Ctrl-C is lost to the program
+SWALLOWED = "Exception ignored in: <function WeakSet.__init__.<locals>._remove"
+
+
+def _without_swallowed(err: str) -> str:
+    """*err* less CPython's report of a KeyboardInterrupt dropped in a weakref callback."""
+    while SWALLOWED in err:
+        start = err.index(SWALLOWED)
+        end = err.find("KeyboardInterrupt", start)
+        end = len(err) if end < 0 else err.find("\n", end) % (len(err) + 1)
+        err = err[:start] + err[end:]
+    return err
+
+
 CAUGHT = {
     "apply": "pool.apply(h.print_then_sleep, (0,))",
     "asyncresult-get": "pool.apply_async(h.print_then_sleep, (0,)).get()",
@@ -144,14 +159,23 @@ def test_ctrl_c_caught_by_the_caller_leaves_a_working_pool(way, method, leak_che
         child.wait_line("TASK-STARTED")
         os.killpg(pgid, signal.SIGINT)
         try:
-            child.wait_line("CAUGHT", EXIT_WITHIN_S)
+            try:
+                child.wait_line("CAUGHT", EXIT_WITHIN_S)
+            except AssertionError:
+                if SWALLOWED not in child.stderr_text(1.0):
+                    raise
+                # CPython ran the Ctrl-C's KeyboardInterrupt inside a weakref callback, which
+                # prints it and goes on ("Exception ignored in"): the interrupt never reached
+                # the program, procpool or not -- a user presses Ctrl-C again
+                os.killpg(pgid, signal.SIGINT)
+                child.wait_line("CAUGHT", EXIT_WITHIN_S)
             if one_task:
                 assert child.wait_line("SQUARE", EXIT_WITHIN_S) == "SQUARE 9"
             child.wait_line("TERMINATED", EXIT_WITHIN_S)
             rc = child.wait(EXIT_WITHIN_S)
             assert rc == 0, child.stderr_text()
             assert wait_until(lambda: not h.group_members(pgid), 5.0), h.group_members(pgid)
-            assert "Traceback" not in child.stderr_text()
+            assert "Traceback" not in _without_swallowed(child.stderr_text())
         except AssertionError:
             xfail_on_lock_race(child)
             raise
