@@ -611,3 +611,46 @@ def test_a_put_interrupted_just_after_taking_its_slot_keeps_none(block):
     assert not armed and q.empty()
     q.put("y", timeout=5)
     assert q.get(timeout=5) == "y"
+
+
+def _drain_counting(q, out):
+    """Count what comes (as (thread, index)) until None, checking each message whole."""
+    import collections
+
+    got = collections.Counter()
+    while True:
+        m = q.get()
+        if m is None:
+            break
+        assert m[:-4] == m[:1] * (len(m) - 4), "a torn message"
+        got[(m[0], int.from_bytes(m[-4:], "little"))] += 1
+    out.put(dict(got))
+
+
+def test_threads_putting_large_messages_lose_and_duplicate_none():
+    # the sending process's reusable memfds were shared by its threads: one evicting an entry
+    # closed the descriptor another was still writing or sending (EBADF), and its number,
+    # taken by a third thread's memfd, went out twice -- a message lost, another duplicated
+    threads, per, size = 12, 30, 200_000
+    q, out = procpool.Queue(), procpool.Queue()
+    consumer = multiprocessing.get_context("fork").Process(target=_drain_counting, args=(q, out))
+    consumer.start()
+    errors = []
+
+    def produce(t):
+        for i in range(per):
+            try:
+                q.put(bytes([t]) * size + i.to_bytes(4, "little"))
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(repr(exc))
+
+    workers = [threading.Thread(target=produce, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    q.put(None)
+    got = out.get(timeout=60)
+    consumer.join(10)
+    assert errors == []
+    assert got == {(t, i): 1 for t in range(threads) for i in range(per)}

@@ -11,7 +11,10 @@ sending process keeps a few memfds and reuses one as soon as its receiver is don
 The receiver copies the payload out before setting "done", so reuse can never overwrite data
 still being read.  A receiver killed before setting it just leaves that memfd unused; it is
 evicted (closed) when the cache is full, and the kernel frees it with its last descriptor.
-Nothing has a name; nothing can leak past the processes.
+The sender writes and sends a *duplicate* of the cache's descriptor, which it closes once
+sent: another thread evicting the entry meanwhile closes only the cache's own (it closed the
+one being sent, whose number a third thread's memfd could then take: a message lost and
+another sent twice).  Nothing has a name; nothing can leak past the processes.
 """
 
 from __future__ import annotations
@@ -68,15 +71,13 @@ def _new_memfd(size: int) -> int:
     return fd
 
 
-def write(data: bytes | memoryview) -> tuple[int, bool]:
-    """Put *data* in a memfd; return ``(fd, cached)``.
-
-    Send *fd*; then close it only when *cached* is false (a cached fd stays with the cache).
-    """
+def write(data: bytes | memoryview) -> int:
+    """Put *data* in a memfd; return a descriptor of it, which the caller sends, then closes
+    (a reused memfd's own descriptor stays with the cache: this is a duplicate)."""
     size = len(data)
-    fd = -1
     if size <= _CACHE_MAX_BYTES:
         with _lock:
+            fd = -1
             for entry in _cache:
                 efd, cap = entry
                 if os.pread(efd, 1, 0) == _DONE:
@@ -84,22 +85,30 @@ def write(data: bytes | memoryview) -> tuple[int, bool]:
                         os.ftruncate(efd, HEADER + size)
                         entry[1] = size
                     os.pwrite(efd, _BUSY, 0)
-                    fd = efd
+                    fd = os.dup(efd)
                     break
             if fd < 0:
-                fd = _new_memfd(size)
+                new = _new_memfd(size)
+                try:
+                    fd = os.dup(new)
+                except BaseException:
+                    os.close(new)
+                    raise
                 if len(_cache) >= _CACHE_ENTRIES:
                     old = _cache.pop(0)  # in flight too long (its receiver may be dead)
-                    os.close(old[0])
-                _cache.append([fd, size])
-        cached = True
+                    os.close(old[0])  # (its sender's duplicate, if still sending, stays)
+                _cache.append([new, size])
     else:
-        fd, cached = _new_memfd(size), False
-    view = memoryview(data).cast("B")
-    done = 0
-    while done < size:
-        done += os.pwrite(fd, view[done:], HEADER + done)
-    return fd, cached
+        fd = _new_memfd(size)
+    try:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < size:
+            done += os.pwrite(fd, view[done:], HEADER + done)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 #: the most one read() returns on Linux, whatever is asked (0x7ffff000 bytes)

@@ -166,14 +166,14 @@ class Wire:
                     ready()
                 self._send(data, None, deadline, block)
                 return
-            bulk_fd, cached = -1, False
+            bulk_fd = -1
             try:
                 flags = RAW if raw else 0
                 parts: list[Any] = []
                 # every headed datagram carries a descriptor (an empty SCM_RIGHTS is not
                 # delivered, and the receiver tells headed datagrams by their descriptors)
                 if size > self.inline_max or size == 0 or raw or not fds:
-                    bulk_fd, cached = _ipc_bulk.write(data)
+                    bulk_fd = _ipc_bulk.write(data)
                     flags |= BULK
                 else:
                     parts.append(data)
@@ -186,7 +186,7 @@ class Wire:
                     ready()
                 self._send([header, *parts], anc, deadline, block)
             finally:
-                if bulk_fd >= 0 and not cached:
+                if bulk_fd >= 0:  # (a duplicate: see _ipc_bulk.write)
                     os.close(bulk_fd)
         finally:
             _close_all(fds)
