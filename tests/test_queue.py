@@ -333,6 +333,32 @@ def test_forked_child_closing_its_copy_of_a_named_queue_leaves_the_name_served()
         q.close()
 
 
+def _sleep_a_while():
+    time.sleep(20)
+
+
+def test_a_forked_child_does_not_keep_a_named_queues_name_bound():
+    # the child inherited the listening socket: after unlink() the name still answered
+    # (open waited out its timeout) and could not be taken again, for as long as it lived
+    name = f"pptest-q-{uuid.uuid4().hex[:8]}"
+    q = procpool.Queue(name=name)
+    child = FORK.Process(target=_sleep_a_while)
+    child.start()
+    try:
+        time.sleep(0.2)  # (the child has run its at-fork hooks)
+        q.unlink()
+        t0 = time.monotonic()
+        with pytest.raises(FileNotFoundError):
+            procpool.Queue.open(name, timeout=5)
+        assert time.monotonic() - t0 < 2
+        again = procpool.Queue(name=name)  # the name is free
+        again.close()
+    finally:
+        child.kill()
+        child.join(10)
+        q.close()
+
+
 def test_qsize_exact_with_many_messages():
     q = procpool.Queue()
     q.put_many(range(3000))

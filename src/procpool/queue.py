@@ -495,6 +495,7 @@ class _Rendezvous:
             target=self._serve, name=f"procpool-queue-{name}", daemon=True
         )
         self._thread.start()
+        _SERVING.add(self)
 
     def _serve(self) -> None:
         import select
@@ -548,6 +549,16 @@ class _Rendezvous:
             if threading.current_thread() is not self._thread:
                 self._thread.join(5)
 
+    def forget_in_child(self) -> None:
+        """In a child forked from the serving process (see _forked): close the copies of the
+        listening socket and the stop pipe at once -- a child keeping them kept the name
+        bound after ``unlink()`` or the creator's death, for as long as it lived."""
+        if self._pid != os.getpid() and self._stop_w >= 0:
+            for fd in (self._stop_r, self._stop_w):
+                os.close(fd)
+            self._stop_w = -1
+            self._sock.close()
+
     @staticmethod
     def fetch(name: str, timeout: float) -> Queue:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -562,6 +573,22 @@ class _Rendezvous:
                 raise TimeoutError(
                     f"the queue named {name!r} did not answer in {timeout}s"
                 ) from None
+            except ConnectionResetError:  # (the listener closed with us in its backlog)
+                raise FileNotFoundError(f"no process serves a queue named {name!r}") from None
         if eof or not isinstance(obj, Queue):
             raise FileNotFoundError(f"no process serves a queue named {name!r}")
         return obj
+
+
+#: the rendezvous this process serves (weakly: a dropped queue's goes with it)
+_SERVING: weakref.WeakSet[_Rendezvous] = weakref.WeakSet()
+
+
+def _forked() -> None:
+    if _SERVING:  # (nothing touched in a child of a process serving no named queue)
+        for server in list(_SERVING):
+            server.forget_in_child()
+        _SERVING.clear()
+
+
+os.register_at_fork(after_in_child=_forked)
