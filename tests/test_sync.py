@@ -467,7 +467,7 @@ def test_a_process_killed_in_joinable_queue_join_does_not_hold_up_task_done():
     q.put(1)
     doomed = FORK.Process(target=_join_queue, args=(q,))
     doomed.start()
-    assert _wait_until(lambda: _sleeping(q._cond, 1))
+    assert _wait_until(lambda: q._joiners._get_value() == 1)  # (in join())
     os.kill(doomed.pid, signal.SIGKILL)
     doomed.join(10)
     assert q.get(timeout=10) == 1
@@ -477,3 +477,50 @@ def test_a_process_killed_in_joinable_queue_join_does_not_hold_up_task_done():
     assert not done.is_alive(), "task_done() waits for the killed joiner"
     q.join()  # (returns at once: nothing unfinished)
     q.close()
+
+
+def _consume_forever(q):
+    while True:
+        q.get()
+        q.task_done()
+
+
+def _join_and_report(q, last):
+    while True:
+        q.join(timeout=0.2)
+        last.value = time.monotonic()  # (join returned)
+
+
+def test_consumers_killed_in_task_done_never_hold_up_join_or_other_consumers():
+    # task_done() and join() took a lock: a consumer killed holding it (in task_done, about
+    # one kill in ten) left join(timeout) and every later task_done() waiting for good
+    q = procpool.JoinableQueue()
+    last = procpool.Value("d", time.monotonic())
+    joiner = FORK.Process(target=_join_and_report, args=(q, last))
+    joiner.start()
+    try:
+        for _ in range(120):
+            consumer = FORK.Process(target=_consume_forever, args=(q,))
+            consumer.start()
+            for i in range(50):
+                q.put(i)
+            time.sleep(0.005)
+            os.kill(consumer.pid, signal.SIGKILL)
+            consumer.join(10)
+            seen = time.monotonic()
+            assert _wait_until(lambda seen=seen: last.value > seen), "join(timeout=0.2) overran"
+
+        def mark_one():  # (a task the killed consumers left undone, or ValueError)
+            try:
+                q.task_done()
+            except ValueError:
+                pass
+
+        done = threading.Thread(target=mark_one, daemon=True)
+        done.start()
+        done.join(10)
+        assert not done.is_alive(), "task_done() waits for a killed consumer"
+    finally:
+        joiner.kill()
+        joiner.join(10)
+        q.close()

@@ -48,7 +48,6 @@ from collections.abc import Iterable
 from . import _ipc_wire, _serialize
 from ._ipc_fd import FdHandle
 from ._ipc_mem import SEM_VALUE_MAX, SEMAPHORE, Region
-from .sync import Condition, Lock
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
@@ -59,7 +58,8 @@ __all__ = ["Queue", "JoinableQueue", "SimpleQueue", "Empty", "Full"]
 Empty = _stdqueue.Empty
 Full = _stdqueue.Full
 
-_ITEMS, _DEBT, _FREE, _UNFINISHED = range(4)
+_ITEMS, _DEBT, _FREE, _UNFINISHED, _ZERO, _JOINERS = range(6)
+JOIN_SLICE = 0.2  # seconds a JoinableQueue.join() waits for a wake-up before it looks again
 _SEND_FLAGS = int(socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
 _dumps = pickle.dumps
 _loads = pickle.loads
@@ -419,50 +419,64 @@ class JoinableQueue(Queue):
 
     def __init__(self, maxsize: int = 0, *, name: str | None = None) -> None:
         super().__init__(maxsize, name=name)
-        self._unfinished = self._region.semaphore(
-            _UNFINISHED, SEMAPHORE, 0, SEM_VALUE_MAX, init=True
-        )
-        self._cond = Condition(Lock())
+        self._join_semaphores(init=True)
 
-    def _state(self) -> tuple[Any, ...]:
-        return (*super()._state(), self._cond)
+    def _join_semaphores(self, init: bool) -> None:
+        # the unfinished count; wake-up tokens for join(); how many join() now.  No lock: a
+        # process killed holding one (a Condition's, as before) left task_done() and join()
+        # waiting for good
+        region = self._region
+        self._unfinished = region.semaphore(_UNFINISHED, SEMAPHORE, 0, SEM_VALUE_MAX, init=init)
+        self._zero = region.semaphore(_ZERO, SEMAPHORE, 0, SEM_VALUE_MAX, init=init)
+        self._joiners = region.semaphore(_JOINERS, SEMAPHORE, 0, SEM_VALUE_MAX, init=init)
 
     def _rebuild(self, state: tuple[Any, ...]) -> None:
         super()._rebuild(state)
-        self._unfinished = self._region.semaphore(
-            _UNFINISHED, SEMAPHORE, 0, SEM_VALUE_MAX, init=False
-        )
-        self._cond = state[4]
+        self._join_semaphores(init=False)
 
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         self._unfinished.release()  # before the message can be seen, so task_done never races
         try:
             super().put(obj, block, timeout)
         except BaseException:
-            with self._cond:  # as task_done: a join() may be waiting for this count to be 0
-                self._unfinished.acquire(False)
-                if self._unfinished._is_zero():
-                    self._cond.notify_all()
+            self._one_done()  # (not put: a join() may be waiting for this count to be 0)
             raise
+
+    def _one_done(self) -> bool:
+        """Count one task done (False if none was unfinished); at zero, wake the joiners: a
+        token each, up to as many as wait now (a joiner killed in join() counts on: its
+        token is left over, and wakes a later joiner once, which looks and waits again)."""
+        if not self._unfinished.acquire(False):
+            return False
+        if self._unfinished._is_zero():
+            for _ in range(self._joiners._get_value() - self._zero._get_value()):
+                try:
+                    self._zero.release()
+                except ValueError:  # (at its maximum)
+                    break
+        return True
 
     def task_done(self) -> None:
         """Mark one message taken with ``get`` as processed."""
-        with self._cond:
-            if not self._unfinished.acquire(False):
-                raise ValueError("task_done() called too many times")
-            if self._unfinished._is_zero():
-                self._cond.notify_all()
+        if not self._one_done():
+            raise ValueError("task_done() called too many times")
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until every message put has been marked done; False if *timeout* passed first."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
+        self._joiners.release()  # (before looking: a task_done() that makes it 0 then wakes us)
+        try:
             while not self._unfinished._is_zero():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
-                self._cond.wait(remaining)
-        return True
+                # in slices: a wake-up another joiner took, or one lost with a killed
+                # task_done(), costs at most one slice
+                wait = JOIN_SLICE if remaining is None else min(remaining, JOIN_SLICE)
+                self._zero.acquire(True, wait)
+            return True
+        finally:
+            self._joiners.acquire(False)
 
 
 class _Rendezvous:
