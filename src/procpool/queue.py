@@ -26,7 +26,9 @@ Guarantees when a process is SIGKILLed inside ``put``/``get`` (documented honest
 itself is delivered whole exactly once or lost with its dying sender/receiver; never half, never
 twice, and the queue keeps working for everyone else.  The *counters* are updated just after the
 datagram moves, so a kill in that window can leave ``qsize()`` off by one, and (for a bounded
-queue) permanently take one slot of ``maxsize`` -- never block a message that is there.
+queue) permanently take one slot of ``maxsize`` -- never block a message that is there.  The
+window is not small for a busy consumer (about one SIGKILL in three of a consumer in a tight
+``get`` loop lands in it): see docs/ipc.md, "Guarantees under SIGKILL" -- not fixed yet.
 
 Capacity: an unbounded queue (``maxsize=0``) holds as much as the socket's kernel buffer -- we ask
 for 64 MiB (``SO_SNDBUFFORCE`` when privileged, else up to ``net.core.wmem_max``); each small
