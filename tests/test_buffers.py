@@ -137,19 +137,24 @@ def test_the_cache_is_bounded():
     assert cache.take(data[0]) is None  # closed: the caller falls back to a fresh memfd
 
 
-def worker_memfds(_=None):
-    """The procpool memfds this worker holds (descriptors) and maps."""
+def _memfds(*names):
+    """This process's memfds of these names: the descriptors it holds, and its mappings."""
     fds = []
     for fd in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue
-        if "memfd:procpool-arg" in target or "memfd:procpool-buffer" in target:
+        if any(f"memfd:{name}" in target for name in names):
             fds.append(target)
     with open("/proc/self/maps") as f:
-        maps = [line for line in f if "procpool-arg" in line or "procpool-buffer" in line]
+        maps = [line for line in f if any(name in line for name in names)]
     return fds, maps
+
+
+def worker_memfds(_=None):
+    """The procpool memfds this worker holds (descriptors) and maps."""
+    return _memfds("procpool-arg", "procpool-buffer")
 
 
 def test_workers_started_later_inherit_no_argument_memory():
@@ -405,17 +410,8 @@ def full(value, n=N):
 
 
 def result_segments(_=None):
-    """This worker's result segments: descriptors it holds, and those it maps."""
-    fds = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if "memfd:procpool-result" in target:
-            fds.append(target)
-    with open("/proc/self/maps") as f:
-        maps = [line for line in f if "procpool-result" in line]
+    """This worker's result segments: how many descriptors it holds, and how many it maps."""
+    fds, maps = _memfds("procpool-result")
     return len(fds), len(maps)
 
 
