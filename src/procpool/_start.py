@@ -34,6 +34,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import warnings
 
 from . import _protocol as P
@@ -697,11 +698,30 @@ def forkserver_main() -> None:
                 os.close(pidfd)
             parent_sock.close()
         elif cmd == b"R":
-            try:
-                _, status = os.waitpid(pid, 0)
-                ctl.sendall(_REPLY.pack(status, 1))
-            except ChildProcessError:
-                ctl.sendall(_REPLY.pack(0, 0))
+            ctl.sendall(_reap_in_server(pid))
+
+
+#: seconds the fork server waits for a worker it is asked to reap to end
+REAP_WAIT = 2.0
+
+
+def _reap_in_server(pid: int) -> bytes:
+    """The fork server's answer to a reap request: the worker's wait status, once it has
+    ended -- or "unknown" after REAP_WAIT seconds.  (With a blocking ``waitpid``, a pool was
+    once seen waiting for good in a CI run: this server in ``waitpid`` on a live worker, the
+    pool's I/O thread reading this answer.  Whatever asked, the pool then goes on; the worker,
+    its channel closed by the pool, exits.)"""
+    deadline = time.monotonic() + REAP_WAIT
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return _REPLY.pack(0, 0)
+        if done:
+            return _REPLY.pack(status, 1)
+        if time.monotonic() > deadline:
+            return _REPLY.pack(0, 0)
+        time.sleep(0.001)
 
 
 def make_launcher(method: str | None) -> Launcher:

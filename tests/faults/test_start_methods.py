@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 from conftest import child_processes, is_alive, wait_until
@@ -113,3 +114,23 @@ def test_inner_pool_dies_with_its_worker(pool, tmp_path):
     assert wait_until(lambda: not h.still_alive(inner), 5.0), h.still_alive(inner)
     assert all(not is_alive(p, start) for p, start in inner.items())
     assert pool.apply(h.square, (3,)) == 9
+
+
+def test_a_fork_server_asked_to_reap_a_live_worker_answers_in_time():
+    # it waited in a blocking waitpid: a pool asking about a live worker (seen once in CI)
+    # then waited for good, its I/O thread reading the answer
+    from procpool import _start
+
+    launcher = _start.ForkServerLauncher()
+    try:
+        proc = launcher.start()
+        start = time.monotonic()
+        assert launcher.reap(proc) is None  # alive: "unknown", in time
+        assert time.monotonic() - start < _start.REAP_WAIT + 3
+        proc.sock.close()  # its channel closed: the worker exits
+        codes = []
+        assert wait_until(lambda: codes.append(launcher.reap(proc)) or codes[-1] is not None, 20)
+        if proc.pidfd >= 0:
+            os.close(proc.pidfd)
+    finally:
+        launcher.close()
