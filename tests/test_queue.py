@@ -333,7 +333,8 @@ def test_forked_child_closing_its_copy_of_a_named_queue_leaves_the_name_served()
         q.close()
 
 
-def _sleep_a_while():
+def _say_ready_then_sleep(ready):
+    ready.set()  # (its at-fork hooks ran before this)
     time.sleep(20)
 
 
@@ -342,10 +343,11 @@ def test_a_forked_child_does_not_keep_a_named_queues_name_bound():
     # (open waited out its timeout) and could not be taken again, for as long as it lived
     name = f"pptest-q-{uuid.uuid4().hex[:8]}"
     q = procpool.Queue(name=name)
-    child = FORK.Process(target=_sleep_a_while)
+    ready = FORK.Event()
+    child = FORK.Process(target=_say_ready_then_sleep, args=(ready,))
     child.start()
     try:
-        time.sleep(0.2)  # (the child has run its at-fork hooks)
+        assert ready.wait(10)
         q.unlink()
         t0 = time.monotonic()
         with pytest.raises(FileNotFoundError):

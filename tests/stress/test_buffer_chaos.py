@@ -32,6 +32,18 @@ def check(a):
     return first
 
 
+def _kill_a_worker(pool, rng) -> bool:
+    """SIGKILL one of *pool*'s workers, chosen with *rng*: True if one was killed."""
+    pids = pool.pids()
+    if not pids:
+        return False
+    try:
+        os.kill(rng.choice(pids), signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _mappings(name: str = "procpool-arg") -> list[str]:
     with open("/proc/self/maps") as f:
         return [line for line in f if name in line]
@@ -50,13 +62,7 @@ def test_reused_argument_segments_under_a_sigkill_storm():
         def killer():
             nonlocal kills
             while not stop.wait(0.1):
-                pids = pool.pids()
-                if pids:
-                    try:
-                        os.kill(random.choice(pids), signal.SIGKILL)
-                        kills += 1
-                    except ProcessLookupError:
-                        pass
+                kills += _kill_a_worker(pool, random)
 
         thread = threading.Thread(target=killer, daemon=True)
         thread.start()
@@ -141,13 +147,7 @@ def test_reused_result_segments_under_keeps_drops_forks_and_kills():
         while time.monotonic() < deadline:
             time.sleep(0.3)
             if rng.random() < 0.3:
-                pids = pool.pids()
-                if pids:
-                    try:
-                        os.kill(rng.choice(pids), signal.SIGKILL)
-                        kills += 1
-                    except ProcessLookupError:
-                        pass
+                kills += _kill_a_worker(pool, rng)
             if rng.random() < 0.3 and len(children) < 5:
                 with lock:
                     inherited = dict(kept)
