@@ -26,11 +26,10 @@ Guarantees when a process is SIGKILLed inside ``put``/``get`` (documented honest
 itself is delivered whole exactly once or lost with its dying sender/receiver; never half, never
 twice, and the queue keeps working for everyone else.  The *counters* are updated just after the
 datagram moves, so a kill in that window (about one SIGKILL in three of a consumer in a busy
-``get`` loop) leaves the count one too high and, for a bounded queue, one slot never given
-back.  They heal: ``empty()`` asks the kernel (exact), ``qsize()`` is 0 whenever the kernel
-holds nothing, and once nothing is waiting and the counters stay wrong over a while (a put
-waiting for a slot, or two looks by ``qsize``/``empty``/``full``), they are set right
-(:meth:`Queue._heal`; docs/ipc.md, "Guarantees under SIGKILL").
+``get`` loop) leaves the count one too high and, for a bounded queue, one slot of ``maxsize``
+taken for good.  ``empty()`` does not depend on them (it asks the kernel), nor does
+``qsize() == 0``; the lost slots are not given back yet: see docs/ipc.md, "Guarantees under
+SIGKILL".
 
 Capacity: an unbounded queue (``maxsize=0``) holds as much as the socket's kernel buffer -- we ask
 for 64 MiB (``SO_SNDBUFFORCE`` when privileged, else up to ``net.core.wmem_max``); each small
@@ -66,13 +65,6 @@ Full = _stdqueue.Full
 
 _ITEMS, _DEBT, _FREE, _UNFINISHED, _ZERO, _JOINERS = range(6)
 JOIN_SLICE = 0.2  # seconds a JoinableQueue.join() waits for a wake-up before it looks again
-# Counters left wrong by a killed process (see Queue._heal): a put waiting for a slot looks
-# every PUT_SLICE seconds; a state is taken as stale after HEAL_CHECKS looks HEAL_PAUSE apart
-# (a blocking put), or two looks HEAL_AFTER apart (put_nowait), found the same.
-PUT_SLICE = 0.25
-HEAL_CHECKS = 5
-HEAL_PAUSE = 0.01
-HEAL_AFTER = 0.5
 _SIOCINQ = 0x541B  # (FIONREAD) bytes waiting in a socket; for SOCK_SEQPACKET, in every datagram
 _SEND_FLAGS = int(socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
 _dumps = pickle.dumps
@@ -138,7 +130,6 @@ class Queue:
         )
         self._closed = False
         self._inq = array.array("i", [0])  # (SIOCINQ's answer)
-        self._suspect: tuple[float, tuple[int, int, int]] | None = None  # (see _heal)
         # a message get_many took that did not unpickle, after others it returned: raised by
         # the next get or get_many
         self._deferred: BaseException | None = None
@@ -227,20 +218,14 @@ class Queue:
         # point between where a signal handler's exception could land: the interpreter runs
         # handlers between calls, so ``ok = acquire()`` could lose a slot taken (a maxsize=1
         # queue would refuse every put for good), while an interrupted wait takes none.
-        took: list[bool] = []  # ends with True once the slot is ours
+        took: list[bool] = []  # [True] once the slot is ours
 
         def take_slot() -> None:
             assert free is not None
-            while True:
-                left = None if deadline is None else max(deadline - time.monotonic(), 0)
-                wait = PUT_SLICE if left is None or left > PUT_SLICE else left
-                took.extend(map(free.acquire, (block,), (wait,)))  # (a C call records it)
-                if took[-1]:
-                    return
-                if self._heal(block):  # (slots lost with a killed process, given back)
-                    continue
-                if not block or (left is not None and left <= wait):
-                    raise Full
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            took.extend(map(free.acquire, (block,), (left,)))  # (a C call records it)
+            if not took[0]:
+                raise Full
 
         try:
             self._wire_w.send_frame(
@@ -254,11 +239,11 @@ class Queue:
                 not block,
             )
         except _ipc_wire.Expired:
-            if took and took[-1]:
+            if took and took[0]:
                 _give_slot(free)
             raise Full from None
         except BaseException:
-            if took and took[-1]:
+            if took and took[0]:
                 _give_slot(free)
             raise
         if not self._debt_acquire(False):
@@ -360,86 +345,34 @@ class Queue:
 
     # -- state --------------------------------------------------------------------------
     def qsize(self) -> int:
-        """The number of messages in the queue: 0 exactly when it is empty; above that, a
-        count that a process killed inside ``put``/``get`` may have left off (see
-        :meth:`_heal`)."""
+        """The number of messages in the queue: 0 exactly when none waits (the kernel's
+        answer); above that, a count that a process killed inside ``put``/``get`` may have
+        left off (docs/ipc.md, "Guarantees under SIGKILL")."""
         count = self._items._get_value() - self._debt._get_value()
         if self._closed:
             return count if count > 0 else 0
         if self._socket_empty():
-            self._heal(False)
             return 0
         return count if count > 1 else 1
 
     def empty(self) -> bool:
-        """True if the queue holds no message (the kernel's answer: exact)."""
+        """True if no message waits in the queue (the kernel's answer: exact, also after a
+        process was killed inside ``put``/``get``; after :meth:`close`, the count's)."""
         if self._closed:
             return self._items._get_value() <= self._debt._get_value()
-        if self._socket_empty():
-            self._heal(False)
-            return True
-        return False
+        return self._socket_empty()
 
     def full(self) -> bool:
-        """True if a bounded queue holds ``maxsize`` messages."""
+        """True if a bounded queue holds ``maxsize`` messages (no slot free, and a message
+        waits)."""
         if self._free is None or self._free._get_value() != 0:
             return False
-        return self._closed or not self.empty()
+        return self._closed or not self._socket_empty()
 
     def _socket_empty(self) -> bool:
+        # every datagram carries data (a large message: its header), so 0 bytes = no message
         fcntl.ioctl(self._r.fileno(), _SIOCINQ, self._inq)
         return self._inq[0] == 0
-
-    def _counts(self) -> tuple[int, int, int]:
-        free = self._maxsize if self._free is None else self._free._get_value()
-        return (self._items._get_value(), self._debt._get_value(), free)
-
-    def _heal(self, confirm: bool) -> bool:
-        """Set the counters right if a killed process left them wrong; True if it did.
-
-        A datagram moves in the kernel and the counters after it, so a process killed in
-        between (about one SIGKILL in three of a consumer in a busy ``get`` loop: the kill
-        lands while the datagram is being taken) leaves a message counted that is gone and,
-        for a bounded queue, a slot that is never given back.  Once no message is waiting
-        (the kernel says so exactly) every slot should be free and the count zero; a live
-        process between its datagram and its counters holds that state for microseconds, a
-        dead one for good.  So the state must stay the same over HEAL_CHECKS looks
-        HEAL_PAUSE apart (*confirm*: a put that has waited PUT_SLICE for a slot), or over
-        two calls HEAL_AFTER apart.  Should a live process be that slow (stopped), the wrong
-        guess costs a bounded queue one message over ``maxsize`` until it next drains: a
-        slot given back at ``maxsize`` is dropped (:func:`_give_slot`)."""
-        if not self._socket_empty():
-            self._suspect = None
-            return False
-        counts = self._counts()
-        items, debt, free = counts
-        if items == debt and free == self._maxsize:
-            self._suspect = None
-            return False
-        if confirm:
-            for _ in range(HEAL_CHECKS):
-                time.sleep(HEAL_PAUSE)
-                if not self._socket_empty() or self._counts() != counts:
-                    return False
-        else:
-            now = time.monotonic()
-            suspect = self._suspect
-            if suspect is None or suspect[1] != counts:
-                self._suspect = (now, counts)
-                return False
-            if now - suspect[0] < HEAL_AFTER:
-                return False
-        self._suspect = None
-        stale, drop = (items - debt, self._items) if items > debt else (debt - items, self._debt)
-        for _ in range(stale):
-            if not drop.acquire(False):
-                break
-        for _ in range(self._maxsize - free):
-            try:
-                self._free.release()  # type: ignore[union-attr]
-            except ValueError:  # (at maxsize: a get gave it back meanwhile)
-                break
-        return True
 
     @property
     def maxsize(self) -> int:

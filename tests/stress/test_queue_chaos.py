@@ -155,10 +155,11 @@ def _keep_some_waiting(q, stop, most):
 @pytest.mark.stress
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("maxsize", [0, 20])
-def test_consumers_sigkilled_in_a_busy_get_loop_leave_no_count_or_slot_wrong(maxsize):
+def test_consumers_sigkilled_in_a_busy_get_loop_leave_empty_and_qsize_right(maxsize):
     # About one SIGKILL in three of a consumer in a busy get loop lands between the datagram
-    # and the counters.  Before the counters healed, 60 such kills left an empty
-    # Queue(maxsize=20) refusing every put, and qsize()/empty() saying it held messages.
+    # and the counters.  Before, 60 such kills left an empty queue saying qsize() == 20, and
+    # `while not q.empty(): q.get()` waited for good.  (A bounded queue's slots lost that way
+    # are not given back yet: docs/ipc.md, "Guarantees under SIGKILL".)
     rng = random.Random(os.environ.get("PROCPOOL_STRESS_SEED"))
     q = procpool.Queue(maxsize)
     stop = procpool.Event()
@@ -182,21 +183,11 @@ def test_consumers_sigkilled_in_a_busy_get_loop_leave_no_count_or_slot_wrong(max
             if proc.is_alive():
                 proc.kill()
             proc.join(10)
-    while True:  # what is left
-        try:
-            q.get_many(timeout=0.2)
-        except queue.Empty:
-            break
-    assert q.empty()
-    time.sleep(procpool.queue.HEAL_AFTER + 0.1)
-    assert q.qsize() == 0
-    bound = maxsize or 50
-    for i in range(bound):
-        q.put_nowait(i)
-    assert q.qsize() == bound
-    if maxsize:
-        assert q.full()
-        with pytest.raises(queue.Full):
-            q.put_nowait("over the bound")
-    assert q.get_many(timeout=1) == list(range(bound))
+    deadline = time.monotonic() + 30
+    while not q.empty():  # what is left
+        assert time.monotonic() < deadline, "empty() never came true"
+        q.get(timeout=1)
+    assert q.qsize() == 0 and not q.full()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.1)
     q.close()
