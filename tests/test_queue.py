@@ -379,6 +379,13 @@ def _take_uncounted_then_die(q, n):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _get_killed_before_counting(q):
+    # a real get(), SIGKILLed where about one kill in three of a busy consumer lands: the
+    # datagram taken, its slot not yet given back
+    q._account_get = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    q.get(timeout=5)
+
+
 @pytest.mark.parametrize("maxsize", [0, 3])
 def test_empty_and_qsize_say_empty_after_a_consumer_killed_between_datagram_and_counters(maxsize):
     # before, qsize() said 3 and `while not q.empty(): q.get()` waited for good
@@ -388,11 +395,85 @@ def test_empty_and_qsize_say_empty_after_a_consumer_killed_between_datagram_and_
     assert q.empty() and q.qsize() == 0 and not q.full()
     while not q.empty():
         q.get(timeout=1)  # (not reached)
-    if maxsize:
-        return  # (its three slots are lost: not given back yet, see docs/ipc.md)
-    q.put("after")
+    q.put("after", timeout=10)
     assert not q.empty() and q.qsize() >= 1
     assert q.get(timeout=1) == "after" and q.empty() and q.qsize() == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_put_waiting_on_slots_killed_consumers_held_gets_them_back():
+    q = procpool.Queue(maxsize=2)
+    q.put_many(["a", "b"])
+    for _ in range(2):
+        assert run_child(_get_killed_before_counting, q) == -signal.SIGKILL
+    assert q.empty() and q.qsize() == 0 and not q.full()
+    started = time.monotonic()
+    q.put("c", timeout=10)  # refused for good (queue.Full) before: both slots were held
+    q.put("d", timeout=10)
+    assert time.monotonic() - started < 5  # (about HEAL_SLICE each)
+    with pytest.raises(queue.Full):
+        q.put("e", timeout=0.6)  # the bound is 2 again, not more
+    assert q.qsize() == 2 and q.full()
+    assert q.get_many(timeout=1) == ["c", "d"]
+
+
+def _get_one(q, out):
+    out.put(q.get(timeout=20))
+
+
+@pytest.mark.timeout(60)
+def test_a_consumer_waiting_on_an_empty_queue_gives_back_the_slots_killed_consumers_held():
+    q, out = procpool.Queue(maxsize=1), procpool.Queue()
+    q.put("a")
+    assert run_child(_get_killed_before_counting, q) == -signal.SIGKILL
+    with pytest.raises(queue.Full):
+        q.put_nowait("b")  # (the only slot is held by the dead)
+    waiter = FORK.Process(target=_get_one, args=(q, out))
+    waiter.start()
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # put_nowait never waits: the waiting consumer heals
+            try:
+                q.put_nowait("b")
+                break
+            except queue.Full:
+                assert time.monotonic() < deadline, "the slot never came back"
+                time.sleep(0.05)
+        assert out.get(timeout=10) == "b"
+    finally:
+        waiter.join(10)
+        if waiter.is_alive():
+            waiter.kill()
+            waiter.join()
+    assert q.empty()
+
+
+def _put_big_nowait(q, size, done):
+    q.put_nowait(b"x" * size)
+    done.set()
+
+
+@pytest.mark.timeout(60)
+def test_a_slot_held_by_a_live_producer_copying_a_large_message_is_not_given_back():
+    # put_nowait takes its slot before it copies (the queue is empty meanwhile): a heal that
+    # took that for a lost slot let Queue(maxsize=1) hold two messages
+    q, done = procpool.Queue(maxsize=1), procpool.Event()
+    producer = FORK.Process(target=_put_big_nowait, args=(q, 1 << 30, done))
+    producer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while q._free._get_value() and time.monotonic() < deadline:  # (it has its slot)
+            time.sleep(0.001)
+        with pytest.raises(queue.Full):
+            q.put("small", timeout=1.0)  # waits a few slices, each one looking to heal
+        assert done.wait(30)
+        assert len(q.get(timeout=10)) == 1 << 30
+        assert q.empty()
+    finally:
+        producer.join(30)
+        if producer.is_alive():
+            producer.kill()
+            producer.join()
 
 
 def test_empty_and_qsize_count_a_message_whose_producer_has_not_counted_it_yet():

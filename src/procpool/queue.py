@@ -26,10 +26,10 @@ Guarantees when a process is SIGKILLed inside ``put``/``get`` (documented honest
 itself is delivered whole exactly once or lost with its dying sender/receiver; never half, never
 twice, and the queue keeps working for everyone else.  The *counters* are updated just after the
 datagram moves, so a kill in that window (about one SIGKILL in three of a consumer in a busy
-``get`` loop) leaves the count one too high and, for a bounded queue, one slot of ``maxsize``
-taken for good.  ``empty()`` does not depend on them (it asks the kernel), nor does
-``qsize() == 0``; the lost slots are not given back yet: see docs/ipc.md, "Guarantees under
-SIGKILL".
+``get`` loop) leaves the count one too high and, for a bounded queue, one slot held by the
+dead.  ``empty()`` does not depend on them (it asks the kernel), nor does ``qsize() == 0``; a
+bounded queue keeps a ledger of which processes hold slots and gives back what the dead held
+once no message waits (:mod:`._ipc_slots`; docs/ipc.md, "Guarantees under SIGKILL").
 
 Capacity: an unbounded queue (``maxsize=0``) holds as much as the socket's kernel buffer -- we ask
 for 64 MiB (``SO_SNDBUFFORCE`` when privileged, else up to ``net.core.wmem_max``); each small
@@ -53,6 +53,7 @@ from collections.abc import Iterable
 from . import _ipc_wire, _serialize
 from ._ipc_fd import FdHandle
 from ._ipc_mem import SEM_VALUE_MAX, SEMAPHORE, Region
+from ._ipc_slots import HOLDING, IDLE, TABLE_BYTES, TAKING, WAITING, Ledger
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
@@ -63,8 +64,11 @@ __all__ = ["Queue", "JoinableQueue", "SimpleQueue", "Empty", "Full"]
 Empty = _stdqueue.Empty
 Full = _stdqueue.Full
 
-_ITEMS, _DEBT, _FREE, _UNFINISHED, _ZERO, _JOINERS = range(6)
+_ITEMS, _DEBT, _FREE, _UNFINISHED, _ZERO, _JOINERS, _CLAIM, _UNNAMED = range(8)
 JOIN_SLICE = 0.2  # seconds a JoinableQueue.join() waits for a wake-up before it looks again
+# seconds a bounded queue's put waits for a slot, or its get for a message, before it looks
+# for slots a killed process held (see _ipc_slots)
+HEAL_SLICE = 0.25
 _SIOCINQ = 0x541B  # (FIONREAD) bytes waiting in a socket; for SOCK_SEQPACKET, in every datagram
 _SEND_FLAGS = int(socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
 _dumps = pickle.dumps
@@ -72,6 +76,8 @@ _loads = pickle.loads
 _RECVBUF = _ipc_wire._RECVBUF
 _ANCBUF = _ipc_wire._ANCBUF
 _RECV_WAIT = _ipc_wire._RECV_WAIT
+_RECV_NOWAIT = _ipc_wire._RECV_NOWAIT
+_POLLIN = _ipc_wire._POLLIN
 _MSG_TRUNC = _ipc_wire._MSG_TRUNC
 _inband_only = _ipc_wire._inband_only
 _RENDEZVOUS = "\0procpool-queue-{}"
@@ -109,7 +115,8 @@ class Queue:
             raise ValueError(f"maxsize must be at most {SEM_VALUE_MAX}")
         w, r = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         _ipc_wire.enlarge_buffers(w)
-        region = Region.create(0, {"kind": "Queue", "maxsize": maxsize})
+        # (a bounded queue's region holds its slot ledger: see _ipc_slots)
+        region = Region.create(TABLE_BYTES if maxsize else 0, {"kind": "Queue", "maxsize": maxsize})
         self._setup(w.detach(), r.detach(), region, maxsize, init=True)
         self._server: _Rendezvous | None = None
         if name is not None:
@@ -125,9 +132,17 @@ class Queue:
         self._maxsize = maxsize
         self._items = region.semaphore(_ITEMS, SEMAPHORE, 0, SEM_VALUE_MAX, init=init)
         self._debt = region.semaphore(_DEBT, SEMAPHORE, 0, SEM_VALUE_MAX, init=init)
-        self._free = (
-            region.semaphore(_FREE, SEMAPHORE, maxsize, maxsize, init=init) if maxsize else None
-        )
+        self._free = None
+        self._ledger: Ledger | None = None
+        if maxsize:
+            self._free = region.semaphore(_FREE, SEMAPHORE, maxsize, maxsize, init=init)
+            self._ledger = Ledger(
+                region,
+                maxsize,
+                self._free,
+                region.semaphore(_CLAIM, SEMAPHORE, 1, 1, init=init),
+                region.semaphore(_UNNAMED, SEMAPHORE, 0, SEM_VALUE_MAX, init=init),
+            )
         self._closed = False
         self._inq = array.array("i", [0])  # (SIOCINQ's answer)
         # a message get_many took that did not unpickle, after others it returned: raised by
@@ -218,36 +233,55 @@ class Queue:
         # point between where a signal handler's exception could land: the interpreter runs
         # handlers between calls, so ``ok = acquire()`` could lose a slot taken (a maxsize=1
         # queue would refuse every put for good), while an interrupted wait takes none.
-        took: list[bool] = []  # [True] once the slot is ours
+        took: list[bool] = []  # ends with True once the slot is ours
+        ledger = self._ledger
 
         def take_slot() -> None:
-            assert free is not None
-            left = None if deadline is None else max(deadline - time.monotonic(), 0)
-            took.extend(map(free.acquire, (block,), (left,)))  # (a C call records it)
-            if not took[0]:
-                raise Full
+            assert free is not None and ledger is not None
+            # said before the slot is taken: a process killed just after taking it is not
+            # taken for one that holds none (see _ipc_slots)
+            ledger.mark(HOLDING)
+            took.extend(map(free.acquire, (False,)))  # (a C call records it)
+            if took[-1]:
+                return
+            ledger.mark(WAITING)
+            while True:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0)
+                wait = HEAL_SLICE if left is None or left > HEAL_SLICE else left
+                took.extend(map(free.acquire, (block,), (wait,)))  # (a C call records it)
+                if took[-1]:
+                    ledger.mark(HOLDING)
+                    return
+                if block and self._heal(WAITING):  # (slots the dead held, given back)
+                    continue
+                if not block or (left is not None and left <= wait):
+                    raise Full
 
         try:
-            self._wire_w.send_frame(
-                data,
-                nbuf,
-                fds,
-                deadline,
-                block,
-                raw,
-                None if free is None else take_slot,
-                not block,
-            )
-        except _ipc_wire.Expired:
-            if took and took[0]:
-                _give_slot(free)
-            raise Full from None
-        except BaseException:
-            if took and took[0]:
-                _give_slot(free)
-            raise
-        if not self._debt_acquire(False):
-            self._items_release()
+            try:
+                self._wire_w.send_frame(
+                    data,
+                    nbuf,
+                    fds,
+                    deadline,
+                    block,
+                    raw,
+                    None if free is None else take_slot,
+                    not block,
+                )
+            except _ipc_wire.Expired:
+                if took and took[-1]:
+                    _give_slot(free)
+                raise Full from None
+            except BaseException:
+                if took and took[-1]:
+                    _give_slot(free)
+                raise
+            if not self._debt_acquire(False):
+                self._items_release()
+        finally:
+            if ledger is not None:  # (after the slot is given back or counted in the socket)
+                ledger.mark(IDLE)
 
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, block=False)``."""
@@ -284,7 +318,14 @@ class Queue:
         if self._deferred is not None:
             error, self._deferred = self._deferred, None
             raise error
-        if block and timeout is None:
+        if self._ledger is not None:  # bounded: taken while marked (see _take_counted)
+            deadline = None if timeout is None or not block else time.monotonic() + max(timeout, 0)
+            try:
+                data, anc, msg_flags = self._take_counted(block, deadline)
+            except _ipc_wire.Expired:
+                raise Empty from None
+            obj, eof = self._wire_r.finish_object(data, anc, msg_flags)
+        elif block and timeout is None:
             # the fast path: one blocking recvmsg, no header, no extra call layers
             data, anc, msg_flags, _ = self._r.recvmsg(_RECVBUF, _ANCBUF, _RECV_WAIT)
             if data:
@@ -311,6 +352,57 @@ class Queue:
         if self._free is not None:
             _give_slot(self._free)
 
+    def _take_counted(self, block: bool, deadline: float | None) -> tuple[bytes, Any, int]:
+        """A bounded queue's receive: one datagram taken and counted, this process marked
+        ``TAKING`` from before the take until its slot is given back, so that a kill in
+        between leaves the slot to be healed (see _ipc_slots).  It waits for a datagram
+        without taking one, as ``IDLE``, and every HEAL_SLICE looks for slots a killed
+        process held.  Raises ``_ipc_wire.Expired`` past *deadline* (or at once without
+        *block*)."""
+        ledger = self._ledger
+        assert ledger is not None
+        recvmsg = self._r.recvmsg
+        while True:
+            ledger.mark(TAKING)
+            try:
+                data, anc, msg_flags, _ = recvmsg(_RECVBUF, _ANCBUF, _RECV_NOWAIT)
+            except BlockingIOError:
+                ledger.mark(IDLE)
+                if not block:
+                    raise _ipc_wire.Expired("no message") from None
+                self._wait_for_message(deadline)
+                continue
+            except BaseException:  # (a signal handler's, maybe with a datagram taken: then
+                ledger.mark(IDLE)  # its slot is lost, and a heal gives it back)
+                raise
+            try:
+                if data or anc:
+                    self._account_get()
+            finally:
+                ledger.mark(IDLE)
+            return data, anc, msg_flags
+
+    def _wait_for_message(self, deadline: float | None) -> None:
+        fd = self._r.fileno()
+        while True:
+            now = time.monotonic()
+            end = now + HEAL_SLICE
+            if deadline is not None and deadline < end:
+                end = deadline
+            try:
+                _ipc_wire.wait_fd(fd, _POLLIN, end)
+                return
+            except _ipc_wire.Expired:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                self._heal(IDLE)
+
+    def _heal(self, was: int) -> bool:
+        """Give back the slots killed processes held, when that can be measured (see
+        _ipc_slots.Ledger.heal); True if any was.  *was*: this process's ledger state."""
+        assert self._ledger is not None
+        return self._ledger.heal(was, self._socket_empty, self._items, self._debt)
+
     def get_nowait(self) -> Any:
         """``get(block=False)``."""
         return self.get(False)
@@ -328,14 +420,19 @@ class Queue:
         out = [self.get(block, timeout)]
         recv, finish = self._wire_r.recv_datagram, self._wire_r.finish_object
         account = self._account_get
+        take = None if self._ledger is None else self._take_counted
         while len(out) < max_messages:
             try:
-                data, anc, msg_flags = recv(False, None)
+                if take is None:
+                    data, anc, msg_flags = recv(False, None)
+                else:
+                    data, anc, msg_flags = take(False, None)  # (counted already)
             except _ipc_wire.Expired:
                 break
             if not (data or anc):  # end of file
                 break
-            account()  # (taken: counted even should it not unpickle)
+            if take is None:
+                account()  # (taken: counted even should it not unpickle)
             try:
                 out.append(finish(data, anc, msg_flags)[0])
             except Exception as exc:  # (the messages taken before it are returned first)
