@@ -476,6 +476,84 @@ def test_a_slot_held_by_a_live_producer_copying_a_large_message_is_not_given_bac
             producer.join()
 
 
+@pytest.mark.timeout(60)
+def test_a_slot_one_thread_holds_is_not_given_back_by_another_thread_of_its_process(monkeypatch):
+    # the ledger counts per process: a thread's get() once wrote over the state of a thread
+    # copying a large put_nowait, and healed its slot (Queue(maxsize=1) held two messages)
+    from procpool import _ipc_bulk
+
+    write = _ipc_bulk.write
+
+    def slow_write(data):  # (a copy that takes 1.5 s: a large message on a slow machine)
+        time.sleep(1.5)
+        return write(data)
+
+    monkeypatch.setattr(_ipc_bulk, "write", slow_write)
+    q = procpool.Queue(maxsize=1)
+    got: list = []
+    copying = threading.Thread(target=q.put_nowait, args=(b"x" * (1 << 20),))
+    copying.start()
+    deadline = time.monotonic() + 10
+    while q._free._get_value() and time.monotonic() < deadline:  # (it has its slot)
+        time.sleep(0.001)
+    waiting = threading.Thread(target=lambda: got.append(len(q.get(timeout=20))))
+    waiting.start()  # (a consumer waiting on the "empty" queue looks to heal)
+    try:
+        with pytest.raises(queue.Full):
+            q.put("small", timeout=1.0)
+    finally:
+        copying.join(30)
+        waiting.join(30)
+    assert got == [1 << 20] and q.empty() and not q.full()
+
+
+def _use_queue(q):
+    q.put_nowait(os.getpid())
+    return q.get(timeout=5)
+
+
+def test_a_process_given_a_queue_many_times_takes_one_ledger_entry():
+    # each unpickled copy took an entry of its own: a worker given the queue 300 times
+    # filled the table, and healing stopped for good
+    q = procpool.Queue(maxsize=2)
+    with procpool.Pool(1) as pool:
+        pids = {pool.apply(_use_queue, (q,)) for _ in range(300)}
+    ledger, table = q._ledger, q._ledger._table
+    assert ledger._unnamed._get_value() == 0
+    (worker,) = pids
+    assert [table[4 * i] for i in range(256)].count(worker) == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("consumers", [1, 4])
+def test_consumers_waiting_together_give_back_the_slot_of_a_killed_one(consumers):
+    # healers that wait alike once gave up together every time: with 3 or more, the slot
+    # never came back
+    q, out = procpool.Queue(maxsize=1), procpool.Queue()
+    q.put("a")
+    assert run_child(_get_killed_before_counting, q) == -signal.SIGKILL
+    waiters = [FORK.Process(target=_get_one, args=(q, out)) for _ in range(consumers)]
+    for w in waiters:
+        w.start()
+    try:
+        deadline = time.monotonic() + 10
+        for i in range(consumers):
+            while True:
+                try:
+                    q.put_nowait(i)
+                    break
+                except queue.Full:
+                    assert time.monotonic() < deadline, "the slot never came back"
+                    time.sleep(0.02)
+        assert sorted(out.get(timeout=10) for _ in range(consumers)) == list(range(consumers))
+    finally:
+        for w in waiters:
+            w.join(10)
+            if w.is_alive():
+                w.kill()
+                w.join()
+
+
 def test_empty_and_qsize_count_a_message_whose_producer_has_not_counted_it_yet():
     q = procpool.Queue()
     q._w.send(pickle.dumps("sent, not counted"))  # (a producer killed just after its send)
@@ -727,16 +805,18 @@ def test_a_put_interrupted_while_it_waits_for_a_slot_gives_none_back():
 
 
 @pytest.mark.parametrize("block", [True, False])
-def test_a_put_interrupted_just_after_taking_its_slot_keeps_none(block):
+@pytest.mark.parametrize("size", [1, 1 << 20], ids=["small", "large"])
+def test_a_put_interrupted_just_after_taking_its_slot_keeps_none(block, size):
     # an exception landing right after the acquire returned True (where a pending handler
-    # runs): the slot must go back, or an empty maxsize=1 queue refuses every put
+    # runs): the slot must go back, or an empty maxsize=1 queue refuses every put.  (A small
+    # message with a slot free takes _put_counted, a large one take_slot in _put_slow.)
     def tracer(frame, event, arg):
-        if frame.f_code.co_name == "take_slot":
+        if frame.f_code.co_name in ("take_slot", "_put_counted"):
             return local
         return None
 
     def local(frame, event, arg):
-        if event == "return" and armed and frame.f_locals.get("took"):
+        if event in ("line", "return") and armed and frame.f_locals.get("took") == [True]:
             armed.clear()
             raise KeyboardInterrupt
         return local
@@ -746,7 +826,7 @@ def test_a_put_interrupted_just_after_taking_its_slot_keeps_none(block):
     sys.settrace(tracer)
     try:
         with pytest.raises(KeyboardInterrupt):
-            q.put("x", block=block)
+            q.put("x" * size, block=block)
     finally:
         sys.settrace(None)
     assert not armed and q.empty()

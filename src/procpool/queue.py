@@ -53,7 +53,7 @@ from collections.abc import Iterable
 from . import _ipc_wire, _serialize
 from ._ipc_fd import FdHandle
 from ._ipc_mem import SEM_VALUE_MAX, SEMAPHORE, Region
-from ._ipc_slots import HOLDING, IDLE, TABLE_BYTES, TAKING, WAITING, Ledger
+from ._ipc_slots import TABLE_BYTES, Ledger, heal_delay, ledger_for
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
@@ -66,9 +66,6 @@ Full = _stdqueue.Full
 
 _ITEMS, _DEBT, _FREE, _UNFINISHED, _ZERO, _JOINERS, _CLAIM, _UNNAMED = range(8)
 JOIN_SLICE = 0.2  # seconds a JoinableQueue.join() waits for a wake-up before it looks again
-# seconds a bounded queue's put waits for a slot, or its get for a message, before it looks
-# for slots a killed process held (see _ipc_slots)
-HEAL_SLICE = 0.25
 _SIOCINQ = 0x541B  # (FIONREAD) bytes waiting in a socket; for SOCK_SEQPACKET, in every datagram
 _SEND_FLAGS = int(socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
 _dumps = pickle.dumps
@@ -136,7 +133,7 @@ class Queue:
         self._ledger: Ledger | None = None
         if maxsize:
             self._free = region.semaphore(_FREE, SEMAPHORE, maxsize, maxsize, init=init)
-            self._ledger = Ledger(
+            self._ledger = ledger_for(
                 region,
                 maxsize,
                 self._free,
@@ -210,11 +207,41 @@ class Queue:
             if not self._debt_acquire(False):
                 self._items_release()
             return
+        if data is not None and len(data) <= self._inline_max and self._put_counted(data):
+            return  # (bounded, a slot free now)
         if data is None:
             data, nbuf, fds = _ipc_wire.encode(obj)
         else:
             nbuf, fds = 0, []
         self._put_slow(data, nbuf, fds, block, timeout)
+
+    def _put_counted(self, data: bytes) -> bool:
+        """A bounded queue's fast path: a small message and a slot free now -- taken, counted
+        in the ledger (see _put_slow), the datagram sent.  False, nothing done, when no slot
+        is free or the socket's buffer is full."""
+        free, ledger = self._free, self._ledger
+        assert free is not None and ledger is not None
+        took: list[bool] = []
+        counted: list[bool] = []
+        try:
+            took.extend(map(free.acquire, (False,)))  # (a C call records it: see _put_slow)
+            if not took[0]:
+                return False
+            ledger.enter()
+            counted.append(True)
+            self._send(data, _SEND_FLAGS)
+        except BaseException as exc:
+            if took and took[0]:
+                _give_slot(free)
+            if counted:  # (after the slot is given back)
+                ledger.leave()
+            if isinstance(exc, BlockingIOError):
+                return False
+            raise
+        if not self._debt_acquire(False):
+            self._items_release()
+        ledger.leave()
+        return True
 
     def _put_slow(
         self,
@@ -234,28 +261,37 @@ class Queue:
         # handlers between calls, so ``ok = acquire()`` could lose a slot taken (a maxsize=1
         # queue would refuse every put for good), while an interrupted wait takes none.
         took: list[bool] = []  # ends with True once the slot is ours
+        counted: list[bool] = []  # [True] while this slot is counted in the ledger
         ledger = self._ledger
 
         def take_slot() -> None:
             assert free is not None and ledger is not None
-            # said before the slot is taken: a process killed just after taking it is not
-            # taken for one that holds none (see _ipc_slots)
-            ledger.mark(HOLDING)
+            # counted in the ledger once taken (see _ipc_slots): the count first, then the
+            # note of it, so that an interruption leaves the count high, never low.  (No
+            # count and no word changed when no slot is free: a put_nowait that spins on a
+            # queue the dead hold the slots of must not keep healers from their two looks)
             took.extend(map(free.acquire, (False,)))  # (a C call records it)
             if took[-1]:
+                ledger.enter()
+                counted.append(True)
                 return
-            ledger.mark(WAITING)
-            while True:
-                left = None if deadline is None else max(deadline - time.monotonic(), 0)
-                wait = HEAL_SLICE if left is None or left > HEAL_SLICE else left
-                took.extend(map(free.acquire, (block,), (wait,)))  # (a C call records it)
+            heal_at = heal_delay(time.monotonic())
+            while True:  # waits for a slot, counting none, and looks to heal now and then
+                now = time.monotonic()
+                left = None if deadline is None else max(deadline - now, 0)
+                wait = max(heal_at - now, 0)
+                if left is not None and left < wait:
+                    wait = left
+                took.extend(map(free.acquire, (block,), (wait,)))
                 if took[-1]:
-                    ledger.mark(HOLDING)
+                    ledger.enter()
+                    counted.append(True)
                     return
-                if block and self._heal(WAITING):  # (slots the dead held, given back)
-                    continue
                 if not block or (left is not None and left <= wait):
                     raise Full
+                if time.monotonic() >= heal_at:
+                    self._heal()  # (slots the dead held, given back)
+                    heal_at = heal_delay(time.monotonic())
 
         try:
             try:
@@ -280,8 +316,9 @@ class Queue:
             if not self._debt_acquire(False):
                 self._items_release()
         finally:
-            if ledger is not None:  # (after the slot is given back or counted in the socket)
-                ledger.mark(IDLE)
+            if counted:  # (after its slot is given back, or its message counted)
+                counted.clear()
+                ledger.leave()  # type: ignore[union-attr]
 
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, block=False)``."""
@@ -353,55 +390,61 @@ class Queue:
             _give_slot(self._free)
 
     def _take_counted(self, block: bool, deadline: float | None) -> tuple[bytes, Any, int]:
-        """A bounded queue's receive: one datagram taken and counted, this process marked
-        ``TAKING`` from before the take until its slot is given back, so that a kill in
-        between leaves the slot to be healed (see _ipc_slots).  It waits for a datagram
-        without taking one, as ``IDLE``, and every HEAL_SLICE looks for slots a killed
-        process held.  Raises ``_ipc_wire.Expired`` past *deadline* (or at once without
-        *block*)."""
+        """A bounded queue's receive: one datagram taken and counted, this process counting
+        one held slot in the ledger from before the take until its slot is given back, so
+        that a kill in between leaves the slot to be healed (see _ipc_slots).  It waits for a
+        datagram without taking one, counting none, and now and then looks for slots the dead
+        held.  Raises ``_ipc_wire.Expired`` past *deadline* (or at once without *block*)."""
         ledger = self._ledger
         assert ledger is not None
         recvmsg = self._r.recvmsg
+        heal_at = None
+        if not block and self._socket_empty():  # (not a word changed: see _put_slow)
+            raise _ipc_wire.Expired("no message")
         while True:
-            ledger.mark(TAKING)
+            ledger.enter()
             try:
                 data, anc, msg_flags, _ = recvmsg(_RECVBUF, _ANCBUF, _RECV_NOWAIT)
             except BlockingIOError:
-                ledger.mark(IDLE)
+                ledger.leave()
                 if not block:
                     raise _ipc_wire.Expired("no message") from None
-                self._wait_for_message(deadline)
+                if heal_at is None:
+                    heal_at = heal_delay(time.monotonic())
+                heal_at = self._wait_for_message(deadline, heal_at)
                 continue
             except BaseException:  # (a signal handler's, maybe with a datagram taken: then
-                ledger.mark(IDLE)  # its slot is lost, and a heal gives it back)
+                ledger.leave()  # its slot is lost, and a heal gives it back)
                 raise
             try:
                 if data or anc:
                     self._account_get()
             finally:
-                ledger.mark(IDLE)
+                ledger.leave()
             return data, anc, msg_flags
 
-    def _wait_for_message(self, deadline: float | None) -> None:
+    def _wait_for_message(self, deadline: float | None, heal_at: float) -> float:
+        """Wait until a datagram may be taken (past *deadline*: ``Expired``); at *heal_at*,
+        look to heal.  Returns when to look next."""
         fd = self._r.fileno()
         while True:
-            now = time.monotonic()
-            end = now + HEAL_SLICE
-            if deadline is not None and deadline < end:
-                end = deadline
+            end = heal_at if deadline is None or heal_at < deadline else deadline
             try:
                 _ipc_wire.wait_fd(fd, _POLLIN, end)
-                return
+                return heal_at
             except _ipc_wire.Expired:
-                if deadline is not None and time.monotonic() >= deadline:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
                     raise
-                self._heal(IDLE)
+                if now >= heal_at:
+                    self._heal()
+                    heal_at = heal_delay(time.monotonic())
 
-    def _heal(self, was: int) -> bool:
+    def _heal(self) -> bool:
         """Give back the slots killed processes held, when that can be measured (see
-        _ipc_slots.Ledger.heal); True if any was.  *was*: this process's ledger state."""
+        _ipc_slots.Ledger.heal); True if any was."""
         assert self._ledger is not None
-        return self._ledger.heal(was, self._socket_empty, self._items, self._debt)
+        return self._ledger.heal(self._socket_empty, self._items, self._debt)
 
     def get_nowait(self) -> Any:
         """``get(block=False)``."""
