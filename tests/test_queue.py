@@ -524,11 +524,11 @@ def test_a_process_given_a_queue_many_times_takes_one_ledger_entry():
     assert [table[4 * i] for i in range(256)].count(worker) == 1
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("consumers", [1, 4])
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("consumers", [1, 4, 24])
 def test_consumers_waiting_together_give_back_the_slot_of_a_killed_one(consumers):
     # healers that wait alike once gave up together every time: with 3 or more, the slot
-    # never came back
+    # never came back; then each gave up when another looked meanwhile (64: never either)
     q, out = procpool.Queue(maxsize=1), procpool.Queue()
     q.put("a")
     assert run_child(_get_killed_before_counting, q) == -signal.SIGKILL
@@ -552,6 +552,74 @@ def test_consumers_waiting_together_give_back_the_slot_of_a_killed_one(consumers
             if w.is_alive():
                 w.kill()
                 w.join()
+
+
+def _poll_get(q, out, timeout, until):
+    while time.monotonic() < until:
+        try:
+            out.put(q.get(timeout=timeout))
+            return
+        except queue.Empty:
+            pass
+
+
+@pytest.mark.timeout(60)
+def test_consumers_polling_with_short_timeouts_heal_and_do_not_keep_others_from_it():
+    # a get(timeout=0.1) loop restarted its heal clock on each call (it never healed), and a
+    # get(timeout=0.02) loop counted in and out of the ledger on each call, so a waiting
+    # put's two looks never matched: put(timeout=8) on an empty Queue(1) raised Full
+    q, out = procpool.Queue(maxsize=1), procpool.Queue()
+    q.put("a")
+    assert run_child(_get_killed_before_counting, q) == -signal.SIGKILL
+    until = time.monotonic() + 20
+    pollers = [
+        FORK.Process(target=_poll_get, args=(q, out, timeout, until)) for timeout in (0.1, 0.02)
+    ]
+    for p in pollers:
+        p.start()
+    try:
+        q.put("b", timeout=8)  # (healed by the pollers, or by this put)
+        q.put("c", timeout=8)
+        assert sorted(out.get(timeout=10) for _ in pollers) == ["b", "c"]
+    finally:
+        for p in pollers:
+            p.join(25)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def test_a_put_interrupted_after_its_message_went_leaves_no_slot_counted():
+    # an exception landing after a bounded put's send (outside any try before) left the
+    # process counting a slot for good: every heal then gave one back too few
+    def tracer(frame, event, arg):
+        if frame.f_code.co_name == "_put_counted":
+            return local
+        return None
+
+    def local(frame, event, arg):
+        if event == "line" and armed and "_debt_acquire" in _source_line(frame):
+            armed.clear()
+            raise KeyboardInterrupt
+        return local
+
+    armed = [True]
+    q = procpool.Queue(1)
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            q.put("x")
+    finally:
+        sys.settrace(None)
+    assert not armed
+    assert q._ledger._word & 0xFFFF == 0  # (counts nothing)
+    assert q.get(timeout=1) == "x"
+
+
+def _source_line(frame):
+    import linecache
+
+    return linecache.getline(frame.f_code.co_filename, frame.f_lineno)
 
 
 def test_empty_and_qsize_count_a_message_whose_producer_has_not_counted_it_yet():

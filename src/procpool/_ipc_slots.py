@@ -7,7 +7,7 @@ that arrives while ``recvmsg`` runs takes effect as it returns, datagram taken) 
 for good, and enough such kills leave an empty queue refusing every ``put``.
 
 The ledger, a table in the queue's shared region, says how many slots each process may hold.
-Each process using the queue has one entry (pid, start time, a *held* word, a healer flag),
+Each process using the queue has one entry (pid, start time, a *held* word),
 whatever number of threads and of ``Queue`` objects it uses the queue through.  Around each
 step it counts itself in its held word (an aligned 8-byte store: a reader sees the old word or
 the new; the word also counts its changes, so a step that came and went shows):
@@ -16,8 +16,10 @@ the new; the word also counts its changes, so a step that came and went shows):
   it waits for one it counts none (and changes no word: a producer that keeps trying must not
   keep healers from their two looks);
 * a consumer counts one from just before it takes a datagram until its slot is given back; it
-  *waits* for a datagram in ``poll``, taking nothing and counting none (a ``get`` that does
-  not wait first asks the kernel whether a datagram waits, and changes no word if none does).
+  *waits* for a datagram in ``poll``, taking nothing and counting none (a ``get`` that found
+  the queue empty last time first asks the kernel whether a datagram waits, and changes no
+  word if none does: a consumer polling an empty queue must not keep healers from their two
+  looks).
 
 Every slot is then free, or in a datagram waiting in the socket, or held by a live process
 that counts it -- or by a dead one.  :meth:`Ledger.heal` gives back the difference when it can
@@ -25,11 +27,12 @@ be measured: no datagram waits (the kernel says so exactly), and the held words,
 count and the empty socket are the same over two looks ``HEAL_PAUSE`` apart (a live process
 moves on within microseconds, so a state that lasts is no step in progress).  Then ``lost =
 maxsize - free - held by the living``; when the living hold nothing, the message count
-(``items - debt``) must be zero too, and is set so.  One healer at a time: a healer raises its
-flag, looks twice, and gives up if another live process's flag is raised (two at once both give
-up; each looks again after a slice of its own random length).  An entry is taken with an
-atomic compare-and-swap on its pid word (no lock that a killed process could hold), by a
-process that has none: a free one, or a dead process's.
+(``items - debt``) must be zero too, and is set so.  One healer at a time: the healer word names
+it, set by an atomic compare-and-swap from no process or a dead one (no lock that a killed
+process could hold); the others do not look.  Each process looks at its own times, spread at
+random (consumers woken together do not stay in step) and kept across calls (a consumer that
+polls with short timeouts looks too).  An entry is taken the same way, by compare-and-swap on
+its pid word, by a process that has none: a free one, or a dead process's.
 
 What is left: a process that does not run for longer than ``HEAL_PAUSE`` (stopped by SIGSTOP,
 or a thread waiting that long for the GIL) between taking a slot and counting it may see that
@@ -37,7 +40,8 @@ slot given back: the queue then holds one message over ``maxsize`` until a
 consumer gives a slot back when all are free (the semaphore's maximum drops the excess).
 Beyond ``ENTRIES`` live processes on one queue, the others cannot count (they are counted in
 ``unnamed``) and healing stops for good.  Where atomics are not available (see
-:mod:`._ipc_atomic`), entries are taken under a semaphore, waited for at most ``CLAIM_WAIT``.
+:mod:`._ipc_atomic`), entries are taken and the healer chosen under a semaphore: a process that
+waited ``CLAIM_WAIT`` for it (a killed process holds it) goes unnamed, and healing stops.
 """
 
 from __future__ import annotations
@@ -58,8 +62,9 @@ if TYPE_CHECKING:
 __all__ = ["Ledger", "ledger_for", "heal_delay", "ENTRIES", "TABLE_BYTES", "HEAL_SLICE"]
 
 ENTRIES = 256  # processes that can count what they hold (then "unnamed")
-_WORDS = 4  # per entry: pid (negative while being taken), start time, held word, healer flag
-TABLE_BYTES = ENTRIES * _WORDS * 8
+_WORDS = 4  # per entry: pid (negative while being taken), start time, held word, (unused)
+_HEALER = ENTRIES * _WORDS  # the word naming the healer (its pid), after the entries
+TABLE_BYTES = (_HEALER + 1) * 8
 _HELD = 0xFFFF  # (the count's bits in a held word; the rest counts the changes)
 _STEP = _HELD + 1
 _ENTER, _LEAVE = _STEP + 1, _STEP - 1
@@ -104,6 +109,7 @@ class Ledger:
         self._free = free
         self._claim_lock = claim
         self._unnamed = unnamed
+        self._heal_at = 0.0  # when this process next looks to heal (0: not set)
         self._entry = -1  # this process's entry; -1: none yet, -2: unnamed
         self._at = -1  # where its held word is in the table
         self._word = 0  # its held word, as last written
@@ -111,24 +117,24 @@ class Ledger:
         self._healing = threading.Lock()  # (one healer thread per process)
 
     # -- counting -----------------------------------------------------------------------------
-    def enter(self) -> None:
-        """Count one more slot this process may hold."""
+    def enter(self, note: list[bool]) -> None:
+        """Count one more slot this process may hold, and say so in *note* (with no call
+        in between where a signal handler's exception could land: see leave)."""
         with self._lock:
             at = self._at
-            if at < 0:
-                if self._claim() < 0:
-                    return
-                at = self._at
+            if at < 0 and self._claim() < 0:
+                return
             word = self._word + _ENTER
             self._word = word
-            self._table[at] = word
+            self._table[self._at] = word
+            note.append(True)
 
-    def leave(self) -> None:
-        """Count one fewer."""
+    def leave(self, note: list[bool]) -> None:
+        """Count one fewer, if *note* says one was counted (and clear it)."""
         with self._lock:
-            word = self._word
-            if word & _HELD:  # (counted: so it has an entry)
-                word += _LEAVE
+            if note:
+                note.clear()
+                word = self._word + _LEAVE
                 self._word = word
                 self._table[self._at] = word
 
@@ -158,7 +164,11 @@ class Ledger:
 
     def _take_entry(self, pid: int, start: int) -> int:
         table = self._table
-        held = False if OPS is not None else self._claim_lock.acquire(True, CLAIM_WAIT)
+        held = False
+        if OPS is None:  # (under the claim semaphore: unnamed if a killed process holds it)
+            held = self._claim_lock.acquire(True, CLAIM_WAIT)
+            if not held:
+                return -1
         try:
             for reclaim in (False, True):
                 for i in range(ENTRIES):
@@ -184,10 +194,17 @@ class Ledger:
         return bool(OPS.cas8(address, expected, desired) == expected)
 
     # -- healing ------------------------------------------------------------------------------
+    def due(self, now: float) -> float:
+        """When this process looks to heal next (set on first ask: see heal_delay)."""
+        if not self._heal_at:
+            self._heal_at = heal_delay(now)
+        return self._heal_at
+
     def heal(self, socket_empty: Callable[[], bool], items: SemLock, debt: SemLock) -> bool:
         """Give back the slots dead processes hold, if that can be measured now (see the
         module doc); True if any was.  Sleeps ``HEAL_PAUSE`` when the queue looks empty with
         slots missing.  The calling thread must hold nothing it has counted."""
+        self._heal_at = heal_delay(time.monotonic())
         free = self._free
         if free._get_value() >= self._maxsize or not socket_empty():
             return False
@@ -196,49 +213,63 @@ class Ledger:
         try:
             with self._lock:
                 mine = self._entry if self._entry >= 0 else self._claim()
-            if mine < 0:  # (unnamed: it cannot tell what the others hold)
+            if mine < 0 or not self._elect():  # (unnamed: it cannot tell what others hold)
                 return False
-            table = self._table
-            flag = _WORDS * mine + 3
-            table[flag] = 1
             try:
-                first = (self._held_words(), free._get_value())
-                time.sleep(HEAL_PAUSE)  # (also a barrier: raised flags are seen after it)
-                second = (self._held_words(), free._get_value())
-                if second != first or not socket_empty() or self._unnamed._get_value():
-                    return False  # (something moved: not now)
-                holders = 0
-                for i in range(ENTRIES):
-                    pid = table[_WORDS * i]
-                    if pid <= 0:
-                        continue
-                    flagged = i != mine and table[_WORDS * i + 3]
-                    count = second[0][i] & _HELD
-                    if (flagged or count) and not _gone(pid, table[_WORDS * i + 1]):
-                        if flagged:
-                            return False  # (another healer: both give up, look again later)
-                        holders += count
-                # once more, just before: nothing moved since the second look
-                if free._get_value() != second[1] or not socket_empty():
-                    return False
-                if holders == 0:  # no message waits, none is on its way: the count is zero
-                    count = items._get_value() - debt._get_value()
-                    fix = items if count > 0 else debt
-                    for _ in range(abs(count)):
-                        if not fix.acquire(False):
-                            break
-                given = 0
-                for _ in range(self._maxsize - second[1] - holders):
-                    try:
-                        free.release()
-                    except ValueError:  # (at maxsize)
-                        break
-                    given += 1
-                return given > 0
+                return self._heal(socket_empty, items, debt)
             finally:
-                table[flag] = 0
+                self._unelect()
         finally:
             self._healing.release()
+
+    def _elect(self) -> bool:
+        """Become the one healer: the healer word names no process, or a dead one."""
+        if OPS is None:  # (the claim semaphore: see the module doc)
+            return bool(self._claim_lock.acquire(False))
+        address = self._region.data_address + _HEALER * 8
+        me = os.getpid()
+        found = OPS.cas8(address, 0, me)
+        if found == 0:
+            return True
+        return bool(_gone(found, 0) and OPS.cas8(address, found, me) == found)
+
+    def _unelect(self) -> None:
+        if OPS is None:
+            self._claim_lock.release()
+            return
+        OPS.cas8(self._region.data_address + _HEALER * 8, os.getpid(), 0)
+
+    def _heal(self, socket_empty: Callable[[], bool], items: SemLock, debt: SemLock) -> bool:
+        free = self._free
+        table = self._table
+        first = (self._held_words(), free._get_value())
+        time.sleep(HEAL_PAUSE)
+        second = (self._held_words(), free._get_value())
+        if second != first or not socket_empty() or self._unnamed._get_value():
+            return False  # (something moved: not now)
+        holders = 0
+        for i in range(ENTRIES):
+            pid = table[_WORDS * i]
+            count = second[0][i] & _HELD
+            if pid > 0 and count and not _gone(pid, table[_WORDS * i + 1]):
+                holders += count
+        # once more, just before: nothing moved since the second look
+        if free._get_value() != second[1] or not socket_empty():
+            return False
+        if holders == 0:  # no message waits, none is on its way: the count is zero
+            count = items._get_value() - debt._get_value()
+            fix = items if count > 0 else debt
+            for _ in range(abs(count)):
+                if not fix.acquire(False):
+                    break
+        given = 0
+        for _ in range(self._maxsize - second[1] - holders):
+            try:
+                free.release()
+            except ValueError:  # (at maxsize)
+                break
+            given += 1
+        return given > 0
 
     def _held_words(self) -> list[int]:
         return self._table[2::_WORDS].tolist()
@@ -264,6 +295,7 @@ def _forked() -> None:
     _LEDGERS_LOCK = threading.Lock()
     for ledger in list(_LEDGERS.values()):
         ledger._entry = ledger._at = -1
+        ledger._heal_at = 0.0
         ledger._word = 0
         ledger._lock = threading.Lock()
         ledger._healing = threading.Lock()

@@ -53,7 +53,7 @@ from collections.abc import Iterable
 from . import _ipc_wire, _serialize
 from ._ipc_fd import FdHandle
 from ._ipc_mem import SEM_VALUE_MAX, SEMAPHORE, Region
-from ._ipc_slots import TABLE_BYTES, Ledger, heal_delay, ledger_for
+from ._ipc_slots import TABLE_BYTES, Ledger, ledger_for
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
@@ -142,6 +142,7 @@ class Queue:
             )
         self._closed = False
         self._inq = array.array("i", [0])  # (SIOCINQ's answer)
+        self._was_empty = False  # (a bounded get found no datagram last time: _take_counted)
         # a message get_many took that did not unpickle, after others it returned: raised by
         # the next get or get_many
         self._deferred: BaseException | None = None
@@ -227,20 +228,20 @@ class Queue:
             took.extend(map(free.acquire, (False,)))  # (a C call records it: see _put_slow)
             if not took[0]:
                 return False
-            ledger.enter()
-            counted.append(True)
+            ledger.enter(counted)
             self._send(data, _SEND_FLAGS)
         except BaseException as exc:
             if took and took[0]:
                 _give_slot(free)
-            if counted:  # (after the slot is given back)
-                ledger.leave()
+            ledger.leave(counted)  # (after the slot is given back)
             if isinstance(exc, BlockingIOError):
                 return False
             raise
-        if not self._debt_acquire(False):
-            self._items_release()
-        ledger.leave()
+        try:
+            if not self._debt_acquire(False):
+                self._items_release()
+        finally:
+            ledger.leave(counted)
         return True
 
     def _put_slow(
@@ -272,26 +273,23 @@ class Queue:
             # queue the dead hold the slots of must not keep healers from their two looks)
             took.extend(map(free.acquire, (False,)))  # (a C call records it)
             if took[-1]:
-                ledger.enter()
-                counted.append(True)
+                ledger.enter(counted)
                 return
-            heal_at = heal_delay(time.monotonic())
             while True:  # waits for a slot, counting none, and looks to heal now and then
                 now = time.monotonic()
+                heal_at = ledger.due(now)
                 left = None if deadline is None else max(deadline - now, 0)
                 wait = max(heal_at - now, 0)
                 if left is not None and left < wait:
                     wait = left
                 took.extend(map(free.acquire, (block,), (wait,)))
                 if took[-1]:
-                    ledger.enter()
-                    counted.append(True)
+                    ledger.enter(counted)
                     return
                 if not block or (left is not None and left <= wait):
                     raise Full
                 if time.monotonic() >= heal_at:
                     self._heal()  # (slots the dead held, given back)
-                    heal_at = heal_delay(time.monotonic())
 
         try:
             try:
@@ -317,8 +315,7 @@ class Queue:
                 self._items_release()
         finally:
             if counted:  # (after its slot is given back, or its message counted)
-                counted.clear()
-                ledger.leave()  # type: ignore[union-attr]
+                ledger.leave(counted)  # type: ignore[union-attr]
 
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, block=False)``."""
@@ -398,47 +395,54 @@ class Queue:
         ledger = self._ledger
         assert ledger is not None
         recvmsg = self._r.recvmsg
-        heal_at = None
-        if not block and self._socket_empty():  # (not a word changed: see _put_slow)
-            raise _ipc_wire.Expired("no message")
         while True:
-            ledger.enter()
+            # a get that found the queue empty last time asks the kernel first: a consumer
+            # that polls an empty queue must not count in and out (healers' looks would never
+            # match), and one that streams should not pay the question
+            if self._was_empty and self._socket_empty():
+                if not block:
+                    raise _ipc_wire.Expired("no message")
+                self._wait_for_message(deadline)
+            counted: list[bool] = []
             try:
+                ledger.enter(counted)
                 data, anc, msg_flags, _ = recvmsg(_RECVBUF, _ANCBUF, _RECV_NOWAIT)
             except BlockingIOError:
-                ledger.leave()
+                ledger.leave(counted)
+                self._was_empty = True
                 if not block:
                     raise _ipc_wire.Expired("no message") from None
-                if heal_at is None:
-                    heal_at = heal_delay(time.monotonic())
-                heal_at = self._wait_for_message(deadline, heal_at)
+                self._wait_for_message(deadline)
                 continue
             except BaseException:  # (a signal handler's, maybe with a datagram taken: then
-                ledger.leave()  # its slot is lost, and a heal gives it back)
+                ledger.leave(counted)  # its slot is lost, and a heal gives it back)
                 raise
+            self._was_empty = False
             try:
                 if data or anc:
                     self._account_get()
             finally:
-                ledger.leave()
+                ledger.leave(counted)
             return data, anc, msg_flags
 
-    def _wait_for_message(self, deadline: float | None, heal_at: float) -> float:
-        """Wait until a datagram may be taken (past *deadline*: ``Expired``); at *heal_at*,
-        look to heal.  Returns when to look next."""
+    def _wait_for_message(self, deadline: float | None) -> None:
+        """Wait until a datagram may be taken (past *deadline*: ``Expired``), looking to
+        heal when this process is due to (see _ipc_slots.Ledger.due)."""
+        ledger = self._ledger
+        assert ledger is not None
         fd = self._r.fileno()
         while True:
+            heal_at = ledger.due(time.monotonic())
             end = heal_at if deadline is None or heal_at < deadline else deadline
             try:
                 _ipc_wire.wait_fd(fd, _POLLIN, end)
-                return heal_at
+                return
             except _ipc_wire.Expired:
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     raise
                 if now >= heal_at:
                     self._heal()
-                    heal_at = heal_delay(time.monotonic())
 
     def _heal(self) -> bool:
         """Give back the slots killed processes held, when that can be measured (see
