@@ -257,3 +257,33 @@ def test_bytes_api_details_as_multiprocessing(lib):
         b.recv_bytes()
     a.close()
     b.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_send_on_a_full_socket_goes_as_soon_as_one_message_has_left():
+    # a sender waiting for the socket to say it is writable (three-quarters empty) waited for
+    # good on a peer that took a few messages and then waited for an answer
+    import socket
+    import threading
+
+    a, b = procpool.Pipe()
+    filled = 0
+    sock = b._wire.sock
+    while True:  # (fill the buffer with whole pickled messages, as send does)
+        try:
+            sock.send(pickle.dumps(filled), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            break
+        filled += 1
+    sent = threading.Event()
+    sender = threading.Thread(target=lambda: (b.send("one more"), sent.set()), daemon=True)
+    sender.start()
+    for i in range(10):
+        assert a.recv() == i
+    assert sent.wait(5), "send waited although a message fits"
+    sender.join(5)
+    for i in range(10, filled):
+        assert a.recv() == i
+    assert a.recv() == "one more"
+    a.close()
+    b.close()

@@ -943,3 +943,37 @@ def test_threads_putting_large_messages_lose_and_duplicate_none():
     consumer.join(10)
     assert errors == []
     assert got == {(t, i): 1 for t in range(threads) for i in range(per)}
+
+
+@pytest.mark.timeout(60)
+def test_a_put_on_a_full_socket_goes_as_soon_as_one_message_has_left():
+    # a Unix socket says it is writable only once its buffer is three-quarters empty: a put
+    # waiting on a full queue raised Full (or waited for good) although a message would fit
+    q = procpool.Queue()
+    filled = 0
+    while True:
+        try:
+            q.put_nowait(filled)
+        except queue.Full:
+            break
+        filled += 1
+    assert filled > 100
+    outcome: list = []
+
+    def put_one_more():
+        try:
+            q.put("one more", timeout=10)
+            outcome.append(time.monotonic())
+        except queue.Full:
+            outcome.append("Full")
+
+    putter = threading.Thread(target=put_one_more)
+    putter.start()  # (waits: the queue is full)
+    time.sleep(0.2)
+    for i in range(10):
+        assert q.get(timeout=5) == i
+    took_at = time.monotonic()
+    putter.join(15)
+    assert outcome and outcome[0] != "Full", "a message fitted, yet the put waited 10 s"
+    assert outcome[0] - took_at < 2  # (about 50 ms: it looks again now and then)
+    assert q.qsize() == filled - 10 + 1

@@ -219,7 +219,19 @@ class Wire:
                 continue
             if not block:
                 raise Expired("the socket buffer is full")
-            wait_fd(sock.fileno(), _POLLOUT, deadline)
+            # A Unix socket says it is writable only once its buffer is three-quarters empty,
+            # yet a send fits as soon as one message has left: waiting for POLLOUT alone made a
+            # put(timeout=) on a queue with room raise Full, and a sender wait for good on a
+            # peer that took a few messages and then waited for it.  So try again now and then.
+            end = time.monotonic() + pause
+            if deadline is not None and deadline < end:
+                end = deadline
+            try:
+                wait_fd(sock.fileno(), _POLLOUT, end)
+            except Expired:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+            pause = min(pause * 2, 0.05)
 
     # -- receiving --------------------------------------------------------------------------
     def recv_frame(self, block: bool, deadline: float | None) -> tuple[Any, int, list[int], bool]:

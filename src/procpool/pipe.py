@@ -39,7 +39,7 @@ _RECVBUF = _ipc_wire._RECVBUF
 _ANCBUF = _ipc_wire._ANCBUF
 _RECV_WAIT = _ipc_wire._RECV_WAIT
 _MSG_TRUNC = _ipc_wire._MSG_TRUNC
-_SEND_WAIT = int(socket.MSG_NOSIGNAL)
+_SEND_NOWAIT = int(socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
 
 
 class Connection:
@@ -127,7 +127,12 @@ class Connection:
         except Exception:
             data = None  # descriptors, big buffers, lambdas: the general path decides
         if data is not None and len(data) <= self._inline_max:
-            self._sock.send(data, _SEND_WAIT)  # type: ignore[union-attr]  # checked above  # the fast path; blocks while the buffer is full
+            try:  # the fast path: one system call
+                self._sock.send(data, _SEND_NOWAIT)  # type: ignore[union-attr]  # (checked)
+            except BlockingIOError:
+                # the buffer is full.  (Not a blocking send: the kernel wakes a blocked sender
+                # only once the buffer is three-quarters empty, see _ipc_wire.Wire._send)
+                self._wire.send_frame(data, 0, [], None)
             return
         if data is None:
             data, nbuf, fds = _ipc_wire.encode(obj)
