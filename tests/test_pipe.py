@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -286,4 +287,38 @@ def test_a_send_on_a_full_socket_goes_as_soon_as_one_message_has_left():
         assert a.recv() == i
     assert a.recv() == "one more"
     a.close()
+    b.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_send_waiting_on_a_full_socket_gets_broken_pipe_when_the_peer_closes():
+    # the kernel says ECONNRESET when the peer closed with messages unread: the same error
+    # as a send to a closed peer with none (BrokenPipeError), as documented
+    import socket
+    import threading
+
+    a, b = procpool.Pipe()
+    sock = b._wire.sock
+    while True:
+        try:
+            sock.send(pickle.dumps(0), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            break
+    errors: list = []
+
+    def send_one_more():
+        try:
+            b.send("one more")
+        except Exception as exc:
+            errors.append(exc)
+
+    sender = threading.Thread(target=send_one_more)
+    sender.start()
+    time.sleep(0.2)
+    a.close()
+    sender.join(10)
+    assert not sender.is_alive() and len(errors) == 1
+    assert isinstance(errors[0], BrokenPipeError), repr(errors[0])
+    with pytest.raises(BrokenPipeError):
+        b.send("after")
     b.close()

@@ -59,6 +59,7 @@ _RECV_WAIT = int(socket.MSG_CMSG_CLOEXEC)
 _SEND_NOWAIT = int(socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
 _POLLIN = int(select.POLLIN)
 _POLLOUT = int(select.POLLOUT)
+_PAUSE_MIN, _PAUSE_MAX = 0.001, 0.05  # seconds a send on a full buffer waits to try again
 _POLL_MAX_S = 2_000_000.0  # ~23 days: the longest single poll() (2**31 - 1 ms), rounded down
 
 
@@ -133,6 +134,10 @@ class Wire:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        # how long a send on a full buffer waits before it tries again (see _send): kept
+        # between sends, so that a sender that keeps ahead of its receiver settles on waits
+        # that let a batch of messages leave, instead of waking for each one
+        self._pause = _PAUSE_MIN
         self.inline_max = min(
             INLINE_MAX, max(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 4, 1024)
         )
@@ -193,16 +198,20 @@ class Wire:
 
     def _send(self, data: Any, anc: list[Any] | None, deadline: float | None, block: bool) -> None:
         sock = self.sock
-        pause = 0.001
+        pause = self._pause
+        waited = False
         while True:
             try:
                 if anc is None:
                     sock.send(data, _SEND_NOWAIT)
                 else:
                     sock.sendmsg(data, anc, _SEND_NOWAIT)
+                self._pause = pause if waited else max(pause / 2, _PAUSE_MIN)
                 return
             except BlockingIOError:
-                pass
+                waited = True
+            except ConnectionResetError as exc:  # (the peer closed with messages unread)
+                raise BrokenPipeError(errno.EPIPE, "the other end is closed") from exc
             except OSError as exc:
                 # An unprivileged user may have at most RLIMIT_NOFILE descriptors in flight in
                 # sockets: each large message holds one until a consumer takes it.  That is a
@@ -215,7 +224,7 @@ class Wire:
                 if deadline is not None and now >= deadline:
                     raise Expired("too many descriptors in flight") from None
                 time.sleep(pause if deadline is None else min(pause, deadline - now))
-                pause = min(pause * 2, 0.05)
+                pause = min(pause * 2, _PAUSE_MAX)
                 continue
             if not block:
                 raise Expired("the socket buffer is full")
@@ -231,7 +240,7 @@ class Wire:
             except Expired:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
-            pause = min(pause * 2, 0.05)
+            pause = min(pause * 2, _PAUSE_MAX)
 
     # -- receiving --------------------------------------------------------------------------
     def recv_frame(self, block: bool, deadline: float | None) -> tuple[Any, int, list[int], bool]:

@@ -19,6 +19,7 @@ the same end at once: a datagram is never interleaved with another.
 
 from __future__ import annotations
 
+import errno
 import pickle
 import socket
 import time
@@ -129,6 +130,8 @@ class Connection:
         if data is not None and len(data) <= self._inline_max:
             try:  # the fast path: one system call
                 self._sock.send(data, _SEND_NOWAIT)  # type: ignore[union-attr]  # (checked)
+            except ConnectionResetError as exc:  # (the peer closed with messages unread)
+                raise BrokenPipeError(errno.EPIPE, "the other end is closed") from exc
             except BlockingIOError:
                 # the buffer is full.  (Not a blocking send: the kernel wakes a blocked sender
                 # only once the buffer is three-quarters empty, see _ipc_wire.Wire._send)
