@@ -96,3 +96,12 @@ def run_child(target, *args, ctx=FORK, timeout: float = 10.0) -> int:
         p.join()
         pytest.fail(f"child {target.__name__} did not finish within {timeout} s")
     return p.exitcode
+
+
+def join_or_kill(procs, timeout: float = 10.0) -> None:
+    """Join each process; kill (and reap) one still alive after *timeout* seconds."""
+    for p in procs:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+            p.join()

@@ -15,7 +15,7 @@ import uuid
 
 import numpy as np
 import pytest
-from _ipc_helpers import FORK, SPAWN, no_leaks, run_child  # noqa: F401
+from _ipc_helpers import FORK, SPAWN, join_or_kill, no_leaks, run_child  # noqa: F401
 from conftest import run_python
 
 import procpool
@@ -441,10 +441,7 @@ def test_a_consumer_waiting_on_an_empty_queue_gives_back_the_slots_killed_consum
                 time.sleep(0.05)
         assert out.get(timeout=10) == "b"
     finally:
-        waiter.join(10)
-        if waiter.is_alive():
-            waiter.kill()
-            waiter.join()
+        join_or_kill([waiter])
     assert q.empty()
 
 
@@ -470,10 +467,7 @@ def test_a_slot_held_by_a_live_producer_copying_a_large_message_is_not_given_bac
         assert len(q.get(timeout=10)) == 1 << 30
         assert q.empty()
     finally:
-        producer.join(30)
-        if producer.is_alive():
-            producer.kill()
-            producer.join()
+        join_or_kill([producer], 30)
 
 
 @pytest.mark.timeout(60)
@@ -547,11 +541,7 @@ def test_consumers_waiting_together_give_back_the_slot_of_a_killed_one(consumers
                     time.sleep(0.02)
         assert sorted(out.get(timeout=10) for _ in range(consumers)) == list(range(consumers))
     finally:
-        for w in waiters:
-            w.join(10)
-            if w.is_alive():
-                w.kill()
-                w.join()
+        join_or_kill(waiters)
 
 
 def _poll_get(q, out, timeout, until):
@@ -582,38 +572,44 @@ def test_consumers_polling_with_short_timeouts_heal_and_do_not_keep_others_from_
         q.put("c", timeout=8)
         assert sorted(out.get(timeout=10) for _ in pollers) == ["b", "c"]
     finally:
-        for p in pollers:
-            p.join(25)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        join_or_kill(pollers, 25)
 
 
 def test_a_put_interrupted_after_its_message_went_leaves_no_slot_counted():
     # an exception landing after a bounded put's send (outside any try before) left the
     # process counting a slot for good: every heal then gave one back too few
+    q = procpool.Queue(1)
+    assert _interrupt_put(
+        lambda: q.put("x"),
+        ("_put_counted",),
+        lambda frame, event: event == "line" and "_debt_acquire" in _source_line(frame),
+    )
+    assert q._ledger._word & 0xFFFF == 0  # (counts nothing)
+    assert q.get(timeout=1) == "x"
+
+
+def _interrupt_put(put, functions, where):
+    """Run *put* with a KeyboardInterrupt raised inside one of *functions* where
+    ``where(frame, event)`` first holds, as a signal handler's exception would be (a trace
+    hook); True if it was raised there."""
+    armed = [True]
+
     def tracer(frame, event, arg):
-        if frame.f_code.co_name == "_put_counted":
-            return local
-        return None
+        return local if frame.f_code.co_name in functions else None
 
     def local(frame, event, arg):
-        if event == "line" and armed and "_debt_acquire" in _source_line(frame):
+        if armed and where(frame, event):
             armed.clear()
             raise KeyboardInterrupt
         return local
 
-    armed = [True]
-    q = procpool.Queue(1)
     sys.settrace(tracer)
     try:
         with pytest.raises(KeyboardInterrupt):
-            q.put("x")
+            put()
     finally:
         sys.settrace(None)
-    assert not armed
-    assert q._ledger._word & 0xFFFF == 0  # (counts nothing)
-    assert q.get(timeout=1) == "x"
+    return not armed
 
 
 def _source_line(frame):
@@ -878,26 +874,13 @@ def test_a_put_interrupted_just_after_taking_its_slot_keeps_none(block, size):
     # an exception landing right after the acquire returned True (where a pending handler
     # runs): the slot must go back, or an empty maxsize=1 queue refuses every put.  (A small
     # message with a slot free takes _put_counted, a large one take_slot in _put_slow.)
-    def tracer(frame, event, arg):
-        if frame.f_code.co_name in ("take_slot", "_put_counted"):
-            return local
-        return None
-
-    def local(frame, event, arg):
-        if event in ("line", "return") and armed and frame.f_locals.get("took") == [True]:
-            armed.clear()
-            raise KeyboardInterrupt
-        return local
-
-    armed = [True]
     q = procpool.Queue(1)
-    sys.settrace(tracer)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            q.put("x" * size, block=block)
-    finally:
-        sys.settrace(None)
-    assert not armed and q.empty()
+    assert _interrupt_put(
+        lambda: q.put("x" * size, block=block),
+        ("take_slot", "_put_counted"),
+        lambda frame, event: event in ("line", "return") and frame.f_locals.get("took") == [True],
+    )
+    assert q.empty()
     q.put("y", timeout=5)
     assert q.get(timeout=5) == "y"
 
