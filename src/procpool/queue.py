@@ -267,10 +267,10 @@ class Queue:
 
         def take_slot() -> None:
             assert free is not None and ledger is not None
-            # counted in the ledger once taken (see _ipc_slots): the count first, then the
-            # note of it, so that an interruption leaves the count high, never low.  (No
-            # count and no word changed when no slot is free: a put_nowait that spins on a
-            # queue the dead hold the slots of must not keep healers from their two looks)
+            # counted in the ledger once taken (see _ipc_slots; enter() notes it in
+            # `counted`, which the caller's finally uncounts).  No word changes while no slot
+            # is free: a put_nowait that spins on a queue whose slots the dead hold must not
+            # keep healers from their two looks
             took.extend(map(free.acquire, (False,)))  # (a C call records it)
             if took[-1]:
                 ledger.enter(counted)
