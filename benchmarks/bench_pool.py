@@ -431,7 +431,10 @@ class Runner:
         self.shared_array()
 
     def shared_array(self) -> None:
-        title = "4c. procpool.SharedArray of 1 GiB passed to a task vs a small int (apply)"
+        title = (
+            "4c. procpool.SharedArray of 1 GiB passed to a task vs a small int "
+            "(apply; the two kinds of call alternate)"
+        )
         if not self.pp:
             print(f"### {title}\n\nnot available (procpool.Pool missing) — placeholder\n")
             self.targets.check(
