@@ -106,53 +106,17 @@ class Context:
 
 def RawValue(typecode_or_type: Any, *args: Any) -> Any:  # noqa: N802 - multiprocessing's name
     """A ctypes object in shared memory, without a lock (:func:`multiprocessing.RawValue`):
-    ``ctypes.byref``, ``memoryview`` and numpy take it; passed to a task or through a queue
-    it travels by reference, as procpool's ``Value`` (which it is underneath)."""
+    ``procpool.Value(..., lock=False)``.  ``ctypes.byref``, ``memoryview`` and numpy take it;
+    passed to a task or through a queue it travels by reference, as a ``Value``."""
     from .shared import Value
 
-    return _raw(Value(typecode_or_type, *args, lock=False))
+    return Value(typecode_or_type, *args, lock=False)
 
 
 def RawArray(typecode_or_type: Any, size_or_initializer: Any) -> Any:  # noqa: N802
     """A ctypes array in shared memory, without a lock (:func:`multiprocessing.RawArray`):
-    ``numpy.frombuffer`` and ``memoryview`` take it; it travels by reference, as ``RawValue``."""
+    ``procpool.Array(..., lock=False)``.  ``numpy.frombuffer`` and ``memoryview`` take it; it
+    travels by reference, as ``RawValue``."""
     from .shared import Array
 
-    return _raw(Array(typecode_or_type, size_or_initializer, lock=False))
-
-
-#: ctypes type -> its subclass whose objects pickle as the shared object under them
-_RAW_TYPES: dict[Any, Any] = {}
-
-
-def _raw(shared: Any) -> Any:
-    """The ctypes object of *shared* (a procpool Value or Array), as a subclass that pickles
-    by reference: as *shared* itself, rebuilt into the same kind of object on arrival."""
-    from ._ipc_mem import DATA_OFFSET
-
-    base = type(shared.get_obj())
-    raw_type: Any = _RAW_TYPES.get(base)
-    if raw_type is None:
-        raw_type = _RAW_TYPES[base] = type(
-            base.__name__,
-            (base,),
-            {
-                "__reduce__": _reduce_raw,
-                "__copy__": _copy_raw,  # (a private copy, as multiprocessing's)
-                "__deepcopy__": lambda obj, memo: _copy_raw(obj),
-                "__module__": __name__,
-            },
-        )
-    obj = raw_type.from_buffer(shared._region.mmap, DATA_OFFSET)
-    obj._procpool_shared = shared  # (keeps the mapping, and says how to travel)
-    return obj
-
-
-def _reduce_raw(obj: Any) -> tuple[Any, tuple[Any, ...]]:
-    return (_raw, (obj._procpool_shared,))
-
-
-def _copy_raw(obj: Any) -> Any:
-    """``copy.copy`` of a raw object: a plain ctypes object holding a copy of its data."""
-    base: Any = type(obj).__mro__[1]
-    return base.from_buffer_copy(obj)
+    return Array(typecode_or_type, size_or_initializer, lock=False)

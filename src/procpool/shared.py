@@ -99,8 +99,9 @@ class _Shared:
             raise AttributeError("this shared object was created with lock=False")
         return self._lock
 
-    def acquire(self, *args: Any) -> bool:
-        return self.get_lock().acquire(*args)
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        """Acquire the lock (``get_lock().acquire(block, timeout)``)."""
+        return self.get_lock().acquire(block, timeout)
 
     def release(self) -> None:
         self.get_lock().release()
@@ -165,7 +166,11 @@ class Value(_Shared):
         ctype = _ctype_of(typecode_or_type)
         if isinstance(ctype, type) and issubclass(ctype, ctypes.Structure):
             cls = _structure_value_class(cls, ctype)
-        return super().__new__(cls)
+        self = super().__new__(cls)
+        if kwargs.get("lock", True) is False and kwargs.get("_attach") is None:
+            self.__init__(typecode_or_type, *args, **kwargs)  # type: ignore[misc]
+            return _raw(self)  # (not a Value: Python does not call __init__ again)
+        return self
 
     def __init__(
         self,
@@ -236,9 +241,9 @@ class Value(_Shared):
         self._addr = self._region.data_address
         size = ctypes.sizeof(self._ctype)
         self._atomic_kind: str | None = None
-        if ops is None or size not in (4, 8) or not hasattr(self._ctype, "_type_"):
-            return
-        code = self._ctype._type_
+        code = getattr(self._ctype, "_type_", None)
+        if ops is None or size not in (4, 8) or not isinstance(code, str):
+            return  # (an array or pointer type's ``_type_`` is a ctypes type)
         if code in "iIlLqQ":
             self._atomic_kind = "int"
         elif code in "fd":
@@ -258,20 +263,29 @@ class Value(_Shared):
     def _bind_int_fast_paths(self) -> None:
         # ``v.add(1)`` is the hot call: bind a closure with everything precomputed (one ctypes
         # call and one comparison), shadowing the documented method of the same name.
-        fadd, addr, bits = self._fadd, self._addr, self._bits
+        # The closures hold plain values, never ``self``: a Value referring to itself would
+        # outlive its last reference until the cycle collector ran (its memory and descriptors
+        # with it, in a worker too).
+        fadd, addr, bits, unsigned = self._fadd, self._addr, self._bits, self._unsigned
         mask = (1 << bits) - 1
-        lo, hi = (0, mask) if self._unsigned else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
-        wrap = self._from_raw if self._unsigned else self._to_signed
+        lo, hi = (0, mask) if unsigned else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+        half = 1 << (bits - 1)
 
         def add(delta: int = 1) -> int:
-            new = fadd(addr, delta) + delta
-            if self._unsigned:
-                new &= mask
-            return new if lo <= new <= hi else wrap(new)
+            try:
+                new = fadd(addr, delta) + delta
+            except ctypes.ArgumentError:
+                raise _not_an_int(delta) from None
+            if unsigned:
+                return new & mask
+            return new if lo <= new <= hi else ((new + half) & mask) - half
 
         def fetch_add(delta: int = 1) -> int:
-            old = fadd(addr, delta)
-            return old & mask if self._unsigned else old
+            try:
+                old = fadd(addr, delta)
+            except ctypes.ArgumentError:
+                raise _not_an_int(delta) from None
+            return old & mask if unsigned else old
 
         self.add = add  # type: ignore[method-assign,assignment]
         self.fetch_add = fetch_add  # type: ignore[method-assign,assignment]
@@ -301,7 +315,7 @@ class Value(_Shared):
     def fetch_add(self, delta: int | float = 1) -> Any:
         """Atomically add *delta*; return the previous value."""
         if self._need_atomic() == "int":
-            return self._from_raw(self._fadd(self._addr, self._to_signed(int(delta))))
+            return self._from_raw(self._fadd(self._addr, self._to_signed(_index(delta))))
         while True:  # floats: compare-and-swap loop on the bit pattern
             old_bits = self._to_signed(self._raw_load())
             old = self._bits_float(old_bits)
@@ -341,6 +355,18 @@ class Value(_Shared):
     def store(self, new: Any) -> None:
         """Atomically write the value (with a full memory barrier)."""
         self.exchange(new)
+
+
+def _index(delta: Any) -> int:
+    """*delta* for an integer Value's atomics: an int (or anything with ``__index__``)."""
+    try:
+        return delta.__index__()
+    except AttributeError:
+        raise _not_an_int(delta) from None
+
+
+def _not_an_int(delta: Any) -> TypeError:
+    return TypeError(f"an integer Value adds integers, not {type(delta).__name__} {delta!r}")
 
 
 def _field_names(ctype: Any) -> list[str]:
@@ -413,6 +439,13 @@ class Array(_Shared):
         s = procpool.Array("c", b"hello")
         s.value                             # b'hello'
     """
+
+    def __new__(cls, typecode_or_type: Any, *args: Any, **kwargs: Any) -> Array:
+        self = super().__new__(cls)
+        if kwargs.get("lock", True) is False and kwargs.get("_attach") is None:
+            self.__init__(typecode_or_type, *args, **kwargs)  # type: ignore[misc]
+            return _raw(self)  # (see Value.__new__)
+        return self
 
     def __init__(
         self,
@@ -487,7 +520,9 @@ class Array(_Shared):
             self._obj[i] = value
 
     def __iter__(self) -> Iterator[Any]:
-        return iter(self[:])
+        with self._locked():  # (a slice of a char array is bytes: its items would be ints)
+            items = list(self._obj)
+        return iter(items)
 
     @property
     def value(self) -> bytes:
@@ -529,6 +564,57 @@ def _attach_array(
     ctype: Any, length: int, token: int, name: str | None, lock: _LockType | None
 ) -> Array:
     return Array(ctype, length, _attach=(Region.received(token, name), lock))
+
+
+# ---------------------------------------------------------------- lock=False: ctypes itself
+#: ctypes type -> its subclass whose objects pickle as the shared object under them
+_RAW_TYPES: dict[Any, Any] = {}
+
+#: what a raw object adds to its ctypes type: procpool's own methods, from the object under it
+_RAW_EXTRAS = frozenset(
+    {"add", "fetch_add", "exchange", "compare_exchange", "load", "store", "numpy", "name", "unlink"}
+)
+
+
+def _raw(shared: Value | Array) -> Any:
+    """What ``Value``/``Array(..., lock=False)`` return, as :mod:`multiprocessing`'s do (and
+    ``RawValue``/``RawArray``): the ctypes object in shared memory itself (``ctypes.byref``,
+    ``memoryview``, ``numpy.frombuffer`` take it), of a subclass that pickles by reference --
+    as *shared*, rebuilt into the same kind of object on arrival -- and that has procpool's
+    atomics, ``numpy()``, ``name`` and ``unlink()`` from *shared*."""
+    base = type(shared.get_obj())
+    raw_type: Any = _RAW_TYPES.get(base)
+    if raw_type is None:
+        raw_type = _RAW_TYPES[base] = type(
+            base.__name__,
+            (base,),
+            {
+                "__reduce__": _reduce_raw,
+                "__copy__": _copy_raw,  # (a private copy, as multiprocessing's)
+                "__deepcopy__": lambda obj, memo: _copy_raw(obj),
+                "__getattr__": _raw_extra,
+                "__module__": __name__,
+            },
+        )
+    obj = raw_type.from_buffer(shared._region.mmap, DATA_OFFSET)
+    obj._procpool_shared = shared  # (keeps the mapping, and says how to travel)
+    return obj
+
+
+def _raw_extra(obj: Any, attr: str) -> Any:
+    if attr in _RAW_EXTRAS:
+        return getattr(obj._procpool_shared, attr)
+    raise AttributeError(f"{type(obj).__name__!r} object has no attribute {attr!r}")
+
+
+def _reduce_raw(obj: Any) -> tuple[Any, tuple[Any, ...]]:
+    return (_raw, (obj._procpool_shared,))
+
+
+def _copy_raw(obj: Any) -> Any:
+    """``copy.copy`` of a raw object: a plain ctypes object holding a copy of its data."""
+    base: Any = type(obj).__mro__[1]
+    return base.from_buffer_copy(obj)
 
 
 class SharedArray:
