@@ -179,3 +179,85 @@ def test_kill_pool_signals_every_worker():
 
     with multiprocessing.get_context("fork").Pool(2) as pool:
         assert len(signals.kill_pool(pool, 0)) == 2
+
+
+@pytest.mark.timeout(60)
+def test_timeout_whose_alarm_lands_as_the_block_ends_restores_the_handler(own_sigalrm):
+    # A timer firing after the block, before the cleanup disarmed it, raised SignalTimeout in
+    # the cleanup and cut it short: the block's handler stayed installed for good, and a later
+    # unrelated alarm raised a stale SignalTimeout (review: within 10-60 tries of this loop)
+    def mine(signum, frame):
+        fired.append(signum)
+
+    fired: list[int] = []
+    signal.signal(signal.SIGALRM, mine)
+    for i in range(3000):
+        try:
+            with signals.timeout(0.0005):
+                end = time.perf_counter() + 0.0005 * (0.9 + 0.2 * (i % 11) / 10)
+                while time.perf_counter() < end:
+                    pass
+        except signals.SignalTimeout:
+            pass
+        assert signal.getsignal(signal.SIGALRM) is mine, f"left installed after {i} tries"
+    assert not fired
+    signal.setitimer(signal.ITIMER_REAL, 0.01)
+    assert wait_until(lambda: fired == [signal.SIGALRM], timeout=5)
+
+
+@pytest.mark.timeout(30)
+def test_an_outer_timer_due_first_fires_on_time_inside_a_longer_timeout(own_sigalrm):
+    # the inner block armed its own, later, timer over the outer one: the outer deadline
+    # passed unnoticed until the inner block ended (review: an outer timeout(0.5) around a
+    # timeout(3) fired after 2 s)
+    runner_timer = signal.getitimer(signal.ITIMER_REAL)[0]  # (pytest-timeout's, if any)
+    t0 = time.monotonic()
+    with pytest.raises(signals.SignalTimeout, match="outer"):
+        with signals.timeout(0.3, "outer"):
+            with signals.timeout(20, "inner"):
+                time.sleep(10)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 5
+    left = signal.getitimer(signal.ITIMER_REAL)[0]  # given back, less the time spent
+    assert (left == 0) if runner_timer == 0 else (runner_timer - elapsed - 1 < left < runner_timer)
+    fired = []  # a repeating outer timer keeps its pace inside, then after, the block
+    signal.signal(signal.SIGALRM, lambda s, f: fired.append(time.monotonic()))
+    signal.setitimer(signal.ITIMER_REAL, 0.1, 0.1)
+    with signals.timeout(20):
+        assert wait_until(lambda: len(fired) >= 3, timeout=10)
+    assert wait_until(lambda: len(fired) >= 6, timeout=10)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+_WAIT_THEN_CTRL_C = """
+import signal, sys, time
+from procpool import signals
+print("ready", flush=True)
+try:
+    signals.wait(signal.SIGUSR1{timeout})
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)
+"""
+
+
+@pytest.mark.parametrize("timeout", ["", ", timeout=30"])
+def test_ctrl_c_interrupts_wait(timeout):
+    # with no timeout, wait used sigwait, which the C library restarts after a handler: Python
+    # never ran the SIGINT handler and Ctrl-C did nothing until SIGUSR1 came
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", _WAIT_THEN_CTRL_C.format(timeout=timeout)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline() == "ready\n"
+        time.sleep(0.2)  # (into the wait)
+        child.send_signal(signal.SIGINT)
+        out, _ = child.communicate(timeout=10)
+    finally:
+        child.kill()
+        child.wait()
+    assert out == "KeyboardInterrupt\n"

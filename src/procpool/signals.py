@@ -103,7 +103,9 @@ def timeout(seconds: float, message: str | None = None) -> Iterator[None]:
     """Raise :class:`SignalTimeout` inside the block if it runs longer than *seconds*.
 
     Uses ``SIGALRM`` and ``setitimer`` (sub-second precision); the previous handler and timer
-    are restored on exit.  Main thread only (``ValueError`` elsewhere).
+    are restored on exit.  Main thread only (``ValueError`` elsewhere).  Blocks nest: an outer
+    timer (an outer ``timeout``, or any ``setitimer``/``alarm``) due before this one still
+    fires on time, with its own handler.
 
     Example::
 
@@ -114,25 +116,60 @@ def timeout(seconds: float, message: str | None = None) -> Iterator[None]:
         raise ValueError("signals.timeout() works only in the main thread")
     if seconds <= 0:
         raise SignalTimeout(message or "timed out")
+    # One timer per process: the block's timer is armed for whichever is due first, its
+    # deadline or the outer timer's next expiry (``outer``: None without one), and _raise
+    # gives the outer timer's expiries to the outer handler.
+    started = time.monotonic()
+    deadline = started + seconds
+    outer: list[Any] = [None]
+    done = False
 
     def _raise(signum: int, frame: FrameType | None) -> None:
-        raise SignalTimeout(message or f"timed out after {seconds} s")
+        if done:  # (a signal of this timer handled after the block: nothing to interrupt)
+            return
+        due, now = outer[0], time.monotonic()
+        if due is None or now < due - _EARLY:
+            raise SignalTimeout(message or f"timed out after {seconds} s")
+        outer[0] = due = due + old_interval if old_interval > 0 else None
+        first = deadline if due is None else min(deadline, due)
+        _signal.setitimer(_signal.ITIMER_REAL, max(first - now, _ALMOST_NOW))
+        _call_handler(old_handler, signum, frame)  # the outer timer's turn
 
     old_handler = _signal.signal(_signal.SIGALRM, _raise)
-    started = time.monotonic()
     old_delay, old_interval = _signal.setitimer(_signal.ITIMER_REAL, seconds)
+    if old_delay > 0:
+        outer[0] = started + old_delay
+        if old_delay < seconds:
+            _signal.setitimer(_signal.ITIMER_REAL, old_delay)
     try:
         yield
     finally:
+        # First thing (no call before it, so no signal handler can run between the block and
+        # it): from here _raise does nothing, and this cleanup cannot be cut short by it.
+        done = True
         _signal.setitimer(_signal.ITIMER_REAL, 0)
-        _signal.signal(_signal.SIGALRM, old_handler)
-        if old_delay > 0:
-            # Re-arm the outer timer with what it had left less the time the block really took
-            # (not less *seconds*: a block that ends early must not bring the outer alarm
-            # forward), and with its interval, so a repeating timer keeps repeating.  If it
-            # expired during the block, it fires now rather than never.
-            left = old_delay - (time.monotonic() - started)
+        _signal.pthread_sigmask(_signal.SIG_BLOCK, ())  # (runs a handler already due: _raise)
+        _signal.signal(_signal.SIGALRM, old_handler if old_handler is not None else _SIG_DFL)
+        if outer[0] is not None:
+            # The outer timer, with the time it has left since it was set aside (a block that
+            # ends early does not bring it forward), and its interval, so a repeating timer
+            # keeps repeating.  If it came due in these last instants, it fires now.
+            left = outer[0] - time.monotonic()
             _signal.setitimer(_signal.ITIMER_REAL, max(left, _ALMOST_NOW), old_interval)
+
+
+#: how early a timer may fire (the kernel's and the clocks' rounding)
+_EARLY = 1e-3
+_SIG_DFL = _signal.SIG_DFL
+
+
+def _call_handler(handler: Any, signum: int, frame: FrameType | None) -> None:
+    """Do what *handler* (a previous ``signal.signal`` value) does for *signum*."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler != _signal.SIG_IGN:  # SIG_DFL (or a handler set outside Python): terminate
+        _signal.signal(signum, _signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 def wait(signals: int | Iterable[int], timeout: float | None = None) -> int | None:
@@ -140,7 +177,11 @@ def wait(signals: int | Iterable[int], timeout: float | None = None) -> int | No
 
     The signals are blocked in the calling thread while waiting and taken with
     ``sigtimedwait``, so their handlers do not run for the signal returned.  A signal that
-    arrived before the call (while blocked) is returned at once.
+    arrived before the call (while blocked) is returned at once.  Other signals' handlers run
+    as usual (Ctrl-C raises ``KeyboardInterrupt``).  Call it from the main thread, or block
+    *signals* in every other thread first: a signal sent to the process goes to a thread that
+    does not block it (the main thread, whose default action for most signals is to end the
+    process).
 
     Example::
 
@@ -150,12 +191,20 @@ def wait(signals: int | Iterable[int], timeout: float | None = None) -> int | No
     sigs = {signals} if isinstance(signals, int) else set(signals)
     old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, sigs)
     try:
-        if timeout is None:
-            return _signal.sigwait(sigs)
-        info = _signal.sigtimedwait(sigs, max(timeout, 0))
-        return None if info is None else info.si_signo
+        if timeout is not None:
+            info = _signal.sigtimedwait(sigs, max(timeout, 0))
+            return None if info is None else info.si_signo
+        # not sigwait: the C library restarts it after another signal's handler, so Python
+        # could not run that handler (Ctrl-C would do nothing) until one of *sigs* came
+        while True:
+            info = _signal.sigtimedwait(sigs, _FOREVER)
+            if info is not None:
+                return info.si_signo
     finally:
         _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
+
+
+_FOREVER = 86400.0
 
 
 def kill_pool(pool: Any, sig: int = _signal.SIGTERM) -> list[int]:
