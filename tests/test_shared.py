@@ -888,3 +888,10 @@ def test_a_named_object_whose_construction_fails_leaves_no_file_and_frees_its_na
         assert procpool.Value.open(name).value == 7
     finally:
         v.unlink()
+
+
+def test_a_shared_array_takes_numpy_integers_as_its_shape():
+    assert procpool.SharedArray(np.int64(5)).shape == (5,)  # (a TypeError: not iterable)
+    assert procpool.SharedArray((np.int64(2), 3)).shape == (2, 3)
+    with pytest.raises(TypeError):
+        procpool.SharedArray(2.5)

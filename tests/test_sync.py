@@ -524,3 +524,8 @@ def test_consumers_killed_in_task_done_never_hold_up_join_or_other_consumers():
         joiner.kill()
         joiner.join(10)
         q.close()
+
+
+def test_a_semaphore_of_a_float_is_refused_clearly():
+    with pytest.raises(TypeError, match="float"):  # (ctypes' "argument 3: wrong type" before)
+        procpool.Semaphore(1.5)

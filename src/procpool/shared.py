@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import operator
 import struct
 import weakref
 from collections.abc import Iterable, Iterator
@@ -645,7 +646,12 @@ class SharedArray:
         dt = np.dtype(dtype)
         if dt.hasobject:
             raise TypeError("a SharedArray cannot hold Python objects")
-        dims = (shape,) if isinstance(shape, int) else tuple(int(n) for n in shape)
+        # (an int, or anything with __index__ as numpy's sizes: np.int64(5), arr.shape[0])
+        dims = (
+            (operator.index(shape),)
+            if hasattr(shape, "__index__")
+            else tuple(operator.index(n) for n in shape)
+        )
         if dt.subdtype is not None:  # ('f8', (3,)): a trailing axis, as numpy makes it
             dt, sub = dt.subdtype
             dims += sub

@@ -35,6 +35,7 @@ the data the lock protects is consistent.
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import time
@@ -63,6 +64,7 @@ class _SemBased:
     _kind = SEMAPHORE
 
     def __init__(self, value: int = 1, maxvalue: int = 1, *, _region: Region | None = None):
+        value = operator.index(value)  # (a float: ctypes' "argument 3: wrong type" otherwise)
         fresh = _region is None
         if _region is None:
             _region = Region.create(0, {"kind": type(self).__name__})
