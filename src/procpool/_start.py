@@ -588,9 +588,11 @@ _REQ = struct.Struct("<ci")  # command, pid
 _REPLY = struct.Struct("<ii")  # pid or status, flag
 
 
-class _NoRoom(OSError):
-    """The fork server's new worker came without its descriptors: this process is out of
-    them.  (The worker, its channel gone, ends at once; the server stays.)"""
+class _Refused(OSError):
+    """No new worker from the fork server, which is fine: it could not make one (its fork or
+    socketpair failed: out of processes, memory or descriptors there -- it says so and goes
+    on), or the worker came without its descriptors (this process is out of them: the
+    worker, its channel gone, ends at once)."""
 
 
 class ForkServerLauncher(Launcher):
@@ -614,7 +616,7 @@ class ForkServerLauncher(Launcher):
     def start(self) -> Proc:
         try:
             return self._fork()
-        except _NoRoom:  # (the server is fine)
+        except _Refused:  # (the server is fine)
             raise
         except OSError:  # the server died (OOM killer, a stray kill): start a new one, once
             self.close()
@@ -627,6 +629,9 @@ class ForkServerLauncher(Launcher):
         if len(data) < _REPLY.size:
             raise OSError("the fork server is gone")
         pid, has_pidfd = _REPLY.unpack(data)
+        if pid < 0:  # (-errno: see forkserver_main)
+            why = os.strerror(-pid)
+            raise _Refused(-pid, f"the fork server could not start a worker: {why}")
         fds: list[int] = []
         for level, kind, raw in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -636,7 +641,7 @@ class ForkServerLauncher(Launcher):
         if len(fds) < 1 + bool(has_pidfd):  # this process had no room for them (MSG_CTRUNC)
             for fd in fds:
                 os.close(fd)
-            raise _NoRoom(
+            raise _Refused(
                 errno.EMFILE, f"the new worker's descriptors: {os.strerror(errno.EMFILE)}"
             )
         pidfd = fds.pop(0) if has_pidfd else -1
@@ -676,8 +681,20 @@ def forkserver_main() -> None:
             os._exit(0)
         cmd, pid = _REQ.unpack(data)
         if cmd == b"S":
-            parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            child = os.fork()
+            # out of processes, memory or descriptors here: say so and serve on (dying would
+            # take every worker of the pool with it)
+            try:
+                parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            except OSError as exc:
+                ctl.sendall(_REPLY.pack(-(exc.errno or errno.EMFILE), 0))
+                continue
+            try:
+                child = os.fork()
+            except OSError as exc:
+                parent_sock.close()
+                child_sock.close()
+                ctl.sendall(_REPLY.pack(-(exc.errno or errno.EAGAIN), 0))
+                continue
             if child == 0:
                 code = 1
                 try:

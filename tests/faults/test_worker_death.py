@@ -449,3 +449,26 @@ def test_pool_raises_when_not_one_worker_can_start():
         """
     )
     assert "Traceback" not in done.stderr
+
+
+def test_a_fork_server_that_cannot_start_a_worker_serves_on_and_keeps_its_workers(leak_check):
+    # its socketpair (or fork) failing raised in the server, which died -- and took every
+    # worker of the pool with it; now it says why, and the pool tries again
+    import resource
+
+    with procpool.Pool(2, start_method="forkserver") as pool:
+        server = pool._sched._launcher._pid
+        assert wait_until(lambda: len(pool.pids()) == 2, 10.0)
+        doomed, kept = pool.pids()
+        limits = resource.prlimit(server, resource.RLIMIT_NOFILE)
+        resource.prlimit(server, resource.RLIMIT_NOFILE, (1, limits[1]))  # no new descriptor
+        try:
+            os.kill(doomed, signal.SIGKILL)
+            assert wait_until(lambda: pool._sched._spawn_armed, 10.0)  # (a start failed)
+            assert [pool.apply_async(os.getpid).get(10) for _ in range(5)] == [kept] * 5
+            os.kill(server, 0)  # (alive)
+        finally:
+            resource.prlimit(server, resource.RLIMIT_NOFILE, limits)
+        assert wait_until(lambda: len(pool.pids()) == 2, 10.0), "no replacement started"
+        assert kept in pool.pids() and pool._sched._launcher._pid == server
+        assert pool.map(abs, range(-50, 0), chunksize=1) == list(range(50, 0, -1))
