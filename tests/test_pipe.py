@@ -322,3 +322,58 @@ def test_a_send_waiting_on_a_full_socket_gets_broken_pipe_when_the_peer_closes()
     with pytest.raises(BrokenPipeError):
         b.send("after")
     b.close()
+
+
+def test_bytes_of_a_multidimensional_buffer_count_bytes():
+    # offset and size counted rows of a 2-D uint8 array (its first dimension), and a large
+    # numpy array sent with send() could not be read with recv_bytes() (review)
+    a, b = procpool.Pipe()
+    img = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    a.send_bytes(img, 1, 2)
+    assert b.recv_bytes() == b"\x01\x02"
+    a.send_bytes(img, 5)
+    assert b.recv_bytes() == bytes(range(5, 12))
+    a.send_bytes(b"123456")
+    assert b.recv_bytes_into(np.zeros((2, 4), np.uint8)) == 6  # (8 bytes: room)
+    big = np.arange(100_000, dtype=np.float64)  # (its buffer travels through shared memory)
+    a.send(big)
+    assert np.array_equal(pickle.loads(b.recv_bytes()), big)
+    a.send("next")
+    assert b.recv() == "next"
+    a.close()
+    b.close()
+
+
+def _send_through(conn, text):
+    conn.send(text)
+    return conn.fileno() >= 0
+
+
+def test_stdlib_connections_and_sockets_travel_as_working_copies():
+    # a multiprocessing Connection went as its descriptor's number (pointing at nothing in
+    # another process, and dropping the copy closed the original); a socket was refused
+    import socket
+
+    q = procpool.Queue()
+    r, w = multiprocessing.Pipe()  # (its module is imported after the queue was made)
+    q.put(w)
+    w2 = q.get()
+    assert w2.fileno() != w.fileno()
+    w2.send("through the queue")
+    del w2
+    w.send("the original still works")
+    assert [r.recv(), r.recv()] == ["through the queue", "the original still works"]
+    with procpool.Pool(1) as pool:
+        assert pool.apply(_send_through, (w, "from a task"))
+    assert r.recv() == "from a task"
+    a, b = procpool.Pipe()
+    s1, s2 = socket.socketpair()
+    a.send(s1)
+    got = b.recv()
+    got.sendall(b"hi")
+    assert s2.recv(10) == b"hi"
+    with pytest.raises(RuntimeError, match="file descriptors"):
+        pickle.dumps(w)  # (the stdlib wrote the number)
+    for obj in (r, w, a, b, s1, s2, got):
+        obj.close()
+    q.close()

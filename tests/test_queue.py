@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import multiprocessing
 import os
@@ -960,3 +961,12 @@ def test_a_put_on_a_full_socket_goes_as_soon_as_one_message_has_left():
     assert outcome and outcome[0] != "Full", "a message fitted, yet the put waited 10 s"
     assert outcome[0] - took_at < 2  # (about 50 ms: it looks again now and then)
     assert q.qsize() == filled - 10 + 1
+
+
+def test_a_closed_simple_queue_raises_oserror_as_the_stdlib():
+    for lib in (multiprocessing, procpool):
+        sq = lib.SimpleQueue()
+        sq.close()
+        for call in (functools.partial(sq.put, 1), sq.get, sq.empty):
+            with pytest.raises(OSError, match="handle is closed"):
+                call()

@@ -28,11 +28,13 @@ worker included) and most programs never need it.
 from __future__ import annotations
 
 import array
+import copyreg
 import io
 import mmap
 import os
 import pickle
 import reprlib
+import socket
 import sys
 import threading
 import types
@@ -213,6 +215,45 @@ def send_region(region: Region) -> int:
     if region not in regions:
         regions.append(region)
     return -key
+
+
+# ------------------------------------------------- the standard library's objects with a descriptor
+# Plain pickle refuses a socket, and copies a multiprocessing Connection as its descriptor's
+# *number*: through a procpool Queue or Pipe, or to a pool task, it arrived pointing at nothing,
+# or at another file.  multiprocessing's own pickler sends their descriptors; so does procpool's,
+# with these reductions (``_ipc_fd``: SCM_RIGHTS while procpool pickles, the stdlib's ways while
+# multiprocessing does, an error from plain pickle).  The Connection's is registered once its
+# module is imported -- importing it here would cost every process ≈ 1.2 MB (tempfile, shutil,
+# random...) -- so the pickling paths call :func:`adopt_stdlib_connection` while
+# ``stdlib_pending`` and ``MP_CONNECTION in sys.modules``.
+
+MP_CONNECTION = "multiprocessing.connection"
+stdlib_pending = True
+
+
+def adopt_stdlib_connection() -> None:
+    """Register the reduction of :mod:`multiprocessing.connection`'s ``Connection`` (once its
+    module is imported: see above)."""
+    global stdlib_pending
+    module = sys.modules.get(MP_CONNECTION)
+    if module is not None:
+        copyreg.pickle(module.Connection, _reduce_stdlib_connection)
+        stdlib_pending = False
+
+
+def _reduce_stdlib_connection(conn: Any) -> tuple[Any, tuple[Any, ...]]:
+    from ._ipc_fd import reduce_stdlib_connection
+
+    return reduce_stdlib_connection(conn)
+
+
+def _reduce_socket(sock: socket.socket) -> tuple[Any, tuple[Any, ...]]:
+    from ._ipc_fd import reduce_socket
+
+    return reduce_socket(sock)
+
+
+copyreg.pickle(socket.socket, _reduce_socket)
 
 
 def recv_fd(token: int) -> int:
@@ -435,6 +476,8 @@ def dumps(
     reusable segments instead of fresh memfds (see ``_buffers``).  *keyed* (a pool's task arguments too):
     shared-memory regions go by key, listed in the payload's ``regions`` (see send_region).
     """
+    if stdlib_pending and MP_CONNECTION in sys.modules:
+        adopt_stdlib_connection()
     collector = _Collector(oob, cache, keyed)
     previous = getattr(_tls, "collector", None)
     _tls.collector = collector

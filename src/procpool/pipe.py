@@ -22,9 +22,10 @@ from __future__ import annotations
 import errno
 import pickle
 import socket
+import sys
 import time
 
-from . import _ipc_wire
+from . import _ipc_wire, _serialize
 from ._ipc_fd import FdHandle
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
@@ -35,6 +36,8 @@ __all__ = ["Pipe", "Connection"]
 
 _loads = pickle.loads
 _dumps = pickle.dumps
+_modules = sys.modules
+_MP_CONNECTION = _serialize.MP_CONNECTION
 _inband_only = _ipc_wire._inband_only
 _RECVBUF = _ipc_wire._RECVBUF
 _ANCBUF = _ipc_wire._ANCBUF
@@ -123,6 +126,8 @@ class Connection:
         if type(obj) is bytes and len(obj) > self._inline_max:  # big bytes: skip the pickle
             self._wire.send_frame(obj, 0, [], None, raw=True)
             return
+        if _serialize.stdlib_pending and _MP_CONNECTION in _modules:
+            _serialize.adopt_stdlib_connection()  # (see there)
         try:
             data = _dumps(obj, 5, buffer_callback=_inband_only)
         except Exception:
@@ -147,7 +152,7 @@ class Connection:
         """Send bytes from a bytes-like object (``offset``/``size`` select a slice)."""
         self._check_writable()
         m = memoryview(buf)
-        if m.itemsize > 1:
+        if m.itemsize != 1 or m.ndim != 1:  # (offset and size count bytes, not rows)
             m = m.cast("B")
         n = m.nbytes
         if offset < 0:
@@ -177,12 +182,18 @@ class Connection:
         return obj
 
     def _recv_raw(self) -> bytes | memoryview:
-        data, _nbuf, fds, eof = self._wire.recv_frame(True, None)
+        data, nbuf, fds, eof = self._wire.recv_frame(True, None)
         if eof:
             raise EOFError
         if fds:
-            _ipc_wire._close_all(fds)
-            raise OSError("received an object with attachments; use recv(), not recv_bytes()")
+            # an object sent with send() whose large buffers (or descriptors) came apart from
+            # its pickle: its bytes are its pickle with them in it, as multiprocessing's are
+            try:
+                return pickle.dumps(_ipc_wire.decode(data, nbuf, fds), 5)
+            except Exception as exc:  # (descriptors: no bytes can carry them)
+                raise OSError(
+                    "received an object with descriptors; use recv(), not recv_bytes()"
+                ) from exc
         return data
 
     def recv_bytes(self, maxlength: int | None = None) -> bytes:
@@ -211,8 +222,7 @@ class Connection:
 
         self._check_readable()
         with memoryview(buf) as m:
-            itemsize = m.itemsize
-            bytesize = itemsize * len(m)
+            bytesize = m.nbytes
             if offset < 0:
                 raise ValueError("negative offset")
             if offset > bytesize:

@@ -45,6 +45,7 @@ import os
 import pickle
 import queue as _stdqueue
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -69,6 +70,8 @@ JOIN_SLICE = 0.2  # seconds a JoinableQueue.join() waits for a wake-up before it
 _SIOCINQ = 0x541B  # (FIONREAD) bytes waiting in a socket; for SOCK_SEQPACKET, in every datagram
 _SEND_FLAGS = int(socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
 _dumps = pickle.dumps
+_modules = sys.modules
+_MP_CONNECTION = _serialize.MP_CONNECTION
 _loads = pickle.loads
 _RECVBUF = _ipc_wire._RECVBUF
 _ANCBUF = _ipc_wire._ANCBUF
@@ -195,6 +198,8 @@ class Queue:
         if type(obj) is bytes and len(obj) > self._inline_max:
             self._put_slow(obj, 0, [], block, timeout, raw=True)  # big bytes: skip the pickle
             return
+        if _serialize.stdlib_pending and _MP_CONNECTION in _modules:
+            _serialize.adopt_stdlib_connection()  # (see there)
         try:
             data = _dumps(obj, 5, buffer_callback=_inband_only)
         except Exception:
@@ -574,6 +579,22 @@ class SimpleQueue(Queue):
 
     def __init__(self, *, name: str | None = None) -> None:
         super().__init__(0, name=name)
+
+    # (after close(), multiprocessing's raise OSError: code catching it keeps working)
+    def put(self, obj: Any, *args: Any, **kwargs: Any) -> None:  # noqa: D102 - Queue's
+        if self._closed:
+            raise OSError("handle is closed")
+        super().put(obj, *args, **kwargs)
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102 - Queue's
+        if self._closed:
+            raise OSError("handle is closed")
+        return super().get(*args, **kwargs)
+
+    def empty(self) -> bool:  # noqa: D102 - Queue's
+        if self._closed:
+            raise OSError("handle is closed")
+        return super().empty()
 
 
 class JoinableQueue(Queue):
