@@ -394,3 +394,79 @@ def test_own_cluster_is_started_and_stopped_leaving_no_process_behind(cluster, D
     # no thread of the pool's; Dask's own process-wide executors (Dask-Offload...) may stay
     left = {t.name for t in set(threading.enumerate()) - threads_before}
     assert not {name for name in left if not name.startswith("Dask-")}, left
+
+
+# ---------------------------------------------------------------- the lazy imap's input
+
+
+def test_terminate_returns_while_another_thread_reads_the_imap_input(cluster, DaskPool):
+    """The feeder reads the input without its lock: terminate() (which ends the feeder) does
+    not wait for a generator that is blocked in the middle of a chunk."""
+    gate = threading.Event()
+    reading = threading.Event()
+
+    def stalls_after_one():
+        yield 0
+        reading.set()
+        gate.wait(30)  # the input blocks (a slow producer) until the test is done
+        yield 1
+
+    pool = DaskPool(address=cluster.scheduler_address, prefetch=2)
+    feeder = threading.Thread(target=lambda: pool.imap(square, stalls_after_one()))
+    feeder.start()
+    try:
+        assert reading.wait(30)
+        terminated = threading.Event()
+        threading.Thread(target=lambda: (pool.terminate(), terminated.set()), daemon=True).start()
+        assert terminated.wait(15), "terminate() waited for the imap input"
+    finally:
+        gate.set()
+        feeder.join(30)
+    assert not feeder.is_alive()
+
+
+def test_imap_streams_results_of_a_slowly_produced_input(cluster, DaskPool):
+    """Adaptive chunks end once reading them took ADAPTIVE_TARGET_S: a slow input is not read
+    for thousands of items (the compute time per item says nothing about it) before the
+    first results come out."""
+    n_read = 0
+
+    def slow_input():
+        nonlocal n_read
+        for i in range(400):  # 4 s in all
+            time.sleep(0.01)
+            n_read += 1
+            yield i
+
+    with DaskPool(address=cluster.scheduler_address, prefetch=2) as pool:
+        it = pool.imap(square, slow_input())
+        assert [it.next(timeout=30) for _ in range(30)] == [x * x for x in range(30)]
+        # a chunk is at most ~50 ms of reading (5 items here, fewer on a loaded machine)
+        assert n_read < 150, n_read
+
+
+def test_imap_item_dask_cannot_pickle_fails_at_its_own_position(cluster, DaskPool):
+    def with_a_lock():
+        for i in range(8):
+            yield threading.Lock() if i == 5 else i
+
+    with DaskPool(address=cluster.scheduler_address, prefetch=2) as pool:
+        it = pool.imap(square, with_a_lock(), chunksize=1)
+        out: list[object] = []
+        while True:
+            try:
+                out.append(it.next(timeout=30))
+            except StopIteration:
+                break
+            except procpool.SerializationError:
+                out.append("SerializationError")
+        assert out == [0, 1, 4, 9, 16, "SerializationError", 36, 49]
+        # the same, never consumed: join() reads the rest and returns
+        it = pool.imap(square, with_a_lock(), chunksize=1)
+        pool.close()
+        pool.join(timeout=30)
+        assert pool._engine.state == "TERMINATE"  # joined: stopped
+        assert list(itertools.islice(it, 5)) == [0, 1, 4, 9, 16]
+        with pytest.raises(procpool.SerializationError, match="cannot send"):
+            next(it)
+        assert list(it) == [36, 49]

@@ -10,14 +10,13 @@ The data flow is drawn in :mod:`procpool.backends.dask`.  Here:
 - :func:`_dask_error`: Dask's own failure of a unit in procpool's terms (``KilledWorker`` ->
   :class:`~procpool.WorkerLostError`).
 - :class:`_Feeder`: reads a lazy ``imap``'s input a bounded number of chunks ahead of what the
-  caller consumed, sizing chunks to about :data:`ADAPTIVE_TARGET_S` of work.
+  caller consumed, sizing chunks to about :data:`ADAPTIVE_TARGET_S` of work or of reading.
 - :func:`_check_portable`: refuses procpool's IPC objects as task arguments.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import pickle
 import sys
 import threading
@@ -365,6 +364,12 @@ class _Feeder:
     The input is read in the caller's thread (in :meth:`~procpool.backends.dask.DaskPool.imap` and when the iterator
     hands back consumed results, which it does before it waits), never in the delivery thread:
     a generator that waits for results of the same ``imap`` cannot block their delivery.
+
+    One thread reads at a time (``_reading``); a thread that finds another one reading leaves
+    the work to it, which looks at the window again after each chunk.  The lock guards only the
+    bookkeeping: it is never held while the input is read or a chunk submitted, so that
+    ``terminate()`` (:meth:`abort`) and a consumer handing back results (:meth:`release`) never
+    wait for a slow input.
     """
 
     def __init__(
@@ -384,6 +389,7 @@ class _Feeder:
         self._chunksize, self._timeout, self._sink, self._label = chunksize, timeout, sink, label
         self._window = window
         self._lock = threading.Lock()
+        self._reading = False  # a thread is in feed(), reading and submitting
         self._read = 0  # items read and submitted
         self._consumed = 0  # results the caller took
         self._ends: deque[int] = deque()  # end index of each chunk not yet fully consumed
@@ -391,34 +397,68 @@ class _Feeder:
         self._done = False
 
     def feed(self) -> None:
-        """Submit chunks until *window* chunks are ahead of the caller or the input ends."""
+        """Submit chunks until *window* chunks are ahead of the caller or the input ends
+        (returns at once if another thread is doing it)."""
         with self._lock:
-            while not self._done and len(self._ends) < self._window:
-                n = self._next_size()
-                try:
-                    items = list(itertools.islice(self._input, n))
-                    if self._kind == STARMAP:
-                        items = [tuple(args) for args in items]
-                    _check_portable(items, self._label)
-                except Exception as exc:  # noqa: BLE001 - raised at the iteration's end
-                    self._finish(exc)
-                    return
-                if items:
-                    unit = _Unit(
-                        self._sink,
-                        self._label,
-                        self._timeout,
-                        self._read,
-                        len(items),
-                        self,
-                        single=False,
-                    )
-                    payload = _Payload(self._func, self._kind, items, {}, self._timeout)
-                    self._engine.submit(unit, payload)
-                    self._read += len(items)
-                    self._ends.append(self._read)
-                if len(items) < n:
-                    self._finish(None)
+            if self._reading:
+                return
+            self._reading = True
+        try:
+            while True:
+                with self._lock:  # deciding to stop and saying so in one step: a release()
+                    if self._done or len(self._ends) >= self._window:  # after it feeds
+                        self._reading = False
+                        return
+                    size = self._next_size()
+                self._feed_chunk(size)
+        except BaseException:  # e.g. a KeyboardInterrupt in the input: the next call reads on
+            with self._lock:
+                self._reading = False
+            raise
+
+    def _feed_chunk(self, size: int) -> None:
+        """Read up to *size* items and submit them as one unit (the reading thread only)."""
+        items, error, ended = self._read_chunk(size)
+        try:
+            _check_portable(items, self._label)
+        except SerializationError as exc:  # raised at the iteration's end, as an input error
+            self._finish(exc)
+            return
+        with self._lock:
+            if self._done:  # aborted (terminate) while we read: what was read is dropped
+                return
+            unit = _Unit(
+                self._sink, self._label, self._timeout, self._read, len(items), self, single=False
+            )
+            self._read += len(items)
+            if items:
+                self._ends.append(self._read)
+        if items:
+            payload = _Payload(self._func, self._kind, items, {}, self._timeout)
+            try:
+                self._engine.submit(unit, payload)
+            except SerializationError as exc:  # Dask cannot pickle an item: that chunk's error
+                self._engine._settle_error(unit, exc)
+        if ended:
+            self._finish(error)
+
+    def _read_chunk(self, size: int) -> tuple[list, BaseException | None, bool]:
+        """Up to *size* items of the input: (items, the input's error, whether it ended).
+
+        An adaptive chunk also ends once reading it took :data:`ADAPTIVE_TARGET_S`: the size
+        is measured on the workers' compute time only, and a slowly produced input would
+        otherwise be read for thousands of items before anything is submitted.
+        """
+        items: list = []
+        deadline = None if self._chunksize is not None else time.monotonic() + ADAPTIVE_TARGET_S
+        try:
+            for item in self._input:
+                items.append(tuple(item) if self._kind == STARMAP else item)
+                if len(items) >= size or (deadline is not None and time.monotonic() >= deadline):
+                    return items, None, False
+        except Exception as exc:  # noqa: BLE001 - raised after the items read before it
+            return items, exc, True
+        return items, None, True
 
     def release(self, n: int) -> None:
         """The caller took *n* more results: read on."""
@@ -441,7 +481,7 @@ class _Feeder:
         self._per_item = per_item if prev is None else 0.5 * prev + 0.5 * per_item
 
     def abort(self, exc: BaseException) -> None:
-        """The pool ended: the iteration stops after what was read, then raises *exc*."""
+        """The pool ended: the iteration stops after what was submitted, then raises *exc*."""
         with self._lock:
             if not self._done:
                 self._done = True
@@ -456,8 +496,12 @@ class _Feeder:
         return max(1, min(ADAPTIVE_MAX_CHUNK, int(size)))
 
     def _finish(self, error: BaseException | None) -> None:
-        self._done = True
-        self._sink._end_of_input(self._read, error)
+        """The input ended (with *error*, if it raised): the iteration ends after what was read."""
+        with self._lock:
+            if self._done:  # aborted meanwhile: abort() told the sink
+                return
+            self._done = True
+            self._sink._end_of_input(self._read, error)
         self._engine.feeder_done(self)
 
 

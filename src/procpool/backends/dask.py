@@ -96,7 +96,7 @@ class DaskPool(PoolAPI):
     Chunking: :meth:`map` and :meth:`starmap` send ``chunksize`` items per Dask task (default:
     ``len / (4 * workers)``, as :mod:`multiprocessing` chooses); :meth:`imap` reads its input at
     most ``prefetch`` chunks ahead of the results consumed, and without a *chunksize* its chunks
-    start at one item and grow until each is about 50 ms of work.
+    start at one item and grow until each is about 50 ms of work (or of reading the input).
 
     What differs from the local pool (see ``docs/dask.md``): arguments and results always travel
     by pickle over the network (no shared-memory path), procpool's IPC objects cannot be task
