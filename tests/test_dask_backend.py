@@ -253,6 +253,58 @@ def test_unpicklable_result_fails_the_task_instead_of_hanging(pool):
         pool.apply_async(make_lock).get(timeout=30)
 
 
+def test_a_result_lost_with_its_worker_before_delivery_is_computed_again(cluster, DaskPool):
+    """A task has finished, but the worker holding its result dies before the delivery thread
+    fetched it: Dask computes it again, and the caller gets the value (not CancelledError)."""
+    import distributed
+
+    gate = threading.Event()
+    in_callback = threading.Event()
+
+    def hold_the_delivery_thread(_value: object) -> None:
+        in_callback.set()
+        gate.wait(30)
+
+    with DaskPool(address=cluster.scheduler_address) as pool:
+        pool.apply_async(square, (1,), callback=hold_the_delivery_thread)
+        try:
+            assert in_callback.wait(30)
+            result = pool.apply_async(nap, (1.0,))  # recomputing it takes 1 s again
+            client = pool.client
+
+            def holder() -> str | None:
+                held = [w for k, ws in client.who_has().items() if "nap" in str(k) for w in ws]
+                return held[0] if held else None
+
+            address = wait_until(holder, timeout=30)
+            assert address, "the task did not finish"
+            os.kill(client.run(os.getpid, workers=[address])[address], signal.SIGKILL)
+            assert wait_until(lambda: holder() is None, timeout=30)  # the scheduler knows
+        finally:
+            gate.set()  # the delivery thread now finds the result lost (and recomputing)
+        assert result.get(timeout=30) == 1.0
+    # the shared cluster gets its worker back before the next test
+    with distributed.Client(cluster.scheduler_address, set_as_default=False) as client:
+        assert wait_until(lambda: len(client.nthreads()) == 2, timeout=30)
+
+
+def tagged_bytes(n: int) -> bytes:
+    return b"x" * n
+
+
+def test_a_delivered_result_is_not_kept_by_the_delivery_thread(pool):
+    """Once the caller drops a result, its Dask future is released (and the value on the
+    worker with it): the delivery thread, waiting for the next batch, holds none of the last."""
+    result = pool.apply_async(tagged_bytes, (1000,))
+    assert result.get(timeout=30) == b"x" * 1000
+    del result
+
+    def held() -> list:
+        return [key for key in list(pool.client.refcount) if "tagged_bytes" in str(key)]
+
+    assert wait_until(lambda: not held(), timeout=10), held()
+
+
 # ---------------------------------------------------------------- many tasks
 
 

@@ -182,17 +182,31 @@ class _Engine:
                     if self._stopped:
                         return
                 continue
-            with self._lock:  # None: settled already (terminate, cancel)
-                entries = [(self._units.get(f.key), f) for f in batch]
-            done = [(entry[0], f) for entry, f in entries if entry is not None]
-            finished = [f for _, f in done if f.status == "finished"]
-            blobs = self._fetch(finished)
-            with self._lock:
-                done = [(u, f) for u, f in done if self._units.pop(f.key, None) is not None]
-                if not self._units:
-                    self._changed.notify_all()  # join() may be waiting for this
+            self._deliver(batch)
+            # not kept while the next next_batch() waits: the batch's Dask futures (and so
+            # the results on the workers) must go as soon as the caller drops its result
+            del batch
+
+    def _deliver(self, batch: list[distributed.Future]) -> None:
+        """Fetch the outcomes of the Dask tasks *batch* (ended) and settle their units."""
+        with self._lock:  # None: settled already (terminate, cancel)
+            entries = [(self._units.get(f.key), f) for f in batch]
+        done = [(entry[0], f) for entry, f in entries if entry is not None]
+        finished = [f for _, f in done if f.status == "finished"]
+        blobs = self._fetch(finished)
+        with self._lock:
+            settle = []
             for unit, future in done:
-                self._settle(unit, future, blobs.get(future.key))
+                if not isinstance(blobs.get(future.key), bytes) and _recomputing(future):
+                    # the result was lost with its worker before it was fetched: Dask
+                    # computes it again, and as_completed reports it again
+                    self._completed.add(future)
+                elif self._units.pop(future.key, None) is not None:
+                    settle.append((unit, future))
+            if not self._units:
+                self._changed.notify_all()  # join() may be waiting for this
+        for unit, future in settle:
+            self._settle(unit, future, blobs.get(future.key))
 
     def _fetch(self, futures: list[distributed.Future]) -> dict[Any, Any]:
         """The pickled outcomes of *futures* (one round trip), or the error fetching each."""
@@ -211,26 +225,10 @@ class _Engine:
         return blobs
 
     def _settle(self, unit: _Unit, future: distributed.Future, blob: Any) -> None:
+        """Hand a unit's outcome (*blob*, its fetched bytes) or its failure to its sink."""
         status = future.status
-        if status == "finished" and isinstance(blob, bytes):
-            try:
-                outcome: _Outcome = pickle.loads(blob)
-            except Exception as why:  # noqa: BLE001 - e.g. a class this machine cannot import
-                err = SerializationError(
-                    f"the result of {unit.describe()} could not be unpickled: {why!r}"
-                )
-                self._settle_error(unit, err)
-                return
-            if unit.feeder is not None:
-                unit.feeder.observe(unit.n_items, outcome.seconds)
-            errors = {
-                i: rebuild_error(info, _ItemView(unit, i)) for i, info in outcome.errors.items()
-            }
-            with self._settle_lock:
-                try:
-                    unit.sink._on_chunk(unit, outcome.values, errors)
-                except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
-                    traceback.print_exc()
+        if isinstance(blob, bytes):  # fetched (the status may say "lost" since: it is here)
+            self._settle_outcome(unit, blob)
         elif status == "finished":  # fetching the data failed
             self._settle_error(unit, blob)
         elif status == "error":
@@ -241,6 +239,24 @@ class _Engine:
             self._settle_error(unit, _dask_error(unit, exc))
         else:  # cancelled by Dask (the client lost its scheduler, someone cancelled the key)
             self._settle_error(unit, CancelledError(f"Dask cancelled {unit.describe()}"))
+
+    def _settle_outcome(self, unit: _Unit, blob: bytes) -> None:
+        try:
+            outcome: _Outcome = pickle.loads(blob)
+        except Exception as why:  # noqa: BLE001 - e.g. a class this machine cannot import
+            err = SerializationError(
+                f"the result of {unit.describe()} could not be unpickled: {why!r}"
+            )
+            self._settle_error(unit, err)
+            return
+        if unit.feeder is not None:
+            unit.feeder.observe(unit.n_items, outcome.seconds)
+        errors = {i: rebuild_error(info, _ItemView(unit, i)) for i, info in outcome.errors.items()}
+        with self._settle_lock:
+            try:
+                unit.sink._on_chunk(unit, outcome.values, errors)
+            except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
+                traceback.print_exc()
 
     def _settle_error(self, unit: _Unit, exc: BaseException) -> None:
         with self._settle_lock:
@@ -338,6 +354,15 @@ def _quietly(fn: Callable[[], object]) -> None:
 
 
 # ==================================================================== Dask's failures
+
+
+def _recomputing(future: distributed.Future) -> bool:
+    """Dask lost the task's result with its worker and is computing it again.
+
+    The client says "lost" until the scheduler re-queues the task, then "pending"; neither is
+    an outcome: the task ends again as finished, or as an error once ``allowed-failures``
+    workers died running it (``KilledWorker``)."""
+    return future.status in ("lost", "pending")
 
 
 def _dask_error(unit: _Unit, exc: BaseException) -> BaseException:
