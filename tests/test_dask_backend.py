@@ -390,6 +390,31 @@ def test_close_and_join_semantics(cluster, DaskPool):
         assert again.apply(square, (4,)) == 16
 
 
+def test_shutdown_cancel_futures_cancels_only_what_has_not_started(cluster, DaskPool):
+    """As concurrent.futures and the local pool do: running tasks finish (a running future
+    never ends with CancelledError while cancelled() is False); queued ones may be cancelled."""
+    from concurrent.futures import CancelledError
+
+    pool = DaskPool(address=cluster.scheduler_address)
+    future = pool.submit(nap, 1.0)
+    running = pool.apply_async(nap, (1.0,))
+
+    def started() -> bool:
+        given = [k for keys in pool.client.processing().values() for k in keys if "nap" in k]
+        return len(given) >= 2
+
+    assert wait_until(started, timeout=30)
+    queued = [pool.apply_async(nap, (0.2,)) for _ in range(8)]
+    pool.shutdown(wait=True, cancel_futures=True)
+    assert future.result(timeout=30) == 1.0 and not future.cancelled()
+    assert running.get(timeout=30) == 1.0
+    for result in queued:
+        try:
+            assert result.get(timeout=30) == 0.2
+        except CancelledError:
+            pass
+
+
 def test_terminate_fails_what_is_outstanding(cluster, DaskPool):
     with DaskPool(address=cluster.scheduler_address) as pool:
         result = pool.apply_async(nap, (5.0,))

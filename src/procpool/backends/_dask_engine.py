@@ -33,7 +33,7 @@ from distributed import KilledWorker
 
 from .._errinfo import rebuild_error
 from ..errors import PoolTerminated, SerializationError, WorkerLostError
-from ..results import IMapIterator
+from ..results import Future, IMapIterator
 from ._dask_worker import STARMAP, _Outcome, _Payload, _run_unit
 
 #: a lazy ``imap`` without a chunksize grows its chunks until each is about this much work
@@ -299,6 +299,12 @@ class _Engine:
             feeders = list(self._feeders)
             self._feeders.clear()
             self._changed.notify_all()
+        self._cancel(entries, exc)
+        for feeder in feeders:
+            feeder.abort(exc)
+
+    def _cancel(self, entries: list[tuple[_Unit, distributed.Future]], exc: BaseException) -> None:
+        """Cancel the Dask tasks of *entries* (taken out of ``_units``), failing each with *exc*."""
         if entries:
             try:
                 self.client.cancel([future for _, future in entries], force=True)
@@ -306,8 +312,35 @@ class _Engine:
                 pass
         for unit, _ in entries:
             self._settle_error(unit, exc)
+
+    def cancel_unstarted(self) -> None:
+        """``shutdown(cancel_futures=True)``: fail the units no worker has started with
+        CancelledError (their Dask tasks cancelled), and stop reading the imap inputs.
+
+        Dask does not say when a task starts: a task the scheduler has given to a worker
+        (``processing``) counts as started, although it may still wait there behind another,
+        and is left to finish, as are the tasks that ended.  ``submit()``'s futures are
+        *running* from the start (``cancel()`` returns False), so they are never cancelled:
+        a running future must not end with CancelledError while ``cancelled()`` is False.
+        """
+        try:
+            given = {key for keys in self.client.processing().values() for key in keys}
+        except Exception:  # noqa: BLE001 - the cluster is gone: nothing is cancelled
+            return
+        with self._lock:
+            entries = [
+                (unit, future)
+                for key, (unit, future) in self._units.items()
+                if key not in given and not future.done() and not isinstance(unit.sink, Future)
+            ]
+            for _, future in entries:
+                del self._units[future.key]
+            feeders = list(self._feeders)
+            self._feeders.clear()
+            self._changed.notify_all()
+        self._cancel(entries, CancelledError())
         for feeder in feeders:
-            feeder.abort(exc)
+            feeder.abort(CancelledError())
 
     def terminate(self) -> None:
         """Fail what is outstanding with PoolTerminated, then stop (idempotent)."""

@@ -49,7 +49,6 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Iterable
-from concurrent.futures import CancelledError
 from typing import Any, TypeVar
 
 try:
@@ -321,9 +320,14 @@ class DaskPool(PoolAPI):
         self._engine.join(timeout)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Executor-style shutdown: close, optionally cancel what is queued, and wait."""
+        """Executor-style shutdown: close, optionally cancel what has not started, and wait.
+
+        *cancel_futures*: the tasks the Dask scheduler has not given to a worker yet fail with
+        ``CancelledError``, and imap inputs are read no further; running tasks finish, and so
+        do :meth:`submit`'s futures (they are *running* from the start).
+        """
         if cancel_futures:
-            self._engine.cancel_outstanding(CancelledError())
+            self._engine.cancel_unstarted()
         self.close()
         if wait:
             self._engine.join(None)
