@@ -19,7 +19,7 @@ import threading
 import time
 
 import pytest
-from conftest import child_processes, is_alive, wait_until
+from conftest import child_processes, is_alive, run_python, wait_until
 
 import procpool
 from procpool.errors import RemoteTraceback
@@ -439,6 +439,31 @@ def test_terminate_of_an_own_cluster_kills_its_busy_workers_and_leaves_nothing(D
         result.get(timeout=10)
     assert wait_until(lambda: not any(is_alive(pid) for pid in workers), timeout=10)
     assert wait_until(lambda: not (set(child_processes()) - before), timeout=10)
+
+
+EXIT_WITH_A_BUSY_POOL = """
+import time
+from procpool.backends.dask import DaskPool
+
+def report(exc):
+    print("task failed with", type(exc).__name__, flush=True)
+
+pool = DaskPool(1)  # left open: the interpreter's exit must terminate it
+pool.apply_async(time.sleep, (30,), error_callback=report)
+deadline = time.monotonic() + 30
+while not any(pool.client.processing().values()) and time.monotonic() < deadline:
+    time.sleep(0.05)
+print("exiting", flush=True)
+"""
+
+
+def test_a_pool_open_at_exit_is_terminated_before_dask_closes_its_cluster():
+    """The pool's exit hook runs before distributed's own (which closes the cluster the slow
+    way: each nanny waits 4 s for its busy worker), so the exit takes terminate()'s path."""
+    proc = run_python(EXIT_WITH_A_BUSY_POOL, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["exiting", "task failed with PoolTerminated"]
+    assert "still alive after 4.0 seconds" not in proc.stderr, proc.stderr
 
 
 def test_uses_a_client_it_is_given_and_leaves_it_open(cluster, DaskPool):

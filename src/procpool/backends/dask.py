@@ -46,6 +46,7 @@ How it behaves:
 
 from __future__ import annotations
 
+import atexit
 import math
 import weakref
 from collections.abc import Callable, Iterable
@@ -67,6 +68,24 @@ __all__ = ["DaskPool"]
 
 #: chunks an ``imap`` keeps submitted and not yet consumed, per worker (default ``prefetch``)
 PREFETCH_PER_WORKER = 4
+
+#: the pools not yet finalized, for :func:`_terminate_at_exit`
+_LIVE: weakref.WeakSet[DaskPool] = weakref.WeakSet()
+
+
+def _terminate_at_exit() -> None:
+    """Terminate the pools still open when the interpreter exits.
+
+    Their finalizers would do it too, but ``weakref.finalize`` runs after the atexit handlers
+    registered later than its own, and ``distributed`` registers one on import that closes
+    every ``LocalCluster`` the slow way (a nanny waits 4 s for a busy worker).  Registered
+    here, after importing ``distributed``, this runs first (atexit runs last-in first-out).
+    """
+    for pool in list(_LIVE):
+        pool._finalizer()
+
+
+atexit.register(_terminate_at_exit)
 
 
 def _label(name: str, func: Any) -> str:
@@ -177,6 +196,7 @@ class DaskPool(PoolAPI):
         self._prefetch = prefetch
         # a pool dropped without close() or still alive at exit is terminated, not leaked
         self._finalizer = weakref.finalize(self, self._engine.terminate)
+        _LIVE.add(self)
 
     # ---------------------------------------------------------------- introspection
     @property
