@@ -248,6 +248,21 @@ def test_ipc_objects_are_refused_as_arguments_with_a_clear_error(pool):
         queue.close()
 
 
+def test_ipc_objects_are_found_three_container_levels_inside_an_argument(pool):
+    queue = procpool.Queue()
+    try:
+        for call in (
+            lambda: pool.apply_async(square, ([[[queue]]],)),
+            lambda: pool.apply_async(square, (), {"x": {"k": ({queue},)}}),
+            lambda: pool.map(square, [1, [[[queue]]]]),
+            lambda: pool.starmap(add, [(1, [[[queue]]])]),
+        ):
+            with pytest.raises(procpool.SerializationError, match="cannot be passed to a DaskPool"):
+                call()
+    finally:
+        queue.close()
+
+
 def test_unpicklable_result_fails_the_task_instead_of_hanging(pool):
     with pytest.raises(procpool.SerializationError, match="could not be pickled"):
         pool.apply_async(make_lock).get(timeout=30)

@@ -478,7 +478,7 @@ class _Feeder:
         """Read up to *size* items and submit them as one unit (the reading thread only)."""
         items, error, ended = self._read_chunk(size)
         try:
-            _check_portable(items, self._label)
+            _check_arguments(items, self._kind, self._label)
         except SerializationError as exc:  # raised at the iteration's end, as an input error
             self._finish(exc)
             return
@@ -566,13 +566,21 @@ class _Feeder:
 # ==================================================================== what may not travel
 
 
+def _check_arguments(items: Iterable[Any], kind: int, where: str) -> None:
+    """:func:`_check_portable` for each argument of a chunk's *items* (one argument per item
+    of a map; the argument tuples of a starmap)."""
+    for item in items:
+        for arg in item if kind == STARMAP else (item,):
+            _check_portable(arg, where)
+
+
 def _check_portable(obj: Any, where: str, depth: int = 0) -> None:
-    """Refuse procpool IPC objects in a task's arguments: they cannot cross machines.
+    """Refuse procpool IPC objects in a task argument *obj*: they cannot cross machines.
 
     A procpool Queue, Pipe, Value, SharedArray or lock is a handful of file descriptors and
     shared memory of *this* machine.  Dask would fail to pickle it somewhere in its event loop;
-    raising here names the argument instead.  Looks into lists, tuples, sets and dicts (three
-    levels deep), not into the attributes of other objects.
+    raising here names the argument instead.  Looks into lists, tuples, sets and dicts three
+    levels deep (``[[[queue]]]`` is refused), not into the attributes of other objects.
     """
     kind = type(obj)
     if kind in _PLAIN:

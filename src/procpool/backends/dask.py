@@ -59,7 +59,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from .._api import PoolAPI, check_chunksize, check_timeout, default_processes
 from ..results import AsyncResult, Future, IMapIterator, MapResult, WeakSink
-from ._dask_engine import RUN, _check_portable, _Engine, _Feeder, _Unit
+from ._dask_engine import RUN, _check_arguments, _Engine, _Feeder, _Unit
 from ._dask_worker import CALL, MAP, STARMAP, _Payload
 
 T = TypeVar("T")
@@ -264,7 +264,8 @@ class DaskPool(PoolAPI):
         limit = self._task_timeout(timeout)
         call_args, call_kwds = tuple(args), dict(kwds) if kwds else {}
         label = _label("apply", func)
-        _check_portable((call_args, call_kwds), label)
+        _check_arguments([call_args], STARMAP, label)
+        _check_arguments(call_kwds.values(), MAP, label)
         unit = _Unit(sink, getattr(func, "__qualname__", None) or type(func).__name__, limit)
         self._engine.submit(unit, _Payload(func, CALL, [call_args], call_kwds, limit))
 
@@ -286,7 +287,7 @@ class DaskPool(PoolAPI):
         limit = self._task_timeout(timeout)
         items = list(iterable) if kind == MAP else [tuple(args) for args in iterable]
         label = _label("map" if kind == MAP else "starmap", func)
-        _check_portable(items, label)
+        _check_arguments(items, kind, label)
         result = MapResult(len(items), label, callback, error_callback, fail_fast)
         if items:
             result._pool = self  # until its results are in
