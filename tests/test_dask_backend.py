@@ -481,6 +481,20 @@ def test_a_pool_open_at_exit_is_terminated_before_dask_closes_its_cluster():
     assert "still alive after 4.0 seconds" not in proc.stderr, proc.stderr
 
 
+def test_an_address_without_a_port_is_refused_and_the_exit_does_not_wait():
+    """Refused before a Client is made: the half-made Client's __del__ waited 60 s at exit."""
+    code = (
+        "from procpool.backends.dask import DaskPool\n"
+        "try:\n"
+        "    DaskPool(address='not an address')\n"
+        "except ValueError as exc:\n"
+        "    print('ValueError:', exc)\n"
+    )
+    proc = run_python(code, timeout=40)  # (the exit took 60 s)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ValueError:") and "not an address" in proc.stdout
+
+
 def test_uses_a_client_it_is_given_and_leaves_it_open(cluster, DaskPool):
     import distributed
 

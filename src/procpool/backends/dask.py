@@ -88,6 +88,23 @@ def _terminate_at_exit() -> None:
 atexit.register(_terminate_at_exit)
 
 
+def _check_address(address: str) -> None:
+    """Refuse a TCP/TLS scheduler address without a port before a Client is made for it.
+
+    ``distributed.Client`` raises ValueError for it too, but the half-made client's
+    ``__del__`` then waits 60 s for a connection at interpreter exit.  (Other schemes, e.g.
+    ``inproc://`` or ``ucx://``, are left to Dask.)
+    """
+    if not isinstance(address, str):
+        return  # (Client also takes a cluster object: Dask checks it)
+    scheme, location = distributed.comm.parse_address(address)
+    if scheme in ("tcp", "tls"):
+        try:
+            distributed.comm.addressing.parse_host_port(location)
+        except ValueError as exc:
+            raise ValueError(f"not a Dask scheduler address: {address!r} ({exc})") from None
+
+
 def _label(name: str, func: Any) -> str:
     return f"{name}({getattr(func, '__qualname__', None) or type(func).__name__})"
 
@@ -169,6 +186,7 @@ class DaskPool(PoolAPI):
         if client is not None:
             engine_client, own_client = client, False
         elif address is not None:
+            _check_address(address)
             engine_client, own_client = distributed.Client(address, set_as_default=False), True
         else:
             options: dict[str, Any] = {
