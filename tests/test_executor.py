@@ -323,3 +323,34 @@ def test_a_forked_child_exits_while_the_program_has_a_busy_executor():
     )
     out = run_python(code, 120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def _wait_for(event):
+    return event.wait(60)
+
+
+def test_work_waits_in_the_pool_not_behind_a_worker_whose_task_runs_long():
+    # After thousands of tiny tasks the pool estimated each at a few microseconds, and sent a
+    # busy worker thousands more ahead: behind a long task they waited for it (while the other
+    # worker was free), counted as running, and could not be cancelled (review: 1,526 of 3,000
+    # "running", cancel() False for all, shutdown(cancel_futures=True) ran them all)
+    wait = concurrent.futures.wait
+    release = procpool.Event()
+    with procpool.ProcessPoolExecutor(2) as ex:
+        try:
+            wait([ex.submit(abs, i) for i in range(3000)])
+            long = ex.submit(_wait_for, release)
+            time.sleep(0.1)  # (running now, silent past the estimate)
+            small = [ex.submit(abs, -i) for i in range(3000)]
+            done, not_done = wait(small, timeout=30)
+            assert not not_done and not long.done()  # all ran on the free worker
+            blocked = ex.submit(_wait_for, release)  # now both workers are busy
+            time.sleep(0.1)
+            queued = [ex.submit(abs, i) for i in range(500)]
+            time.sleep(0.1)
+            assert not any(f.running() for f in queued)
+            assert all(f.cancel() for f in queued[:250])
+        finally:
+            release.set()
+        assert long.result(30) and blocked.result(30)
+        assert [f.result(30) for f in queued[250:]] == list(range(250, 500))

@@ -2,7 +2,10 @@
 
 A worker may take more tasks while the work it holds is estimated below ``INFLIGHT_BUDGET``
 seconds (``Scheduler._est``: the per-item time the workers report, item-weighted); unknown
-cost means one task at a time, and a task with a timeout runs alone.  Pending tasks are handed
+cost means one task at a time, and a task with a timeout runs alone.  A worker that has not
+answered for longer than twice the work it holds (and ``INFLIGHT_BUDGET``) takes nothing more
+until it does: its task runs far past the estimate, and what would queue behind it waits in the
+pool, for the other workers, cancellable (``_stalled``).  Pending tasks are handed
 round-robin, one at a time, to the workers that can take them, and each worker's share goes out
 as one TASKS frame (plus a FUNC frame for each function it has not seen).  A mixin of
 :class:`procpool._scheduler.Scheduler`, whose lock is held by every method here.
@@ -66,14 +69,23 @@ class Dispatch:
         def _watch_region(self, region: Any) -> None: ...
 
     _mapped: dict[int, Any]
+    _dispatch_now = 0.0  # when the current _dispatch began (monotonic)
 
     def _can_take(self, w: _Worker, cost: float, exclusive: bool) -> bool:
         if not w.inflight:
             return True
-        if exclusive or len(w.inflight) >= MAX_INFLIGHT or self._est is None:
+        if exclusive or len(w.inflight) >= MAX_INFLIGHT or self._est is None or self._stalled(w):
             return False
         budget = max(INFLIGHT_BUDGET, min(2 * cost, PREFETCH_LIMIT))
         return w.cost + cost <= budget
+
+    def _stalled(self, w: _Worker) -> bool:
+        """Whether busy worker *w* has been silent for longer than twice the work it holds
+        (and INFLIGHT_BUDGET): its task runs far past the pool's estimate (after thousands of
+        tiny tasks, one that sleeps), and tasks sent now would wait behind it -- while another
+        worker may be free, and counted as running where they could still be cancelled."""
+        silent = self._dispatch_now - w.heard
+        return silent > INFLIGHT_BUDGET and silent > 2 * w.cost
 
     def _next_for(self, w: _Worker) -> Task | None:
         """The next task for worker *w* from the pending queue, or None if it should wait."""
@@ -91,6 +103,9 @@ class Dispatch:
                 if w.inflight:  # _can_take(w, est * head.n_items, bool(head.timeout)), inlined
                     est = self._est
                     if head.timeout or est is None or len(w.inflight) >= MAX_INFLIGHT:
+                        return None
+                    silent = self._dispatch_now - w.heard  # (_stalled, inlined)
+                    if silent > INFLIGHT_BUDGET and silent > 2 * w.cost:
                         return None
                     cost = est * head.n_items
                     budget = 2 * cost  # max(INFLIGHT_BUDGET, min(2 * cost, PREFETCH_LIMIT))
@@ -217,6 +232,7 @@ class Dispatch:
         if not workers:
             return
         workers.sort(key=lambda w: w.cost if w.inflight else -1.0)
+        self._dispatch_now = time.monotonic()  # (see _stalled)
         batches: dict[int, list[Task]] = {w.wid: [] for w in workers}
         pending = self._pending
         active = workers
@@ -282,6 +298,8 @@ class Dispatch:
             taken += 1
 
     def _assign(self, w: _Worker, task: Task) -> None:
+        if not w.inflight:  # busy from now: silent since (see _stalled)
+            w.heard = time.monotonic()
         task.state = _SENT
         task.worker = w
         task.attempts += 1

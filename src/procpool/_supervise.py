@@ -81,6 +81,7 @@ class _Worker:
         "chan",
         "inflight",
         "cost",
+        "heard",
         "known",
         "regions",
         "map_cap",
@@ -105,6 +106,7 @@ class _Worker:
         self.chan = Channel(proc.sock)
         self.inflight: dict[int, Task] = {}
         self.cost = 0.0
+        self.heard = 0.0  # when it last sent results, or became busy (see Dispatch._stalled)
         self.known: dict[int, None] = {}  # fids sent, FIFO, mirrors the worker's cache
         # keys of the regions it maps (True), or was told could not be sent (False), least
         # recently used first (see _dispatch._map_regions)
@@ -510,6 +512,7 @@ class WorkerSupervision:
                 self._maybe_exit(w)
 
     def _on_results(self, w: _Worker, body: memoryview, fds: list[int]) -> None:
+        w.heard = time.monotonic()
         # _est, the per-item time, is a running ratio of measured time to items (both decayed):
         # weighted by items, so the few small chunks at the end of a map (whose fixed costs
         # dominate) do not drag the estimate -- and the next map's chunk size -- far off
