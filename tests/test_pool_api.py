@@ -497,3 +497,33 @@ def test_force_cancelling_tasks_of_a_starting_worker_does_not_break_the_pool():
             assert wait_until(lambda r=r: r._task is not None and r._task.worker is not None, 10)
             r.cancel(force=True)  # (sent to the worker still starting: its worker is killed)
         assert pool.apply(square, (7,)) == 49
+
+
+def _long_if_none(x, release):
+    if x is None:
+        return release.wait(60)
+    time.sleep(x)
+    return x
+
+
+def _star_long_if_none(args):
+    return _long_if_none(*args)
+
+
+def test_a_map_of_chunksize_1_does_not_queue_items_behind_its_first_long_item():
+    # the pool's estimate came from earlier tiny tasks: the map's first round sent a busy
+    # worker several items behind its long first one, while the other worker went idle
+    # (review: map(slow, [3.0] + [0.3] * 10, 1) took 4.5 s, multiprocessing's 3.0 s).  Now a
+    # busy worker takes no chunk of a map none of whose chunks came back, nor any once its
+    # task has run far past the estimate.  (Items far shorter than a round trip can still
+    # queue one behind the other in that first instant: see guarantees.md)
+    release = procpool.Event()
+    with procpool.Pool(2) as pool:
+        try:
+            assert pool.map(abs, range(3000), 1) == list(range(3000))
+            items = [(None, release)] + [(0.02, release)] * 20
+            it = pool.imap_unordered(_star_long_if_none, items, 1)
+            assert [it.next(30) for _ in range(20)] == [0.02] * 20
+        finally:
+            release.set()
+        assert it.next(30) is True

@@ -2,7 +2,8 @@
 
 A worker may take more tasks while the work it holds is estimated below ``INFLIGHT_BUDGET``
 seconds (``Scheduler._est``: the per-item time the workers report, item-weighted); unknown
-cost means one task at a time, and a task with a timeout runs alone.  A worker that has not
+cost means one task at a time, as does a map whose chunks have not come back yet (the
+estimate is then another function's), and a task with a timeout runs alone.  A worker that has not
 answered for longer than twice the work it holds (and ``INFLIGHT_BUDGET``) takes nothing more
 until it does: its task runs far past the estimate, and what would queue behind it waits in the
 pool, for the other workers, cancellable (``_stalled``).  Pending tasks are handed
@@ -121,6 +122,8 @@ class Dispatch:
                         continue
                 return head
             job = head
+            if w.inflight and not job.measured:
+                return None  # (its cost is not known yet: one chunk per worker, as est None)
             size = job.chunk_size(self._est, self.processes)
             est = self._est
             cost = float("inf") if est is None else est * size

@@ -576,6 +576,8 @@ class WorkerSupervision:
             spent = 0.7 * spent + rec[2]  # the duration
             items = 0.7 * items + task.n_items
             cost -= task.cost
+            if task.job is not None:
+                task.job.measured = True
             task.state = _DONE
             task.worker = None
             if task.timeout:

@@ -195,6 +195,9 @@ class MapJob:
         # runs a dropped imap's tasks, within the bound); set by a finalizer, a flag only
         self.orphaned = False
         self.space = threading.Condition(lock)  # the scheduler's lock: the feeder waits on it
+        # one of its chunks has come back: until then the pool's estimate is another
+        # function's, and a busy worker takes none of its chunks (see Dispatch._next_for)
+        self.measured = False
 
     def chunk_size(self, est: float | None, nworkers: int) -> int:
         if self.chunksize:
