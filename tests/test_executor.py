@@ -354,3 +354,34 @@ def test_work_waits_in_the_pool_not_behind_a_worker_whose_task_runs_long():
             release.set()
         assert long.result(30) and blocked.result(30)
         assert [f.result(30) for f in queued[250:]] == list(range(250, 500))
+
+
+def _append_line(path, x):
+    with open(path, "a") as f:
+        f.write(f"{x}\n")
+    return x
+
+
+def test_executor_map_reads_its_inputs_in_the_calling_thread_and_runs_every_item(tmp_path):
+    # it read them in a feeder thread (a cursor bound to the caller's thread failed there, and
+    # an input's exception came out of the result iterator, lost if nobody iterated), and
+    # stopped running items once 65,536 results were unread (review)
+    readers = set()
+
+    def items():
+        for i in range(3):
+            readers.add(threading.current_thread().name)
+            yield i
+
+    def broken():
+        yield 1
+        raise KeyError("input broke")
+
+    path = tmp_path / "ran"
+    with procpool.ProcessPoolExecutor(2) as ex:
+        assert list(ex.map(abs, items())) == [0, 1, 2]
+        assert readers == {threading.current_thread().name}
+        with pytest.raises(KeyError, match="input broke"):
+            ex.map(abs, broken())
+        ex.map(_append_line, [path] * 70_000, range(70_000), chunksize=1000)  # never read
+    assert len(path.read_text().splitlines()) == 70_000

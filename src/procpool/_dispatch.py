@@ -139,7 +139,7 @@ class Dispatch:
             if not job.available() and job.input_done:
                 pending.popleft()  # that was its last chunk
                 job.queued = False
-            elif job.orphaned and job.available() * 2 < job.limit:
+            elif job.orphaned and job.limit is not None and job.available() * 2 < job.limit:
                 job.space.notify()  # a dropped imap's feeder reads on as its items go out
             task = self._chunk_task(job, items)
             if task is not None:

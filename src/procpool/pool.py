@@ -315,7 +315,9 @@ class Pool(PoolAPI):
             )
         return result
 
-    def _imap(self, func, iterable, chunksize, timeout, ordered, star=False) -> IMapIterator:
+    def _imap(
+        self, func, iterable, chunksize, timeout, ordered, star=False, lazy=True
+    ) -> IMapIterator:
         self._sched._check_running()
         check_chunksize(chunksize)
         it: IMapIterator = IMapIterator(ordered, release=lambda n: None)
@@ -328,7 +330,7 @@ class Pool(PoolAPI):
             chunksize=chunksize,
             timeout=self._task_timeout(timeout),
             retries=self._retries,
-            lazy=True,
+            lazy=lazy,
             on_input_end=sink._end_of_input,
         )
         it._release = job.release
@@ -429,15 +431,19 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
 
         ``timeout`` is a deadline for the whole iteration, counted from this call, as in the
         standard library (``TimeoutError``); an item's exception is raised at its position.
+        The inputs are read here, in the calling thread, as the standard library reads them
+        (an input's exception is raised by ``map``; a cursor bound to this thread works), and
+        every item is sent whether or not the results are read (``Pool.imap`` reads lazily).
         """
         if chunksize < 1:  # (None: TypeError, as in the standard library)
             raise ValueError("chunksize must be >= 1.")
         deadline = None if timeout is None else time.monotonic() + timeout
         pool = self._pool
+        if pool._sched.state != RUNNING:  # (before the inputs are read, as submit)
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        items = list(zip(*iterables, strict=False))
         try:
-            it = pool._imap(
-                fn, zip(*iterables, strict=False), chunksize, None, ordered=True, star=True
-            )
+            it = pool._imap(fn, items, chunksize, None, ordered=True, star=True, lazy=False)
         except ValueError:
             raise RuntimeError("cannot schedule new futures after shutdown") from None
         job = it._job
