@@ -527,3 +527,26 @@ def test_a_map_of_chunksize_1_does_not_queue_items_behind_its_first_long_item():
         finally:
             release.set()
         assert it.next(30) is True
+
+
+def test_numpy_integers_and_what_scripts_read_of_a_multiprocessing_pool():
+    # numpy's integers were refused as processes and chunksize ("must be at least 1"); _state,
+    # _processes and multiprocessing.pool.ThreadPool were missing; pickling a pool said
+    # "cannot pickle '_thread.RLock'" (review)
+    import pickle
+
+    import numpy as np
+
+    with procpool.Pool(np.int64(2)) as pool:
+        assert pool._processes == 2 and pool._state == "RUN"
+        assert pool.map(abs, [-1, -2, -3], chunksize=np.int64(2)) == [1, 2, 3]
+        assert list(pool.imap(abs, [-1, -2], np.int32(1))) == [1, 2]
+        with pytest.raises(NotImplementedError, match="cannot be passed"):
+            pickle.dumps(pool)
+        pool.close()
+        assert pool._state == "CLOSE"
+    with pytest.raises(TypeError):
+        procpool.Pool(2.0)
+    with pytest.raises(ValueError, match="Chunksize"):
+        procpool.Pool(1).map(abs, [1], chunksize=1.5)
+    assert procpool.pool.ThreadPool is multiprocessing.pool.ThreadPool

@@ -16,6 +16,7 @@ procpool`` loads it, and must not load Dask.
 from __future__ import annotations
 
 import concurrent.futures
+import operator
 import os
 from collections.abc import Callable, Iterable
 
@@ -55,10 +56,17 @@ def check_timeout(timeout: float | None) -> float | None:
     return None if timeout > MAX_TIMEOUT else timeout
 
 
-def check_chunksize(chunksize: int | None) -> None:
-    """Raise ``ValueError`` unless *chunksize* is None or an int of at least 1."""
-    if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
+def check_chunksize(chunksize: int | None) -> int | None:
+    """*chunksize* as an int (numpy's integers too), or None; ``ValueError`` unless at least 1."""
+    if chunksize is None:
+        return None
+    try:
+        size = operator.index(chunksize)
+    except TypeError:
+        size = 0  # (a float, a list...: refused below, by name)
+    if size < 1 or isinstance(chunksize, bool):
         raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
+    return size
 
 
 class PoolAPI(concurrent.futures.Executor):

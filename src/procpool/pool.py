@@ -15,6 +15,7 @@ backends' pools, are written once in :mod:`procpool._api` (:class:`~procpool._ap
 from __future__ import annotations
 
 import concurrent.futures
+import operator
 import os
 import threading
 import time
@@ -24,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from ._api import PoolAPI, check_chunksize, check_timeout, default_processes
 from ._scheduler import Scheduler
 from ._start import check_not_importing_main, make_launcher
-from ._supervise import RUNNING
+from ._supervise import RUNNING, TERMINATING
 from .errors import TimeoutError as PoolTimeoutError  # multiprocessing.TimeoutError
 from .results import AsyncResult, Future, IMapIterator, MapResult, WeakSink
 
@@ -65,6 +66,11 @@ class Pool(PoolAPI):
     does not stop within ``grace`` seconds); ``retries`` re-runs tasks lost to a dead worker
     (and to the exception types in ``retry_on``); lambdas and closures work as tasks; workers
     exit when the parent dies.
+
+    It is also a :class:`concurrent.futures.Executor` (:meth:`submit`, :meth:`shutdown`), but
+    :meth:`map` and ``with`` keep :mod:`multiprocessing`'s meaning (``map(func, iterable,
+    chunksize)``; leaving the block terminates the pool): for an Executor's ``map(fn,
+    *iterables, timeout=)`` and a ``with`` that waits, use :class:`ProcessPoolExecutor`.
 
     Example::
 
@@ -109,14 +115,15 @@ class Pool(PoolAPI):
         check_not_importing_main()
         if processes is None:
             processes = default_processes()
-        if not isinstance(processes, int) or processes < 1:
+        processes = operator.index(processes)  # (numpy's integers too; TypeError for a float)
+        if processes < 1:
             raise ValueError("Number of processes must be at least 1")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        if maxtasksperchild is not None and (
-            not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0
-        ):
-            raise ValueError("maxtasksperchild must be a positive int or None")
+        if maxtasksperchild is not None:
+            maxtasksperchild = operator.index(maxtasksperchild)  # (TypeError for a float)
+            if maxtasksperchild <= 0:
+                raise ValueError("maxtasksperchild must be a positive int or None")
         limit = check_timeout(timeout)
         _check_retries(retries)
         launcher = make_launcher(_start_method(start_method, context))
@@ -147,6 +154,22 @@ class Pool(PoolAPI):
     def processes(self) -> int:
         """The number of worker processes the pool keeps."""
         return self._sched.processes
+
+    # what scripts written for multiprocessing read of its Pool
+    @property
+    def _processes(self) -> int:
+        return self._sched.processes
+
+    @property
+    def _state(self) -> str:
+        """``"RUN"``, ``"CLOSE"`` or ``"TERMINATE"``, as :mod:`multiprocessing`'s (once its
+        workers are gone, ``"CLOSE"`` however the pool ended)."""
+        return _MP_STATES.get(self._sched.state, "CLOSE")
+
+    def __reduce__(self) -> Any:
+        raise NotImplementedError(
+            "pool objects cannot be passed between processes or pickled"
+        )  # (multiprocessing's words)
 
     @property
     def start_method(self) -> str:
@@ -297,7 +320,7 @@ class Pool(PoolAPI):
         self, func, iterable, chunksize, callback, error_callback, timeout, fail_fast, star
     ):
         self._sched._check_running()
-        check_chunksize(chunksize)
+        chunksize = check_chunksize(chunksize)
         # a range stays one (the scheduler cuts it into ranges: a few bytes each to pickle)
         items = iterable if type(iterable) is range else list(iterable)
         label = f"{'starmap' if star else 'map'}({getattr(func, '__qualname__', func)})"
@@ -319,7 +342,7 @@ class Pool(PoolAPI):
         self, func, iterable, chunksize, timeout, ordered, star=False, lazy=True
     ) -> IMapIterator:
         self._sched._check_running()
-        check_chunksize(chunksize)
+        chunksize = check_chunksize(chunksize)
         it: IMapIterator = IMapIterator(ordered, release=lambda n: None)
         sink = WeakSink(it)  # the job must not keep a dropped iterator, and its pool, alive
         job = self._sched.submit_map(
@@ -373,6 +396,20 @@ class Pool(PoolAPI):
     # ---------------------------------------------------------------- helpers
     def _check_running(self) -> None:
         self._sched._check_running()
+
+
+_MP_STATES = {RUNNING: "RUN", TERMINATING: "TERMINATE"}
+
+
+def __getattr__(name: str) -> Any:
+    # ``import procpool as multiprocessing`` then ``multiprocessing.pool.ThreadPool``: the
+    # standard library's (threads share memory: nothing of procpool's to add), imported on
+    # first use -- multiprocessing.pool costs every process about 1 MB
+    if name == "ThreadPool":
+        from multiprocessing.pool import ThreadPool
+
+        return ThreadPool
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ProcessPoolExecutor(concurrent.futures.Executor):

@@ -300,7 +300,7 @@ class DaskPool(PoolAPI):
         star: bool,
     ) -> MapResult:
         self._engine.check_running()
-        check_chunksize(chunksize)
+        chunksize = check_chunksize(chunksize)
         kind = STARMAP if star else MAP
         limit = self._task_timeout(timeout)
         items = list(iterable) if kind == MAP else [tuple(args) for args in iterable]
@@ -326,7 +326,7 @@ class DaskPool(PoolAPI):
         ordered: bool,
     ) -> IMapIterator:
         self._engine.check_running()
-        check_chunksize(chunksize)
+        chunksize = check_chunksize(chunksize)
         limit = self._task_timeout(timeout)
         window = self._prefetch or PREFETCH_PER_WORKER * self.processes
         it: IMapIterator = IMapIterator(ordered, release=lambda n: None)
