@@ -895,3 +895,28 @@ def test_a_shared_array_takes_numpy_integers_as_its_shape():
     assert procpool.SharedArray((np.int64(2), 3)).shape == (2, 3)
     with pytest.raises(TypeError):
         procpool.SharedArray(2.5)
+
+
+def test_a_kept_atomic_add_outlives_its_value():
+    # (the atomics' closures held the address only: once the Value went, a kept add()
+    # wrote into unmapped memory -- a segfault -- in a review)
+    done = run_python(
+        "import procpool\n"
+        "add = procpool.Value('q', 0).add\n"
+        "raw_add = procpool.RawValue('i', 5).add\n"
+        "import gc; gc.collect()\n"
+        "print(add(1), add(2), raw_add(1))\n",
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stdout == "1 3 6\n", done.stderr
+
+
+def test_acquire_with_a_threading_lock_of_the_callers():
+    import threading
+
+    for lock in (threading.Lock(), threading.RLock()):
+        v = procpool.Value("i", 0, lock=lock)
+        assert v.acquire() is True  # (TypeError: timeout=None, in a review)
+        v.release()
+        assert v.acquire(True, 1) is True
+        v.release()

@@ -102,7 +102,9 @@ class _Shared:
 
     def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
         """Acquire the lock (``get_lock().acquire(block, timeout)``)."""
-        return self.get_lock().acquire(block, timeout)
+        lock = self.get_lock()
+        # (a threading lock of the caller's takes no timeout=None)
+        return lock.acquire(block) if timeout is None else lock.acquire(block, timeout)
 
     def release(self) -> None:
         self.get_lock().release()
@@ -264,15 +266,17 @@ class Value(_Shared):
     def _bind_int_fast_paths(self) -> None:
         # ``v.add(1)`` is the hot call: bind a closure with everything precomputed (one ctypes
         # call and one comparison), shadowing the documented method of the same name.
-        # The closures hold plain values, never ``self``: a Value referring to itself would
-        # outlive its last reference until the cycle collector ran (its memory and descriptors
-        # with it, in a worker too).
+        # The closures hold the region (a kept ``v.add`` keeps the memory it writes mapped),
+        # never ``self``: a Value referring to itself would outlive its last reference until
+        # the cycle collector ran (its memory and descriptors with it, in a worker too).
         fadd, addr, bits, unsigned = self._fadd, self._addr, self._bits, self._unsigned
+        region = self._region
         mask = (1 << bits) - 1
         lo, hi = (0, mask) if unsigned else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
         half = 1 << (bits - 1)
 
         def add(delta: int = 1) -> int:
+            _ = region  # (held: see above)
             try:
                 new = fadd(addr, delta) + delta
             except ctypes.ArgumentError:
@@ -282,6 +286,7 @@ class Value(_Shared):
             return new if lo <= new <= hi else ((new + half) & mask) - half
 
         def fetch_add(delta: int = 1) -> int:
+            _ = region
             try:
                 old = fadd(addr, delta)
             except ctypes.ArgumentError:
