@@ -261,3 +261,47 @@ def test_ctrl_c_interrupts_wait(timeout):
         child.kill()
         child.wait()
     assert out == "KeyboardInterrupt\n"
+
+
+@pytest.mark.timeout(60)
+def test_an_outer_timer_expiring_as_a_timeout_block_is_entered_is_its_own(own_sigalrm):
+    # it found the block's handler installed and no outer timer known yet: a spurious
+    # SignalTimeout out of the with, and the block's handler left installed (review: within
+    # 100 tries of this loop)
+    ticks = []
+    signal.signal(signal.SIGALRM, lambda s, f: ticks.append(s))
+    signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+    try:
+        for _ in range(5000):
+            with signals.timeout(30):  # never due: must never raise
+                pass
+            assert signal.getsignal(signal.SIGALRM) is not None
+        assert ticks  # (the outer timer kept firing, with its own handler)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+@pytest.mark.timeout(30)
+def test_an_outer_handler_that_sets_the_timer_again_keeps_its_pace(own_sigalrm):
+    # a watchdog re-arming itself from its handler wrote over the block's timer: the block
+    # timed out early (0.4 s of its 0.5), or late (1.2 s), and the watchdog stopped for good
+    beats = []
+
+    def heartbeat(signum, frame):
+        beats.append(time.monotonic())
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+
+    signal.signal(signal.SIGALRM, heartbeat)
+    signal.setitimer(signal.ITIMER_REAL, 0.1)
+    try:
+        with signals.timeout(2):
+            time.sleep(0.45)  # (beats inside the block, the block within its limit)
+        assert len(beats) >= 2
+        assert wait_until(lambda: len(beats) >= 6, timeout=10)  # still beating after it
+        t0 = time.monotonic()
+        with pytest.raises(signals.SignalTimeout):
+            with signals.timeout(0.3):
+                time.sleep(5)
+        assert time.monotonic() - t0 < 2  # (its own limit, beats or not)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)

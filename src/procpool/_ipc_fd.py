@@ -77,10 +77,9 @@ class FdHandle:
             token = _serialize.send_fd(self.fd)
         except RuntimeError:
             raise RuntimeError(
-                "procpool IPC objects (and sockets, multiprocessing connections) carry file "
-                "descriptors; they can be passed to a procpool pool task or Process, through a "
-                "procpool Queue or Pipe, to a multiprocessing Process or Pool, or inherited "
-                "with fork -- not pickled with plain pickle"
+                "procpool IPC objects carry file descriptors; they can be passed to a procpool "
+                "pool task or Process, through a procpool Queue or Pipe, to a multiprocessing "
+                "Process or Pool, or inherited with fork -- not pickled with plain pickle"
             ) from None
         return (_serialize.recv_fd, (token,))
 
@@ -103,8 +102,17 @@ register_forking_reducer()
 
 
 # ---------------------------------- the standard library's sockets and connections (see _serialize)
+def _refuse_outside_procpool(obj: Any) -> None:
+    """Outside procpool's pickling (plain ``pickle``, ``copy``, cloudpickle...), these objects
+    cannot be pickled, with the ``TypeError`` plain pickle raised for a socket before procpool
+    registered its reductions (code probing whether something pickles catches that)."""
+    if not _serialize.collecting():
+        raise TypeError(f"cannot pickle {type(obj).__name__!r} object")
+
+
 def reduce_socket(sock: Any) -> tuple[Any, tuple[Any, ...]]:
     """A ``socket.socket`` travels as its descriptor, as :mod:`multiprocessing` sends it."""
+    _refuse_outside_procpool(sock)
     fd = sock.fileno()
     if fd < 0:
         raise OSError(errno.EBADF, "cannot send a closed socket")
@@ -114,22 +122,19 @@ def reduce_socket(sock: Any) -> tuple[Any, tuple[Any, ...]]:
 def _rebuild_socket(fd: Any, family: int, kind: int, proto: int) -> Any:
     import socket
 
-    if isinstance(fd, FdHandle):  # copy.copy: the reduction's arguments come back as they went
-        fd = os.dup(fd.fd)
     return socket.socket(family, kind, proto, fileno=fd)
 
 
 def reduce_stdlib_connection(conn: Any) -> tuple[Any, tuple[Any, ...]]:
     """A :mod:`multiprocessing` ``Connection`` travels as its descriptor (``fileno()`` raises
     ``OSError`` for a closed one)."""
+    _refuse_outside_procpool(conn)
     return (_rebuild_stdlib_connection, (FdHandle(conn.fileno()), conn.readable, conn.writable))
 
 
 def _rebuild_stdlib_connection(fd: Any, readable: bool, writable: bool) -> Any:
     from multiprocessing.connection import Connection
 
-    if isinstance(fd, FdHandle):  # (copy.copy, as above)
-        fd = os.dup(fd.fd)
     return Connection(fd, readable, writable)
 
 

@@ -221,8 +221,9 @@ def send_region(region: Region) -> int:
 # Plain pickle refuses a socket, and copies a multiprocessing Connection as its descriptor's
 # *number*: through a procpool Queue or Pipe, or to a pool task, it arrived pointing at nothing,
 # or at another file.  multiprocessing's own pickler sends their descriptors; so does procpool's,
-# with these reductions (``_ipc_fd``: SCM_RIGHTS while procpool pickles, the stdlib's ways while
-# multiprocessing does, an error from plain pickle).  The Connection's is registered once its
+# with these reductions (``_ipc_fd``: SCM_RIGHTS while procpool pickles; elsewhere -- plain
+# pickle, copy -- the TypeError plain pickle raises for a socket; multiprocessing's pickler
+# uses its own).  The Connection's is registered once its
 # module is imported -- importing it here would cost every process ≈ 1.2 MB (tempfile, shutil,
 # random...) -- so the pickling paths call :func:`adopt_stdlib_connection` while
 # ``stdlib_pending`` and ``MP_CONNECTION in sys.modules``.
@@ -254,6 +255,11 @@ def _reduce_socket(sock: socket.socket) -> tuple[Any, tuple[Any, ...]]:
 
 
 copyreg.pickle(socket.socket, _reduce_socket)
+
+
+def collecting() -> bool:
+    """Whether procpool is pickling in this thread (descriptors can go with the pickle)."""
+    return getattr(_tls, "collector", None) is not None
 
 
 def recv_fd(token: int) -> int:

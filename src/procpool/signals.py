@@ -105,7 +105,7 @@ def timeout(seconds: float, message: str | None = None) -> Iterator[None]:
     Uses ``SIGALRM`` and ``setitimer`` (sub-second precision); the previous handler and timer
     are restored on exit.  Main thread only (``ValueError`` elsewhere).  Blocks nest: an outer
     timer (an outer ``timeout``, or any ``setitimer``/``alarm``) due before this one still
-    fires on time, with its own handler.
+    fires on time, with its own handler (which may set the timer again, as a watchdog does).
 
     Example::
 
@@ -116,32 +116,60 @@ def timeout(seconds: float, message: str | None = None) -> Iterator[None]:
         raise ValueError("signals.timeout() works only in the main thread")
     if seconds <= 0:
         raise SignalTimeout(message or "timed out")
-    # One timer per process: the block's timer is armed for whichever is due first, its
-    # deadline or the outer timer's next expiry (``outer``: None without one), and _raise
-    # gives the outer timer's expiries to the outer handler.
-    started = time.monotonic()
-    deadline = started + seconds
-    outer: list[Any] = [None]
+    # One timer per process: it is armed for whichever comes first, the block's deadline or
+    # the outer timer's next expiry (``outer``: that time, None without one, and its interval),
+    # and _raise gives the outer timer's expiries to the outer handler.
+    outer: list[Any] = [None, 0.0]
+    deadline = 0.0
     done = False
+    # While the handler and timer change hands, an expiry is the outer timer's (the block has
+    # not begun): _raise notes it, and the outer handler runs once the timer is known.  (Not a
+    # signal mask: another thread of the process takes a signal the main thread blocks, and
+    # Python runs the handler in the main thread all the same.)
+    handing_over = True
+    came: list[bool] = [False]
+
+    def _arm(now: float) -> None:
+        due = outer[0]
+        first = deadline if due is None or due > deadline else due
+        _signal.setitimer(_signal.ITIMER_REAL, max(first - now, _ALMOST_NOW))
 
     def _raise(signum: int, frame: FrameType | None) -> None:
         if done:  # (a signal of this timer handled after the block: nothing to interrupt)
             return
-        due, now = outer[0], time.monotonic()
-        if due is None or now < due - _EARLY:
+        if handing_over:
+            came[0] = True
+            return
+        due = outer[0]
+        if due is None or time.monotonic() < due - _EARLY:
             raise SignalTimeout(message or f"timed out after {seconds} s")
-        outer[0] = due = due + old_interval if old_interval > 0 else None
-        first = deadline if due is None else min(deadline, due)
-        _signal.setitimer(_signal.ITIMER_REAL, max(first - now, _ALMOST_NOW))
-        _call_handler(old_handler, signum, frame)  # the outer timer's turn
+        # the outer timer's expiry: its handler runs with the timer free, as it would have it
+        _signal.setitimer(_signal.ITIMER_REAL, 0)
+        interval = outer[1]
+        outer[0] = due + interval if interval > 0 else None
+        try:
+            _call_handler(old_handler, signum, frame)
+        finally:
+            left, interval = _signal.getitimer(_signal.ITIMER_REAL)
+            if left > 0:  # it set the timer itself (a watchdog re-arming): its next expiry
+                outer[0], outer[1] = time.monotonic() + left, interval
+            _arm(time.monotonic())
 
     old_handler = _signal.signal(_signal.SIGALRM, _raise)
-    old_delay, old_interval = _signal.setitimer(_signal.ITIMER_REAL, seconds)
-    if old_delay > 0:
-        outer[0] = started + old_delay
-        if old_delay < seconds:
-            _signal.setitimer(_signal.ITIMER_REAL, old_delay)
     try:
+        old_delay, old_interval = _signal.setitimer(_signal.ITIMER_REAL, seconds)
+        started = time.monotonic()
+        deadline = started + seconds
+        outer[1] = old_interval
+        if old_delay > 0:
+            outer[0] = started + old_delay
+        handing_over = False
+        if came[0]:  # an expiry meanwhile
+            if time.monotonic() >= deadline - _EARLY:  # (ours, may be: a tiny limit)
+                raise SignalTimeout(message or f"timed out after {seconds} s")
+            outer[0] = started  # the outer timer's: its handler's turn, at once
+        if outer[0] is not None and outer[0] < deadline:
+            _arm(started)
         yield
     finally:
         # First thing (no call before it, so no signal handler can run between the block and
@@ -155,7 +183,7 @@ def timeout(seconds: float, message: str | None = None) -> Iterator[None]:
             # ends early does not bring it forward), and its interval, so a repeating timer
             # keeps repeating.  If it came due in these last instants, it fires now.
             left = outer[0] - time.monotonic()
-            _signal.setitimer(_signal.ITIMER_REAL, max(left, _ALMOST_NOW), old_interval)
+            _signal.setitimer(_signal.ITIMER_REAL, max(left, _ALMOST_NOW), outer[1])
 
 
 #: how early a timer may fire (the kernel's and the clocks' rounding)
