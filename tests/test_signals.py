@@ -305,3 +305,49 @@ def test_an_outer_handler_that_sets_the_timer_again_keeps_its_pace(own_sigalrm):
         assert time.monotonic() - t0 < 2  # (its own limit, beats or not)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+@pytest.mark.timeout(60)
+def test_timeout_edge_cases_from_a_review(own_sigalrm):
+    # cases a review found failing on the generator-based timeout() of earlier today
+    lst = [0] * 5_000_000
+    with pytest.raises(signals.SignalTimeout, match="outer"):
+        with signals.timeout(0.5, "outer"):
+            try:
+                with signals.timeout(0.02, "inner"):
+                    1 in lst  # noqa: B015 - the block's last statement, a long C call:
+                    # the expiry is handled as __exit__ begins (the generator's cleanup
+                    # was skipped: the outer timer lost, the inner handler left installed)
+            except signals.SignalTimeout:
+                pass
+            time.sleep(5)  # the outer fires, also after the inner block caught its own
+    assert signal.getitimer(signal.ITIMER_REAL)[1] == 0.0
+    ticks = []
+    signal.signal(signal.SIGALRM, lambda s, f: ticks.append(s))
+    signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)  # a repeating timer is never lost
+    try:
+        for _ in range(3000):
+            with signals.timeout(30):
+                pass
+        assert signal.getitimer(signal.ITIMER_REAL)[1] == 0.0005
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def stop_after_3(signum, frame):  # a handler that stops its repeating timer
+        ticks.append(signum)
+        if len(ticks) >= 3:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    ticks.clear()
+    signal.signal(signal.SIGALRM, stop_after_3)
+    signal.setitimer(signal.ITIMER_REAL, 0.02, 0.02)
+    with signals.timeout(5):
+        time.sleep(0.3)
+    assert len(ticks) == 3 and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    signal.setitimer(signal.ITIMER_REAL, 0.2)  # inf: no limit of its own, the outer's kept
+    with signals.timeout(float("inf")):
+        pass
+    assert 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= 0.2
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    with pytest.raises(ValueError):
+        signals.timeout(float("nan"))

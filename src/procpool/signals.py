@@ -98,92 +98,163 @@ def handler(signals: int | Iterable[int], func: Handler) -> Iterator[None]:
             _signal.signal(sig, old if old is not None else _signal.SIG_DFL)
 
 
-@contextlib.contextmanager
-def timeout(seconds: float, message: str | None = None) -> Iterator[None]:
+def timeout(seconds: float, message: str | None = None) -> _Timeout:
     """Raise :class:`SignalTimeout` inside the block if it runs longer than *seconds*.
 
     Uses ``SIGALRM`` and ``setitimer`` (sub-second precision); the previous handler and timer
     are restored on exit.  Main thread only (``ValueError`` elsewhere).  Blocks nest: an outer
-    timer (an outer ``timeout``, or any ``setitimer``/``alarm``) due before this one still
-    fires on time, with its own handler (which may set the timer again, as a watchdog does).
+    timer (an outer ``timeout``, or any ``setitimer``/``alarm``) still fires on time, with its
+    own handler (which may set or stop the timer, as a watchdog does), also after the block
+    caught its own ``SignalTimeout`` and went on.  *seconds* of ``inf`` (or over 1e9) sets no
+    limit of its own; ``nan`` raises ``ValueError``.  Also a decorator.
 
     Example::
 
         with signals.timeout(2.5):
             slow_call()              # SignalTimeout after 2.5 s
     """
-    if threading.current_thread() is not threading.main_thread():
-        raise ValueError("signals.timeout() works only in the main thread")
-    if seconds <= 0:
-        raise SignalTimeout(message or "timed out")
-    # One timer per process: it is armed for whichever comes first, the block's deadline or
-    # the outer timer's next expiry (``outer``: that time, None without one, and its interval),
-    # and _raise gives the outer timer's expiries to the outer handler.
-    outer: list[Any] = [None, 0.0]
-    deadline = 0.0
-    done = False
-    # While the handler and timer change hands, an expiry is the outer timer's (the block has
-    # not begun): _raise notes it, and the outer handler runs once the timer is known.  (Not a
-    # signal mask: another thread of the process takes a signal the main thread blocks, and
-    # Python runs the handler in the main thread all the same.)
-    handing_over = True
-    came: list[bool] = [False]
+    if seconds != seconds:
+        raise ValueError("signals.timeout() needs a number of seconds, not nan")
+    return _Timeout(seconds, message)
 
-    def _arm(now: float) -> None:
-        due = outer[0]
-        first = deadline if due is None or due > deadline else due
-        _signal.setitimer(_signal.ITIMER_REAL, max(first - now, _ALMOST_NOW))
 
-    def _raise(signum: int, frame: FrameType | None) -> None:
-        if done:  # (a signal of this timer handled after the block: nothing to interrupt)
-            return
-        if handing_over:
-            came[0] = True
-            return
-        due = outer[0]
-        if due is None or time.monotonic() < due - _EARLY:
-            raise SignalTimeout(message or f"timed out after {seconds} s")
-        # the outer timer's expiry: its handler runs with the timer free, as it would have it
-        _signal.setitimer(_signal.ITIMER_REAL, 0)
-        interval = outer[1]
-        outer[0] = due + interval if interval > 0 else None
+#: the longest limit setitimer takes everywhere (time_t seconds); beyond it: no limit
+_MAX_SECONDS = 1e9
+
+
+class _Timeout(contextlib.ContextDecorator):
+    """What :func:`timeout` returns.  One timer per process: it is armed for whichever comes
+    first, the block's deadline or the outer timer's next expiry (``_outer_due``, None without
+    one), and :meth:`_raise` gives the outer timer's expiries to the outer handler, with the
+    timer as that handler would find it.  A class rather than a generator: a signal handled as
+    ``__exit__`` begins is recognised there (its frame), where a generator's cleanup could be
+    cut short before it ran."""
+
+    def __init__(self, seconds: float, message: str | None) -> None:
+        self._seconds, self._message = seconds, message
+        self._state = "new"  # then "entering", "running", "expired" (caught, going on), "done"
+        self._came = False  # an expiry while the handler and timer changed hands
+        self._in_outer = False  # the outer handler is running
+        self._old_handler: Any = None
+        self._deadline = float("inf")
+        self._outer_due: float | None = None
+        self._outer_interval = 0.0
+
+    def _recreate_cm(self) -> _Timeout:  # (as a decorator: one per call)
+        return _Timeout(self._seconds, self._message)
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError("signals.timeout() works only in the main thread")
+        seconds = self._seconds
+        if seconds <= 0:
+            raise SignalTimeout(self._message or "timed out")
+        own = seconds <= _MAX_SECONDS
+        # an outer timer pending now: an expiry while the handler changes hands is its
+        pending = _signal.getitimer(_signal.ITIMER_REAL) != (0.0, 0.0)
+        self._state = "entering"
+        self._old_handler = _signal.signal(_signal.SIGALRM, self._raise)
         try:
-            _call_handler(old_handler, signum, frame)
-        finally:
-            left, interval = _signal.getitimer(_signal.ITIMER_REAL)
-            if left > 0:  # it set the timer itself (a watchdog re-arming): its next expiry
-                outer[0], outer[1] = time.monotonic() + left, interval
-            _arm(time.monotonic())
+            old_delay, old_interval = _signal.setitimer(
+                _signal.ITIMER_REAL, seconds if own else 0.0
+            )
+            started = time.monotonic()
+            if own:
+                self._deadline = started + seconds
+            self._outer_interval = old_interval
+            # (a repeating timer within a microsecond of its expiry reads (0, interval))
+            if old_delay > 0 or old_interval > 0:
+                self._outer_due = started + old_delay
+            self._state = "running"
+            if self._came:
+                if pending or old_interval > 0:  # the outer timer's: its handler's turn first
+                    self._outer_due = started
+                elif time.monotonic() >= self._deadline:  # ours (a limit shorter than this)
+                    raise self._timed_out()
+            self._arm(time.monotonic())
+        except BaseException:
+            self.__exit__()
+            raise
 
-    old_handler = _signal.signal(_signal.SIGALRM, _raise)
-    try:
-        old_delay, old_interval = _signal.setitimer(_signal.ITIMER_REAL, seconds)
-        started = time.monotonic()
-        deadline = started + seconds
-        outer[1] = old_interval
-        if old_delay > 0:
-            outer[0] = started + old_delay
-        handing_over = False
-        if came[0]:  # an expiry meanwhile
-            if time.monotonic() >= deadline - _EARLY:  # (ours, may be: a tiny limit)
-                raise SignalTimeout(message or f"timed out after {seconds} s")
-            outer[0] = started  # the outer timer's: its handler's turn, at once
-        if outer[0] is not None and outer[0] < deadline:
-            _arm(started)
-        yield
-    finally:
-        # First thing (no call before it, so no signal handler can run between the block and
-        # it): from here _raise does nothing, and this cleanup cannot be cut short by it.
-        done = True
+    def __exit__(self, *exc: object) -> None:
+        # First thing: from here _raise does nothing (a signal handled as this method began
+        # is recognised by its frame, see _raise), and this cleanup cannot be cut short.
+        self._state = "done"
         _signal.setitimer(_signal.ITIMER_REAL, 0)
-        _signal.pthread_sigmask(_signal.SIG_BLOCK, ())  # (runs a handler already due: _raise)
-        _signal.signal(_signal.SIGALRM, old_handler if old_handler is not None else _SIG_DFL)
-        if outer[0] is not None:
+        _signal.pthread_sigmask(_signal.SIG_BLOCK, ())  # (runs a handler already due: ours)
+        old = self._old_handler
+        _signal.signal(_signal.SIGALRM, old if old is not None else _signal.SIG_DFL)
+        if self._outer_due is not None:
             # The outer timer, with the time it has left since it was set aside (a block that
             # ends early does not bring it forward), and its interval, so a repeating timer
             # keeps repeating.  If it came due in these last instants, it fires now.
-            left = outer[0] - time.monotonic()
-            _signal.setitimer(_signal.ITIMER_REAL, max(left, _ALMOST_NOW), outer[1])
+            left = self._outer_due - time.monotonic()
+            _signal.setitimer(_signal.ITIMER_REAL, max(left, _ALMOST_NOW), self._outer_interval)
+
+    def _timed_out(self) -> SignalTimeout:
+        return SignalTimeout(self._message or f"timed out after {self._seconds} s")
+
+    def _arm(self, now: float) -> None:
+        """The timer, for the block's deadline (while it runs) or the outer's next expiry."""
+        first = self._outer_due
+        if self._state == "running" and (first is None or self._deadline < first):
+            first = self._deadline
+        if first is None or first == float("inf"):
+            _signal.setitimer(_signal.ITIMER_REAL, 0)
+        else:
+            _signal.setitimer(_signal.ITIMER_REAL, max(first - now, _ALMOST_NOW))
+
+    def _raise(self, signum: int, frame: FrameType | None) -> None:
+        state = self._state
+        if state == "done":  # (a signal of this timer handled after the block)
+            return
+        if state == "entering":
+            self._came = True
+            return
+        if frame is not None and frame.f_code is _EXIT_CODE and frame.f_locals.get("self") is self:
+            return  # the block is over; __exit__ re-arms the outer timer from its due time
+        if self._in_outer:  # the outer handler's own timer, fired while that handler runs
+            _call_handler(self._old_handler, signum, frame)
+            return
+        now = time.monotonic()
+        due = self._outer_due
+        if due is not None and now >= due - _EARLY:
+            self._outer_expiry(signum, frame, due, now)
+        elif state == "running" and now >= self._deadline - _EARLY:
+            self._state = "expired"  # (the block may catch it and go on: the outer's timer)
+            self._arm(now)
+            raise self._timed_out()
+        else:  # early (clocks' rounding), or a SIGALRM sent by someone: not an expiry
+            self._arm(now)
+
+    def _outer_expiry(self, signum: int, frame: FrameType | None, due: float, now: float) -> None:
+        """The outer timer's expiry: its handler runs with the timer as it would find it
+        (reloaded if it repeats; a one-shot one spent), and what it leaves there is the outer
+        timer from then on (set again, stopped)."""
+        # from here to the end, an expiry is the outer timer's own, for its handler (the timer
+        # set below may fire at once: handled at the very next call, this method's own state
+        # must not be changed under it)
+        self._in_outer = True
+        try:
+            interval = self._outer_interval
+            if interval > 0:  # (missed periods are one signal, as the kernel merges them)
+                due += interval * (int((now - due) / interval) + 1)
+                _signal.setitimer(_signal.ITIMER_REAL, max(due - now, _ALMOST_NOW), interval)
+            else:
+                _signal.setitimer(_signal.ITIMER_REAL, 0)
+            _call_handler(self._old_handler, signum, frame)
+        finally:
+            left, interval = _signal.getitimer(_signal.ITIMER_REAL)
+            now = time.monotonic()
+            # (a repeating timer within a microsecond of its expiry reads (0, interval))
+            self._outer_due = now + left if left > 0 or interval > 0 else None
+            self._outer_interval = interval
+            self._in_outer = False
+            if self._state != "done":
+                self._arm(now)
+
+
+_EXIT_CODE = _Timeout.__exit__.__code__
 
 
 #: how early a timer may fire (the kernel's and the clocks' rounding)
