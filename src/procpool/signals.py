@@ -135,6 +135,8 @@ class _Timeout(contextlib.ContextDecorator):
         self._state = "new"  # then "entering", "running", "expired" (caught, going on), "done"
         self._came = False  # an expiry while the handler and timer changed hands
         self._in_outer = False  # the outer handler is running
+        self._armed = False  # the timer is set (by _arm)
+        self._late = False  # a signal handled after the block (see __exit__)
         self._old_handler: Any = None
         self._deadline = float("inf")
         self._outer_due: float | None = None
@@ -166,9 +168,11 @@ class _Timeout(contextlib.ContextDecorator):
             if old_delay > 0 or old_interval > 0:
                 self._outer_due = started + old_delay
             self._state = "running"
-            if self._came:
-                if pending or old_interval > 0:  # the outer timer's: its handler's turn first
-                    self._outer_due = started
+            if self._came:  # an expiry while the handler changed hands: the outer timer's,
+                # if it has expired (a one-shot one reads 0 then); else a late signal of an
+                # earlier block's timer, nobody's now
+                if (pending and old_delay == 0) or old_interval > 0:
+                    self._outer_due = started  # its handler's turn first
                 elif time.monotonic() >= self._deadline:  # ours (a limit shorter than this)
                     raise self._timed_out()
             self._arm(time.monotonic())
@@ -180,8 +184,18 @@ class _Timeout(contextlib.ContextDecorator):
         # First thing: from here _raise does nothing (a signal handled as this method began
         # is recognised by its frame, see _raise), and this cleanup cannot be cut short.
         self._state = "done"
-        _signal.setitimer(_signal.ITIMER_REAL, 0)
+        left = _signal.setitimer(_signal.ITIMER_REAL, 0)[0]
         _signal.pthread_sigmask(_signal.SIG_BLOCK, ())  # (runs a handler already due: ours)
+        if self._armed and left == 0 and not self._late:
+            # it expired as the block ended, and its signal may still be on its way: the
+            # kernel gives it to any thread that does not block it, whose handler tells Python
+            # only once that thread runs -- after the restore below, it would reach the
+            # previous handler.  Wait for it (briefly: the kernel rounds a timer within a
+            # microsecond of its expiry to 0, and that one never fires).
+            until = time.monotonic() + _LATE_WAIT
+            while not self._late and time.monotonic() < until:
+                time.sleep(_LATE_POLL)
+                _signal.pthread_sigmask(_signal.SIG_BLOCK, ())
         old = self._old_handler
         _signal.signal(_signal.SIGALRM, old if old is not None else _signal.SIG_DFL)
         if self._outer_due is not None:
@@ -200,13 +214,16 @@ class _Timeout(contextlib.ContextDecorator):
         if self._state == "running" and (first is None or self._deadline < first):
             first = self._deadline
         if first is None or first == float("inf"):
+            self._armed = False
             _signal.setitimer(_signal.ITIMER_REAL, 0)
         else:
+            self._armed = True
             _signal.setitimer(_signal.ITIMER_REAL, max(first - now, _ALMOST_NOW))
 
     def _raise(self, signum: int, frame: FrameType | None) -> None:
         state = self._state
         if state == "done":  # (a signal of this timer handled after the block)
+            self._late = True
             return
         if state == "entering":
             self._came = True
@@ -259,6 +276,9 @@ _EXIT_CODE = _Timeout.__exit__.__code__
 
 #: how early a timer may fire (the kernel's and the clocks' rounding)
 _EARLY = 1e-3
+#: how long a block's end waits for the signal of a timer that expired as it ended, polling
+_LATE_WAIT = 0.1
+_LATE_POLL = 0.0002
 _SIG_DFL = _signal.SIG_DFL
 
 
