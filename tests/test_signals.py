@@ -351,3 +351,19 @@ def test_timeout_edge_cases_from_a_review(own_sigalrm):
     signal.setitimer(signal.ITIMER_REAL, 0)
     with pytest.raises(ValueError):
         signals.timeout(float("nan"))
+
+
+def test_a_timeout_used_again_or_as_a_decorator_starts_afresh():
+    t = signals.timeout(0.05)
+    for _ in range(2):  # (state of the first use carried over, before)
+        with pytest.raises(signals.SignalTimeout):
+            with t:
+                time.sleep(5)
+
+    @signals.timeout(0.05)
+    def slow():
+        time.sleep(5)
+
+    for _ in range(2):
+        with pytest.raises(signals.SignalTimeout):
+            slow()

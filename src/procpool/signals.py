@@ -148,6 +148,10 @@ class _Timeout(contextlib.ContextDecorator):
     def __enter__(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             raise ValueError("signals.timeout() works only in the main thread")
+        if self._state != "new":  # used again: afresh (while in use: refused)
+            if self._state != "done":
+                raise RuntimeError("this signals.timeout() block is already running")
+            self.__init__(self._seconds, self._message)  # type: ignore[misc]
         seconds = self._seconds
         if seconds <= 0:
             raise SignalTimeout(self._message or "timed out")
