@@ -283,7 +283,6 @@ _EARLY = 1e-3
 #: how long a block's end waits for the signal of a timer that expired as it ended, polling
 _LATE_WAIT = 0.1
 _LATE_POLL = 0.0002
-_SIG_DFL = _signal.SIG_DFL
 
 
 def _call_handler(handler: Any, signum: int, frame: FrameType | None) -> None:
