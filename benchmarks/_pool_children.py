@@ -70,34 +70,55 @@ def _timed_runs(repeats: int, run: Any, check: Any) -> list[float]:
     return samples
 
 
-def _check_sum(n: int) -> Any:
-    want = n * (n + 1) // 2  # sum(x + 1 for x in range(n))
+def _check_incremented(n: int, ordered: bool) -> Any:
+    """Every result of x+1 over range(n) once, in order where the call promises order."""
+    want = list(range(1, n + 1))
 
     def check(res: Any) -> None:
-        got = res if isinstance(res, int) else sum(res)
+        got = list(res) if ordered else sorted(res)
         if got != want:
-            raise AssertionError(f"wrong results: sum {got} != {want}")
+            bad = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), n))
+            raise AssertionError(
+                f"wrong results: {len(got)} of them, item {bad}: {got[bad : bad + 1]}"
+            )
 
     return check
 
 
+def _numbers(n: int) -> Any:
+    """A generator: an input nobody can cut or size ahead (a file's lines, a query's rows)."""
+    yield from range(n)
+
+
+MAP_INPUTS = {"range": range, "list": lambda n: list(range(n)), "gen": _numbers}
+
+
 def child_map(lib: Any, spec: dict) -> dict:
+    """The library's default map (or procpool's / multiprocessing's imap) over *items* of
+    the kind spec["input"] names: a list (made before the timer starts), a generator, or a
+    range (which procpool sends as ranges, uncut)."""
     n, items, method = spec["workers"], spec["items"], spec.get("method", "map")
+    make = MAP_INPUTS[spec.get("input", "list")]
     pool = lib.open(n)
     try:
         if method == "map":
 
-            def run() -> Any:
-                return lib.map(pool, _tasks.inc, range(items))
+            def run_on(source: Any) -> Any:
+                return lib.map(pool, _tasks.inc, source)
 
-            lib.map(pool, _tasks.inc, range(1000))
         else:  # imap / imap_unordered with default arguments (multiprocessing.Pool's API)
 
-            def run() -> Any:
-                return sum(getattr(pool, method)(_tasks.inc, range(items)))
+            def run_on(source: Any) -> Any:
+                return list(getattr(pool, method)(_tasks.inc, source))
 
-            sum(getattr(pool, method)(_tasks.inc, range(1000)))
-        samples = _timed_runs(spec["repeats"], run, _check_sum(items))
+        run_on(make(1000))  # warm-up
+        samples = []
+        for _ in range(spec["repeats"]):
+            source = make(items)
+            t0 = time.perf_counter()
+            res = run_on(source)
+            samples.append(time.perf_counter() - t0)
+            _check_incremented(items, method != "imap_unordered")(res)
     finally:
         lib.close(pool)
     return {"samples_s": samples}
@@ -129,7 +150,7 @@ def child_per_item(lib: Any, spec: dict) -> dict:
 
         run_small = [get(h) for h in [one(i) for i in range(500)]]
         del run_small
-        samples = _timed_runs(spec["repeats"], run, _check_sum(items))
+        samples = _timed_runs(spec["repeats"], run, _check_incremented(items, True))
     finally:
         lib.close(pool)
     return {"samples_s": samples}

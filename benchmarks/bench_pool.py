@@ -142,12 +142,14 @@ class Runner:
     def label_of(self, key: str) -> str:
         if key in LIBS:
             return self.label(key)
+        names = {"pp": "procpool.Pool", "mp": "multiprocessing.Pool"}
+        lib, _, rest = key.partition("_")
+        for source, text in (("_list", "a list"), ("_gen", "a generator"), ("_range", "a range")):
+            if rest.endswith(source) and lib in names:
+                call = rest[: -len(source)]
+                return f"{names[lib]}.{call} (defaults) over {text}"
         return {
-            "pp_imap": "procpool.Pool.imap (defaults)",
-            "pp_imap_unordered": "procpool.Pool.imap_unordered (defaults)",
             "pp_submit": "procpool.Pool.submit",
-            "mp_imap": "multiprocessing.Pool.imap (defaults)",
-            "mp_imap_unordered": "multiprocessing.Pool.imap_unordered (defaults)",
             "rawpipe": "raw os.pipe round trip (floor)",
             "memcpy": "single-thread memcpy (numpy copy)",
         }[key]
@@ -234,29 +236,39 @@ class Runner:
         items = 10_000 if self.quick else 100_000
         rounds = 3
         to = 120 if self.quick else 300
-        specs = {k: {"scenario": "map", "lib": k, "items": items, "repeats": 1} for k in self.libs}
+        # every library maps the same list; procpool's range and generator paths, and imap over
+        # a generator (an input no pool can size or cut ahead), are extra rows
+        specs = {
+            k: {"scenario": "map", "lib": k, "items": items, "repeats": 1, "input": "list"}
+            for k in self.libs
+        }
         names = list(specs)
+        extra = [("procpool", "map", "range"), ("mp", "map", "gen")]
         for method in ("imap", "imap_unordered"):
-            for key, short in (("procpool", "pp"), ("mp", "mp")):
-                if key in self.libs:
-                    specs[f"{short}_{method}"] = {
-                        "scenario": "map",
-                        "lib": key,
-                        "method": method,
-                        "items": items,
-                        "repeats": 1,
-                    }
+            extra += [("procpool", method, "list"), ("procpool", method, "gen")]
+        extra.append(("mp", "imap", "gen"))
+        for key, method, source in extra:
+            if key in self.libs:
+                specs[f"{'pp' if key == 'procpool' else key}_{method}_{source}"] = {
+                    "scenario": "map",
+                    "lib": key,
+                    "method": method,
+                    "items": items,
+                    "repeats": 1,
+                    "input": source,
+                }
         res = self.rounds(specs, rounds, to)
         rates = self.throughput_table(
-            f"2a. Tiny tasks x+1: default map over {items:,} items (higher is better; "
-            f"{rounds} interleaved repeats)",
+            f"2a. Tiny tasks x+1: default map over a list of {items:,} items (higher is "
+            f"better; {rounds} interleaved repeats; extra rows: other inputs and calls, "
+            "`gen` a generator)",
             {k: res[k] for k in names},
             items,
             "items/s",
             {k: v for k, v in res.items() if k not in names},
         )
         self.vs_best({k: rates.get(k) for k in self.libs}, higher=True)
-        mp = rates.get("mp")
+        mp, mp_gen = rates.get("mp"), rates.get("mp_map_gen")
         self.targets.check(
             "default map >= 1x mp.map",
             ratio(rates.get("procpool"), mp),
@@ -265,10 +277,15 @@ class Runner:
             fmt_ratio(ratio(rates.get("procpool"), mp)),
         )
         for method in ("imap", "imap_unordered"):
-            r = ratio(rates.get(f"pp_{method}"), mp)
-            self.targets.check(
-                f"{method} (defaults) >= 1x mp.map (defaults)", r, ">=", 1.0, fmt_ratio(r)
-            )
+            for source, base in (("list", mp), ("gen", mp_gen)):
+                r = ratio(rates.get(f"pp_{method}_{source}"), base)
+                self.targets.check(
+                    f"{method} (defaults) >= 1x mp.map (defaults), both over a {source}",
+                    r,
+                    ">=",
+                    1.0,
+                    fmt_ratio(r),
+                )
 
         items = 3_000 if self.quick else 20_000
         specs = {

@@ -273,6 +273,29 @@ def test_imap_input_that_waits_for_its_own_results(pool):
         feedback.put(value + 1)
 
 
+def test_a_fast_imap_input_that_then_waits_for_its_own_results_is_not_held_back(pool):
+    # after thousands of quick items the pool gathers a generator's items into big chunks
+    # (an idle worker waits for a fuller one, see Dispatch._hold_over); the items read before
+    # the generator blocks on their results must still go out, or this would never end
+    import queue
+
+    feedback: queue.Queue = queue.Queue()
+
+    def source():
+        for round_ in range(3):
+            yield from range(round_ * 10_000, round_ * 10_000 + 5_000)
+            yield feedback.get(timeout=20)  # the result of the round's last item, plus 1
+
+    it = pool.imap(identity_item, source())
+    for round_ in range(3):
+        for i in range(round_ * 10_000, round_ * 10_000 + 5_000):
+            assert it.next(timeout=20) == i
+        feedback.put(i + 1)
+        assert it.next(timeout=20) == i + 1
+    with pytest.raises(StopIteration):
+        it.next(timeout=20)
+
+
 def test_terminate_while_imap_reads_its_input_ends_the_iterator():
     def endless():
         n = 0

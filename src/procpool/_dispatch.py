@@ -26,7 +26,7 @@ from ._buffers import BufferCache
 from ._channel import MAX_FDS_PER_FRAME
 from ._start import INTERNAL_FDS
 from ._supervise import TERMINATING, _Worker
-from ._tasks import _DONE, _PENDING, _SENT, MapJob, Task
+from ._tasks import _DONE, _PENDING, _SENT, FEED_HOLD, MapJob, Task
 from ._worker import FUNC_CACHE
 from .errors import (
     SerializationError,
@@ -122,6 +122,10 @@ class Dispatch:
                         continue
                 return head
             job = head
+            if job.cancelled:  # (what it held failed with CancelledError: see _cancel_map)
+                pending.popleft()
+                job.queued = False
+                continue
             if w.inflight and not job.measured:
                 return None  # (its cost is not known yet: one chunk per worker, as est None)
             size = job.chunk_size(self._est, self.processes)
@@ -129,11 +133,17 @@ class Dispatch:
             cost = float("inf") if est is None else est * size
             if not self._can_take(w, cost, bool(job.timeout)):
                 return None
-            items = job.take(size, idle=not w.inflight)
+            idle = not w.inflight
+            if idle and size > 1 and not job.input_done and job.available() < size:
+                idle = self._hold_over(job, size)
+            items = job.take(size, idle=idle)
             if items is None:
                 if job.available():
                     return None  # a fuller chunk is coming: wait (FIFO)
-                pending.popleft()  # waiting for input; the feeder queues it again
+                job.wake_at = 1  # the feeder's next item wakes the I/O thread, which
+                if job.available():  # queues it again (see Scheduler._run) -- unless one
+                    continue  # came in between: it is here now
+                pending.popleft()  # waiting for input
                 job.queued = False
                 continue
             if not job.available() and job.input_done:
@@ -145,6 +155,19 @@ class Dispatch:
             if task is not None:
                 return task
         return None
+
+    def _hold_over(self, job: MapJob, size: int) -> bool:
+        """Whether an idle worker takes *job*'s partial chunk now: an imap whose feeder hands
+        items over one at a time would otherwise go out an item or two per chunk, as fast as
+        they come (≈ 4 µs each; a fast generator gives one every ≈ 0.1 µs).  The first look
+        says wait, for FEED_HOLD at most, and asks the feeder to wake the I/O thread once
+        the chunk is full; the timer sends what is there then."""
+        if job.hold_until is None:
+            job.hold_until = self._dispatch_now + FEED_HOLD
+            self._add_timer(FEED_HOLD, "hold", None)
+            job.wake_at = size - job.available()  # (items staged meanwhile count too)
+            return False
+        return self._dispatch_now >= job.hold_until
 
     def _chunk_task(
         self, job: MapJob, items: list | range, index: int | None = None

@@ -9,6 +9,7 @@ plain scalars and strings, kept as they are and pickled by the I/O thread as the
 
 from __future__ import annotations
 
+import collections
 import threading
 
 from . import _protocol as P
@@ -22,6 +23,11 @@ CHUNK_TARGET = 2e-3  # seconds of work per map chunk
 # seconds of work below which the last chunks of a map are not cut any smaller: each chunk
 # costs ≈ 20-30 µs of CPU (parent and worker) whatever its size, more than it balances then
 CHUNK_MIN = 1e-4
+# an idle worker waits this long for a fuller chunk of an imap whose input is still being read
+# (see Dispatch._hold_over): long enough for a fast iterator to fill it, short against a slow one
+FEED_HOLD = 1e-3
+NEVER = float("inf")  # MapJob.wake_at: the feeder wakes nobody
+STOP = -1.0  # MapJob.wake_at: the feeder looks at once (cancelled, or the pool is stopping)
 BARE = (bytes, tuple, list)  # payload types with nothing to release (see Task.payload)
 
 _PENDING, _SENT, _DONE = 0, 1, 2
@@ -187,7 +193,16 @@ class MapJob:
         self.input_done = False
         self.queued = False  # in the scheduler's pending deque
         self.limit = limit  # max items held (read, not consumed): None for lists
-        self.held = 0
+        self.fed = 0  # items read (by the feeder thread alone)
+        self.released = 0  # items whose results the caller consumed (under the lock)
+        # the feeder's hand-over of one item at a time (Scheduler._feed): appended without the
+        # lock, moved into buf by available(), which every reader of buf calls under the lock
+        self.staged: collections.deque[Any] = collections.deque()
+        # the feeder wakes the I/O thread once this many items are staged: set by the
+        # dispatcher when it waits for input (an idle worker, a partial chunk), NEVER after;
+        # STOP (for good) when the feeder must stop: its one test per item covers both
+        self.wake_at: float = 1
+        self.hold_until: float | None = None  # an idle worker waits for a fuller chunk until
         self.on_end: Any = None  # called with (length, error) once the input is read
         self.cancelled = False  # what it has not sent will not run (Scheduler.cancel_map)
         # its imap iterator was dropped: nobody consumes, so `held` no longer paces the
@@ -220,7 +235,19 @@ class MapJob:
         return size
 
     def available(self) -> int:
+        """Items read and not yet cut into chunks (what the feeder staged included)."""
+        if self.staged:
+            self._unstage()
         return (len(self.buf) if self.stop is None else self.stop) - self.pos
+
+    def _unstage(self) -> None:
+        staged = self.staged
+        n = len(staged)  # (the feeder may append more meanwhile: those come next time)
+        if self.cancelled:  # what was read as it was cancelled is not run
+            for _ in range(n):
+                staged.popleft()
+            return
+        self.add([staged.popleft() for _ in range(n)])
 
     def add(self, items: list) -> None:
         buf = self.buf
@@ -238,15 +265,16 @@ class MapJob:
         n = min(size, left)
         items = self.buf[self.pos : self.pos + n]
         self.pos += n
+        self.hold_until = None
         return items
 
     def release(self, n: int) -> None:
         """The caller consumed *n* results (imap): make room for more input."""
         with self.space:
-            self.held -= n
+            self.released += n
             self.space.notify()
 
     def backlog(self) -> int:
         """What paces the feeder: items held (read, not consumed), or for a job whose
-        iterator was dropped, items read but not sent yet."""
-        return self.available() if self.orphaned else self.held
+        iterator was dropped, items read but not sent yet (under the lock)."""
+        return self.available() if self.orphaned else self.fed - self.released
