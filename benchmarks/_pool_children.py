@@ -77,7 +77,10 @@ def _check_incremented(n: int, ordered: bool) -> Any:
     def check(res: Any) -> None:
         got = list(res) if ordered else sorted(res)
         if got != want:
-            bad = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), n))
+            bad = next(
+                (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
+                min(len(got), n),
+            )
             raise AssertionError(
                 f"wrong results: {len(got)} of them, item {bad}: {got[bad : bad + 1]}"
             )
