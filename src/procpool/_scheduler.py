@@ -779,6 +779,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                 with self._lock:
                     got = min(want, len(job.buf) - (job.stop or 0))
             elif not bulk:
+                assert not isinstance(it, range)
                 got, error = self._stage(job, it, want)
             else:
                 try:
