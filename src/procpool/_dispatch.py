@@ -143,6 +143,8 @@ class Dispatch:
                 job.wake_at = 1  # the feeder's next item wakes the I/O thread, which
                 if job.available():  # queues it again (see Scheduler._run) -- unless one
                     continue  # came in between: it is here now
+                if job.bulk:  # inside a run, the feeder looks at wake_at only at its end
+                    self._poll_feeder(job)
                 pending.popleft()  # waiting for input
                 job.queued = False
                 continue
@@ -168,6 +170,13 @@ class Dispatch:
             job.wake_at = size - job.available()  # (items staged meanwhile count too)
             return False
         return self._dispatch_now >= job.hold_until
+
+    def _poll_feeder(self, job: MapJob) -> None:
+        """Look at *job*'s staged items after ``job.poll_delay``: its feeder reads a run (see
+        Scheduler._stage) and may block inside it, items staged and nobody told."""
+        if not job.polled:
+            job.polled = True
+            self._add_timer(job.poll_delay, "poll", job)
 
     def _chunk_task(
         self, job: MapJob, items: list | range, index: int | None = None

@@ -26,6 +26,7 @@ CHUNK_MIN = 1e-4
 # an idle worker waits this long for a fuller chunk of an imap whose input is still being read
 # (see Dispatch._hold_over): long enough for a fast iterator to fill it, short against a slow one
 FEED_HOLD = 1e-3
+FEED_POLL_MAX = 32e-3  # the longest a feeder blocked inside a run goes unlooked at
 NEVER = float("inf")  # MapJob.wake_at: the feeder wakes nobody
 STOP = -1.0  # MapJob.wake_at: the feeder looks at once (cancelled, or the pool is stopping)
 BARE = (bytes, tuple, list)  # payload types with nothing to release (see Task.payload)
@@ -203,6 +204,10 @@ class MapJob:
         # STOP (for good) when the feeder must stop: its one test per item covers both
         self.wake_at: float = 1
         self.hold_until: float | None = None  # an idle worker waits for a fuller chunk until
+        self.read_ahead = 1  # the feeder's next run (1: one item at a time), see Scheduler._stage
+        self.bulk = False  # the feeder is inside a run: it cannot look at wake_at until it ends
+        self.polled = False  # a "poll" timer is armed for it (see Dispatch._poll_feeder)
+        self.poll_delay = FEED_HOLD
         self.on_end: Any = None  # called with (length, error) once the input is read
         self.cancelled = False  # what it has not sent will not run (Scheduler.cancel_map)
         # its imap iterator was dropped: nobody consumes, so `held` no longer paces the
