@@ -261,3 +261,28 @@ def record_and_fork_on_zero(path, x):
             return x
         os.waitpid(pid, 0)
     return x
+
+
+def _chained(n):
+    try:
+        if n == 0:
+            raise KeyError("root")
+        _chained(n - 1)
+    except Exception as exc:
+        raise ValueError(f"level {n}") from exc
+
+
+def raise_long_chain_just_before(limit):
+    """Spin until 10 ms before *limit*, then raise an error whose traceback takes long to
+    format (300 chained causes): the soft timeout must not land in the formatting."""
+    end = time.monotonic() + limit - 0.01
+    while time.monotonic() < end:
+        pass
+    _chained(300)
+
+
+def flush_late_then(seconds):
+    """Return at once for 0, else sleep *seconds* (a timed call's untimed follower)."""
+    if seconds:
+        time.sleep(seconds)
+    return seconds

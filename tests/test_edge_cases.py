@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import CancelledError
 
 import numpy as np
 import pytest
+from conftest import wait_until
 from tasks import sleep_then, square
 
 import procpool
@@ -486,3 +488,54 @@ def test_results_given_back_by_loops_of_two_threads_stay_in_order():
             close.set()  # the earlier chunk is given back first, then the later one
             t.join(10)
         assert list(it) == list(range(2, 100)) + list(range(101, 200))
+
+
+def test_terminate_while_the_imap_input_is_blocked_ends_the_iterator():
+    # the input's end was set only by the feeder thread, blocked in the generator: next()
+    # waited for good after terminate()
+    import queue
+
+    gate: queue.Queue = queue.Queue()
+
+    def source():
+        yield 1
+        yield 2
+        yield gate.get(timeout=30)  # input from a peer that never comes
+
+    pool = procpool.Pool(2)
+    try:
+        it = pool.imap(identity_item, source(), chunksize=1)
+        assert it.next(timeout=10) == 1
+        pool.terminate()
+        with pytest.raises(procpool.PoolTerminated):
+            for _ in range(3):
+                it.next(timeout=10)
+    finally:
+        gate.put(3)  # the feeder thread goes, and drops what it read
+
+
+def test_a_call_cancelled_then_terminated_from_a_callback_is_settled_once():
+    # a result cancelled while still in the inbox was failed again by terminate(): its
+    # error_callback ran twice and get() changed its answer to PoolTerminated
+    from tasks import flush_late_then
+
+    calls: list[str] = []
+    box: dict = {}
+    pool = procpool.Pool(1)
+
+    def on_first(_value):  # in the pool's I/O thread
+        pool.apply_async(flush_late_then, (0.3,))
+        r = pool.apply_async(
+            flush_late_then, (0,), timeout=5, error_callback=lambda e: calls.append(type(e))
+        )
+        box["r"], box["cancelled"] = r, r.cancel()
+        pool.terminate()
+
+    pool.apply(flush_late_then, (0,))
+    pool.apply_async(flush_late_then, (0,), callback=on_first)
+    assert wait_until(lambda: "r" in box, 10)
+    pool.join(10)
+    assert box["cancelled"] is True
+    with pytest.raises(CancelledError):
+        box["r"].get(5)
+    assert calls == [CancelledError]

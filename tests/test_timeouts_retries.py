@@ -306,3 +306,42 @@ def test_timed_tasks_wait_for_a_worker_still_running_its_initializer():
     with procpool.Pool(2, initializer=slow_initializer, timeout=0.3, grace=0.3) as pool:
         assert pool.map(square, range(4)) == [0, 1, 4, 9]
         assert pool.apply_async(square, (5,), timeout=0.3).get(20) == 25
+
+
+def test_an_error_raised_just_before_the_time_limit_is_the_tasks_own():
+    # the worker formatted the task's exception with the soft timeout still armed: the alarm
+    # landed in the formatting and killed the worker (WorkerLostError, 10 runs in 10)
+    from tasks import raise_long_chain_just_before
+
+    with procpool.Pool(1) as pool:
+        for _ in range(3):
+            r = pool.apply_async(raise_long_chain_just_before, (0.3,), timeout=0.3)
+            with pytest.raises((ValueError, procpool.TaskTimeoutError)) as info:
+                r.get(30)
+            assert not isinstance(info.value, procpool.WorkerLostError)
+
+
+def test_a_timed_call_is_sent_alone_not_with_untimed_calls_behind_it(monkeypatch):
+    # untimed calls to the same function went in the timed call's batch: its result could
+    # wait in the worker's buffer while the follower ran, and the hard limit then killed
+    # the worker of a task that had finished in time.  A worker that flushes its results
+    # every 5 ms (a slower parent) made it happen every time
+    from tasks import flush_late_then
+
+    from procpool import _worker
+
+    monkeypatch.setattr(_worker, "FLUSH_INTERVAL", 5e-3)  # (forked workers inherit it)
+    with procpool.Pool(1, grace=0.2) as pool:
+        for _ in range(200):
+            pool.apply(flush_late_then, (0,))  # cheap: the pool's estimate is known
+        for _ in range(2):
+            pool.apply_async(flush_late_then, (0.005,))  # the worker busy: the next two queue
+            timed = pool.apply_async(flush_late_then, (0,), timeout=0.3)
+            follower = pool.apply_async(flush_late_then, (0.8,))
+            assert timed.get(30) == 0 and follower.get(30) == 0.8
+
+
+def test_grace_must_be_a_number_of_seconds():
+    for bad in (None, -1, "1", float("nan"), True):
+        with pytest.raises(ValueError, match="grace"):
+            procpool.Pool(1, grace=bad)

@@ -282,7 +282,13 @@ class Dispatch:
                 self._assign(w, task)
                 batch = batches[w.wid]
                 batch.append(task)
-                if type(task.payload) is tuple and pending and not self._maxtasks:
+                # (not behind a timed task: it runs alone, see _hard_deadline)
+                if (
+                    type(task.payload) is tuple
+                    and pending
+                    and not self._maxtasks
+                    and not task.timeout
+                ):
                     self._take_calls(w, task, batch)
                 still.append(w)
                 if not pending:

@@ -647,6 +647,8 @@ class Scheduler(WorkerSupervision, Dispatch):
                 members = [task]
                 task = self._make_run(entry, members)
                 self._taken(members, task)
+            if task.state != _PENDING:  # cancelled while queued: settled already
+                continue
             if self._broken is not None:
                 self._fail(task, self._broken_error())
             elif self._state in (TERMINATING, FINISHED):
@@ -805,7 +807,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                 if bulk:
                     size = min(size * 2, FEED_BATCH)
             with self._lock:
-                if job.cancelled:  # meanwhile: what was just read is not run
+                if job.cancelled or job.cut:  # meanwhile: what was just read is not run
                     break
                 if got and not (window and job.stop is None):  # (None: failed meanwhile)
                     if window:
@@ -1475,7 +1477,14 @@ class Scheduler(WorkerSupervision, Dispatch):
         return new
 
     def _fail_everything(self, error: BaseException) -> None:
+        # imaps still reading: their input ends here, with *error* -- their feeder may be
+        # blocked in the caller's generator for good -- and what it reads after is dropped
+        for job in self._feeding:
+            job.cut = True
+            self._fail_job(job, error)
+            self._input_end(job, error)
         self._stop_feeders(self._feeding)
+        self._feeding.clear()
         self._take_inbox()
         pending, self._pending = self._pending, deque()
         for item in pending:

@@ -210,6 +210,7 @@ class MapJob:
         self.poll_delay = FEED_HOLD
         self.on_end: Any = None  # called with (length, error) once the input is read
         self.cancelled = False  # what it has not sent will not run (Scheduler.cancel_map)
+        self.cut = False  # its input was ended for it (the pool stopped): the rest is dropped
         # its imap iterator was dropped: nobody consumes, so `held` no longer paces the
         # feeder -- the items read but not yet sent do (all of it runs, as multiprocessing
         # runs a dropped imap's tasks, within the bound); set by a finalizer, a flag only
@@ -248,7 +249,7 @@ class MapJob:
     def _unstage(self) -> None:
         staged = self.staged
         n = len(staged)  # (the feeder may append more meanwhile: those come next time)
-        if self.cancelled:  # what was read as it was cancelled is not run
+        if self.cancelled or self.cut:  # what was read as it was cancelled is not run
             for _ in range(n):
                 staged.popleft()
             return

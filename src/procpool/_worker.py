@@ -306,14 +306,18 @@ class Worker:
             return
         if kind == P.CALL:
             previous = self.alarm.arm(timeout) if timeout > 0 else None
+            error: BaseException | None = None
             try:
                 args, kwds = data
                 status, value = P.OK, func(*args, **kwds)
             except BaseException as exc:  # noqa: BLE001 - SystemExit etc. fail the task only
-                status, value = P.ERROR, self.failure(exc)
+                error = exc
             finally:
                 if previous is not None:
                     self.disarm(previous)
+            if error is not None:  # (formatted with the alarm off: it could fire in there)
+                status, value = P.ERROR, self.failure(error)
+                error = None
         elif timeout > 0:  # a chunk with a time limit: the limit is per item
             status, value = self.run_chunk_timed(func, kind == P.STARMAP, data, timeout)
         else:
@@ -337,13 +341,17 @@ class Worker:
             # the scheduler's hard limit runs from here, and then fails only this item
             pack_item(self.progress, P.ITEM_OFFSET, i, time.monotonic())
             previous = self.alarm.arm(timeout)
+            error: BaseException | None = None
             try:
                 values.append(func(*item) if star else func(item))
             except BaseException as exc:  # noqa: BLE001 - one item fails, the others go on
-                errors[i] = self.failure(exc)
+                error = exc
                 values.append(None)
             finally:
                 self.disarm(previous)
+            if error is not None:  # (formatted with the alarm off: it could fire in there)
+                errors[i] = self.failure(error)
+                error = None
         return (P.CHUNK_PARTIAL, (values, errors)) if errors else (P.OK, values)
 
     def run_chunk(self, func: Any, star: bool, items: list) -> tuple[int, Any]:

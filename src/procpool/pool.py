@@ -126,6 +126,9 @@ class Pool(PoolAPI):
                 raise ValueError("maxtasksperchild must be a positive int or None")
         limit = check_timeout(timeout)
         _check_retries(retries)
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace < 1e9:
+            raise ValueError(f"grace must be a number of seconds >= 0, not {grace!r}")
+        grace = float(grace)
         launcher = make_launcher(_start_method(start_method, context))
         self._timeout = limit
         self._retries = retries
