@@ -33,6 +33,13 @@ def nbytes(a: object) -> int:
     return int(size) if size is not None else len(a)  # type: ignore[arg-type]
 
 
+def checksum(a: object) -> int:
+    """CRC-32 of every byte of a buffer (an array or bytes): what arrived is what was sent."""
+    import zlib
+
+    return zlib.crc32(memoryview(a).cast("B"))  # type: ignore[arg-type]
+
+
 def make_bytes(nbytes_: int) -> bytes:
     """Return ``nbytes_`` bytes, built once per worker process and cached (see make_array)."""
     data = _ARRAYS.get(("bytes", nbytes_))

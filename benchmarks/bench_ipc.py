@@ -24,6 +24,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import procpool  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import print_header  # noqa: E402
+
 try:
     from faster_fifo import Queue as FFQueue
 except ImportError:  # pragma: no cover - optional
@@ -190,6 +193,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short run (fewer messages)")
     parser.add_argument("--repeats", type=int, default=None)
     opts = parser.parse_args()
+    print_header(
+        "procpool IPC benchmarks (bench_ipc.py)", ["benchmarks/bench_ipc.py", *sys.argv[1:]]
+    )
     quick = opts.quick
     repeats = opts.repeats or (1 if quick else 3)
     small = 50_000 if quick else 200_000

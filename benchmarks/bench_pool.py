@@ -150,7 +150,8 @@ class Runner:
                 return f"{names[lib]}.{call} (defaults) over {text}"
         return {
             "pp_submit": "procpool.Pool.submit",
-            "rawpipe": "raw os.pipe round trip (floor)",
+            "rawpipe": "raw os.pipe round trip, blocking reads (floor)",
+            "rawpipe_spin": "raw os.pipe round trip, polling reads (floor)",
             "memcpy": "single-thread memcpy (numpy copy)",
         }[key]
 
@@ -317,6 +318,7 @@ class Runner:
         spec = {"calls": 500 if self.quick else 2000, "warmup": 200, "repeats": 1}
         specs = {k: {"scenario": "latency", "lib": k, **spec} for k in self.libs}
         specs["rawpipe"] = {"scenario": "rawpipe", **spec}
+        specs["rawpipe_spin"] = {"scenario": "rawpipe", "spin": True, **spec}
         res = self.rounds(specs, rounds, 120)
         p50: dict[str, float | None] = {}
         p99: dict[str, float | None] = {}
@@ -354,47 +356,51 @@ class Runner:
         pp50, pp99 = p50.get("procpool"), p99.get("procpool")
         r = ratio(pp50, p50.get("mp"))
         self.targets.check("apply p50 <= 1/3 of mp", r, "<=", 1 / 3, fmt_ratio(r))
-        r = ratio(pp50, p50.get("rawpipe"))
+        floors = [v for v in (p50.get("rawpipe"), p50.get("rawpipe_spin")) if v is not None]
+        r = ratio(pp50, min(floors)) if floors else None  # the faster of the two pipes
         self.targets.check(
-            "apply p50 within 3x of raw os.pipe round trip", r, "<=", 3.0, fmt_ratio(r)
+            "apply p50 within 3x of raw os.pipe round trip (the faster: blocking or polling)",
+            r,
+            "<=",
+            3.0,
+            fmt_ratio(r),
         )
         r = ratio(pp99, p99.get("mp"))
         self.targets.check("apply p99 <= 1/10 of mp", r, "<=", 0.1, fmt_ratio(r))
         _, best99 = self.best_other({k: p99.get(k) for k in self.libs}, higher=False)
-        r = ratio(pp99, best99)
-        self.targets.check(
-            "apply p99 below every other pool (÷ best other)", r, "<", 1.0, fmt_ratio(r)
-        )
+        unmeasured = [k for k in OTHERS if p99.get(k) is None]
+        r = None if unmeasured else ratio(pp99, best99)  # "every": all of them, or no verdict
+        shown = f"not every pool ran ({', '.join(unmeasured)})" if unmeasured else fmt_ratio(r)
+        self.targets.check("apply p99 below every other pool (÷ best other)", r, "<", 1.0, shown)
 
     def arrays(self) -> None:
         size = 32 * MiB
         count = 4 if self.quick else 8
         rounds = 3
         reps = 1 if self.quick else 2
-        memcpy = self.child({"scenario": "memcpy", "nbytes": size, "repeats": 10}, 60)
-        mc = None if "error" in memcpy else memcpy["bytes"] / median(memcpy["samples_s"])
         for kind, direction in (
             ("float64", "args"),
             ("float64", "results"),
             ("bytes", "args"),
             ("bytes", "results"),
         ):
-            res = self.rounds(
-                {
-                    k: {
-                        "scenario": "arrays",
-                        "lib": k,
-                        "direction": direction,
-                        "kind": kind,
-                        "nbytes": size,
-                        "count": count,
-                        "repeats": reps,
-                    }
-                    for k in self.libs
-                },
-                rounds,
-                180,
-            )
+            specs = {
+                k: {
+                    "scenario": "arrays",
+                    "lib": k,
+                    "direction": direction,
+                    "kind": kind,
+                    "nbytes": size,
+                    "count": count,
+                    "repeats": reps,
+                }
+                for k in self.libs
+            }
+            # memcpy in every round too: the VM's memory speed drifts over minutes
+            specs["memcpy"] = {"scenario": "memcpy", "nbytes": size, "repeats": 10}
+            res = self.rounds(specs, rounds, 180)
+            memcpy = res.pop("memcpy")
+            mc = None if "error" in memcpy else memcpy["bytes"] / median(memcpy["samples_s"])
             rates: dict[str, float | None] = {}
             rows = []
             for key, r in res.items():
