@@ -9,6 +9,7 @@ import inspect
 import signal
 import sys
 import threading
+import time
 import weakref
 from concurrent.futures import CancelledError
 
@@ -404,3 +405,49 @@ def test_futures_of_a_run_waited_on_or_not_each_settle_once(pool1):
     assert wait_until(lambda: len(calls) == len(range(0, N, 3)), 10)
     assert sorted(calls) == list(range(0, N, 3))
     assert all(f.done() and not f.running() for f in fs)
+
+
+@pytest.mark.parametrize("queued_calls", ["the same function (a run)", "another function"])
+def test_force_cancel_of_a_call_not_started_spares_the_one_running(pool1, tmp_path, queued_calls):
+    # a call sent ahead to a busy worker, not started: the worker was killed for it, failing
+    # the call running there (WorkerLostError) and losing the results it had not sent; now
+    # the worker skips it (the progress slot's SKIP) and the others go on
+    from tasks import record_twice
+
+    path = str(tmp_path / "ran")
+    other = record if queued_calls.startswith("the same") else record_twice
+    for attempt in range(5):  # (the dispatcher decides what goes ahead: until it did)
+        for _ in range(200):  # cheap calls: the pool sends work ahead
+            pool1.apply(record, (path, -5))
+        with io_thread_held(pool1):  # (one batch: both are sent at once)
+            running = pool1.apply_async(record, (path, 10 * attempt + 1, 1.0))
+            queued = pool1.apply_async(other, (path, 10 * attempt + 2))
+        first = 10 * attempt + 1
+        assert wait_until(lambda first=first: first in recorded(path), 10)
+        task = queued._task
+        if task is not None and task.worker is not None:  # sent ahead, behind the running one
+            break
+        assert running.get(10) == 10 * attempt + 1 and queued.get(10) == 10 * attempt + 2
+    else:
+        pytest.fail("the second call was never sent ahead")
+    assert queued.cancel(force=True)
+    with pytest.raises(CancelledError):
+        queued.get(10)
+    assert running.get(10) == 10 * attempt + 1  # not killed
+    assert pool1.apply_async(other, (path, 3)).get(10) == 3
+    assert 10 * attempt + 2 not in recorded(path)  # never ran
+
+
+def test_a_force_cancelled_call_stays_cancelled_through_terminate(tmp_path):
+    # terminate() failed it with PoolTerminated after cancel(force=True) said True
+    pool = procpool.Pool(1)
+    try:
+        r = pool.apply_async(sleep_then, (30.0, 1))
+        assert wait_until(lambda: r._task is not None and r._task.worker is not None, 10)
+        time.sleep(0.2)
+        assert r.cancel(force=True)
+        pool.terminate()
+        with pytest.raises(CancelledError):
+            r.get(10)
+    finally:
+        pool.terminate()

@@ -66,7 +66,7 @@ INODE = struct.Struct("<Q")  # one inode in a RELEASED body
 MAP_HEAD = struct.Struct("<Q")  # the region's key (then its name, UTF-8, if it has one)
 KEY = struct.Struct("<Q")  # one key in a FORGET body
 
-# The progress slot: 32 bytes of shared memory per worker (a memfd sent with INIT).  The worker
+# The progress slot: 48 bytes of shared memory per worker (a memfd sent with INIT).  The worker
 # writes the id of the task it starts and, when the task's result is buffered, that id as the
 # last finished one.  When a worker dies, the scheduler reads the slot to tell the task that was
 # running (fails, or is retried) from those that never started (sent again, to another worker).
@@ -77,7 +77,13 @@ KEY = struct.Struct("<Q")  # one key in a FORGET body
 PROGRESS = struct.Struct("<QQQd")  # running task id (0: none), last finished id, item, its start
 PROGRESS_ITEM = struct.Struct("<Qd")  # the item and its start, alone (at offset ITEM_OFFSET)
 ITEM_OFFSET = 16
-PROGRESS_SIZE = PROGRESS.size
+# Written by the pool: a call the worker holds and has not started, to skip (``cancel(force=
+# True)`` of a call queued behind the one running: that one goes on).  The id, then the flag
+# byte; the worker looks at the flag as it starts each call (after it wrote "running").
+SKIP = struct.Struct("<Q")
+SKIP_OFFSET = PROGRESS.size
+SKIP_FLAG = SKIP_OFFSET + SKIP.size
+PROGRESS_SIZE = SKIP_FLAG + 8
 
 
 # Records are yielded as plain tuples: a NamedTuple's Python-level __new__ costs more than the

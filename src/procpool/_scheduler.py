@@ -1128,12 +1128,12 @@ class Scheduler(WorkerSupervision, Dispatch):
                 self._cancel_pending_task(task)
                 outcome = True
             elif task.state == _SENT and force and task.worker is not None:
-                # stopped, unless it has finished (its reply is on its way): the promise is
-                # CancelledError, even should the reply arrive before the worker's death
-                outcome = not self._finished_on(task.worker, task.id)
+                # stopped (or skipped), unless it has finished (its reply is on its way): the
+                # promise is CancelledError, even should the reply arrive before the worker's
+                # death, or come from a skip
+                outcome = self._stop_on(task.worker, task.id)
                 if outcome:
                     task.cancel_requested = True
-                    self._kill(task.worker)
             else:
                 outcome = False
         self._deliver()
@@ -1171,12 +1171,11 @@ class Scheduler(WorkerSupervision, Dispatch):
             and force
             and i >= sink.got
             and run.worker is not None
-            and not self._finished_on(run.worker, run.id + 1 + i)
+            and self._stop_on(run.worker, run.id + 1 + i)
         ):
             if sink.cancelled is None:
                 sink.cancelled = set()
             sink.cancelled.add(i)
-            self._kill(run.worker)
             return True
         return False
 
@@ -1495,8 +1494,8 @@ class Scheduler(WorkerSupervision, Dispatch):
             else:
                 self._fail_job(item, error)
         for w in self._workers.values():
-            for task in w.inflight.values():
-                self._fail(task, error)
+            for task in w.inflight.values():  # (one cancel(force=True) stopped: as promised)
+                self._fail(task, CancelledError() if task.cancel_requested else error)
             w.inflight.clear()
 
     def _fail_job(self, job: MapJob, error: BaseException) -> None:

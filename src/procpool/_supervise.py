@@ -87,6 +87,7 @@ class _Worker:
         "map_cap",
         "exclusive",
         "sent",
+        "skip",
         "retiring",
         "retire_asked",
         "exit_sent",
@@ -124,6 +125,7 @@ class _Worker:
         self.progress = -1  # the progress slot's memfd, when not mapped (see read_progress)
         self.mask = select.EPOLLIN  # what epoll watches on its channel (see _set_mask)
         self.killed = False  # by the pool (a time limit, a cancel, terminate): see _bury
+        self.skip: int | None = None  # the call it was last asked to skip (see _stop_on)
         # what we owe it for its result buffers (made at its first: see _note_lent)
         self.returns: Returns | None = None
 
@@ -138,7 +140,16 @@ class _Worker:
             return P.PROGRESS.unpack_from(self.proc.progress)
         if self.progress < 0:  # (its start failed before the slot existed)
             return 0, 0, 0, 0.0
-        return P.PROGRESS.unpack(os.pread(self.progress, P.PROGRESS_SIZE, 0))
+        return P.PROGRESS.unpack(os.pread(self.progress, P.PROGRESS.size, 0))
+
+    def ask_skip(self, tid: int) -> None:
+        """Have the worker skip call *tid* when it comes to it (see _protocol.SKIP)."""
+        data = P.SKIP.pack(tid) + b"\x01"
+        if self.proc.progress is not None:
+            self.proc.progress[P.SKIP_OFFSET : P.SKIP_FLAG + 1] = data
+        elif self.progress >= 0:
+            os.pwrite(self.progress, data, P.SKIP_OFFSET)
+        self.skip = tid
 
     def close_progress(self) -> None:
         if self.proc.progress is not None:
@@ -314,6 +325,32 @@ class WorkerSupervision:
                 return seen or tid in ids and tid < done
             seen = seen or tid in ids
         return False
+
+    def _stop_on(self, w: _Worker, tid: int) -> bool:
+        """``cancel(force=True)`` of call *tid*, held by *w*: False if it has finished (its
+        reply is on its way).  Running, it is stopped with its worker.  Not started yet -- it
+        waits behind the call *w* runs -- *w* is asked to skip it, and the call running and
+        the others go on (killing *w* failed the one running, and lost the results it had
+        not sent).  One skip at a time per worker: a second, while the first call is still
+        held, kills.  (The worker may have read the flag just before it was written, as it
+        started the call: then the call runs, and its reply is dropped.)"""
+        if self._finished_on(w, tid):
+            return False
+        if w.read_progress()[0] != tid and (w.skip is None or not self._holds(w, w.skip)):
+            w.ask_skip(tid)
+            if w.read_progress()[0] != tid:  # not started meanwhile: it will be skipped --
+                return not self._finished_on(w, tid)  # unless it ran and finished meanwhile
+        self._kill(w)
+        return True
+
+    def _holds(self, w: _Worker, tid: int) -> bool:
+        """Whether *w* still holds call *tid* (a task, or a run's member) unanswered."""
+        if tid in w.inflight:
+            return True
+        if tid < RUN_IDS:
+            return False
+        run = w.inflight.get(tid & ~RUN_MASK)
+        return run is not None and tid - (tid & ~RUN_MASK) - 1 >= run.sink.got
 
     def _kill(self, w: _Worker, deliberate: bool = True) -> None:
         """SIGKILL *w*: *deliberate* for the pool's own reasons (a time limit, a cancel,

@@ -391,22 +391,39 @@ class Worker:
         start = time.perf_counter()
         # running from here: unpickling may run user code that kills the worker (as run_tasks)
         P.PROGRESS.pack_into(self.progress, 0, task_id, self.last_done, 0, 0.0)
-        try:
-            data = pickle.loads(body[head.size :])
-            args, kwds = data if len(data) == 2 else with_refs(*data)
-        except BaseException as exc:  # noqa: BLE001 - as in run_record
-            err = SerializationError(f"the task's arguments could not be unpickled: {exc!r}")
-            status, value = P.ERROR, error_info(err)
+        if self.progress[P.SKIP_FLAG] and self.skipped(task_id):
+            status, value = P.ERROR, self.skip_info()
         else:
             try:
-                status, value = P.OK, func(*args, **kwds)
+                data = pickle.loads(body[head.size :])
+                args, kwds = data if len(data) == 2 else with_refs(*data)
             except BaseException as exc:  # noqa: BLE001 - as in run_record
-                status, value = P.ERROR, self.failure(exc)
+                err = SerializationError(f"the task's arguments could not be unpickled: {exc!r}")
+                status, value = P.ERROR, error_info(err)
+            else:
+                try:
+                    status, value = P.OK, func(*args, **kwds)
+                except BaseException as exc:  # noqa: BLE001 - as in run_record
+                    status, value = P.ERROR, self.failure(exc)
         self.add_result(task_id, status, time.perf_counter() - start, value)
         self.last_done = task_id
         P.PROGRESS.pack_into(self.progress, 0, 0, task_id, 0, 0.0)
         self.flush()
         return True
+
+    def skipped(self, task_id: int) -> bool:
+        """Whether the pool asked to skip call *task_id*, which starts now (the progress
+        slot's SKIP, its flag set): the flag is cleared, the call not run."""
+        if P.SKIP.unpack_from(self.progress, P.SKIP_OFFSET)[0] != task_id:
+            return False
+        self.progress[P.SKIP_FLAG] = 0
+        return True
+
+    @staticmethod
+    def skip_info() -> tuple:
+        from concurrent.futures import CancelledError
+
+        return error_info(CancelledError("skipped: cancel(force=True) before it started"))
 
     def run_calls(self, rec: P.TaskRecord) -> None:
         """A CALLS record: plain calls to one function, each a task of its own -- its progress
@@ -430,10 +447,13 @@ class Worker:
         for task_id, args in zip(ids, argss, strict=True):
             start = perf()
             pack_progress(progress, 0, task_id, self.last_done, 0, 0.0)
-            try:
-                status, value = P.OK, func(*args)
-            except BaseException as exc:  # noqa: BLE001 - as in run_record
-                status, value = P.ERROR, self.failure(exc)
+            if progress[P.SKIP_FLAG] and self.skipped(task_id):
+                status, value = P.ERROR, self.skip_info()
+            else:
+                try:
+                    status, value = P.OK, func(*args)
+                except BaseException as exc:  # noqa: BLE001 - as in run_record
+                    status, value = P.ERROR, self.failure(exc)
             now = perf()
             self.add_result(task_id, status, now - start, value)
             self.last_done = task_id
@@ -468,7 +488,12 @@ class Worker:
             # item's start: see run_chunk_timed)
             started = time.monotonic() if rec[3] and rec[2] == P.CALL else 0.0
             pack_progress(self.progress, 0, task_id, self.last_done, 0, started)
-            self.run_record(rec, mine)
+            if self.progress[P.SKIP_FLAG] and rec[2] == P.CALL and self.skipped(task_id):
+                _serialize.discard_received(rec[4], mine)
+                _serialize.Payload(b"", 0, mine).close()
+                self.add_result(task_id, P.ERROR, 0.0, self.skip_info())
+            else:
+                self.run_record(rec, mine)
             self.last_done = task_id
             pack_progress(self.progress, 0, 0, task_id, 0, 0.0)
             mine = []
