@@ -75,46 +75,6 @@ def test_a_pool_of_small_tasks_does_not_import_ctypes():
     assert _printed_by_a_fresh_python(code) == "False False"
 
 
-def test_a_pool_does_not_import_logging_until_something_is_logged():
-    # concurrent.futures._base imports logging (≈ 0.4 MB, held by every forked worker) for one
-    # logger; procpool loads it with that logger deferred (procpool/_futures.py)
-    code = (
-        "import sys, procpool, concurrent.futures as cf\n"
-        "with procpool.Pool(2) as p:\n"
-        "    assert p.map(abs, range(-50, 50)) == [abs(x) for x in range(-50, 50)]\n"
-        "    f = p.submit(abs, -4); assert f.result() == 4 and isinstance(f, cf.Future)\n"
-        "    in_worker = p.apply(eval, (\"'logging' in __import__('sys').modules\",))\n"
-        "assert cf._base is sys.modules['concurrent.futures._base'] and cf.Future is cf._base.Future\n"
-        "print('logging' in sys.modules, in_worker)\n"
-        "f = cf.Future(); f.add_done_callback(lambda f: 1 / 0); f.set_result(1)\n"
-        "import logging\n"
-        "print(cf._base.LOGGER is logging.getLogger('concurrent.futures'), cf._base.logging is logging)\n"
-    )
-    out = _printed_by_a_fresh_python(code)
-    # the callback's error is logged as before: the first use imports logging
-    assert out.startswith("False False\nTrue True"), out
-    assert "exception calling callback for <Future" in out and "ZeroDivisionError" in out
-
-
-def test_concurrent_futures_is_the_plain_module_when_logging_came_first():
-    code = (
-        "import logging, sys, procpool, concurrent.futures as cf\n"
-        "print(type(cf._base.LOGGER).__name__, 'procpool._futures' in sys.modules)\n"
-    )
-    assert _printed_by_a_fresh_python(code) == "Logger True"
-
-
-def test_a_deferred_logger_configured_before_use_keeps_its_settings():
-    code = (
-        "import sys, procpool, concurrent.futures as cf\n"
-        "cf._base.LOGGER.disabled = True\n"  # a user silencing callback errors
-        "f = cf.Future(); f.add_done_callback(lambda f: 1 / 0); f.set_result(1)\n"
-        "import logging\n"
-        "print(logging.getLogger('concurrent.futures').disabled)\n"
-    )
-    assert _printed_by_a_fresh_python(code) == "True"
-
-
 def test_every_name_of_multiprocessing_is_there():
     # `import procpool as multiprocessing` must run a classic program from its first line
     import multiprocessing

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 from multiprocessing import Process, active_children, cpu_count, current_process, parent_process
 
-from . import _futures  # noqa: F401 (first: it loads concurrent.futures, deferring logging)
 from .errors import (
     InitializerError,
     PoolTerminated,
