@@ -291,3 +291,13 @@ def flush_late_then(seconds):
 def record_twice(path, x):
     """``record`` x, under another function's name (a task apart from ``record``'s runs)."""
     return record(path, x)
+
+
+class Scale:
+    """A callable object with state: ``Scale(k)(x) == k * x``."""
+
+    def __init__(self, k):
+        self.k = k
+
+    def __call__(self, x):
+        return self.k * x

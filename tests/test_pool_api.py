@@ -550,3 +550,21 @@ def test_numpy_integers_and_what_scripts_read_of_a_multiprocessing_pool():
     with pytest.raises(ValueError, match="Chunksize"):
         procpool.Pool(1).map(abs, [1], chunksize=1.5)
     assert procpool.pool.ThreadPool is multiprocessing.pool.ThreadPool
+
+
+def test_a_callable_object_or_partial_changed_between_calls_runs_as_it_is_now(pool):
+    # they were pickled once and cached by identity: a changed one ran as it first was
+    import functools
+
+    from tasks import Scale, add
+
+    scale = Scale(2)
+    assert pool.map(scale, [1, 2, 3]) == [2, 4, 6]
+    scale.k = 10
+    assert pool.map(scale, [1, 2, 3]) == [10, 20, 30]
+    assert pool.apply(scale, (5,)) == 50
+    part = functools.partial(add, b=0)
+    assert pool.apply(part, (1,)) == 1
+    part.keywords["b"] = 100  # (a partial's keywords are a dict: it can change)
+    assert pool.apply(part, (1,)) == 101
+    assert [pool.apply_async(part, (i,)).get(10) for i in range(3)] == [100, 101, 102]

@@ -44,6 +44,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -112,6 +113,8 @@ FAST_ITEM = 2e-6
 READ_AHEAD_PROBE = 64  # items read one at a time before trying runs
 READ_AHEAD_MAX = 1024  # the longest run: a run cannot be stopped midway (terminate, cancel)
 _first = operator.itemgetter(0)
+# callables whose pickle cannot change while they live: cached by identity (see _function)
+_BY_IDENTITY = frozenset({types.FunctionType, types.BuiltinFunctionType, type})
 
 
 class _Raised(Exception):  # noqa: N818 - not an error: carries the iterator's own
@@ -221,7 +224,8 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._by_fd: dict[int, tuple[str, _Worker | None]] = {}
         self._timers: list[tuple[float, int, str, Any]] = []
         self._timer_seq = itertools.count()
-        self._funcs: dict[int, tuple[Callable, int, bytes, str]] = {}  # func, fid, blob, label
+        self._funcs: dict[int, tuple[Any, int, bytes, str]] = {}  # func, fid, blob, label
+        self._by_pickle: dict[bytes, tuple[Any, int, bytes, str]] = {}  # (see _function)
         self._fids = itertools.count(1)
         self._tids = itertools.count(1)
         self._run_ids = itertools.count(RUN_IDS, RUN_STRIDE)  # (see CallRun)
@@ -300,18 +304,32 @@ class Scheduler(WorkerSupervision, Dispatch):
         entry = self._function(func)
         return entry[1], entry[2]
 
-    def _function(self, func: Callable) -> tuple[Callable, int, bytes, str]:
-        """*func*'s cache entry: ``(func, fid, pickle, label)``."""
+    def _function(self, func: Callable) -> tuple[Any, int, bytes, str]:
+        """*func*'s cache entry: ``(func, fid, pickle, label)``.
+
+        A function, a builtin or a class is cached by identity: pickled once.  Any other
+        callable -- a ``functools.partial``, an object with ``__call__``, a bound method -- is
+        pickled at each submission, as ``multiprocessing`` does, since its state may have
+        changed since the last (cached by identity, a changed callable ran as it was); the
+        cache is then keyed by the pickle, so an unchanged one is still sent to a worker once.
+        """
         entry = self._funcs.get(id(func))
         if entry is not None and entry[0] is func:
             return entry
         blob = _serialize.dumps_function(func)
         label = getattr(func, "__qualname__", None) or repr(func)
         with self._lock:
-            entry = (func, next(self._fids), blob, label)
-            self._funcs[id(func)] = entry
-            if len(self._funcs) > FUNC_CACHE:
-                del self._funcs[next(iter(self._funcs))]
+            if type(func) in _BY_IDENTITY:
+                entry = (func, next(self._fids), blob, label)
+                self._funcs[id(func)] = entry
+                if len(self._funcs) > FUNC_CACHE:
+                    del self._funcs[next(iter(self._funcs))]
+            else:
+                entry = self._by_pickle.get(blob)
+                if entry is None:
+                    entry = self._by_pickle[blob] = (None, next(self._fids), blob, label)
+                    if len(self._by_pickle) > FUNC_CACHE:
+                        del self._by_pickle[next(iter(self._by_pickle))]
         return entry
 
     def _check_running(self) -> None:
@@ -1391,6 +1409,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                 os.close(fd)
             self._init_fds = []
             self._funcs.clear()
+            self._by_pickle.clear()
             self._buffers.close()
             self._returns = None  # (what results unmapped from now on owe: nothing, see Returns)
             self._stop_feeders(self._feeding)  # the pool is gone
