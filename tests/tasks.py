@@ -301,3 +301,8 @@ class Scale:
 
     def __call__(self, x):
         return self.k * x
+
+
+def fork_and_return():
+    """An initializer that forks a child and forgets ``os._exit`` in it: both return."""
+    os.fork()

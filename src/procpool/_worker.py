@@ -152,9 +152,11 @@ class Worker:
                 initializer, initargs = _serialize.loads(config["init"], 0, init_fds)
                 initializer(*initargs)
         except BaseException as exc:  # noqa: BLE001 - reported to the caller, then we exit
-            data = pickle.dumps((self.failure(exc), stage))
-            self.chan.send_frame(P.frame(P.INIT_FAILED, data))
+            data = pickle.dumps((self.failure(exc), stage))  # (a child the initializer forked
+            self.chan.send_frame(P.frame(P.INIT_FAILED, data))  # exits in failure())
             return False
+        if self.task_child:  # a child the initializer forked and left to return: it exits
+            _leave_task_child(None)  # (its parent, the worker, says READY)
         self.chan.send_frame(P.frame(P.READY))
         return True
 

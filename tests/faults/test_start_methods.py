@@ -134,3 +134,14 @@ def test_a_fork_server_asked_to_reap_a_live_worker_answers_in_time():
             os.close(proc.pidfd)
     finally:
         launcher.close()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_an_initializer_whose_forked_child_returns_does_not_hang_the_pool(method):
+    # the child came back into the worker's start, said READY a second time and read the
+    # worker's channel: the pool hung for good (multiprocessing runs the tasks)
+    from tasks import fork_and_return, pid
+
+    with procpool.Pool(1, initializer=fork_and_return, start_method=method) as pool:
+        pids = set(pool.map_async(pid, range(20), chunksize=1).get(timeout=30))
+    assert len(pids) == 1
