@@ -601,7 +601,11 @@ class ForkServerLauncher(Launcher):
     method = "forkserver"
 
     def __init__(self) -> None:
-        self._start_server()
+        # started by the first start(), in the pool's I/O thread: the server dies with the
+        # thread that started it (PR_SET_PDEATHSIG), and Pool() may be called by a thread
+        # that ends long before its pool (its running task was lost with the server)
+        self._ctl: socket.socket | None = None
+        self._pid = 0
 
     def _start_server(self) -> None:
         self._ctl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -614,6 +618,8 @@ class ForkServerLauncher(Launcher):
         INTERNAL_FDS.add(self._ctl.fileno())
 
     def start(self) -> Proc:
+        if self._ctl is None:
+            self._start_server()
         try:
             return self._fork()
         except _Refused:  # (the server is fine)
@@ -624,6 +630,7 @@ class ForkServerLauncher(Launcher):
             return self._fork()
 
     def _fork(self) -> Proc:
+        assert self._ctl is not None
         self._ctl.sendall(_REQ.pack(b"S", 0))
         data, anc, _, _ = self._ctl.recvmsg(_REPLY.size, socket.CMSG_SPACE(2 * 4))
         if len(data) < _REPLY.size:
@@ -648,6 +655,8 @@ class ForkServerLauncher(Launcher):
         return Proc(pid, pidfd, socket.socket(fileno=fds[0]))
 
     def reap(self, proc: Proc) -> int | None:
+        if self._ctl is None:
+            return None
         try:
             self._ctl.sendall(_REQ.pack(b"R", proc.pid))
             data = self._ctl.recv(_REPLY.size)
@@ -659,8 +668,11 @@ class ForkServerLauncher(Launcher):
         return exitcode(status) if known else None
 
     def close(self) -> None:
+        if self._ctl is None:
+            return
         INTERNAL_FDS.discard(self._ctl.fileno())
         self._ctl.close()  # the server sees EOF and exits; its workers die with it
+        self._ctl = None
         try:
             os.waitpid(self._pid, 0)
         except ChildProcessError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -145,3 +146,29 @@ def test_an_initializer_whose_forked_child_returns_does_not_hang_the_pool(method
     with procpool.Pool(1, initializer=fork_and_return, start_method=method) as pool:
         pids = set(pool.map_async(pid, range(20), chunksize=1).get(timeout=30))
     assert len(pids) == 1
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_a_pool_made_by_a_thread_that_ends_keeps_its_workers(method):
+    # the fork server died with the thread that started it (PR_SET_PDEATHSIG), and the task
+    # running then with it (WorkerLostError); it is now started by the pool's I/O thread
+    from tasks import sleep_then
+
+    box: list = []
+
+    def make() -> None:
+        pool = procpool.Pool(1, start_method=method)
+        box.append(pool)
+        assert pool.apply_async(sleep_then, (0, 1)).get(30) == 1  # (workers up)
+        box.append(pool.apply_async(sleep_then, (0.5, 2)))
+        time.sleep(0.2)  # the task runs as this thread ends
+
+    t = threading.Thread(target=make)
+    t.start()
+    t.join(30)
+    pool, r = box
+    try:
+        assert r.get(30) == 2
+        assert pool.apply(sleep_then, (0, 3)) == 3
+    finally:
+        pool.terminate()
