@@ -355,6 +355,9 @@ def main_preparation() -> dict[str, Any]:
 
     data = spawn.get_preparation_data("procpool-worker")
     keep = ("init_main_from_name", "init_main_from_path", "sys_argv")
+    path = data.get("init_main_from_path")
+    if path is not None and not os.path.isfile(path):  # a script piped in (`python - < f`)
+        del data["init_main_from_path"]  # cannot be run again: its functions go by value
     return {key: data[key] for key in keep if key in data}
 
 
@@ -553,7 +556,13 @@ def _spawn_python(code: str, sock: socket.socket) -> int:
         mask = set(_signal.pthread_sigmask(signal.SIG_BLOCK, ()))
     if signal.SIGINT not in mask:
         env["PROCPOOL_UNBLOCK_SIGINT"] = "1"
-    argv = [sys.executable, "-c", code]
+    # the interpreter's options (-O, -X dev, -W...) as multiprocessing passes them, and this
+    # procpool found first: the code runs before the worker gets the parent's sys.path
+    from subprocess import _args_from_interpreter_flags  # type: ignore[attr-defined]
+
+    home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = f"import sys; sys.path.insert(0, {home!r}); {code}"
+    argv = [sys.executable, *_args_from_interpreter_flags(), "-c", code]
     actions = [(os.POSIX_SPAWN_DUP2, sock.fileno(), 3)]
     return os.posix_spawn(
         sys.executable, argv, env, file_actions=actions, setsigmask=set(mask) | {signal.SIGINT}

@@ -172,3 +172,47 @@ def test_a_pool_made_by_a_thread_that_ends_keeps_its_workers(method):
         assert pool.apply(sleep_then, (0, 3)) == 3
     finally:
         pool.terminate()
+
+
+SCRIPT_FOR_FRESH_WORKERS = """
+import sys
+sys.path.insert(0, SRC)  # procpool found through the program's sys.path alone
+import procpool
+
+
+def flags(_):
+    import sys
+
+    return sys.flags.optimize, sys.flags.no_site, sys.flags.dev_mode
+
+
+if __name__ == "__main__":
+    for method in ("spawn", "forkserver"):
+        with procpool.Pool(1, start_method=method) as pool:
+            print(method, pool.apply(flags, (0,)))
+"""
+
+
+@pytest.mark.parametrize("how", ["file", "stdin"])
+def test_workers_started_afresh_get_the_interpreters_options_and_find_procpool(tmp_path, how):
+    # spawn/forkserver workers ran `python -c` without the parent's -O/-S/-X options (as
+    # multiprocessing passes them), imported procpool before the parent's sys.path arrived
+    # (not found: 3 workers in a row died), and a script piped to `python -` failed every task
+    # (its path, "<stdin>", was run again in each worker)
+    import subprocess
+    import sys
+
+    src = os.path.join(os.path.dirname(os.path.dirname(procpool.__file__)))
+    script = SCRIPT_FOR_FRESH_WORKERS.replace("SRC", repr(src))
+    if how == "file":  # -S: no site-packages, procpool only where the script says
+        path = tmp_path / "script.py"
+        path.write_text(script)
+        argv = [sys.executable, "-O", "-S", "-X", "dev", str(path)]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        want = ["spawn (1, 1, True)", "forkserver (1, 1, True)"]
+    else:  # (the function goes by value: cloudpickle, from site-packages)
+        argv = [sys.executable, "-O", "-"]
+        out = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=60)
+        want = ["spawn (1, 0, False)", "forkserver (1, 0, False)"]
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == want
