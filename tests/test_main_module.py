@@ -198,3 +198,33 @@ def test_a_main_function_whose_globals_cannot_be_copied_goes_by_name(method, tmp
         tmp_path / "locked.py",
     )
     assert out == ["0", "2", "4", "6"]
+
+
+def test_a_decorated_main_function_redefined_runs_as_the_parent_defines_it():
+    # a decorated function is the decorator's wrapper, the same code whatever it wraps: its
+    # fingerprint matched the worker's own, which ran the first definition
+    out = run_script(
+        """
+        import functools
+
+        def logged(fn):
+            @functools.wraps(fn)
+            def wrapper(*args):
+                return fn(*args)
+            return wrapper
+
+        @logged
+        def f(x):
+            return x + 1
+
+        with procpool.Pool(1, start_method=METHOD) as pool:
+            print(pool.map(f, [1, 2]))
+
+            @logged
+            def f(x):
+                return x * 100
+            globals()["f"] = f
+            print(pool.map(f, [1, 2]))
+        """
+    )
+    assert out == ["[2,", "3]", "[100,", "200]"]

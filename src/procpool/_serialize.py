@@ -650,17 +650,29 @@ def _lookup_main(qualname: str) -> Any:
     return obj
 
 
-def _fingerprint(func: Any) -> tuple:
+def _fingerprint(func: Any, depth: int = 0) -> tuple:
     """What tells two definitions of a function apart: the same in a forked or a spawned
     worker for the same definition (an address in a default's repr makes a mismatch: the
-    safe side, the copy is used)."""
+    safe side, the copy is used).  The functions in its closure count too: a decorated
+    function is the decorator's wrapper, the same code whatever it wraps."""
     code = func.__code__
+    cells: list[Any] = []
+    for cell in func.__closure__ or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # (an empty cell)
+            value = None
+        if isinstance(value, types.FunctionType):
+            cells.append(_fingerprint(value, depth + 1) if depth < 8 else value.__qualname__)
+        else:  # (not its repr: an address there would never match)
+            cells.append(type(value).__qualname__)
     return (
         code.co_filename,
         code.co_firstlineno,
         _code_print(code),
         repr(func.__defaults__),
         repr(func.__kwdefaults__),
+        tuple(cells),
     )
 
 
