@@ -345,3 +345,26 @@ def test_grace_must_be_a_number_of_seconds():
     for bad in (None, -1, "1", float("nan"), True):
         with pytest.raises(ValueError, match="grace"):
             procpool.Pool(1, grace=bad)
+
+
+def overrun_hard_the_first_time(marker):
+    """The first call ignores the soft timeout and spins (C code that never returns, as it
+    were); the next returns at once."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        ignore_alarm_and_spin()
+    return "second attempt"
+
+
+def test_retry_on_task_timeout_retries_a_hard_timeout_too(tmp_path):
+    # a worker killed for its time limit failed the task at once, retry_on ignored
+    marker = str(tmp_path / "ran")
+    with procpool.Pool(1, retries=1, retry_on=(procpool.TaskTimeoutError,), grace=0.2) as pool:
+        r = pool.apply_async(overrun_hard_the_first_time, (marker,), timeout=0.3)
+        assert r.get(30) == "second attempt"
+    with procpool.Pool(1, grace=0.2) as pool:  # without retry_on: the hard timeout, as before
+        os.remove(marker)
+        r = pool.apply_async(overrun_hard_the_first_time, (marker,), timeout=0.3)
+        with pytest.raises(procpool.TaskTimeoutError) as info:
+            r.get(30)
+        assert info.value.hard

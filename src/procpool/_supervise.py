@@ -477,7 +477,16 @@ class WorkerSupervision:
                 task.timeout,
                 hard=True,
             )
-            self._fail(task, err)
+            if (  # retry_on=(TaskTimeoutError,) retries a hard timeout as a soft one
+                task.retry_on
+                and task.attempts <= task.retries
+                and isinstance(err, task.retry_on)
+                and self._state != TERMINATING
+            ):
+                task.timed_out = False
+                self._pending.appendleft(task)
+            else:
+                self._fail(task, err)
         elif self._state == TERMINATING:
             self._fail(task, PoolTerminated("the pool was terminated"))
         elif task.attempts <= task.retries:
