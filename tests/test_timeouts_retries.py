@@ -368,3 +368,22 @@ def test_retry_on_task_timeout_retries_a_hard_timeout_too(tmp_path):
         with pytest.raises(procpool.TaskTimeoutError) as info:
             r.get(30)
         assert info.value.hard
+
+
+def test_get_with_a_timeout_does_not_wait_behind_another_tasks_slow_callback():
+    # get() read its own reply in time, then waited for the I/O thread, busy in another
+    # task's 3 s callback, to let it deliver: 3 s for a 1 s timeout
+    from tasks import flush_late_then
+
+    gate = threading.Event()
+    with procpool.Pool(2) as pool:
+        pool.map(flush_late_then, [0] * 4)
+        pool.apply_async(flush_late_then, (0.1,), callback=lambda _: gate.wait(10))
+        r = pool.apply_async(flush_late_then, (0.3,))
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        with pytest.raises(procpool.TimeoutError):
+            r.get(timeout=1.0)
+        assert time.monotonic() - t0 < 5  # (not the callback's 10 s)
+        gate.set()
+        assert r.get(10) == 0.3

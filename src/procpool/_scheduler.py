@@ -1056,7 +1056,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                     self._refill = True  # (in drive's finally)
                 gone = w.eof
             if self._deliveries:
-                self._deliver()
+                self._deliver(wait=deadline is None)  # (a deadline: not behind a callback)
             if ours is not None:
                 return ours if direct else None
             if gone:
@@ -1626,13 +1626,17 @@ class Scheduler(WorkerSupervision, Dispatch):
         task.release()
         self._deliveries.append(("error", task, error))
 
-    def _deliver(self) -> None:
+    def _deliver(self, wait: bool = True) -> None:
         """Unpickle results and run the caller's sinks and callbacks, outside the lock.
 
         One thread at a time (``_deliver_lock``): a MapResult counts its chunks without a lock.
+        Without *wait*, return at once if another thread delivers: it delivers what is queued
+        (a caller with a deadline must not wait behind another task's slow callback).
         """
         if self._deliveries:
-            with self._deliver_lock:
+            if not self._deliver_lock.acquire(wait):
+                return
+            try:
                 outer, self._delivering = self._delivering, threading.get_ident()
                 try:
                     if threading.current_thread() is self._thread:
@@ -1642,6 +1646,8 @@ class Scheduler(WorkerSupervision, Dispatch):
                         self._deliver_all()
                 finally:
                     self._delivering = outer
+            finally:
+                self._deliver_lock.release()
 
     def _deliver_all(self) -> None:
         """Deliver what is queued, in order.  A Ctrl-C in a caller's thread delivering loses
