@@ -10,6 +10,7 @@ plain scalars and strings, kept as they are and pickled by the I/O thread as the
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 
 from . import _protocol as P
@@ -17,6 +18,7 @@ from . import _serialize
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from typing import Any
 
 CHUNK_TARGET = 2e-3  # seconds of work per map chunk
@@ -249,13 +251,13 @@ class MapJob:
     def _unstage(self) -> None:
         staged = self.staged
         n = len(staged)  # (the feeder may append more meanwhile: those come next time)
+        taken = itertools.starmap(staged.popleft, itertools.repeat((), n))  # (a loop in C)
         if self.cancelled or self.cut:  # what was read as it was cancelled is not run
-            for _ in range(n):
-                staged.popleft()
+            collections.deque(taken, maxlen=0)
             return
-        self.add([staged.popleft() for _ in range(n)])
+        self.add(taken)
 
-    def add(self, items: list) -> None:
+    def add(self, items: Iterable) -> None:
         buf = self.buf
         assert isinstance(buf, list)  # a range is only ever a whole input (map), never fed
         if self.pos > 65536 and self.pos * 2 > len(buf):  # compact now and then
