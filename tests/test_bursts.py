@@ -451,3 +451,28 @@ def test_a_force_cancelled_call_stays_cancelled_through_terminate(tmp_path):
             r.get(10)
     finally:
         pool.terminate()
+
+
+def test_a_force_cancelled_member_of_a_run_stays_cancelled_through_terminate(tmp_path):
+    # a run's members cancel(force=True) stopped are listed in the run (sink.cancelled), and
+    # terminate() failed every unanswered member with PoolTerminated
+    path = str(tmp_path / "ran")
+    pool = procpool.Pool(1)
+    try:
+        pool.map(identity, range(500))  # tiny calls: a burst goes as runs
+        inside, gate = threading.Event(), threading.Event()
+        pool.apply_async(identity, (0,), callback=lambda _: (inside.set(), gate.wait(30)))
+        assert inside.wait(10)
+        rs = [pool.apply_async(record, (path, i, 30.0 if i == 6 else 0.001)) for i in range(N)]
+        gate.set()
+        assert wait_until(lambda: 6 in recorded(path), 10)
+        run = rs[10]._task
+        assert run is not None and run.kind == P.CALLS and run.state == 1  # (_SENT)
+        assert rs[10].cancel(force=True)
+        pool.terminate()
+        with pytest.raises(CancelledError):
+            rs[10].get(10)
+        with pytest.raises(procpool.PoolTerminated):
+            rs[11].get(10)
+    finally:
+        pool.terminate()

@@ -568,3 +568,11 @@ def test_a_callable_object_or_partial_changed_between_calls_runs_as_it_is_now(po
     part.keywords["b"] = 100  # (a partial's keywords are a dict: it can change)
     assert pool.apply(part, (1,)) == 101
     assert [pool.apply_async(part, (i,)).get(10) for i in range(3)] == [100, 101, 102]
+
+
+def test_a_bound_builtin_method_whose_object_changed_runs_on_the_object_as_it_is_now(pool):
+    table = {1: "old"}
+    assert pool.map(table.get, [1]) == ["old"]
+    table[1] = "new"
+    assert pool.map(table.get, [1]) == ["new"]
+    assert pool.map(abs, [-1]) == [1]  # (a module's builtin: cached by identity)

@@ -117,6 +117,13 @@ _first = operator.itemgetter(0)
 _BY_IDENTITY = frozenset({types.FunctionType, types.BuiltinFunctionType, type})
 
 
+def _bound_to_state(func: Any) -> bool:
+    """A builtin bound to an object (``table.get``, ``rng.random``), whose state may change:
+    not a builtin function of a module."""
+    owner = getattr(func, "__self__", None)
+    return owner is not None and not isinstance(owner, types.ModuleType)
+
+
 class _Raised(Exception):  # noqa: N818 - not an error: carries the iterator's own
     """The input iterator raised *error* after *count* items were staged (see _stage)."""
 
@@ -319,7 +326,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         blob = _serialize.dumps_function(func)
         label = getattr(func, "__qualname__", None) or repr(func)
         with self._lock:
-            if type(func) in _BY_IDENTITY:
+            if type(func) in _BY_IDENTITY and not _bound_to_state(func):
                 entry = (func, next(self._fids), blob, label)
                 self._funcs[id(func)] = entry
                 if len(self._funcs) > FUNC_CACHE:
@@ -896,11 +903,8 @@ class Scheduler(WorkerSupervision, Dispatch):
             for item in itertools.islice(it, count):  # (a for loop: ≈ 3x a next() call's speed)
                 append(item)
                 got += 1
-                if len(staged) >= job.wake_at:  # asked for, or STOP (see _stop_feeders)
-                    if job.cancelled or self._state in (TERMINATING, FINISHED) or self._broken:
-                        return -got
-                    job.wake_at = NEVER  # (the dispatcher sets it again when it waits for input)
-                    self._wake()
+                if len(staged) >= job.wake_at and not self._wake_for(job):  # (or STOP)
+                    return -got
         except BaseException as exc:  # noqa: BLE001 - reaches the caller via the iterator
             raise _Raised(got, exc) from None
         if got == count == READ_AHEAD_PROBE and time.monotonic() - t0 < count * FAST_ITEM:
@@ -911,6 +915,10 @@ class Scheduler(WorkerSupervision, Dispatch):
         """Up to *k* items in one ``deque.extend`` (each appended as it is read); how many."""
         counter = itertools.count()  # (zip takes from it only for the items read)
         job.bulk = True
+        # the dispatcher may have begun waiting for input just before: it saw no run (bulk
+        # still False: no poll), so this one must end where a wake-up is due (as _stage chose)
+        if job.wake_at != NEVER:
+            k = min(k, max(1, int(job.wake_at) - len(job.staged)))
         t0 = time.monotonic()
         try:
             job.staged.extend(map(_first, zip(itertools.islice(it, k), counter, strict=False)))
@@ -922,12 +930,22 @@ class Scheduler(WorkerSupervision, Dispatch):
         fast = time.monotonic() - t0 < k * FAST_ITEM
         job.read_ahead = min(2 * k, READ_AHEAD_MAX) if fast else 1
         job.poll_delay = FEED_HOLD
-        if len(job.staged) >= job.wake_at:  # the dispatcher began waiting meanwhile, or STOP
-            if job.cancelled or self._state in (TERMINATING, FINISHED) or self._broken:
-                return -n
-            job.wake_at = NEVER
-            self._wake()
+        if len(job.staged) >= job.wake_at and not self._wake_for(job):  # (or STOP)
+            return -n
         return n
+
+    def _wake_for(self, job: MapJob) -> bool:
+        """The feeder staged as many items as the dispatcher asked for (``job.wake_at``), or
+        was told to STOP: False if it must stop; else wake the I/O thread and return True.
+        Under the lock: the dispatcher may have taken the items and asked again meanwhile
+        (a new wake_at that NEVER must not overwrite: the next item would wake nobody)."""
+        with self._lock:
+            if job.cancelled or self._state in (TERMINATING, FINISHED) or self._broken:
+                return False
+            if len(job.staged) >= job.wake_at:  # still due
+                job.wake_at = NEVER  # (the dispatcher sets it again when it waits for input)
+                self._wake()
+        return True
 
     def _stop_feeders(self, jobs: Iterable[MapJob]) -> None:
         """Feeders of *jobs* stop: those waiting for room now, those reading at their next
@@ -1614,9 +1632,14 @@ class Scheduler(WorkerSupervision, Dispatch):
         if task.kind == P.CALLS:  # a run: a delivery per member (its callbacks run apart, as
             sink = task.sink  # for tasks of their own) and a cancel's exception its own
             fresh = type(error) is CancelledError
+            cancelled = sink.cancelled or ()  # (members cancel(force=True) stopped)
             items = [
-                ("error", Task.unsent(member, task.label), CancelledError() if fresh else error)
-                for member in sink.members[sink.got :]
+                (
+                    "error",
+                    Task.unsent(member, task.label),
+                    CancelledError() if fresh or i in cancelled else error,
+                )
+                for i, member in enumerate(sink.members[sink.got :], sink.got)
                 if not member._done or untold(member)
             ]
             task.state = _DONE  # (from here on: no Python call)

@@ -617,14 +617,18 @@ class ForkServerLauncher(Launcher):
         self._pid = 0
 
     def _start_server(self) -> None:
-        self._ctl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ctl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._pid = _spawn_python(
+            pid = _spawn_python(
                 "from procpool._start import forkserver_main; forkserver_main()", child
             )
+        except BaseException:
+            ctl.close()
+            raise
         finally:
             child.close()
-        INTERNAL_FDS.add(self._ctl.fileno())
+        self._ctl, self._pid = ctl, pid  # (only now: close() waits for this pid alone)
+        INTERNAL_FDS.add(ctl.fileno())
 
     def start(self) -> Proc:
         if self._ctl is None:
@@ -682,10 +686,12 @@ class ForkServerLauncher(Launcher):
         INTERNAL_FDS.discard(self._ctl.fileno())
         self._ctl.close()  # the server sees EOF and exits; its workers die with it
         self._ctl = None
-        try:
-            os.waitpid(self._pid, 0)
-        except ChildProcessError:
-            pass
+        pid, self._pid = self._pid, 0
+        if pid > 0:  # (never 0: waitpid(0) would reap any child of this process group)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
 
 
 def forkserver_main() -> None:

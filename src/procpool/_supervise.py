@@ -151,6 +151,12 @@ class _Worker:
             os.pwrite(self.progress, data, P.SKIP_OFFSET)
         self.skip = tid
 
+    def skip_asked(self) -> bool:
+        """Whether the SKIP flag is still set (the worker clears it as it skips the call)."""
+        if self.proc.progress is not None:
+            return bool(self.proc.progress[P.SKIP_FLAG])
+        return self.progress >= 0 and os.pread(self.progress, 1, P.SKIP_FLAG) == b"\x01"
+
     def close_progress(self) -> None:
         if self.proc.progress is not None:
             self.proc.progress.close()
@@ -339,7 +345,9 @@ class WorkerSupervision:
         if w.read_progress()[0] != tid and (w.skip is None or not self._holds(w, w.skip)):
             w.ask_skip(tid)
             if w.read_progress()[0] != tid:  # not started meanwhile: it will be skipped --
-                return not self._finished_on(w, tid)  # unless it ran and finished meanwhile
+                # unless it ran and finished meanwhile; a flag cleared says it was skipped
+                # (only the worker clears it, as it skips)
+                return not w.skip_asked() or not self._finished_on(w, tid)
         self._kill(w)
         return True
 

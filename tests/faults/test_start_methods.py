@@ -216,3 +216,30 @@ def test_workers_started_afresh_get_the_interpreters_options_and_find_procpool(t
         want = ["spawn (1, 0, False)", "forkserver (1, 0, False)"]
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[:2] == want
+
+
+def test_a_fork_server_that_cannot_start_reaps_no_other_child():
+    # Pool() raised, and closing the launcher ran waitpid(0): it waited for (and reaped) any
+    # child of the program -- here one that sleeps 1.5 s and exits 7
+    code = """
+import errno, subprocess, time
+import procpool
+from procpool import _start
+
+def failing_spawn(code, sock):
+    raise OSError(errno.EAGAIN, "simulated")
+
+_start._spawn_python = failing_spawn
+child = subprocess.Popen(["sh", "-c", "sleep 1.5; exit 7"])
+t0 = time.monotonic()
+try:
+    procpool.Pool(1, start_method="forkserver")
+except OSError as exc:
+    print("raised", exc.errno == errno.EAGAIN, time.monotonic() - t0 < 1.0)
+print("child", child.wait())
+"""
+    from conftest import run_python
+
+    out = run_python(code, 60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["raised True True", "child 7"]
