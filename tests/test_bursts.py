@@ -17,7 +17,7 @@ import pytest
 from _pool_helpers import interrupt_on_entering, io_thread_held
 from conftest import wait_until
 from faults.helpers import exit_on_tens, tiny
-from tasks import identity, record, recorded, sleep_then
+from tasks import identity, record, record_twice, recorded, sleep_then
 
 import procpool
 from procpool import _protocol as P
@@ -412,8 +412,6 @@ def test_force_cancel_of_a_call_not_started_spares_the_one_running(pool1, tmp_pa
     # a call sent ahead to a busy worker, not started: the worker was killed for it, failing
     # the call running there (WorkerLostError) and losing the results it had not sent; now
     # the worker skips it (the progress slot's SKIP) and the others go on
-    from tasks import record_twice
-
     path = str(tmp_path / "ran")
     other = record if queued_calls.startswith("the same") else record_twice
     for attempt in range(5):  # (the dispatcher decides what goes ahead: until it did)
@@ -476,3 +474,44 @@ def test_a_force_cancelled_member_of_a_run_stays_cancelled_through_terminate(tmp
             rs[11].get(10)
     finally:
         pool.terminate()
+
+
+def test_force_cancel_says_true_for_a_call_the_worker_skipped_while_it_looked(
+    pool1, tmp_path, monkeypatch
+):
+    # cancel(force=True) read the SKIP flag (still set), lost the CPU while the worker reached
+    # the call and skipped it, then read the slot (finished): it said False, and get() raised
+    # the worker's own "skipped" error.  The pause stands for that lost CPU
+    from procpool._supervise import WorkerSupervision
+
+    path = str(tmp_path / "ran")
+    original = WorkerSupervision._finished_on
+    calls: list[int] = []
+
+    def finished_on_after_a_pause(self, w, tid):
+        calls.append(tid)
+        if len(calls) == 2:  # (the look after the skip was asked)
+            time.sleep(1.5)  # the running call (1 s) ends, the worker skips ours
+        return original(self, w, tid)
+
+    for attempt in range(5):
+        for _ in range(200):  # cheap calls: the pool sends work ahead
+            pool1.apply(record, (path, -5))
+        with io_thread_held(pool1):  # (one batch: both are sent at once)
+            running = pool1.apply_async(record, (path, 10 * attempt + 1, 1.0))
+            queued = pool1.apply_async(record_twice, (path, 10 * attempt + 2))
+        first = 10 * attempt + 1
+        assert wait_until(lambda first=first: first in recorded(path), 10)
+        task = queued._task
+        if task is not None and task.worker is not None:
+            break
+        running.get(10), queued.get(10)
+    else:
+        pytest.fail("the second call was never sent ahead")
+    monkeypatch.setattr(WorkerSupervision, "_finished_on", finished_on_after_a_pause)
+    assert queued.cancel(force=True)
+    with pytest.raises(CancelledError) as info:
+        queued.get(10)
+    assert "skipped" not in str(info.value)  # the cancel's own, not the worker's reply
+    assert running.get(10) == 10 * attempt + 1
+    assert 10 * attempt + 2 not in recorded(path)

@@ -539,3 +539,32 @@ def test_a_call_cancelled_then_terminated_from_a_callback_is_settled_once():
     with pytest.raises(CancelledError):
         box["r"].get(5)
     assert calls == [CancelledError]
+
+
+def test_an_imap_whose_run_is_cut_short_by_a_wake_up_request_reads_its_input_to_the_end(
+    pool, monkeypatch
+):
+    # the feeder chose a run of k items; the dispatcher asked for a wake-up at the next item
+    # before the run began, which then read 1 item -- taken for "exhausted": the imap ended
+    # early, silently (65 results of 20,000).  The pause stands for a GIL switch there
+    from procpool import _scheduler
+    from procpool._tasks import NEVER
+
+    original = _scheduler.Scheduler._stage_run
+    paused: list[float] = []
+
+    def stage_run_after_a_switch(self, job, it, k):
+        if job.wake_at == NEVER and len(paused) < 20:
+            deadline = time.monotonic() + 0.05
+            while job.wake_at == NEVER and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            paused.append(job.wake_at)
+        return original(self, job, it, k)
+
+    monkeypatch.setattr(_scheduler.Scheduler, "_stage_run", stage_run_after_a_switch)
+
+    def numbers():
+        yield from range(20_000)
+
+    assert list(pool.imap(identity_item, numbers())) == list(range(20_000))
+    assert any(w != NEVER for w in paused)  # (the race was made to happen)

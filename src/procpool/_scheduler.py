@@ -879,7 +879,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                     k = min(room, READ_AHEAD_PROBE)
                     n = self._stage_each(job, it, k)
                 else:
-                    n = self._stage_run(job, it, k)
+                    n, k = self._stage_run(job, it, k)  # (k: the run it made, maybe shorter)
                 if n < 0:  # stopped after -n items: the caller's loop says why
                     got -= n
                     break
@@ -911,8 +911,10 @@ class Scheduler(WorkerSupervision, Dispatch):
             job.read_ahead = READ_AHEAD_PROBE
         return got
 
-    def _stage_run(self, job: MapJob, it: Iterator, k: int) -> int:
-        """Up to *k* items in one ``deque.extend`` (each appended as it is read); how many."""
+    def _stage_run(self, job: MapJob, it: Iterator, k: int) -> tuple[int, int]:
+        """Up to *k* items in one ``deque.extend`` (each appended as it is read): how many
+        (negative: stopped after that many), and the run's length (*k*, or less where a
+        wake-up is due first: fewer items read than that means the iterator is exhausted)."""
         counter = itertools.count()  # (zip takes from it only for the items read)
         job.bulk = True
         # the dispatcher may have begun waiting for input just before: it saw no run (bulk
@@ -931,8 +933,8 @@ class Scheduler(WorkerSupervision, Dispatch):
         job.read_ahead = min(2 * k, READ_AHEAD_MAX) if fast else 1
         job.poll_delay = FEED_HOLD
         if len(job.staged) >= job.wake_at and not self._wake_for(job):  # (or STOP)
-            return -n
-        return n
+            return -n, k
+        return n, k
 
     def _wake_for(self, job: MapJob) -> bool:
         """The feeder staged as many items as the dispatcher asked for (``job.wake_at``), or
@@ -1262,8 +1264,8 @@ class Scheduler(WorkerSupervision, Dispatch):
     def _cancel_map(self, job: MapJob) -> None:
         if job.cancelled:
             return
+        self._fail_job(job, CancelledError())  # the items read (staged too), not yet in a chunk
         job.cancelled = True
-        self._fail_job(job, CancelledError())  # the items read, not yet in a chunk
         for task in self._pending:  # chunks queued again (after a worker died, a time limit)
             if type(task) is Task and task.job is job and task.state == _PENDING:
                 self._cancel_pending_task(task)
@@ -1516,8 +1518,8 @@ class Scheduler(WorkerSupervision, Dispatch):
         # imaps still reading: their input ends here, with *error* -- their feeder may be
         # blocked in the caller's generator for good -- and what it reads after is dropped
         for job in self._feeding:
+            self._fail_job(job, error)  # (what it staged too: failed, not dropped)
             job.cut = True
-            self._fail_job(job, error)
             self._input_end(job, error)
         self._stop_feeders(self._feeding)
         self._feeding.clear()

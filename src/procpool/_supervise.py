@@ -347,7 +347,8 @@ class WorkerSupervision:
             if w.read_progress()[0] != tid:  # not started meanwhile: it will be skipped --
                 # unless it ran and finished meanwhile; a flag cleared says it was skipped
                 # (only the worker clears it, as it skips)
-                return not w.skip_asked() or not self._finished_on(w, tid)
+                # (the slot first: the worker clears the flag before it writes "done")
+                return not self._finished_on(w, tid) or not w.skip_asked()
         self._kill(w)
         return True
 
