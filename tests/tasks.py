@@ -306,3 +306,28 @@ class Scale:
 def fork_and_return():
     """An initializer that forks a child and forgets ``os._exit`` in it: both return."""
     os.fork()
+
+
+_IMPORTED_BY = os.getpid()  # (a forked worker has the parent's number here, not its own)
+
+
+def _rebuild_slowly(args):
+    if os.getpid() == _IMPORTED_BY:
+        time.sleep(0.5)  # slow to unpickle in the parent (a large payload, say)
+    return SlowToRebuild(*args)
+
+
+class SlowToRebuild(Exception):
+    """An exception that takes 0.5 s to unpickle in the process that imported this module."""
+
+    def __reduce__(self):
+        return _rebuild_slowly, (self.args,)
+
+
+def fail_once_slowly(path):
+    """Raise SlowToRebuild the first time (no *path* yet), then return "ok on retry"."""
+    time.sleep(0.1)
+    if not os.path.exists(path):
+        open(path, "w").close()
+        raise SlowToRebuild("transient")
+    return "ok on retry"

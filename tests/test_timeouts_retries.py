@@ -387,3 +387,19 @@ def test_get_with_a_timeout_does_not_wait_behind_another_tasks_slow_callback():
         assert time.monotonic() - t0 < 5  # (not the callback's 10 s)
         gate.set()
         assert r.get(10) == 0.3
+
+
+def test_a_retry_decided_while_another_thread_closes_the_pool_still_runs(tmp_path):
+    # get() read its task's error itself and was rebuilding it (0.5 s) when close() came from
+    # another thread: the I/O thread saw no work left and ended, and the retry was refused
+    # with PoolTerminated although the pool was only closed
+    from tasks import SlowToRebuild, fail_once_slowly
+
+    pool = procpool.Pool(2, retries=1, retry_on=(SlowToRebuild,))
+    try:
+        r = pool.apply_async(fail_once_slowly, (str(tmp_path / "ran"),))
+        threading.Timer(0.3, pool.close).start()  # while get() rebuilds the error
+        assert r.get(10) == "ok on retry"
+        pool.join(10)
+    finally:
+        pool.terminate()

@@ -255,6 +255,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._settled: Task | None = None  # the reply _read_reply settled last (see _drive)
         self._refill = False  # a caller read results while tasks wait: wake the I/O thread
         self._killed_all = False
+        self._deciding = 0  # errors of tasks with retry_on read, not yet delivered (_decided)
         self._owner = os.getpid()
 
         self._buffers = BufferCache(on_free=self._wake)  # large arguments' memfds, reused
@@ -1498,6 +1499,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         return (
             bool(self._pending or self._inbox)
             or bool(self._feeding)  # map jobs whose input is not fully read yet
+            or self._deciding > 0  # errors a retry_on may send again, not yet rebuilt
             or any(w.inflight for w in self._workers.values())
         )
 
@@ -1800,12 +1802,17 @@ class Scheduler(WorkerSupervision, Dispatch):
     def _deliver_result(self, task: Task, status, data, nbuf, fds) -> None:
         sink = task.sink
         if status == P.ERROR:  # (a plain stream: see _worker.add_result -- fds, if any, closed)
-            error = rebuild_error(
-                _serialize.loads(data, nbuf, fds) if fds else pickle.loads(data), task
-            )
-            if task.retry_on and task.attempts <= task.retries and isinstance(error, task.retry_on):
-                self._requeue(task)  # keeps its payload (and fds) for the next run
-                return
+            deciding = bool(task.retry_on) and task.attempts <= task.retries  # (_on_results)
+            try:
+                error = rebuild_error(
+                    _serialize.loads(data, nbuf, fds) if fds else pickle.loads(data), task
+                )
+                if deciding and isinstance(error, task.retry_on):
+                    self._requeue(task)  # keeps its payload (and fds) for the next run
+                    return
+            finally:
+                if deciding:
+                    self._decided()
             task.release()
             sink._on_error(task, error)
             return
@@ -1832,6 +1839,13 @@ class Scheduler(WorkerSupervision, Dispatch):
         err = SerializationError(f"the result of {task.describe()} could not be unpickled: {exc!r}")
         err.__cause__ = exc
         return err
+
+    def _decided(self) -> None:
+        """A retry_on decision is made (see _on_results): a closing pool may end now."""
+        with self._lock:
+            self._deciding -= 1
+            if self._state == CLOSING:
+                self._wake()
 
     def _requeue(self, task: Task) -> None:
         with self._lock:

@@ -181,6 +181,7 @@ class WorkerSupervision:
     _dead: list[_Worker]
     _state: str
     _broken: BaseException | None
+    _deciding: int
     _startup_failures: int
     _startup_kills: int
     _no_worker_since: float | None
@@ -650,6 +651,8 @@ class WorkerSupervision:
                     _drop_received(rec[3], mine)
                     mine = ()
                 continue
+            if rec[1] == P.ERROR and task.retry_on and task.attempts <= task.retries:
+                self._deciding += 1  # a retry may come of it: work until decided (_has_work)
             tasks.append(task)
             recs.append(rec)
             rfds.append(mine)
