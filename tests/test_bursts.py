@@ -194,20 +194,26 @@ def test_terminate_in_a_burst_settles_every_call():
 
 
 def test_shutdown_cancelling_a_burst_cancels_exactly_what_did_not_run(tmp_path):
-    path = str(tmp_path / "ran")
-    with procpool.Pool(1) as pool:
-        pool.map(identity, range(500))
-        rs = [pool.apply_async(record, (path, i, 0.002)) for i in range(300)]
-        pool.shutdown(wait=True, cancel_futures=True)
-    ran, cancelled = [], []
-    for i, r in enumerate(rs):
-        try:
-            ran.append(r.get(10))
-        except CancelledError:
-            cancelled.append(i)
-    assert cancelled  # 300 calls of 2 ms each: most had not started
-    assert sorted(recorded(path)) == ran
-    assert sorted(ran + cancelled) == list(range(300))
+    for attempt in range(3):  # (until some were still queued: see below)
+        path = str(tmp_path / f"ran{attempt}")
+        with procpool.Pool(1) as pool:
+            pool.map(identity, range(500))
+            rs = [pool.apply_async(record, (path, i, 0.002)) for i in range(300)]
+            pool.shutdown(wait=True, cancel_futures=True)
+        ran, cancelled = [], []
+        for i, r in enumerate(rs):
+            try:
+                ran.append(r.get(10))
+            except CancelledError:
+                cancelled.append(i)
+        assert sorted(recorded(path)) == ran
+        assert sorted(ran + cancelled) == list(range(300))
+        if cancelled:
+            break
+    # 300 calls of 2 ms each: most had not started -- unless the pool, estimating them by
+    # identity's cost, sent every one ahead before the shutdown (then none can be cancelled;
+    # seen once in a loaded CI run)
+    assert cancelled
 
 
 def test_a_burst_of_submits_goes_as_runs_and_a_cancelled_future_never_runs(pool1, tmp_path):
