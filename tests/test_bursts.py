@@ -413,6 +413,25 @@ def test_futures_of_a_run_waited_on_or_not_each_settle_once(pool1):
     assert all(f.done() and not f.running() for f in fs)
 
 
+def _a_call_sent_behind_a_running_one(pool, path, other):
+    """Submit a 1 s ``record`` and a call of *other* right behind it until the pool has sent
+    the second ahead to the busy worker (the dispatcher decides: up to 5 tries); return both
+    results and the numbers they record (the running one's, the queued one's)."""
+    for attempt in range(5):
+        for _ in range(200):  # cheap calls: the pool sends work ahead
+            pool.apply(record, (path, -5))
+        first, second = 10 * attempt + 1, 10 * attempt + 2
+        with io_thread_held(pool):  # (one batch: both are sent at once)
+            running = pool.apply_async(record, (path, first, 1.0))
+            queued = pool.apply_async(other, (path, second))
+        assert wait_until(lambda first=first: first in recorded(path), 10)
+        task = queued._task
+        if task is not None and task.worker is not None:  # sent ahead, behind the running one
+            return running, queued, first, second
+        assert running.get(10) == first and queued.get(10) == second
+    pytest.fail("the second call was never sent ahead")
+
+
 @pytest.mark.parametrize("queued_calls", ["the same function (a run)", "another function"])
 def test_force_cancel_of_a_call_not_started_spares_the_one_running(pool1, tmp_path, queued_calls):
     # a call sent ahead to a busy worker, not started: the worker was killed for it, failing
@@ -420,26 +439,13 @@ def test_force_cancel_of_a_call_not_started_spares_the_one_running(pool1, tmp_pa
     # the worker skips it (the progress slot's SKIP) and the others go on
     path = str(tmp_path / "ran")
     other = record if queued_calls.startswith("the same") else record_twice
-    for attempt in range(5):  # (the dispatcher decides what goes ahead: until it did)
-        for _ in range(200):  # cheap calls: the pool sends work ahead
-            pool1.apply(record, (path, -5))
-        with io_thread_held(pool1):  # (one batch: both are sent at once)
-            running = pool1.apply_async(record, (path, 10 * attempt + 1, 1.0))
-            queued = pool1.apply_async(other, (path, 10 * attempt + 2))
-        first = 10 * attempt + 1
-        assert wait_until(lambda first=first: first in recorded(path), 10)
-        task = queued._task
-        if task is not None and task.worker is not None:  # sent ahead, behind the running one
-            break
-        assert running.get(10) == 10 * attempt + 1 and queued.get(10) == 10 * attempt + 2
-    else:
-        pytest.fail("the second call was never sent ahead")
+    running, queued, first, second = _a_call_sent_behind_a_running_one(pool1, path, other)
     assert queued.cancel(force=True)
     with pytest.raises(CancelledError):
         queued.get(10)
-    assert running.get(10) == 10 * attempt + 1  # not killed
+    assert running.get(10) == first  # not killed
     assert pool1.apply_async(other, (path, 3)).get(10) == 3
-    assert 10 * attempt + 2 not in recorded(path)  # never ran
+    assert second not in recorded(path)  # never ran
 
 
 def test_a_force_cancelled_call_stays_cancelled_through_terminate(tmp_path):
@@ -500,24 +506,11 @@ def test_force_cancel_says_true_for_a_call_the_worker_skipped_while_it_looked(
             time.sleep(1.5)  # the running call (1 s) ends, the worker skips ours
         return original(self, w, tid)
 
-    for attempt in range(5):
-        for _ in range(200):  # cheap calls: the pool sends work ahead
-            pool1.apply(record, (path, -5))
-        with io_thread_held(pool1):  # (one batch: both are sent at once)
-            running = pool1.apply_async(record, (path, 10 * attempt + 1, 1.0))
-            queued = pool1.apply_async(record_twice, (path, 10 * attempt + 2))
-        first = 10 * attempt + 1
-        assert wait_until(lambda first=first: first in recorded(path), 10)
-        task = queued._task
-        if task is not None and task.worker is not None:
-            break
-        running.get(10), queued.get(10)
-    else:
-        pytest.fail("the second call was never sent ahead")
+    running, queued, first, second = _a_call_sent_behind_a_running_one(pool1, path, record_twice)
     monkeypatch.setattr(WorkerSupervision, "_finished_on", finished_on_after_a_pause)
     assert queued.cancel(force=True)
     with pytest.raises(CancelledError) as info:
         queued.get(10)
     assert "skipped" not in str(info.value)  # the cancel's own, not the worker's reply
-    assert running.get(10) == 10 * attempt + 1
-    assert 10 * attempt + 2 not in recorded(path)
+    assert running.get(10) == first
+    assert second not in recorded(path)
