@@ -255,7 +255,8 @@ class Scheduler(WorkerSupervision, Dispatch):
         self._settled: Task | None = None  # the reply _read_reply settled last (see _drive)
         self._refill = False  # a caller read results while tasks wait: wake the I/O thread
         self._killed_all = False
-        self._deciding = 0  # errors of tasks with retry_on read, not yet delivered (_decided)
+        # ids of tasks with retry_on whose error was read and not yet delivered (_decided)
+        self._deciding: set[int] = set()
         self._owner = os.getpid()
 
         self._buffers = BufferCache(on_free=self._wake)  # large arguments' memfds, reused
@@ -1499,7 +1500,7 @@ class Scheduler(WorkerSupervision, Dispatch):
         return (
             bool(self._pending or self._inbox)
             or bool(self._feeding)  # map jobs whose input is not fully read yet
-            or self._deciding > 0  # errors a retry_on may send again, not yet rebuilt
+            or bool(self._deciding)  # errors a retry_on may send again, not yet rebuilt
             or any(w.inflight for w in self._workers.values())
         )
 
@@ -1755,6 +1756,8 @@ class Scheduler(WorkerSupervision, Dispatch):
         except KeyboardInterrupt:  # what is left of this item (see _deliver_all)
             more = k < len(tasks)
             batch[i] = ("results", tasks[k:], recs[k:], rfds[k:]) if more else None
+            if k:  # the one begun counts as delivered: no retry is being decided for it
+                self._decided(tasks[k - 1])
             raise
 
     def _deliver_values(self, values: list, batch: list[Any], i: int) -> None:
@@ -1812,7 +1815,7 @@ class Scheduler(WorkerSupervision, Dispatch):
                     return
             finally:
                 if deciding:
-                    self._decided()
+                    self._decided(task)
             task.release()
             sink._on_error(task, error)
             return
@@ -1840,12 +1843,14 @@ class Scheduler(WorkerSupervision, Dispatch):
         err.__cause__ = exc
         return err
 
-    def _decided(self) -> None:
-        """A retry_on decision is made (see _on_results): a closing pool may end now."""
+    def _decided(self, task: Task) -> None:
+        """*task*'s retry_on decision is made, or its delivery given up (a Ctrl-C there): a
+        closing pool may end now (see _on_results, _has_work)."""
         with self._lock:
-            self._deciding -= 1
-            if self._state == CLOSING:
-                self._wake()
+            if task.id in self._deciding:
+                self._deciding.discard(task.id)
+                if self._state == CLOSING:
+                    self._wake()
 
     def _requeue(self, task: Task) -> None:
         with self._lock:

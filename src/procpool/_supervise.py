@@ -181,7 +181,7 @@ class WorkerSupervision:
     _dead: list[_Worker]
     _state: str
     _broken: BaseException | None
-    _deciding: int
+    _deciding: set[int]
     _startup_failures: int
     _startup_kills: int
     _no_worker_since: float | None
@@ -652,7 +652,7 @@ class WorkerSupervision:
                     mine = ()
                 continue
             if rec[1] == P.ERROR and task.retry_on and task.attempts <= task.retries:
-                self._deciding += 1  # a retry may come of it: work until decided (_has_work)
+                self._deciding.add(task.id)  # a retry may come of it: work until decided
             tasks.append(task)
             recs.append(rec)
             rfds.append(mine)
