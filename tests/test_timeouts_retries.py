@@ -380,7 +380,7 @@ def test_get_with_a_timeout_does_not_wait_behind_another_tasks_slow_callback():
         pool.map(flush_late_then, [0] * 4)
         pool.apply_async(flush_late_then, (0.1,), callback=lambda _: gate.wait(10))
         r = pool.apply_async(flush_late_then, (0.3,))
-        time.sleep(0.05)
+        assert wait_until(lambda: r._task is not None and r._task.worker is not None, 10)
         t0 = time.monotonic()
         with pytest.raises(procpool.TimeoutError):
             r.get(timeout=1.0)

@@ -345,10 +345,9 @@ class WorkerSupervision:
             return False
         if w.read_progress()[0] != tid and (w.skip is None or not self._holds(w, w.skip)):
             w.ask_skip(tid)
-            if w.read_progress()[0] != tid:  # not started meanwhile: it will be skipped --
-                # unless it ran and finished meanwhile; a flag cleared says it was skipped
-                # (only the worker clears it, as it skips)
-                # (the slot first: the worker clears the flag before it writes "done")
+            if w.read_progress()[0] != tid:  # not started meanwhile: it will be skipped,
+                # unless it ran and finished meanwhile -- finished with the flag cleared is
+                # skipped (only the worker clears it, before it writes "done": slot first)
                 return not self._finished_on(w, tid) or not w.skip_asked()
         self._kill(w)
         return True

@@ -149,19 +149,20 @@ def test_an_initializer_whose_forked_child_returns_does_not_hang_the_pool(method
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
-def test_a_pool_made_by_a_thread_that_ends_keeps_its_workers(method):
+def test_a_pool_made_by_a_thread_that_ends_keeps_its_workers(method, tmp_path):
     # the fork server died with the thread that started it (PR_SET_PDEATHSIG), and the task
     # running then with it (WorkerLostError); it is now started by the pool's I/O thread
-    from tasks import sleep_then
+    from tasks import record, recorded, sleep_then
 
     box: list = []
+    path = str(tmp_path / "ran")
 
     def make() -> None:
         pool = procpool.Pool(1, start_method=method)
         box.append(pool)
         assert pool.apply_async(sleep_then, (0, 1)).get(30) == 1  # (workers up)
-        box.append(pool.apply_async(sleep_then, (0.5, 2)))
-        time.sleep(0.2)  # the task runs as this thread ends
+        box.append(pool.apply_async(record, (path, 2, 0.5)))
+        assert wait_until(lambda: 2 in recorded(path), 10)  # it runs as this thread ends
 
     t = threading.Thread(target=make)
     t.start()
