@@ -229,6 +229,24 @@ def test_imap_input_error_reaches_the_caller_after_earlier_results(pool):
         next(it)
 
 
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_a_fast_input_that_breaks_inside_a_run_keeps_every_item_read_before(pool, method):
+    """A fast generator is read in runs (deque.extend) while the dispatcher drains them; a
+    run's items are counted at its end, those drained meanwhile included (counted short, the
+    run would pass for the input's end), and the input's error comes after all of them."""
+
+    def source(n):
+        yield from range(n)
+        raise RuntimeError("input broke")
+
+    for n in (5000, 20_001):
+        it = getattr(pool, method)(identity, source(n))
+        got = [next(it) for _ in range(n)]
+        assert sorted(got) == list(range(n))
+        with pytest.raises(RuntimeError, match="input broke"):
+            next(it)
+
+
 def test_imap_reads_an_infinite_generator_lazily(pool):
     read = []
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import operator
 import os
 import pickle
 import select
@@ -112,7 +111,6 @@ FEED_BATCH = 8192  # items the imap feeder reads per lock acquisition (in-memory
 FAST_ITEM = 2e-6
 READ_AHEAD_PROBE = 64  # items read one at a time before trying runs
 READ_AHEAD_MAX = 1024  # the longest run: a run cannot be stopped midway (terminate, cancel)
-_first = operator.itemgetter(0)
 # callables whose pickle cannot change while they live: cached by identity (see _function)
 _BY_IDENTITY = frozenset({types.FunctionType, types.BuiltinFunctionType, type})
 
@@ -916,21 +914,31 @@ class Scheduler(WorkerSupervision, Dispatch):
     def _stage_run(self, job: MapJob, it: Iterator, k: int) -> tuple[int, int]:
         """Up to *k* items in one ``deque.extend`` (each appended as it is read): how many
         (negative: stopped after that many), and the run's length (*k*, or less where a
-        wake-up is due first: fewer items read than that means the iterator is exhausted)."""
-        counter = itertools.count()  # (zip takes from it only for the items read)
+        wake-up is due first: fewer items read than that means the iterator is exhausted).
+
+        The items are counted by the deque's length and what the dispatcher moved out of it
+        meanwhile (``job.unstaged``), both read under the lock before and after the run:
+        counting each item as it passed (``zip`` with a counter) cost ≈ 35 ns an item, a
+        third of a plain generator's own cost."""
+        staged = job.staged
         job.bulk = True
         # the dispatcher may have begun waiting for input just before: it saw no run (bulk
         # still False: no poll), so this one must end where a wake-up is due (as _stage chose)
         if job.wake_at != NEVER:
-            k = min(k, max(1, int(job.wake_at) - len(job.staged)))
+            k = min(k, max(1, int(job.wake_at) - len(staged)))
+        with self._lock:
+            before = len(staged) + job.unstaged
         t0 = time.monotonic()
         try:
-            job.staged.extend(map(_first, zip(itertools.islice(it, k), counter, strict=False)))
+            staged.extend(itertools.islice(it, k))
         except BaseException as exc:  # noqa: BLE001 - reaches the caller via the iterator
-            raise _Raised(next(counter), exc) from None
+            with self._lock:
+                n = len(staged) + job.unstaged - before
+            raise _Raised(n, exc) from None
         finally:
             job.bulk = False
-        n = next(counter)
+        with self._lock:
+            n = len(staged) + job.unstaged - before
         fast = time.monotonic() - t0 < k * FAST_ITEM
         job.read_ahead = min(2 * k, READ_AHEAD_MAX) if fast else 1
         job.poll_delay = FEED_HOLD

@@ -201,6 +201,7 @@ class MapJob:
         # the feeder's hand-over of one item at a time (Scheduler._feed): appended without the
         # lock, moved into buf by available(), which every reader of buf calls under the lock
         self.staged: collections.deque[Any] = collections.deque()
+        self.unstaged = 0  # items available() moved out of staged (under the lock), in all
         # the feeder wakes the I/O thread once this many items are staged: set by the
         # dispatcher when it waits for input (an idle worker, a partial chunk), NEVER after;
         # STOP (for good) when the feeder must stop: its one test per item covers both
@@ -252,6 +253,7 @@ class MapJob:
         staged = self.staged
         n = len(staged)  # (the feeder may append more meanwhile: those come next time)
         taken = itertools.starmap(staged.popleft, itertools.repeat((), n))  # (a loop in C)
+        self.unstaged += n  # (the feeder counts its run's items by it: Scheduler._stage_run)
         if self.cancelled or self.cut:  # what was read as it was cancelled is not run
             collections.deque(taken, maxlen=0)
             return
