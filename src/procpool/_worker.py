@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 FLUSH_INTERVAL = 2e-4  # seconds of work after which buffered results are sent anyway (0.2 ms)
 FLUSH_BYTES = 256 * 1024
 FLUSH_COUNT = 32  # small results buffered at most: what a worker's death loses (see run_calls)
-REPLY_SPIN = 2e-4  # seconds a worker polls without sleeping after a lone call (see serve)
+REPLY_SPIN = 1e-4  # seconds a worker polls without sleeping after a lone call (see serve)
 FUNC_CACHE = 1024  # the parent mirrors this FIFO (see _scheduler)
 RESULT_SEGMENTS = 64  # result segments a worker keeps, lent or free (each holds a descriptor)
 PARENT = 0  # the holder of a lent result segment (see _buffers.BufferCache.hold)
