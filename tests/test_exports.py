@@ -134,3 +134,22 @@ print("ok")
 """
     tests = os.path.dirname(os.path.abspath(__file__))
     assert _printed_by_a_fresh_python(code.replace("TESTS", repr(tests))) == "ok"
+
+
+def test_the_standard_executor_and_pool_run_on_a_procpool_context():
+    """The standard library's ProcessPoolExecutor(mp_context=) and multiprocessing.pool.Pool
+    (context=) read the internals of the queues they make: procpool's context gives their
+    own code multiprocessing's objects (the executor's thread died on a procpool
+    SimpleQueue, and its caller waited for good), and its own to everyone else."""
+    code = """
+import concurrent.futures, multiprocessing.pool, procpool
+for method in ("fork", "spawn"):
+    ctx = procpool.get_context(method)
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as ex:
+        assert list(ex.map(abs, [-1, -2, -3])) == [1, 2, 3]
+    with multiprocessing.pool.Pool(1, context=ctx) as pool:
+        assert pool.map(abs, [-4, -5]) == [4, 5]
+    assert type(ctx.SimpleQueue()).__module__ == "procpool.queue"  # (asked by this code)
+print("ok")
+"""
+    assert _printed_by_a_fresh_python(code) == "ok"

@@ -13,6 +13,7 @@ authentication key), the exceptions, logging, and the settings that concern only
 from __future__ import annotations
 
 import multiprocessing
+import sys
 from multiprocessing import (  # noqa: F401 - re-exported
     AuthenticationError,
     BufferTooShort,
@@ -93,15 +94,32 @@ class Context:
         return ProcessPoolExecutor(max_workers, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
+        """procpool's own IPC primitives (they need no start method); :mod:`multiprocessing`'s
+        for its other names (``Process``, ``Manager``... with this start method), and for
+        every name asked by the code of :mod:`multiprocessing` or :mod:`concurrent.futures`
+        itself: the standard ``ProcessPoolExecutor(mp_context=...)`` or
+        ``multiprocessing.pool.Pool(context=...)`` read the internals of the queues and
+        locks they make (``SimpleQueue()._reader``), which procpool's do not have -- the
+        executor's thread died on it, and its caller waited for good."""
         import procpool
 
         value = getattr(procpool, name, None)
-        if value is None or getattr(value, "__module__", "").startswith("multiprocessing"):
-            return getattr(self._mp, name)  # Process, Manager... with this start method
-        return value  # procpool's own: its IPC primitives need no start method
+        if (
+            value is None
+            or getattr(value, "__module__", "").startswith("multiprocessing")
+            or _stdlib_asks(sys._getframe(1))
+        ):
+            return getattr(self._mp, name)
+        return value
 
     def __repr__(self) -> str:
         return f"<procpool context {self._method!r}>"
+
+
+def _stdlib_asks(frame: Any) -> bool:
+    """Whether *frame* runs code of :mod:`multiprocessing` or :mod:`concurrent.futures`."""
+    module = frame.f_globals.get("__name__", "")
+    return module.startswith(("multiprocessing.", "concurrent.futures"))
 
 
 def RawValue(typecode_or_type: Any, *args: Any) -> Any:  # noqa: N802 - multiprocessing's name
