@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,11 +24,33 @@ SETTLE_S = 5.0  # how long leftovers may take to disappear (workers exiting, thr
 def run_python(
     code: str, timeout: float = 60.0, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """Run *code* with a fresh interpreter (``python -c``), killed after *timeout* seconds
-    (``subprocess.TimeoutExpired``): its exit code, stdout and stderr, as text."""
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env
+    """Run *code* with a fresh interpreter (``python -c``): its exit code, stdout and stderr,
+    as text.  After *timeout* seconds (``subprocess.TimeoutExpired``), or if the test is
+    interrupted, it is killed with every process it started (it runs in a session of its
+    own): a hung child's own children -- a standard library executor's workers, say --
+    would outlive it otherwise."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        raise
+    finally:
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -150,6 +150,11 @@ for method in ("fork", "spawn"):
     with multiprocessing.pool.Pool(1, context=ctx) as pool:
         assert pool.map(abs, [-4, -5]) == [4, 5]
     assert type(ctx.SimpleQueue()).__module__ == "procpool.queue"  # (asked by this code)
+import copy, pickle
+twin = copy.copy(ctx)  # (its __getattr__ looked for _mp before it had one: RecursionError)
+assert twin.get_start_method() == ctx.get_start_method() and twin.Queue is procpool.Queue
+assert pickle.loads(pickle.dumps(ctx)).get_start_method() == ctx.get_start_method()
+assert not hasattr(ctx, "__path__")  # (procpool's own module attributes are not the context's)
 print("ok")
 """
     assert _printed_by_a_fresh_python(code) == "ok"

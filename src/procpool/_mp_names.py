@@ -100,7 +100,11 @@ class Context:
         itself: the standard ``ProcessPoolExecutor(mp_context=...)`` or
         ``multiprocessing.pool.Pool(context=...)`` read the internals of the queues and
         locks they make (``SimpleQueue()._reader``), which procpool's do not have -- the
-        executor's thread died on it, and its caller waited for good."""
+        executor's thread died on it, and its caller waited for good.  (The asking frame
+        decides: a ``getattr`` that such code runs for another caller -- a thread pool's
+        worker calling ``getattr(ctx, name)`` -- gets :mod:`multiprocessing`'s too.)"""
+        if name.startswith("__") or name == "_mp":  # (copy, pickle: no _mp yet)
+            raise AttributeError(name)
         import procpool
 
         value = getattr(procpool, name, None)
@@ -119,7 +123,9 @@ class Context:
 def _stdlib_asks(frame: Any) -> bool:
     """Whether *frame* runs code of :mod:`multiprocessing` or :mod:`concurrent.futures`."""
     module = frame.f_globals.get("__name__", "")
-    return module.startswith(("multiprocessing.", "concurrent.futures"))
+    return module.partition(".")[0] == "multiprocessing" or (
+        module == "concurrent.futures" or module.startswith("concurrent.futures.")
+    )
 
 
 def RawValue(typecode_or_type: Any, *args: Any) -> Any:  # noqa: N802 - multiprocessing's name

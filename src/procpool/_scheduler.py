@@ -918,8 +918,8 @@ class Scheduler(WorkerSupervision, Dispatch):
 
         The items are counted by the deque's length and what the dispatcher moved out of it
         meanwhile (``job.unstaged``), both read under the lock before and after the run:
-        counting each item as it passed (``zip`` with a counter) cost ≈ 35 ns an item, a
-        third of a plain generator's own cost."""
+        counting each item as it passed (``zip`` with a counter) cost ≈ 17 ns an item, a
+        third of a plain generator's own ≈ 50 ns."""
         staged = job.staged
         job.bulk = True
         # the dispatcher may have begun waiting for input just before: it saw no run (bulk
