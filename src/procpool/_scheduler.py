@@ -926,25 +926,27 @@ class Scheduler(WorkerSupervision, Dispatch):
         # still False: no poll), so this one must end where a wake-up is due (as _stage chose)
         if job.wake_at != NEVER:
             k = min(k, max(1, int(job.wake_at) - len(staged)))
-        with self._lock:
-            before = len(staged) + job.unstaged
+        before = self._staged_ever(job)
         t0 = time.monotonic()
         try:
             staged.extend(itertools.islice(it, k))
         except BaseException as exc:  # noqa: BLE001 - reaches the caller via the iterator
-            with self._lock:
-                n = len(staged) + job.unstaged - before
-            raise _Raised(n, exc) from None
+            raise _Raised(self._staged_ever(job) - before, exc) from None
         finally:
             job.bulk = False
-        with self._lock:
-            n = len(staged) + job.unstaged - before
+        n = self._staged_ever(job) - before
         fast = time.monotonic() - t0 < k * FAST_ITEM
         job.read_ahead = min(2 * k, READ_AHEAD_MAX) if fast else 1
         job.poll_delay = FEED_HOLD
         if len(job.staged) >= job.wake_at and not self._wake_for(job):  # (or STOP)
             return -n, k
         return n, k
+
+    def _staged_ever(self, job: MapJob) -> int:
+        """Items *job*'s feeder has staged in all: those still staged and those the
+        dispatcher moved out (under the lock, where it moves them)."""
+        with self._lock:
+            return len(job.staged) + job.unstaged
 
     def _wake_for(self, job: MapJob) -> bool:
         """The feeder staged as many items as the dispatcher asked for (``job.wake_at``), or
