@@ -1,8 +1,10 @@
-"""The scheduler: the pool's one I/O thread, its queues, timers and deliveries.
+"""The scheduler: the pool's one I/O thread, its queues, timers and shutdown.
 
-Dispatch (``_dispatch.py``) and worker supervision (``_supervise.py``) are mixins of
-:class:`Scheduler`; this module holds the caller-side API, the inbox and pending queue, map
-jobs and the imap feeder, the I/O loop, timers, shutdown and the deliveries to result objects.
+:class:`Scheduler` is this module's engine plus five mixins, one job each: worker supervision
+(``_supervise.py``), dispatch (``_dispatch.py``), the imap feeder threads (``_feeder.py``),
+``apply``'s quick path read by the caller's own thread (``_drive.py``) and the deliveries to
+result objects (``_deliver.py``).  This module holds the caller-side API (submissions, map
+jobs, cancel, close), the inbox and pending queue, the I/O loop, timers and shutdown.
 
 ::
 
@@ -46,21 +48,22 @@ import traceback
 import types
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError
 
 from . import _protocol as P
 from . import _serialize
 from ._buffers import TRIM_AFTER, BufferCache, worker_cache_bytes
-from ._channel import MAX_FDS_PER_FRAME, Spin, can_spin, poll_for
+from ._channel import MAX_FDS_PER_FRAME, Spin, can_spin
+from ._deliver import Delivery
 from ._dispatch import Dispatch
-from ._errinfo import rebuild_error
+from ._drive import DRIVE_SPIN, Driving
+from ._feeder import _IN_MEMORY_ITERATORS, Feeding
 from ._start import (
     INTERNAL_FDS,
     Launcher,
     interrupts_held,
     main_preparation,
-    program_signals,
     send_signal,
     start_thread,
 )
@@ -69,15 +72,11 @@ from ._tasks import (
     _DONE,
     _PENDING,
     _SENT,
-    BARE,
     CHUNK_TARGET,
-    FEED_HOLD,
     FEED_POLL_MAX,
-    NEVER,
     RUN_IDS,
     RUN_MAX,
     RUN_STRIDE,
-    STOP,
     CallRun,
     MapJob,
     Task,
@@ -88,7 +87,7 @@ from .errors import (
     PoolTerminated,
     SerializationError,
 )
-from .results import WAIT_SLICE, untold
+from .results import WAIT_SLICE
 
 PLAIN = _serialize.PLAIN
 KEYED = _serialize.KEYED  # (filled when procpool.shared is imported)
@@ -99,18 +98,12 @@ if TYPE_CHECKING:
     from typing import Any
 
 WAKE_CLOSE_WAIT = 0.5  # seconds a pool's end waits for a thread writing its eventfd (_wake)
-DRIVE_SPIN = 1e-4  # seconds a caller waiting on a short task polls without sleeping (see drive)
 HANDOFF_EVERY = 1024  # tasks a burst of submissions queues before it lets the I/O thread run
 HANDOFF_CHECK = 64  # ... and, when tasks take longer than HANDOFF_TASK seconds (the workers,
 HANDOFF_TASK = 1e-4  # not the parent, are then the limit), it looks every HANDOFF_CHECK tasks
 HANDOFF_AFTER = 1e-3  # whether the I/O thread ran in the last HANDOFF_AFTER seconds
 HANDOFF_WAIT = 0.05  # seconds the submitting thread gives the I/O thread at most
 IMAP_HELD = 65536  # items an imap may hold (read, not yet consumed): its memory bound
-FEED_BATCH = 8192  # items the imap feeder reads per lock acquisition (in-memory sources)
-# a generator's items that come faster than this each are read in runs (see _stage)
-FAST_ITEM = 2e-6
-READ_AHEAD_PROBE = 64  # items read one at a time before trying runs
-READ_AHEAD_MAX = 1024  # the longest run: a run cannot be stopped midway (terminate, cancel)
 # callables whose pickle cannot change while they live: cached by identity (see _function)
 _BY_IDENTITY = frozenset({types.FunctionType, types.BuiltinFunctionType, type})
 
@@ -120,13 +113,6 @@ def _bound_to_state(func: Any) -> bool:
     not a builtin function of a module."""
     owner = getattr(func, "__self__", None)
     return owner is not None and not isinstance(owner, types.ModuleType)
-
-
-class _Raised(Exception):  # noqa: N818 - not an error: carries the iterator's own
-    """The input iterator raised *error* after *count* items were staged (see _stage)."""
-
-    def __init__(self, count: int, error: BaseException) -> None:
-        self.count, self.error = count, error
 
 
 def _close_left_over(box: list[int]) -> None:
@@ -149,25 +135,10 @@ def _take_token(fd: int) -> bool:
     return True
 
 
-#: iterators that only walk memory: reading them in bulk can neither block nor deadlock
-_IN_MEMORY_ITERATORS: frozenset[type] = frozenset(
-    {
-        type(iter(range(0))),
-        type(iter([])),
-        type(iter(())),
-        type(iter("")),
-        type(iter(b"")),
-        type(iter(bytearray())),
-        type(iter({})),
-        type(iter(set())),
-    }
-)
-
-
 _live: weakref.WeakSet[Scheduler] = weakref.WeakSet()
 
 
-class Scheduler(WorkerSupervision, Dispatch):
+class Scheduler(WorkerSupervision, Dispatch, Feeding, Driving, Delivery):
     """The engine behind :class:`procpool.Pool`: owns the workers and the I/O thread."""
 
     def __init__(
@@ -488,68 +459,6 @@ class Scheduler(WorkerSupervision, Dispatch):
                 self._queued(len(inbox))
         return True
 
-    def call(self, func: Callable, args: tuple, sink: Any, retries: int, retry_on: tuple) -> Any:
-        """``apply``'s quick submission: when the pool is idle, *func* cached and known to an
-        idle worker, and the arguments plain scalars, send the call to that worker from here,
-        claimed for :meth:`drive` -- what :meth:`submit_call` does in that case, minus its
-        general checks.  Return the task, or None having done nothing (then submit_call)."""
-        entry = self._funcs.get(id(func))
-        if entry is None or entry[0] is not func:
-            return None
-        keyed = False
-        for a in args:
-            if type(a) not in PLAIN:
-                if type(a) not in KEYED:
-                    return None
-                keyed = True
-        fid = entry[1]
-        payload: Any
-        if keyed:  # SharedArray, Value...: their regions by key (see _map_regions)
-            try:
-                payload = _serialize.dumps_refs(args) or _serialize.dumps_keyed((args, {}))
-            except Exception:  # (a closed one, say: submit_call says so)
-                return None
-            if payload.fds:  # (more regions than go by key)
-                payload.close()
-                return None
-            data = payload.data
-        else:
-            payload = data = pickle.dumps((args, {}), PROTOCOL)  # (as _send pickles one)
-        with self._lock:
-            if self._state != RUNNING or self._broken is not None or self._inbox or self._pending:
-                return None
-            w = None
-            for x in self._workers.values():
-                if x.inflight:
-                    return None
-                if w is None and fid in x.known and x.driven is None and not x.writing:
-                    if self._accepts(x):
-                        w = x
-            if w is None:
-                return None
-            tid = next(self._tids)
-            task = Task(
-                tid, fid, entry[2], P.CALL, payload, sink, entry[3], None, retries, retry_on
-            )
-            w.driven = task
-            try:
-                if self._returns:  # (the last result's segments, for this call's to reuse)
-                    self._give_back()
-                self._assign(w, task)
-                chan = w.chan
-                if keyed:
-                    self._map_regions(w, payload.regions, bytearray(), [])
-                chan.write(P.task_frame(tid, fid, P.CALL, 0.0, data))
-                if chan.pending():  # (_flush also settles a broken channel)
-                    self._flush(w)
-                self._set_mask(w)
-            except BaseException:  # a Ctrl-C: what reached the worker is unknown
-                self._abandon(w)
-                raise
-            if w.writing:
-                self._wake()
-        return task
-
     def _dispatch_here(self) -> None:
         """``_dispatch`` from a caller's thread, under the lock (the I/O thread would first
         have to wake up: ≈ 0.1-0.2 ms on the development machine, for a small map there
@@ -764,210 +673,6 @@ class Scheduler(WorkerSupervision, Dispatch):
                 raise
         return job
 
-    def _feed(self, job: MapJob, it: Iterator | range) -> None:
-        """The imap feeder thread: reads the caller's iterable within the job's limit.
-
-        A range is not read at all: it becomes the job's buffer and "reading" moves the end of
-        the window the dispatcher may cut (its chunks are ranges, a few bytes to pickle).
-        Another in-memory source (a list, tuple...: reading it can never block) is read in
-        batches that double up to FEED_BATCH, at C speed.  Any other iterator -- a generator may
-        be waiting for the results of this very imap -- is handed over one item at a time, so
-        no item it has produced is ever held back while the next one is being read: each is
-        staged (``MapJob.staged``) before the next is read, without the lock, and wakes the
-        I/O thread only when the dispatcher asked for it (``MapJob.wake_at``: a worker waits
-        for input); the dispatcher gathers the staged items into chunks, and sends a partial
-        one after ``FEED_HOLD`` (see ``Dispatch._hold_over``).
-        """
-        error: BaseException | None = None
-        window = False
-        if isinstance(it, range):
-            try:
-                size = len(it)
-                window = True
-            except OverflowError:  # longer than sys.maxsize: read it as any iterator
-                it = iter(it)
-        if window:
-            assert isinstance(it, range)
-            with self._lock:
-                job.buf, job.stop = it, 0
-            bulk = True
-        else:
-            assert not isinstance(it, range)
-            bulk, size = type(it) in _IN_MEMORY_ITERATORS, 1
-            if not bulk:
-                size = FEED_BATCH  # (read one at a time all the same: see _stage)
-        while True:
-            with job.space:
-                # the bound holds while the caller may still read; once the pool is closed,
-                # the rest of the input is read and run, as close() promises
-                while (
-                    job.backlog() >= job.limit
-                    and self._state == RUNNING
-                    and not self._broken
-                    and not job.cancelled
-                ):
-                    # 1 s: a safety net (release(), close() and dispatch notify), and how soon
-                    # a dropped iterator's finalizer, which cannot notify, is seen
-                    job.space.wait(1.0)
-                if job.cancelled:  # (cancel_map has ended its input)
-                    break
-                if self._state in (TERMINATING, FINISHED) or self._broken:
-                    error = self._stopped_error()  # the caller's iterator must say why
-                    break
-                room = job.limit - job.backlog() if self._state == RUNNING else FEED_BATCH
-            want = min(room, size)
-            batch: list[Any] = []
-            if window:  # a range: widen the window
-                with self._lock:
-                    got = min(want, len(job.buf) - (job.stop or 0))
-            elif not bulk:
-                assert not isinstance(it, range)
-                got, error = self._stage(job, it, want)
-            else:
-                try:
-                    batch.extend(itertools.islice(it, want))  # keeps items read before an error
-                except BaseException as exc:  # noqa: BLE001 - reaches the caller via the iterator
-                    error = exc
-                got = len(batch)
-                if bulk:
-                    size = min(size * 2, FEED_BATCH)
-            with self._lock:
-                if job.cancelled or job.cut:  # meanwhile: what was just read is not run
-                    break
-                if got and not (window and job.stop is None):  # (None: failed meanwhile)
-                    if window:
-                        job.fed += got
-                        job.stop = (job.stop or 0) + got
-                    elif bulk:
-                        job.fed += got
-                        job.add(batch)
-                    self._queue_job(job)
-                if error is None and (self._state in (TERMINATING, FINISHED) or self._broken):
-                    error = self._stopped_error()  # the input did not end: the pool did
-                if error is not None or got < want or not got:  # (not got: an empty range)
-                    break
-                self._wake()
-        with self._lock:
-            self._feeding.discard(job)
-            self._input_end(job, error)
-            self._wake()  # someone must deliver the end of input
-        self._deliver()  # ...and if the I/O thread is gone already, that is us
-
-    def _stage(self, job: MapJob, it: Iterator, want: int) -> tuple[int, BaseException | None]:
-        """Read up to *want* items of *it*, each handed over before the next is read: the
-        feeder's loop for an iterator that may block (see _feed).  Returns how many were
-        read, and the iterator's exception.  No lock: the dispatcher moves staged items
-        into the job's buffer itself.
-
-        Items come one at a time, with a look at ``job.wake_at`` after each, while they come
-        slowly or the dispatcher waits for the next one; while they come fast (under
-        FAST_ITEM each) and nobody waits, ``deque.extend`` reads them in growing runs at C
-        speed -- still each appended before the next is read (≈ 5x faster on a plain
-        generator).  A run that ends up blocked inside the iterator is found by the
-        dispatcher's poll (``job.bulk``, see ``Dispatch._next_for``)."""
-        staged = job.staged
-        got = 0
-        error = None
-        try:
-            while got < want:
-                room = want - got
-                wake_at = job.wake_at
-                k = min(job.read_ahead, room)
-                if wake_at != NEVER:  # (STOP, or the dispatcher waits for this many)
-                    k = min(k, max(1, int(wake_at) - len(staged)))
-                if k == 1:
-                    k = min(room, READ_AHEAD_PROBE)
-                    n = self._stage_each(job, it, k)
-                else:
-                    n, k = self._stage_run(job, it, k)  # (k: the run it made, maybe shorter)
-                if n < 0:  # stopped after -n items: the caller's loop says why
-                    got -= n
-                    break
-                got += n
-                if n < k:
-                    break  # exhausted
-        except _Raised as raised:
-            got += raised.count
-            error = raised.error
-        job.fed += got  # (read by this thread alone: the bound is kept, got <= want)
-        return got, error
-
-    def _stage_each(self, job: MapJob, it: Iterator, count: int) -> int:
-        """Up to *count* items one at a time; how many (negative: stopped after that many).
-        Fast items make the next reads runs of READ_AHEAD_PROBE."""
-        staged = job.staged
-        append = staged.append
-        got = 0
-        t0 = time.monotonic()
-        try:
-            for item in itertools.islice(it, count):  # (a for loop: ≈ 3x a next() call's speed)
-                append(item)
-                got += 1
-                if len(staged) >= job.wake_at and not self._wake_for(job):  # (or STOP)
-                    return -got
-        except BaseException as exc:  # noqa: BLE001 - reaches the caller via the iterator
-            raise _Raised(got, exc) from None
-        if got == count == READ_AHEAD_PROBE and time.monotonic() - t0 < count * FAST_ITEM:
-            job.read_ahead = READ_AHEAD_PROBE
-        return got
-
-    def _stage_run(self, job: MapJob, it: Iterator, k: int) -> tuple[int, int]:
-        """Up to *k* items in one ``deque.extend`` (each appended as it is read): how many
-        (negative: stopped after that many), and the run's length (*k*, or less where a
-        wake-up is due first: fewer items read than that means the iterator is exhausted).
-
-        The items are counted by the deque's length and what the dispatcher moved out of it
-        meanwhile (``job.unstaged``), both read under the lock before and after the run:
-        counting each item as it passed (``zip`` with a counter) cost ≈ 17 ns an item, a
-        third of a plain generator's own ≈ 50 ns."""
-        staged = job.staged
-        job.bulk = True
-        # the dispatcher may have begun waiting for input just before: it saw no run (bulk
-        # still False: no poll), so this one must end where a wake-up is due (as _stage chose)
-        if job.wake_at != NEVER:
-            k = min(k, max(1, int(job.wake_at) - len(staged)))
-        before = self._staged_ever(job)
-        t0 = time.monotonic()
-        try:
-            staged.extend(itertools.islice(it, k))
-        except BaseException as exc:  # noqa: BLE001 - reaches the caller via the iterator
-            raise _Raised(self._staged_ever(job) - before, exc) from None
-        finally:
-            job.bulk = False
-        n = self._staged_ever(job) - before
-        fast = time.monotonic() - t0 < k * FAST_ITEM
-        job.read_ahead = min(2 * k, READ_AHEAD_MAX) if fast else 1
-        job.poll_delay = FEED_HOLD
-        if len(job.staged) >= job.wake_at and not self._wake_for(job):  # (or STOP)
-            return -n, k
-        return n, k
-
-    def _staged_ever(self, job: MapJob) -> int:
-        """Items *job*'s feeder has staged in all: those still staged and those the
-        dispatcher moved out (under the lock, where it moves them)."""
-        with self._lock:
-            return len(job.staged) + job.unstaged
-
-    def _wake_for(self, job: MapJob) -> bool:
-        """The feeder staged as many items as the dispatcher asked for (``job.wake_at``), or
-        was told to STOP: False if it must stop; else wake the I/O thread and return True.
-        Under the lock: the dispatcher may have taken the items and asked again meanwhile
-        (a new wake_at that NEVER must not overwrite: the next item would wake nobody)."""
-        with self._lock:
-            if job.cancelled or self._state in (TERMINATING, FINISHED) or self._broken:
-                return False
-            if len(job.staged) >= job.wake_at:  # still due
-                job.wake_at = NEVER  # (the dispatcher sets it again when it waits for input)
-                self._wake()
-        return True
-
-    def _stop_feeders(self, jobs: Iterable[MapJob]) -> None:
-        """Feeders of *jobs* stop: those waiting for room now, those reading at their next
-        item (the pool is stopping, or the job was cancelled; under the lock)."""
-        for job in jobs:
-            job.wake_at = STOP
-            job.space.notify_all()
-
     def _stopped_error(self) -> BaseException:
         if self._broken is not None:
             return self._broken_error()
@@ -989,177 +694,6 @@ class Scheduler(WorkerSupervision, Dispatch):
         if not job.queued and (job.available() or not job.input_done):
             job.queued = True
             self._pending.append(job)
-
-    def drive(self, task: Task, result: Any, timeout: float | None, direct: bool = False) -> Any:
-        """Wait for *task* by reading its worker's channel in the caller's own thread.
-
-        The low-latency path of ``apply``: when the task is the only one its worker holds, the
-        caller takes the channel out of the epoll set and polls it itself, so the reply wakes
-        the caller directly instead of the I/O thread (one thread switch and a lock hand-off
-        fewer).  When tasks are short (the pool's estimate is under ``DRIVE_SPIN``), it first
-        polls without sleeping, for as long as the pool's ``Spin`` budget says (at most
-        ``DRIVE_SPIN``; none on one CPU, nor while polling has not been paying): a thread
-        that sleeps pays its wake-up and cold caches (≈ 10–15 µs a reply on the development
-        machine) on top of the reply; each poll releases the GIL.  Returns when the result
-        is in, on timeout, or if anything unusual happens; the caller then falls back to
-        waiting on the result.
-
-        *direct* (``apply``'s own result, which has no callback and nobody else sees): a
-        reply that comes alone as one plain value is not delivered to *result*; its pickled
-        bytes are returned instead (see :meth:`reply_value`).  Otherwise None.
-        """
-        w = task.worker
-        if w is None:
-            return None
-        try:  # (from the claim on: a Ctrl-C anywhere after it must release it)
-            return self._drive(w, task, result, timeout, direct)
-        finally:
-            held = w.driven is task  # (only this thread clears its own claim: no lock to look)
-            if held:
-                with self._lock:
-                    w.driven = None
-                    if w.wid in self._workers:
-                        self._set_mask(w)
-            # The I/O thread must take a turn when we may have read the last result close()
-            # waits for; freed room for tasks waiting (it refills: sending from here, a Ctrl-C
-            # could cut a frame), or held a worker it could not send to (_dispatch skips a
-            # driven one); or left deliveries behind (a Ctrl-C).  Not after every attempt:
-            # one that claimed nothing changed nothing.
-            if (
-                self._refill
-                or self._deliveries
-                or (held and (self._pending or self._inbox))
-                or self._state in (CLOSING, TERMINATING)
-            ):
-                self._refill = False
-                self._wake()
-
-    def _drive(
-        self, w: _Worker, task: Task, result: Any, timeout: float | None, direct: bool
-    ) -> Any:
-        with self._lock:
-            if w.driven is not task:
-                if task.state != _SENT or task.worker is not w or w.driven or w.eof or w.writing:
-                    return None
-                if len(w.inflight) != 1 or w.wid not in self._workers:
-                    return None
-                w.driven = task
-                self._set_mask(w)
-            elif w.wid not in self._workers or w.eof:  # claimed, but it died meanwhile
-                w.driven = None
-                return None
-            fd = w.chan.fileno()
-            est = self._est
-        # this thread's own: threads waiting on one result may all drive it (a poll object
-        # raises RuntimeError if two threads use it at once); one reads, under the lock
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        spin = self._spin.take() if est is not None and est < DRIVE_SPIN else 0.0
-        if timeout is not None and timeout < spin:
-            spin = 0.0  # (a deadline that short: nothing to learn from)
-        while not result._done and task.state == _SENT:
-            if spin:  # once: then sleep
-                self._spin.done(spin, poll_for(poller, spin))
-                spin = 0.0
-            wait = 100.0 if deadline is None else (deadline - time.monotonic()) * 1000
-            if wait <= 0:
-                return None
-            if not poller.poll(min(wait, 100.0)):  # slices: re-check the task's state
-                continue
-            with self._lock:
-                if w.wid not in self._workers:
-                    return None
-                self._settled = None
-                try:
-                    ours = self._read_reply(w, task, direct)
-                    if ours is None:
-                        self._read(w)
-                except BaseException:  # a Ctrl-C: a reply may be read and not settled
-                    if self._settled is task:  # (no: settled, and nothing else was read)
-                        self._set_mask(w)
-                        if direct and type(task.payload) not in BARE:
-                            task.release()
-                    else:
-                        self._abandon(w)
-                    raise
-                self._settled = None  # (no reference kept)
-                if self._pending or self._inbox:  # we freed room: the I/O thread refills
-                    self._refill = True  # (in drive's finally)
-                gone = w.eof
-            if self._deliveries:
-                self._deliver(wait=deadline is None)  # (a deadline: not behind a callback)
-            if ours is not None:
-                return ours if direct else None
-            if gone:
-                return None
-        return None
-
-    def _read_reply(self, w: _Worker, task: Task, direct: bool) -> memoryview | None:
-        """Read the driven *task*'s reply when one read brings just that: a RESULTS frame with
-        its one record, a plain value (``apply``'s path: no frame list, generator or record
-        parsing loop per reply).  Settle the task, release the claim and return the pickled
-        value; unless *direct* (see :meth:`drive`), first queue its delivery (in order, and
-        for whoever delivers next should a Ctrl-C stop this thread).  Otherwise return None,
-        what came having been handled or left for ``_read``."""
-        body = w.chan.read_single(P.RESULTS)
-        if body is None:
-            return None
-        head = P.RESULT_HEAD
-        if len(body) >= head.size and task.kind == P.CALL and len(w.inflight) == 1:
-            tid, status, duration, nbuf, nfd, size = head.unpack_from(body)
-            if (
-                tid == task.id
-                and status == P.OK
-                and not (nbuf or nfd)
-                and w.inflight.get(tid)
-                and not task.cancel_requested  # (_on_results settles it: see cancel)
-            ):
-                if head.size + size == len(body):
-                    del w.inflight[tid]
-                    # as _on_results does for each record
-                    spent = self._est_time = 0.7 * self._est_time + duration
-                    items = self._est_items = 0.7 * self._est_items + 1
-                    self._est = spent / items
-                    task.state = _DONE
-                    task.worker = None
-                    w.exclusive = False  # (a timed task ran alone)
-                    w.cost = 0.0
-                    w.driven = None
-                    data = body[head.size :]
-                    if not direct:
-                        rec = (tid, status, duration, 0, 0, data)
-                        self._deliveries.append(("results", [task], [rec], [()]))
-                    if w.retiring:  # (maxtasksperchild)
-                        self._maybe_exit(w)  # (may write to the worker: EXIT)
-                    # settled, nothing else read: a Ctrl-C from here on needs no _abandon,
-                    # only what follows (see _drive).  (No call since the settling began:
-                    # CPython raises a Ctrl-C's exception at calls, not between statements.)
-                    self._settled = task
-                    self._set_mask(w)
-                    if direct and type(task.payload) not in BARE:  # arguments in shared
-                        task.release()  # memory (here, not in reply_value: a Ctrl-C between)
-                    return data
-        self._on_results(w, body, [])
-        return None
-
-    def reply_value(self, task: Task, data: memoryview) -> Any:
-        """Unpickle a reply that :meth:`drive` returned (*direct*), as a delivery would."""
-        try:
-            return pickle.loads(data)
-        except BaseException as exc:  # noqa: BLE001 - as in _deliver_results
-            raise self._unpickling_error(task, exc) from exc
-
-    def unclaim(self, sink: Any) -> None:
-        """``apply`` was interrupted (Ctrl-C) between claiming a worker for its task and
-        reading the reply (see drive): give that channel back to the I/O thread, which then
-        delivers the result to *sink* -- else nobody would ever read it, and the worker
-        would stay claimed for good."""
-        with self._lock:
-            for w in self._workers.values():
-                if w.driven is not None and w.driven.sink is sink:
-                    w.driven = None
-                    self._set_mask(w)
 
     def cancel(self, task: Task | None, force: bool, result: Any = None) -> bool:
         """Cancel a pending task; with *force*, stop a running one by replacing its worker.
@@ -1641,237 +1175,6 @@ class Scheduler(WorkerSupervision, Dispatch):
             if not w.exit_sent:
                 self._send_exit(w)
         return not self._workers
-
-    # ------------------------------------------------------------------ deliveries
-    def _fail(self, task: Task, error: BaseException) -> None:
-        if task.kind == P.CALLS:  # a run: a delivery per member (its callbacks run apart, as
-            sink = task.sink  # for tasks of their own) and a cancel's exception its own
-            fresh = type(error) is CancelledError
-            cancelled = sink.cancelled or ()  # (members cancel(force=True) stopped)
-            items = [
-                (
-                    "error",
-                    Task.unsent(member, task.label),
-                    CancelledError() if fresh or i in cancelled else error,
-                )
-                for i, member in enumerate(sink.members[sink.got :], sink.got)
-                if not member._done or untold(member)
-            ]
-            task.state = _DONE  # (from here on: no Python call)
-            self._deliveries += items
-            return
-        task.state = _DONE
-        task.release()
-        self._deliveries.append(("error", task, error))
-
-    def _deliver(self, wait: bool = True) -> None:
-        """Unpickle results and run the caller's sinks and callbacks, outside the lock.
-
-        One thread at a time (``_deliver_lock``): a MapResult counts its chunks without a lock.
-        Without *wait*, return at once if another thread delivers: it delivers what is queued
-        (a caller with a deadline must not wait behind another task's slow callback).
-        """
-        if self._deliveries:
-            if not self._deliver_lock.acquire(wait):
-                return
-            try:
-                outer, self._delivering = self._delivering, threading.get_ident()
-                try:
-                    if threading.current_thread() is self._thread:
-                        with program_signals():  # callbacks are the caller's code
-                            self._deliver_all()
-                    else:
-                        self._deliver_all()
-                finally:
-                    self._delivering = outer
-            finally:
-                self._deliver_lock.release()
-
-    def _deliver_all(self) -> None:
-        """Deliver what is queued, in order.  A Ctrl-C in a caller's thread delivering loses
-        nothing and delivers nothing twice: what is left of the batch goes back to the front
-        of the queue, for the I/O thread, and the caller gets its interrupt.  Each item says
-        itself how far it got: a delivered one leaves None in ``batch[at]``, one stopped
-        midway what is left of it -- the part it had begun counts as delivered (a callback
-        took the interrupt) -- and one not begun is left as it is."""
-        while True:
-            batch: list[Any] = []
-            at = 0  # the item being delivered (those before it are)
-            try:
-                with self._lock:
-                    batch, self._deliveries = self._deliveries, []
-                if not batch:
-                    return
-                for at, item in enumerate(batch):
-                    kind = item[0]
-                    if kind == "results":
-                        self._deliver_results(item[1], item[2], item[3], batch, at)
-                    elif kind == "values":
-                        self._deliver_values(item[1], batch, at)
-                    elif kind == "members":
-                        self._deliver_members(item[1], item[2], batch, at)
-                    else:
-                        batch[at] = None  # (begun)
-                        try:
-                            if kind == "error":
-                                task, error = item[1], item[2]
-                                task.sink._on_error(task, error)
-                            else:
-                                item[1](*item[2])
-                        except KeyboardInterrupt:
-                            raise
-                        except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
-                            traceback.print_exc()
-            except KeyboardInterrupt:
-                rest = [item for item in batch[at:] if item is not None]
-                with self._lock:
-                    self._deliveries[:0] = rest
-                    self._wake()
-                raise
-
-    def _deliver_results(
-        self, tasks: list[Task], recs: list, rfds: list, batch: list[Any], i: int
-    ) -> None:
-        """Deliver the records of one RESULTS frame (``batch[i]``, see _on_results).
-
-        The common record, a plain value (no out-of-band buffer or fd) for one call, is handled
-        inline: this loop runs once per task.
-        """
-        loads = pickle.loads
-        ok, call = P.OK, P.CALL
-        k = 0  # tasks delivered, or begun (see _deliver_all)
-        try:
-            for j, task in enumerate(tasks):
-                k = j + 1
-                try:
-                    rec = recs[j]
-                    fds = rfds[j]
-                    nbuf = rec[3]
-                    if rec[1] == ok and task.kind == call and not fds and not nbuf:
-                        if type(task.payload) not in BARE:  # nothing to release
-                            task.release()
-                        try:
-                            value = loads(rec[5])
-                        except BaseException as exc:  # noqa: BLE001 - as in _deliver_result
-                            task.sink._on_error(task, self._unpickling_error(task, exc))
-                            continue
-                        task.sink._on_result(task, value)
-                    else:
-                        self._deliver_result(task, rec[1], rec[5], nbuf, fds)
-                except KeyboardInterrupt:
-                    raise
-                except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
-                    traceback.print_exc()
-            batch[i] = None  # (delivered: in the try, so that nothing can come between)
-        except KeyboardInterrupt:  # what is left of this item (see _deliver_all)
-            more = k < len(tasks)
-            batch[i] = ("results", tasks[k:], recs[k:], rfds[k:]) if more else None
-            if k:  # the one begun counts as delivered: no retry is being decided for it
-                self._decided(tasks[k - 1])
-            raise
-
-    def _deliver_values(self, values: list, batch: list[Any], i: int) -> None:
-        """Deliver the ``[task, value, ...]`` of a frame's VALUES records (``batch[i]``)."""
-        k = 0  # entries delivered, or begun (see _deliver_all)
-        try:
-            for j in range(0, len(values), 2):
-                k = j + 2
-                task = values[j]
-                try:
-                    if type(task.payload) not in BARE:  # nothing to release
-                        task.release()
-                    task.sink._on_result(task, values[j + 1])
-                except KeyboardInterrupt:
-                    raise
-                except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
-                    traceback.print_exc()
-            batch[i] = None  # (delivered: in the try, so that nothing can come between)
-        except KeyboardInterrupt:  # what is left of this item (see _deliver_all)
-            batch[i] = ("values", values[k:]) if k < len(values) else None
-            raise
-
-    def _deliver_members(self, results: list, values: list, batch: list[Any], i: int) -> None:
-        """Deliver the plain values of run members (see CallRun), ``batch[i]``."""
-        k = 0  # members delivered, or begun (see _deliver_all)
-        try:
-            if getattr(results[0], "needs_start", False):
-                # Futures: settled together (k stays 0: settling one again does nothing);
-                # those waited on, one by one (their callbacks) -- rebound in one statement
-                waited = type(results[0])._settle_run(results, values)
-                results, values = [f for f, _ in waited], [v for _, v in waited]
-            for j in range(len(results)):
-                k = j + 1
-                try:
-                    results[j]._on_result(None, values[j])
-                except KeyboardInterrupt:
-                    raise
-                except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
-                    traceback.print_exc()
-            batch[i] = None  # (delivered: in the try, so that nothing can come between)
-        except KeyboardInterrupt:  # what is left of this item (see _deliver_all)
-            batch[i] = ("members", results[k:], values[k:]) if k < len(results) else None
-            raise
-
-    def _deliver_result(self, task: Task, status, data, nbuf, fds) -> None:
-        sink = task.sink
-        if status == P.ERROR:  # (a plain stream: see _worker.add_result -- fds, if any, closed)
-            deciding = bool(task.retry_on) and task.attempts <= task.retries  # (_on_results)
-            try:
-                error = rebuild_error(
-                    _serialize.loads(data, nbuf, fds) if fds else pickle.loads(data), task
-                )
-                if deciding and isinstance(error, task.retry_on):
-                    self._requeue(task)  # keeps its payload (and fds) for the next run
-                    return
-            finally:
-                if deciding:
-                    self._decided(task)
-            task.release()
-            sink._on_error(task, error)
-            return
-        task.release()
-        try:
-            value = _serialize.loads(data, nbuf, fds)
-        except BaseException as exc:  # noqa: BLE001 - never lets a bad result kill the thread
-            sink._on_error(task, self._unpickling_error(task, exc))
-            return
-        if status == P.OK:
-            if task.kind == P.CALL:
-                sink._on_result(task, value)
-            else:
-                sink._on_chunk(task, value, {})
-        else:
-            values, errors = value
-            start = task.index
-            sink._on_chunk(
-                task, values, {i: rebuild_error(e, task, start + i) for i, e in errors.items()}
-            )
-
-    @staticmethod
-    def _unpickling_error(task: Task, exc: BaseException) -> SerializationError:
-        err = SerializationError(f"the result of {task.describe()} could not be unpickled: {exc!r}")
-        err.__cause__ = exc
-        return err
-
-    def _decided(self, task: Task) -> None:
-        """*task*'s retry_on decision is made, or its delivery given up (a Ctrl-C there): a
-        closing pool may end now (see _on_results, _has_work)."""
-        with self._lock:
-            if task.id in self._deciding:
-                self._deciding.discard(task.id)
-                if self._state == CLOSING:
-                    self._wake()
-
-    def _requeue(self, task: Task) -> None:
-        with self._lock:
-            if self._state in (TERMINATING, FINISHED) or self._broken is not None:
-                self._fail(task, self._stopped_error())
-            else:
-                task.state = _PENDING
-                self._pending.appendleft(task)
-                self._wake()
-                return
-        self._deliver()
 
 
 def _close_internal(fd: int) -> None:
