@@ -212,7 +212,7 @@ def test_a_callback_holding_the_io_thread_does_not_stall_a_burst_of_submissions(
     # Bursts of long tasks hand the GIL to the I/O thread early (so the workers are refilled),
     # waiting for its turn to end: with that turn held up by a slow callback, a submitter must
     # make one such wait, not one every 64 tasks (~15 here, each up to the full hand-off wait).
-    from procpool import _scheduler
+    from procpool import _bursts
 
     with procpool.Pool(2) as pool:
         pool.map(sleep_then, [0.002] * 8, chunksize=1)  # measured cost: ~2 ms a task
@@ -224,7 +224,7 @@ def test_a_callback_holding_the_io_thread_does_not_stall_a_burst_of_submissions(
             time.sleep(0.01)  # the I/O thread's last turn is now well over 1 ms old
             results = [pool.apply_async(identity, (i,)) for i in range(1000)]
         assert [r.get(30) for r in results] == list(range(1000))
-        assert waits == [(_scheduler.HANDOFF_AFTER,)]  # (1000 < HANDOFF_EVERY: no other)
+        assert waits == [(_bursts.HANDOFF_AFTER,)]  # (1000 < HANDOFF_EVERY: no other)
 
 
 def test_a_dropped_imap_iterator_still_runs_all_its_input(tmp_path, monkeypatch):
@@ -260,7 +260,7 @@ def _hold_the_io_thread(pool):
 
 def test_a_long_burst_hands_off_once_per_1024_tasks_while_the_io_thread_is_held():
     # past 1024 queued tasks the 50 ms hand-off came every 64 tasks (48 waits for 4096)
-    from procpool import _scheduler
+    from procpool import _bursts
 
     with procpool.Pool(2) as pool:
         sched = pool._sched
@@ -273,15 +273,15 @@ def test_a_long_burst_hands_off_once_per_1024_tasks_while_the_io_thread_is_held(
         finally:
             release.set()
         assert [r.get(60) for r in results] == list(range(4096))
-        assert 1 <= waits.count((_scheduler.HANDOFF_WAIT,)) <= 4096 // 1024, waits
-        assert waits.count((_scheduler.HANDOFF_AFTER,)) <= 1, waits  # (once per turn)
+        assert 1 <= waits.count((_bursts.HANDOFF_WAIT,)) <= 4096 // 1024, waits
+        assert waits.count((_bursts.HANDOFF_AFTER,)) <= 1, waits  # (once per turn)
 
 
 def test_a_hand_off_that_times_out_leaves_no_token_behind():
     # a token written for a waiter that had given up let every later hand-off return at once
     import select
 
-    from procpool import _scheduler
+    from procpool import _bursts
 
     with procpool.Pool(2) as pool:
         pool.map(sleep_then, [0.002] * 8, chunksize=1)  # ~2 ms a task: early hand-offs
@@ -303,11 +303,11 @@ def test_a_hand_off_that_times_out_leaves_no_token_behind():
         release = _hold_the_io_thread(pool)
         try:
             started = time.monotonic()
-            sched._handoff(_scheduler.HANDOFF_WAIT)  # no turn can come: it must wait it out
+            sched._handoff(_bursts.HANDOFF_WAIT)  # no turn can come: it must wait it out
             waited = time.monotonic() - started
         finally:
             release.set()
-        assert waited >= _scheduler.HANDOFF_WAIT * 0.9
+        assert waited >= _bursts.HANDOFF_WAIT * 0.9
 
 
 def test_a_dropped_imap_iterator_keeps_reading_its_input_within_the_bound(tmp_path, monkeypatch):
