@@ -18,7 +18,7 @@ import pytest
 from conftest import importing_tests, run_python, wait_until
 
 import procpool
-from procpool import _buffers, _serialize
+from procpool import _buffers, _mapping, _serialize
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -500,11 +500,11 @@ def test_a_result_dropped_unread_is_given_back_to_its_worker():
     fd = os.memfd_create("procpool-result")
     os.ftruncate(fd, 4096)
     ino = os.fstat(fd).st_ino
-    _serialize.lenders[ino] = lender
+    _mapping.lenders[ino] = lender
     try:
         _supervise._drop_received(1, [fd])
     finally:
-        _serialize.lenders.pop(ino, None)
+        _mapping.lenders.pop(ino, None)
     assert lender.told == [ino]
     with pytest.raises(OSError):
         os.fstat(fd)  # closed
@@ -573,7 +573,7 @@ def test_a_mapping_that_fails_half_way_is_reported_once(monkeypatch):
     # a Ctrl-C (here: injected) after map_fd registered its finalizer: the except and the
     # finalizer both said RELEASED, and the second one freed a segment lent again since
     calls = []
-    real = _serialize.weakref.finalize
+    real = _mapping.weakref.finalize
 
     def finalize_then_interrupt(*args):
         real(*args)
@@ -582,9 +582,9 @@ def test_a_mapping_that_fails_half_way_is_reported_once(monkeypatch):
     fd = os.memfd_create("procpool-test")
     try:
         os.ftruncate(fd, 1 << 20)
-        monkeypatch.setattr(_serialize.weakref, "finalize", finalize_then_interrupt)
+        monkeypatch.setattr(_mapping.weakref, "finalize", finalize_then_interrupt)
         with pytest.raises(KeyboardInterrupt):
-            _serialize.map_fd(fd, 1 << 20, on_unmap=lambda: calls.append(1))
+            _mapping.map_fd(fd, 1 << 20, on_unmap=lambda: calls.append(1))
         monkeypatch.undo()
         assert calls == [1]  # at once: nothing maps it any more
         import gc
@@ -597,7 +597,7 @@ def test_a_mapping_that_fails_half_way_is_reported_once(monkeypatch):
         assert not [line for line in f if "procpool-test" in line]
 
 
-_real_map_fd = _serialize.map_fd
+_real_map_fd = _mapping.map_fd
 
 
 def test_a_result_whose_reading_fails_keeps_its_segment_until_freed(monkeypatch):
@@ -612,7 +612,7 @@ def test_a_result_whose_reading_fails_keeps_its_segment_until_freed(monkeypatch)
             raise KeyboardInterrupt  # (where a Ctrl-C can land)
         return view
 
-    monkeypatch.setattr(_serialize, "map_fd", flaky)
+    monkeypatch.setattr(_mapping, "map_fd", flaky)
     with procpool.Pool(1) as pool:
         bad = pool.apply_async(full, (1,))
         with pytest.raises(procpool.SerializationError):

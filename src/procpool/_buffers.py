@@ -21,9 +21,9 @@ A segment is free for reuse only when both of these are gone:
   receiving side when that process forked is *pinned* (a ``PINNED`` frame): the child may read
   it for as long as it lives, so it is closed when given back, never reused.
 
-Arguments: the worker reports what it unmapped (``_worker``, ``_serialize.on_release``).
+Arguments: the worker reports what it unmapped (``_worker``, ``_mapping.on_release``).
 Results: the pool's process notes the inode of each result buffer it receives, with the
-:class:`Returns` of the worker that sent it (``_serialize.lenders``); mapping it or dropping it
+:class:`Returns` of the worker that sent it (``_mapping.lenders``); mapping it or dropping it
 unread says so, and the I/O thread sends the worker its ``PINNED`` and ``RELEASED`` frames
 (``Dispatch._give_back``).  memfd inodes are numbered by a kernel counter, so an inode names
 one segment for as long as either side can still mention it.
@@ -47,7 +47,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from . import _protocol as P
-from ._serialize import map_fd
+from ._mapping import map_fd
 from ._start import INTERNAL_FDS
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing

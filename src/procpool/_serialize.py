@@ -8,7 +8,8 @@ descriptors that travel beside it (``SCM_RIGHTS`` over the worker's socket):
   :class:`_LiftingPickler`, when :func:`_holds_large_bytes` finds one; ``str`` stays in-band)
   are copied once into an
   anonymous ``memfd`` and their fd sent instead of their bytes.  The receiver maps the memfd
-  and hands the mapping to the unpickler, so a numpy array arrives *without a second copy*.
+  (``_mapping``: which also tells the sender once the mapping is gone) and hands the mapping
+  to the unpickler, so a numpy array arrives *without a second copy*.
   The kernel frees the memory when the last mapping and fd are gone, whichever process dies
   first: nothing can leak into ``/dev/shm``.
 * objects that carry a file descriptor (procpool's Queue, Pipe, Value...) call :func:`send_fd`
@@ -21,7 +22,7 @@ The plain C pickler is tried first (fast); where it fails (lambdas, closures, cl
 ``__main__``), cloudpickle takes over.  A task's function goes by reference when it is a plain
 module-level function of an importable module (the worker imports it), and through cloudpickle
 otherwise, so that a function defined in ``__main__`` after the pool started is still found in
-the worker (a ``__main__`` function also carries its name: see ``_MainFunction``).  cloudpickle is imported on first use: it costs ~2 MB in every process (each forked
+the worker (a ``__main__`` function also carries its name: see ``_mainfunc``).  cloudpickle is imported on first use: it costs ~2 MB in every process (each forked
 worker included) and most programs never need it.
 """
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 import array
 import copyreg
 import io
-import mmap
 import os
 import pickle
 import reprlib
@@ -38,11 +38,12 @@ import socket
 import sys
 import threading
 import types
-import weakref
 from collections import ChainMap
 from collections.abc import Callable
 
 from ._channel import MAX_FDS_PER_FRAME
+from ._mainfunc import _code_names, _fingerprint, _main_qualname, _MainFunction
+from ._mapping import _map_buffer, discard_received
 from ._start import INTERNAL_FDS
 from .errors import SerializationError
 
@@ -621,355 +622,6 @@ def dumps_function(func: Any) -> bytes:
 _BY_REFERENCE = (types.FunctionType, types.BuiltinFunctionType)
 
 
-# ---------------------------------------------------------------- functions of __main__
-# multiprocessing sends a task's function by reference; a worker -- forked, or one that ran
-# the main script (spawn) -- looks it up in its own ``__main__``, so the function sees the
-# worker's module globals: what the pool's initializer or an earlier task set there.  A copy
-# by value (cloudpickle) would see copies of the parent's globals instead, and a program that
-# keeps state in its globals would silently get other results than with multiprocessing.  But
-# the worker's ``__main__`` may lack the function (defined after the worker started) or hold an
-# older definition (redefined in a REPL): so a ``__main__`` function travels as its name, a
-# fingerprint of its definition and its copy by value, and the worker uses its own function
-# when the fingerprints match (filling in the globals it lacks from the copy), the copy if not.
-
-
-def _main_qualname(func: Any) -> str | None:
-    """*func*'s name in ``__main__`` if it is a plain function found there under it."""
-    if type(func) is not types.FunctionType or func.__module__ != "__main__":
-        return None
-    qualname = func.__qualname__
-    if "<" in qualname:  # <lambda>, <locals>
-        return None
-    return qualname if _lookup_main(qualname) is func else None
-
-
-def _lookup_main(qualname: str) -> Any:
-    obj = sys.modules.get("__main__")
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-    return obj
-
-
-def _fingerprint(func: Any, depth: int = 0) -> tuple:
-    """What tells two definitions of a function apart: the same in a forked or a spawned
-    worker for the same definition (an address in a default's repr makes a mismatch: the
-    safe side, the copy is used).  The functions in its closure count too: a decorated
-    function is the decorator's wrapper, the same code whatever it wraps."""
-    code = func.__code__
-    cells: list[Any] = []
-    for cell in func.__closure__ or ():
-        try:
-            value = cell.cell_contents
-        except ValueError:  # (an empty cell)
-            value = None
-        if isinstance(value, types.FunctionType):
-            cells.append(_fingerprint(value, depth + 1) if depth < 8 else value.__qualname__)
-        else:  # (not its repr: an address there would never match)
-            cells.append(type(value).__qualname__)
-    return (
-        code.co_filename,
-        code.co_firstlineno,
-        _code_print(code),
-        repr(func.__defaults__),
-        repr(func.__kwdefaults__),
-        tuple(cells),
-    )
-
-
-def _code_print(code: types.CodeType) -> tuple:
-    # nested code (comprehensions, lambdas, inner functions) by content, not by its repr (an
-    # address); a frozenset's elements sorted (their order follows the per-process str hash)
-    return (code.co_code, code.co_names, tuple(_const_print(c) for c in code.co_consts))
-
-
-def _code_names(code: types.CodeType) -> set[str]:
-    """The names *code* and the code nested in it may look up as globals (with attribute
-    names: a superset, as cloudpickle takes them to find the globals a copy carries)."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _code_names(const)
-    return names
-
-
-def _const_print(const: Any) -> Any:
-    if isinstance(const, types.CodeType):
-        return _code_print(const)
-    if isinstance(const, tuple):
-        return tuple(_const_print(c) for c in const)
-    if isinstance(const, frozenset):
-        return ("frozenset", tuple(sorted(repr(c) for c in const)))
-    return repr(const)
-
-
-class _MainFunction:
-    """Pickles as a call of :func:`_load_main_function` (see above)."""
-
-    __slots__ = ("qualname", "fingerprint", "blob", "needed")
-
-    def __init__(
-        self, qualname: str, fingerprint: tuple, blob: bytes | str, needed: tuple = ()
-    ) -> None:
-        self.qualname, self.fingerprint, self.blob = qualname, fingerprint, blob
-        self.needed = needed  # the parent's globals the function may use (their names)
-
-    def __reduce__(self) -> tuple:
-        args = (self.qualname, self.fingerprint, self.blob, self.needed)
-        return (_load_main_function, args)
-
-
-def _load_main_function(
-    qualname: str, fingerprint: tuple, blob: bytes | str, needed: tuple | None = None
-) -> Any:
-    """The worker's own function when it is the parent's (same fingerprint), with the globals
-    it needs that the worker lacks taken from the copy -- unpickled only then: unpickling it
-    imports cloudpickle, ≈ 2 MB in every worker that runs a ``__main__`` function; else the
-    copy.  (*needed*: the names of the parent's globals the function may use; None: look.)"""
-    own = _lookup_main(qualname)
-    if (
-        needed is not None
-        and type(own) is types.FunctionType
-        and all(name in own.__globals__ for name in needed)
-        and _fingerprint(own) == fingerprint
-    ):
-        return own  # nothing to fill in: no copy needed
-    copy = pickle.loads(blob) if isinstance(blob, bytes) else None
-    if type(own) is not types.FunctionType or _fingerprint(own) != fingerprint:
-        if isinstance(blob, str):  # (then there is no copy: blob says why)
-            raise AttributeError(
-                f"__main__.{qualname} is not in this worker's main module as the parent defines"
-                " it (defined or changed after the worker started, or only under"
-                ' `if __name__ == "__main__":` for spawn/forkserver workers), and it could not'
-                f" be copied: {blob}"
-            )
-        return copy
-    if copy is None:
-        return own
-    namespace = own.__globals__
-    for name, value in copy.__globals__.items():  # what the parent defined after our start
-        if name not in namespace and not (name.startswith("__") and name.endswith("__")):
-            namespace[name] = value
-    return own
-
-
-#: set in a pool's worker: called with a received buffer's inode once its mapping is gone, so
-#: the parent may reuse the segment (see ``_buffers``); the parent leaves it None
-on_release: Callable[[int], None] | None = None
-
-
-#: in a pool's worker: the received buffers mapped now, by inode (how many mappings each)
-mapped: dict[int, int] = {}
-
-
-def _mapped(ino: int) -> None:
-    if on_release is not None:
-        mapped[ino] = mapped.get(ino, 0) + 1
-
-
-def _released(ino: int) -> None:
-    report = on_release
-    if report is not None:
-        left = mapped.get(ino, 0) - 1
-        if left > 0:
-            mapped[ino] = left
-        else:
-            mapped.pop(ino, None)
-        report(ino)
-
-
-#: in the pool's process: result buffers received from workers and neither mapped nor dropped
-#: yet, by inode -> the sender's ``_buffers.Returns`` (noted by ``_supervise._note_lent``):
-#: the worker may reuse the segment once told it is no longer mapped here
-lenders: dict[int, Any] = {}
-#: ...and those mapped now: a fork pins them (see _pin_lent)
-mapped_lent: dict[int, Any] = {}
-
-
-def _map_lent(fd: int, size: int, ino: int, lender: Any) -> memoryview:
-    """Map a worker's result buffer; tell *lender* once when the mapping is gone (map_fd
-    calls back once, also when it fails), and that it is pinned if a fork may have copied it
-    before it was listed in mapped_lent (see _pin_lent)."""
-    forked = _forks[1]  # forks finished so far
-    mapped_lent[ino] = lender  # (before the mapping: a fork from now on pins it)
-    view = map_fd(fd, size, on_unmap=lambda: _unmapped_lent(ino, lender))
-    if _forks[0] != forked:  # a fork began since, or was under way: its child may map it
-        lender.pinned(ino)
-    return view
-
-
-def _unmapped_lent(ino: int, lender: Any) -> None:
-    mapped_lent.pop(ino, None)
-    lender.released(ino)
-
-
-#: forks of this process begun (before-fork hooks run) and finished (in the parent): a
-#: mapping made while they differ may be in a child that _pin_lent did not see it for
-_forks = [0, 0]
-_forks_lock = threading.Lock()  # (the counts only: nothing else is done under it)
-
-
-def _pin_lent() -> None:
-    """Before a fork of this process: a child keeps the result buffers mapped now, so their
-    workers must never rewrite them (PINNED; the unmapping here still says RELEASED).
-    Mappings made from here until the fork is done pin themselves (see _map_lent)."""
-    with _forks_lock:
-        _forks[0] += 1
-    if mapped_lent:
-        for ino, lender in list(mapped_lent.items()):  # (one C call: others add meanwhile)
-            lender.pinned(ino)
-            mapped_lent.pop(ino, None)  # (pinned for good: the unmapping still says RELEASED)
-
-
-def _forked_in_parent() -> None:
-    with _forks_lock:
-        _forks[1] += 1
-
-
-def _forget_lent() -> None:
-    # (touching as little as it can: every forked worker runs this, and each page written
-    # is its own from then on -- the idle worker's memory)
-    global _forks_lock
-    if _forks_lock.locked():  # (held by another thread of the parent as it forked)
-        _forks_lock = threading.Lock()
-    if lenders:  # a forked worker: its pool's process's, not its own
-        lenders.clear()
-    if mapped_lent:
-        mapped_lent.clear()
-
-
-os.register_at_fork(
-    before=_pin_lent, after_in_parent=_forked_in_parent, after_in_child=_forget_lent
-)
-
-
-class _Unmapped:
-    """A mapping's end, run once (see map_fd): unmap it, if it was made, then call *on_unmap*
-    -- from the finalizer when its last view is freed, or at once when map_fd fails half
-    way.  Once only: a second report would let the sender rewrite a segment lent again."""
-
-    __slots__ = ("close", "on_unmap")
-
-    def __init__(self, on_unmap: Callable[[], None] | None) -> None:
-        self.close: Callable[[], object] | None = None  # set once the mapping exists
-        self.on_unmap = on_unmap
-
-    def __call__(self) -> None:
-        close, self.close = self.close, None
-        on_unmap, self.on_unmap = self.on_unmap, None
-        try:
-            if close is not None:
-                close()
-        finally:  # a soft timeout's SIGALRM may raise in here: the sender must still be told
-            if on_unmap is not None:
-                on_unmap()
-
-
-if sys.version_info >= (3, 13):
-
-    def map_fd(
-        fd: int, size: int, *, dontfork: bool = False, on_unmap: Callable[[], None] | None = None
-    ) -> memoryview:
-        """Map *fd* shared, read-write and populated, keeping no descriptor (``trackfd=False``):
-        the fd can be closed at once, and a process forked later inherits no descriptor.
-        Unmapped when the last view is freed, then *on_unmap* runs -- exactly once, also when
-        this raises (after undoing the mapping).  *dontfork*: forked children do not inherit
-        the mapping either."""
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        prot = mmap.PROT_READ | mmap.PROT_WRITE
-        once = _Unmapped(on_unmap)  # (the mmap's own dealloc unmaps: no close to give it)
-        mm = None
-        try:
-            mm = mmap.mmap(fd, size, flags=flags, prot=prot, trackfd=False)  # type: ignore[call-arg]
-            if dontfork and hasattr(mmap, "MADV_DONTFORK"):
-                mm.madvise(mmap.MADV_DONTFORK)
-            weakref.finalize(mm, once).atexit = False
-            return memoryview(mm)
-        except BaseException:
-            if mm is not None:
-                try:
-                    mm.close()
-                except BufferError:  # (a view made just before the exception: it goes with it)
-                    pass
-            once()  # told once: the finalizer, if made, finds it done
-            raise
-
-else:  # mmap.mmap dup()s the fd and keeps it for the mapping's life: map it ourselves
-    _libc: Any = None  # loaded at the first mapping: see _load_libc
-
-    def _load_libc() -> Any:
-        """libc's mmap, munmap and madvise through ``ctypes``, imported now and not with
-        procpool: a forked worker holds every page of its parent's memory, and ctypes is
-        ≈ 0.35 MB of it, for programs that never send a large buffer.  The parent loads it at
-        its first large buffer (workers forked later inherit it); a worker forked before
-        imports it at its own first (≈ 0.1 MB more in that worker)."""
-        global _libc
-        from . import _start
-
-        with _start._FORK_LOCK:  # (no fork of ours in the middle of the import: see _cloudpickle)
-            import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_long,
-        ]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _libc = libc
-        return libc
-
-    def map_fd(
-        fd: int, size: int, *, dontfork: bool = False, on_unmap: Callable[[], None] | None = None
-    ) -> memoryview:
-        """Map *fd* shared, read-write and populated, keeping no descriptor: a program may hold
-        thousands of received arrays without running out of fds, and a process forked later
-        inherits no descriptor.  Unmapped when the last view is freed, then *on_unmap* runs --
-        exactly once, also when this raises (after undoing the mapping).  *dontfork*: forked
-        children do not inherit the mapping either."""
-        import ctypes
-
-        once = _Unmapped(on_unmap)
-        try:
-            libc = _libc or _load_libc()
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            addr = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
-            if addr is None or addr == ctypes.c_void_p(-1).value:  # MAP_FAILED
-                err = ctypes.get_errno()
-                raise OSError(err, f"mmap of a shared buffer failed: {os.strerror(err)}")
-            once.close = lambda: libc.munmap(addr, size)
-            if dontfork and hasattr(mmap, "MADV_DONTFORK"):
-                libc.madvise(addr, size, mmap.MADV_DONTFORK)
-            region = (ctypes.c_char * size).from_address(addr)
-            # never at interpreter exit (finalize's default): code running then -- the pool's
-            # own finalizer reading a progress slot, a user's atexit handler reading a result
-            # -- may still use the memory, and the exit unmaps everything anyway
-            weakref.finalize(region, once).atexit = False
-            return memoryview(region).cast("B")
-        except BaseException:  # unmapped now and told once (the finalizer, if made, finds
-            once()  # it done; `region`, kept by this traceback alone, must not be read)
-            raise
-
-
-def _map_buffer(fd: int) -> memoryview:
-    """Map a received memfd (its reuse is reported to the sender once unmapped: the parent in
-    a worker, a worker in the pool's process)."""
-    st = os.fstat(fd)
-    ino = st.st_ino
-    if lenders:
-        lender = lenders.pop(ino, None)
-        if lender is not None:
-            return _map_lent(fd, st.st_size, ino, lender)
-    if on_release is None:
-        return map_fd(fd, st.st_size)
-    _mapped(ino)  # (map_fd reports its end once, also when it fails)
-    return map_fd(fd, st.st_size, on_unmap=lambda: _released(ino))
-
-
 def loads(data: bytes | memoryview, nbuf: int = 0, fds: list[int] | None = None) -> Any:
     """Rebuild an object from :func:`dumps`' output.  Takes ownership of *fds* (all closed)."""
     if not fds:
@@ -999,23 +651,6 @@ def _load(data: bytes | memoryview, buffers: list[Any]) -> Any:
     unpickler = pickle.Unpickler(io.BytesIO(data), buffers=buffers)
     unpickler.persistent_load = _same  # type: ignore[method-assign]
     return unpickler.load()
-
-
-def discard_received(nbuf: int, fds: list[int], start: int = 0) -> None:
-    """Received buffers that will never be mapped (from *start* on): say so, as an unmapping
-    would.  Does not close *fds*."""
-    if on_release is None and not lenders:
-        return
-    for fd in fds[start:nbuf]:
-        try:
-            ino = os.fstat(fd).st_ino
-        except OSError:
-            continue
-        lender = lenders.pop(ino, None)
-        if lender is not None:
-            lender.released(ino)
-        elif on_release is not None:
-            _released(ino)
 
 
 def describe(obj: Any) -> str:

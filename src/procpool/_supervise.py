@@ -18,8 +18,8 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
 
+from . import _mapping, _serialize
 from . import _protocol as P
-from . import _serialize
 from ._buffers import BufferCache, Returns
 from ._channel import RECV_SIZE, Channel
 from ._errinfo import rebuild_error
@@ -135,7 +135,7 @@ class _Worker:
         (``Proc.progress``); a spawned one's a memfd sent with INIT, which the parent reads
         with ``pread`` (at a death and a time limit only) rather than maps: mapping it with
         no descriptor kept takes ``ctypes`` before Python 3.13, and every forked worker would
-        hold that module's pages (see _serialize.map_fd)."""
+        hold that module's pages (see _mapping.map_fd)."""
         if self.proc.progress is not None:
             return P.PROGRESS.unpack_from(self.proc.progress)
         if self.progress < 0:  # (its start failed before the slot existed)
@@ -400,7 +400,7 @@ class WorkerSupervision:
         w.chan.close()
         self._buffers.forget_worker(w.wid)  # its mappings died with it
         if w.returns is not None:  # and its segments: nothing to tell it any more
-            lenders = _serialize.lenders
+            lenders = _mapping.lenders
             for ino, r in list(lenders.items()):  # (one C call: others pop meanwhile)
                 if r is w.returns:
                     lenders.pop(ino, None)
@@ -675,7 +675,7 @@ class WorkerSupervision:
         returns = w.returns
         if returns is None:
             returns = w.returns = Returns(w.wid, self)
-        lenders = _serialize.lenders
+        lenders = _mapping.lenders
         for fd in fds[:nbuf]:
             try:
                 lenders[os.fstat(fd).st_ino] = returns
@@ -811,5 +811,5 @@ class WorkerSupervision:
 def _drop_received(nbuf: int, fds: Any) -> None:
     """A result that will never be read: its worker may reuse its segments, and its
     descriptors are closed."""
-    _serialize.discard_received(nbuf, fds)
+    _mapping.discard_received(nbuf, fds)
     _serialize.Payload(b"", 0, list(fds)).close()

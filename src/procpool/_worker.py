@@ -27,8 +27,8 @@ import time
 from itertools import count as _count
 from multiprocessing import process
 
+from . import _mapping, _serialize
 from . import _protocol as P
-from . import _serialize
 from ._buffers import TRIM_AFTER, BufferCache
 from ._channel import Channel, ChannelClosed, Spin
 from ._errinfo import error_info
@@ -107,7 +107,7 @@ class Worker:
         self.last_done = 0
         # inodes of argument buffers unmapped since the last flush (appended by finalizers)
         self.released: list[int] = []
-        _serialize.on_release = self.released.append
+        _mapping.on_release = self.released.append
         # buffers mapped when a task forks: the child may read them for as long as it lives,
         # after we unmap ours, so the parent must never rewrite them (PINNED)
         self.pinned: list[int] = []
@@ -161,7 +161,7 @@ class Worker:
         return True
 
     def _pin_mapped(self) -> None:
-        self.pinned.extend(_serialize.mapped)
+        self.pinned.extend(_mapping.mapped)
 
     def _in_task_child(self) -> None:
         self.task_child = True
@@ -293,7 +293,7 @@ class Worker:
         try:
             func = self.func(fid)
         except BaseException as exc:  # noqa: BLE001
-            _serialize.discard_received(nbuf, fds)
+            _mapping.discard_received(nbuf, fds)
             _serialize.Payload(b"", 0, fds).close()
             err = SerializationError(f"the task's function could not be loaded: {exc!r}")
             self.add_result(task_id, P.ERROR, 0.0, error_info(err))
@@ -491,7 +491,7 @@ class Worker:
             started = time.monotonic() if rec[3] and rec[2] == P.CALL else 0.0
             pack_progress(self.progress, 0, task_id, self.last_done, 0, started)
             if self.progress[P.SKIP_FLAG] and rec[2] == P.CALL and self.skipped(task_id):
-                _serialize.discard_received(rec[4], mine)
+                _mapping.discard_received(rec[4], mine)
                 _serialize.Payload(b"", 0, mine).close()
                 self.add_result(task_id, P.ERROR, 0.0, self.skip_info())
             else:
