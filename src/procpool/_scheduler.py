@@ -88,10 +88,6 @@ from .errors import (
 )
 from .results import WAIT_SLICE
 
-PLAIN = _serialize.PLAIN
-KEYED = _serialize.KEYED  # (filled when procpool.shared is imported)
-PROTOCOL = _serialize.PROTOCOL
-
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
     from typing import Any
