@@ -519,6 +519,64 @@ def test_a_map_async_failing_at_submission_runs_its_error_callback_on_the_pools_
         assert seen[0][0] == "SerializationError" and seen[0][1] != "MainThread"
 
 
+@pytest.mark.parametrize("wait", ["map", "imap", "map_async"])
+@pytest.mark.parametrize("caller_reads", [False, True])
+def test_a_callback_waiting_for_more_results_of_its_pool_gets_an_error_not_a_hang(
+    wait, caller_reads
+):
+    # A callback runs in the thread delivering the pool's results -- the I/O thread, or a
+    # caller's reading its own reply in get() -- and no other thread can deliver meanwhile:
+    # a map there, waiting with no timeout, hung for good (with it the caller's
+    # get(timeout=...) that ran the callback, then terminate() 10 s and join() for ever)
+    seen: list = []
+    done = threading.Event()
+
+    def on_result(_value):
+        try:
+            if wait == "map":
+                pool.map(identity, [1, 2, 3])
+            elif wait == "imap":
+                list(pool.imap(identity, range(3)))
+            else:
+                pool.map_async(identity, [1, 2, 3]).get()
+            seen.append("returned")
+        except RuntimeError as exc:
+            seen.append(str(exc))
+        finally:
+            done.set()
+
+    pool = procpool.Pool(2)
+    try:
+        result = pool.apply_async(identity, (5,), callback=on_result)
+        if caller_reads:
+            started = time.monotonic()
+            assert result.get(timeout=10) == 5
+            assert time.monotonic() - started < 10
+        assert done.wait(10)
+        assert len(seen) == 1 and "inside a callback of this pool" in seen[0], seen
+        assert pool.map(identity, range(10)) == list(range(10))  # the pool goes on
+    finally:
+        started = time.monotonic()
+        pool.terminate()
+        pool.join(10)
+        assert time.monotonic() - started < 5
+
+
+def test_apply_inside_a_callback_reads_its_own_reply_and_returns():
+    # apply reads its reply in its own thread (Scheduler.drive): no delivery to wait for
+    seen: list = []
+    done = threading.Event()
+
+    def on_result(value):
+        seen.append(pool.apply(identity, (value + 1,)))
+        done.set()
+
+    with procpool.Pool(2) as pool:
+        pool.apply_async(identity, (1,), callback=on_result)
+        assert done.wait(10)
+        assert seen == [2]
+
+
 def test_a_ctrl_c_while_a_feeder_thread_starts_leaves_the_callers_signals_unblocked():
     # start_thread blocks the program's signals while it starts a quiet thread; a Ctrl-C
     # before its try (building the Thread) left SIGINT blocked in the caller for good

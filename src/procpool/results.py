@@ -50,6 +50,22 @@ def _note(exc: BaseException, text: str) -> None:
 WAIT_SLICE = 0.1
 
 
+def _never_delivered(result: Any) -> None:
+    """Raise RuntimeError when the calling thread is the one delivering the results of
+    *result*'s pool: it runs one of that pool's callbacks (or is the pool's I/O thread
+    running one), and no other thread can deliver a result while it holds the deliveries --
+    an untimed wait for one that has not come would never return.  (``apply`` and a lone
+    task's ``get()`` first read their own reply, see ``Scheduler.drive``: that still works.)"""
+    sched = getattr(result, "_sched", None) or getattr(result._pool, "_sched", None)
+    if sched is not None and getattr(sched, "_delivering", None) == threading.get_ident():
+        raise RuntimeError(
+            "waiting, with no timeout, inside a callback of this pool for another of its"
+            " results, which would never come: the callback runs in the thread that delivers"
+            " the pool's results. Wait in another thread, or give that call a callback of its"
+            " own (apply_async / map_async(..., callback=...))"
+        )
+
+
 class _Wakeup:
     """Wake-ups for threads waiting on a result, with no lock held while they sleep.
 
@@ -166,6 +182,8 @@ class AsyncResult(Generic[T]):
             sched.drive(task, self, timeout)
             if self._done:
                 return
+        if timeout is None:
+            _never_delivered(self)
         with _WAITER_LOCK:
             if self._event is None:
                 self._event = _Wakeup()
@@ -546,6 +564,8 @@ class IMapIterator(Generic[T]):
                     error, self._input_error = self._input_error, None
                     over = True
                 else:
+                    if timeout is None:
+                        _never_delivered(self)
                     waiter = self._wakeup.prepare()
                     over = False
             self._flush_release()  # let the feeder read on before we sleep or stop
@@ -909,6 +929,8 @@ class Future(concurrent.futures.Future[T]):
             sched.drive(task, self, timeout)  # (returns at the deadline at the latest)
             if self._state in _OVER:
                 return
+        if timeout is None:
+            _never_delivered(self)
         cond = self._condition
         with cond:
             while self._state not in _OVER:
