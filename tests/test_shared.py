@@ -160,6 +160,47 @@ def test_atomics_of_an_integer_value_refuse_a_float_clearly():
     assert v.add(np.int64(2)) == 3 and v.value == 3
 
 
+@needs_atomics
+def test_atomics_refuse_a_wrong_type_or_an_out_of_range_float_clearly():
+    # before: "unsupported operand type(s) for &=", struct.error "required argument is not a
+    # float", "float too large to pack with f format" (review)
+    from fractions import Fraction
+
+    v = procpool.Value("i", 3)
+    for method, call in (
+        ("exchange", lambda: v.exchange(1.5)),
+        ("compare_exchange", lambda: v.compare_exchange("a", "b")),
+        ("compare_exchange", lambda: v.compare_exchange(3, 2.0)),
+        ("store", lambda: v.store(None)),
+    ):
+        with pytest.raises(TypeError, match=rf"^{method}\(\): a c_int Value holds integers, not"):
+            call()
+    assert v.value == 3
+    assert v.exchange(np.int64(4)) == 3 and v.compare_exchange(4, True) and v.load() == 1
+    d = procpool.Value("d", 1.0)
+    for method, call in (
+        ("store", lambda: d.store("x")),
+        ("exchange", lambda: d.exchange(b"1")),
+        ("compare_exchange", lambda: d.compare_exchange(1.0, "2")),
+        ("add", lambda: d.add("x")),
+        ("fetch_add", lambda: d.fetch_add(1j)),
+    ):
+        with pytest.raises(TypeError, match=rf"^{method}\(\): a c_double Value \w+ real numbers"):
+            call()
+    with pytest.raises(OverflowError, match=r"^store\(\): 10{400} is out of range"):
+        d.store(10**400)
+    assert d.value == 1.0
+    f = procpool.Value("f", 1.0)
+    with pytest.raises(OverflowError, match=r"^add\(\): 1e\+300 is out of range for a c_float"):
+        f.add(1e300)
+    with pytest.raises(OverflowError, match=r"^exchange\(\): 1e\+300 is out of range"):
+        f.exchange(1e300)
+    assert f.value == 1.0
+    # real numbers of other types still go, as ctypes takes them for .value
+    assert f.add(np.float32(0.5)) == 1.5 and d.add(Fraction(1, 4)) == 1.25
+    assert d.exchange(2) == 1.25 and d.load() == 2.0
+
+
 def test_a_dropped_integer_value_goes_without_the_cycle_collector():
     # its atomics' bound closures referred to the Value itself: a cycle, so its memory and
     # descriptors outlived it until the cycle collector ran -- in pool workers too (review:
@@ -214,6 +255,53 @@ def test_a_value_of_an_array_ctype():
     v = procpool.Value(ctypes.c_int * 2)  # (a TypeError in the atomics' setup before)
     v.get_obj()[1] = 3
     assert list(v.get_obj()) == [0, 3]
+
+
+@pytest.mark.timeout(60)
+def test_a_value_of_an_array_ctype_is_an_array_as_in_multiprocessing():
+    # multiprocessing gives a SynchronizedString / SynchronizedArray there: procpool's Value
+    # had no .raw, no indexing, no len (review)
+    s = procpool.Value(ctypes.c_char * 5)
+    assert s.raw == b"\0" * 5 and s.value == b"" and len(s) == 5
+    s.value = b"hi"
+    assert s.raw == b"hi\0\0\0" and s[0:2] == b"hi"
+    a = procpool.Value(ctypes.c_int * 3, 1, 2)  # (its items from the args, as ctypes sets them)
+    assert len(a) == 3 and a[1] == 2 and a[:] == [1, 2, 0] and list(a) == [1, 2, 0]
+    with a.get_lock():
+        a[2] = 5
+    assert run_child(_set_first, a, 9) == 0  # (the same memory in a child)
+    assert a[:] == [9, 2, 5]
+    with pytest.raises(IndexError):  # (ctypes' own error: too many initializers)
+        procpool.Value(ctypes.c_int * 2, 1, 2, 3)
+    raw = procpool.Value(ctypes.c_int * 3, 7, lock=False)  # (RawValue: the ctypes array)
+    assert isinstance(raw, ctypes.Array) and raw[:] == [7, 0, 0]
+    name = f"pptest-{uuid.uuid4().hex[:8]}"
+    named = procpool.Value(ctypes.c_double * 2, 1.5, name=name)
+    try:
+        assert procpool.Array.open(name)[:] == [1.5, 0.0]
+    finally:
+        named.unlink()
+
+
+class _AcquireOnly:
+    def acquire(self, *args):
+        return True
+
+
+def test_value_and_array_take_a_lock_argument_as_multiprocessing_does():
+    # multiprocessing: lock is False -> none; lock in (True, None) -> a new RLock (so 1 too);
+    # else it needs an acquire method.  lock=1 raised AttributeError (review)
+    for make in (
+        lambda lock: procpool.Value("i", 0, lock=lock),
+        lambda lock: procpool.Array("i", 2, lock=lock),
+    ):
+        for new_rlock in (True, None, 1, 1.0):
+            assert type(make(new_rlock).get_lock()) is procpool.RLock
+        mine = _AcquireOnly()
+        assert make(mine).get_lock() is mine
+        for bad in (0, 2, "lock"):
+            with pytest.raises(AttributeError, match=f"{bad!r} has no method 'acquire'"):
+                make(bad)
 
 
 def _atomic_adds(v, n):
@@ -895,6 +983,79 @@ def test_a_shared_array_takes_numpy_integers_as_its_shape():
     assert procpool.SharedArray((np.int64(2), 3)).shape == (2, 3)
     with pytest.raises(TypeError):
         procpool.SharedArray(2.5)
+
+
+@pytest.mark.parametrize("shape", [-1, (-1,), (3, -1), (-1, 0), -5])
+def test_a_shared_array_refuses_a_negative_shape_as_numpy(shape):
+    # -1 was read by np.ndarray as "whatever fits": an empty array of shape (-1,) (review)
+    with pytest.raises(ValueError, match="negative dimensions are not allowed"):
+        np.zeros(shape)
+    with pytest.raises(ValueError, match="negative dimensions are not allowed"):
+        procpool.SharedArray(shape)
+    name = f"pptest-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(ValueError, match="negative dimensions are not allowed"):
+        procpool.SharedArray(shape, name=name)
+    assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_a_shared_array_too_big_for_any_machine_is_a_value_error():
+    # (OverflowError: Python int too large to convert to C long, from ftruncate, before)
+    for shape in ((2**40, 2**40), 2**62, (2**63, 0)):
+        with pytest.raises(ValueError):
+            np.zeros(shape)
+        with pytest.raises(ValueError, match="too big"):
+            procpool.SharedArray(shape)
+
+
+def _long_record_task(sa, row):
+    sa.array[row] = tuple(range(len(sa.dtype.names)))
+    return len(sa.dtype.names), float(sa.array[sa.dtype.names[-1]].sum())
+
+
+def _long_record_child(sa):
+    _long_record_task(sa, 1)
+
+
+@pytest.mark.timeout(90)
+def test_an_anonymous_shared_array_takes_any_structured_dtype_and_travels_with_it():
+    # its dtype was written into the header that only SharedArray.open reads, 2 KiB at most:
+    # numpy's valid dtypes were refused ("shared object description too long", review)
+    dt = np.dtype([(f"measurement_column_{i}", "f8") for i in range(100)])
+    sa = procpool.SharedArray(4, dt)
+    assert sa.dtype == dt and sa.shape == (4,)
+    assert procpool.SharedArray(2, np.dtype([("", "f8")] * 200)).dtype.names[-1] == "f199"
+    columns = [f"a_rather_long_column_name_for_a_record_array_{i:02d}" for i in range(40)]
+    rec = np.rec.fromarrays([np.arange(3.0) + i for i in range(40)], names=columns)
+    copy = procpool.SharedArray.from_array(rec)
+    assert copy.dtype == rec.dtype and (copy.array == rec).all()
+    with procpool.Pool(1) as pool:  # to a task (by key), and back in its result
+        assert pool.apply(_long_record_task, (sa, 0)) == (100, 99.0)
+        assert pool.starmap(_long_record_task, [(sa, 2), (sa, 3)]) == [(100, 198.0), (100, 297.0)]
+    for ctx in (FORK, SPAWN):  # to a Process (the stdlib's pickler with spawn)
+        sa.array[1] = 0
+        assert run_child(_long_record_child, sa, ctx=ctx, timeout=60) == 0
+        assert sa.array[1][dt.names[-1]] == 99.0
+    q = procpool.Queue()
+    q.put(copy)
+    back = q.get(timeout=10)
+    q.close()
+    assert back.dtype == rec.dtype
+    back.array[0] = tuple(range(40))
+    assert copy.array[columns[-1]][0] == 39.0  # (the same memory)
+
+
+def test_a_named_shared_array_whose_dtype_is_too_long_to_describe_says_so():
+    dt = np.dtype([(f"measurement_column_{i}", "f8") for i in range(100)])
+    name = f"pptest-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(ValueError, match=r"named SharedArray.*100 fields.*leave out name="):
+        procpool.SharedArray(3, dt, name=name)
+    assert not os.path.exists(f"/dev/shm/{name}")
+    fits = np.dtype([(f"measurement_column_{i}", "f8") for i in range(20)])
+    sa = procpool.SharedArray(3, fits, name=name)  # (what fits still opens by name)
+    try:
+        assert procpool.SharedArray.open(name).dtype == fits
+    finally:
+        sa.unlink()
 
 
 def test_a_kept_atomic_add_outlives_its_value():

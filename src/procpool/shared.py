@@ -24,15 +24,17 @@ Example::
 from __future__ import annotations
 
 import ctypes
+import json
 import math
 import operator
 import struct
+import sys
 import weakref
 from collections.abc import Iterable, Iterator
 from multiprocessing.sharedctypes import typecode_to_type  # type: ignore[attr-defined]
 
 from . import _ipc_atomic, _serialize
-from ._ipc_mem import DATA_OFFSET, Region, by_key
+from ._ipc_mem import DATA_OFFSET, META_SIZE, Region, by_key
 from .sync import Lock, RLock
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
@@ -74,13 +76,15 @@ def _discard(region: Region) -> None:
 
 
 def _make_lock(lock: Any) -> _LockType | None:
-    if lock is True or lock is None:
-        return RLock()
+    """multiprocessing's rule (``sharedctypes.Value``/``Array``), exactly: ``lock is False``: no
+    lock; ``lock in (True, None)`` (so 1 too): a new RLock; else anything with ``acquire``."""
     if lock is False:
         return None
-    if hasattr(lock, "acquire") and hasattr(lock, "release"):
-        return lock
-    raise AttributeError(f"{lock!r} has no method 'acquire'")
+    if lock in (True, None):
+        return RLock()
+    if not hasattr(lock, "acquire"):
+        raise AttributeError(f"{lock!r} has no method 'acquire'")
+    return lock
 
 
 class _Shared:
@@ -152,7 +156,9 @@ class Value(_Shared):
     ``add(n)`` returns the new value, ``fetch_add(n)`` the old one, ``exchange(v)`` the old one,
     ``compare_exchange(expected, desired)`` stores *desired* only if the value equals
     *expected* and returns whether it did, ``load()`` and ``store(v)``.  Integer arithmetic
-    wraps around as in C.  Raises ``TypeError`` for other types.
+    wraps around as in C.  Raises ``TypeError`` for other types, and for an argument that is not
+    an integer (integer Values) or a real number (float Values); ``OverflowError`` for a float
+    a 'f' Value cannot hold.  Nothing is written then.
 
     Example::
 
@@ -163,10 +169,20 @@ class Value(_Shared):
     A ``ctypes.Structure`` has no ``.value``: as with the stdlib, its fields are attributes of
     the Value, each read and written under the lock (``p = Value(Point, 1, 2); p.x += 1``).
     Fields whose name starts with ``_`` are reached through ``get_obj()``.
+
+    An array type (``Value(ctypes.c_int * 3, 1, 2)``) gives an :class:`Array` of its element
+    type and length, its items set from *args* as ctypes sets them -- what the stdlib's
+    ``SynchronizedArray``/``SynchronizedString`` are: ``len``, indexing, slicing, ``.value``
+    and ``.raw`` for chars, ``get_lock()`` (with ``lock=False``, the ctypes array itself).
     """
 
     def __new__(cls, typecode_or_type: Any, *args: Any, **kwargs: Any) -> Value:
         ctype = _ctype_of(typecode_or_type)
+        if isinstance(ctype, type) and issubclass(ctype, ctypes.Array) and "_attach" not in kwargs:
+            # (multiprocessing: RawValue(ctype, *args), then a SynchronizedArray/String over it)
+            array_type: Any = ctype
+            shared = Array(array_type._type_, array_type._length_, _init_args=args, **kwargs)
+            return shared  # type: ignore[return-value]  # (not a Value: no __init__ follows)
         if isinstance(ctype, type) and issubclass(ctype, ctypes.Structure):
             cls = _structure_value_class(cls, ctype)
         self = super().__new__(cls)
@@ -270,7 +286,7 @@ class Value(_Shared):
         # never ``self``: a Value referring to itself would outlive its last reference until
         # the cycle collector ran (its memory and descriptors with it, in a worker too).
         fadd, addr, bits, unsigned = self._fadd, self._addr, self._bits, self._unsigned
-        region = self._region
+        region, ctype = self._region, self._ctype
         mask = (1 << bits) - 1
         lo, hi = (0, mask) if unsigned else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
         half = 1 << (bits - 1)
@@ -280,7 +296,7 @@ class Value(_Shared):
             try:
                 new = fadd(addr, delta) + delta
             except ctypes.ArgumentError:
-                raise _not_an_int(delta) from None
+                raise _not_an_int("add", ctype, delta) from None
             if unsigned:
                 return new & mask
             return new if lo <= new <= hi else ((new + half) & mask) - half
@@ -290,7 +306,7 @@ class Value(_Shared):
             try:
                 old = fadd(addr, delta)
             except ctypes.ArgumentError:
-                raise _not_an_int(delta) from None
+                raise _not_an_int("fetch_add", ctype, delta) from None
             return old & mask if unsigned else old
 
         self.add = add  # type: ignore[method-assign,assignment]
@@ -305,6 +321,42 @@ class Value(_Shared):
             )
         return self._atomic_kind
 
+    # The atomics check their arguments before any bits are computed: an ``int`` (integer
+    # Value) or a ``float`` (float Value) goes straight on, anything else through _int_arg or
+    # _float_arg (the slow path), which converts it or says what is wrong.
+    def _int_arg(self, method: str, v: Any) -> int:
+        """*v*, not an int, for an integer Value's *method*: anything with ``__index__``
+        (``True``, numpy's integers), else a ``TypeError`` naming *method*."""
+        try:
+            return operator.index(v)
+        except TypeError:
+            raise _not_an_int(method, self._ctype, v) from None
+
+    def _float_arg(self, method: str, v: Any) -> float:
+        """*v*, not a float, for a float Value's *method*: a real number (an int, numpy's
+        scalars, ``Fraction``, ``Decimal``: what has ``__float__`` or ``__index__``, as ctypes
+        takes for ``.value``) as a float, else a ``TypeError`` naming *method*."""
+        kind = type(v)
+        if hasattr(kind, "__float__") or hasattr(kind, "__index__"):
+            try:
+                return float(v)
+            except OverflowError:  # (an int past the largest float)
+                raise self._out_of_range(method, v) from None
+            except (TypeError, ValueError):
+                pass
+        verb = "adds" if method in ("add", "fetch_add") else "holds"
+        raise TypeError(
+            f"{method}(): a {self._ctype.__name__} Value {verb} real numbers, "
+            f"not {kind.__name__} {v!r}"
+        )
+
+    def _out_of_range(self, method: str, v: Any) -> OverflowError:
+        size = ctypes.sizeof(self._ctype)
+        return OverflowError(
+            f"{method}(): {v!r} is out of range for a {self._ctype.__name__} Value "
+            f"(a {size}-byte float)"
+        )
+
     def _to_signed(self, v: int) -> int:
         v &= (1 << self._bits) - 1
         return v - (1 << self._bits) if v >> (self._bits - 1) else v
@@ -312,42 +364,71 @@ class Value(_Shared):
     def _from_raw(self, raw: int) -> int:
         return raw & ((1 << self._bits) - 1) if self._unsigned else raw
 
-    def _float_bits(self, f: float) -> int:
-        return struct.unpack(self._bits_fmt, struct.pack(self._float_fmt, f))[0]
+    def _float_bits(self, f: float, method: str) -> int:
+        try:
+            return struct.unpack(self._bits_fmt, struct.pack(self._float_fmt, f))[0]
+        except OverflowError:  # (past a 4-byte float's largest)
+            raise self._out_of_range(method, f) from None
 
     def _bits_float(self, b: int) -> float:
         return struct.unpack(self._float_fmt, struct.pack(self._bits_fmt, b))[0]
 
+    def _float_fetch_add(self, delta: float, method: str) -> float:
+        while True:  # a compare-and-swap loop on the bit pattern
+            old_bits = self._to_signed(self._raw_load())
+            old = self._bits_float(old_bits)
+            if self._cas(self._addr, old_bits, self._float_bits(old + delta, method)) == old_bits:
+                return old
+
     def fetch_add(self, delta: int | float = 1) -> Any:
         """Atomically add *delta*; return the previous value."""
         if self._need_atomic() == "int":
-            return self._from_raw(self._fadd(self._addr, self._to_signed(_index(delta))))
-        while True:  # floats: compare-and-swap loop on the bit pattern
-            old_bits = self._to_signed(self._raw_load())
-            old = self._bits_float(old_bits)
-            if self._cas(self._addr, old_bits, self._float_bits(old + delta)) == old_bits:
-                return old
+            if type(delta) is not int:
+                delta = self._int_arg("fetch_add", delta)
+            return self._from_raw(self._fadd(self._addr, self._to_signed(delta)))
+        if type(delta) is not float:
+            delta = self._float_arg("fetch_add", delta)
+        return self._float_fetch_add(delta, "fetch_add")
 
     def add(self, delta: int | float = 1) -> Any:
         """Atomically add *delta* (may be negative); return the new value."""
-        old = self.fetch_add(delta)
-        if self._atomic_kind == "int":
-            return self._from_raw(self._to_signed(int(old + delta)))
-        return self._ctype(old + delta).value
+        if self._need_atomic() == "int":
+            if type(delta) is not int:
+                delta = self._int_arg("add", delta)
+            old = self._from_raw(self._fadd(self._addr, self._to_signed(delta)))
+            return self._from_raw(self._to_signed(old + delta))
+        if type(delta) is not float:
+            delta = self._float_arg("add", delta)
+        return self._ctype(self._float_fetch_add(delta, "add") + delta).value
 
     def exchange(self, new: Any) -> Any:
         """Atomically store *new*; return the previous value."""
+        return self._exchange(new, "exchange")
+
+    def _exchange(self, new: Any, method: str) -> Any:
         if self._need_atomic() == "int":
+            if type(new) is not int:
+                new = self._int_arg(method, new)
             return self._from_raw(self._xchg(self._addr, self._to_signed(new)))
-        return self._bits_float(self._xchg(self._addr, self._float_bits(new)))
+        if type(new) is not float:
+            new = self._float_arg(method, new)
+        return self._bits_float(self._xchg(self._addr, self._float_bits(new, method)))
 
     def compare_exchange(self, expected: Any, desired: Any) -> bool:
         """Atomically: if the value equals *expected*, store *desired* and return True."""
         if self._need_atomic() == "int":
+            if type(expected) is not int:
+                expected = self._int_arg("compare_exchange", expected)
+            if type(desired) is not int:
+                desired = self._int_arg("compare_exchange", desired)
             exp = self._to_signed(expected)
             return self._cas(self._addr, exp, self._to_signed(desired)) == exp
-        exp = self._float_bits(expected)
-        return self._cas(self._addr, exp, self._float_bits(desired)) == exp
+        if type(expected) is not float:
+            expected = self._float_arg("compare_exchange", expected)
+        if type(desired) is not float:
+            desired = self._float_arg("compare_exchange", desired)
+        exp = self._float_bits(expected, "compare_exchange")
+        return self._cas(self._addr, exp, self._float_bits(desired, "compare_exchange")) == exp
 
     def _raw_load(self) -> int:
         return self._fadd(self._addr, 0)
@@ -360,19 +441,15 @@ class Value(_Shared):
 
     def store(self, new: Any) -> None:
         """Atomically write the value (with a full memory barrier)."""
-        self.exchange(new)
+        self._exchange(new, "store")
 
 
-def _index(delta: Any) -> int:
-    """*delta* for an integer Value's atomics: an int (or anything with ``__index__``)."""
-    try:
-        return delta.__index__()
-    except AttributeError:
-        raise _not_an_int(delta) from None
-
-
-def _not_an_int(delta: Any) -> TypeError:
-    return TypeError(f"an integer Value adds integers, not {type(delta).__name__} {delta!r}")
+def _not_an_int(method: str, ctype: Any, v: Any) -> TypeError:
+    """What an integer Value's atomic *method* raises for *v*, which is not an integer."""
+    verb = "adds" if method in ("add", "fetch_add") else "holds"
+    return TypeError(
+        f"{method}(): a {ctype.__name__} Value {verb} integers, not {type(v).__name__} {v!r}"
+    )
 
 
 def _field_names(ctype: Any) -> list[str]:
@@ -461,6 +538,7 @@ class Array(_Shared):
         lock: Any = True,
         name: str | None = None,
         _attach: tuple[Region, _LockType | None] | None = None,
+        _init_args: tuple[Any, ...] = (),
     ) -> None:
         ctype = _ctype_of(typecode_or_type)
         if isinstance(size_or_initializer, int):
@@ -490,6 +568,8 @@ class Array(_Shared):
             self._obj = array_type.from_buffer(self._region.mmap, DATA_OFFSET)
             if init is not None and _attach is None:
                 self._obj[:] = init
+            if _init_args:  # (Value(array type, *args): as ctypes' array(*args))
+                self._obj.__init__(*_init_args)
         except BaseException:
             if _attach is None:
                 _discard(self._region)
@@ -630,7 +710,10 @@ class SharedArray:
     ``SharedArray.from_array(a)`` copies an existing array.  ``.array`` is the numpy view
     (also ``np.asarray(sa)``); indexing, ``shape``, ``dtype``, ``size``, ``nbytes`` go to it.
     Passing a SharedArray to a task or process sends a descriptor, never the data.  There is no
-    lock: use a :class:`~procpool.Lock` or give each process its own slice.
+    lock: use a :class:`~procpool.Lock` or give each process its own slice.  A named array's
+    shape and dtype are written in its header for :meth:`open` (2 KiB: a structured dtype of
+    more than some 60-150 fields does not fit, a ``ValueError`` says so); an anonymous one
+    carries its dtype wherever it goes, any dtype.
 
     Example::
 
@@ -661,14 +744,11 @@ class SharedArray:
             dt, sub = dt.subdtype
             dims += sub
         if _region is None:
-            # a structured dtype is described by its fields (numpy's .npy header form)
-            described: Any = dt.str
-            if dt.fields is not None:
-                from numpy.lib.format import dtype_to_descr
-
-                described = dtype_to_descr(dt)
-            meta = {"kind": "SharedArray", "shape": list(dims), "dtype": described}
-            _region = Region.create(math.prod(dims) * dt.itemsize, meta, name)
+            nbytes = _checked_nbytes(dims, dt.itemsize)
+            meta = {"kind": "SharedArray", "shape": list(dims), "dtype": None}
+            if name is not None:  # (only open() reads it: a passed array carries its dtype)
+                meta["dtype"] = _described(dt, meta)
+            _region = Region.create(nbytes, meta, name)
             try:
                 self._attach(_region, dims, dt)
             except BaseException:
@@ -774,6 +854,48 @@ class SharedArray:
 
     def __repr__(self) -> str:
         return f"<procpool.SharedArray shape={self.shape} dtype={self.dtype}>"
+
+
+def _checked_nbytes(dims: tuple[int, ...], itemsize: int) -> int:
+    """The bytes of a new array of shape *dims*, or numpy's ``ValueError`` for a shape it
+    refuses: ``np.ndarray`` over a buffer reads -1 as "whatever fits", ``ftruncate`` a size
+    past the largest file as ``OverflowError``."""
+    if any(n < 0 for n in dims):
+        raise ValueError(f"negative dimensions are not allowed (shape {dims})")
+    nbytes = math.prod(dims) * itemsize
+    if nbytes > sys.maxsize or any(n > sys.maxsize for n in dims):
+        raise ValueError(
+            f"array is too big: shape {dims} of {itemsize}-byte items is more than the "
+            f"largest possible size ({sys.maxsize} bytes)"
+        )
+    return nbytes
+
+
+def _described(dt: Any, meta: dict[str, Any]) -> Any:
+    """*dt* as a named array's header describes it for ``open`` (a structured one by its
+    fields: numpy's .npy header form), or a clear ``ValueError`` when *meta* with it does not
+    fit in the header (checked before the file exists)."""
+    described: Any = dt.str
+    if dt.fields is not None:
+        from numpy.lib.format import dtype_to_descr
+
+        described = dtype_to_descr(dt)
+    # (as Region.write_meta encodes it)
+    size = len(json.dumps({**meta, "dtype": described}, separators=(",", ":")).encode())
+    if size >= META_SIZE:
+        what = (
+            f"dtype's {len(dt.names)} fields"
+            if dt.names
+            else f"shape's {len(meta['shape'])} dimensions"
+        )
+        raise ValueError(
+            f"a named SharedArray's dtype and shape are too long to describe: its {what} take "
+            f"{size} bytes in the header that SharedArray.open reads, which holds "
+            f"{META_SIZE - 1}; use fewer or shorter field names, or leave out name= (an "
+            "anonymous SharedArray has no such limit: it passes to pool tasks, Processes, "
+            "Queues and Pipes with its whole dtype)"
+        )
+    return described
 
 
 def _descr_from_json(descr: list) -> list:
