@@ -291,6 +291,10 @@ def test_executor_map_checks_its_chunksize_as_the_standard_one():
             ex.map(square, [1], chunksize=0)
         with pytest.raises(TypeError):
             ex.map(square, [1], chunksize=None)
+        # a chunksize that is no int: its own error (it said "cannot schedule new futures
+        # after shutdown", the executor running on)
+        with pytest.raises(ValueError, match="1.5"):
+            ex.map(square, [1], chunksize=1.5)
         assert list(ex.map(square, [1, 2])) == [1, 4]
 
 

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 from _ipc_helpers import FORK, SPAWN, no_leaks, run_child  # noqa: F401
+from conftest import wait_until
 
 import procpool
 
@@ -323,6 +324,59 @@ def test_a_send_waiting_on_a_full_socket_gets_broken_pipe_when_the_peer_closes()
     with pytest.raises(BrokenPipeError):
         b.send("after")
     b.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_sender_ahead_of_its_reader_waits_once_its_large_messages_fill_the_bound(monkeypatch):
+    # A large message travels as a memfd and its datagram is small: the socket's buffer never
+    # filled, and a sender ahead of a reader that slept held unbounded shared memory (1.2 GB
+    # in 2 s of 1 MiB sends).  Now it waits once PIPE_BULK_IN_FLIGHT bytes are untaken.
+    import threading
+
+    from procpool import _ipc_wire
+
+    monkeypatch.setattr(_ipc_wire, "PIPE_BULK_IN_FLIGHT", 4 << 20)
+    a, b = procpool.Pipe()
+    messages = [bytes([i]) * (1 << 20) for i in range(12)]
+    sent: list[int] = []
+
+    def send_all():
+        for i, message in enumerate(messages):
+            b.send(message)
+            sent.append(i)
+
+    sender = threading.Thread(target=send_all, daemon=True)
+    sender.start()
+    assert wait_until(lambda: len(sent) >= 4, timeout=10)
+    time.sleep(0.3)  # (nothing to wait on: a sender that does not wait sends the rest now)
+    assert len(sent) == 4, f"{len(sent)} MiB sent to a reader that took none"
+    for message in messages:  # all of it, whole and in order, once the reader reads
+        assert a.recv() == message
+    sender.join(10)
+    assert not sender.is_alive() and len(sent) == 12
+    a.close()
+    b.close()
+
+
+def test_a_message_over_the_descriptor_limit_raises_serialization_error_and_sends_nothing():
+    # a message over 64 KiB takes one descriptor more (its memfd): past 250 it raised a bare
+    # ValueError, where the docs say SerializationError
+    ends = [procpool.Pipe() for _ in range(125)]
+    conns = [c for pair in ends for c in pair]
+    a, b = procpool.Pipe()
+    q = procpool.Queue()
+    try:
+        for send in (b.send, q.put):
+            with pytest.raises(procpool.SerializationError, match="at most 250 descriptors"):
+                send((b"x" * 200_000, conns))
+        assert not a.poll(0) and q.empty()
+        b.send("still works")
+        q.put("still works")
+        assert a.recv() == q.get(timeout=5) == "still works"
+    finally:
+        for c in [*conns, a, b]:
+            c.close()
+        q.close()
 
 
 def test_bytes_of_a_multidimensional_buffer_count_bytes():

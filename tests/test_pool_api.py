@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import multiprocessing
 import os
 import sys
@@ -321,6 +322,37 @@ def test_processes_argument_is_validated():
             with pytest.raises(ValueError, match="retries"):
                 call()
         assert pool.apply_async(square, (3,), retries=2).get(10) == 9
+
+
+def test_max_memory_per_child_and_timeout_refuse_what_is_no_number_of_bytes_or_seconds():
+    # max_memory_per_child="2GB" was taken: every worker then died after its task (the
+    # comparison raised in the worker), each result lost; -5 replaced it after every task.
+    # timeout=True was a one-second limit ("exceeded its timeout of Trues")
+    for bad, error in (("2GB", TypeError), (True, TypeError), (-5, ValueError), (0, ValueError)):
+        with pytest.raises(error, match="max_memory_per_child"):
+            procpool.Pool(1, max_memory_per_child=bad)
+    for bad, error in ((True, TypeError), ("3", TypeError), (float("nan"), ValueError)):
+        with pytest.raises(error, match="timeout"):
+            procpool.Pool(1, timeout=bad)
+    with procpool.Pool(1, max_memory_per_child=1.5e9) as pool:  # bytes as a float: taken
+        assert pool.apply(square, (3,)) == 9
+        with pytest.raises(TypeError, match="timeout"):
+            pool.apply_async(square, (1,), timeout=True)
+
+
+def test_a_nan_timeout_waits_no_time_as_the_standard_librarys_waits():
+    # (a ValueError "Invalid value NaN" before, from the poll of the channel)
+    with procpool.Pool(1) as pool:
+        slow = pool.apply_async(time.sleep, (0.5,))
+        assert slow.wait(float("nan")) is None
+        with pytest.raises(multiprocessing.TimeoutError):
+            slow.get(float("nan"))
+        with pytest.raises(concurrent.futures.TimeoutError):
+            pool.submit(time.sleep, 0.5).result(float("nan"))
+        assert slow.get(10) is None
+        pool.close()
+        pool.join(float("nan"))  # returns at once
+        pool.join(10)
 
 
 def test_default_processes_is_the_cpu_count():

@@ -186,6 +186,43 @@ def test_put_many_get_many():
     assert info.value.args[1] == 3 and b.qsize() == 3
 
 
+def test_get_many_refuses_a_bad_max_messages_before_it_takes_any_message():
+    # get_many took one message first and compared after: "2" raised TypeError with a message
+    # taken and dropped; 0 and -1 took one anyway
+    q = procpool.Queue()
+    q.put_many(range(4))
+    for bad, error in ((0, ValueError), (-1, ValueError), ("2", TypeError), (1.5, TypeError)):
+        with pytest.raises(error, match="max_messages"):
+            q.get_many(bad)
+    assert q.get_many(10, timeout=5) == [0, 1, 2, 3]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("maxsize", [1, 0])
+def test_a_put_with_a_nan_timeout_on_a_full_queue_raises_at_once(maxsize):
+    # every deadline test is false for NaN: a put on a full queue waited for good
+    q = procpool.Queue(maxsize)
+    if maxsize:
+        q.put(0)
+    else:  # the socket's buffer full
+        with pytest.raises(queue.Full):
+            while True:
+                q.put_nowait(0)
+    for put in (q.put, lambda x, timeout: q.put_many([x], timeout=timeout)):
+        started = time.monotonic()
+        with pytest.raises(ValueError, match="NaN"):
+            put(1, timeout=float("nan"))
+        assert time.monotonic() - started < 5
+
+
+def test_maxsize_must_be_an_integer_as_for_the_standard_queue():
+    # 2.5 became 2 and "3" became 3, silently; the standard library raises TypeError
+    for bad in (2.5, "3", None, float("inf")):
+        with pytest.raises(TypeError, match="maxsize"):
+            procpool.Queue(bad)
+    assert procpool.Queue(np.int64(3)).maxsize == 3
+
+
 def _victim_get(q, started):
     started.set()
     q.get()  # blocks forever: the queue is empty

@@ -109,7 +109,11 @@ def test_wait_returns_the_signal_or_none():
         # not block SIGUSR1 could take it, and its default action ends the process
         signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
         assert signals.wait([signal.SIGUSR1, signal.SIGUSR2], timeout=5) == signal.SIGUSR1
+        # an infinite timeout waits as None does (OverflowError before: time_t overflowed)
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+        assert signals.wait(signal.SIGUSR1, timeout=float("inf")) == signal.SIGUSR1
     finally:
+        signal.sigtimedwait({signal.SIGUSR1}, 0)  # (one left pending would end the process)
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
@@ -179,6 +183,18 @@ def test_kill_pool_signals_every_worker():
 
     with multiprocessing.get_context("fork").Pool(2) as pool:
         assert len(signals.kill_pool(pool, 0)) == 2
+
+
+def test_kill_pool_refuses_a_number_that_is_no_signal_and_what_is_no_pool():
+    # (a procpool pool's workers were reported signalled with 999; None gave [] silently)
+    with procpool.Pool(2) as pool:
+        for bad in (999, -5):
+            with pytest.raises(ValueError, match="out of range"):
+                signals.kill_pool(pool, bad)
+        assert len(signals.kill_pool(pool, 0)) == 2
+    for bad in (None, "abc"):
+        with pytest.raises(TypeError, match="Pool"):
+            signals.kill_pool(bad)
 
 
 @pytest.mark.timeout(60)

@@ -48,10 +48,19 @@ MAX_TIMEOUT = 1e9
 
 def check_timeout(timeout: float | None) -> float | None:
     """*timeout* as a task time limit: a positive number of seconds, or None for none (also
-    for ``inf`` and anything over :data:`MAX_TIMEOUT`); ``ValueError`` for anything else."""
+    for ``inf`` and anything over :data:`MAX_TIMEOUT`); ``TypeError`` for what is no number
+    (a bool included), ``ValueError`` for one that is not positive (NaN included)."""
     if timeout is None:
         return None
-    if not timeout > 0:
+    if isinstance(timeout, bool):  # (True was a one-second limit, "exceeded ... of Trues")
+        raise TypeError("timeout must be a number of seconds or None, not a bool")
+    try:
+        positive = timeout > 0
+    except TypeError:
+        raise TypeError(
+            f"timeout must be a number of seconds or None, not {type(timeout).__name__}"
+        ) from None
+    if not positive:
         raise ValueError("timeout must be a positive number of seconds or None")
     return None if timeout > MAX_TIMEOUT else timeout
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import math
 import os
 import pickle
@@ -32,6 +33,7 @@ import struct
 import time
 
 from . import _ipc_bulk, _serialize
+from .errors import SerializationError
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
@@ -61,6 +63,10 @@ _POLLIN = int(select.POLLIN)
 _POLLOUT = int(select.POLLOUT)
 _PAUSE_MIN, _PAUSE_MAX = 0.001, 0.05  # seconds a send on a full buffer waits to try again
 _POLL_MAX_S = 2_000_000.0  # ~23 days: the longest single poll() (2**31 - 1 ms), rounded down
+_SIOCOUTQ = 0x5411  # (TIOCOUTQ) bytes of datagrams this socket sent that the peer has not taken
+#: a Pipe's large messages (memfds) that one sender may have sent and its peer not yet taken,
+#: in bytes (more waits, see Wire._room_for_bulk); a single larger message goes alone
+PIPE_BULK_IN_FLIGHT = 64 << 20
 
 
 class Expired(Exception):
@@ -117,6 +123,13 @@ def enlarge_buffers(sock: socket.socket, want: int = _SOCK_WANT_BYTES) -> None:
         pass
 
 
+def _too_many_fds(n: int) -> SerializationError:
+    return SerializationError(
+        f"a message can carry at most {MAX_FDS} descriptors; this one would carry {n}"
+        " (procpool objects inside it, and one for a message over 64 KiB): nothing was sent"
+    )
+
+
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
         try:
@@ -141,6 +154,11 @@ class Wire:
         self.inline_max = min(
             INLINE_MAX, max(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 4, 1024)
         )
+        # the bytes of large messages a sender may have in flight (a Pipe's: see
+        # _room_for_bulk); None: no bound beyond the socket's (a Queue's: its maxsize)
+        self.bulk_limit: int | None = None
+        self._bulk_sent = 0  # large messages' bytes sent since the peer last took everything
+        self._outq = bytearray(4)
 
     # -- sending ----------------------------------------------------------------------------
     def send_frame(
@@ -178,13 +196,17 @@ class Wire:
                 # every headed datagram carries a descriptor (an empty SCM_RIGHTS is not
                 # delivered, and the receiver tells headed datagrams by their descriptors)
                 if size > self.inline_max or size == 0 or raw or not fds:
+                    if len(fds) >= MAX_FDS:
+                        raise _too_many_fds(len(fds) + 1)
+                    if self.bulk_limit is not None:
+                        self._room_for_bulk(size, deadline, block)
                     bulk_fd = _ipc_bulk.write(data)
                     flags |= BULK
                 else:
                     parts.append(data)
                 all_fds = ([bulk_fd] if bulk_fd >= 0 else []) + fds
                 if len(all_fds) > MAX_FDS:
-                    raise ValueError(f"a message can carry at most {MAX_FDS} descriptors")
+                    raise _too_many_fds(len(all_fds))
                 header = HEADER.pack(MAGIC, flags, nbuf, size)
                 anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", all_fds))]
                 if ready is not None:
@@ -195,6 +217,38 @@ class Wire:
                     os.close(bulk_fd)
         finally:
             _close_all(fds)
+
+    def _room_for_bulk(self, size: int, deadline: float | None, block: bool) -> None:
+        """Wait, before a large message's payload is copied, until the bytes of large
+        messages this sender has in flight stay within ``bulk_limit`` with it.  A large message
+        is a memfd: its datagram is small, so the socket's buffer never fills with them, and a
+        sender ahead of its reader held unbounded shared memory (a review: 1.2 GB in 2 s of
+        1 MiB sends to a reader that slept; the stdlib's pipe blocks at once).  The kernel says
+        how many bytes of this socket's datagrams the peer has not taken (``SIOCOUTQ``): at 0
+        it has taken them all, and the count starts again.  Nothing says when it takes one,
+        so a full sender looks again after 1-50 ms.  (One sender's count: processes sending on
+        copies of one end each keep their own.)"""
+        limit = self.bulk_limit
+        assert limit is not None
+        if self._bulk_sent and self._taken_all():
+            self._bulk_sent = 0
+        pause = _PAUSE_MIN
+        while self._bulk_sent and self._bulk_sent + size > limit:
+            if not block:
+                raise Expired("too many large messages in flight")
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise Expired("too many large messages in flight")
+            time.sleep(pause if deadline is None else min(pause, deadline - now))
+            pause = min(pause * 2, _PAUSE_MAX)
+            if self._taken_all():
+                self._bulk_sent = 0
+        self._bulk_sent += size
+
+    def _taken_all(self) -> bool:
+        """Whether the peer has taken every datagram this socket sent (or is gone)."""
+        fcntl.ioctl(self.sock.fileno(), _SIOCOUTQ, self._outq)
+        return not any(self._outq)
 
     def _send(self, data: Any, anc: list[Any] | None, deadline: float | None, block: bool) -> None:
         sock = self.sock

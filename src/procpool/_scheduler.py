@@ -598,6 +598,8 @@ class Scheduler(WorkerSupervision, Dispatch, Bursts, Feeding, Driving, Delivery)
 
     def join(self, timeout: float | None = None) -> bool:
         # in slices, so that a Ctrl-C during join() is raised at once (see results.WAIT_SLICE)
+        if timeout is not None and timeout != timeout:  # NaN: no wait, as the stdlib's
+            timeout = 0.0
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._thread.is_alive():
             left = WAIT_SLICE if deadline is None else deadline - time.monotonic()

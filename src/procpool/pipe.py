@@ -60,6 +60,7 @@ class Connection:
             raise ValueError("at least one of `readable` and `writable` must be True")
         self._sock: socket.socket | None = socket.socket(fileno=fd)
         self._wire = _ipc_wire.Wire(self._sock)
+        self._wire.bulk_limit = _ipc_wire.PIPE_BULK_IN_FLIGHT  # (see Wire._room_for_bulk)
         self._inline_max = self._wire.inline_max
         self._readable = readable
         self._writable = writable

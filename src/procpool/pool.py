@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import operator
 import os
+import signal
 import threading
 import time
 import weakref
@@ -43,6 +44,20 @@ def _check_retries(retries: Any) -> int:
     if type(retries) is not int or retries < 0:  # (not a bool either)
         raise ValueError(f"retries must be a non-negative int, not {retries!r}")
     return retries
+
+
+def _check_memory_limit(limit: Any) -> int | None:
+    """*max_memory_per_child* as an int of bytes, or None (also for ``inf``).  A str ("2GB")
+    was taken, and every worker died after its first task, its result lost."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not (hasattr(limit, "__index__") or isinstance(limit, float)):
+        raise TypeError(
+            f"max_memory_per_child must be a number of bytes or None, not {type(limit).__name__}"
+        )
+    if not limit >= 1:  # (NaN too)
+        raise ValueError(f"max_memory_per_child must be at least 1 byte, not {limit!r}")
+    return None if limit == float("inf") else int(limit)
 
 
 def _start_method(start_method: str | None, context: Any) -> str | None:
@@ -126,6 +141,7 @@ class Pool(PoolAPI):
                 raise ValueError("maxtasksperchild must be a positive int or None")
         limit = check_timeout(timeout)
         _check_retries(retries)
+        max_memory_per_child = _check_memory_limit(max_memory_per_child)
         if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace < 1e9:
             raise ValueError(f"grace must be a number of seconds >= 0, not {grace!r}")
         grace = float(grace)
@@ -183,7 +199,11 @@ class Pool(PoolAPI):
         return self._sched.worker_pids()
 
     def signal_workers(self, signum: int) -> list[int]:
-        """Send signal *signum* to every live worker; return the pids signalled."""
+        """Send signal *signum* to every live worker; return the pids signalled.  Raises
+        ``ValueError`` for a number that is no signal (``os.kill``'s ``EINVAL``), before any."""
+        signum = operator.index(signum)
+        if signum != 0 and signum not in signal.valid_signals():
+            raise ValueError(f"signal number {signum} out of range")
         return self._sched.signal_workers(signum)
 
     # ---------------------------------------------------------------- one task
@@ -477,13 +497,15 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         """
         if chunksize < 1:  # (None: TypeError, as in the standard library)
             raise ValueError("chunksize must be >= 1.")
+        size = check_chunksize(chunksize)  # (1.5: its ValueError, not "after shutdown")
+        assert size is not None  # (None failed above)
         deadline = None if timeout is None else time.monotonic() + timeout
         pool = self._pool
         if pool._sched.state != RUNNING:  # (before the inputs are read, as submit)
             raise RuntimeError("cannot schedule new futures after shutdown")
         items = list(zip(*iterables, strict=False))
         try:
-            it = pool._imap(fn, items, chunksize, None, ordered=True, star=True, lazy=False)
+            it = pool._imap(fn, items, size, None, ordered=True, star=True, lazy=False)
         except ValueError:
             raise RuntimeError("cannot schedule new futures after shutdown") from None
         job = it._job

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import array
 import fcntl
+import operator
 import os
 import pickle
 import queue as _stdqueue
@@ -83,6 +84,13 @@ _inband_only = _ipc_wire._inband_only
 _RENDEZVOUS = "\0procpool-queue-{}"
 
 
+def _check_timeout(timeout: float | None) -> None:
+    """A put's *timeout* must be comparable: a NaN made every deadline test false, and a put
+    on a full queue waited for good (``get`` refuses one too, as the stdlib's)."""
+    if timeout is not None and timeout != timeout:
+        raise ValueError("timeout must be a number of seconds or None, not NaN")
+
+
 def _give_slot(free: Any) -> None:
     """Give a bounded queue's slot back.  Already all free (a put interrupted just after its
     message went gave its slot back too, see Queue._put_slow): nothing to give, and the
@@ -108,7 +116,12 @@ class Queue:
     """
 
     def __init__(self, maxsize: int = 0, *, name: str | None = None) -> None:
-        maxsize = int(maxsize)
+        try:  # (an int, as multiprocessing's semaphore takes: 2.5 or "3" raise TypeError)
+            maxsize = operator.index(maxsize)
+        except TypeError:
+            raise TypeError(
+                f"maxsize must be an integer, not {type(maxsize).__name__} {maxsize!r}"
+            ) from None
         if maxsize < 0:
             maxsize = 0
         if maxsize > SEM_VALUE_MAX:
@@ -258,6 +271,7 @@ class Queue:
         timeout: float | None,
         raw: bool = False,
     ) -> None:
+        _check_timeout(timeout)
         deadline = None if timeout is None or not block else time.monotonic() + max(timeout, 0)
         free = self._free
         # A bounded queue's slot: taken once the message is ready to go (a producer killed while
@@ -334,6 +348,7 @@ class Queue:
         Raises ``queue.Full`` if the queue stays full: the messages before the one that did
         not fit are in the queue (``exc.args[1]`` is how many).
         """
+        _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0)
         put = self.put
         done = 0
@@ -469,11 +484,19 @@ class Queue:
         up to *max_messages*; return them in order.  Raises ``queue.Empty`` like ``get``.  A
         message that does not unpickle ends the batch: the messages before it are returned,
         and its error is raised by the next ``get``/``get_many``."""
+        try:  # (checked before anything is taken: a message taken is never dropped)
+            wanted = operator.index(max_messages)
+        except TypeError:
+            raise TypeError(
+                f"max_messages must be an integer, not {type(max_messages).__name__}"
+            ) from None
+        if wanted < 1:
+            raise ValueError(f"max_messages must be at least 1, not {wanted}")
         out = [self.get(block, timeout)]
         recv, finish = self._wire_r.recv_datagram, self._wire_r.finish_object
         account = self._account_get
         take = None if self._ledger is None else self._take_counted
-        while len(out) < max_messages:
+        while len(out) < wanted:
             try:
                 if take is None:
                     data, anc, msg_flags = recv(False, None)

@@ -175,6 +175,8 @@ class AsyncResult(Generic[T]):
         """Block until the result is ready or *timeout* seconds pass."""
         if self._done:
             return
+        if timeout is not None and timeout != timeout:  # NaN: no wait, as the stdlib's
+            timeout = 0.0
         deadline = None if timeout is None else time.monotonic() + timeout
         task = self._task
         sched = self._sched
@@ -923,6 +925,8 @@ class Future(concurrent.futures.Future[T]):
         return self._state in _OVER
 
     def _wait_sliced(self, timeout: float | None) -> None:
+        if timeout is not None and timeout != timeout:  # NaN: no wait, as the stdlib's
+            timeout = 0.0
         deadline = None if timeout is None else time.monotonic() + timeout
         sched, task = self._sched, self._task
         if sched is not None and task is not None:  # maybe wait by reading the channel

@@ -311,6 +311,8 @@ def wait(signals: int | Iterable[int], timeout: float | None = None) -> int | No
         if sig is None: print("nothing in 10 s")
     """
     sigs = {signals} if isinstance(signals, int) else set(signals)
+    if timeout is not None and timeout > _FOREVER:  # inf, 1e10: as None (sigtimedwait's
+        timeout = None  # time_t overflowed: OverflowError)
     old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, sigs)
     try:
         if timeout is not None:
@@ -331,10 +333,15 @@ _FOREVER = 86400.0
 
 def kill_pool(pool: Any, sig: int = _signal.SIGTERM) -> list[int]:
     """Send *sig* to every worker of *pool* (a procpool ``Pool``, or a stdlib one); return
-    the pids signalled.  Workers that already exited are skipped."""
+    the pids signalled.  Workers that already exited are skipped.  Raises ``ValueError`` for
+    a number that is no signal (before signalling any), ``TypeError`` for what is no pool."""
     if hasattr(pool, "signal_workers"):
         return list(pool.signal_workers(sig) or [])
-    pids = [p.pid for p in getattr(pool, "_pool", [])]  # multiprocessing.Pool
+    if not hasattr(pool, "_pool"):
+        raise TypeError(f"kill_pool() needs a procpool or multiprocessing Pool, not {pool!r}")
+    if sig != 0 and sig not in _signal.valid_signals():
+        raise ValueError(f"signal number {sig} out of range")
+    pids = [p.pid for p in pool._pool]  # multiprocessing.Pool
     sent = []
     for pid in pids:
         try:
