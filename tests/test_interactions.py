@@ -562,6 +562,39 @@ def test_a_callback_waiting_for_more_results_of_its_pool_gets_an_error_not_a_han
         assert time.monotonic() - started < 5
 
 
+@pytest.mark.parametrize("which", ["callback", "error_callback"])
+def test_a_callback_waiting_for_its_own_result_gets_an_error_not_a_hang(which):
+    # the result is made ready once its callback returns: its get() inside the callback
+    # waited for good (its pool was then left out of the check: done with it already), and
+    # terminate() and join() after it
+    box: dict = {}
+    seen: list = []
+    done = threading.Event()
+
+    def wait_for_own(_value):
+        try:
+            box["result"].get()
+            seen.append("returned")
+        except RuntimeError as exc:
+            seen.append(str(exc))
+        finally:
+            done.set()
+
+    pool = procpool.Pool(2)
+    try:
+        if which == "callback":
+            box["result"] = pool.apply_async(identity, (1,), callback=wait_for_own)
+        else:
+            box["result"] = pool.map_async(int, ["x"], error_callback=wait_for_own)
+        assert done.wait(10)
+        assert len(seen) == 1 and "inside its own callback" in seen[0], seen
+    finally:
+        started = time.monotonic()
+        pool.terminate()
+        pool.join(10)
+        assert time.monotonic() - started < 5
+
+
 def test_apply_inside_a_callback_reads_its_own_reply_and_returns():
     # apply reads its reply in its own thread (Scheduler.drive): no delivery to wait for
     seen: list = []

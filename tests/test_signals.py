@@ -117,6 +117,15 @@ def test_wait_returns_the_signal_or_none():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def test_wait_longer_than_one_slice_times_out_at_its_deadline(monkeypatch):
+    # sigtimedwait's time_t overflows past ~1e9 s, so long timeouts wait in slices of a day
+    # (_FOREVER); a timeout longer than one slice waited for good
+    monkeypatch.setattr(signals, "_FOREVER", 0.05)
+    started = time.monotonic()
+    assert signals.wait(signal.SIGUSR1, timeout=0.2) is None
+    assert 0.18 <= time.monotonic() - started < 5
+
+
 def _signal_parent_later(pid):
     for _ in range(100):  # until the parent is gone: one of them reaches its waiting thread
         try:

@@ -67,6 +67,7 @@ _SIOCOUTQ = 0x5411  # (TIOCOUTQ) bytes of datagrams this socket sent that the pe
 #: a Pipe's large messages (memfds) that one sender may have sent and its peer not yet taken,
 #: in bytes (more waits, see Wire._room_for_bulk); a single larger message goes alone
 PIPE_BULK_IN_FLIGHT = 64 << 20
+_BULK_PAUSE_MAX = 0.005  # seconds between looks of a sender waiting for its reader to take all
 
 
 class Expired(Exception):
@@ -189,6 +190,8 @@ class Wire:
                     ready()
                 self._send(data, None, deadline, block)
                 return
+            if self.bulk_limit is not None and nbuf:  # (a numpy array's buffers: memfds too)
+                self._room_for_bulk(sum(os.fstat(fd).st_size for fd in fds[:nbuf]), deadline, block)
             bulk_fd = -1
             try:
                 flags = RAW if raw else 0
@@ -226,8 +229,11 @@ class Wire:
         1 MiB sends to a reader that slept; the stdlib's pipe blocks at once).  The kernel says
         how many bytes of this socket's datagrams the peer has not taken (``SIOCOUTQ``): at 0
         it has taken them all, and the count starts again.  Nothing says when it takes one,
-        so a full sender looks again after 1-50 ms.  (One sender's count: processes sending on
-        copies of one end each keep their own.)"""
+        so a full sender looks again after 1-5 ms (a reader slower than its sender idles that
+        long each time it has taken all).  One sender's count: processes sending on copies of
+        one end each keep their own.  The out-of-band buffers of a message (a numpy array's
+        memfds) count too.  Both ends of a duplex pipe sending more than this before either
+        reads wait for each other for good -- as the stdlib's do, far sooner (its buffer)."""
         limit = self.bulk_limit
         assert limit is not None
         if self._bulk_sent and self._taken_all():
@@ -240,7 +246,7 @@ class Wire:
             if deadline is not None and now >= deadline:
                 raise Expired("too many large messages in flight")
             time.sleep(pause if deadline is None else min(pause, deadline - now))
-            pause = min(pause * 2, _PAUSE_MAX)
+            pause = min(pause * 2, _BULK_PAUSE_MAX)
             if self._taken_all():
                 self._bulk_sent = 0
         self._bulk_sent += size

@@ -271,7 +271,8 @@ class Queue:
         timeout: float | None,
         raw: bool = False,
     ) -> None:
-        _check_timeout(timeout)
+        if block:  # (not blocking, the timeout is ignored, as the stdlib's)
+            _check_timeout(timeout)
         deadline = None if timeout is None or not block else time.monotonic() + max(timeout, 0)
         free = self._free
         # A bounded queue's slot: taken once the message is ready to go (a producer killed while
@@ -348,9 +349,8 @@ class Queue:
         Raises ``queue.Full`` if the queue stays full: the messages before the one that did
         not fit are in the queue (``exc.args[1]`` is how many).
         """
-        _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0)
-        put = self.put
+        put = self.put  # (a NaN timeout: put raises where it would wait, see _check_timeout)
         done = 0
         for obj in objs:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0)

@@ -55,7 +55,14 @@ def _never_delivered(result: Any) -> None:
     *result*'s pool: it runs one of that pool's callbacks (or is the pool's I/O thread
     running one), and no other thread can deliver a result while it holds the deliveries --
     an untimed wait for one that has not come would never return.  (``apply`` and a lone
-    task's ``get()`` first read their own reply, see ``Scheduler.drive``: that still works.)"""
+    task's ``get()`` first read their own reply, see ``Scheduler.drive``: that still works.)
+    Also when this thread runs *result*'s own callback: it is ready once that returns."""
+    if getattr(result, "_calling", None) == threading.get_ident():
+        raise RuntimeError(
+            "waiting, with no timeout, for a result inside its own callback, which would never"
+            " return: the result is ready once its callback has returned (the callback is"
+            " given its value)"
+        )
     sched = getattr(result, "_sched", None) or getattr(result._pool, "_sched", None)
     if sched is not None and getattr(sched, "_delivering", None) == threading.get_ident():
         raise RuntimeError(
@@ -135,6 +142,7 @@ class AsyncResult(Generic[T]):
         "_pool",
         "_entry",
         "_args",
+        "_calling",  # the thread running its callback, while it does (see _never_delivered)
         "__weakref__",
     )
 
@@ -249,9 +257,11 @@ class AsyncResult(Generic[T]):
     def _call_back(self, callback: Callable[[Any], object], value: Any) -> None:
         """Run the callback, then make the result ready: as in :mod:`multiprocessing`, what a
         callback collects is there once ``wait()`` or ``get()`` returns."""
+        self._calling: int | None = threading.get_ident()
         try:
             callback(value)
         finally:  # (a callback that raises: its traceback is printed, the result is ready)
+            self._calling = None
             self._done = True
             event = self._event
             if event is not None:

@@ -311,13 +311,20 @@ def wait(signals: int | Iterable[int], timeout: float | None = None) -> int | No
         if sig is None: print("nothing in 10 s")
     """
     sigs = {signals} if isinstance(signals, int) else set(signals)
-    if timeout is not None and timeout > _FOREVER:  # inf, 1e10: as None (sigtimedwait's
-        timeout = None  # time_t overflowed: OverflowError)
+    if timeout is not None and timeout == float("inf"):
+        timeout = None
     old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, sigs)
     try:
         if timeout is not None:
-            info = _signal.sigtimedwait(sigs, max(timeout, 0))
-            return None if info is None else info.si_signo
+            # in slices of a day at most: a longer one overflowed time_t (OverflowError)
+            deadline = time.monotonic() + max(timeout, 0)
+            while True:
+                left = max(deadline - time.monotonic(), 0)
+                info = _signal.sigtimedwait(sigs, min(left, _FOREVER))
+                if info is not None:
+                    return info.si_signo
+                if left <= _FOREVER:
+                    return None
         # not sigwait: the C library restarts it after another signal's handler, so Python
         # could not run that handler (Ctrl-C would do nothing) until one of *sigs* came
         while True:
