@@ -338,7 +338,8 @@ def test_a_sender_ahead_of_its_reader_waits_once_its_large_messages_fill_the_bou
 
     from procpool import _ipc_wire
 
-    monkeypatch.setattr(_ipc_wire, "PIPE_BULK_IN_FLIGHT", 4 << 20)
+    # four 1 MiB messages and their pickles fit, a fifth does not
+    monkeypatch.setattr(_ipc_wire, "PIPE_BULK_IN_FLIGHT", (4 << 20) + (64 << 10))
     a, b = procpool.Pipe()
     # (a numpy array's buffer is an out-of-band memfd beside a small pickle: it counts too)
     if kind == "bytes":
@@ -364,6 +365,52 @@ def test_a_sender_ahead_of_its_reader_waits_once_its_large_messages_fill_the_bou
     assert not sender.is_alive() and len(sent) == 12
     a.close()
     b.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_sender_at_its_bound_is_not_held_up_by_another_process_sending_on_its_end(monkeypatch):
+    # "taken" was the kernel's count of untaken datagrams falling to 0: a child sending small
+    # messages steadily on its copy of the end kept it above 0, and the parent, at its bound,
+    # waited until the child stopped (10 s in the review), though the reader had taken its own
+    import threading
+
+    from procpool import _ipc_wire
+
+    monkeypatch.setattr(_ipc_wire, "PIPE_BULK_IN_FLIGHT", (4 << 20) + (64 << 10))
+    reader_end, sender_end = procpool.Pipe()
+    pid = os.fork()
+    if pid == 0:  # small messages, a little faster than the reader takes them, for 20 s
+        try:
+            reader_end.close()
+            end = time.monotonic() + 20
+            while time.monotonic() < end:
+                sender_end.send(("child", b"c" * 4000))
+        finally:
+            os._exit(0)
+    taken: list[int] = []
+
+    def read_until_the_parents_eight():
+        while len(taken) < 8:
+            kind, value = reader_end.recv()
+            if kind == "parent":
+                taken.append(value[0])
+            time.sleep(0.0001)
+
+    reader = threading.Thread(target=read_until_the_parents_eight, daemon=True)
+    reader.start()
+    try:
+        started = time.monotonic()
+        for i in range(8):  # twice the bound: the last four wait for the reader to take some
+            sender_end.send(("parent", (i, b"p" * (1 << 20))))
+        elapsed = time.monotonic() - started
+        reader.join(15)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert taken == list(range(8))
+    assert elapsed < 10, f"the parent's sends took {elapsed:.1f} s"
+    reader_end.close()
+    sender_end.close()
 
 
 def test_a_message_over_the_descriptor_limit_raises_serialization_error_and_sends_nothing():

@@ -215,9 +215,13 @@ def test_a_put_with_a_nan_timeout_on_a_full_queue_raises_at_once(maxsize):
         assert time.monotonic() - started < 5
     with pytest.raises(queue.Full):  # not blocking, the timeout is ignored, as the stdlib's
         q.put(1, False, float("nan"))
-    roomy = procpool.Queue()  # where a put need not wait, a NaN timeout never matters
-    roomy.put_many([1, 2], timeout=float("nan"))
-    assert roomy.get_many(5, timeout=5) == [1, 2]
+    # refused whatever the queue's state and the message's size, and before any message goes
+    roomy = procpool.Queue()
+    for put in (roomy.put, lambda x, timeout: roomy.put_many([b"x", x], timeout=timeout)):
+        for message in (b"small", b"x" * (200 << 10)):
+            with pytest.raises(ValueError, match="NaN"):
+                put(message, timeout=float("nan"))
+    assert roomy.empty()
 
 
 def test_maxsize_must_be_an_integer_as_for_the_standard_queue():

@@ -29,6 +29,7 @@ HEADER = 64
 _CACHE_ENTRIES = 8
 _CACHE_MAX_BYTES = 8 << 20  # larger payloads use a fresh memfd each time
 _DONE = b"\1"
+DONE = _DONE  # (a Pipe's sender reads it to see that its message was taken: see _ipc_wire)
 _BUSY = b"\0"
 
 _lock = threading.Lock()

@@ -31,6 +31,7 @@ import select
 import socket
 import struct
 import time
+from collections import deque
 
 from . import _ipc_bulk, _serialize
 from .errors import SerializationError
@@ -67,7 +68,8 @@ _SIOCOUTQ = 0x5411  # (TIOCOUTQ) bytes of datagrams this socket sent that the pe
 #: a Pipe's large messages (memfds) that one sender may have sent and its peer not yet taken,
 #: in bytes (more waits, see Wire._room_for_bulk); a single larger message goes alone
 PIPE_BULK_IN_FLIGHT = 64 << 20
-_BULK_PAUSE_MAX = 0.005  # seconds between looks of a sender waiting for its reader to take all
+_BULK_TRACKED = 64  # ... and at most this many of them (each holds a descriptor meanwhile)
+_BULK_PAUSE_MAX = 0.005  # seconds between looks of a sender waiting for its reader
 
 
 class Expired(Exception):
@@ -158,7 +160,9 @@ class Wire:
         # the bytes of large messages a sender may have in flight (a Pipe's: see
         # _room_for_bulk); None: no bound beyond the socket's (a Queue's: its maxsize)
         self.bulk_limit: int | None = None
-        self._bulk_sent = 0  # large messages' bytes sent since the peer last took everything
+        # this sender's large messages not yet seen taken: [a descriptor of the payload's
+        # memfd, whose "done" byte the reader sets (_ipc_bulk), the message's bytes]
+        self._inflight: deque[list[int]] = deque()
         self._outq = bytearray(4)
 
     # -- sending ----------------------------------------------------------------------------
@@ -190,19 +194,22 @@ class Wire:
                     ready()
                 self._send(data, None, deadline, block)
                 return
-            if self.bulk_limit is not None and nbuf:  # (a numpy array's buffers: memfds too)
-                self._room_for_bulk(sum(os.fstat(fd).st_size for fd in fds[:nbuf]), deadline, block)
             bulk_fd = -1
+            bounded = self.bulk_limit is not None
+            weight = 0
             try:
                 flags = RAW if raw else 0
                 parts: list[Any] = []
                 # every headed datagram carries a descriptor (an empty SCM_RIGHTS is not
-                # delivered, and the receiver tells headed datagrams by their descriptors)
-                if size > self.inline_max or size == 0 or raw or not fds:
+                # delivered, and the receiver tells headed datagrams by their descriptors);
+                # a Pipe's message with out-of-band buffers (a numpy array's memfds) puts its
+                # pickle in a memfd too, whose "done" byte says when it was taken
+                if size > self.inline_max or size == 0 or raw or not fds or (bounded and nbuf):
                     if len(fds) >= MAX_FDS:
                         raise _too_many_fds(len(fds) + 1)
-                    if self.bulk_limit is not None:
-                        self._room_for_bulk(size, deadline, block)
+                    if bounded:
+                        weight = size + sum(os.fstat(fd).st_size for fd in fds[:nbuf])
+                        self._room_for_bulk(weight, deadline, block)
                     bulk_fd = _ipc_bulk.write(data)
                     flags |= BULK
                 else:
@@ -215,6 +222,9 @@ class Wire:
                 if ready is not None:
                     ready()
                 self._send([header, *parts], anc, deadline, block)
+                if bounded and bulk_fd >= 0:  # kept, to see when it is taken
+                    self._inflight.append([bulk_fd, weight])
+                    bulk_fd = -1
             finally:
                 if bulk_fd >= 0:  # (a duplicate: see _ipc_bulk.write)
                     os.close(bulk_fd)
@@ -222,24 +232,26 @@ class Wire:
             _close_all(fds)
 
     def _room_for_bulk(self, size: int, deadline: float | None, block: bool) -> None:
-        """Wait, before a large message's payload is copied, until the bytes of large
-        messages this sender has in flight stay within ``bulk_limit`` with it.  A large message
-        is a memfd: its datagram is small, so the socket's buffer never fills with them, and a
-        sender ahead of its reader held unbounded shared memory (a review: 1.2 GB in 2 s of
-        1 MiB sends to a reader that slept; the stdlib's pipe blocks at once).  The kernel says
-        how many bytes of this socket's datagrams the peer has not taken (``SIOCOUTQ``): at 0
-        it has taken them all, and the count starts again.  Nothing says when it takes one,
-        so a full sender looks again after 1-5 ms (a reader slower than its sender idles that
-        long each time it has taken all).  One sender's count: processes sending on copies of
-        one end each keep their own.  The out-of-band buffers of a message (a numpy array's
-        memfds) count too.  Both ends of a duplex pipe sending more than this before either
-        reads wait for each other for good -- as the stdlib's do, far sooner (its buffer)."""
+        """Wait, before a large message's payload is copied, until this sender's large
+        messages not yet taken stay within ``bulk_limit`` bytes (and ``_BULK_TRACKED``
+        messages) with it.  A large message is a memfd beside a small datagram, so the
+        socket's buffer never fills with them, and a sender ahead of its reader held
+        unbounded shared memory (a review: 1.2 GB in 2 s of 1 MiB sends to a reader that
+        slept; the stdlib's pipe blocks at once).  A message is taken once its reader has set
+        its payload memfd's "done" byte (``_ipc_bulk``: this sender keeps a descriptor of it),
+        or once the kernel says the peer has taken every datagram sent on this socket
+        (``SIOCOUTQ`` 0: also when the peer is gone).  Neither wakes anyone, so a full sender
+        looks again after 1-5 ms.  Each sender counts its own: processes sending on copies of
+        one end do not hold each other up.  Both ends of a duplex pipe sending more than the
+        bound before either reads wait for each other for good -- as the stdlib's do, far
+        sooner (its buffer)."""
         limit = self.bulk_limit
         assert limit is not None
-        if self._bulk_sent and self._taken_all():
-            self._bulk_sent = 0
         pause = _PAUSE_MIN
-        while self._bulk_sent and self._bulk_sent + size > limit:
+        while True:
+            held = self._untaken()
+            if held + size <= limit and len(self._inflight) < _BULK_TRACKED or not held:
+                return
             if not block:
                 raise Expired("too many large messages in flight")
             now = time.monotonic()
@@ -247,14 +259,30 @@ class Wire:
                 raise Expired("too many large messages in flight")
             time.sleep(pause if deadline is None else min(pause, deadline - now))
             pause = min(pause * 2, _BULK_PAUSE_MAX)
-            if self._taken_all():
-                self._bulk_sent = 0
-        self._bulk_sent += size
 
-    def _taken_all(self) -> bool:
-        """Whether the peer has taken every datagram this socket sent (or is gone)."""
+    def _untaken(self) -> int:
+        """The bytes of this sender's large messages its reader has not taken (the oldest
+        first: a reader takes them in order)."""
+        inflight = self._inflight
+        if not inflight:
+            return 0
         fcntl.ioctl(self.sock.fileno(), _SIOCOUTQ, self._outq)
-        return not any(self._outq)
+        if not any(self._outq):  # the peer took every datagram (or is gone)
+            self.forget_inflight()
+            return 0
+        while inflight and os.pread(inflight[0][0], 1, 0) == _ipc_bulk.DONE:
+            os.close(inflight.popleft()[0])
+        return sum(entry[1] for entry in inflight)
+
+    def forget_inflight(self) -> None:
+        """Close the descriptors kept of large messages in flight (taken, or the end closes)."""
+        inflight = self._inflight
+        while inflight:
+            fd = inflight.popleft()[0]
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _send(self, data: Any, anc: list[Any] | None, deadline: float | None, block: bool) -> None:
         sock = self.sock

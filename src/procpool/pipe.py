@@ -91,6 +91,7 @@ class Connection:
         """Close this end; the other end then sees ``EOFError`` / ``BrokenPipeError``."""
         if self._sock is not None:
             sock, self._sock = self._sock, None
+            self._wire.forget_inflight()
             sock.close()
 
     def __enter__(self) -> Connection:

@@ -85,8 +85,11 @@ _RENDEZVOUS = "\0procpool-queue-{}"
 
 
 def _check_timeout(timeout: float | None) -> None:
-    """A put's *timeout* must be comparable: a NaN made every deadline test false, and a put
-    on a full queue waited for good (``get`` refuses one too, as the stdlib's)."""
+    """A blocking put's *timeout* must be comparable: a NaN made every deadline test false,
+    and a put on a full queue waited for good (``get`` refuses one too, as the stdlib's).
+    Refused whether or not the put would wait, so that it does not depend on the queue's
+    state or the message's size (the stdlib's ``put`` refuses one only when it must wait); not
+    blocking, the timeout is ignored, as there."""
     if timeout is not None and timeout != timeout:
         raise ValueError("timeout must be a number of seconds or None, not NaN")
 
@@ -208,6 +211,8 @@ class Queue:
         """
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
+        if timeout is not None and block:
+            _check_timeout(timeout)
         if type(obj) is bytes and len(obj) > self._inline_max:
             self._put_slow(obj, 0, [], block, timeout, raw=True)  # big bytes: skip the pickle
             return
@@ -271,8 +276,6 @@ class Queue:
         timeout: float | None,
         raw: bool = False,
     ) -> None:
-        if block:  # (not blocking, the timeout is ignored, as the stdlib's)
-            _check_timeout(timeout)
         deadline = None if timeout is None or not block else time.monotonic() + max(timeout, 0)
         free = self._free
         # A bounded queue's slot: taken once the message is ready to go (a producer killed while
@@ -349,8 +352,10 @@ class Queue:
         Raises ``queue.Full`` if the queue stays full: the messages before the one that did
         not fit are in the queue (``exc.args[1]`` is how many).
         """
+        if block:  # (before any message goes)
+            _check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0)
-        put = self.put  # (a NaN timeout: put raises where it would wait, see _check_timeout)
+        put = self.put
         done = 0
         for obj in objs:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
