@@ -519,6 +519,17 @@ def test_a_map_async_failing_at_submission_runs_its_error_callback_on_the_pools_
         assert seen[0][0] == "SerializationError" and seen[0][1] != "MainThread"
 
 
+def _note_outcome(wait, seen: list, done: threading.Event) -> None:
+    """Run *wait* (inside a callback): note "returned" or its RuntimeError's text, then *done*."""
+    try:
+        wait()
+        seen.append("returned")
+    except RuntimeError as exc:
+        seen.append(str(exc))
+    finally:
+        done.set()
+
+
 @pytest.mark.parametrize("wait", ["map", "imap", "map_async"])
 @pytest.mark.parametrize("caller_reads", [False, True])
 def test_a_callback_waiting_for_more_results_of_its_pool_gets_an_error_not_a_hang(
@@ -532,18 +543,12 @@ def test_a_callback_waiting_for_more_results_of_its_pool_gets_an_error_not_a_han
     done = threading.Event()
 
     def on_result(_value):
-        try:
-            if wait == "map":
-                pool.map(identity, [1, 2, 3])
-            elif wait == "imap":
-                list(pool.imap(identity, range(3)))
-            else:
-                pool.map_async(identity, [1, 2, 3]).get()
-            seen.append("returned")
-        except RuntimeError as exc:
-            seen.append(str(exc))
-        finally:
-            done.set()
+        waits = {
+            "map": lambda: pool.map(identity, [1, 2, 3]),
+            "imap": lambda: list(pool.imap(identity, range(3))),
+            "map_async": lambda: pool.map_async(identity, [1, 2, 3]).get(),
+        }
+        _note_outcome(waits[wait], seen, done)
 
     pool = procpool.Pool(2)
     try:
@@ -572,13 +577,7 @@ def test_a_callback_waiting_for_its_own_result_gets_an_error_not_a_hang(which):
     done = threading.Event()
 
     def wait_for_own(_value):
-        try:
-            box["result"].get()
-            seen.append("returned")
-        except RuntimeError as exc:
-            seen.append(str(exc))
-        finally:
-            done.set()
+        _note_outcome(lambda: box["result"].get(), seen, done)
 
     pool = procpool.Pool(2)
     try:

@@ -84,6 +84,17 @@ _inband_only = _ipc_wire._inband_only
 _RENDEZVOUS = "\0procpool-queue-{}"
 
 
+def _integer(value: Any, name: str) -> int:
+    """*value* as an int (numpy's integers too); ``TypeError`` naming *name* for a float, a
+    str or anything else."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an integer, not {type(value).__name__} {value!r}"
+        ) from None
+
+
 def _check_timeout(timeout: float | None) -> None:
     """A blocking put's *timeout* must be comparable: a NaN made every deadline test false,
     and a put on a full queue waited for good (``get`` refuses one too, as the stdlib's).
@@ -119,12 +130,7 @@ class Queue:
     """
 
     def __init__(self, maxsize: int = 0, *, name: str | None = None) -> None:
-        try:  # (an int, as multiprocessing's semaphore takes: 2.5 or "3" raise TypeError)
-            maxsize = operator.index(maxsize)
-        except TypeError:
-            raise TypeError(
-                f"maxsize must be an integer, not {type(maxsize).__name__} {maxsize!r}"
-            ) from None
+        maxsize = _integer(maxsize, "maxsize")  # (2.5 or "3": as the stdlib's semaphore)
         if maxsize < 0:
             maxsize = 0
         if maxsize > SEM_VALUE_MAX:
@@ -489,12 +495,7 @@ class Queue:
         up to *max_messages*; return them in order.  Raises ``queue.Empty`` like ``get``.  A
         message that does not unpickle ends the batch: the messages before it are returned,
         and its error is raised by the next ``get``/``get_many``."""
-        try:  # (checked before anything is taken: a message taken is never dropped)
-            wanted = operator.index(max_messages)
-        except TypeError:
-            raise TypeError(
-                f"max_messages must be an integer, not {type(max_messages).__name__}"
-            ) from None
+        wanted = _integer(max_messages, "max_messages")  # (before a message is taken)
         if wanted < 1:
             raise ValueError(f"max_messages must be at least 1, not {wanted}")
         out = [self.get(block, timeout)]
