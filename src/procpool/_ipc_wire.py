@@ -270,15 +270,28 @@ class Wire:
         if not any(self._outq):  # the peer took every datagram (or is gone)
             self.forget_inflight()
             return 0
-        while inflight and os.pread(inflight[0][0], 1, 0) == _ipc_bulk.DONE:
-            os.close(inflight.popleft()[0])
-        return sum(entry[1] for entry in inflight)
+        # No lock (threads of one process may send on one end; a fork keeps no lock held):
+        # an entry is looked at only by the thread that took it out, so none is closed twice
+        # or read once closed; one not taken yet goes back in front.
+        while True:
+            try:
+                entry = inflight.popleft()
+            except IndexError:
+                break
+            if os.pread(entry[0], 1, 0) != _ipc_bulk.DONE:
+                inflight.appendleft(entry)
+                break
+            os.close(entry[0])
+        return sum(entry[1] for entry in list(inflight))  # (a snapshot: others append)
 
     def forget_inflight(self) -> None:
         """Close the descriptors kept of large messages in flight (taken, or the end closes)."""
         inflight = self._inflight
-        while inflight:
-            fd = inflight.popleft()[0]
+        while True:
+            try:
+                fd = inflight.popleft()[0]  # (each taken out by one thread: closed once)
+            except IndexError:
+                return
             try:
                 os.close(fd)
             except OSError:
