@@ -40,7 +40,14 @@ def test_pool_threads_leave_signals_to_the_main_thread_and_workers_get_them_back
     with procpool.Pool(1, start_method=method) as pool:
         list(pool.imap(square, range(3)))  # a feeder thread too
         io = next(t for t in threading.enumerate() if t.name == "procpool-io")
-        io_mask = blocked(f"/proc/self/task/{io.native_id}/status")
+        # (while it delivers, the I/O thread has the program's mask -- callbacks run with it:
+        # see _start.program_signals -- so look until it is idle)
+        deadline = time.monotonic() + 10
+        while True:
+            io_mask = blocked(f"/proc/self/task/{io.native_id}/status")
+            if io_mask & bit(signal.SIGINT) or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGUSR1):
             assert io_mask & bit(sig), f"the I/O thread can receive {sig.name}"
         assert not io_mask & bit(signal.SIGSEGV)  # faults stay where they happen
@@ -81,22 +88,41 @@ def test_waiting_on_a_long_apply_after_short_ones_burns_no_cpu():
         assert cpu_seconds(worker) - worker_before < 0.1
 
 
-def test_a_spin_budget_shrinks_to_nothing_when_polling_does_not_pay_and_probes_again():
-    from procpool._channel import SPIN_PROBE, Spin, can_spin
+def test_a_spin_stops_after_polls_that_do_not_pay_and_tries_again_ever_less_often():
+    from procpool._channel import SPIN_MISSES, SPIN_PROBE, SPIN_PROBE_FIRST, Spin, can_spin
 
     if not can_spin():
         pytest.skip("one CPU: nothing spins")
     spin = Spin(1e-4)
+    for _ in range(SPIN_MISSES - 1):  # late inputs, but not that many in a row: the whole limit
+        assert spin.take() == 1e-4
+        spin.done(1e-4, False)
     assert spin.take() == 1e-4
-    for _ in range(10):  # the input never came in time: halved, then none
+    spin.done(1e-4, True)  # it paid: the count starts again
+    for _ in range(SPIN_MISSES):
+        assert spin.take() == 1e-4
+        spin.done(1e-4, False)
+    # stopped: it tries the whole limit again after 8, 16, ... waits
+    for interval in (SPIN_PROBE_FIRST, 2 * SPIN_PROBE_FIRST, 4 * SPIN_PROBE_FIRST):
+        budgets = [spin.take() for _ in range(interval)]
+        assert budgets[:-1] == [0.0] * (interval - 1) and budgets[-1] == 1e-4
+        spin.done(1e-4, False)  # that try did not pay either
+    tries = []  # the interval stops growing at SPIN_PROBE
+    for i in range(8 * SPIN_PROBE):
         budget = spin.take()
         if budget:
+            tries.append(i)
             spin.done(budget, False)
-    assert spin.take() == 0.0
-    probes = [spin.take() for _ in range(SPIN_PROBE)]
-    assert probes.count(0.0) == SPIN_PROBE - 1 and max(probes) == 5e-5  # one probe
-    spin.done(5e-5, True)  # it paid: back to the limit
+    gaps = [b - a for a, b in zip(tries, tries[1:], strict=False)]
+    assert gaps[-3:] == [SPIN_PROBE] * 3 and max(gaps) == SPIN_PROBE
+    while not spin.take():
+        pass
+    spin.done(1e-4, True)  # a try paid: polling again, and the next stop tries after 8
     assert spin.take() == 1e-4
+    for _ in range(SPIN_MISSES):
+        spin.done(spin.take(), False)
+    budgets = [spin.take() for _ in range(SPIN_PROBE_FIRST)]
+    assert budgets[-1] == 1e-4 and not any(budgets[:-1])
 
 
 def test_nothing_spins_in_a_process_confined_to_one_cpu():

@@ -30,8 +30,9 @@ _MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: `flags & IntFlag` runs enum
 _INT_SIZE = array.array("i").itemsize
 
 
-SPIN_PROBE = 64  # waits without spinning before a Spin that stopped tries again
-SPIN_MIN = 5e-6  # seconds: a budget halved below this is none
+SPIN_MISSES = 3  # polls in a row that did not pay before a Spin stops polling
+SPIN_PROBE_FIRST = 8  # waits without polling before a Spin that stopped tries once more...
+SPIN_PROBE = 256  # ...the wait doubling, while those tries fail, up to this many
 
 
 def can_spin() -> bool:
@@ -48,13 +49,23 @@ class Spin:
 
     Polling pays when the other end answers on another CPU meanwhile; it costs when the CPUs
     are not really free (a loaded host, virtual CPUs that share one core): the process waited
-    for cannot run while we poll.  So the budget doubles (up to *limit*) each time the input
-    came in time while polling and halves each time it did not, down to none; then one wait in
-    ``SPIN_PROBE`` polls again (half the limit), to notice that the CPUs are free again.
-    Threads may share one: its updates are plain stores, a heuristic's.
+    for cannot run while we poll.  So a Spin polls for its whole *limit* while that pays, and
+    stops after ``SPIN_MISSES`` polls in a row in which the input did not come in time.  Then
+    it polls once more -- for the whole limit again -- after ``SPIN_PROBE_FIRST`` waits, and
+    while those tries fail, after twice as many each time, up to ``SPIN_PROBE``: one that pays
+    starts it polling again.
+
+    Why not less: one late input (a host's hiccup) must not stop it, nor a try be shorter
+    than the limit.  Both ends of an ``apply`` loop poll (the caller for the reply, the worker
+    for the next call); once both have stopped, the other end sleeps through any try, and its
+    wake-up plus the loop's turn-around (65 µs or more on the development machine) must fit in
+    the try.  With a budget halved at each late input and tries of half the limit, a loop
+    fell into that state and stayed there for a third to half of its calls (≈ 200 µs each,
+    against ≈ 50 µs polling).  Threads may share one: its updates are plain stores, a
+    heuristic's.
     """
 
-    __slots__ = ("limit", "budget", "skipped")
+    __slots__ = ("limit", "budget", "misses", "skipped", "interval")
 
     def __init__(self, limit: float, allowed: bool | None = None) -> None:
         """*allowed*: whether this process may spin (None: ask ``can_spin``)."""
@@ -62,7 +73,9 @@ class Spin:
             allowed = can_spin()
         self.limit = limit if allowed else 0.0
         self.budget = self.limit
-        self.skipped = 0
+        self.misses = 0  # polls in a row that did not pay
+        self.skipped = 0  # waits without polling since it stopped, or since its last try
+        self.interval = SPIN_PROBE_FIRST  # waits between two tries while it is stopped
 
     def take(self) -> float:
         """Seconds to poll before this wait (0.0: none)."""
@@ -70,18 +83,23 @@ class Spin:
         if budget or not self.limit:
             return budget
         self.skipped += 1
-        if self.skipped < SPIN_PROBE:
+        if self.skipped < self.interval:
             return 0.0
         self.skipped = 0
-        return self.limit / 2
+        self.interval = min(2 * self.interval, SPIN_PROBE)
+        return self.limit
 
     def done(self, budget: float, got: bool) -> None:
         """A wait polled for *budget* seconds: *got* says whether the input came meanwhile."""
         if got:
-            self.budget = min(self.limit, 2 * budget)
+            self.budget = self.limit
+            self.misses = 0
+            self.interval = SPIN_PROBE_FIRST
         else:
-            budget /= 2
-            self.budget = budget if budget >= SPIN_MIN else 0.0
+            self.misses += 1
+            if self.misses >= SPIN_MISSES and self.budget:  # it stops: the tries begin
+                self.budget = 0.0
+                self.skipped = 0
 
 
 def poll_for(poller: select.poll, seconds: float) -> bool:
