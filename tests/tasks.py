@@ -331,3 +331,15 @@ def fail_once_slowly(path):
         open(path, "w").close()
         raise SlowToRebuild("transient")
     return "ok on retry"
+
+
+def set_socket_default_timeout(seconds=0.01):
+    """An initializer: a program that sets socket.setdefaulttimeout() in its workers."""
+    import socket
+
+    socket.setdefaulttimeout(seconds)
+
+
+def hold_ipc_ends(*objs):
+    """A task that is given procpool Queues or Pipe ends: rebuilds them in the worker."""
+    return len(objs)

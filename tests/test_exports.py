@@ -136,6 +136,32 @@ print("ok")
     assert _printed_by_a_fresh_python(code.replace("TESTS", repr(tests))) == "ok"
 
 
+def test_a_context_of_a_named_method_refuses_set_start_method_and_the_default_one_sets_it():
+    """As multiprocessing's: ``get_context("fork").set_start_method("spawn")`` raised nothing
+    and changed the start method of every pool (review, CPython's TestStartMethod); the
+    default context follows and sets the current start method."""
+    code = """
+import procpool
+ctx = procpool.get_context("fork")
+try:
+    ctx.set_start_method("spawn")
+except ValueError as exc:
+    assert "concrete context" in str(exc)
+else:
+    raise AssertionError("set through a concrete context")
+assert procpool.get_start_method(allow_none=True) is None and ctx.get_start_method() == "fork"
+default = procpool.get_context()
+assert default is procpool.get_context() and default.get_start_method() == "fork"
+default.set_start_method("spawn")
+assert procpool.get_start_method() == "spawn" == default.get_start_method()
+assert default.get_context().get_start_method() == "spawn"
+with default.Pool(1) as pool:
+    assert pool.start_method == "spawn" and pool.apply(abs, (-1,)) == 1
+print("ok")
+"""
+    assert _printed_by_a_fresh_python(code) == "ok"
+
+
 def test_the_standard_executor_and_pool_run_on_a_procpool_context():
     """The standard library's ProcessPoolExecutor(mp_context=) and multiprocessing.pool.Pool
     (context=) read the internals of the queues they make: procpool's context gives their

@@ -778,3 +778,71 @@ def test_a_ctrl_c_raised_once_the_io_thread_has_started_leaves_nothing_running()
     assert raised == [True, False]
     assert wait_until(lambda: not (set(threading.enumerate()) - before), 10)
     assert wait_until(lambda: not (set(_children()) - kids), 10)
+
+
+def test_a_socket_default_timeout_in_the_program_leaves_pipes_queues_and_pools_blocking():
+    """socket.setdefaulttimeout() applied to procpool's own sockets: a blocking recv/get
+    raised TimeoutError after it, and a forkserver pool could not start (review, against
+    CPython's TestTimeouts; multiprocessing's connections ignore it, bpo-6056)."""
+    code = """if True:
+        import socket, threading, time
+        import procpool
+        socket.setdefaulttimeout(0.05)
+        a, b = procpool.Pipe()
+        threading.Timer(0.3, b.send, ("pipe",)).start()
+        assert a.recv() == "pipe"
+        for q in (procpool.Queue(), procpool.Queue(3), procpool.SimpleQueue()):
+            threading.Timer(0.3, q.put, ("queue",)).start()
+            assert q.get() == "queue", q
+        with procpool.Pool(1, start_method="forkserver") as pool:
+            assert pool.apply(pow, (2, 5)) == 32
+        print("ok")
+    """
+    proc = run_python(code, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("maxsize", [0, 3])
+def test_a_worker_with_a_socket_default_timeout_leaves_the_callers_queue_and_pipe_blocking(maxsize):
+    """A process that rebuilt a Queue or a Pipe end under a socket default timeout set
+    O_NONBLOCK on the descriptions it shares with the caller: the caller's blocking get and
+    recv then failed at once with BlockingIOError (review)."""
+    import fcntl
+
+    from tasks import hold_ipc_ends, set_socket_default_timeout
+
+    q = procpool.Queue(maxsize)
+    a, b = procpool.Pipe()
+    with procpool.Pool(1, initializer=set_socket_default_timeout) as pool:
+        assert pool.apply(hold_ipc_ends, (q, a, b)) == 3
+        for fd in (q._r.fileno(), a.fileno()):
+            assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
+        threading.Timer(0.3, q.put, ("late",)).start()
+        assert q.get() == "late"
+        threading.Timer(0.3, b.send, ("late",)).start()
+        assert a.recv() == "late"
+    q.close()
+    a.close()
+    b.close()
+
+
+def test_a_blocking_get_or_recv_waits_on_a_socket_another_process_made_non_blocking():
+    """Until a process that rebuilds an end under a default timeout clears O_NONBLOCK again
+    (see _ipc_wire.own_socket), the flag holds for everyone: a blocking read must wait."""
+    import fcntl
+
+    q = procpool.Queue()
+    a, b = procpool.Pipe()
+    try:
+        for fd in (q._r.fileno(), a.fileno()):  # as that other process leaves them meanwhile
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        threading.Timer(0.3, q.put, ("late",)).start()
+        assert q.get() == "late"
+        threading.Timer(0.3, b.send, ("late",)).start()
+        assert a.recv() == "late"
+        threading.Timer(0.3, b.send_bytes, (b"raw",)).start()
+        assert a.recv_bytes() == b"raw"
+    finally:
+        q.close()
+        a.close()
+        b.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import multiprocessing
 import os
 import sys
@@ -309,8 +310,9 @@ def test_processes_argument_is_validated():
         procpool.Pool(0)
     with pytest.raises(TypeError):
         procpool.Pool(1, initializer=3)
-    with pytest.raises(ValueError):
-        procpool.Pool(1, maxtasksperchild=0)
+    for bad in (0, -1, 0.5, "12"):  # (0.5 and "12" raised TypeError; multiprocessing: ValueError)
+        with pytest.raises(ValueError, match="maxtasksperchild"):
+            procpool.Pool(1, maxtasksperchild=bad)
     for bad in (-1, True, 1.5):
         with pytest.raises(ValueError, match="retries"):
             procpool.Pool(1, retries=bad)
@@ -626,3 +628,18 @@ def test_a_bound_builtin_method_whose_object_changed_runs_on_the_object_as_it_is
     table[1] = "new"
     assert pool.map(table.get, [1]) == ["new"]
     assert pool.map(abs, [-1]) == [1]  # (a module's builtin: cached by identity)
+
+
+def test_a_running_pool_dropped_warns_with_a_resource_warning_as_multiprocessing():
+    import warnings
+
+    pool = procpool.Pool(1)
+    with pytest.warns(ResourceWarning, match="unclosed running procpool pool"):
+        del pool
+        gc.collect()
+    with procpool.Pool(1) as pool:  # closed: nothing to say
+        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        del pool
+        gc.collect()

@@ -108,6 +108,20 @@ def decode(data: Any, nbuf: int, fds: list[int]) -> Any:
     return _serialize.loads(data, nbuf, fds)
 
 
+def own_socket(fd: int) -> socket.socket:
+    """A socket object for *fd*, a descriptor of a procpool Pipe or Queue, in blocking mode
+    whatever ``socket.setdefaulttimeout()`` says in this process (as for ``multiprocessing``'s
+    connections, bpo-6056).  Made under a default timeout, a socket object has that timeout
+    (a blocking ``recv`` raises ``TimeoutError``) and sets ``O_NONBLOCK`` on the open file
+    description -- which every process holding the descriptor shares: a blocking read
+    elsewhere would fail with ``BlockingIOError``.  Until this clears the flag, such a read
+    may still meet it; the blocking reads wait and try again then (see ``take_datagram``)."""
+    sock = socket.socket(fileno=fd)
+    if sock.gettimeout() is not None:
+        sock.settimeout(None)
+    return sock
+
+
 def enlarge_buffers(sock: socket.socket, want: int = _SOCK_WANT_BYTES) -> None:
     """Raise the socket's send buffer as far as allowed (it bounds the bytes in flight)."""
     try:
@@ -349,7 +363,7 @@ class Wire:
 
         Raises :class:`Expired` when nothing arrived by *deadline* (or at once without *block*).
         """
-        data, anc, msg_flags = _recvmsg(self.sock, block, deadline)
+        data, anc, msg_flags = take_datagram(self.sock, block, deadline)
         if not anc:
             if not data:
                 return b"", 0, [], True
@@ -361,11 +375,11 @@ class Wire:
     def recv_datagram(self, block: bool, deadline: float | None) -> tuple[bytes, Any, int]:
         """Receive one datagram as it is -> ``(data, ancillary data, flags)``, for
         :meth:`finish_object` (empty data and no ancillary data: end of file)."""
-        return _recvmsg(self.sock, block, deadline)
+        return take_datagram(self.sock, block, deadline)
 
     def recv_object(self, block: bool, deadline: float | None) -> tuple[Any, bool]:
         """Receive and unpickle one message -> ``(obj, eof)``."""
-        data, anc, msg_flags = _recvmsg(self.sock, block, deadline)
+        data, anc, msg_flags = take_datagram(self.sock, block, deadline)
         if not anc and data and not msg_flags & _MSG_TRUNC:  # the fast path
             return pickle.loads(data), False
         return self.finish_object(data, anc, msg_flags)
@@ -430,13 +444,20 @@ class Wire:
             raise
 
 
-def _recvmsg(sock: socket.socket, block: bool, deadline: float | None) -> tuple[bytes, Any, int]:
+def take_datagram(
+    sock: socket.socket, block: bool, deadline: float | None
+) -> tuple[bytes, Any, int]:
+    """One ``recvmsg`` of a datagram: ``(data, ancillary data, flags)``.  Waits for one when
+    *block* (until *deadline*, then ``Expired``); raises ``Expired`` at once otherwise."""
     if block and deadline is None:
         # sleep in the kernel's recvmsg: one system call, woken directly by the sender.
         # (Never set O_NONBLOCK or a socket timeout: the descriptor is shared with other
         # processes, and those flags would change for all of them.)
-        data, anc, msg_flags, _ = sock.recvmsg(_RECVBUF, _ANCBUF, _RECV_WAIT)
-        return data, anc, msg_flags
+        try:
+            data, anc, msg_flags, _ = sock.recvmsg(_RECVBUF, _ANCBUF, _RECV_WAIT)
+            return data, anc, msg_flags
+        except BlockingIOError:  # another process made the description non-blocking: wait
+            pass  # as below (see own_socket)
     while True:
         try:
             data, anc, msg_flags, _ = sock.recvmsg(_RECVBUF, _ANCBUF, _RECV_NOWAIT)

@@ -61,25 +61,48 @@ def get_start_method(allow_none: bool = False) -> str | None:
 
 def get_context(method: str | None = None) -> Context:
     """A context: procpool's names, its ``Pool`` and ``ProcessPoolExecutor`` starting their
-    workers with *method* (default: the current start method), and ``Process`` (the rest of
-    :mod:`multiprocessing`'s context) using it too."""
-    return Context(method or _chosen or _start.DEFAULT_START_METHOD)
+    workers with *method*, and ``Process`` (the rest of :mod:`multiprocessing`'s context) using
+    it too.  Without *method*, the default context, as :mod:`multiprocessing`'s: it follows
+    the current start method, and its ``set_start_method`` sets that; a context of a named
+    method refuses to (``ValueError``)."""
+    if method is None:
+        return _DEFAULT_CONTEXT
+    return Context(method)
 
 
 class Context:
     """What :func:`get_context` returns (see there)."""
 
-    def __init__(self, method: str) -> None:
-        if method not in _start.START_METHODS:
+    def __init__(self, method: str | None) -> None:
+        """*method*: the start method (None: the default context)."""
+        if method is not None and method not in _start.START_METHODS:
             raise ValueError(f"cannot find context for {method!r}")
-        self._method = method
-        self._mp = multiprocessing.get_context(method)
+        self._fixed = method
 
-    def get_start_method(self, allow_none: bool = False) -> str:
-        return self._method
+    @property
+    def _method(self) -> str:
+        return self._fixed or _chosen or _start.DEFAULT_START_METHOD
+
+    @property
+    def _mp(self) -> Any:
+        return multiprocessing.get_context(self._method)
+
+    def get_start_method(self, allow_none: bool = False) -> str | None:
+        if self._fixed is None:
+            return get_start_method(allow_none)
+        return self._fixed
+
+    def set_start_method(self, method: str | None, force: bool = False) -> None:
+        """The default context's sets the start method (:func:`set_start_method`); a context
+        of a named method raises ``ValueError``, as :mod:`multiprocessing`'s."""
+        if self._fixed is not None:
+            raise ValueError("cannot set start method of concrete context")
+        set_start_method(method, force)
 
     def get_context(self, method: str | None = None) -> Context:
-        return self if method is None else Context(method)
+        if method is None:
+            return self if self._fixed is not None else Context(self._method)
+        return Context(method)
 
     def Pool(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802 - multiprocessing's name
         from .pool import Pool
@@ -103,7 +126,7 @@ class Context:
         executor's thread died on it, and its caller waited for good.  (The asking frame
         decides: a ``getattr`` that such code runs for another caller -- a thread pool's
         worker calling ``getattr(ctx, name)`` -- gets :mod:`multiprocessing`'s too.)"""
-        if name.startswith("__") or name == "_mp":  # (copy, pickle: no _mp yet)
+        if name.startswith("__") or name == "_fixed":  # (copy, pickle: not set yet)
             raise AttributeError(name)
         import procpool
 
@@ -117,7 +140,11 @@ class Context:
         return value
 
     def __repr__(self) -> str:
-        return f"<procpool context {self._method!r}>"
+        kind = "default context" if self._fixed is None else "context"
+        return f"<procpool {kind} {self._method!r}>"
+
+
+_DEFAULT_CONTEXT = Context(None)
 
 
 def _stdlib_asks(frame: Any) -> bool:

@@ -618,6 +618,8 @@ class ForkServerLauncher(Launcher):
 
     def _start_server(self) -> None:
         ctl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for sock in (ctl, child):  # blocking, whatever socket.setdefaulttimeout() says here
+            sock.settimeout(None)  # (else the server's end, too, is O_NONBLOCK)
         try:
             pid = _spawn_python(
                 "from procpool._start import forkserver_main; forkserver_main()", child

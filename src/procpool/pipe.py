@@ -58,7 +58,7 @@ class Connection:
     def __init__(self, fd: int, readable: bool = True, writable: bool = True) -> None:
         if not readable and not writable:
             raise ValueError("at least one of `readable` and `writable` must be True")
-        self._sock: socket.socket | None = socket.socket(fileno=fd)
+        self._sock: socket.socket | None = _ipc_wire.own_socket(fd)
         self._wire = _ipc_wire.Wire(self._sock)
         self._wire.bulk_limit = _ipc_wire.PIPE_BULK_IN_FLIGHT  # (see Wire._room_for_bulk)
         self._inline_max = self._wire.inline_max
@@ -175,7 +175,10 @@ class Connection:
         if self._sock is None or not self._readable:
             self._check_readable()
         assert self._sock is not None
-        data, anc, msg_flags, _ = self._sock.recvmsg(_RECVBUF, _ANCBUF, _RECV_WAIT)
+        try:
+            data, anc, msg_flags, _ = self._sock.recvmsg(_RECVBUF, _ANCBUF, _RECV_WAIT)
+        except BlockingIOError:  # made non-blocking by another process (see own_socket)
+            data, anc, msg_flags = _ipc_wire.take_datagram(self._sock, True, None)
         if not anc and data and not msg_flags & _MSG_TRUNC:  # the fast path
             return _loads(data)
         obj, eof = self._wire.finish_object(data, anc, msg_flags)

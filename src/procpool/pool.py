@@ -20,6 +20,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 
@@ -136,7 +137,11 @@ class Pool(PoolAPI):
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         if maxtasksperchild is not None:
-            maxtasksperchild = operator.index(maxtasksperchild)  # (TypeError for a float)
+            # (numpy's integers too; a float or a string is a ValueError, as multiprocessing's)
+            try:
+                maxtasksperchild = operator.index(maxtasksperchild)
+            except TypeError:
+                maxtasksperchild = 0
             if maxtasksperchild <= 0:
                 raise ValueError("maxtasksperchild must be a positive int or None")
         limit = check_timeout(timeout)
@@ -189,6 +194,12 @@ class Pool(PoolAPI):
         raise NotImplementedError(
             "pool objects cannot be passed between processes or pickled"
         )  # (multiprocessing's words)
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        # dropped while running: terminated (see _finalizer), and said, as multiprocessing does
+        sched = self.__dict__.get("_sched")  # (none when __init__ raised)
+        if sched is not None and sched.state == RUNNING:
+            _warn(f"unclosed running procpool pool {self!r}", ResourceWarning, source=self)
 
     @property
     def start_method(self) -> str:

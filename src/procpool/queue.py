@@ -145,8 +145,8 @@ class Queue:
             self._server = _Rendezvous(name, self)
 
     def _setup(self, wfd: int, rfd: int, region: Region, maxsize: int, init: bool) -> None:
-        self._w = socket.socket(fileno=wfd)
-        self._r = socket.socket(fileno=rfd)
+        self._w = _ipc_wire.own_socket(wfd)
+        self._r = _ipc_wire.own_socket(rfd)
         self._wire_w = _ipc_wire.Wire(self._w)
         self._wire_r = _ipc_wire.Wire(self._r)
         self._inline_max = self._wire_w.inline_max
@@ -392,7 +392,10 @@ class Queue:
             obj, eof = self._wire_r.finish_object(data, anc, msg_flags)
         elif block and timeout is None:
             # the fast path: one blocking recvmsg, no header, no extra call layers
-            data, anc, msg_flags, _ = self._r.recvmsg(_RECVBUF, _ANCBUF, _RECV_WAIT)
+            try:
+                data, anc, msg_flags, _ = self._r.recvmsg(_RECVBUF, _ANCBUF, _RECV_WAIT)
+            except BlockingIOError:  # made non-blocking by another process (see own_socket)
+                data, anc, msg_flags = _ipc_wire.take_datagram(self._r, True, None)
             if data:
                 self._account_get()
             if not anc and data and not msg_flags & _MSG_TRUNC:
