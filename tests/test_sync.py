@@ -11,6 +11,7 @@ import time
 
 import pytest
 from _ipc_helpers import FORK, SPAWN, no_leaks, run_child, shm_entries  # noqa: F401
+from conftest import run_python
 
 import procpool
 from procpool import sync
@@ -529,3 +530,64 @@ def test_consumers_killed_in_task_done_never_hold_up_join_or_other_consumers():
 def test_a_semaphore_of_a_float_is_refused_clearly():
     with pytest.raises(TypeError, match="float"):  # (ctypes' "argument 3: wrong type" before)
         procpool.Semaphore(1.5)
+
+
+def test_a_primitive_that_comes_back_to_its_process_shares_its_lock_handle():
+    """A Value, RLock or Condition passed to a task and returned is a second object over the
+    same semaphores: it must be the same lock for the thread that holds it (review: with two
+    handles, `with v.get_lock(): v2.value += 1` waited for good -- an RLock's owner and count
+    live in its handle -- and a Condition's wait through the second said it was not held)."""
+    from tasks import identity as task_identity
+
+    v, r, c = procpool.Value("i", 0), procpool.RLock(), procpool.Condition()
+    with procpool.Pool(1) as pool:
+        v2, r2, c2 = pool.apply(task_identity, ((v, r, c),))
+    assert v2 is not v
+    done = []
+
+    def nested() -> None:
+        with v.get_lock():
+            v2.value += 1  # (takes v2's lock: the same one, held by this thread)
+        with r, r2:
+            pass
+        with c:
+            c2.wait(0.01)
+        done.append(True)
+
+    t = threading.Thread(target=nested, daemon=True)
+    t.start()
+    t.join(10)
+    assert done == [True] and v.value == 1
+
+
+@pytest.mark.parametrize("cls", [procpool.Semaphore, procpool.BoundedSemaphore])
+def test_a_semaphore_value_that_is_no_integer_is_the_stdlibs_type_error(cls):
+    for bad in ("3", None, 1.5):  # (a str or None: "'<' not supported between..." before)
+        with pytest.raises(TypeError, match="cannot be interpreted as an integer"):
+            cls(bad)
+
+
+def test_hundreds_of_primitives_raise_the_soft_descriptor_limit_up_to_the_hard_one():
+    """multiprocessing's primitives hold no descriptor, procpool's a few each: under a soft
+    limit of 1,024, 510 Locks or 255 Values ran out (review).  procpool raises the soft limit
+    towards the hard one, and at the hard limit says what holds the descriptors."""
+    code = """if True:
+        import errno, resource, procpool
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 1024))
+        objs = [procpool.Lock() for _ in range(150)]
+        objs += [procpool.Value("i", 1) for _ in range(40)] + [procpool.Event() for _ in range(20)]
+        objs += [procpool.Queue() for _ in range(20)] + [procpool.Pipe() for _ in range(20)]
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert 64 < soft <= 1024, soft
+        try:
+            objs += [procpool.Lock() for _ in range(1024)]
+        except OSError as exc:
+            assert exc.errno == errno.EMFILE and "a procpool Lock holds 2" in str(exc), exc
+        else:
+            raise AssertionError("more Locks than the hard limit allows")
+        del objs
+        assert procpool.Value("i", 7).value == 7  # (descriptors given back: usable again)
+        print("ok")
+    """
+    proc = run_python(code, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -27,9 +27,18 @@ from . import _serialize
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
-    from typing import Any
+    from collections.abc import Callable
+    from typing import Any, TypeVar
 
-__all__ = ["FdHandle", "register_forking_reducer", "region_token", "send_token"]
+    T = TypeVar("T")
+
+__all__ = [
+    "FdHandle",
+    "register_forking_reducer",
+    "region_token",
+    "send_token",
+    "with_more_descriptors",
+]
 
 
 def send_token(fd: int) -> int | None:
@@ -144,3 +153,55 @@ def close_quietly(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+def with_more_descriptors(make: Callable[[], T]) -> T:
+    """``make()``, once more after raising this process's soft limit on descriptors if it
+    ran out of them (``EMFILE``).
+
+    procpool's primitives hold descriptors where :mod:`multiprocessing`'s hold none (a Lock
+    two, a Value or a Queue four, an Event six, half that from Python 3.13): under the usual
+    soft limit of 1,024, a program making a few hundred of them ran out where
+    :mod:`multiprocessing`'s did not.  The soft limit rises as ``ulimit -n`` would raise it
+    (doubled, up to the hard limit); at the hard limit, an ``OSError`` (``EMFILE``) says
+    what holds the descriptors.
+    """
+    try:
+        return make()
+    except OSError as exc:
+        if exc.errno != errno.EMFILE:
+            raise
+        out = exc
+    if _raise_descriptor_limit():
+        try:
+            return make()
+        except OSError as exc:
+            if exc.errno != errno.EMFILE:
+                raise
+            out = exc
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    raise OSError(
+        errno.EMFILE,
+        f"Too many open files: this process holds its limit of {limit} descriptors (a procpool "
+        "Lock holds 2, a Value or a Queue 4, an Event 6, half that from Python 3.13; the hard "
+        "limit, `ulimit -Hn`, is reached)",
+    ) from out
+
+
+def _raise_descriptor_limit() -> bool:
+    """Raise the soft RLIMIT_NOFILE towards the hard one: True if it rose."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(2 * soft, soft + 256)
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    if want <= soft:
+        return False
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):  # (beyond the kernel's nr_open)
+        return False
+    return True

@@ -33,7 +33,7 @@ import threading
 import weakref
 from itertools import count
 
-from ._ipc_fd import FdHandle, close_quietly, region_token
+from ._ipc_fd import FdHandle, close_quietly, region_token, with_more_descriptors
 from ._serialize import recv_fd, send_region
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
@@ -95,6 +95,15 @@ class SemLock(_multiprocessing.SemLock):
 # no bookkeeping at all.
 _live_sems: weakref.WeakSet[SemLock] = weakref.WeakSet()
 _live_lock = threading.Lock()
+# The semaphores of regions received here, by file (device, inode) and slot: a primitive that
+# comes back to a process that has it already (a pool task's result, a Queue's message, an
+# initializer's argument then a task's) gets the same handle.  An RLock's owner and count live
+# in its handle: with two, the thread holding the lock through one waited for good taking it
+# through the other (`with v.get_lock(): v2.value += 1`), and a Condition's wait through the
+# second said its lock was not held.
+_sems_by_file: weakref.WeakValueDictionary[tuple[int, int, int], SemLock] = (
+    weakref.WeakValueDictionary()
+)
 
 
 def _after_fork_in_child() -> None:
@@ -225,7 +234,12 @@ class Region:
     # -- creation ---------------------------------------------------------------------------
     @classmethod
     def create(cls, data_size: int, meta: dict[str, Any], name: str | None = None) -> Region:
-        """A new zero-filled region with *data_size* bytes of data after the header page."""
+        """A new zero-filled region with *data_size* bytes of data after the header page
+        (raising the soft limit on descriptors once, if this process ran out of them)."""
+        return with_more_descriptors(lambda: cls._create(data_size, meta, name))
+
+    @classmethod
+    def _create(cls, data_size: int, meta: dict[str, Any], name: str | None) -> Region:
         size = DATA_OFFSET + max(int(data_size), 0)
         if name is None:
             fd = os.memfd_create("procpool", os.MFD_CLOEXEC)
@@ -305,10 +319,20 @@ class Region:
             if _sem_init(address, 1, value) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err))
-        sem = SemLock._rebuild(address, kind, maxvalue, None)
-        sem._region = self
+        where = None
+        if self.fd >= 0:
+            st = os.fstat(self.fd)
+            where = (st.st_dev, st.st_ino, slot)
         with _live_lock:
+            if where is not None and not init:  # (a new region's file is new: nothing to find)
+                sem = _sems_by_file.get(where)
+                if sem is not None and sem.kind == kind and sem.maxvalue == maxvalue:
+                    return sem
+            sem = SemLock._rebuild(address, kind, maxvalue, None)
+            sem._region = self
             _live_sems.add(sem)
+            if where is not None:
+                _sems_by_file[where] = sem
         return sem
 
     # -- data -------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ import weakref
 from collections.abc import Iterable
 
 from . import _ipc_wire, _serialize
-from ._ipc_fd import FdHandle
+from ._ipc_fd import FdHandle, with_more_descriptors
 from ._ipc_mem import SEM_VALUE_MAX, SEMAPHORE, Region
 from ._ipc_slots import TABLE_BYTES, Ledger, ledger_for
 
@@ -135,7 +135,9 @@ class Queue:
             maxsize = 0
         if maxsize > SEM_VALUE_MAX:
             raise ValueError(f"maxsize must be at most {SEM_VALUE_MAX}")
-        w, r = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        w, r = with_more_descriptors(
+            lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        )
         _ipc_wire.enlarge_buffers(w)
         # (a bounded queue's region holds its slot ledger: see _ipc_slots)
         region = Region.create(TABLE_BYTES if maxsize else 0, {"kind": "Queue", "maxsize": maxsize})

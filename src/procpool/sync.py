@@ -154,6 +154,7 @@ class Semaphore(_SemBased):
     """
 
     def __init__(self, value: int = 1) -> None:
+        value = operator.index(value)  # ("3", None: the stdlib's TypeError, not a comparison's)
         if value < 0:
             raise ValueError("semaphore initial value must be >= 0")
         if value > SEM_VALUE_MAX:  # (sem_init would wrap it, or refuse it with EINVAL)
@@ -176,6 +177,7 @@ class BoundedSemaphore(Semaphore):
     """
 
     def __init__(self, value: int = 1) -> None:
+        value = operator.index(value)
         if value < 0:
             raise ValueError("semaphore initial value must be >= 0")
         if value > SEM_VALUE_MAX:
