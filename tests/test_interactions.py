@@ -813,17 +813,24 @@ def test_a_worker_with_a_socket_default_timeout_leaves_the_callers_queue_and_pip
 
     q = procpool.Queue(maxsize)
     a, b = procpool.Pipe()
-    with procpool.Pool(1, initializer=set_socket_default_timeout) as pool:
-        assert pool.apply(hold_ipc_ends, (q, a, b)) == 3
-        for fd in (q._r.fileno(), a.fileno()):
-            assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
-        threading.Timer(0.3, q.put, ("late",)).start()
-        assert q.get() == "late"
-        threading.Timer(0.3, b.send, ("late",)).start()
-        assert a.recv() == "late"
-    q.close()
-    a.close()
-    b.close()
+    timers = [threading.Timer(0.3, q.put, ("late",)), threading.Timer(0.3, b.send, ("late",))]
+    try:
+        with procpool.Pool(1, initializer=set_socket_default_timeout) as pool:
+            assert pool.apply(hold_ipc_ends, (q, a, b)) == 3
+            for fd in (q._r.fileno(), a.fileno()):
+                assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
+            timers[0].start()
+            assert q.get() == "late"
+            timers[1].start()
+            assert a.recv() == "late"
+    finally:  # (a failure leaves no timer to write to closed ends)
+        for timer in timers:
+            timer.cancel()
+            if timer.is_alive():
+                timer.join(5)
+        q.close()
+        a.close()
+        b.close()
 
 
 def test_a_blocking_get_or_recv_waits_on_a_socket_another_process_made_non_blocking():
@@ -833,16 +840,25 @@ def test_a_blocking_get_or_recv_waits_on_a_socket_another_process_made_non_block
 
     q = procpool.Queue()
     a, b = procpool.Pipe()
+    timers = [
+        threading.Timer(0.3, q.put, ("late",)),
+        threading.Timer(0.3, b.send, ("late",)),
+        threading.Timer(0.3, b.send_bytes, (b"raw",)),
+    ]
     try:
         for fd in (q._r.fileno(), a.fileno()):  # as that other process leaves them meanwhile
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
-        threading.Timer(0.3, q.put, ("late",)).start()
+        timers[0].start()
         assert q.get() == "late"
-        threading.Timer(0.3, b.send, ("late",)).start()
+        timers[1].start()
         assert a.recv() == "late"
-        threading.Timer(0.3, b.send_bytes, (b"raw",)).start()
+        timers[2].start()
         assert a.recv_bytes() == b"raw"
-    finally:
+    finally:  # (a failure leaves no timer to write to closed ends)
+        for timer in timers:
+            timer.cancel()
+            if timer.is_alive():
+                timer.join(5)
         q.close()
         a.close()
         b.close()

@@ -88,18 +88,30 @@ def test_waiting_on_a_long_apply_after_short_ones_burns_no_cpu():
         assert cpu_seconds(worker) - worker_before < 0.1
 
 
-def test_a_spin_stops_after_polls_that_do_not_pay_and_tries_again_ever_less_often():
-    from procpool._channel import SPIN_MISSES, SPIN_PROBE, SPIN_PROBE_FIRST, Spin, can_spin
+def test_a_spin_stops_once_polls_that_do_not_pay_outnumber_those_that_do_and_tries_again():
+    from procpool._channel import SPIN_CREDIT, SPIN_PROBE, SPIN_PROBE_FIRST, Spin, can_spin
 
     if not can_spin():
         pytest.skip("one CPU: nothing spins")
     spin = Spin(1e-4)
-    for _ in range(SPIN_MISSES - 1):  # late inputs, but not that many in a row: the whole limit
+    for _ in range(SPIN_CREDIT - 1):  # late inputs, but fewer than its credit: the whole limit
         assert spin.take() == 1e-4
         spin.done(1e-4, False)
-    assert spin.take() == 1e-4
-    spin.done(1e-4, True)  # it paid: the count starts again
-    for _ in range(SPIN_MISSES):
+    for _ in range(50):  # then one poll in two pays: it goes on polling
+        assert spin.take() == 1e-4
+        spin.done(1e-4, True)
+        assert spin.take() == 1e-4
+        spin.done(1e-4, False)
+    spin = Spin(1e-4)
+    polled = 0  # one poll in three pays (review: "3 misses in a row" polled after every wait)
+    for i in range(3000):
+        budget = spin.take()
+        if budget:
+            polled += 1
+            spin.done(budget, i % 3 == 2)
+    assert polled < 300, polled
+    spin = Spin(1e-4)
+    for _ in range(SPIN_CREDIT):  # late inputs in a row: stopped
         assert spin.take() == 1e-4
         spin.done(1e-4, False)
     # stopped: it tries the whole limit again after 8, 16, ... waits
@@ -117,11 +129,17 @@ def test_a_spin_stops_after_polls_that_do_not_pay_and_tries_again_ever_less_ofte
     assert gaps[-3:] == [SPIN_PROBE] * 3 and max(gaps) == SPIN_PROBE
     while not spin.take():
         pass
-    spin.done(1e-4, True)  # a try paid: polling again, and the next stop tries after 8
+    spin.done(1e-4, True)  # a try paid: polling again, on a credit of one
     assert spin.take() == 1e-4
-    for _ in range(SPIN_MISSES):
+    spin.done(1e-4, False)
+    assert spin.take() == 0.0  # (one late input stops it again; the tries go on as they were)
+    while not spin.take():
+        pass
+    for _ in range(SPIN_CREDIT):  # a try paid, and polls after it: full credit again...
+        spin.done(1e-4, True)
+    for _ in range(SPIN_CREDIT):
         spin.done(spin.take(), False)
-    budgets = [spin.take() for _ in range(SPIN_PROBE_FIRST)]
+    budgets = [spin.take() for _ in range(SPIN_PROBE_FIRST)]  # ...so tries start from 8
     assert budgets[-1] == 1e-4 and not any(budgets[:-1])
 
 

@@ -30,7 +30,8 @@ _MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: `flags & IntFlag` runs enum
 _INT_SIZE = array.array("i").itemsize
 
 
-SPIN_MISSES = 3  # polls in a row that did not pay before a Spin stops polling
+SPIN_CREDIT = 3  # a Spin's credit: each poll that pays adds one (up to this), each that does
+# not takes one; at none it stops polling
 SPIN_PROBE_FIRST = 8  # waits without polling before a Spin that stopped tries once more...
 SPIN_PROBE = 256  # ...the wait doubling, while those tries fail, up to this many
 
@@ -50,10 +51,12 @@ class Spin:
     Polling pays when the other end answers on another CPU meanwhile; it costs when the CPUs
     are not really free (a loaded host, virtual CPUs that share one core): the process waited
     for cannot run while we poll.  So a Spin polls for its whole *limit* while that pays, and
-    stops after ``SPIN_MISSES`` polls in a row in which the input did not come in time.  Then
-    it polls once more -- for the whole limit again -- after ``SPIN_PROBE_FIRST`` waits, and
-    while those tries fail, after twice as many each time, up to ``SPIN_PROBE``: one that pays
-    starts it polling again.
+    stops once its polls that did not pay (the input did not come in time) outnumber those
+    that did by ``SPIN_CREDIT`` (three late inputs in a row from full credit; a poll that
+    pays after each late one keeps it going).  Then it polls once more -- for the whole limit again -- after ``SPIN_PROBE_FIRST``
+    waits, and while those tries fail, after twice as many each time, up to ``SPIN_PROBE``:
+    one that pays starts it polling again, on a credit of one; the tries start from
+    ``SPIN_PROBE_FIRST`` again only once its credit is full.
 
     Why not less: one late input (a host's hiccup) must not stop it, nor a try be shorter
     than the limit.  Both ends of an ``apply`` loop poll (the caller for the reply, the worker
@@ -61,11 +64,13 @@ class Spin:
     wake-up plus the loop's turn-around (65 µs or more on the development machine) must fit in
     the try.  With a budget halved at each late input and tries of half the limit, a loop
     fell into that state and stayed there for a third to half of its calls (≈ 200 µs each,
-    against ≈ 50 µs polling).  Threads may share one: its updates are plain stores, a
-    heuristic's.
+    against ≈ 50 µs polling).  Why a credit, not a count of misses in a row: a caller whose
+    next call comes late two times in three (work between its calls) kept a worker polling
+    after every call, two polls in three for nothing (review).  Threads may share one: its
+    updates are plain stores, a heuristic's.
     """
 
-    __slots__ = ("limit", "budget", "misses", "skipped", "interval")
+    __slots__ = ("limit", "budget", "credit", "skipped", "interval")
 
     def __init__(self, limit: float, allowed: bool | None = None) -> None:
         """*allowed*: whether this process may spin (None: ask ``can_spin``)."""
@@ -73,7 +78,7 @@ class Spin:
             allowed = can_spin()
         self.limit = limit if allowed else 0.0
         self.budget = self.limit
-        self.misses = 0  # polls in a row that did not pay
+        self.credit = SPIN_CREDIT
         self.skipped = 0  # waits without polling since it stopped, or since its last try
         self.interval = SPIN_PROBE_FIRST  # waits between two tries while it is stopped
 
@@ -93,11 +98,12 @@ class Spin:
         """A wait polled for *budget* seconds: *got* says whether the input came meanwhile."""
         if got:
             self.budget = self.limit
-            self.misses = 0
-            self.interval = SPIN_PROBE_FIRST
-        else:
-            self.misses += 1
-            if self.misses >= SPIN_MISSES and self.budget:  # it stops: the tries begin
+            credit = self.credit = min(self.credit + 1, SPIN_CREDIT)
+            if credit == SPIN_CREDIT:
+                self.interval = SPIN_PROBE_FIRST
+        elif self.credit > 0:
+            self.credit -= 1
+            if not self.credit:  # it stops: the tries begin
                 self.budget = 0.0
                 self.skipped = 0
 

@@ -37,7 +37,7 @@ __all__ = [
     "register_forking_reducer",
     "region_token",
     "send_token",
-    "with_more_descriptors",
+    "explain_emfile",
 ]
 
 
@@ -155,53 +155,29 @@ def close_quietly(fd: int) -> None:
         pass
 
 
-def with_more_descriptors(make: Callable[[], T]) -> T:
-    """``make()``, once more after raising this process's soft limit on descriptors if it
-    ran out of them (``EMFILE``).
+def explain_emfile(make: Callable[[], T]) -> T:
+    """``make()``; if this process is out of descriptors (``EMFILE``), an ``OSError`` with
+    that errno which says what holds them and how to allow more.
 
     procpool's primitives hold descriptors where :mod:`multiprocessing`'s hold none (a Lock
     two, a Value or a Queue four, an Event six, half that from Python 3.13): under the usual
-    soft limit of 1,024, a program making a few hundred of them ran out where
-    :mod:`multiprocessing`'s did not.  The soft limit rises as ``ulimit -n`` would raise it
-    (doubled, up to the hard limit); at the hard limit, an ``OSError`` (``EMFILE``) says
-    what holds the descriptors.
+    soft limit of 1,024, a program makes a few hundred of them, not thousands.  The limit is
+    the program's to raise (``ulimit -n``, ``resource.setrlimit``): raising it behind the
+    program's back was tried and dropped (review) -- descriptors above 1,023 then broke its
+    ``select.select()`` later, far from the cause, and its child processes inherited the limit.
     """
     try:
         return make()
     except OSError as exc:
         if exc.errno != errno.EMFILE:
             raise
-        out = exc
-    if _raise_descriptor_limit():
-        try:
-            return make()
-        except OSError as exc:
-            if exc.errno != errno.EMFILE:
-                raise
-            out = exc
-    import resource
+        import resource
 
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    raise OSError(
-        errno.EMFILE,
-        f"Too many open files: this process holds its limit of {limit} descriptors (a procpool "
-        "Lock holds 2, a Value or a Queue 4, an Event 6, half that from Python 3.13; the hard "
-        "limit, `ulimit -Hn`, is reached)",
-    ) from out
-
-
-def _raise_descriptor_limit() -> bool:
-    """Raise the soft RLIMIT_NOFILE towards the hard one: True if it rose."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = max(2 * soft, soft + 256)
-    if hard != resource.RLIM_INFINITY:
-        want = min(want, hard)
-    if want <= soft:
-        return False
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    except (ValueError, OSError):  # (beyond the kernel's nr_open)
-        return False
-    return True
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        raise OSError(
+            errno.EMFILE,
+            f"Too many open files: this process holds its limit of {soft} descriptors (a "
+            "procpool Lock holds 2, a Value or a Queue 4, an Event 6, half that from Python "
+            f"3.13); allow more with `ulimit -n` or resource.setrlimit(RLIMIT_NOFILE, ...), up "
+            f"to the hard limit of {hard}",
+        ) from exc

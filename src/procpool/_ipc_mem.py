@@ -33,7 +33,7 @@ import threading
 import weakref
 from itertools import count
 
-from ._ipc_fd import FdHandle, close_quietly, region_token, with_more_descriptors
+from ._ipc_fd import FdHandle, close_quietly, explain_emfile, region_token
 from ._serialize import recv_fd, send_region
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
@@ -235,8 +235,8 @@ class Region:
     @classmethod
     def create(cls, data_size: int, meta: dict[str, Any], name: str | None = None) -> Region:
         """A new zero-filled region with *data_size* bytes of data after the header page
-        (raising the soft limit on descriptors once, if this process ran out of them)."""
-        return with_more_descriptors(lambda: cls._create(data_size, meta, name))
+        (out of descriptors: an ``OSError`` that says what holds them)."""
+        return explain_emfile(lambda: cls._create(data_size, meta, name))
 
     @classmethod
     def _create(cls, data_size: int, meta: dict[str, Any], name: str | None) -> Region:

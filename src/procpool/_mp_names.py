@@ -126,7 +126,9 @@ class Context:
         executor's thread died on it, and its caller waited for good.  (The asking frame
         decides: a ``getattr`` that such code runs for another caller -- a thread pool's
         worker calling ``getattr(ctx, name)`` -- gets :mod:`multiprocessing`'s too.)"""
-        if name.startswith("__") or name == "_fixed":  # (copy, pickle: not set yet)
+        # (copy, pickle: _fixed not set yet; _method and _mp, properties reading it, come
+        # here when it is missing -- a subclass skipping __init__: answering them would recurse)
+        if name.startswith("__") or name in ("_fixed", "_method", "_mp"):
             raise AttributeError(name)
         import procpool
 

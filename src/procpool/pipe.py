@@ -26,7 +26,7 @@ import sys
 import time
 
 from . import _ipc_wire, _serialize
-from ._ipc_fd import FdHandle, with_more_descriptors
+from ._ipc_fd import FdHandle, explain_emfile
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
@@ -274,7 +274,7 @@ def Pipe(duplex: bool = True) -> tuple[Connection, Connection]:
         p = procpool.Process(target=lambda c: c.send("hello"), args=(child,))
         p.start(); print(parent.recv()); p.join()
     """
-    a, b = with_more_descriptors(lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+    a, b = explain_emfile(lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
     for s in (a, b):
         _ipc_wire.enlarge_buffers(s, 4 << 20)
         s.set_inheritable(False)

@@ -197,9 +197,12 @@ class Pool(PoolAPI):
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
         # dropped while running: terminated (see _finalizer), and said, as multiprocessing does
+        # -- but without source=self: a recorded warning (catch_warnings(record=True), pytest)
+        # would keep the pool alive, and its finalizer, the only thing that stops its workers,
+        # would never run
         sched = self.__dict__.get("_sched")  # (none when __init__ raised)
         if sched is not None and sched.state == RUNNING:
-            _warn(f"unclosed running procpool pool {self!r}", ResourceWarning, source=self)
+            _warn(f"unclosed running procpool pool {self!r}", ResourceWarning)
 
     @property
     def start_method(self) -> str:
@@ -468,6 +471,13 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
     ) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
+        if max_tasks_per_child is not None:  # (the standard executor's errors, not Pool's)
+            try:
+                operator.index(max_tasks_per_child)
+            except TypeError:
+                raise TypeError("max_tasks_per_child must be an integer") from None
+            if max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be >= 1")
         self._pool = Pool(
             max_workers,
             initializer,

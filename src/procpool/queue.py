@@ -53,7 +53,7 @@ import weakref
 from collections.abc import Iterable
 
 from . import _ipc_wire, _serialize
-from ._ipc_fd import FdHandle, with_more_descriptors
+from ._ipc_fd import FdHandle, explain_emfile
 from ._ipc_mem import SEM_VALUE_MAX, SEMAPHORE, Region
 from ._ipc_slots import TABLE_BYTES, Ledger, ledger_for
 
@@ -135,12 +135,16 @@ class Queue:
             maxsize = 0
         if maxsize > SEM_VALUE_MAX:
             raise ValueError(f"maxsize must be at most {SEM_VALUE_MAX}")
-        w, r = with_more_descriptors(
-            lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        )
-        _ipc_wire.enlarge_buffers(w)
-        # (a bounded queue's region holds its slot ledger: see _ipc_slots)
-        region = Region.create(TABLE_BYTES if maxsize else 0, {"kind": "Queue", "maxsize": maxsize})
+        w, r = explain_emfile(lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+        try:
+            _ipc_wire.enlarge_buffers(w)
+            # (a bounded queue's region holds its slot ledger: see _ipc_slots)
+            meta = {"kind": "Queue", "maxsize": maxsize}
+            region = Region.create(TABLE_BYTES if maxsize else 0, meta)
+        except BaseException:  # (out of descriptors, say): the sockets go now, not with the
+            w.close()  # traceback
+            r.close()
+            raise
         self._setup(w.detach(), r.detach(), region, maxsize, init=True)
         self._server: _Rendezvous | None = None
         if name is not None:
