@@ -210,7 +210,7 @@ class Region:
     tracked for fork (``_live_sems``); its address is computed on first use.
     """
 
-    __slots__ = ("mmap", "fd", "size", "name", "_address", "_key", "__weakref__")
+    __slots__ = ("mmap", "fd", "size", "name", "_address", "_key", "_file", "__weakref__")
 
     mmap: mmap.mmap
     fd: int
@@ -230,6 +230,7 @@ class Region:
         self.name = name
         self._address = None
         self._key = 0
+        self._file: tuple[int, int] | None = None  # (device, inode): see semaphore
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
@@ -320,9 +321,12 @@ class Region:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err))
         where = None
-        if self.fd >= 0:
+        file = self._file
+        if file is None and self.fd >= 0:  # (once per region: a lock passed to each task)
             st = os.fstat(self.fd)
-            where = (st.st_dev, st.st_ino, slot)
+            file = self._file = (st.st_dev, st.st_ino)
+        if file is not None:
+            where = (*file, slot)
         with _live_lock:
             if where is not None and not init:  # (a new region's file is new: nothing to find)
                 sem = _sems_by_file.get(where)
