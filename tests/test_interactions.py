@@ -823,14 +823,8 @@ def test_a_worker_with_a_socket_default_timeout_leaves_the_callers_queue_and_pip
             assert q.get() == "late"
             timers[1].start()
             assert a.recv() == "late"
-    finally:  # (a failure leaves no timer to write to closed ends)
-        for timer in timers:
-            timer.cancel()
-            if timer.is_alive():
-                timer.join(5)
-        q.close()
-        a.close()
-        b.close()
+    finally:
+        _cancel_then_close(timers, q, a, b)
 
 
 def test_a_blocking_get_or_recv_waits_on_a_socket_another_process_made_non_blocking():
@@ -854,11 +848,16 @@ def test_a_blocking_get_or_recv_waits_on_a_socket_another_process_made_non_block
         assert a.recv() == "late"
         timers[2].start()
         assert a.recv_bytes() == b"raw"
-    finally:  # (a failure leaves no timer to write to closed ends)
-        for timer in timers:
-            timer.cancel()
-            if timer.is_alive():
-                timer.join(5)
-        q.close()
-        a.close()
-        b.close()
+    finally:
+        _cancel_then_close(timers, q, a, b)
+
+
+def _cancel_then_close(timers: list[threading.Timer], *ends: object) -> None:
+    """A test's timers stopped first (a failure leaves none to write to closed ends), then
+    its queues and pipe ends closed."""
+    for timer in timers:
+        timer.cancel()
+        if timer.is_alive():
+            timer.join(5)
+    for end in ends:
+        end.close()  # type: ignore[attr-defined]
