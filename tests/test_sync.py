@@ -591,6 +591,37 @@ def test_out_of_descriptors_a_primitive_says_what_holds_them_and_leaves_none_ope
             del objs  # (the exception, and its frames, went with its except block)
             assert len(os.listdir("/proc/self/fd")) < 10, (make, held)  # (nothing half-made)
         assert procpool.Value("i", 7).value == 7  # (descriptors given back: usable again)
+
+        def free(n):  # the n lowest free descriptor numbers (fstat opens none)
+            out, fd = [], 0
+            while len(out) < n:
+                try:
+                    os.fstat(fd)
+                except OSError:
+                    out.append(fd)
+                fd += 1
+            return out
+
+        two = free(2)  # room for a Queue's sockets, not its region: they close at once
+        resource.setrlimit(resource.RLIMIT_NOFILE, (two[1] + 1, hard))
+        try:
+            procpool.Queue()
+        except OSError as exc:
+            assert exc.errno == errno.EMFILE, exc
+            assert free(2) == two, (free(2), two)  # (in the except block: nothing held)
+        else:
+            raise AssertionError("a Queue made without room for its region")
+        four = free(4)  # a named Queue out of descriptors for its name's socket: the name is
+        resource.setrlimit(resource.RLIMIT_NOFILE, (four[3] + 1, hard))  # free after it
+        try:
+            procpool.Queue(name="procpool-test-emfile")
+        except OSError as exc:
+            assert exc.errno == errno.EMFILE and "ulimit -n" in str(exc), exc
+        else:
+            raise AssertionError("a named Queue made without room for its socket")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        named = procpool.Queue(name="procpool-test-emfile")  # (FileExistsError before)
+        named.close()
         print("ok")
     """
     proc = run_python(code, timeout=60)

@@ -148,7 +148,12 @@ class Queue:
         self._setup(w.detach(), r.detach(), region, maxsize, init=True)
         self._server: _Rendezvous | None = None
         if name is not None:
-            self._server = _Rendezvous(name, self)
+            try:
+                self._server = _Rendezvous(name, self)
+            except BaseException:  # (the name taken, out of descriptors): nothing left open
+                self.close()
+                region.close()
+                raise
 
     def _setup(self, wfd: int, rfd: int, region: Region, maxsize: int, init: bool) -> None:
         self._w = _ipc_wire.own_socket(wfd)
@@ -721,22 +726,29 @@ class _Rendezvous:
         from ._ipc_mem import shm_path
 
         shm_path(name)  # validates the name
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock = explain_emfile(lambda: socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+        stop: tuple[int, int] | None = None
         try:
-            self._sock.bind(_RENDEZVOUS.format(name))
-        except OSError as exc:
-            self._sock.close()
-            raise FileExistsError(f"a queue named {name!r} already exists") from exc
-        self._sock.listen(16)
-        self._queue = weakref.ref(q)
-        # a child forked from this process inherits this object but not the thread, and shares
-        # the stop pipe: only the process that serves the name may stop it (see stop())
-        self._pid = os.getpid()
-        self._stop_r, self._stop_w = os.pipe()
-        self._thread = threading.Thread(
-            target=self._serve, name=f"procpool-queue-{name}", daemon=True
-        )
-        self._thread.start()
+            try:
+                sock.bind(_RENDEZVOUS.format(name))
+            except OSError as exc:
+                raise FileExistsError(f"a queue named {name!r} already exists") from exc
+            sock.listen(16)
+            stop = explain_emfile(os.pipe)
+            self._thread = threading.Thread(
+                target=self._serve, name=f"procpool-queue-{name}", daemon=True
+            )
+            self._sock, self._queue = sock, weakref.ref(q)
+            # a child forked from this process inherits this object but not the thread, and
+            # shares the stop pipe: only the process that serves the name may stop it (stop())
+            self._pid = os.getpid()
+            self._stop_r, self._stop_w = stop
+            self._thread.start()
+        except BaseException:  # the name is free again, nothing left open
+            sock.close()
+            for fd in stop or ():
+                os.close(fd)
+            raise
         _SERVING.add(self)
 
     def _serve(self) -> None:
@@ -751,7 +763,8 @@ class _Rendezvous:
                 break
             try:
                 conn, _ = self._sock.accept()
-            except OSError:
+            except OSError:  # out of descriptors, say: the client waits in the backlog (or
+                time.sleep(0.05)  # times out); looking again at once, the loop spun
                 continue
             with conn:
                 try:
