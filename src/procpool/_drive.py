@@ -206,13 +206,16 @@ class Driving:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         deadline = None if timeout is None else time.monotonic() + timeout
-        spin = self._spin.take() if est is not None and est < DRIVE_SPIN else 0.0
-        if timeout is not None and timeout < spin:
-            spin = 0.0  # (a deadline that short: nothing to learn from)
+        # (a deadline shorter than a poll: nothing to learn from.  The budget is taken only
+        # for a poll that happens: a Spin that stopped counts each take() as a wait, and its
+        # try would be used up untested)
+        spin = est is not None and est < DRIVE_SPIN and (timeout is None or timeout >= DRIVE_SPIN)
         while not result._done and task.state == _SENT:
             if spin:  # once: then sleep
-                self._spin.done(spin, poll_for(poller, spin))
-                spin = 0.0
+                spin = False
+                budget = self._spin.take()
+                if budget:
+                    self._spin.done(budget, poll_for(poller, budget))
             wait = 100.0 if deadline is None else (deadline - time.monotonic()) * 1000
             if wait <= 0:
                 return None
