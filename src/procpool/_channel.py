@@ -68,8 +68,8 @@ class Spin:
     after every call, two polls in three for nothing (review).  Why up to eight: with three,
     polls that paid six times in ten (a random schedule) stopped it for 89 % of the waits
     that would have paid, with eight for 19 % (seven in ten: 64 against 1 %), while a
-    schedule that pays one time in three still stops it (a review's simulation).  Threads may share one: its
-    updates are plain stores, a heuristic's.
+    schedule that pays one time in three still stops it (a review's simulation).  Threads
+    may share one: its updates are plain stores, a heuristic's.
     """
 
     __slots__ = ("limit", "budget", "credit", "skipped", "interval")
