@@ -228,3 +228,28 @@ def test_a_decorated_main_function_redefined_runs_as_the_parent_defines_it():
         """
     )
     assert out == ["[2,", "3]", "[100,", "200]"]
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_a_worker_has_the_parents_authkey_so_a_manager_proxy_passed_to_a_task_works(
+    method, tmp_path
+):
+    # a worker started afresh had a key of its own: a multiprocessing Manager's proxy failed
+    # to unpickle there ("digest sent was rejected"), where multiprocessing's workers take
+    # the parent's key (found by running CPython's concurrent.futures tests: review)
+    out = run_script(
+        """
+        import multiprocessing, operator
+        def key(_):
+            return bytes(multiprocessing.current_process().authkey).hex()
+        if __name__ == "__main__":
+            with multiprocessing.Manager() as mgr:
+                d = mgr.dict(k=42)
+                with procpool.Pool(1, start_method=METHOD) as p:
+                    print(p.apply(operator.getitem, (d, "k")))
+                    print(p.apply(key, (0,)) == key(0))
+        """,
+        method,
+        tmp_path / "main.py",
+    )
+    assert out == ["42", "True"]

@@ -350,7 +350,9 @@ IMPORTING_MAIN = False
 
 def main_preparation() -> dict[str, Any]:
     """What a worker started afresh (spawn, forkserver) needs to run the parent's main script,
-    as :mod:`multiprocessing` prepares it: the script's module name or path, and ``sys.argv``."""
+    as :mod:`multiprocessing` prepares it: the script's module name or path, ``sys.argv``,
+    and the process's authentication key (a ``multiprocessing`` Manager's proxy passed to a
+    task connects back with it: without it, "digest sent was rejected")."""
     from multiprocessing import spawn
 
     data = spawn.get_preparation_data("procpool-worker")
@@ -358,7 +360,11 @@ def main_preparation() -> dict[str, Any]:
     path = data.get("init_main_from_path")
     if path is not None and not os.path.isfile(path):  # a script piped in (`python - < f`)
         del data["init_main_from_path"]  # cannot be run again: its functions go by value
-    return {key: data[key] for key in keep if key in data}
+    kept = {key: data[key] for key in keep if key in data}
+    # (an AuthenticationString refuses pickling outside multiprocessing's own spawning: the
+    # bytes travel, as multiprocessing sends them, and spawn.prepare wraps them again)
+    kept["authkey"] = bytes(data["authkey"])
+    return kept
 
 
 def import_main(data: dict[str, Any]) -> None:
