@@ -114,6 +114,14 @@ def get_init_value(_=None):
     return _init_value
 
 
+class InitValue:
+    """A class whose classmethod reads this module's globals (see get_init_value)."""
+
+    @classmethod
+    def get(cls, _=None):
+        return _init_value
+
+
 def failing_initializer():
     raise RuntimeError("initializer exploded")
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 from _ipc_helpers import no_leaks  # noqa: F401
-from conftest import child_processes, wait_until
+from conftest import child_processes, run_python, wait_until
 from tasks import (
     add,
     fail,
@@ -366,6 +366,32 @@ def test_default_processes_is_the_cpu_count():
 def test_initializer_runs_in_every_worker():
     with procpool.Pool(2, initializer=set_init_value, initargs=("ready",)) as pool:
         assert set(pool.map(get_init_value, range(8))) == {"ready"}
+
+
+@pytest.mark.parametrize("cloudpickle_loaded", [False, True])
+def test_a_classmethod_runs_against_the_workers_own_module_as_a_function_does(
+    cloudpickle_loaded,
+):
+    # it went by value through cloudpickle, with a copy of its module's globals as the
+    # parent had them, and its traceback said "<dynamic-code>" (CPython's concurrent.futures
+    # tests, review); plain pickle, and cloudpickle once loaded, now send its class and name
+    code = f"""if True:
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        if {cloudpickle_loaded}:
+            import cloudpickle
+        import procpool, tasks
+        tasks.set_init_value("parent's")
+        with procpool.Pool(1, initializer=tasks.set_init_value, initargs=("worker's",)) as p:
+            print(p.apply(tasks.InitValue.get), p.submit(tasks.InitValue.get).result(30))
+            print(p.map(tasks.InitValue.get, range(3)))
+    """
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:2] == [
+        "worker's worker's",
+        '["worker\'s", "worker\'s", "worker\'s"]',
+    ]
 
 
 def test_maxtasksperchild_replaces_workers_without_losing_tasks():

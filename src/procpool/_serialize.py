@@ -592,19 +592,32 @@ def dumps_function(func: Any) -> bytes:
     other than ``__main__`` (plain pickle checks the name leads back to it), by value through
     cloudpickle otherwise (lambdas, closures, ``__main__``, callable objects).  Once cloudpickle
     is imported -- a program that registered a module with ``register_pickle_by_value`` has --
-    it pickles every function, as it knows which modules must travel by value."""
+    it pickles every function, as it knows which modules must travel by value.
+
+    A classmethod of a class outside ``__main__`` goes as its class and name, as plain pickle
+    sends it (the class by reference, unless cloudpickle was told to send its module by
+    value): cloudpickle would send its function by value, to run against a copy of its
+    module's globals as they were in this process, not the worker's own."""
+    target: Any = func
+    by_reference = type(func) in _BY_REFERENCE
+    module = getattr(func, "__module__", "__main__")
+    owner = getattr(func, "__self__", None)
     if (
-        "cloudpickle" not in sys.modules  # once imported, it decides (register_pickle_by_value)
-        and type(func) in _BY_REFERENCE
-        and getattr(func, "__module__", "__main__") != "__main__"
+        type(func) is types.MethodType
+        and isinstance(owner, type)
+        and owner.__module__ != "__main__"
+        and getattr(owner, func.__name__, None) == func
     ):
+        target, module, by_reference = _ClassAttribute(owner, func.__name__), owner.__module__, True
+    # (once imported, cloudpickle decides: it knows register_pickle_by_value's modules)
+    if "cloudpickle" not in sys.modules and by_reference and module != "__main__":
         try:
-            return pickle.dumps(func, PROTOCOL)
+            return pickle.dumps(target, PROTOCOL)
         except Exception:
             pass  # nested or renamed: cloudpickle knows how
     qualname = _main_qualname(func)
     try:
-        blob: bytes | str = _cloudpickle_dumps(func)
+        blob: bytes | str = _cloudpickle_dumps(target)
     except Exception as exc:
         if qualname is None:
             raise SerializationError(f"cannot pickle the function {describe(func)}: {exc}") from exc
@@ -620,6 +633,19 @@ def dumps_function(func: Any) -> bytes:
 
 
 _BY_REFERENCE = (types.FunctionType, types.BuiltinFunctionType)
+
+
+class _ClassAttribute:
+    """A classmethod as :func:`dumps_function` sends it: unpickled, ``getattr(owner, name)``."""
+
+    __slots__ = ("owner", "name")
+
+    def __init__(self, owner: type, name: str) -> None:
+        self.owner = owner
+        self.name = name
+
+    def __reduce__(self) -> tuple[Any, tuple[type, str]]:
+        return (getattr, (self.owner, self.name))
 
 
 def loads(data: bytes | memoryview, nbuf: int = 0, fds: list[int] | None = None) -> Any:
