@@ -114,6 +114,17 @@ def get_init_value(_=None):
     return _init_value
 
 
+class Box:
+    """A result a weak reference can follow (see box)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def box(x):
+    return Box(x)
+
+
 class InitValue:
     """A class whose classmethod reads this module's globals (see get_init_value)."""
 

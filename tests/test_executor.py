@@ -12,6 +12,7 @@ import time
 import pytest
 from conftest import run_python
 from tasks import (
+    box,
     count_lines,
     fail,
     fail_on,
@@ -52,6 +53,27 @@ def test_executor_map_raises_an_items_error_at_its_position():
         assert [next(it), next(it), next(it)] == [0, 10, 20]
         with pytest.raises(ValueError):
             next(it)
+
+
+@pytest.mark.parametrize("chunksize", [1, 50])
+def test_executor_map_keeps_no_result_it_has_yielded(chunksize):
+    # as the standard library's (CPython #14406, its test_free_reference): the iterator held
+    # every result of the chunk it was in, 50 results handed out still alive (review)
+    import weakref
+
+    with procpool.ProcessPoolExecutor(2) as ex:
+        seen = 0
+        for obj in ex.map(box, range(200), chunksize=chunksize):
+            assert obj.value == seen
+            ref = weakref.ref(obj)
+            del obj
+            assert ref() is None, seen
+            seen += 1
+        assert seen == 200
+    with procpool.Pool(2) as pool:  # next() on an imap iterator alike
+        it = pool.imap(box, range(100), chunksize=50)
+        ref = weakref.ref(next(it))
+        assert ref() is None
 
 
 def test_executor_map_timeout_is_a_deadline():

@@ -545,7 +545,9 @@ class IMapIterator(Generic[T]):
                 self._yielded += 1
                 self._consumed += 1
                 exc = self._errors.pop(pos, None) if self._errors else None
-                value = self._values[pos]
+                values = self._values
+                value = values[pos]
+                values[pos] = None  # (the caller's alone now: freed when it drops it)
                 if self._length is not None and self._over():
                     self._wakeup.notify_all()  # other consumers waiting: this was the last
             if self._consumed >= 1024:
