@@ -656,6 +656,54 @@ def test_a_bound_builtin_method_whose_object_changed_runs_on_the_object_as_it_is
     assert pool.map(abs, [-1]) == [1]  # (a module's builtin: cached by identity)
 
 
+def test_a_running_pool_collected_in_a_reference_cycle_warns_too():
+    # the collector runs the pool's finalizer (terminate) before its __del__, which looked
+    # at the pool's state and said nothing (review)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as log:
+        warnings.simplefilter("always")
+        pool = procpool.Pool(1)
+        pids = set(pool.pids())
+        pool.cycle = pool
+        del pool
+        gc.collect()
+        said = [w for w in log if issubclass(w.category, ResourceWarning)]
+        assert len(said) == 1 and "unclosed running procpool pool" in str(said[0].message)
+        assert wait_until(lambda: not pids & set(child_processes()), 10), child_processes()
+        executor = procpool.ProcessPoolExecutor(1)  # (closed by its own finalizer: silent,
+        executor.cycle = executor  # as the standard library's)
+        del executor
+        gc.collect()
+        assert [w for w in log if issubclass(w.category, ResourceWarning)] == said
+
+
+def test_a_pool_whose_start_is_interrupted_stops_at_once_and_warns_of_nothing(monkeypatch):
+    # a Ctrl-C in Pool() left its workers running until the half-made pool was collected,
+    # which then warned of an unclosed pool the caller never had (review)
+    import warnings
+
+    from procpool._scheduler import Scheduler
+
+    started = Scheduler.wait_started
+
+    def interrupted(self):
+        started(self)
+        raise KeyboardInterrupt
+
+    before = set(child_processes())
+    monkeypatch.setattr(Scheduler, "wait_started", interrupted)
+    with warnings.catch_warnings(record=True) as log:
+        warnings.simplefilter("always")
+        with pytest.raises(KeyboardInterrupt) as info:
+            procpool.Pool(2)
+        # (the half-made pool lives on in the traceback's frames: nothing collects it)
+        assert wait_until(lambda: set(child_processes()) <= before, 10), child_processes()
+        del info
+        gc.collect()
+        assert not [w for w in log if issubclass(w.category, ResourceWarning)]
+
+
 def test_a_running_pool_dropped_warns_with_a_resource_warning_and_is_still_terminated():
     """As multiprocessing's, a running pool dropped says so (ResourceWarning) -- and is
     terminated all the same while the warning is kept: with the pool as the warning's

@@ -170,8 +170,13 @@ class Pool(PoolAPI):
         # a pool dropped without close() or still alive at exit is terminated, not leaked --
         # also one whose start a Ctrl-C cuts (set before the I/O thread starts)
         self._finalizer = weakref.finalize(self, self._sched.terminate)
-        self._sched.start()
-        self._sched.wait_started()
+        try:
+            self._sched.start()
+            self._sched.wait_started()
+        except BaseException:  # a Ctrl-C, a worker that could not start: no pool to warn
+            self.terminate()  # about (see __del__), and nothing left running meanwhile
+            raise
+        self._unclosed = True  # until close(), terminate() or shutdown() (see __del__)
 
     # ---------------------------------------------------------------- introspection
     @property
@@ -199,9 +204,9 @@ class Pool(PoolAPI):
         # dropped while running: terminated (see _finalizer), and said, as multiprocessing does
         # -- but without source=self: a recorded warning (catch_warnings(record=True), pytest)
         # would keep the pool alive, and its finalizer, the only thing that stops its workers,
-        # would never run
-        sched = self.__dict__.get("_sched")  # (none when __init__ raised)
-        if sched is not None and sched.state == RUNNING:
+        # would never run.  A flag, not the pool's state: collected in a reference cycle, the
+        # finalizer has already terminated it (the collector runs weakref callbacks first)
+        if self.__dict__.get("_unclosed"):  # (not when __init__ raised)
             _warn(f"unclosed running procpool pool {self!r}", ResourceWarning)
 
     @property
@@ -404,12 +409,14 @@ class Pool(PoolAPI):
     # ---------------------------------------------------------------- lifecycle
     def close(self) -> None:
         """Accept no more tasks; workers exit once the queued tasks are done."""
+        self._unclosed = False
         self._sched.close()
 
     def terminate(self) -> None:
         """Stop the workers now (SIGKILL); unfinished tasks fail with ``PoolTerminated``."""
         # (not the finalizer itself: it is spent once called, and a Ctrl-C that cut the
         # terminating short would leave the pool running for good)
+        self._unclosed = False
         self._sched.terminate()
         self._finalizer.detach()
 
@@ -494,6 +501,7 @@ class ProcessPoolExecutor(concurrent.futures.Executor):
         # multiprocessing's.)
         sched = self._pool._sched
         self._pool._finalizer.detach()
+        self._pool._unclosed = False  # (the executor closes it: nothing to warn about)
         weakref.finalize(self, sched.close)
         _register_for_exit(sched)
 
