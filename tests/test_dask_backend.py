@@ -601,3 +601,122 @@ def test_imap_item_dask_cannot_pickle_fails_at_its_own_position(cluster, DaskPoo
         with pytest.raises(procpool.SerializationError, match="cannot send"):
             next(it)
         assert list(it) == [36, 49]
+
+
+# ---------------------------------------------------------------- found by a review (2026-11-28)
+
+
+def test_a_callback_waiting_for_another_result_of_its_pool_gets_an_error_not_a_hang(
+    cluster, DaskPool
+):
+    # as procpool.Pool: the callback runs in the thread that delivers the results, so such a
+    # wait would never return -- it held the deliveries for good, and terminate() with them
+    said: list[str] = []
+
+    def callback(_: object) -> None:
+        try:
+            pool.map(square, [1, 2])
+        except RuntimeError as exc:
+            said.append(str(exc))
+
+    with DaskPool(address=cluster.scheduler_address) as pool:
+        assert pool.apply_async(square, (3,), callback=callback).get(30) == 9
+        assert len(said) == 1 and "inside a callback of this pool" in said[0]
+        assert pool.apply_async(square, (5,)).get(30) == 25
+
+
+def test_join_returns_once_every_callback_has_run_and_every_result_is_in(cluster, DaskPool):
+    # join() returned once the last units were taken out for delivery, and waited 5 s for
+    # the delivery thread: callbacks taking longer ran after it (4 of 10 in the review's
+    # case), the client and cluster closed under them
+    ran: list[int] = []
+
+    def callback(value: int) -> None:
+        time.sleep(0.6)
+        ran.append(value)
+
+    pool = DaskPool(address=cluster.scheduler_address)
+    results = [pool.apply_async(square, (i,), callback=callback) for i in range(10)]
+    time.sleep(1)  # (all done by now: their callbacks, 6 s in all, queue up)
+    pool.close()
+    pool.join(timeout=30)
+    assert sorted(ran) == [i * i for i in range(10)]
+    assert all(r.ready() for r in results)
+
+
+def test_an_ipc_object_in_an_imap_input_ends_it_after_the_items_before_it(cluster, DaskPool):
+    # as with a chunksize of 1: the items read before it run, then the iteration raises; a
+    # larger chunk dropped them, unreported
+    queue = procpool.Queue()
+    try:
+        with DaskPool(address=cluster.scheduler_address) as pool:
+            for chunksize in (1, 4):
+                it = pool.imap(square, [1, 2, queue, 4, 5], chunksize=chunksize)
+                assert [it.next(30), it.next(30)] == [1, 4]
+                with pytest.raises(procpool.SerializationError, match="cannot be passed"):
+                    it.next(30)
+                with pytest.raises(StopIteration):
+                    it.next(30)
+    finally:
+        queue.close()
+
+
+@pytest.mark.timeout(150)
+def test_an_imap_whose_scheduler_goes_away_ends_and_the_pool_joins():
+    # the chunk read when the client was closed was counted and never sent: the iteration
+    # waited for it for good, and join() raised the client's error at every call
+    code = """if True:
+        import os, signal, subprocess, sys, time
+        import dask
+        dask.config.set({"distributed.comm.timeouts.connect": "3s"})  # gives up soon
+        import procpool
+        from procpool.backends.dask import DaskPool
+
+        CLUSTER = '''if True:
+            import time, distributed
+            if __name__ == "__main__":
+                c = distributed.LocalCluster(host="127.0.0.1", n_workers=1,
+                    threads_per_worker=1, processes=True, dashboard_address=None,
+                    scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+                print(c.scheduler_address, flush=True)
+                time.sleep(120)
+        '''
+
+        def square(x):
+            return x * x
+
+        if __name__ == "__main__":
+            child = subprocess.Popen([sys.executable, "-c", CLUSTER], stdout=subprocess.PIPE,
+                                     text=True, start_new_session=True)
+            try:
+                pool = DaskPool(address=child.stdout.readline().strip(), prefetch=4)
+                it = pool.imap(square, range(100), chunksize=2)
+                print([it.next(timeout=20) for _ in range(4)])
+                os.killpg(child.pid, signal.SIGKILL)  # the scheduler and its workers
+                child.wait()
+                deadline = time.monotonic() + 30
+                while pool.client.status != "closed" and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                for _ in range(200):
+                    try:
+                        it.next(timeout=5)
+                    except StopIteration:
+                        print("ended")
+                        break
+                    except procpool.TimeoutError:
+                        print("waited")
+                        break
+                    except Exception:
+                        pass
+                pool.close()
+                pool.join(timeout=20)
+                print("joined", pool._engine.state)
+            finally:
+                try:
+                    os.killpg(child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    """
+    proc = run_python(code, timeout=100)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[:3] == ["[0, 1, 4, 9]", "ended", "joined TERMINATE"]

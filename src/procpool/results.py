@@ -63,7 +63,11 @@ def _never_delivered(result: Any) -> None:
             " return: the result is ready once its callback has returned (the callback is"
             " given its value)"
         )
-    sched = getattr(result, "_sched", None) or getattr(result._pool, "_sched", None)
+    pool = result._pool
+    # (a procpool pool's scheduler, or a DaskPool's engine: both say who delivers)
+    sched = getattr(result, "_sched", None) or getattr(
+        pool, "_sched", getattr(pool, "_engine", None)
+    )
     if sched is not None and getattr(sched, "_delivering", None) == threading.get_ident():
         raise RuntimeError(
             "waiting, with no timeout, inside a callback of this pool for another of its"

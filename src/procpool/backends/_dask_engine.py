@@ -124,6 +124,8 @@ class _Engine:
         self._feeders: set[_Feeder] = set()
         # one thread settles results at a time: a MapResult counts its chunks without a lock
         self._settle_lock = threading.RLock()
+        self._delivering: int | None = None  # the thread settling (see results._never_delivered)
+        self._settling = 0  # units taken out of _units and not settled yet (join waits for them)
         # as_completed only reports that a task ended; the delivery thread fetches the data
         # itself, so that a failure to fetch is an error it can hand to the caller
         self._completed = distributed.as_completed(loop=client.loop)
@@ -203,10 +205,15 @@ class _Engine:
                     self._completed.add(future)
                 elif self._units.pop(future.key, None) is not None:
                     settle.append((unit, future))
-            if not self._units:
-                self._changed.notify_all()  # join() may be waiting for this
-        for unit, future in settle:
-            self._settle(unit, future, blobs.get(future.key))
+            self._settling += len(settle)
+        try:
+            for unit, future in settle:
+                self._settle(unit, future, blobs.get(future.key))
+        finally:  # (join() returns once the callbacks have run and the results are in)
+            with self._lock:
+                self._settling -= len(settle)
+                if not self._units and not self._settling:
+                    self._changed.notify_all()
 
     def _fetch(self, futures: list[distributed.Future]) -> dict[Any, Any]:
         """The pickled outcomes of *futures* (one round trip), or the error fetching each."""
@@ -253,17 +260,25 @@ class _Engine:
             unit.feeder.observe(unit.n_items, outcome.seconds)
         errors = {i: rebuild_error(info, _ItemView(unit, i)) for i, info in outcome.errors.items()}
         with self._settle_lock:
+            outer, self._delivering = self._delivering, threading.get_ident()
             try:
                 unit.sink._on_chunk(unit, outcome.values, errors)
             except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
                 traceback.print_exc()
+            finally:
+                self._delivering = outer
 
     def _settle_error(self, unit: _Unit, exc: BaseException) -> None:
         with self._settle_lock:
+            # (a callback running here that waited, untimed, for another result of the pool
+            # would hold the deliveries for good, terminate() too: it gets a RuntimeError)
+            outer, self._delivering = self._delivering, threading.get_ident()
             try:
                 unit.sink._on_error(unit, exc)
             except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
                 traceback.print_exc()
+            finally:
+                self._delivering = outer
 
     # -- ending -------------------------------------------------------------------------
     def close(self) -> None:
@@ -284,7 +299,7 @@ class _Engine:
         for feeder in feeders:  # nobody may consume while we wait: read the rest now
             feeder.drain()
         with self._lock:
-            while self._units or self._feeders:
+            while self._units or self._feeders or self._settling:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return
@@ -477,11 +492,12 @@ class _Feeder:
     def _feed_chunk(self, size: int) -> None:
         """Read up to *size* items and submit them as one unit (the reading thread only)."""
         items, error, ended = self._read_chunk(size)
-        try:
-            _check_arguments(items, self._kind, self._label)
-        except SerializationError as exc:  # raised at the iteration's end, as an input error
-            self._finish(exc)
-            return
+        for i, item in enumerate(items):
+            try:
+                _check_arguments((item,), self._kind, self._label)
+            except SerializationError as exc:  # an input error at its position: the items
+                items, error, ended = items[:i], exc, True  # before it still run (as with
+                break  # a chunksize of 1), then the iteration raises it
         with self._lock:
             if self._done:  # aborted (terminate) while we read: what was read is dropped
                 return
@@ -497,6 +513,11 @@ class _Feeder:
                 self._engine.submit(unit, payload)
             except SerializationError as exc:  # Dask cannot pickle an item: that chunk's error
                 self._engine._settle_error(unit, exc)
+            except Exception as exc:  # noqa: BLE001 - the client is closed, the scheduler gone:
+                # that chunk's error, and the input's end (counted and never sent, the chunk
+                # was waited for, and join() raised the client's error, for good)
+                self._engine._settle_error(unit, exc)
+                ended, error = True, exc
         if ended:
             self._finish(error)
 
