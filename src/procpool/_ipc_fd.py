@@ -160,8 +160,8 @@ def explain_emfile(make: Callable[[], T]) -> T:
     that errno which says what holds them and how to allow more.
 
     procpool's primitives hold descriptors where :mod:`multiprocessing`'s hold none (a Lock
-    one, a Value two, a Queue or an Event three): under the usual soft limit of 1,024, a
-    program makes several hundred of them, not many thousands.  The limit is
+    two, a Value or a Queue four, an Event six, half that from Python 3.13): under the usual
+    soft limit of 1,024, a program makes a few hundred of them, not thousands.  The limit is
     the program's to raise (``ulimit -n``, ``resource.setrlimit``): raising it behind the
     program's back was tried and dropped (review) -- descriptors above 1,023 then broke its
     ``select.select()`` later, far from the cause, and its child processes inherited the limit.
@@ -177,7 +177,7 @@ def explain_emfile(make: Callable[[], T]) -> T:
         raise OSError(
             errno.EMFILE,
             f"Too many open files: this process holds its limit of {soft} descriptors (a "
-            "procpool Lock holds 1, a Value 2, a Queue or an Event 3); allow more with "
-            f"`ulimit -n` or resource.setrlimit(RLIMIT_NOFILE, ...), up to the hard limit of "
-            f"{hard}",
+            "procpool Lock holds 2, a Value or a Queue 4, an Event 6, half that from Python "
+            f"3.13); allow more with `ulimit -n` or resource.setrlimit(RLIMIT_NOFILE, ...), up "
+            f"to the hard limit of {hard}",
         ) from exc

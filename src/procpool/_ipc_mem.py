@@ -28,12 +28,12 @@ import json
 import mmap
 import os
 import re
+import sys
 import threading
 import weakref
 from itertools import count
 
 from ._ipc_fd import FdHandle, close_quietly, explain_emfile, region_token
-from ._mapping import map_fd
 from ._serialize import recv_fd, send_region
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
@@ -128,6 +128,11 @@ def shm_path(name: str) -> str:
     return os.path.join(SHM_DIR, name)
 
 
+# Python >= 3.13 can map without mmap.mmap keeping a dup() of the descriptor for the mapping's
+# life (the region keeps its own, for passing it on): one descriptor per region, not two.
+_MAP_KW: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
+
 # Regions passed by key (a pool task's arguments, see _serialize.send_region).  A key is
 # unique across processes (the pid in its high bits): a worker may itself run a pool.
 _KEY_COUNTER = count(1)
@@ -205,34 +210,27 @@ class Region:
     tracked for fork (``_live_sems``); its address is computed on first use.
     """
 
-    __slots__ = ("buffer", "fd", "size", "name", "_address", "_key", "_file", "__weakref__")
+    __slots__ = ("mmap", "fd", "size", "name", "_address", "_key", "_file", "__weakref__")
 
-    buffer: memoryview
+    mmap: mmap.mmap
     fd: int
     size: int
     name: str | None
     _address: int | None
 
     def __init__(self, fd: int, name: str | None = None) -> None:
-        """Map *fd* (taking ownership of it: closed by :meth:`close`, or now if mapping fails).
-
-        The whole file, no page touched.  The mapping keeps no descriptor of its own
-        (``mmap.mmap`` would keep a ``dup()`` of *fd* for its life before Python 3.13): the
-        region's one descriptor, for passing it on, is all it holds.  Unmapped once the last
-        view of :attr:`buffer` (a numpy array, a ctypes object, a semaphore's region) is
-        gone."""
+        """Map *fd* (taking ownership of it: closed by :meth:`close`, or now if mapping fails)."""
         try:
-            st = os.fstat(fd)
-            self.buffer = map_fd(fd, st.st_size, populate=False)
+            self.mmap = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, **_MAP_KW)  # 0: the whole file
         except BaseException:
             close_quietly(fd)
             raise
         self.fd = fd
-        self.size = st.st_size
+        self.size = len(self.mmap)
         self.name = name
         self._address = None
         self._key = 0
-        self._file = (st.st_dev, st.st_ino)  # (see semaphore)
+        self._file: tuple[int, int] | None = None  # (device, inode): see semaphore
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
@@ -300,10 +298,10 @@ class Region:
         blob = json.dumps(meta, separators=(",", ":")).encode()
         if len(blob) >= META_SIZE:
             raise ValueError("shared object description too long")
-        self.buffer[META_OFFSET : META_OFFSET + len(blob)] = blob
+        self.mmap[META_OFFSET : META_OFFSET + len(blob)] = blob
 
     def read_meta(self) -> dict[str, Any]:
-        raw = bytes(self.buffer[META_OFFSET : META_OFFSET + META_SIZE]).rstrip(b"\0")
+        raw = bytes(self.mmap[META_OFFSET : META_OFFSET + META_SIZE]).rstrip(b"\0")
         try:
             meta = json.loads(raw)
         except ValueError:
@@ -322,30 +320,37 @@ class Region:
             if _sem_init(address, 1, value) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err))
-        where = (*self._file, slot)
+        where = None
+        file = self._file
+        if file is None and self.fd >= 0:  # (once per region: a lock passed to each task)
+            st = os.fstat(self.fd)
+            file = self._file = (st.st_dev, st.st_ino)
+        if file is not None:
+            where = (*file, slot)
         with _live_lock:
-            if not init:  # (a new region's file is new: nothing to find)
+            if where is not None and not init:  # (a new region's file is new: nothing to find)
                 sem = _sems_by_file.get(where)
                 if sem is not None and sem.kind == kind and sem.maxvalue == maxvalue:
                     return sem
             sem = SemLock._rebuild(address, kind, maxvalue, None)
             sem._region = self
             _live_sems.add(sem)
-            _sems_by_file[where] = sem
+            if where is not None:
+                _sems_by_file[where] = sem
         return sem
 
     # -- data -------------------------------------------------------------------------------
     def data(self, offset: int = 0, length: int | None = None) -> memoryview:
         """A writable view of the data area."""
         end = self.size if length is None else DATA_OFFSET + offset + length
-        return self.buffer[DATA_OFFSET + offset : end]
+        return memoryview(self.mmap)[DATA_OFFSET + offset : end]
 
     @property
     def address(self) -> int:
         """Where the mapping starts in this process (computed on first use)."""
         address = self._address
         if address is None:
-            address = self._address = ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
+            address = self._address = ctypes.addressof(ctypes.c_char.from_buffer(self.mmap))
         return address
 
     @property

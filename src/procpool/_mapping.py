@@ -143,20 +143,14 @@ class _Unmapped:
 if sys.version_info >= (3, 13):
 
     def map_fd(
-        fd: int,
-        size: int,
-        *,
-        dontfork: bool = False,
-        populate: bool = True,
-        on_unmap: Callable[[], None] | None = None,
+        fd: int, size: int, *, dontfork: bool = False, on_unmap: Callable[[], None] | None = None
     ) -> memoryview:
-        """Map *fd* shared and read-write, keeping no descriptor (``trackfd=False``): the fd
-        can be closed at once, and a process forked later inherits no descriptor.  Unmapped
-        when the last view is freed, then *on_unmap* runs -- exactly once, also when this
-        raises (after undoing the mapping).  *dontfork*: forked children do not inherit the
-        mapping either.  *populate*: fault every page in now (a buffer about to be read
-        whole); without it no page is touched."""
-        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        """Map *fd* shared, read-write and populated, keeping no descriptor (``trackfd=False``):
+        the fd can be closed at once, and a process forked later inherits no descriptor.
+        Unmapped when the last view is freed, then *on_unmap* runs -- exactly once, also when
+        this raises (after undoing the mapping).  *dontfork*: forked children do not inherit
+        the mapping either."""
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         prot = mmap.PROT_READ | mmap.PROT_WRITE
         once = _Unmapped(on_unmap)  # (the mmap's own dealloc unmaps: no close to give it)
         mm = None
@@ -206,25 +200,19 @@ else:  # mmap.mmap dup()s the fd and keeps it for the mapping's life: map it our
         return libc
 
     def map_fd(
-        fd: int,
-        size: int,
-        *,
-        dontfork: bool = False,
-        populate: bool = True,
-        on_unmap: Callable[[], None] | None = None,
+        fd: int, size: int, *, dontfork: bool = False, on_unmap: Callable[[], None] | None = None
     ) -> memoryview:
-        """Map *fd* shared and read-write, keeping no descriptor: a program may hold thousands
-        of received arrays, or of Locks, without running out of fds, and a process forked
-        later inherits no descriptor.  Unmapped when the last view is freed, then *on_unmap*
-        runs -- exactly once, also when this raises (after undoing the mapping).
-        *dontfork*: forked children do not inherit the mapping either.  *populate*: fault
-        every page in now (a buffer about to be read whole); without it no page is touched."""
+        """Map *fd* shared, read-write and populated, keeping no descriptor: a program may hold
+        thousands of received arrays without running out of fds, and a process forked later
+        inherits no descriptor.  Unmapped when the last view is freed, then *on_unmap* runs --
+        exactly once, also when this raises (after undoing the mapping).  *dontfork*: forked
+        children do not inherit the mapping either."""
         import ctypes
 
         once = _Unmapped(on_unmap)
         try:
             libc = _libc or _load_libc()
-            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
             addr = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
             if addr is None or addr == ctypes.c_void_p(-1).value:  # MAP_FAILED
                 err = ctypes.get_errno()

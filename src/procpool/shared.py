@@ -202,13 +202,13 @@ class Value(_Shared):
         ctype = _ctype_of(typecode_or_type)
         if _attach is not None:
             self._region, self._lock = _attach
-            self._obj = ctype.from_buffer(self._region.buffer, DATA_OFFSET)
+            self._obj = ctype.from_buffer(self._region.mmap, DATA_OFFSET)
         else:
             meta = {"kind": "Value", "typecode": _typename(ctype) if name else None}
             self._region = Region.create(ctypes.sizeof(ctype), meta, name)
             try:
                 self._lock = _make_lock(lock)
-                self._obj = ctype.from_buffer(self._region.buffer, DATA_OFFSET)
+                self._obj = ctype.from_buffer(self._region.mmap, DATA_OFFSET)
                 if args:
                     self._obj.__init__(*args)
             except BaseException:
@@ -565,7 +565,7 @@ class Array(_Shared):
         try:
             if _attach is None:
                 self._lock = _make_lock(lock)
-            self._obj = array_type.from_buffer(self._region.buffer, DATA_OFFSET)
+            self._obj = array_type.from_buffer(self._region.mmap, DATA_OFFSET)
             if init is not None and _attach is None:
                 self._obj[:] = init
             if _init_args:  # (Value(array type, *args): as ctypes' array(*args))
@@ -682,7 +682,7 @@ def _raw(shared: Value | Array) -> Any:
                 "__module__": __name__,
             },
         )
-    obj = raw_type.from_buffer(shared._region.buffer, DATA_OFFSET)
+    obj = raw_type.from_buffer(shared._region.mmap, DATA_OFFSET)
     obj._procpool_shared = shared  # (keeps the mapping, and says how to travel)
     return obj
 
@@ -766,7 +766,7 @@ class SharedArray:
         self.dtype = dtype
         self.shape = shape
         self._region = region
-        self.array = np.ndarray(shape, dtype, region.buffer, DATA_OFFSET)
+        self.array = np.ndarray(shape, dtype, region.mmap, DATA_OFFSET)
 
     _ref: tuple | None = None
 
@@ -933,7 +933,7 @@ def from_ref(key: int, shape: tuple[int, ...], dtype: str, name: str | None) -> 
     sa.dtype = dt = np.dtype(dtype)
     sa.shape = shape
     sa._region = region
-    sa.array = np.ndarray(shape, dt, region.buffer, DATA_OFFSET)
+    sa.array = np.ndarray(shape, dt, region.mmap, DATA_OFFSET)
     return sa
 
 
