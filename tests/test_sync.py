@@ -567,6 +567,38 @@ def test_a_semaphore_value_that_is_no_integer_is_the_stdlibs_type_error(cls):
             cls(bad)
 
 
+@pytest.mark.parametrize("where", ["__del__", "generator"])
+def test_a_primitive_in_a_reference_cycle_is_usable_by_the_cycles_finalizers(where):
+    # the collector runs weakref callbacks before __del__ methods and generator finally
+    # blocks: a region unmapped from a weakref.finalize (tried, review) made them segfault
+    code = """if True:
+        import gc, procpool
+        class Holder:
+            def __init__(self):
+                self.v = procpool.Value("i", 41, lock=False)
+                self.me = self
+            def __del__(self):
+                self.v.value += 1
+                print("read", self.v.value, flush=True)
+        def holding(box):
+            with procpool.Lock():
+                yield 1
+        if WHERE == "__del__":
+            Holder()
+        else:
+            box = []
+            g = holding(box)
+            box.append(g)
+            next(g)
+            del g, box
+        gc.collect()
+        print("survived")
+    """.replace("WHERE", repr(where))
+    proc = run_python(code, timeout=60)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.split()[-1] == "survived"
+
+
 def test_out_of_descriptors_a_primitive_says_what_holds_them_and_leaves_none_open():
     """multiprocessing's primitives hold no descriptor, procpool's a few each: under a soft
     limit of 1,024, 510 Locks or 255 Values run out (review).  The error says why, and the
