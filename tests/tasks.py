@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -131,6 +132,16 @@ class InitValue:
     @classmethod
     def get(cls, _=None):
         return _init_value
+
+
+def _tagged(tag, cls, x):
+    return tag, cls.__name__, x
+
+
+class PartialClassMethod:
+    """A classmethod over a callable with no ``__name__``."""
+
+    get = classmethod(functools.partial(_tagged, "plain"))
 
 
 def failing_initializer():

@@ -644,6 +644,23 @@ def test_join_returns_once_every_callback_has_run_and_every_result_is_in(cluster
     assert all(r.ready() for r in results)
 
 
+def test_join_from_a_callback_returns(cluster, DaskPool):
+    # join() waited for the units being settled, the callback's own among them (review)
+    done: list[int] = []
+
+    def callback(value: int) -> None:
+        pool.close()
+        pool.join(timeout=20)
+        done.append(value)
+
+    pool = DaskPool(address=cluster.scheduler_address)
+    try:
+        assert pool.apply_async(square, (7,), callback=callback).get(15) == 49
+        assert done == [49]
+    finally:
+        pool.terminate()
+
+
 def test_an_ipc_object_in_an_imap_input_ends_it_after_the_items_before_it(cluster, DaskPool):
     # as with a chunksize of 1: the items read before it run, then the iteration raises; a
     # larger chunk dropped them, unreported

@@ -394,6 +394,13 @@ def test_a_classmethod_runs_against_the_workers_own_module_as_a_function_does(
     ]
 
 
+def test_a_classmethod_over_a_callable_with_no_name_still_runs(pool):
+    from tasks import PartialClassMethod
+
+    # (its name was read unguarded: AttributeError before anything was sent: review)
+    assert pool.apply(PartialClassMethod.get, (5,)) == ("plain", "PartialClassMethod", 5)
+
+
 def test_maxtasksperchild_replaces_workers_without_losing_tasks():
     with procpool.Pool(2, maxtasksperchild=2) as pool:
         results = [pool.apply_async(pid) for _ in range(20)]

@@ -601,14 +601,13 @@ def dumps_function(func: Any) -> bytes:
     target: Any = func
     by_reference = type(func) in _BY_REFERENCE
     module = getattr(func, "__module__", "__main__")
-    owner = getattr(func, "__self__", None)
-    if (
-        type(func) is types.MethodType
-        and isinstance(owner, type)
-        and owner.__module__ != "__main__"
-        and getattr(owner, func.__name__, None) == func
-    ):
-        target, module, by_reference = _ClassAttribute(owner, func.__name__), owner.__module__, True
+    name = _classmethod_name(func)
+    if name is not None:
+        target, module, by_reference = (
+            _ClassAttribute(func.__self__, name),
+            func.__self__.__module__,
+            True,
+        )
     # (once imported, cloudpickle decides: it knows register_pickle_by_value's modules)
     if "cloudpickle" not in sys.modules and by_reference and module != "__main__":
         try:
@@ -633,6 +632,21 @@ def dumps_function(func: Any) -> bytes:
 
 
 _BY_REFERENCE = (types.FunctionType, types.BuiltinFunctionType)
+
+
+def _classmethod_name(func: Any) -> str | None:
+    """The name *func* is found by on its class, when it is a classmethod of a class outside
+    ``__main__`` that gives it back under that name; else None."""
+    owner = getattr(func, "__self__", None)
+    if type(func) is not types.MethodType or not isinstance(owner, type):
+        return None
+    name = getattr(func.__func__, "__name__", None)  # (a partial made a classmethod has none)
+    if not isinstance(name, str) or getattr(owner, "__module__", "__main__") == "__main__":
+        return None
+    try:
+        return name if getattr(owner, name, None) == func else None
+    except Exception:  # noqa: BLE001 - a metaclass's __getattr__, an __eq__ that raises
+        return None
 
 
 class _ClassAttribute:

@@ -298,8 +298,10 @@ class _Engine:
             feeders = list(self._feeders)
         for feeder in feeders:  # nobody may consume while we wait: read the rest now
             feeder.drain()
+        # (from a callback, the delivery thread: what it is settling waits for it to return)
+        mine = threading.current_thread() is self._thread
         with self._lock:
-            while self._units or self._feeders or self._settling:
+            while self._units or self._feeders or (self._settling and not mine):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return
