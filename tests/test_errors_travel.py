@@ -95,6 +95,22 @@ def test_unpicklable_argument_is_reported_promptly_naming_it(pool):
     assert pool.apply(square, (7,)) == 49
 
 
+def test_a_serialization_error_is_caught_as_multiprocessings_pickling_errors_are(pool):
+    # multiprocessing raises the pickler's TypeError ("cannot pickle '_thread.lock' object")
+    # or PicklingError: code catching either must catch procpool's error too (review)
+    import pickle
+
+    for call in (
+        lambda: pool.apply_async(square, (threading.Lock(),)).get(10),
+        lambda: pool.map(square, [1, threading.Lock()]),
+        lambda: pool.apply(return_unpicklable),
+    ):
+        with pytest.raises(TypeError) as info:
+            call()
+        assert isinstance(info.value, (procpool.SerializationError, pickle.PicklingError))
+        assert isinstance(info.value, pickle.PicklingError)
+
+
 def test_arguments_whose_unpickling_fails_fail_their_task_and_run_that_code_once(tmp_path):
     log = str(tmp_path / "unpickled")
     with procpool.Pool(1) as p:

@@ -10,6 +10,7 @@ so code written for :mod:`multiprocessing` keeps working.
 
 from __future__ import annotations
 
+import pickle
 from concurrent.futures import BrokenExecutor
 from multiprocessing import TimeoutError  # the stdlib's class, so `except mp.TimeoutError` works
 
@@ -84,11 +85,13 @@ class TaskTimeoutError(ProcpoolError, TimeoutError):
         return (type(self), (self.args[0], self.timeout, self.hard))
 
 
-class SerializationError(ProcpoolError):
+class SerializationError(ProcpoolError, pickle.PicklingError, TypeError):
     """An argument, function or result could not be pickled or unpickled.
 
     The message names the object and the reason; the original pickling error is the
-    ``__cause__``.
+    ``__cause__``.  Also a :class:`pickle.PicklingError` and a :class:`TypeError`, what
+    :mod:`multiprocessing` raises there (``cannot pickle '_thread.lock' object``), so code
+    written for it that catches either still does.
     """
 
 
