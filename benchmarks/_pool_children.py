@@ -8,6 +8,7 @@ keeps each file to one job.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import threading
@@ -67,6 +68,7 @@ def _timed_runs(repeats: int, run: Any, check: Any) -> list[float]:
         res = run()
         samples.append(time.perf_counter() - t0)
         check(res)
+        res = None  # (not alive through the next run: a caller drops what it has used)
     return samples
 
 
@@ -236,35 +238,53 @@ def child_arrays(lib: Any, spec: dict) -> dict:
 
     n, size, count = spec["workers"], spec["nbytes"], spec["count"]
     as_bytes = spec.get("kind") == "bytes"
+    # "vary": each map's buffers 4 KiB larger than the last one's (sizes that change from call
+    # to call), where a sender that reuses its buffers only at one size would gain nothing
+    vary = bool(spec.get("vary"))
+    sizes = (size + 4096 * k * vary for k in itertools.count())  # (the first: the warm-up's)
     pool = lib.open(n)
     try:
         if spec["direction"] == "args":
-            if as_bytes:
-                arrays = [bytes([i]) * size for i in range(count)]
-            else:
-                arrays = [np.full(size // 8, float(i)) for i in range(count)]
+
+            def inputs(nbytes: int) -> list:
+                if as_bytes:
+                    return [bytes([i]) * nbytes for i in range(count)]
+                return [np.full(nbytes // 8, float(i)) for i in range(count)]
+
+            # every map's inputs made before the timers start (one list if the size is fixed;
+            # else one for the checksums, one for the warm-up, one for each timed map)
+            made = [inputs(next(sizes)) for _ in range(1 + (spec["repeats"] + 1) * vary)]
+            runs = iter(made[1:])
+            current = made[0]
 
             def run() -> Any:
-                return lib.map(pool, _tasks.nbytes, arrays)
+                nonlocal current
+                current = next(runs, current)
+                return lib.map(pool, _tasks.nbytes, current)
 
             def check(res: Any) -> None:
-                if list(res) != [size] * count:
+                want = [len(memoryview(a).cast("B")) for a in current]
+                if list(res) != want:
                     raise AssertionError(f"wrong results: {list(res)[:3]}...")
 
             # every byte arrived (once, outside the timer: the timed task only reads the size)
-            sums = lib.map(pool, _tasks.checksum, arrays)
-            if list(sums) != [_tasks.checksum(a) for a in arrays]:
+            sums = lib.map(pool, _tasks.checksum, made[0])
+            if list(sums) != [_tasks.checksum(a) for a in made[0]]:
                 raise AssertionError("an argument arrived altered")
         else:
             make = _tasks.make_bytes if as_bytes else _tasks.make_array
+            if vary and not as_bytes:  # (a view of one cached array: no new
+                make = _tasks.make_array_view  # array's page faults in the timed call)
+            asked = next(sizes)
 
             def run() -> Any:
-                return lib.map(pool, make, [size] * count)
-
-            want = _tasks.checksum(make(size))
+                nonlocal asked
+                asked = next(sizes)
+                return lib.map(pool, make, [asked] * count)
 
             def check(res: Any) -> None:  # (every byte of every result; outside the timer)
                 res = list(res)
+                want = _tasks.checksum(make(asked))
                 if len(res) != count or any(_tasks.checksum(a) != want for a in res):
                     raise AssertionError("wrong results")
 

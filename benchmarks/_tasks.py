@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 
-_ARRAYS: dict[int, object] = {}
+_ARRAYS: dict[object, object] = {}
 
 
 def inc(x: int) -> int:
@@ -61,6 +61,19 @@ def make_array(nbytes_: int) -> object:
         arr = np.ones(nbytes_ // 8, dtype=np.float64)
         _ARRAYS[nbytes_] = arr
     return arr
+
+
+def make_array_view(nbytes_: int) -> object:
+    """A float64 array of ``nbytes_`` bytes: a view of one array cached per worker, 1 MiB
+    larger than the first size asked (grown if ever too small), so that sizes changing from
+    call to call time the transport, not page-faulting a fresh array in the worker."""
+    import numpy as np
+
+    arr = _ARRAYS.get("view")
+    if arr is None or arr.nbytes < nbytes_:
+        arr = np.ones((nbytes_ + (1 << 20)) // 8, dtype=np.float64)
+        _ARRAYS["view"] = arr
+    return arr[: nbytes_ // 8]
 
 
 def warm_array(nbytes_: int) -> int:

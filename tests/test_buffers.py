@@ -527,6 +527,27 @@ def test_the_result_cache_is_bounded_in_segments():
     cache.close()
 
 
+def test_a_free_segment_is_cut_or_grown_to_a_buffer_of_another_size():
+    # segments were reused only for a buffer of exactly their size: an array whose size
+    # changed from call to call paid for fresh memfds every time (1.5 against 3.6 GB/s for
+    # 32 MiB arguments changing by 4 KiB: benchmark review)
+    cache = _buffers.BufferCache()
+    first = memoryview(np.full(N, 1.0)).cast("B")
+    a = cache.take(first)
+    cache.unlend(a)
+    for items, fill in ((N + 512, 2.0), (N - 1024, 3.0), (N // 2 + 8, 4.0)):
+        raw = memoryview(np.full(items, fill)).cast("B")
+        seg = cache.take(raw)
+        assert seg is a and seg.size == raw.nbytes == os.fstat(seg.fd).st_size
+        assert bytes(seg.view) == bytes(raw)  # (its pages hold exactly the new buffer)
+        cache.unlend(seg)
+        assert cache.free_bytes == raw.nbytes
+    far = cache.take(memoryview(np.zeros(3 * N)).cast("B"))  # over twice its size: a new one
+    assert far is not a and len(cache._segments) == 2
+    cache.unlend(far)
+    cache.close()
+
+
 def test_a_result_mapped_while_the_process_forks_is_pinned_too():
     # another thread maps a result after procpool's before-fork hook ran but before the fork
     # (a later hook -- logging's -- waits for its lock meanwhile): the child has the mapping,

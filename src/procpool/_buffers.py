@@ -5,8 +5,8 @@ A large buffer (``_serialize.OOB_THRESHOLD`` and up) travels as a memfd.  Writin
 here, a fifth to a third of ``memcpy``); writing into one whose pages already exist and are
 mapped runs at ``memcpy`` speed.  So each side keeps a :class:`BufferCache` for what it
 sends: the pool one for its tasks' arguments, each worker one for its results.  Segments are
-of exactly the size asked for, mapped once by their owner, and handed out again once nobody
-can still see their old contents.
+mapped by their owner, and handed out again once nobody can still see their old contents --
+for a buffer of another size too, within a factor of two: the segment is cut or grown to it.
 
 A segment is free for reuse only when both of these are gone:
 
@@ -96,7 +96,16 @@ class Segment:
         self.pinned = False  # a process forked by a task may map it: never reuse
 
     def fill(self, raw: memoryview) -> None:
-        """Overwrite the whole segment with *raw* (same size): one memcpy into mapped pages."""
+        """Overwrite the whole segment with *raw*: one memcpy into mapped pages.  A segment
+        of another size is first cut or grown to *raw*'s (``ftruncate``): the pages it
+        keeps exist already, only those it gains are allocated and cleared."""
+        size = raw.nbytes
+        if size != self.size:
+            if self.view is not None:  # (its mapping has the old size)
+                self.view.release()
+                self.view = None
+            os.ftruncate(self.fd, size)
+            self.size = size
         if self.view is None:  # no descriptor kept, no mapping inherited by forked workers
             self.view = map_fd(self.fd, self.size, dontfork=True)
         self.view[:] = raw.cast("B")
@@ -141,13 +150,19 @@ class BufferCache:
             if self._closed:
                 return None
             seg = None
+            # the free one closest in size, within a factor of two (an array whose size
+            # changes a little from call to call reuses it, cut or grown: see Segment.fill)
             for ino, cand in self._free.items():
                 if cand.size == size:
                     seg = cand
-                    del self._free[ino]
-                    self._free_bytes -= size
                     break
+                if size // 2 <= cand.size <= 2 * size and (
+                    seg is None or abs(cand.size - size) < abs(seg.size - size)
+                ):
+                    seg = cand
             if seg is not None:
+                del self._free[seg.ino]
+                self._free_bytes -= seg.size
                 seg.busy = True
             elif self._max and len(self._segments) >= self._max:
                 if not self._free:
