@@ -152,7 +152,7 @@ class BufferCache:
             seg = None
             # the free one closest in size, within a factor of two (an array whose size
             # changes a little from call to call reuses it, cut or grown: see Segment.fill)
-            for ino, cand in self._free.items():
+            for cand in self._free.values():
                 if cand.size == size:
                     seg = cand
                     break
