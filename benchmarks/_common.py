@@ -217,6 +217,20 @@ def pss_bytes(pid: int | str) -> int:
     return 0
 
 
+def uss_bytes(pid: int | str) -> int:
+    """Unique set size: the pages only this process holds (private, clean or dirty), 0 if
+    unknown -- what it costs beyond the pages it shares with its parent and siblings."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return total
+
+
 def descendants(pid: int) -> list[int]:
     """All live descendant pids of ``pid`` (workers, fork servers, resource trackers)."""
     children: dict[int, list[int]] = {}

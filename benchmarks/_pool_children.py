@@ -26,6 +26,7 @@ from _common import (
     percentile,
     pss_bytes,
     rss_bytes,
+    uss_bytes,
 )
 
 # Each function below runs inside a fresh subprocess and measures one library on one scenario.
@@ -415,6 +416,7 @@ def child_idle_rss(lib: Any, spec: dict) -> dict:
         kids = descendants(os.getpid())
         rss = [rss_bytes(p) for p in kids]
         pss = [pss_bytes(p) for p in kids]
+        uss = [uss_bytes(p) for p in kids]
         parent_after = rss_bytes()
     finally:
         lib.close(pool)
@@ -422,6 +424,7 @@ def child_idle_rss(lib: Any, spec: dict) -> dict:
         "procs": len(kids),
         "rss": rss,
         "pss": pss,
+        "uss": uss,
         "parent_growth": parent_after - parent_before,
     }
 
