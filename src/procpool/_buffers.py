@@ -58,8 +58,10 @@ if TYPE_CHECKING:
 CACHE_BYTES = 256 << 20  # free segments a pool keeps, in bytes
 CACHE_SEGMENTS = 32  # ...and in number (each holds a descriptor)
 TRIM_AFTER = 2.0  # seconds a free segment is kept unused before it is closed
-#: takes (that found no segment of their size) without cutting or growing one, once a size
-#: one was cut or grown away from is asked for again (see BufferCache._fitting)
+#: a size a segment was cut or grown away from, asked for again within this many takes,
+#: alternates with the size it went to: segments of both are then kept as they are for
+#: EXACT_SPELL takes (see BufferCache._fitting)
+RECENT = 16
 EXACT_SPELL = 256
 #: free result segments all of a pool's workers keep, in bytes (each at least WORKER_MIN)
 WORKERS_BYTES = 512 << 20
@@ -144,9 +146,10 @@ class BufferCache:
         self._free: OrderedDict[int, Segment] = OrderedDict()  # inode -> free segment (LRU)
         self._free_bytes = 0
         self._closed = False
-        self._takes = 0  # takes that found no segment of their size (see _fitting)
-        self._resized: dict[int, int] = {}  # sizes segments were cut or grown away from
-        self._exact_until = 0  # no segment cut or grown before this many such takes
+        self._takes = 0  # (see _fitting)
+        # size a segment was cut or grown away from -> (the take, the size it went to)
+        self._resized: dict[int, tuple[int, int]] = {}
+        self._keep: dict[int, int] = {}  # size -> the take until which no segment is cut from it
 
     def take(self, raw: memoryview) -> Segment | None:
         """A segment holding a copy of *raw* (bytes, C-contiguous), lent to the caller until
@@ -186,27 +189,36 @@ class BufferCache:
     def _fitting(self, size: int) -> Segment | None:
         """The free segment to take for a buffer of *size* bytes (the lock is held): one of
         that size; else the closest one from half to 5/4 of it, to be cut or grown to it
-        (an array whose size changes from call to call: see Segment.fill) -- unless a size
-        a segment was cut away from has been asked for again lately: sizes then alternate,
-        and segments of each size, kept as they are, serve them at memcpy speed (cut and
-        grown at each call, one would serve none: a review measured 3.8 against 1.3 GB/s)."""
+        (an array whose size changes from call to call: see Segment.fill) -- but not one of
+        a size that alternates with another: a size a segment was cut away from, asked for
+        again within :data:`RECENT` such takes, and the size it was cut to, are kept as they
+        are for the next :data:`EXACT_SPELL` (a segment of each then serves them at memcpy
+        speed; cut and grown at each call, one served neither: a review measured 3.8
+        against 1.3 GB/s) -- unless the free segments fill the cache's bound, where a
+        fresh one would only push another out."""
+        keep = self._keep
+        takes = self._takes = self._takes + 1
+        past = self._resized.pop(size, None)
+        if past is not None and takes - past[0] <= RECENT:  # sizes alternate
+            keep[size] = keep[past[1]] = takes + EXACT_SPELL
+            if len(keep) > 64:  # (a bound: the expired go)
+                for old in [k for k, until in keep.items() if until <= takes]:
+                    del keep[old]
+        full = self._free_bytes + size > self._limit or len(self._free) >= CACHE_SEGMENTS
         seg = None
         for cand in self._free.values():
             if cand.size == size:
                 return cand
-            if size // 2 <= cand.size <= size + size // 4 and (
-                seg is None or abs(cand.size - size) < abs(seg.size - size)
+            if (
+                size // 2 <= cand.size <= size + size // 4
+                and (full or keep.get(cand.size, 0) <= takes)
+                and (seg is None or abs(cand.size - size) < abs(seg.size - size))
             ):
                 seg = cand
-        self._takes += 1
-        resized = self._resized
-        if resized.pop(size, None) is not None:  # asked for again: sizes alternate
-            self._exact_until = self._takes + EXACT_SPELL
-        if seg is None or self._takes < self._exact_until:
-            return None
-        resized[seg.size] = self._takes
-        if len(resized) > 64:  # (a bound: the oldest go)
-            del resized[next(iter(resized))]
+        if seg is not None:
+            self._resized[seg.size] = (takes, size)
+            if len(self._resized) > 64:  # (a bound: the oldest go)
+                del self._resized[next(iter(self._resized))]
         return seg
 
     def unlend(self, seg: Segment) -> None:
