@@ -103,8 +103,10 @@ class Segment:
 
     def fill(self, raw: memoryview) -> None:
         """Overwrite the whole segment with *raw*: one memcpy into mapped pages.  A segment
-        of another size is first cut or grown to *raw*'s (``ftruncate``): the pages it
-        keeps exist already, only those it gains are allocated and cleared."""
+        of another size is first cut or grown to *raw*'s (``ftruncate``) and mapped again
+        at that size: the pages it keeps exist already, only those it gains are allocated
+        and cleared (the unmapping and mapping again cost about a copy more: 32 MiB 4 KiB
+        larger ≈ 2 ms + 4 ms, the copy ≈ 3.6 ms; a fresh memfd more still)."""
         size = raw.nbytes
         if size != self.size:
             if self.view is not None:  # (its mapping has the old size)
@@ -191,7 +193,7 @@ class BufferCache:
         that size; else the closest one from half to 5/4 of it, to be cut or grown to it
         (an array whose size changes from call to call: see Segment.fill) -- but not one of
         a size that alternates with another: a size a segment was cut away from, asked for
-        again within :data:`RECENT` such takes, and the size it was cut to, are kept as they
+        again within :data:`RECENT` takes, and the size it was cut to, are kept as they
         are for the next :data:`EXACT_SPELL` (a segment of each then serves them at memcpy
         speed; cut and grown at each call, one served neither: a review measured 3.8
         against 1.3 GB/s) -- unless the free segments fill the cache's bound, where a
