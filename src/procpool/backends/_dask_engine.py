@@ -259,22 +259,20 @@ class _Engine:
         if unit.feeder is not None:
             unit.feeder.observe(unit.n_items, outcome.seconds)
         errors = {i: rebuild_error(info, _ItemView(unit, i)) for i, info in outcome.errors.items()}
-        with self._settle_lock:
-            outer, self._delivering = self._delivering, threading.get_ident()
-            try:
-                unit.sink._on_chunk(unit, outcome.values, errors)
-            except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
-                traceback.print_exc()
-            finally:
-                self._delivering = outer
+        self._hand_over(unit.sink._on_chunk, unit, outcome.values, errors)
 
     def _settle_error(self, unit: _Unit, exc: BaseException) -> None:
+        self._hand_over(unit.sink._on_error, unit, exc)
+
+    def _hand_over(self, deliver: Callable[..., object], *args: Any) -> None:
+        """``deliver(*args)``: a result object settled, its callbacks run, one thread at a
+        time.  The thread is recorded meanwhile: a callback that waited, untimed, for
+        another result of the pool would hold the deliveries for good, terminate() too;
+        it gets a RuntimeError instead (results._never_delivered)."""
         with self._settle_lock:
-            # (a callback running here that waited, untimed, for another result of the pool
-            # would hold the deliveries for good, terminate() too: it gets a RuntimeError)
             outer, self._delivering = self._delivering, threading.get_ident()
             try:
-                unit.sink._on_error(unit, exc)
+                deliver(*args)
             except BaseException:  # noqa: BLE001 - a callback's failure is the caller's
                 traceback.print_exc()
             finally:
