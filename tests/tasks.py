@@ -47,6 +47,13 @@ def fail_on(x, bad=3):
     return x * 10
 
 
+def stop_on(x, bad=3):
+    """x * 10, but StopIteration at *bad* (which a loop in C reads as the end of its input)."""
+    if x == bad:
+        raise StopIteration(x)
+    return x * 10
+
+
 class CustomError(Exception):
     def __init__(self, code, detail):
         super().__init__(code, detail)

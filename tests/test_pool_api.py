@@ -25,6 +25,7 @@ from tasks import (
     set_init_value,
     sleep_then,
     square,
+    stop_on,
     use_shared,
 )
 
@@ -218,6 +219,24 @@ def test_imap_failed_item_raises_at_its_position_and_iteration_goes_on(pool):
     assert list(it) == [40, 50]
 
 
+@pytest.mark.parametrize("star", [False, True])
+def test_an_item_raising_stopiteration_fails_alone_and_the_chunk_goes_on(pool, star):
+    """A chunk's items run in C (list.extend over a map), which would take an item's
+    StopIteration for the end of its input and drop the rest of the chunk silently."""
+    items = list(range(8))
+    if star:
+        res = pool.starmap_async(stop_on, [(x,) for x in items], chunksize=8)
+    else:
+        res = pool.map_async(stop_on, items, chunksize=8)
+    with pytest.raises(StopIteration, match="stop_on raised StopIteration"):
+        res.get(10)
+    it = pool.imap(stop_on, items, chunksize=8)
+    assert [next(it), next(it), next(it)] == [0, 10, 20]
+    with pytest.raises(StopIteration):
+        it.next(10)
+    assert list(it) == [40, 50, 60, 70]
+
+
 def test_imap_input_error_reaches_the_caller_after_earlier_results(pool):
     def source():
         yield 1
@@ -233,7 +252,7 @@ def test_imap_input_error_reaches_the_caller_after_earlier_results(pool):
 
 @pytest.mark.parametrize("method", ["imap", "imap_unordered"])
 def test_a_fast_input_that_breaks_inside_a_run_keeps_every_item_read_before(pool, method):
-    """A fast generator is read in runs (deque.extend) while the dispatcher drains them; a
+    """A fast generator is read in runs (list.extend) while the dispatcher drains them; a
     run's items are counted at its end, those drained meanwhile included (counted short, the
     run would pass for the input's end), and the input's error comes after all of them."""
 

@@ -10,7 +10,7 @@ the input:
   read in batches at C speed, each added to the job under the lock;
 * any other iterator -- a generator may be waiting for this very imap's results -- hands
   over each item before it reads the next (``MapJob.staged``), one at a time while items
-  come slowly, in runs (``deque.extend``) while they come fast; the dispatcher moves staged
+  come slowly, in runs (``list.extend``) while they come fast; the dispatcher moves staged
   items into chunks (``MapJob.available``), and asks for a wake-up when it waits for input
   (``MapJob.wake_at``).
 
@@ -175,7 +175,7 @@ class Feeding:
 
         Items come one at a time, with a look at ``job.wake_at`` after each, while they come
         slowly or the dispatcher waits for the next one; while they come fast (under
-        FAST_ITEM each) and nobody waits, ``deque.extend`` reads them in growing runs at C
+        FAST_ITEM each) and nobody waits, ``list.extend`` reads them in growing runs at C
         speed -- still each appended before the next is read (≈ 5x faster on a plain
         generator).  A run that ends up blocked inside the iterator is found by the
         dispatcher's poll (``job.bulk``, see ``Dispatch._next_for``)."""
@@ -226,11 +226,11 @@ class Feeding:
         return got
 
     def _stage_run(self, job: MapJob, it: Iterator, k: int) -> tuple[int, int]:
-        """Up to *k* items in one ``deque.extend`` (each appended as it is read): how many
+        """Up to *k* items in one ``list.extend`` (each appended as it is read): how many
         (negative: stopped after that many), and the run's length (*k*, or less where a
         wake-up is due first: fewer items read than that means the iterator is exhausted).
 
-        The items are counted by the deque's length and what the dispatcher moved out of it
+        The items are counted by the staged list's length and what the dispatcher moved out of it
         meanwhile (``job.unstaged``), both read under the lock before and after the run:
         counting each item as it passed (``zip`` with a counter) cost ≈ 17 ns an item, a
         third of a plain generator's own ≈ 50 ns."""

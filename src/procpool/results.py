@@ -641,8 +641,13 @@ class IMapIterator(Generic[T]):
         with self._lock:
             if self._ordered:
                 self._chunks[task.index] = (values, errors)
+                # a consumer waits for the chunk at _next_start alone: one that arrives
+                # ahead of it wakes nobody (a wake-up costs the I/O thread a context switch)
+                due = task.index == self._next_start
             else:
                 self._arrived.append((values, errors))
+                due = True
+        if due:  # (out of the lock: the woken consumer takes it first thing)
             self._wakeup.notify_all()
 
     def _on_error(self, task: Any, exc: BaseException) -> None:
