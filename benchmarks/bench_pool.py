@@ -159,8 +159,9 @@ class Runner:
 
     @staticmethod
     def paired(a: dict | None, b: dict | None) -> float | None:
-        """*a*'s rate over *b*'s, the median of each round's ratio (one sample per round, in
-        round order: see rounds); None if either failed."""
+        """*a*'s rate over *b*'s: the median of the ratios of samples taken at the same place
+        (the same round, the same repeat within it: see rounds), each pair seconds apart;
+        None if either failed."""
         if not a or not b or "error" in a or "error" in b:
             return None
         pairs = [tb / ta for ta, tb in zip(a["samples_s"], b["samples_s"], strict=False)]
@@ -247,11 +248,21 @@ class Runner:
     def tiny(self) -> None:
         items = 10_000 if self.quick else 100_000
         rounds = 3
+        # procpool's and mp's rows (the targets' and their extra rows) time 5 maps per child
+        # process: one map of 100,000 x+1 takes ≈ 20 ms, and single samples of it spread by
+        # ± 20 % on this machine (a target read 1.21x and 0.82x in two runs of the same code)
+        reps = 1 if self.quick else 5
         to = 120 if self.quick else 300
         # every library maps the same list; procpool's range and generator paths, and imap over
         # a generator (an input no pool can size or cut ahead), are extra rows
         specs = {
-            k: {"scenario": "map", "lib": k, "items": items, "repeats": 1, "input": "list"}
+            k: {
+                "scenario": "map",
+                "lib": k,
+                "items": items,
+                "repeats": reps if k in ("procpool", "mp") else 1,
+                "input": "list",
+            }
             for k in self.libs
         }
         names = list(specs)
@@ -267,7 +278,7 @@ class Runner:
                     "lib": key,
                     "method": method,
                     "items": items,
-                    "repeats": 1,
+                    "repeats": reps,
                     "input": source,
                 }
         # each round runs procpool's and mp's rows back to back, the other libraries after
@@ -278,7 +289,8 @@ class Runner:
         res = self.rounds(specs, rounds, to)
         rates = self.throughput_table(
             f"2a. Tiny tasks x+1: default map over a list of {items:,} items (higher is "
-            f"better; {rounds} interleaved repeats; extra rows: other inputs and calls, "
+            f"better; {rounds} interleaved rounds, {reps} maps per round for procpool's and "
+            "mp's rows, 1 for the others; extra rows: other inputs and calls, "
             "`gen` a generator)",
             {k: res[k] for k in names},
             items,

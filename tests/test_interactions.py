@@ -249,6 +249,88 @@ def test_a_dropped_imap_iterator_still_runs_all_its_input(tmp_path, monkeypatch)
         assert pool.apply(identity, (5,)) == 5
 
 
+def _starved(pool, job):
+    """*job*'s window is full and no worker holds anything: only a consumer moves it now."""
+    return job.starved and not any(w.inflight for w in pool._sched._workers.values())
+
+
+@pytest.mark.parametrize("source", ["list", "range"])
+def test_an_in_memory_imap_input_is_read_within_its_window_by_the_dispatcher(monkeypatch, source):
+    # a list or a range has no feeder thread: the dispatcher reads it as the window has room,
+    # and the consumer's release queues the job again once the window was full
+    from procpool import _scheduler
+
+    monkeypatch.setattr(_scheduler, "IMAP_HELD", 16)
+    items = list(range(300)) if source == "list" else range(300)
+    with procpool.Pool(2) as pool:
+        it = pool.imap(identity, items)
+        job = it._job
+        assert job.source is not None  # (no feeder thread: see the last line)
+        got = []
+        for value in it:
+            got.append(value)
+            assert job.fed - job.released <= job.limit
+            if value % 50 == 0:  # now and then, let the window fill up and the job starve
+                assert wait_until(lambda: _starved(pool, job), 10)
+        assert got == list(range(300))
+        assert not any(t.name == "procpool-feeder" for t in threading.enumerate())
+
+
+def test_a_dropped_imap_iterator_whose_window_is_full_and_idle_still_runs_its_input(
+    tmp_path, monkeypatch
+):
+    # nothing in flight: no result wakes the I/O thread, so the dropped iterator's finalizer
+    # must, or the job's input (read by the dispatcher) waits for a consumer forever
+    import functools
+
+    from procpool import _scheduler
+
+    monkeypatch.setattr(_scheduler, "IMAP_HELD", 16)
+    path = str(tmp_path / "ran")
+    with procpool.Pool(2) as pool:
+        it = pool.imap(functools.partial(record, path), list(range(100)))
+        assert next(it) == 0
+        job = it._job
+        assert wait_until(lambda: _starved(pool, job), 10)
+        del it
+        gc.collect()
+        assert wait_until(lambda: count_lines(path) == 100, 30), count_lines(path)
+
+
+def test_close_lets_a_starved_in_memory_imap_read_the_rest_so_join_returns(monkeypatch):
+    from procpool import _scheduler
+
+    monkeypatch.setattr(_scheduler, "IMAP_HELD", 16)
+    pool = procpool.Pool(2)
+    try:
+        it = pool.imap(identity, list(range(200)))
+        assert next(it) == 0
+        assert wait_until(lambda: _starved(pool, it._job), 10)
+        pool.close()
+        pool.join(30)  # every item runs, with nobody consuming (as close() promises)
+        assert pool.pids() == []  # (joined: not timed out)
+        assert list(it) == list(range(1, 200))
+    finally:
+        pool.terminate()
+
+
+def test_a_dict_changed_during_its_imap_fails_the_input_after_the_items_read_before(
+    monkeypatch,
+):
+    from procpool import _scheduler
+
+    monkeypatch.setattr(_scheduler, "IMAP_HELD", 16)
+    d = dict.fromkeys(range(100))
+    with procpool.Pool(2) as pool:
+        it = pool.imap(identity, d)
+        got = [next(it) for _ in range(4)]
+        d[1000] = None  # (the dispatcher has read at most a window of it)
+        with pytest.raises(RuntimeError, match="changed size during iteration"):
+            for value in it:
+                got.append(value)
+        assert got == list(range(len(got))) and 4 <= len(got) < 100
+
+
 def _hold_the_io_thread(pool):
     """Run a callback on the I/O thread that waits: return the event that lets it go."""
     inside, release = threading.Event(), threading.Event()
@@ -424,8 +506,8 @@ def test_a_ctrl_c_inside_a_callers_channel_section_does_not_wedge_the_pool(call,
                     pool.map(identity, range(3))
                 elif call == "map_timeout":
                     pool.map(identity, range(3), timeout=5)
-                elif call == "imap":
-                    pool.imap(identity, range(3))
+                elif call == "imap":  # (a generator: a range or a list has no feeder)
+                    pool.imap(identity, (x for x in range(3)))
                 else:
                     bad = where == "_on_results"  # (a plain value is read without it)
                     pool.apply_async(fail_on_three, (3 if bad else 1,)).get(10)
@@ -627,8 +709,8 @@ def test_a_ctrl_c_while_a_feeder_thread_starts_leaves_the_callers_signals_unbloc
     with procpool.Pool(1) as pool:
         sys.settrace(tracer)
         try:
-            with pytest.raises(KeyboardInterrupt):
-                pool.imap(identity, range(3))
+            with pytest.raises(KeyboardInterrupt):  # (a range too long for len(): read by a
+                pool.imap(identity, range(2**64))  # quiet feeder thread, a shorter one has none)
         finally:
             sys.settrace(None)
         assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before

@@ -68,6 +68,7 @@ class Dispatch:
         def _flush(self, w: _Worker) -> None: ...
         def _set_mask(self, w: _Worker) -> None: ...
         def _watch_region(self, region: Any) -> None: ...
+        def _read_input(self, job: MapJob) -> None: ...
 
     _mapped: dict[int, Any]
     _dispatch_now = 0.0  # when the current _dispatch began (monotonic)
@@ -128,13 +129,17 @@ class Dispatch:
                 continue
             if w.inflight and not job.measured:
                 return None  # (its cost is not known yet: one chunk per worker, as est None)
+            if job.source is not None:  # an in-memory input: read here (see _read_input)
+                self._read_input(job)
             size = job.chunk_size(self._est, self.processes)
             est = self._est
             cost = float("inf") if est is None else est * size
             if not self._can_take(w, cost, bool(job.timeout)):
                 return None
             idle = not w.inflight
-            if idle and size > 1 and not job.input_done and job.available() < size:
+            if job.starved:  # its window is full: no fuller chunk comes before a release
+                idle = True
+            elif idle and size > 1 and not job.input_done and job.available() < size:
                 idle = self._hold_over(job, size)
             items = job.take(size, idle=idle)
             if items is None:

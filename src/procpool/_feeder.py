@@ -1,22 +1,24 @@
-"""The imap feeder: a thread per lazy map job that reads the caller's iterable into the job.
+"""Reading a lazy map's input: the dispatcher's own reads, and the imap feeder threads.
 
-``Pool.imap`` / ``imap_unordered`` read their input in a thread of their own, within the job's bound on the items it holds (``MapJob.limit``: read,
-not yet consumed), so memory does not grow with the input's length.  How it reads depends on
-the input:
+``Pool.imap`` / ``imap_unordered`` read their input within the job's bound on the items it
+holds (``MapJob.limit``: read, not yet consumed), so memory does not grow with the input's
+length.  Who reads depends on the input:
 
-* a ``range`` is not read at all: it becomes the job's buffer, and "reading" widens the
-  window the dispatcher may cut (its chunks travel as ranges);
-* an iterator that only walks memory (a list's, a tuple's...: ``_IN_MEMORY_ITERATORS``) is
-  read in batches at C speed, each added to the job under the lock;
-* any other iterator -- a generator may be waiting for this very imap's results -- hands
-  over each item before it reads the next (``MapJob.staged``), one at a time while items
-  come slowly, in runs (``list.extend``) while they come fast; the dispatcher moves staged
-  items into chunks (``MapJob.available``), and asks for a wake-up when it waits for input
+* an input that only walks memory -- a ``range``, or the iterator of a list, a tuple...
+  (``_IN_MEMORY_ITERATORS``) -- is read by the dispatcher itself, under the lock, as the
+  window has room (``_read_input``): a range is not read at all, it becomes the job's buffer
+  and "reading" widens the window the dispatcher may cut (its chunks travel as ranges); an
+  iterator is read in one ``list.extend`` at C speed;
+* any other iterator -- a generator may be waiting for this very imap's results -- is read
+  by a feeder thread of its own (``_feed``), which hands over each item before it reads the
+  next (``MapJob.staged``), one at a time while items come slowly, in runs
+  (``list.extend``) while they come fast; the dispatcher moves staged items into chunks
+  (``MapJob.available``), and asks for a wake-up when it waits for input
   (``MapJob.wake_at``).
 
-A mixin of :class:`procpool._scheduler.Scheduler`.  Its methods run in the feeder thread and
-take the scheduler's lock where they say so, except ``_stop_feeders``: whoever stops a job
-calls it, holding the lock.
+A mixin of :class:`procpool._scheduler.Scheduler`.  The feeder's methods run in the feeder
+thread and take the scheduler's lock where they say so; ``_read_input`` and ``_room_for`` run
+under the lock, and so does ``_stop_feeders``, called by whoever stops a job.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
     from typing import Any
 
-FEED_BATCH = 8192  # items the imap feeder reads per lock acquisition (in-memory sources)
+FEED_BATCH = 8192  # items a feeder reads between two looks at the job's window (see _feed)
 # a generator's items that come faster than this each are read in runs (see _stage)
 FAST_ITEM = 2e-6
 READ_AHEAD_PROBE = 64  # items read one at a time before trying runs
@@ -78,38 +80,19 @@ class Feeding:
         def _queue_job(self, job: MapJob) -> None: ...
         def _stopped_error(self) -> BaseException: ...
 
-    def _feed(self, job: MapJob, it: Iterator | range) -> None:
-        """The imap feeder thread: reads the caller's iterable within the job's limit.
+    def _feed(self, job: MapJob, it: Iterator) -> None:
+        """The imap feeder thread: reads the caller's iterator within the job's limit.
 
-        A range is not read at all: it becomes the job's buffer and "reading" moves the end of
-        the window the dispatcher may cut (its chunks are ranges, a few bytes to pickle).
-        Another in-memory source (a list, tuple...: reading it can never block) is read in
-        batches that double up to FEED_BATCH, at C speed.  Any other iterator -- a generator may
-        be waiting for the results of this very imap -- is handed over one item at a time, so
-        no item it has produced is ever held back while the next one is being read: each is
-        staged (``MapJob.staged``) before the next is read, without the lock, and wakes the
-        I/O thread only when the dispatcher asked for it (``MapJob.wake_at``: a worker waits
-        for input); the dispatcher gathers the staged items into chunks, and sends a partial
-        one after ``FEED_HOLD`` (see ``Dispatch._hold_over``).
+        An iterator that is not known to walk memory alone -- a generator may be waiting for
+        the results of this very imap -- is handed over one item at a time, so no item it has
+        produced is ever held back while the next one is being read: each is staged
+        (``MapJob.staged``) before the next is read, without the lock, and wakes the I/O
+        thread only when the dispatcher asked for it (``MapJob.wake_at``: a worker waits for
+        input); the dispatcher gathers the staged items into chunks, and sends a partial one
+        after ``FEED_HOLD`` (see ``Dispatch._hold_over``).  (In-memory inputs have no feeder:
+        the dispatcher reads them itself, see _read_input.)
         """
         error: BaseException | None = None
-        window = False
-        if isinstance(it, range):
-            try:
-                size = len(it)
-                window = True
-            except OverflowError:  # longer than sys.maxsize: read it as any iterator
-                it = iter(it)
-        if window:
-            assert isinstance(it, range)
-            with self._lock:
-                job.buf, job.stop = it, 0
-            bulk = True
-        else:
-            assert not isinstance(it, range)
-            bulk, size = type(it) in _IN_MEMORY_ITERATORS, 1
-            if not bulk:
-                size = FEED_BATCH  # (read one at a time all the same: see _stage)
         while True:
             with job.space:
                 # the bound holds while the caller may still read; once the pool is closed,
@@ -129,36 +112,16 @@ class Feeding:
                     error = self._stopped_error()  # the caller's iterator must say why
                     break
                 room = job.limit - job.backlog() if self._state == RUNNING else FEED_BATCH
-            want = min(room, size)
-            batch: list[Any] = []
-            if window:  # a range: widen the window
-                with self._lock:
-                    got = min(want, len(job.buf) - (job.stop or 0))
-            elif not bulk:
-                assert not isinstance(it, range)
-                got, error = self._stage(job, it, want)
-            else:
-                try:
-                    batch.extend(itertools.islice(it, want))  # keeps items read before an error
-                except BaseException as exc:  # noqa: BLE001 - reaches the caller via the iterator
-                    error = exc
-                got = len(batch)
-                if bulk:
-                    size = min(size * 2, FEED_BATCH)
+            want = min(room, FEED_BATCH)
+            got, error = self._stage(job, it, want)
             with self._lock:
                 if job.cancelled or job.cut:  # meanwhile: what was just read is not run
                     break
-                if got and not (window and job.stop is None):  # (None: failed meanwhile)
-                    if window:
-                        job.fed += got
-                        job.stop = (job.stop or 0) + got
-                    elif bulk:
-                        job.fed += got
-                        job.add(batch)
+                if got:
                     self._queue_job(job)
                 if error is None and (self._state in (TERMINATING, FINISHED) or self._broken):
                     error = self._stopped_error()  # the input did not end: the pool did
-                if error is not None or got < want or not got:  # (not got: an empty range)
+                if error is not None or got < want:
                     break
                 self._wake()
         with self._lock:
@@ -166,6 +129,56 @@ class Feeding:
             self._input_end(job, error)
             self._wake()  # someone must deliver the end of input
         self._deliver()  # ...and if the I/O thread is gone already, that is us
+
+    def _read_input(self, job: MapJob) -> None:
+        """Top up the window of *job*'s in-memory input (``job.source``), here, under the lock:
+        the dispatcher's own read, as the window has room -- no feeder thread.
+
+        Reading a range or a list's iterator can neither block nor run the caller's code, so
+        the I/O thread may do it; what it saves is the thread hand-over a feeder costs: the
+        consumer's release woke the feeder, which read and woke the I/O thread, each waiting
+        for the GIL, up to the interpreter's switch interval (5 ms) while another thread ran.
+        Window full: ``job.starved``, and the consumer's next release queues the job again
+        (``MapJob.on_room``).  Once the pool is closed the bound is lifted, as in _feed."""
+        source = job.source
+        if source is None or job.input_done or job.cancelled or job.cut:
+            return
+        room = job.limit - job.backlog() if self._state == RUNNING else job.limit
+        if room <= 0:
+            job.starved = True
+            return
+        error: BaseException | None = None
+        if isinstance(source, range):  # the window over it widens (see _feed)
+            stop = job.stop or 0
+            got = min(room, len(source) - stop)
+            job.stop = stop + got
+            done = job.stop == len(source)
+        else:
+            buf = job.buf
+            assert isinstance(buf, list)
+            job.add(())  # (compacts the buffer now and then)
+            before = len(buf)
+            try:
+                buf.extend(itertools.islice(source, room))  # keeps items read before an error
+            except BaseException as exc:  # noqa: BLE001 - reaches the caller via the iterator
+                error = exc
+            got = len(buf) - before
+            done = error is not None or got < room
+        job.fed += got
+        # the window is full now (closed: a window's worth is read): the dispatcher sends
+        # what there is, and the job waits for the consumer once it is all out
+        job.starved = not done and self._state == RUNNING
+        if done:
+            job.source = None
+            self._feeding.discard(job)
+            self._input_end(job, error)
+            self._wake()  # someone must deliver the end of input
+
+    def _room_for(self, job: MapJob) -> None:
+        """``MapJob.on_room`` of a job whose input the dispatcher reads: the consumer made
+        room in its full window (under the lock)."""
+        self._queue_job(job)
+        self._wake()
 
     def _stage(self, job: MapJob, it: Iterator, want: int) -> tuple[int, BaseException | None]:
         """Read up to *want* items of *it*, each handed over before the next is read: the

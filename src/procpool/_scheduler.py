@@ -37,6 +37,7 @@ close), the pending queue, the I/O loop, timers and shutdown.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import os
@@ -396,16 +397,35 @@ class Scheduler(WorkerSupervision, Dispatch, Bursts, Feeding, Driving, Delivery)
         job.on_end = on_input_end
         # (everything that may raise -- a TypeError, a Ctrl-C in a call -- before the job is
         # known to the pool: a job registered and never ended keeps close() waiting forever)
+        direct = False
         if lazy:
             source = items if type(items) is range else iter(items)
-            # a feeder reading the caller's generator runs the caller's code: signals as theirs
-            quiet = type(source) is range or type(source) in _IN_MEMORY_ITERATORS
+            if type(source) is range:
+                try:
+                    len(source)
+                except OverflowError:  # longer than sys.maxsize: a feeder reads it
+                    source = iter(source)
+                else:
+                    job.buf, job.stop = source, 0  # (see _read_input)
+            # in memory: the dispatcher reads it itself (see Feeding._read_input); else a
+            # feeder thread does, running the caller's code: signals as theirs
+            direct = type(source) is range or type(source) in _IN_MEMORY_ITERATORS
+            if direct:
+                job.source = source
+                job.on_room = functools.partial(self._room_for, job)
         else:  # a list as it is; a range too (its chunks are ranges: a few bytes to pickle)
             buf = items if isinstance(items, (list, range)) else list(items)
         with self._lock:
             self._check_running()
             if lazy:
                 self._feeding.add(job)
+                if direct and self._broken is not None:  # its input ends here, as a feeder's
+                    self._feeding.discard(job)  # would at its first look (see _feed)
+                    self._input_end(job, self._stopped_error())
+                elif direct:
+                    self._queue_job(job)
+                if direct:
+                    self._wake()
             else:
                 job.buf = buf
                 self._input_end(job, None)
@@ -415,8 +435,11 @@ class Scheduler(WorkerSupervision, Dispatch, Bursts, Feeding, Driving, Delivery)
                     self._wake()
                 if self._deliveries:  # (a chunk that could not be pickled): the I/O thread
                     self._wake()  # runs its callbacks, as multiprocessing's threads do
-        if lazy:
+        if direct:
+            self._deliver()  # (an input ended at once: if the I/O thread is gone, that is us)
+        elif lazy:
             try:
+                quiet = type(items) is range  # (a range's iterator runs no code of the caller)
                 start_thread(self._feed, "procpool-feeder", (job, source), quiet=quiet)
             except BaseException:  # no feeder (a Ctrl-C, no thread to be had): end its input
                 self.cancel_map(job)
@@ -549,6 +572,15 @@ class Scheduler(WorkerSupervision, Dispatch, Bursts, Feeding, Driving, Delivery)
         self._cancels.append(job)  # (one operation: safe wherever this runs)
         self._wake()
 
+    def orphan(self, job: MapJob) -> None:
+        """*job*'s imap iterator was dropped: nobody will consume, so its held results no
+        longer pace its input (``MapJob.orphaned``).  A finalizer's: it may run anywhere, the
+        lock held or not, so it sets a flag and wakes the I/O thread, which queues the job
+        again if its input waits for a consumer (see _run)."""
+        job.orphaned = True
+        if job.source is not None and os.getpid() == self._owner:
+            self._wake()
+
     def _cancel_pending_task(self, task: Task) -> None:
         task.cancel_requested = True
         self._fail(task, CancelledError())
@@ -579,6 +611,8 @@ class Scheduler(WorkerSupervision, Dispatch, Bursts, Feeding, Driving, Delivery)
                 self._wake()
                 for job in self._feeding:  # feeders waiting for room may now read on
                     job.space.notify_all()
+                    if job.source is not None:  # (the dispatcher reads it: see _read_input)
+                        self._queue_job(job)
 
     def terminate(self) -> None:
         if os.getpid() != self._owner:
@@ -679,8 +713,8 @@ class Scheduler(WorkerSupervision, Dispatch, Bursts, Feeding, Driving, Delivery)
                         self._forget_gone()
                     self._take_inbox()
                     for job in self._feeding:  # a feeder staged items: queue its job again
-                        if job.staged and not job.queued:
-                            self._queue_job(job)
+                        if (job.staged or (job.starved and job.orphaned)) and not job.queued:
+                            self._queue_job(job)  # (or no consumer will release: it reads on)
                     self._dispatch()
                     finished = self._progress_shutdown()
                 self._deliver()

@@ -16,7 +16,7 @@ from . import _serialize
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable, Iterator
     from typing import Any
 
 CHUNK_TARGET = 2e-3  # seconds of work per map chunk
@@ -211,6 +211,13 @@ class MapJob:
         self.polled = False  # a "poll" timer is armed for it (see Dispatch._poll_feeder)
         self.poll_delay = FEED_HOLD
         self.on_end: Any = None  # called with (length, error) once the input is read
+        # an in-memory input (a range, a list's iterator...) that the dispatcher reads itself,
+        # under the lock, as the window has room: no feeder thread (Feeding._read_input)
+        self.source: Iterator[Any] | range | None = None
+        # ...whose window was full when last read: the consumer's next release queues it
+        # again (on_room, set by the scheduler), or it would wait for nobody
+        self.starved = False
+        self.on_room: Callable[[], None] | None = None
         self.cancelled = False  # what it has not sent will not run (Scheduler.cancel_map)
         self.cut = False  # its input was ended for it (the pool stopped): the rest is dropped
         # its imap iterator was dropped: nobody consumes, so `held` no longer paces the
@@ -292,6 +299,9 @@ class MapJob:
         with self.space:
             self.released += n
             self.space.notify()
+            if self.starved and self.on_room is not None:
+                self.starved = False
+                self.on_room()
 
     def backlog(self) -> int:
         """What paces the feeder: items held (read, not consumed), or for a job whose

@@ -402,8 +402,8 @@ class Pool(PoolAPI):
         it._job = job  # (ProcessPoolExecutor.map cancels it)
         it._pool = self  # the pool lives as long as its iterator
         # dropped, it no longer holds its input back (see MapJob.orphaned): a finalizer may run
-        # anywhere, the lock held or not, so it only sets a flag
-        weakref.finalize(it, setattr, job, "orphaned", True).atexit = False
+        # anywhere, the lock held or not, so it only sets a flag, and wakes the I/O thread
+        weakref.finalize(it, self._sched.orphan, job).atexit = False
         return it
 
     # ---------------------------------------------------------------- lifecycle
