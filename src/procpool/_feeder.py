@@ -139,13 +139,17 @@ class Feeding:
         consumer's release woke the feeder, which read and woke the I/O thread, each waiting
         for the GIL, up to the interpreter's switch interval (5 ms) while another thread ran.
         Window full: ``job.starved``, and the consumer's next release queues the job again
-        (``MapJob.on_room``).  Once the pool is closed the bound is lifted, as in _feed."""
+        (``MapJob.on_room``).  Once the pool is closed the bound is lifted, as in _feed: it
+        reads a window's worth ahead of what is sent, consumed or not."""
         source = job.source
         if source is None or job.input_done or job.cancelled or job.cut:
             return
-        room = job.limit - job.backlog() if self._state == RUNNING else job.limit
+        if self._state == RUNNING:
+            room = job.limit - job.backlog()
+        else:  # (closed: a window's worth ahead of what is sent, whatever is consumed)
+            room = job.limit - job.available()
         if room <= 0:
-            job.starved = True
+            job.starved = self._state == RUNNING
             return
         error: BaseException | None = None
         if isinstance(source, range):  # the window over it widens (see _feed)
@@ -165,8 +169,8 @@ class Feeding:
             got = len(buf) - before
             done = error is not None or got < room
         job.fed += got
-        # the window is full now (closed: a window's worth is read): the dispatcher sends
-        # what there is, and the job waits for the consumer once it is all out
+        # the window is full now: the dispatcher sends what there is, and the job waits for
+        # the consumer once it is all out (closed: no bound to wait on, it reads on)
         job.starved = not done and self._state == RUNNING
         if done:
             job.source = None
