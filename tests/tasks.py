@@ -54,6 +54,24 @@ def stop_on(x, bad=3):
     return x * 10
 
 
+SLOW_TEXT = "ab" * 2_000_000  # SLOW_TEXT.count("b"): ≈ 2 ms of C, no Python between
+
+
+class Stopped(Exception):
+    pass
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped("told to stop")
+
+
+def raise_on_sigusr1():
+    """An initializer: SIGUSR1 raises Stopped in whatever the worker runs."""
+    import signal
+
+    signal.signal(signal.SIGUSR1, _raise_stopped)
+
+
 class CustomError(Exception):
     def __init__(self, code, detail):
         super().__init__(code, detail)

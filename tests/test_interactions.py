@@ -331,6 +331,76 @@ def test_a_dict_changed_during_its_imap_fails_the_input_after_the_items_read_bef
         assert got == list(range(len(got))) and 4 <= len(got) < 100
 
 
+def test_an_empty_in_memory_imap_ends_while_every_worker_is_busy():
+    # its input is read at once, not when a worker is free to take a chunk (found by a
+    # review: the end waited for the 6 s task)
+    with procpool.Pool(1) as pool:
+        pool.apply_async(time.sleep, (6,))
+        time.sleep(0.3)  # the worker holds the sleep
+        it = pool.imap(abs, [])
+        with pytest.raises(StopIteration):
+            it.next(timeout=3)
+        pool.terminate()
+
+
+def test_an_in_memory_imap_filling_its_window_exactly_ends_while_its_worker_is_held(
+    monkeypatch,
+):
+    # a list of exactly one window: its end was found only by one more read, which waited for
+    # a worker free to take a chunk (here one running a timed task, which runs alone)
+    from procpool import _scheduler
+
+    monkeypatch.setattr(_scheduler, "IMAP_HELD", 16)
+    with procpool.Pool(1) as pool:
+        it = pool.imap(identity, list(range(16)))
+        workers = pool._sched._workers
+        assert wait_until(lambda: not any(w.inflight for w in workers.values()), 10)
+        pool.apply_async(time.sleep, (8,), timeout=30)
+        assert wait_until(lambda: any(w.exclusive for w in workers.values()), 10)
+        assert [it.next(timeout=5) for _ in range(16)] == list(range(16))
+        with pytest.raises(StopIteration):
+            it.next(timeout=3)
+        pool.terminate()
+
+
+def test_a_ctrl_c_in_the_consumers_release_does_not_wedge_an_in_memory_imap(monkeypatch):
+    # the release that queues a starved job again, cut short by a Ctrl-C: the consumer's
+    # next wait reads on (before: the job was never queued again)
+    import inspect
+
+    from procpool import _scheduler, _tasks
+
+    monkeypatch.setattr(_scheduler, "IMAP_HELD", 16)
+    code = _tasks.MapJob.release.__code__
+    lines, first = inspect.getsourcelines(_tasks.MapJob.release)
+    at = first + next(i for i, line in enumerate(lines) if "self.on_room()" in line)
+    fired = []
+
+    def local(frame, event, arg):
+        if event == "line" and not fired and frame.f_lineno == at:
+            fired.append(at)
+            raise KeyboardInterrupt
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code is code else None
+
+    with procpool.Pool(2) as pool:
+        it = pool.imap(identity, list(range(200)))
+        got = [it.next(timeout=10)]
+        assert wait_until(lambda: _starved(pool, it._job), 10)
+        sys.settrace(tracer)
+        try:
+            while len(got) < 200:
+                try:
+                    got.append(it.next(timeout=5))
+                except KeyboardInterrupt:
+                    pass  # the caller goes on after its Ctrl-C
+        finally:
+            sys.settrace(None)
+        assert fired and got == list(range(200))
+
+
 def _hold_the_io_thread(pool):
     """Run a callback on the I/O thread that waits: return the event that lets it go."""
     inside, release = threading.Event(), threading.Event()

@@ -9,11 +9,14 @@ import os
 import sys
 import threading
 import time
+import traceback
 
 import pytest
 from _ipc_helpers import no_leaks  # noqa: F401
 from conftest import child_processes, run_python, wait_until
 from tasks import (
+    SLOW_TEXT,
+    Stopped,
     add,
     fail,
     fail_on,
@@ -22,6 +25,7 @@ from tasks import (
     keep_shared,
     mixed,
     pid,
+    raise_on_sigusr1,
     set_init_value,
     sleep_then,
     square,
@@ -220,21 +224,38 @@ def test_imap_failed_item_raises_at_its_position_and_iteration_goes_on(pool):
 
 
 @pytest.mark.parametrize("star", [False, True])
-def test_an_item_raising_stopiteration_fails_alone_and_the_chunk_goes_on(pool, star):
-    """A chunk's items run in C (list.extend over a map), which would take an item's
-    StopIteration for the end of its input and drop the rest of the chunk silently."""
+def test_an_item_raising_stopiteration_fails_alone_with_its_own_exception(pool, star):
+    """A loop in C over a chunk (list.extend over a map) would take an item's StopIteration
+    for the end of its input: the item's exception lost, or the rest of the chunk dropped."""
     items = list(range(8))
     if star:
         res = pool.starmap_async(stop_on, [(x,) for x in items], chunksize=8)
     else:
         res = pool.map_async(stop_on, items, chunksize=8)
-    with pytest.raises(StopIteration, match="stop_on raised StopIteration"):
+    with pytest.raises(StopIteration) as info:
         res.get(10)
+    assert info.value.args == (3,)
+    assert "stop_on" in "".join(traceback.format_exception(info.value))  # (the worker's)
     it = pool.imap(stop_on, items, chunksize=8)
     assert [next(it), next(it), next(it)] == [0, 10, 20]
     with pytest.raises(StopIteration):
         it.next(10)
     assert list(it) == [40, 50, 60, 70]
+
+
+def test_a_signal_handler_raising_while_a_chunk_runs_fails_one_item_and_the_chunk_ends():
+    """A worker's own handler (the initializer's) raises while a chunk of C calls runs: one
+    item fails with its exception, and the worker answers (a loop in C had run past the
+    chunk's end, appending failures for good)."""
+    import signal
+
+    with procpool.Pool(1, initializer=raise_on_sigusr1) as pool:
+        res = pool.map_async(SLOW_TEXT.count, ["b"] * 150, chunksize=150)  # ≈ 0.3 s in C
+        time.sleep(0.12)
+        procpool.signals.kill_pool(pool, signal.SIGUSR1)
+        with pytest.raises(Stopped):
+            res.get(15)
+        assert pool.apply_async(identity, (1,)).get(10) == 1
 
 
 def test_imap_input_error_reaches_the_caller_after_earlier_results(pool):

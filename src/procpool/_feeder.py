@@ -24,6 +24,7 @@ under the lock, and so does ``_stop_feeders``, called by whoever stops a job.
 from __future__ import annotations
 
 import itertools
+import operator
 import time
 from collections.abc import Iterable, Iterator
 
@@ -142,8 +143,19 @@ class Feeding:
         (``MapJob.on_room``).  Once the pool is closed the bound is lifted, as in _feed: it
         reads a window's worth ahead of what is sent, consumed or not."""
         source = job.source
-        if source is None or job.input_done or job.cancelled or job.cut:
-            return
+        if source is None or job.input_done or job.cancelled or job.cut or job.reading:
+            return  # (reading: re-entered, see below)
+        job.reading = True
+        try:
+            self._read_into(job, source)
+        finally:
+            job.reading = False
+
+    def _read_into(self, job: MapJob, source: Iterator | range) -> None:
+        """_read_input's body.  Never re-entered for one job: a garbage collection in the
+        middle of it (under the lock, in whatever thread) may close an abandoned imap loop,
+        whose release would read on (``MapJob.release``); the I/O thread's next turn queues
+        the job again if its window has room then (see Scheduler._run)."""
         if self._state == RUNNING:
             room = job.limit - job.backlog()
         else:  # (closed: a window's worth ahead of what is sent, whatever is consumed)
@@ -167,7 +179,9 @@ class Feeding:
             except BaseException as exc:  # noqa: BLE001 - reaches the caller via the iterator
                 error = exc
             got = len(buf) - before
-            done = error is not None or got < room
+            # (an in-memory iterator knows what it has left: an input that fills the window
+            # exactly is over now, not at a read after the consumer's next release)
+            done = error is not None or got < room or not operator.length_hint(source)
         job.fed += got
         # the window is full now: the dispatcher sends what there is, and the job waits for
         # the consumer once it is all out (closed: no bound to wait on, it reads on)
@@ -180,7 +194,10 @@ class Feeding:
 
     def _room_for(self, job: MapJob) -> None:
         """``MapJob.on_room`` of a job whose input the dispatcher reads: the consumer made
-        room in its full window (under the lock)."""
+        room in its full window (or is about to wait): read on here, in the consumer's
+        thread -- its end is then known even while no worker can take a chunk -- and queue
+        the job for the dispatcher (under the lock; ``MapJob.release`` holds Ctrl-C back)."""
+        self._read_input(job)
         self._queue_job(job)
         self._wake()
 

@@ -37,6 +37,7 @@ close), the pending queue, the I/O loop, timers and shutdown.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
 import itertools
@@ -93,6 +94,7 @@ TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
     from typing import Any
 
+_NOT_HELD = contextlib.nullcontext()  # (interrupts not held: see submit_map)
 WAKE_CLOSE_WAIT = 0.5  # seconds a pool's end waits for a thread writing its eventfd (_wake)
 IMAP_HELD = 65536  # items an imap may hold (read, not yet consumed): its memory bound
 # callables whose pickle cannot change while they live: cached by identity (see _function)
@@ -415,14 +417,17 @@ class Scheduler(WorkerSupervision, Dispatch, Bursts, Feeding, Driving, Delivery)
                 job.on_room = functools.partial(self._room_for, job)
         else:  # a list as it is; a range too (its chunks are ranges: a few bytes to pickle)
             buf = items if isinstance(items, (list, range)) else list(items)
-        with self._lock:
+        # (a job registered and never queued, cut short by a Ctrl-C, would keep close()
+        # waiting forever: a direct input's first read and queueing are held together)
+        with interrupts_held() if direct else _NOT_HELD, self._lock:
             self._check_running()
             if lazy:
                 self._feeding.add(job)
                 if direct and self._broken is not None:  # its input ends here, as a feeder's
                     self._feeding.discard(job)  # would at its first look (see _feed)
                     self._input_end(job, self._stopped_error())
-                elif direct:
+                elif direct:  # its first window is read now: an empty input ends at once
+                    self._read_input(job)
                     self._queue_job(job)
                 if direct:
                     self._wake()
@@ -713,8 +718,8 @@ class Scheduler(WorkerSupervision, Dispatch, Bursts, Feeding, Driving, Delivery)
                         self._forget_gone()
                     self._take_inbox()
                     for job in self._feeding:  # a feeder staged items: queue its job again
-                        if (job.staged or (job.starved and job.orphaned)) and not job.queued:
-                            self._queue_job(job)  # (or no consumer will release: it reads on)
+                        if not job.queued and (job.staged or (job.starved and job.room())):
+                            self._queue_job(job)  # (a starved input with room: read on)
                     self._dispatch()
                     finished = self._progress_shutdown()
                 self._deliver()

@@ -13,6 +13,7 @@ import threading
 
 from . import _protocol as P
 from . import _serialize
+from ._start import interrupts_held
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
@@ -218,6 +219,7 @@ class MapJob:
         # again (on_room, set by the scheduler), or it would wait for nobody
         self.starved = False
         self.on_room: Callable[[], None] | None = None
+        self.reading = False  # the dispatcher is reading its input now (see _read_input)
         self.cancelled = False  # what it has not sent will not run (Scheduler.cancel_map)
         self.cut = False  # its input was ended for it (the pool stopped): the rest is dropped
         # its imap iterator was dropped: nobody consumes, so `held` no longer paces the
@@ -295,13 +297,20 @@ class MapJob:
         return items
 
     def release(self, n: int) -> None:
-        """The caller consumed *n* results (imap): make room for more input."""
+        """The caller consumed *n* results (imap): make room for more input.  Also called
+        with 0 by a consumer about to wait: an input whose window was full reads on."""
         with self.space:
-            self.released += n
-            self.space.notify()
+            if n:
+                self.released += n
+                self.space.notify()
             if self.starved and self.on_room is not None:
-                self.starved = False
-                self.on_room()
+                with interrupts_held():  # (a Ctrl-C must not cut the job's queueing short)
+                    self.on_room()
+
+    def room(self) -> bool:
+        """Whether its window has room for more input (under the lock; a dropped iterator's
+        is paced by what is sent: see backlog)."""
+        return self.limit is not None and self.backlog() < self.limit
 
     def backlog(self) -> int:
         """What paces the feeder: items held (read, not consumed), or for a job whose

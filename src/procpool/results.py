@@ -586,7 +586,7 @@ class IMapIterator(Generic[T]):
                         _never_delivered(self)
                     waiter = self._wakeup.prepare()
                     over = False
-            self._flush_release()  # let the feeder read on before we sleep or stop
+            self._flush_release(poke=not over)  # let the input be read on before we sleep
             if over:
                 if error is not None:
                     raise error
@@ -631,10 +631,12 @@ class IMapIterator(Generic[T]):
         self._next_start += len(self._values)
         return True
 
-    def _flush_release(self) -> None:
+    def _flush_release(self, poke: bool = False) -> None:
+        """Report the results taken since the last report; with *poke* (about to wait),
+        even none: a job whose window was full then reads on (``MapJob.release``)."""
         with self._lock:
             n, self._consumed = self._consumed, 0
-        if n:
+        if n or poke:
             self._release(n)  # takes the scheduler's lock: never called holding ours
 
     def _on_chunk(self, task: Any, values: list, errors: dict[int, BaseException]) -> None:
