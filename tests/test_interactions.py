@@ -401,6 +401,22 @@ def test_a_ctrl_c_in_the_consumers_release_does_not_wedge_an_in_memory_imap(monk
         assert fired and got == list(range(200))
 
 
+def test_an_in_memory_imap_returns_at_once_while_a_callback_holds_the_deliveries():
+    # imap() delivered its input's end itself (a short list ends at its first read), and so
+    # waited for another task's callback to return (found by a review: a deadlock if the
+    # callback waits for what the caller does after imap())
+    with procpool.Pool(2) as pool:
+        go, inside = threading.Event(), threading.Event()
+        pool.apply_async(identity, (0,), callback=lambda _v: (inside.set(), go.wait(5)))
+        assert inside.wait(10)
+        started = time.monotonic()
+        it = pool.imap(identity, [1, 2, 3])
+        took = time.monotonic() - started
+        go.set()
+        assert list(it) == [1, 2, 3]
+        assert took < 2, took
+
+
 def _hold_the_io_thread(pool):
     """Run a callback on the I/O thread that waits: return the event that lets it go."""
     inside, release = threading.Event(), threading.Event()

@@ -5,7 +5,7 @@ holds (``MapJob.limit``: read, not yet consumed), so memory does not grow with t
 length.  Who reads depends on the input:
 
 * an input that only walks memory -- a ``range``, or the iterator of a list, a tuple...
-  (``_IN_MEMORY_ITERATORS``) -- is read by the dispatcher itself, under the lock, as the
+  (``_IN_MEMORY_ITERATORS``) -- is read by the I/O thread itself, under the lock, as the
   window has room (``_read_input``): a range is not read at all, it becomes the job's buffer
   and "reading" widens the window the dispatcher may cut (its chunks travel as ranges); an
   iterator is read in one ``list.extend`` at C speed;
@@ -17,14 +17,16 @@ length.  Who reads depends on the input:
   (``MapJob.wake_at``).
 
 A mixin of :class:`procpool._scheduler.Scheduler`.  The feeder's methods run in the feeder
-thread and take the scheduler's lock where they say so; ``_read_input`` and ``_room_for`` run
-under the lock, and so does ``_stop_feeders``, called by whoever stops a job.
+thread and take the scheduler's lock where they say so; ``_read_input`` and ``_feed_waiting``
+run in the I/O thread, under the lock, and ``_stop_feeders`` under the lock, called by
+whoever stops a job.
 """
 
 from __future__ import annotations
 
 import itertools
 import operator
+import threading
 import time
 from collections.abc import Iterable, Iterator
 
@@ -72,6 +74,7 @@ class Feeding:
     _state: str
     _broken: BaseException | None
     _feeding: set[MapJob]
+    _thread: threading.Thread  # the I/O thread
 
     if TYPE_CHECKING:  # Scheduler's own methods, used here
 
@@ -132,30 +135,26 @@ class Feeding:
         self._deliver()  # ...and if the I/O thread is gone already, that is us
 
     def _read_input(self, job: MapJob) -> None:
-        """Top up the window of *job*'s in-memory input (``job.source``), here, under the lock:
-        the dispatcher's own read, as the window has room -- no feeder thread.
+        """Top up the window of *job*'s in-memory input (``job.source``), under the lock, in
+        the I/O thread alone: no feeder thread.
 
         Reading a range or a list's iterator can neither block nor run the caller's code, so
-        the I/O thread may do it; what it saves is the thread hand-over a feeder costs: the
-        consumer's release woke the feeder, which read and woke the I/O thread, each waiting
-        for the GIL, up to the interpreter's switch interval (5 ms) while another thread ran.
-        Window full: ``job.starved``, and the consumer's next release queues the job again
-        (``MapJob.on_room``).  Once the pool is closed the bound is lifted, as in _feed: it
-        reads a window's worth ahead of what is sent, consumed or not."""
+        the I/O thread may do it; what it saves is a thread hand-over: the consumer's release
+        woke the feeder, whose read woke the I/O thread, each waiting for the GIL up to the
+        interpreter's switch interval (5 ms) while another thread ran.  Only the I/O thread
+        reads, and ends the input: a Ctrl-C cannot cut its bookkeeping short there (a caller's
+        thread, with a signal taken by any thread of the program, could).  Called by the
+        dispatcher (``_next_for``) and at each turn for a job whose window has room
+        (``_feed_waiting``); elsewhere it wakes the I/O thread instead.  Window full:
+        ``job.starved``, and the consumer's next release, or its next wait, wakes the I/O
+        thread (``MapJob.on_room``).  Once the pool is closed the bound is lifted, as in
+        _feed: it reads a window's worth ahead of what is sent, consumed or not."""
         source = job.source
-        if source is None or job.input_done or job.cancelled or job.cut or job.reading:
-            return  # (reading: re-entered, see below)
-        job.reading = True
-        try:
-            self._read_into(job, source)
-        finally:
-            job.reading = False
-
-    def _read_into(self, job: MapJob, source: Iterator | range) -> None:
-        """_read_input's body.  Never re-entered for one job: a garbage collection in the
-        middle of it (under the lock, in whatever thread) may close an abandoned imap loop,
-        whose release would read on (``MapJob.release``); the I/O thread's next turn queues
-        the job again if its window has room then (see Scheduler._run)."""
+        if source is None or job.input_done or job.cancelled or job.cut:
+            return
+        if threading.current_thread() is not self._thread:  # (a caller dispatching)
+            self._wake()
+            return
         if self._state == RUNNING:
             room = job.limit - job.backlog()
         else:  # (closed: a window's worth ahead of what is sent, whatever is consumed)
@@ -190,16 +189,19 @@ class Feeding:
             job.source = None
             self._feeding.discard(job)
             self._input_end(job, error)
-            self._wake()  # someone must deliver the end of input
 
-    def _room_for(self, job: MapJob) -> None:
-        """``MapJob.on_room`` of a job whose input the dispatcher reads: the consumer made
-        room in its full window (or is about to wait): read on here, in the consumer's
-        thread -- its end is then known even while no worker can take a chunk -- and queue
-        the job for the dispatcher (under the lock; ``MapJob.release`` holds Ctrl-C back)."""
-        self._read_input(job)
-        self._queue_job(job)
-        self._wake()
+    def _feed_waiting(self) -> None:
+        """At each turn of the I/O thread (under the lock): queue the jobs whose feeder staged
+        items, and read on the in-memory inputs whose window has room -- one just
+        submitted, or whose consumer released results: read here, and not only when a worker
+        takes a chunk, their end is known even while no worker can."""
+        for job in list(self._feeding):
+            if job.source is not None:
+                if job.room():
+                    self._read_input(job)
+                    self._queue_job(job)  # (queued again once its window had filled)
+            elif job.staged and not job.queued:
+                self._queue_job(job)
 
     def _stage(self, job: MapJob, it: Iterator, want: int) -> tuple[int, BaseException | None]:
         """Read up to *want* items of *it*, each handed over before the next is read: the

@@ -37,8 +37,6 @@ close), the pending queue, the I/O loop, timers and shutdown.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import heapq
 import itertools
 import os
@@ -94,7 +92,6 @@ TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
     from typing import Any
 
-_NOT_HELD = contextlib.nullcontext()  # (interrupts not held: see submit_map)
 WAKE_CLOSE_WAIT = 0.5  # seconds a pool's end waits for a thread writing its eventfd (_wake)
 IMAP_HELD = 65536  # items an imap may hold (read, not yet consumed): its memory bound
 # callables whose pickle cannot change while they live: cached by identity (see _function)
@@ -414,23 +411,20 @@ class Scheduler(WorkerSupervision, Dispatch, Bursts, Feeding, Driving, Delivery)
             direct = type(source) is range or type(source) in _IN_MEMORY_ITERATORS
             if direct:
                 job.source = source
-                job.on_room = functools.partial(self._room_for, job)
+                job.on_room = self._wake  # (the I/O thread reads on: see _feed_waiting)
         else:  # a list as it is; a range too (its chunks are ranges: a few bytes to pickle)
             buf = items if isinstance(items, (list, range)) else list(items)
-        # (a job registered and never queued, cut short by a Ctrl-C, would keep close()
-        # waiting forever: a direct input's first read and queueing are held together)
-        with interrupts_held() if direct else _NOT_HELD, self._lock:
+        with self._lock:
             self._check_running()
             if lazy:
                 self._feeding.add(job)
                 if direct and self._broken is not None:  # its input ends here, as a feeder's
                     self._feeding.discard(job)  # would at its first look (see _feed)
                     self._input_end(job, self._stopped_error())
-                elif direct:  # its first window is read now: an empty input ends at once
-                    self._read_input(job)
+                elif direct:  # queued in its turn; the I/O thread reads it (_feed_waiting)
                     self._queue_job(job)
                 if direct:
-                    self._wake()
+                    self._wake()  # (and delivers the end of a broken pool's input)
             else:
                 job.buf = buf
                 self._input_end(job, None)
@@ -440,9 +434,7 @@ class Scheduler(WorkerSupervision, Dispatch, Bursts, Feeding, Driving, Delivery)
                     self._wake()
                 if self._deliveries:  # (a chunk that could not be pickled): the I/O thread
                     self._wake()  # runs its callbacks, as multiprocessing's threads do
-        if direct:
-            self._deliver()  # (an input ended at once: if the I/O thread is gone, that is us)
-        elif lazy:
+        if lazy and not direct:
             try:
                 quiet = type(items) is range  # (a range's iterator runs no code of the caller)
                 start_thread(self._feed, "procpool-feeder", (job, source), quiet=quiet)
@@ -470,8 +462,10 @@ class Scheduler(WorkerSupervision, Dispatch, Bursts, Feeding, Driving, Delivery)
             self._fail_job(job, self._stopped_error())
             return
         if not job.queued and (job.available() or not job.input_done):
-            job.queued = True
+            # (in this order: cut in between by a Ctrl-C in a caller's thread, the job is
+            # queued twice -- harmless -- rather than marked queued and never run)
             self._pending.append(job)
+            job.queued = True
 
     def cancel(self, task: Task | None, force: bool, result: Any = None) -> bool:
         """Cancel a pending task; with *force*, stop a running one by replacing its worker.
@@ -717,9 +711,8 @@ class Scheduler(WorkerSupervision, Dispatch, Bursts, Feeding, Driving, Delivery)
                     if self._gone:
                         self._forget_gone()
                     self._take_inbox()
-                    for job in self._feeding:  # a feeder staged items: queue its job again
-                        if not job.queued and (job.staged or (job.starved and job.room())):
-                            self._queue_job(job)  # (a starved input with room: read on)
+                    if self._feeding:  # staged items, in-memory inputs to read on
+                        self._feed_waiting()
                     self._dispatch()
                     finished = self._progress_shutdown()
                 self._deliver()

@@ -13,7 +13,6 @@ import threading
 
 from . import _protocol as P
 from . import _serialize
-from ._start import interrupts_held
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
@@ -215,11 +214,10 @@ class MapJob:
         # an in-memory input (a range, a list's iterator...) that the dispatcher reads itself,
         # under the lock, as the window has room: no feeder thread (Feeding._read_input)
         self.source: Iterator[Any] | range | None = None
-        # ...whose window was full when last read: the consumer's next release queues it
-        # again (on_room, set by the scheduler), or it would wait for nobody
+        # ...whose window was full when last read: the consumer's next release wakes the I/O
+        # thread (on_room, set by the scheduler), which reads on (Feeding._feed_waiting)
         self.starved = False
         self.on_room: Callable[[], None] | None = None
-        self.reading = False  # the dispatcher is reading its input now (see _read_input)
         self.cancelled = False  # what it has not sent will not run (Scheduler.cancel_map)
         self.cut = False  # its input was ended for it (the pool stopped): the rest is dropped
         # its imap iterator was dropped: nobody consumes, so `held` no longer paces the
@@ -298,14 +296,15 @@ class MapJob:
 
     def release(self, n: int) -> None:
         """The caller consumed *n* results (imap): make room for more input.  Also called
-        with 0 by a consumer about to wait: an input whose window was full reads on."""
+        with 0 by a consumer about to wait: an in-memory input not read to its end then
+        wakes the I/O thread, which reads on if its window has room (a wake-up a Ctrl-C
+        cut from an earlier release is not lost for good)."""
         with self.space:
             if n:
                 self.released += n
                 self.space.notify()
-            if self.starved and self.on_room is not None:
-                with interrupts_held():  # (a Ctrl-C must not cut the job's queueing short)
-                    self.on_room()
+            if self.on_room is not None and self.source is not None and (self.starved or not n):
+                self.on_room()
 
     def room(self) -> bool:
         """Whether its window has room for more input (under the lock; a dropped iterator's
