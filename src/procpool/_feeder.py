@@ -94,7 +94,7 @@ class Feeding:
         thread only when the dispatcher asked for it (``MapJob.wake_at``: a worker waits for
         input); the dispatcher gathers the staged items into chunks, and sends a partial one
         after ``FEED_HOLD`` (see ``Dispatch._hold_over``).  (In-memory inputs have no feeder:
-        the dispatcher reads them itself, see _read_input.)
+        the I/O thread reads them itself, see _read_input.)
         """
         error: BaseException | None = None
         while True:

@@ -574,8 +574,8 @@ class Scheduler(WorkerSupervision, Dispatch, Bursts, Feeding, Driving, Delivery)
     def orphan(self, job: MapJob) -> None:
         """*job*'s imap iterator was dropped: nobody will consume, so its held results no
         longer pace its input (``MapJob.orphaned``).  A finalizer's: it may run anywhere, the
-        lock held or not, so it sets a flag and wakes the I/O thread, which queues the job
-        again if its input waits for a consumer (see _run)."""
+        lock held or not, so it sets a flag and wakes the I/O thread, which reads on an
+        in-memory input whose window was waiting for a consumer (``_feed_waiting``)."""
         job.orphaned = True
         if job.source is not None and os.getpid() == self._owner:
             self._wake()

@@ -194,7 +194,7 @@ class MapJob:
         self.input_done = False
         self.queued = False  # in the scheduler's pending deque
         self.limit = limit  # max items held (read, not consumed): None for lists
-        self.fed = 0  # items read (by the feeder thread alone)
+        self.fed = 0  # items read (by its feeder thread alone, or the I/O thread: see source)
         self.released = 0  # items whose results the caller consumed (under the lock)
         # the feeder's hand-over of one item at a time (Scheduler._feed): appended at the end
         # without the lock, its head moved into buf by available(), which every reader of
@@ -211,7 +211,7 @@ class MapJob:
         self.polled = False  # a "poll" timer is armed for it (see Dispatch._poll_feeder)
         self.poll_delay = FEED_HOLD
         self.on_end: Any = None  # called with (length, error) once the input is read
-        # an in-memory input (a range, a list's iterator...) that the dispatcher reads itself,
+        # an in-memory input (a range, a list's iterator...) that the I/O thread reads itself,
         # under the lock, as the window has room: no feeder thread (Feeding._read_input)
         self.source: Iterator[Any] | range | None = None
         # ...whose window was full when last read: the consumer's next release wakes the I/O
