@@ -1,4 +1,4 @@
-"""Reading a lazy map's input: the dispatcher's own reads, and the imap feeder threads.
+"""Reading a lazy map's input: the I/O thread's own reads, and the imap feeder threads.
 
 ``Pool.imap`` / ``imap_unordered`` read their input within the job's bound on the items it
 holds (``MapJob.limit``: read, not yet consumed), so memory does not grow with the input's

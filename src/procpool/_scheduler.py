@@ -406,7 +406,7 @@ class Scheduler(WorkerSupervision, Dispatch, Bursts, Feeding, Driving, Delivery)
                     source = iter(source)
                 else:
                     job.buf, job.stop = source, 0  # (see _read_input)
-            # in memory: the dispatcher reads it itself (see Feeding._read_input); else a
+            # in memory: the I/O thread reads it itself (see Feeding._read_input); else a
             # feeder thread does, running the caller's code: signals as theirs
             direct = type(source) is range or type(source) in _IN_MEMORY_ITERATORS
             if direct:
@@ -610,7 +610,7 @@ class Scheduler(WorkerSupervision, Dispatch, Bursts, Feeding, Driving, Delivery)
                 self._wake()
                 for job in self._feeding:  # feeders waiting for room may now read on
                     job.space.notify_all()
-                    if job.source is not None:  # (the dispatcher reads it: see _read_input)
+                    if job.source is not None:  # (the I/O thread reads it: _read_input)
                         self._queue_job(job)
 
     def terminate(self) -> None:
