@@ -401,6 +401,43 @@ def test_a_ctrl_c_in_the_consumers_release_does_not_wedge_an_in_memory_imap(monk
         assert fired and got == list(range(200))
 
 
+@pytest.mark.parametrize("source", ["list", "generator"])
+def test_a_ctrl_c_as_the_consumer_reports_what_it_took_loses_none_of_its_window(
+    monkeypatch, source
+):
+    # the consumer counted what it had taken out, then was cut short before the job added
+    # it: those results were never counted as consumed, and the window shrank by them for
+    # good -- here to nothing, and the imap waited forever (its reports are totals now)
+    from procpool import _scheduler, _tasks
+
+    monkeypatch.setattr(_scheduler, "IMAP_HELD", 16)
+    code = _tasks.MapJob.release.__code__
+    fired = []
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code is code and not fired:
+            fired.append(1)
+            raise KeyboardInterrupt  # (and Python stops tracing: once)
+        return None
+
+    items = list(range(200)) if source == "list" else (x for x in range(200))
+    with procpool.Pool(2) as pool:
+        it = pool.imap(identity, items)
+        # a whole window of results waits: 16 taken without a wait, then one report of 16
+        assert wait_until(lambda: sum(len(v) for v, _ in it._chunks.values()) >= 16, 10)
+        got = []
+        sys.settrace(tracer)
+        try:
+            while len(got) < 200:
+                try:
+                    got.append(it.next(timeout=5))
+                except KeyboardInterrupt:
+                    pass  # the caller goes on after its Ctrl-C
+        finally:
+            sys.settrace(None)
+        assert fired and got == list(range(200))
+
+
 def test_an_in_memory_imap_returns_at_once_while_a_callback_holds_the_deliveries():
     # imap() delivered its input's end itself (a short list ends at its first read), and so
     # waited for another task's callback to return (found by a review: a deadlock if the

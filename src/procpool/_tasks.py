@@ -294,16 +294,18 @@ class MapJob:
         self.hold_until = None
         return items
 
-    def release(self, n: int) -> None:
-        """The caller consumed *n* results (imap): make room for more input.  Also called
-        with 0 by a consumer about to wait: an in-memory input not read to its end then
-        wakes the I/O thread, which reads on if its window has room (a wake-up a Ctrl-C
-        cut from an earlier release is not lost for good)."""
+    def release(self, total: int) -> None:
+        """The caller has consumed *total* results in all (imap): make room for more input.
+        A total, not a count (see ``IMapIterator._flush_release``).  Also called with no
+        more than before by a consumer about to wait: an in-memory input not read to its
+        end then wakes the I/O thread, which reads on if its window has room (a wake-up a
+        Ctrl-C cut from an earlier release is not lost for good)."""
         with self.space:
-            if n:
-                self.released += n
+            fresh = total > self.released
+            if fresh:
+                self.released = total
                 self.space.notify()
-            if self.on_room is not None and self.source is not None and (self.starved or not n):
+            if self.on_room is not None and self.source is not None and (self.starved or not fresh):
                 self.on_room()
 
     def room(self) -> bool:

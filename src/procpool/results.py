@@ -438,7 +438,7 @@ class IMapIterator(Generic[T]):
         self._length: int | None = None  # known once the input is exhausted
         self._input_error: BaseException | None = None
         self._release = release
-        self._consumed = 0  # results taken but not yet reported to the feeder (batched)
+        self._reported = 0  # of _yielded, what the job was told (see _flush_release)
         self._holders: set[int] = set()  # threads whose for loop holds a chunk (see __iter__)
         # views of loops a garbage collection closed inside this lock (see _chunk_views)
         self._late: list[tuple[int, list, int, int, int]] = []
@@ -507,7 +507,7 @@ class IMapIterator(Generic[T]):
                 else:
                     with self._lock:
                         self._settle_view(holder, chunk, start, base, given)
-                    if self._consumed >= 1024:
+                    if self._yielded - self._reported >= 1024:
                         self._flush_release()
 
     def _settle_view(self, holder: int, chunk: list, start: int, base: int, given: int) -> None:
@@ -521,7 +521,6 @@ class IMapIterator(Generic[T]):
                 self._give_back(base + given, chunk[given:])
         taken = given - start
         self._yielded += taken
-        self._consumed += taken
         if given < len(chunk) or self._over():
             self._wakeup.notify_all()  # other consumers: results, or the end
 
@@ -547,14 +546,13 @@ class IMapIterator(Generic[T]):
                 pos = self._pos
                 self._pos = pos + 1
                 self._yielded += 1
-                self._consumed += 1
                 exc = self._errors.pop(pos, None) if self._errors else None
                 values = self._values
                 value = values[pos]
                 values[pos] = None  # (the caller's alone now: freed when it drops it)
                 if self._length is not None and self._over():
                     self._wakeup.notify_all()  # other consumers waiting: this was the last
-            if self._consumed >= 1024:
+            if self._yielded - self._reported >= 1024:
                 self._flush_release()
             if exc is not None:
                 try:
@@ -632,12 +630,16 @@ class IMapIterator(Generic[T]):
         return True
 
     def _flush_release(self, poke: bool = False) -> None:
-        """Report the results taken since the last report; with *poke* (about to wait),
-        even none: a job whose window was full then reads on (``MapJob.release``)."""
+        """Tell the job how many results were taken in all, if more than last time; with
+        *poke* (about to wait), even if not: a job whose window was full then reads on
+        (``MapJob.release``).  A total, not a count since the last report: a report a Ctrl-C
+        cut short is made good by the next, and threads reporting out of order count
+        nothing twice (a count taken out first was lost for good: the window shrank)."""
         with self._lock:
-            n, self._consumed = self._consumed, 0
-        if n or poke:
-            self._release(n)  # takes the scheduler's lock: never called holding ours
+            total = self._yielded
+            fresh, self._reported = total > self._reported, total
+        if fresh or poke:
+            self._release(total)  # takes the scheduler's lock: never called holding ours
 
     def _on_chunk(self, task: Any, values: list, errors: dict[int, BaseException]) -> None:
         with self._lock:

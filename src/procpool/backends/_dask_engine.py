@@ -539,10 +539,11 @@ class _Feeder:
             return items, exc, True
         return items, None, True
 
-    def release(self, n: int) -> None:
-        """The caller took *n* more results: read on."""
+    def release(self, total: int) -> None:
+        """The caller took *total* results in all (a total: see IMapIterator._flush_release):
+        read on."""
         with self._lock:
-            self._consumed += n
+            self._consumed = max(self._consumed, total)
             while self._ends and self._ends[0] <= self._consumed:
                 self._ends.popleft()
         self.feed()
