@@ -249,6 +249,20 @@ def test_a_dropped_imap_iterator_still_runs_all_its_input(tmp_path, monkeypatch)
         assert pool.apply(identity, (5,)) == 5
 
 
+def _take_through_ctrl_c(it, tracer, got, n):
+    """Take results from *it* into *got* until it holds *n*, with *tracer* set (it raises a
+    KeyboardInterrupt somewhere): the caller goes on after its Ctrl-C."""
+    sys.settrace(tracer)
+    try:
+        while len(got) < n:
+            try:
+                got.append(it.next(timeout=5))
+            except KeyboardInterrupt:
+                pass
+    finally:
+        sys.settrace(None)
+
+
 def _starved(pool, job):
     """*job*'s window is full and no worker holds anything: only a consumer moves it now."""
     return job.starved and not any(w.inflight for w in pool._sched._workers.values())
@@ -389,15 +403,7 @@ def test_a_ctrl_c_in_the_consumers_release_does_not_wedge_an_in_memory_imap(monk
         it = pool.imap(identity, list(range(200)))
         got = [it.next(timeout=10)]
         assert wait_until(lambda: _starved(pool, it._job), 10)
-        sys.settrace(tracer)
-        try:
-            while len(got) < 200:
-                try:
-                    got.append(it.next(timeout=5))
-                except KeyboardInterrupt:
-                    pass  # the caller goes on after its Ctrl-C
-        finally:
-            sys.settrace(None)
+        _take_through_ctrl_c(it, tracer, got, 200)
         assert fired and got == list(range(200))
 
 
@@ -425,16 +431,8 @@ def test_a_ctrl_c_as_the_consumer_reports_what_it_took_loses_none_of_its_window(
         it = pool.imap(identity, items)
         # a whole window of results waits: 16 taken without a wait, then one report of 16
         assert wait_until(lambda: sum(len(v) for v, _ in it._chunks.values()) >= 16, 10)
-        got = []
-        sys.settrace(tracer)
-        try:
-            while len(got) < 200:
-                try:
-                    got.append(it.next(timeout=5))
-                except KeyboardInterrupt:
-                    pass  # the caller goes on after its Ctrl-C
-        finally:
-            sys.settrace(None)
+        got: list = []
+        _take_through_ctrl_c(it, tracer, got, 200)
         assert fired and got == list(range(200))
 
 
