@@ -350,7 +350,8 @@ def test_an_empty_in_memory_imap_ends_while_every_worker_is_busy():
     # review: the end waited for the 6 s task)
     with procpool.Pool(1) as pool:
         pool.apply_async(time.sleep, (6,))
-        time.sleep(0.3)  # the worker holds the sleep
+        workers = pool._sched._workers.values()
+        assert wait_until(lambda: any(w.read_progress()[0] for w in workers), 10)  # running
         it = pool.imap(abs, [])
         with pytest.raises(StopIteration):
             it.next(timeout=3)

@@ -251,7 +251,8 @@ def test_a_signal_handler_raising_while_a_chunk_runs_fails_one_item_and_the_chun
 
     with procpool.Pool(1, initializer=raise_on_sigusr1) as pool:
         res = pool.map_async(SLOW_TEXT.count, ["b"] * 150, chunksize=150)  # ≈ 0.3 s in C
-        time.sleep(0.12)
+        workers = pool._sched._workers.values()
+        assert wait_until(lambda: any(w.read_progress()[0] for w in workers), 10)  # running
         procpool.signals.kill_pool(pool, signal.SIGUSR1)
         with pytest.raises(Stopped):
             res.get(15)
