@@ -57,6 +57,30 @@ def stop_on(x, bad=3):
 SLOW_TEXT = "ab" * 2_000_000  # SLOW_TEXT.count("b"): ≈ 2 ms of C, no Python between
 
 
+def _load_unless_first(marker):
+    """FlakyLoad's reconstructor: fails the first time any process unpickles it (*marker*, a
+    file, is made then), and gives ``square`` every time after."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return square
+    os.close(fd)
+    raise ImportError("not yet")
+
+
+class FlakyLoad:
+    """A task function whose first unpickling fails, as an import that fails for the moment."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __call__(self, x):  # pragma: no cover - a worker gets square instead
+        return square(x)
+
+    def __reduce__(self):
+        return (_load_unless_first, (self.marker,))
+
+
 class Stopped(Exception):
     pass
 

@@ -16,6 +16,7 @@ from _ipc_helpers import no_leaks  # noqa: F401
 from conftest import child_processes, run_python, wait_until
 from tasks import (
     SLOW_TEXT,
+    FlakyLoad,
     Stopped,
     add,
     fail,
@@ -34,6 +35,7 @@ from tasks import (
 )
 
 import procpool
+from procpool.errors import SerializationError
 
 
 @pytest.fixture
@@ -250,6 +252,9 @@ def test_a_signal_handler_raising_while_a_chunk_runs_fails_one_item_and_the_chun
     import signal
 
     with procpool.Pool(1, initializer=raise_on_sigusr1) as pool:
+        # loaded first: the signal must not land while the worker unpickles the function and
+        # its 4 MB string (it would fail the load, and so every item -- see the next test)
+        assert pool.map(SLOW_TEXT.count, ["b"]) == [SLOW_TEXT.count("b")]
         res = pool.map_async(SLOW_TEXT.count, ["b"] * 150, chunksize=150)  # ≈ 0.3 s in C
         workers = pool._sched._workers.values()
         assert wait_until(lambda: any(w.read_progress()[0] for w in workers), 10)  # running
@@ -257,6 +262,18 @@ def test_a_signal_handler_raising_while_a_chunk_runs_fails_one_item_and_the_chun
         with pytest.raises(Stopped):
             res.get(15)
         assert pool.apply_async(identity, (1,)).get(10) == 1
+
+
+def test_a_function_that_failed_to_unpickle_is_unpickled_again_by_the_next_task(tmp_path):
+    """A failed unpickling of a task's function (a signal handler's exception, an import that
+    failed for the moment) fails that task, and is not kept to fail every later one."""
+    func = FlakyLoad(str(tmp_path / "loaded-once"))
+    with procpool.Pool(1) as pool:
+        with pytest.raises(SerializationError, match="function could not be unpickled") as info:
+            pool.apply(func, (3,))
+        assert isinstance(info.value.__cause__, ImportError) or "not yet" in str(info.value)
+        assert pool.apply(func, (3,)) == 9
+        assert pool.map(func, range(4)) == [0, 1, 4, 9]
 
 
 def test_imap_input_error_reaches_the_caller_after_earlier_results(pool):

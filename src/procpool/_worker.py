@@ -603,13 +603,16 @@ class Worker:
         if type(func) is _Pickled:
             try:
                 func = pickle.loads(func.blob)
-            except BaseException as exc:  # noqa: BLE001 - every task using it will say why
-
-                def func(*args: Any, _exc: BaseException = exc, **kwds: Any) -> Any:
+            except BaseException as exc:  # noqa: BLE001 - every call of this task will say why
+                # Not kept: the next task tries again.  A signal handler's exception, or an
+                # import that failed for the moment, may have cut short an unpickling that
+                # would succeed, and a stand-in kept here failed every later task for good.
+                def failed(*args: Any, _exc: BaseException = exc, **kwds: Any) -> Any:
                     raise SerializationError(
                         f"the task's function could not be unpickled: {_exc!r}"
-                    )
+                    ) from _exc
 
+                return failed
             self.funcs[fid] = func
         return func
 
