@@ -789,3 +789,32 @@ def test_a_running_pool_dropped_warns_with_a_resource_warning_and_is_still_termi
         del pool
         gc.collect()
         assert [w for w in log if issubclass(w.category, ResourceWarning)] == said
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda pool, i: pool.apply(square, (i,)),
+        lambda pool, i: pool.apply(add, (i,), {"b": 1}),
+        lambda pool, i: pool.apply_async(square, (i,)).get(10),
+        lambda pool, i: pool.submit(square, i).result(10),
+        lambda pool, i: pool.map(square, [i, i]),
+        lambda pool, i: list(pool.imap(square, [i, i])),
+    ],
+    ids=["apply", "apply-kwds", "apply_async", "submit", "map", "imap"],
+)
+def test_a_finished_call_leaves_no_reference_cycle_for_the_collector(pool, call):
+    """Each call's objects are freed by their reference counts as it returns: an apply's
+    result and task kept each other alive, so the collector ran every few hundred calls
+    and took ≈ 140 µs out of one of them (apply's p99)."""
+    for i in range(20):  # warm: the function known to every worker, the caches filled
+        call(pool, i)
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(300):
+            call(pool, i)
+        found = gc.collect()
+    finally:
+        gc.enable()
+    assert found < 100, f"{found} objects in cycles after 300 calls"

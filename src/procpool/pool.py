@@ -251,6 +251,10 @@ class Pool(PoolAPI):
                 result._sched, result._task = sched, task
                 data = sched.drive(task, result, None, direct=True)  # releases the claim
                 if data is not None:  # the reply came to this thread, as a plain value
+                    # (never delivered to the result: the links _set would drop, dropped
+                    # here -- else each call left a task-result cycle for the collector, whose
+                    # passes then took ≈ 140 µs out of an apply every few hundred calls)
+                    result._sched = result._task = None
                     return sched.reply_value(task, data)
         except BaseException:  # a Ctrl-C before drive took the claim over: release it
             sched.unclaim(result)
