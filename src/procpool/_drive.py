@@ -211,16 +211,19 @@ class Driving:
         # try would be used up untested)
         spin = est is not None and est < DRIVE_SPIN and (timeout is None or timeout >= DRIVE_SPIN)
         while not result._done and task.state == _SENT:
+            came = False
             if spin:  # once: then sleep
                 spin = False
                 budget = self._spin.take()
                 if budget:
-                    self._spin.done(budget, poll_for(poller, budget))
-            wait = 100.0 if deadline is None else (deadline - time.monotonic()) * 1000
-            if wait <= 0:
-                return None
-            if not poller.poll(min(wait, 100.0)):  # slices: re-check the task's state
-                continue
+                    came = poll_for(poller, budget)
+                    self._spin.done(budget, came)
+            if not came:  # (it came: read it, no poll more)
+                wait = 100.0 if deadline is None else (deadline - time.monotonic()) * 1000
+                if wait <= 0:
+                    return None
+                if not poller.poll(min(wait, 100.0)):  # slices: re-check the task's state
+                    continue
             with self._lock:
                 if w.wid not in self._workers:
                     return None
