@@ -23,6 +23,7 @@ from tasks import (
     fail_on,
     get_init_value,
     identity,
+    interrupts_parent,
     keep_shared,
     mixed,
     pid,
@@ -274,6 +275,39 @@ def test_a_function_that_failed_to_unpickle_is_unpickled_again_by_the_next_task(
         assert isinstance(info.value.__cause__, ImportError) or "not yet" in str(info.value)
         assert pool.apply(func, (3,)) == 9
         assert pool.map(func, range(4)) == [0, 1, 4, 9]
+
+
+def test_a_function_that_failed_to_unpickle_fails_one_call_of_a_batch_not_all(tmp_path):
+    """Calls queued behind a busy worker travel to it as one CALLS record, each call a task of
+    its own: a failed unpickling fails the call it ran for, and the next call unpickles the
+    function again (the record's one load had failed all of them; found by a review)."""
+
+    def outcome(result):
+        try:
+            return result.get(30)
+        except SerializationError:
+            return "failed"
+
+    for trial in range(4):  # (whether the first load falls in a CALLS record is timing)
+        func = FlakyLoad(str(tmp_path / f"loaded-once-{trial}"))
+        with procpool.Pool(1) as pool:
+            for i in range(20):  # the pool's estimate: short tasks (batched, sent as runs)
+                assert pool.apply(square, (i,)) == i * i
+            ahead = [pool.apply_async(square, (i,)) for i in range(300)]
+            results = [pool.apply_async(func, (i,)) for i in range(16)]
+            got = [outcome(r) for r in results]
+            assert [r.get(30) for r in ahead] == [i * i for i in range(300)]
+        assert got.count("failed") <= 1, got
+        assert all(g == i * i for i, g in enumerate(got) if g != "failed"), got
+
+
+def test_a_ctrl_c_while_apply_unpickles_its_reply_is_a_keyboard_interrupt(pool):
+    """The caller's Ctrl-C as apply unpickles its reply stays a KeyboardInterrupt (it was
+    reported as the result's SerializationError; found by a review), and the pool goes on."""
+    assert pool.apply(interrupts_parent, (0,)) == 0  # (known to a worker: the quick path)
+    with pytest.raises(KeyboardInterrupt):
+        pool.apply(interrupts_parent, (os.getpid(),))
+    assert pool.apply(identity, (2,)) == 2
 
 
 def test_imap_input_error_reaches_the_caller_after_earlier_results(pool):

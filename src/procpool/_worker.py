@@ -441,8 +441,9 @@ class Worker:
         ids, argss = pickle.loads(rec[6])  # (plain values the parent pickled: no user code)
         if type(ids) is int:  # the first of ids that follow one another
             ids = range(ids, ids + len(argss))
+        fid = rec[1]
         try:
-            func = self.func(rec[1])
+            func = self.func(fid)
         except BaseException as exc:  # noqa: BLE001 - as in run_record
             err = SerializationError(f"the task's function could not be loaded: {exc!r}")
             for task_id in ids:
@@ -450,6 +451,10 @@ class Worker:
             self.last_done = ids[-1]
             pack_progress(progress, 0, 0, ids[-1], 0, 0.0)
             return
+        # its unpickling failed (still pickled: see func): that fails the first call alone,
+        # and each call after it tries again, as the task of its own it is
+        again = type(self.funcs.get(fid)) is _Pickled
+        first = ids[0]
         for task_id, args in zip(ids, argss, strict=True):
             start = perf()
             pack_progress(progress, 0, task_id, self.last_done, 0, 0.0)
@@ -457,6 +462,9 @@ class Worker:
                 status, value = P.ERROR, self.skip_info()
             else:
                 try:
+                    if again and task_id != first:  # (running: a crash counts against it)
+                        func = self.func(fid)
+                        again = type(self.funcs.get(fid)) is _Pickled
                     status, value = P.OK, func(*args)
                 except BaseException as exc:  # noqa: BLE001 - as in run_record
                     status, value = P.ERROR, self.failure(exc)
