@@ -81,27 +81,6 @@ class FlakyLoad:
         return (_load_unless_first, (self.marker,))
 
 
-def _interrupt_in(pid):
-    """InterruptsParent's reconstructor: a Ctrl-C in process *pid* as it unpickles."""
-    if os.getpid() == pid:
-        raise KeyboardInterrupt
-    return pid
-
-
-class InterruptsParent:
-    """A result whose unpickling in process *pid* (the pool's) is cut short by a Ctrl-C."""
-
-    def __init__(self, pid):
-        self.pid = pid
-
-    def __reduce__(self):
-        return (_interrupt_in, (self.pid,))
-
-
-def interrupts_parent(pid):
-    return InterruptsParent(pid)
-
-
 class Stopped(Exception):
     pass
 

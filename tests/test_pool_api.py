@@ -23,7 +23,6 @@ from tasks import (
     fail_on,
     get_init_value,
     identity,
-    interrupts_parent,
     keep_shared,
     mixed,
     pid,
@@ -299,15 +298,6 @@ def test_a_function_that_failed_to_unpickle_fails_one_call_of_a_batch_not_all(tm
             assert [r.get(30) for r in ahead] == [i * i for i in range(300)]
         assert got.count("failed") <= 1, got
         assert all(g == i * i for i, g in enumerate(got) if g != "failed"), got
-
-
-def test_a_ctrl_c_while_apply_unpickles_its_reply_is_a_keyboard_interrupt(pool):
-    """The caller's Ctrl-C as apply unpickles its reply stays a KeyboardInterrupt (it was
-    reported as the result's SerializationError; found by a review), and the pool goes on."""
-    assert pool.apply(interrupts_parent, (0,)) == 0  # (known to a worker: the quick path)
-    with pytest.raises(KeyboardInterrupt):
-        pool.apply(interrupts_parent, (os.getpid(),))
-    assert pool.apply(identity, (2,)) == 2
 
 
 def test_imap_input_error_reaches_the_caller_after_earlier_results(pool):

@@ -304,8 +304,6 @@ class Driving:
         """Unpickle a reply that :meth:`drive` returned (*direct*), as a delivery would."""
         try:
             return pickle.loads(data)
-        except KeyboardInterrupt:  # the caller's Ctrl-C, not the result's fault
-            raise
         except BaseException as exc:  # noqa: BLE001 - as in _deliver_results
             raise self._unpickling_error(task, exc) from exc
 
