@@ -213,3 +213,32 @@ def test_a_pool_future_read_by_its_own_thread_keeps_the_stdlib_semantics(tmp_pat
         with pytest.raises(procpool.WorkerLostError):
             lost.result(10)
         assert pool.submit(square, 3).result(10) == 9
+
+
+def test_a_ctrl_c_as_result_takes_the_futures_lock_leaves_the_lock_free(monkeypatch):
+    """A Ctrl-C raised just as result() has taken its future's lock: through `with cond`
+    (a Condition's __enter__ is Python code) the exception left the lock held for good, and
+    the I/O thread's set_result would then wait for it forever."""
+    with procpool.Pool(1) as pool:
+        pool.submit(sleep_then, 0.3)  # holds the worker: the next one waits on its condition
+        f = pool.submit(square, 3)
+        real_enter = threading.Condition.__enter__
+
+        def interrupted(self):
+            got = real_enter(self)
+            if self is f._cond and threading.current_thread() is threading.main_thread():
+                raise KeyboardInterrupt  # (as a Ctrl-C's, once the lock is taken)
+            return got
+
+        monkeypatch.setattr(threading.Condition, "__enter__", interrupted)
+        try:
+            f.result(10)
+        except KeyboardInterrupt:
+            pass
+        monkeypatch.undo()
+        lock = f._cond._lock
+        held = lock._is_owned()
+        while lock._is_owned():  # (so that the pool can stop when this fails)
+            lock.release()
+        assert not held, "the future's lock is still held after the Ctrl-C"
+        assert f.result(10) == 9

@@ -409,6 +409,43 @@ def test_a_ctrl_c_in_the_consumers_release_does_not_wedge_an_in_memory_imap(monk
 
 
 @pytest.mark.parametrize("source", ["list", "generator"])
+def test_a_ctrl_c_as_an_imap_consumer_takes_the_pools_lock_leaves_the_lock_free(
+    monkeypatch, source
+):
+    """A Ctrl-C raised just as the consumer's report (MapJob.release) has taken the pool's
+    lock: it went through a Condition, whose __enter__ is Python code, so the exception left
+    the lock held by the caller for good -- the I/O thread waited for it forever, and
+    terminate() then join() hung (a flaky Ctrl-C test: 1 run in 5-30 beside two CPU hogs)."""
+    with procpool.Pool(1) as pool:
+        items = [0.02] * 6
+        it = pool.imap(sleep_then, items if source == "list" else iter(items))
+        assert next(it) is None
+        space = it._job.space
+        real_enter = threading.Condition.__enter__
+
+        def interrupted(self):
+            got = real_enter(self)
+            if self is space and threading.current_thread() is threading.main_thread():
+                raise KeyboardInterrupt  # (as a Ctrl-C's, once the lock is taken)
+            return got
+
+        monkeypatch.setattr(threading.Condition, "__enter__", interrupted)
+        try:
+            for _ in it:
+                pass
+        except KeyboardInterrupt:
+            pass
+        monkeypatch.undo()
+        lock = pool._sched._lock
+        held = lock._is_owned()
+        while lock._is_owned():  # (so that the pool can stop when this fails)
+            lock.release()
+        assert not held, "the pool's lock is still held after the Ctrl-C"
+        pool.terminate()
+        pool.join(10)
+
+
+@pytest.mark.parametrize("source", ["list", "generator"])
 def test_a_ctrl_c_as_the_consumer_reports_what_it_took_loses_none_of_its_window(
     monkeypatch, source
 ):

@@ -225,6 +225,10 @@ class MapJob:
         # runs a dropped imap's tasks, within the bound); set by a finalizer, a flag only
         self.orphaned = False
         self.space = threading.Condition(lock)  # the scheduler's lock: the feeder waits on it
+        # The scheduler's lock itself, for code a Ctrl-C may cut (a consumer's release): a
+        # Condition's __enter__ is Python code, where a signal's exception raised once the
+        # lock is taken leaves it held for good -- the I/O thread then waits for it forever
+        self.lock = lock
         # one of its chunks has come back: until then the pool's estimate is another
         # function's, and a busy worker takes none of its chunks (see Dispatch._next_for)
         self.measured = False
@@ -303,7 +307,7 @@ class MapJob:
         more than before by a consumer about to wait: an in-memory input not read to its
         end then wakes the I/O thread, which reads on if its window has room (a wake-up a
         Ctrl-C cut from an earlier release is not lost for good)."""
-        with self.space:
+        with self.lock:  # (not `with self.space`: see __init__)
             fresh = total > self.released
             if fresh:
                 self.released = total

@@ -961,7 +961,10 @@ class Future(concurrent.futures.Future[T]):
         if timeout is None:
             _never_delivered(self)
         cond = self._condition
-        with cond:
+        # its lock, not `with cond`: a Condition's __enter__ is Python code, where a Ctrl-C
+        # raised once the lock is taken leaves it held for good -- and the I/O thread's
+        # set_result then waits for it forever
+        with cond._lock:  # type: ignore[attr-defined]
             while self._state not in _OVER:
                 left = WAIT_SLICE if deadline is None else deadline - time.monotonic()
                 if left <= 0:
