@@ -258,27 +258,32 @@ def test_a_map_after_a_far_cheaper_one_still_spreads_over_the_workers():
         assert len(set(pool.map(sleepy_pid, range(8)))) == 2
 
 
-@pytest.mark.parametrize("n", [100, 5_000, 100_000])
-def test_the_last_chunks_of_a_map_are_not_cut_below_the_floor(n):
+@pytest.mark.parametrize(
+    "n, nworkers",
+    [(100, 2), (5_000, 2), (100_000, 2), (5, 4), (9, 8), (17, 16), (13, 6)],
+)
+def test_the_last_chunks_of_a_map_are_not_cut_below_the_floor(n, nworkers):
     """Near the end chunks shrink so no worker idles, but not below CHUNK_MIN of work: the
     floor was a share of what was left, so each chunk halved the next one's, and a
-    100,000-item map of x+1 ended in ten chunks of 152, 76 ... 1 items, a round trip each."""
+    100,000-item map of x+1 ended in ten chunks of 152, 76 ... 1 items, a round trip each.
+    An input a little longer than the pool is wide still gives every worker a chunk (the
+    whole input's share rounded up made 9 items on 8 workers 2,2,2,2,1: found by a review)."""
     import threading
 
     from procpool._tasks import CHUNK_MIN, MapJob
 
     job = MapJob(threading.Lock(), 1, b"", 0, None, "map(f)", None, 0, None, None)
     job.buf, job.input_done = list(range(n)), True
-    est, nworkers = 1e-7, 2  # x+1: 0.1 µs an item, a floor of 1,000 items
+    est = 1e-7  # x+1: 0.1 µs an item, a floor of 1,000 items
     sizes = []
     while job.available():
         items = job.take(job.chunk_size(est, nworkers), idle=True)
         job.next_index += len(items)
         sizes.append(len(items))
     assert sum(sizes) == n
-    floor = min(int(CHUNK_MIN / est), -(-n // nworkers))
+    floor = min(int(CHUNK_MIN / est), n // nworkers)
     assert all(size >= floor for size in sizes[:-1]), sizes  # the last: what is left
-    assert len(sizes) >= min(nworkers, n), sizes  # every worker still gets a share
+    assert len(sizes) >= min(nworkers, n), sizes  # every worker still gets a chunk
 
 
 def test_imap_input_that_waits_for_its_own_results(pool):

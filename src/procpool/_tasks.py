@@ -258,7 +258,10 @@ class MapJob:
             # halved the next one's floor, down to chunks of one item (a 100,000-item map
             # of x+1 ended in ten chunks of 152, 76 ... 1 items, each a round trip)
             left = self.available()
-            floor = min(int(CHUNK_MIN / est), -(-(self.next_index + left) // nworkers))
+            # (the whole input's share rounded down, and never below the rest's share: an
+            # input a little longer than the pool is wide still gives every worker a chunk)
+            share = max((self.next_index + left) // nworkers, -(-left // nworkers))
+            floor = min(int(CHUNK_MIN / est), share)
             size = min(size, max(1, floor, -(-left // (2 * nworkers))))
         return size
 
