@@ -215,30 +215,56 @@ def test_a_pool_future_read_by_its_own_thread_keeps_the_stdlib_semantics(tmp_pat
         assert pool.submit(square, 3).result(10) == 9
 
 
-def test_a_ctrl_c_as_result_takes_the_futures_lock_leaves_the_lock_free(monkeypatch):
-    """A Ctrl-C raised just as result() has taken its future's lock: through `with cond`
-    (a Condition's __enter__ is Python code) the exception left the lock held for good, and
-    the I/O thread's set_result would then wait for it forever."""
+def test_a_futures_condition_is_taken_by_c_code_so_a_ctrl_c_cannot_leave_it_held():
+    """The standard library's Future methods (cancel, add_done_callback, set_result...) take
+    the future's condition with `with`: a threading.Condition's __enter__ is Python code, and
+    a Ctrl-C raised as its inner acquire returned left the lock held for good -- the I/O
+    thread, starting the task, then waited for it forever holding the pool's lock (a review).
+    procpool's condition is an RLock whose __enter__ and __exit__ are the RLock's C code."""
+    import types
+
     with procpool.Pool(1) as pool:
-        pool.submit(sleep_then, 0.3)  # holds the worker: the next one waits on its condition
         f = pool.submit(square, 3)
-        real_enter = threading.Condition.__enter__
+        cond = f._condition
+        for name in ("__enter__", "__exit__"):
+            assert not isinstance(getattr(type(cond), name), types.FunctionType), name
+        f.add_done_callback(lambda fut: None)
+        assert cf.wait([f], timeout=10).done == {f}
+        assert next(cf.as_completed([f], timeout=10)) is f
+        assert f.result(10) == 9 and not cond._is_owned()
+        g = pool.submit(sleep_then, 0.3)
+        h = pool.submit(square, 4)  # (maybe sent already, behind g: then not cancelled)
+        assert h.cancelled() if h.cancel() else h.result(10) == 16
+        assert g.result(10) is None and not h._condition._is_owned()
 
-        def interrupted(self):
-            got = real_enter(self)
-            if self is f._cond and threading.current_thread() is threading.main_thread():
-                raise KeyboardInterrupt  # (as a Ctrl-C's, once the lock is taken)
-            return got
 
-        monkeypatch.setattr(threading.Condition, "__enter__", interrupted)
-        try:
+def test_a_ctrl_c_while_result_waits_leaves_no_lock_held(monkeypatch):
+    """result() sleeps on a private lock, with the future's condition released: a Ctrl-C
+    during the sleep is a KeyboardInterrupt (through Condition.wait, one landing between its
+    release and its `try` was a RuntimeError: 'cannot release un-acquired lock'), and the
+    future is then delivered as usual."""
+    from procpool.results import _FutureCondition
+
+    class Interrupted:
+        def acquire(self, *args):
+            raise KeyboardInterrupt  # (as a Ctrl-C's, in the sleep)
+
+    real_prepare = _FutureCondition.prepare
+    calls = []
+
+    def prepare(self):
+        waiter = real_prepare(self)
+        if not calls and threading.current_thread() is threading.main_thread():
+            calls.append(waiter)
+            return Interrupted()
+        return waiter
+
+    with procpool.Pool(1) as pool:
+        pool.submit(sleep_then, 0.3)  # holds the worker: the next one waits
+        f = pool.submit(square, 3)
+        monkeypatch.setattr(_FutureCondition, "prepare", prepare)
+        with pytest.raises(KeyboardInterrupt):
             f.result(10)
-        except KeyboardInterrupt:
-            pass
         monkeypatch.undo()
-        lock = f._cond._lock
-        held = lock._is_owned()
-        while lock._is_owned():  # (so that the pool can stop when this fails)
-            lock.release()
-        assert not held, "the future's lock is still held after the Ctrl-C"
+        assert calls and not f._condition._is_owned()
         assert f.result(10) == 9

@@ -707,10 +707,64 @@ class WeakSink:
 _PENDING, _RUNNING, _FINISHED = "PENDING", "RUNNING", "FINISHED"
 _CANCELLED, _CANCELLED_AND_NOTIFIED = "CANCELLED", "CANCELLED_AND_NOTIFIED"
 _OVER = frozenset({_CANCELLED, _CANCELLED_AND_NOTIFIED, _FINISHED})
+
+
 #: guards the state of the futures that have no condition yet, and the making of one.  An
 #: RLock, as a condition's lock is: a signal handler or a finalizer (a garbage collection runs
 #: them wherever it starts) may use a future while this thread holds it.  Nothing allocates
 #: while holding it (allocating can start a collection).
+class _FutureCondition(_thread.RLock):  # type: ignore[misc]  # (typeshed: final)
+    """A :class:`Future`'s condition: an RLock with the ``notify``/``wait`` of a
+    ``threading.Condition``, whose ``with`` is the RLock's own C code.
+
+    The standard library's ``Future`` methods (``cancel``, ``add_done_callback``,
+    ``set_result``...) take their condition with ``with``; a ``threading.Condition``'s
+    ``__enter__`` is Python code, and a Ctrl-C raised just as its inner acquire returned left
+    the lock held for good -- the pool's thread then waited for it when it started the task,
+    holding the pool's lock (a review).  Waiters sleep on a private lock each, released by
+    ``notify`` (see :class:`_Wakeup`): ``Future.result()`` sleeps with no shared lock held.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sleepers: list[Any] = []
+
+    def prepare(self) -> Any:
+        """A private lock, held, that the next ``notify`` releases (call under the lock)."""
+        waiter = _thread.allocate_lock()
+        waiter.acquire()
+        self._sleepers.append(waiter)
+        return waiter
+
+    def forget(self, waiter: Any) -> None:
+        """*waiter* no longer waits (call under the lock)."""
+        if waiter in self._sleepers:
+            self._sleepers.remove(waiter)
+
+    def notify(self, n: int = 1) -> None:
+        sleepers = self._sleepers
+        woken = sleepers[:n]
+        del sleepers[:n]
+        for waiter in woken:
+            waiter.release()
+
+    def notify_all(self) -> None:
+        self.notify(len(self._sleepers))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """``threading.Condition.wait``, for code that calls it (procpool's own waits do
+        not: see ``Future._wait_sliced``)."""
+        if not self._is_owned():  # type: ignore[attr-defined]
+            raise RuntimeError("cannot wait on un-acquired lock")
+        waiter = self.prepare()
+        saved = self._release_save()  # type: ignore[attr-defined]
+        try:
+            return waiter.acquire() if timeout is None else waiter.acquire(True, max(0, timeout))
+        finally:
+            self._acquire_restore(saved)  # type: ignore[attr-defined]
+            self.forget(waiter)
+
+
 _FUTURE_LOCK = threading.RLock()
 
 
@@ -751,7 +805,7 @@ class Future(concurrent.futures.Future[T]):
     # Until its first use a future has no condition, nor the stdlib's lists of waiters and
     # callbacks (nobody can add to them without the condition): these defaults stand in, and
     # a future in a burst is one object for the garbage collector to track, not three.
-    _cond: threading.Condition | None = None
+    _cond: _FutureCondition | None = None
     _result: Any = None
     _exception: BaseException | None = None
     _waiters: Any = ()  # then a list (see _condition)
@@ -764,10 +818,10 @@ class Future(concurrent.futures.Future[T]):
     __init__ = object.__init__  # type: ignore[assignment]
 
     @property
-    def _condition(self) -> threading.Condition:  # type: ignore[override]
+    def _condition(self) -> _FutureCondition:  # type: ignore[override]
         cond = self._cond
         if cond is None:
-            new = threading.Condition()  # made outside the lock: see _FUTURE_LOCK
+            new = _FutureCondition()  # made outside the lock: see _FUTURE_LOCK
             waiters: list = []
             callbacks: list = []
             with _FUTURE_LOCK:
@@ -961,15 +1015,21 @@ class Future(concurrent.futures.Future[T]):
         if timeout is None:
             _never_delivered(self)
         cond = self._condition
-        # its lock, not `with cond`: a Condition's __enter__ is Python code, where a Ctrl-C
-        # raised once the lock is taken leaves it held for good -- and the I/O thread's
-        # set_result then waits for it forever
-        with cond._lock:  # type: ignore[attr-defined]
-            while self._state not in _OVER:
+        # no lock held while it sleeps (see _FutureCondition): a Ctrl-C anywhere in here
+        # leaves nothing shared behind but, at worst, a private lock nobody waits on
+        while True:
+            with cond:  # (the RLock's C code)
+                if self._state in _OVER:
+                    return
+                waiter = cond.prepare()
+            try:
                 left = WAIT_SLICE if deadline is None else deadline - time.monotonic()
                 if left <= 0:
                     return
-                cond.wait(min(left, WAIT_SLICE))
+                waiter.acquire(True, min(left, WAIT_SLICE))
+            finally:
+                with cond:
+                    cond.forget(waiter)
 
     def result(self, timeout: float | None = None) -> T:
         if self._state not in _OVER:
