@@ -737,3 +737,17 @@ def test_an_imap_whose_scheduler_goes_away_ends_and_the_pool_joins():
     proc = run_python(code, timeout=100)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split("\n")[:3] == ["[0, 1, 4, 9]", "ended", "joined TERMINATE"]
+
+
+def test_a_ctrl_c_in_join_finds_the_engines_lock_retaken_in_c(pool):
+    """join() waits on a Condition over the engine's lock: over a plain Lock the Condition
+    released and retook it in Python, where a Ctrl-C could leave it released and the `with`
+    then released it again (RuntimeError, or under the delivery thread; found by a review).
+    Over an RLock both are C calls; and join waits in slices, as Pool.join does."""
+    import types
+
+    engine = pool._engine
+    cond = engine._changed
+    for name in ("_release_save", "_acquire_restore", "_is_owned"):
+        assert isinstance(getattr(cond, name), types.BuiltinMethodType), name
+    assert pool.apply_async(square, (4,)).get(60) == 16

@@ -33,7 +33,7 @@ from distributed import KilledWorker
 
 from .._errinfo import rebuild_error
 from ..errors import PoolTerminated, SerializationError, WorkerLostError
-from ..results import Future, IMapIterator
+from ..results import WAIT_SLICE, Future, IMapIterator
 from ._dask_worker import STARMAP, _Outcome, _Payload, _run_unit
 
 #: a lazy ``imap`` without a chunksize grows its chunks until each is about this much work
@@ -118,7 +118,10 @@ class _Engine:
         self.own_client = own_client
         self.cluster = cluster
         self.state = RUN
-        self._lock = threading.Lock()
+        # an RLock: a Condition over it releases and retakes it in C (over a Lock, in Python:
+        # a Ctrl-C in a caller's wait could leave it released, the `with` then releasing it
+        # again, maybe under the delivery thread; found by a review)
+        self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # units, feeders or state changed
         self._units: dict[Any, tuple[_Unit, distributed.Future]] = {}  # Dask key -> unit
         self._feeders: set[_Feeder] = set()
@@ -300,10 +303,10 @@ class _Engine:
         mine = threading.current_thread() is self._thread
         with self._lock:
             while self._units or self._feeders or (self._settling and not mine):
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
+                left = WAIT_SLICE if deadline is None else deadline - time.monotonic()
+                if left <= 0:
                     return
-                self._changed.wait(left)
+                self._changed.wait(min(left, WAIT_SLICE))  # (in slices: see WAIT_SLICE)
         self._stop()
 
     def cancel_outstanding(self, exc: BaseException) -> None:
