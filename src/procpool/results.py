@@ -709,10 +709,6 @@ _CANCELLED, _CANCELLED_AND_NOTIFIED = "CANCELLED", "CANCELLED_AND_NOTIFIED"
 _OVER = frozenset({_CANCELLED, _CANCELLED_AND_NOTIFIED, _FINISHED})
 
 
-#: guards the state of the futures that have no condition yet, and the making of one.  An
-#: RLock, as a condition's lock is: a signal handler or a finalizer (a garbage collection runs
-#: them wherever it starts) may use a future while this thread holds it.  Nothing allocates
-#: while holding it (allocating can start a collection).
 class _FutureCondition(_thread.RLock):  # type: ignore[misc]  # (typeshed: final)
     """A :class:`Future`'s condition: an RLock with the ``notify``/``wait`` of a
     ``threading.Condition``, whose ``with`` is the RLock's own C code.
@@ -765,6 +761,10 @@ class _FutureCondition(_thread.RLock):  # type: ignore[misc]  # (typeshed: final
             self.forget(waiter)
 
 
+#: guards the state of the futures that have no condition yet, and the making of one.  An
+#: RLock, as a condition's lock is: a signal handler or a finalizer (a garbage collection runs
+#: them wherever it starts) may use a future while this thread holds it.  Nothing allocates
+#: while holding it (allocating can start a collection).
 _FUTURE_LOCK = threading.RLock()
 
 
