@@ -260,7 +260,7 @@ def test_a_ctrl_c_while_result_waits_leaves_no_lock_held(monkeypatch):
         return waiter
 
     with procpool.Pool(1) as pool:
-        pool.submit(sleep_then, 0.3)  # holds the worker: the next one waits
+        pool.submit(sleep_then, 1.0)  # holds the worker: the next one waits (a while)
         f = pool.submit(square, 3)
         monkeypatch.setattr(_FutureCondition, "prepare", prepare)
         with pytest.raises(KeyboardInterrupt):
