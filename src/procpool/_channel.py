@@ -239,6 +239,15 @@ class Channel:
             poller.register(self.sock.fileno(), select.POLLIN)
         return poller
 
+    def poller(self) -> select.poll:
+        """The channel's own poll object (its socket, POLLIN), for a polling loop of the
+        reader's; :meth:`buffered` tells what it cannot see."""
+        return self._poller or self._poll()
+
+    def buffered(self) -> bool:
+        """Whether input was received and not taken yet (a poll would not report it)."""
+        return bool(self._ready or self._rbuf)
+
     def spin(self, seconds: float) -> bool:
         """Poll for input without sleeping, for up to *seconds*: True if some came."""
         return poll_for(self._poller or self._poll(), seconds)

@@ -78,13 +78,19 @@ class Delivery:
 
         One thread at a time (``_deliver_lock``): a MapResult counts its chunks without a lock.
         Without *wait*, return at once if another thread delivers: it delivers what is queued
-        (a caller with a deadline must not wait behind another task's slow callback).
+        (a caller with a deadline must not wait behind another task's slow callback; only one
+        that comes in the instant between the other's taking the lock and saying so waits).
         """
         if self._deliveries:
-            if not self._deliver_lock.acquire(wait):
-                return
-            try:
-                outer, self._delivering = self._delivering, threading.get_ident()
+            me = threading.get_ident()
+            if not wait and self._delivering not in (None, me):
+                return  # (the thread delivering delivers what is queued too)
+            # A with, not acquire() and a try: CPython raises a Ctrl-C's exception as a call
+            # returns, so one landing as acquire() returned left the lock held for good and
+            # every later delivery -- terminate() included -- waited on it (a Ctrl-C storm
+            # over an apply loop showed it).  The C-level with releases it whatever comes.
+            with self._deliver_lock:
+                outer, self._delivering = self._delivering, me
                 try:
                     if threading.current_thread() is self._thread:
                         with program_signals():  # callbacks are the caller's code
@@ -93,8 +99,6 @@ class Delivery:
                         self._deliver_all()
                 finally:
                     self._delivering = outer
-            finally:
-                self._deliver_lock.release()
 
     def _deliver_all(self) -> None:
         """Deliver what is queued, in order.  A Ctrl-C in a caller's thread delivering loses

@@ -22,8 +22,8 @@ import pickle
 import select
 import time
 
+from . import _express, _serialize
 from . import _protocol as P
-from . import _serialize
 from ._channel import Spin, poll_for
 from ._supervise import CLOSING, RUNNING, TERMINATING, _Worker
 from ._tasks import _DONE, _SENT, BARE, Task
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 PLAIN = _serialize.PLAIN
 KEYED = _serialize.KEYED  # (filled when procpool.shared is imported)
 PROTOCOL = _serialize.PROTOCOL
+REQUEST_MAX = _express.REQUEST_MAX
 DRIVE_SPIN = 1e-4  # seconds a caller waiting on a short task polls without sleeping (see drive)
 
 
@@ -119,14 +120,35 @@ class Driving:
             if w is None:
                 return None
             tid = next(self._tids)
-            task = Task(
-                tid, fid, entry[2], P.CALL, payload, sink, entry[3], None, retries, retry_on
-            )
-            w.driven = task
             try:
+                # the express lane first: the call is posted in the worker's slot (no syscall),
+                # and runs while the task is made and assigned (see _express)
+                box = w.box
+                if box is not None and w.copied:  # a copy the worker has not read: not past it
+                    if box.copy_seen(w.copied):
+                        w.copied = 0
+                    else:
+                        box = None
+                if keyed or len(data) > REQUEST_MAX:
+                    box = None
+                posted = box is not None and box.post(tid, fid, data)
+                task = Task(
+                    tid, fid, entry[2], P.CALL, payload, sink, entry[3], None, retries, retry_on
+                )
+                w.driven = task
                 if self._returns:  # (the last result's segments, for this call's to reuse)
                     self._give_back()
                 self._assign(w, task)
+                # (not polling the slot, or about to stop: the channel too, unless it ran)
+                if box is not None and not posted:
+                    if box.stop_waiting(tid):
+                        posted = True  # (it ran after all: the reply is in the slot)
+                    else:
+                        box.copied(tid)  # (before the copy is written: see _express)
+                        w.copied = tid
+                if posted:
+                    w.posted = task
+                    return task
                 chan = w.chan
                 if keyed:
                     self._map_regions(w, payload.regions, bytearray(), [])
@@ -168,6 +190,8 @@ class Driving:
             held = w.driven is task  # (only this thread clears its own claim: no lock to look)
             if held:
                 with self._lock:
+                    if w.posted is task:  # (a Ctrl-C, a time-out: see _unpost)
+                        self._unpost(w, task)
                     w.driven = None
                     if w.wid in self._workers:
                         self._set_mask(w)
@@ -188,37 +212,51 @@ class Driving:
     def _drive(
         self, w: _Worker, task: Task, result: Any, timeout: float | None, direct: bool
     ) -> Any:
-        with self._lock:
-            if w.driven is not task:
-                if task.state != _SENT or task.worker is not w or w.driven or w.eof or w.writing:
+        # posted in the express lane's slot by call(), just now, in this thread: nothing to
+        # check (its worker's death, if any, is seen when the reply is settled, under the lock)
+        box = w.box if w.posted is task else None
+        if box is None:
+            with self._lock:
+                if w.driven is not task:
+                    if task.state != _SENT or task.worker is not w or w.driven or w.eof:
+                        return None
+                    if w.writing or len(w.inflight) != 1 or w.wid not in self._workers:
+                        return None
+                    w.driven = task
+                    self._set_mask(w)
+                elif w.wid not in self._workers or w.eof:  # claimed, but it died meanwhile
+                    w.driven = w.posted = None
                     return None
-                if len(w.inflight) != 1 or w.wid not in self._workers:
-                    return None
-                w.driven = task
-                self._set_mask(w)
-            elif w.wid not in self._workers or w.eof:  # claimed, but it died meanwhile
-                w.driven = None
-                return None
-            fd = w.chan.fileno()
-            est = self._est
+        est = self._est
         # this thread's own: threads waiting on one result may all drive it (a poll object
-        # raises RuntimeError if two threads use it at once); one reads, under the lock
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
+        # raises RuntimeError if two threads use it at once); one reads, under the lock.
+        # (Made when needed: a reply taken from the express lane's slot needs none.)
+        poller: Any = None
         deadline = None if timeout is None else time.monotonic() + timeout
         # (a deadline shorter than a poll: nothing to learn from.  The budget is taken only
         # for a poll that happens: a Spin that stopped counts each take() as a wait, and its
         # try would be used up untested)
         spin = est is not None and est < DRIVE_SPIN and (timeout is None or timeout >= DRIVE_SPIN)
+        reply = None  # a reply taken from the express lane's slot
         while not result._done and task.state == _SENT:
             came = False
+            if box is not None:  # posted in the slot: poll it, not the channel (once)
+                came, reply = self._wait_posted(w, box, task, spin)
+                box = None
+                spin = False
+            if poller is None and not came and reply is None:
+                fd = w.chan.fileno()
+                if fd < 0:  # (closed: the worker died meanwhile, its death settles the task)
+                    return None
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
             if spin:  # once: then sleep
                 spin = False
                 budget = self._spin.take()
                 if budget:
                     came = poll_for(poller, budget)
                     self._spin.done(budget, came)
-            if not came:  # (it came: read it, no poll more)
+            if not came and reply is None:  # (it came: read it, no poll more)
                 wait = 100.0 if deadline is None else (deadline - time.monotonic()) * 1000
                 if wait <= 0:
                     return None
@@ -229,14 +267,25 @@ class Driving:
                     return None
                 self._settled = None
                 try:
-                    ours = self._read_reply(w, task, direct)
-                    if ours is None:
-                        self._read(w)
+                    if reply is not None:
+                        rec, value = reply
+                        reply = None
+                        ours: Any = value if self._settle(w, task, direct, rec, value) else None
+                        if ours is None:
+                            self._on_results(w, _express.record(rec, value), [])
+                        w.posted = None
+                    else:
+                        ours = self._read_reply(w, task, direct)
+                        if ours is None:
+                            self._read(w)
                 except BaseException:  # a Ctrl-C: a reply may be read and not settled
                     if self._settled is task:  # (no: settled, and nothing else was read)
+                        w.posted = None
                         self._set_mask(w)
                         if direct and type(task.payload) not in BARE:
                             task.release()
+                    elif w.posted is task:  # (its reply is still in the slot: settled there)
+                        self._unpost(w, task)
                     else:
                         self._abandon(w)
                     raise
@@ -252,53 +301,113 @@ class Driving:
                 return None
         return None
 
+    def _wait_posted(
+        self, w: _Worker, box: _express.PoolSide, task: Task, spin: bool
+    ) -> tuple[bool, tuple[tuple, bytes] | None]:
+        """Poll the express lane's slot for the answer to *task* (posted there by
+        :meth:`call`) for as long as the pool's ``Spin`` budget says (none unless *spin*),
+        then stop waiting there.  Return ``(came, reply)``: the reply taken from the slot
+        (its record's head and pickled value), or None and whether the reply is in the
+        channel already (too large for the slot).  With no reply, the claim on the slot is
+        dropped: the reply comes by the channel (see _express); with one, it is dropped as
+        the reply is settled."""
+        tid = task.id
+        budget = self._spin.take() if spin else 0.0
+        if budget:
+            got = box.wait(tid, budget)
+            self._spin.done(budget, got)
+        else:
+            got = False
+        if got or box.stop_waiting(tid):
+            reply = box.reply(tid)
+            if reply is not None:
+                w.taken = tid  # (an ALSO frame of it, if one comes, is dropped)
+                return False, reply
+            w.posted = None
+            return True, None
+        w.posted = None
+        return False, None
+
+    def _unpost(self, w: _Worker, task: Task) -> None:
+        """Under the lock: *task*'s caller stops waiting on the express lane (a Ctrl-C, a
+        time-out) -- a reply already in the slot is settled (the I/O thread delivers it),
+        a later one comes by the channel."""
+        box = w.box
+        w.posted = None
+        if box is None or w.wid not in self._workers:  # (dead: its death settles the task)
+            return
+        if box.stop_waiting(task.id):
+            reply = box.reply(task.id)
+            if reply is not None:
+                w.taken = task.id
+                self._on_results(w, _express.record(*reply), [])
+
     def _read_reply(self, w: _Worker, task: Task, direct: bool) -> memoryview | None:
         """Read the driven *task*'s reply when one read brings just that: a RESULTS frame with
         its one record, a plain value (``apply``'s path: no frame list, generator or record
-        parsing loop per reply).  Settle the task, release the claim and return the pickled
-        value; unless *direct* (see :meth:`drive`), first queue its delivery (in order, and
-        for whoever delivers next should a Ctrl-C stop this thread).  Otherwise return None,
-        what came having been handled or left for ``_read``."""
+        parsing loop per reply); see :meth:`_take_reply`.  Otherwise return None, what came
+        having been handled or left for ``_read``."""
         body = w.chan.read_single(P.RESULTS)
         if body is None:
             return None
+        return self._take_reply(w, task, direct, body)
+
+    def _take_reply(
+        self, w: _Worker, task: Task, direct: bool, body: memoryview
+    ) -> memoryview | None:
+        """A RESULTS *body* from the driven *task*'s worker: when it is the task's one record,
+        a plain value, settle it (see :meth:`_settle`) and return the pickled value.
+        Otherwise handle it as any results (``_on_results``) and return None."""
         head = P.RESULT_HEAD
-        if len(body) >= head.size and task.kind == P.CALL and len(w.inflight) == 1:
-            tid, status, duration, nbuf, nfd, size = head.unpack_from(body)
-            if (
-                tid == task.id
-                and status == P.OK
-                and not (nbuf or nfd)
-                and w.inflight.get(tid)
-                and not task.cancel_requested  # (_on_results settles it: see cancel)
-            ):
-                if head.size + size == len(body):
-                    del w.inflight[tid]
-                    # as _on_results does for each record
-                    spent = self._est_time = 0.7 * self._est_time + duration
-                    items = self._est_items = 0.7 * self._est_items + 1
-                    self._est = spent / items
-                    task.state = _DONE
-                    task.worker = None
-                    w.exclusive = False  # (a timed task ran alone)
-                    w.cost = 0.0
-                    w.driven = None
-                    data = body[head.size :]
-                    if not direct:
-                        rec = (tid, status, duration, 0, 0, data)
-                        self._deliveries.append(("results", [task], [rec], [()]))
-                    if w.retiring:  # (maxtasksperchild)
-                        self._maybe_exit(w)  # (may write to the worker: EXIT)
-                    # settled, nothing else read: a Ctrl-C from here on needs no _abandon,
-                    # only what follows (see _drive).  (No call since the settling began:
-                    # CPython raises a Ctrl-C's exception at calls, not between statements.)
-                    self._settled = task
-                    self._set_mask(w)
-                    if direct and type(task.payload) not in BARE:  # arguments in shared
-                        task.release()  # memory (here, not in reply_value: a Ctrl-C between)
+        if len(body) >= head.size:
+            rec = head.unpack_from(body)
+            if head.size + rec[5] == len(body):
+                data = body[head.size :]
+                if self._settle(w, task, direct, rec, data):
                     return data
         self._on_results(w, body, [])
         return None
+
+    def _settle(self, w: _Worker, task: Task, direct: bool, rec: tuple, data: Any) -> bool:
+        """Settle the driven *task* with its reply, a RESULTS record whose head is *rec* and
+        *data* its pickled value -- when that is the task's one plain value (``apply``'s
+        path: no frame list, generator or record parsing loop per reply).
+        Release the claim; unless *direct* (see :meth:`drive`), first queue the delivery (in
+        order, and for whoever delivers next should a Ctrl-C stop this thread).  False,
+        having done nothing, for any other reply."""
+        tid, status, duration, nbuf, nfd, _ = rec
+        if not (
+            tid == task.id
+            and status == P.OK
+            and not (nbuf or nfd)
+            and task.kind == P.CALL
+            and len(w.inflight) == 1
+            and w.inflight.get(tid)
+            and not task.cancel_requested  # (_on_results settles it: see cancel)
+        ):
+            return False
+        del w.inflight[tid]
+        # as _on_results does for each record
+        spent = self._est_time = 0.7 * self._est_time + duration
+        items = self._est_items = 0.7 * self._est_items + 1
+        self._est = spent / items
+        task.state = _DONE
+        task.worker = None
+        w.exclusive = False  # (a timed task ran alone)
+        w.cost = 0.0
+        w.driven = None
+        if not direct:
+            self._deliveries.append(("results", [task], [(*rec[:5], data)], [()]))
+        if w.retiring:  # (maxtasksperchild)
+            self._maybe_exit(w)  # (may write to the worker: EXIT)
+        # settled, nothing else read: a Ctrl-C from here on needs no _abandon, only what
+        # follows (see _drive).  (No call since the settling began: CPython raises a Ctrl-C's
+        # exception at calls, not between statements.)
+        self._settled = task
+        self._set_mask(w)
+        if direct and type(task.payload) not in BARE:  # arguments in shared memory (here,
+            task.release()  # not in reply_value: a Ctrl-C between)
+        return True
 
     def reply_value(self, task: Task, data: memoryview) -> Any:
         """Unpickle a reply that :meth:`drive` returned (*direct*), as a delivery would."""
@@ -315,5 +424,7 @@ class Driving:
         with self._lock:
             for w in self._workers.values():
                 if w.driven is not None and w.driven.sink is sink:
+                    if w.posted is w.driven:
+                        self._unpost(w, w.posted)
                     w.driven = None
                     self._set_mask(w)

@@ -12,6 +12,8 @@ INIT    its number, start-up settings,        READY        initializer done, ser
         the initializer
 FUNC    a function, sent once per worker      INIT_FAILED  the initializer (or main script) raised
 TASKS   a batch of task records               RESULTS      a batch of result records
+                                              ALSO         one result, also in the express
+                                                           lane's slot (see ``_express``)
 EXIT    finish and exit(0)                    RETIRE       over max_memory_per_child
 MAP     a shared-memory region (its fd) and
         its key: tasks then name it by key
@@ -38,6 +40,9 @@ from collections.abc import Iterator
 # frame kinds
 INIT, FUNC, TASKS, EXIT, MAP, FORGET = 1, 2, 3, 4, 5, 6
 READY, INIT_FAILED, RESULTS, RETIRE, RELEASED, PINNED = 11, 12, 13, 14, 15, 16
+# a RESULTS body of one record also written in the express lane's slot, for a caller that had
+# stopped waiting there: the pool drops it if it took that reply from the slot (see _express)
+ALSO = 17
 
 FRAME = struct.Struct("<IBH")  # size (after this u32), kind, nfds
 FRAME_PREFIX = 4  # bytes of the size field itself

@@ -37,7 +37,7 @@ import threading
 import time
 import warnings
 
-from . import _protocol as P
+from . import _express
 
 TYPE_CHECKING = False  # typing is not imported at run time: see _typing
 if TYPE_CHECKING:
@@ -462,7 +462,8 @@ class ForkLauncher(Launcher):
         # the progress slot: shared memory the worker inherits, kept from later forks (no fd,
         # no memfd to send: a slot the parent maps with no fd kept would need ctypes < 3.13).
         # (A child forked later holds the mmap object, not the memory: it must never use it.)
-        slot = mmap.mmap(-1, P.PROGRESS_SIZE)
+        # One page: the rest is apply's express lane (see _express).
+        slot = mmap.mmap(-1, _express.SLOT_SIZE)
         own = pid = -1
         parent_sock: socket.socket | None = None
         child_sock: socket.socket | None = None

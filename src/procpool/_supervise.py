@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
 
-from . import _mapping, _serialize
+from . import _express, _mapping, _serialize
 from . import _protocol as P
 from ._buffers import BufferCache, Returns
 from ._channel import RECV_SIZE, Channel
@@ -99,6 +99,10 @@ class _Worker:
         "mask",
         "killed",
         "returns",
+        "box",
+        "posted",
+        "copied",
+        "taken",
     )
 
     def __init__(self, wid: int, proc: Proc) -> None:
@@ -128,6 +132,12 @@ class _Worker:
         self.skip: int | None = None  # the call it was last asked to skip (see _stop_on)
         # what we owe it for its result buffers (made at its first: see _note_lent)
         self.returns: Returns | None = None
+        # apply's express lane (see _express): the pool's end of the worker's mailbox, when
+        # it has one, and the call posted there whose caller still polls for the reply
+        self.box: _express.PoolSide | None = None
+        self.posted: Task | None = None
+        self.copied = 0  # the last call posted whose channel copy it may not have read yet
+        self.taken = 0  # the last call whose reply was taken from its slot
 
     def read_progress(self) -> tuple[int, int, int, float]:
         """The worker's progress slot (see _protocol.PROGRESS): running task id, last finished
@@ -158,8 +168,12 @@ class _Worker:
         return self.progress >= 0 and os.pread(self.progress, 1, P.SKIP_FLAG) == b"\x01"
 
     def close_progress(self) -> None:
+        self.box = None
         if self.proc.progress is not None:
-            self.proc.progress.close()
+            try:
+                self.proc.progress.close()
+            except BufferError:  # a caller still holds the mailbox: unmapped when it lets go
+                pass
         if self.progress >= 0:
             INTERNAL_FDS.discard(self.progress)
             os.close(self.progress)
@@ -175,6 +189,7 @@ class WorkerSupervision:
     _workers: dict[int, _Worker]
     _by_fd: dict[int, tuple[str, _Worker | None]]
     _epoll: Any
+    _spin: Any
     _init_body: bytes
     _init_fds: list[int]
     _pending: Any
@@ -278,6 +293,9 @@ class WorkerSupervision:
             raise
         w = _Worker(next(self._wids), proc)
         w.map_cap = cap
+        slot = proc.progress
+        if slot is not None and self._spin.limit and _express.AVAILABLE:
+            w.box = _express.PoolSide(slot)
         self._workers[w.wid] = w
         self._by_fd[sfd] = ("sock", w)
         if proc.pidfd >= 0:
@@ -375,6 +393,7 @@ class WorkerSupervision:
         written, part of a frame, a reply taken off the socket and not settled.  Nobody could
         ever tell, and a task would wait forever: the worker is killed, its death settles
         its tasks as any worker's (see _bury), and a new one replaces it."""
+        w.posted = None  # (its slot's answer, if any, dies with it)
         if w.wid in self._workers:
             w.driven = None  # watched again by the I/O thread, which sees it die
             self._kill(w)
@@ -544,6 +563,9 @@ class WorkerSupervision:
         for kind, body, fds in w.chan.frames():
             if kind == P.RESULTS:
                 self._on_results(w, body, fds)
+            elif kind == P.ALSO:  # a reply the express lane's slot had too (see _express)
+                if P.RESULT_HEAD.unpack_from(body)[0] != w.taken:
+                    self._on_results(w, body, fds)
             elif kind == P.READY:
                 w.ready = True
                 self._startup_failures = self._startup_kills = 0

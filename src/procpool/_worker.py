@@ -27,7 +27,7 @@ import time
 from itertools import count as _count
 from multiprocessing import process
 
-from . import _mapping, _serialize
+from . import _express, _mapping, _serialize
 from . import _protocol as P
 from ._buffers import TRIM_AFTER, BufferCache
 from ._channel import Channel, ChannelClosed, Spin
@@ -119,6 +119,8 @@ class Worker:
         self.results: BufferCache | None = None
         self.results_bytes = 0
         self.trim_at = 0.0  # when free result segments are next looked at between frames
+        # apply's express lane (see _express), when the slot is one the parent mapped
+        self.box: _express.WorkerSide | None = None
         os.register_at_fork(before=self._pin_mapped, after_in_child=self._in_task_child)
 
     # ---------------------------------------------------------------- start-up
@@ -138,6 +140,8 @@ class Worker:
         self.max_memory = config.get("max_memory") or 0
         self.results_bytes = config.get("result_cache", 0)
         self.spin_allowed = config.get("spin")  # (see Spin: the parent asked for us)
+        if not self.spin_allowed:  # (the express lane needs a worker that polls)
+            self.box = None
         stage = "main script"
         try:
             if config.get("main"):
@@ -384,9 +388,13 @@ class Worker:
     def run_one(self, body: memoryview) -> bool:
         """Run a TASKS frame of one plain call (``apply``'s): what run_tasks and run_record do
         for it, without their loop, generator and checks.  Return False, having done nothing,
-        for anything else: several records, fds, a time limit, a function not yet loaded."""
+        for anything else: several records, fds, a time limit, a function not yet loaded.
+        (True, having done nothing, for the channel copy of a call run from the express lane's
+        slot: see _express.)"""
         head = P.TASK_HEAD
         task_id, fid, kind, timeout, nbuf, _, n = head.unpack_from(body)
+        if self.box is not None and self.box.channel_copy(task_id):
+            return True
         func = self.funcs.get(fid)
         if kind != P.CALL or timeout or nbuf or head.size + n != len(body):
             return False
@@ -394,15 +402,23 @@ class Worker:
             return False
         if func is None or type(func) is _Pickled:
             return False
+        self.add_result(task_id, *self.call(func, task_id, body[P.TASK_HEAD.size :]))
+        self.flush()
+        return True
+
+    def call(self, func: Any, task_id: int, data: memoryview) -> tuple[int, float, Any]:
+        """Run one plain call, *data* its pickled ``(args, kwds)``: its status, duration and
+        value (or error tuple), for ``add_result``."""
         start = time.perf_counter()
         # running from here: unpickling may run user code that kills the worker (as run_tasks)
-        P.PROGRESS.pack_into(self.progress, 0, task_id, self.last_done, 0, 0.0)
-        if self.progress[P.SKIP_FLAG] and self.skipped(task_id):
+        progress = self.progress
+        P.PROGRESS.pack_into(progress, 0, task_id, self.last_done, 0, 0.0)
+        if progress[P.SKIP_FLAG] and self.skipped(task_id):
             status, value = P.ERROR, self.skip_info()
         else:
             try:
-                data = pickle.loads(body[head.size :])
-                args, kwds = data if len(data) == 2 else with_refs(*data)
+                call = pickle.loads(data)
+                args, kwds = call if len(call) == 2 else with_refs(*call)
             except BaseException as exc:  # noqa: BLE001 - as in run_record
                 err = SerializationError(f"the task's arguments could not be unpickled: {exc!r}")
                 status, value = P.ERROR, error_info(err)
@@ -411,11 +427,74 @@ class Worker:
                     status, value = P.OK, func(*args, **kwds)
                 except BaseException as exc:  # noqa: BLE001 - as in run_record
                     status, value = P.ERROR, self.failure(exc)
-        self.add_result(task_id, status, time.perf_counter() - start, value)
+        duration = time.perf_counter() - start
+        if self.task_child:  # a child the task forked, back from the task's function: it
+            _leave_task_child(None)  # exits (the slot is the worker's)
         self.last_done = task_id
-        P.PROGRESS.pack_into(self.progress, 0, 0, task_id, 0, 0.0)
+        P.PROGRESS.pack_into(progress, 0, 0, task_id, 0, 0.0)
+        return status, duration, value
+
+    def run_posted(self) -> None:
+        """Run the call posted in the express lane's slot and answer it there -- or by the
+        channel too when its caller stopped waiting, or only by the channel when the reply
+        is too large or other frames must go first (see _express)."""
+        box = self.box
+        assert box is not None
+        task_id, fid, data = box.request()  # (marked as seen)
+        if self.out or self.scalar_ids:  # (never: a linger follows a flush)
+            self.flush()
+        func = self.funcs.get(fid)
+        if func is None or type(func) is _Pickled:
+            # running from here (as run_tasks says it): loading runs user code that may kill us
+            P.PROGRESS.pack_into(self.progress, 0, task_id, self.last_done, 0, 0.0)
+            try:
+                func = self.func(fid)
+            except BaseException as exc:  # noqa: BLE001 - (never expected: see func)
+                err = SerializationError(f"the task's function could not be loaded: {exc!r}")
+                func = None
+                status, duration, value = P.ERROR, 0.0, error_info(err)
+        if func is not None:
+            status, duration, value = self.call(func, task_id, data)
+        quiet = not (self.pinned or self.released or self.max_memory)  # (see flush)
+        if status == P.OK and type(value) in PLAIN and quiet:  # apply's commonest reply
+            pickled = pickle.dumps(value, 5)
+            if len(pickled) <= _express.VALUE_MAX:
+                if not box.answer(task_id, status, duration, pickled):  # its caller has gone
+                    body = bytearray()  # (from the slot to the channel)
+                    P.pack_result(body, task_id, status, duration, 0, 0, pickled)
+                    self.chan.send_frame(P.frame(P.ALSO, body))
+                return
+        self.add_result(task_id, status, duration, value)
+        if self.scalar_ids:
+            self.pack_scalars()
+        out = self.out
+        if len(out) <= _express.REPLY_MAX and not self.out_fds and quiet:
+            self.out = bytearray()
+            if not box.answer_body(task_id, out):  # its caller has gone: by the channel
+                self.chan.send_frame(P.frame(P.ALSO, out))
+            return
         self.flush()
-        return True
+        box.answered_by_channel(task_id)
+
+    def after_call(self, spin: Spin) -> None:
+        """A lone call ran: its caller may send the next one at once, so poll for it -- the
+        express lane's slot and the channel -- for as long as *spin* says polling pays."""
+        box = self.box
+        chan = self.chan
+        if box is None:
+            budget = 0.0 if chan.buffered() else spin.take()
+            if budget:
+                spin.done(budget, chan.spin(budget))
+            return
+        while True:
+            budget = 0.0 if chan.buffered() else spin.take()
+            what = box.linger(budget, chan.poller().poll) if budget else box.leave()
+            if what == _express.CALL:
+                self.run_posted()  # (before the bookkeeping: its caller waits)
+            if budget:
+                spin.done(budget, what != _express.NOTHING)
+            if what != _express.CALL:
+                return  # (no longer awake: see _express)
 
     def skipped(self, task_id: int) -> bool:
         """Whether the pool asked to skip call *task_id*, which starts now (the progress
@@ -534,9 +613,7 @@ class Worker:
                     if fds or len(body) < P.TASK_HEAD.size or not self.run_one(body):
                         self.run_tasks(body, fds)
                     else:  # apply's: its caller may send the next call at once
-                        budget = spin.take()
-                        if budget:
-                            spin.done(budget, chan.spin(budget))
+                        self.after_call(spin)
                 elif kind == P.FUNC:
                     (fid,) = P.FUNC_HEAD.unpack_from(body)
                     self.load_func(fid, body[P.FUNC_HEAD.size :])
@@ -766,6 +843,8 @@ def main(sock: socket.socket, batch: bool = True, progress: Any = None, init: An
     worker = Worker(Channel(sock))
     if progress is not None:
         worker.progress = progress
+        if _express.AVAILABLE and len(progress) >= _express.SLOT_SIZE:
+            worker.box = _express.WorkerSide(progress)
     code = worker.serve(init)
     for stream in (sys.stdout, sys.stderr):
         try:

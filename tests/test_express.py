@@ -1,0 +1,278 @@
+"""apply's express lane (procpool._express): a lone call and its reply through the worker's
+slot instead of the channel.
+
+The handshake is tested in this process on a real shared mapping, step by step, for each
+order of the racing stores (a second process adds nothing the orders do not cover); then
+through real pools: calls that take the lane, replies it cannot carry, errors, a worker
+killed while its call sits in the slot, and a Ctrl-C while the caller polls the slot.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import signal
+import threading
+
+import pytest
+from conftest import wait_until
+from tasks import add, fail, identity, record, recorded, square
+
+import procpool
+from procpool import _express
+from procpool import _protocol as P
+from procpool.errors import WorkerLostError
+
+pytestmark = pytest.mark.timeout(120)
+
+needs_lane = pytest.mark.skipif(
+    not _express.AVAILABLE or len(os.sched_getaffinity(0)) < 2,
+    reason="the express lane needs x86-64 and a worker that polls (two CPUs)",
+)
+
+
+def ends() -> tuple[_express.PoolSide, _express.WorkerSide]:
+    slot = mmap.mmap(-1, _express.SLOT_SIZE)
+    return _express.PoolSide(slot), _express.WorkerSide(slot)
+
+
+def posted_call(x: int) -> bytes:
+    return pickle.dumps(((x,), {}), 5)
+
+
+# ---------------------------------------------------------------- the handshake, step by step
+def test_a_call_posted_to_a_polling_worker_is_run_from_the_slot_and_answered_there():
+    pool, worker = ends()
+    worker.mv[_express.AWAKE] = 1  # (as linger sets it)
+    assert pool.post(7, 3, posted_call(41))
+    assert worker.leave() == _express.CALL
+    tid, fid, data = worker.request()
+    assert (tid, fid, pickle.loads(data)) == (7, 3, ((41,), {}))
+    assert worker.answer(7, P.OK, 0.5, pickle.dumps(42)), "its caller waits for it"
+    assert pool.wait(7, 1.0)
+    reply = pool.reply(7)
+    assert reply is not None
+    rec, data = reply
+    assert (rec[0], rec[1], rec[2], pickle.loads(data)) == (7, P.OK, 0.5, 42)
+    body = _express.record(rec, data)
+    assert [(r[0], pickle.loads(r[5])) for r in P.iter_results(body)] == [(7, 42)]
+    assert worker.leave() == _express.NOTHING, "a call answered is not run again"
+
+
+def test_a_call_posted_as_the_worker_stops_polling_is_seen_by_one_side_at_least():
+    # the worker stopped first: the pool sees it asleep and sends the call by the channel
+    pool, worker = ends()
+    assert worker.leave() == _express.NOTHING
+    assert not pool.post(8, 1, posted_call(1)), "asleep: the call goes by the channel"
+    assert not pool.stop_waiting(8)
+    pool.copied(8)
+    assert not pool.copy_seen(8), "no more posts to this worker until it has read the copy"
+    # ... whose copy the worker runs (once), marking the call as seen
+    assert not worker.channel_copy(8)
+    assert pool.copy_seen(8)
+    assert worker.leave() == _express.NOTHING, "run from the channel: not from the slot too"
+    # the pool posted first: the worker, stopping, finds the call and runs it from the slot;
+    # the pool saw it stopping, so it sent the call by the channel too
+    pool, worker = ends()
+    worker.mv[_express.AWAKE] = 1
+    assert pool.post(9, 1, posted_call(1))
+    assert worker.leave() == _express.CALL
+    assert worker.request()[0] == 9
+    pool.copied(9)
+    assert not worker.channel_copy(10), "another call is not a copy"
+    assert worker.channel_copy(9), "a channel copy of a call run from the slot is skipped"
+    assert pool.copy_seen(9)
+    assert not worker.channel_copy(9), "... once: the same task again is a retry"
+
+
+def test_a_call_run_from_the_slot_and_retried_by_the_channel_runs_again():
+    pool, worker = ends()
+    worker.mv[_express.AWAKE] = 1
+    assert pool.post(4, 1, posted_call(1))
+    assert worker.leave() == _express.CALL
+    worker.request()
+    assert not worker.channel_copy(4), "no copy was sent: this is the task again (retry_on)"
+
+
+def test_a_reply_written_as_the_caller_stops_waiting_is_taken_by_one_side_at_least():
+    # the caller stopped first: the worker is told to send the reply by the channel too
+    pool, worker = ends()
+    worker.mv[_express.AWAKE] = 1
+    pool.post(5, 1, posted_call(1))
+    worker.request()
+    assert not pool.stop_waiting(5)
+    assert not worker.answer(5, P.OK, 0.0, pickle.dumps(2)), "nobody waits: the channel too"
+    # the worker answered first: the caller, stopping, finds the reply in the slot
+    pool, worker = ends()
+    worker.mv[_express.AWAKE] = 1
+    pool.post(6, 1, posted_call(1))
+    worker.request()
+    assert worker.answer(6, P.OK, 0.0, pickle.dumps(2))
+    assert pool.stop_waiting(6)
+    assert pool.reply(6) is not None
+
+
+def test_a_reply_too_large_for_the_slot_is_announced_as_sent_by_the_channel():
+    pool, worker = ends()
+    worker.mv[_express.AWAKE] = 1
+    pool.post(11, 1, posted_call(1))
+    worker.request()
+    worker.answered_by_channel(11)
+    assert pool.wait(11, 1.0), "the caller learns it at once..."
+    assert pool.reply(11) is None, "... and reads the channel"
+
+
+def test_a_wait_for_an_answer_that_does_not_come_ends_on_time():
+    pool, worker = ends()
+    worker.mv[_express.AWAKE] = 1
+    pool.post(12, 1, posted_call(1))
+    assert not pool.wait(12, 0.01)
+    assert not pool.stop_waiting(12)
+
+
+# ---------------------------------------------------------------- through a pool
+def answered_in_slot(pool: procpool.Pool) -> int:
+    """How many of the pool's workers have answered a call in their slot."""
+    return sum(
+        1
+        for w in pool._sched._workers.values()
+        if w.box is not None and _express._U64.unpack_from(w.box.mv, _express.ANSWERED)[0]
+    )
+
+
+@pytest.fixture
+def pool(leak_check):
+    p = procpool.Pool(1)
+    yield p
+    p.terminate()
+    p.join()
+
+
+@needs_lane
+def test_repeated_apply_calls_take_the_express_lane(pool):
+    def went_by_slot():
+        for i in range(200):
+            assert pool.apply(add, (i, 1)) == i + 1
+        return answered_in_slot(pool)
+
+    assert wait_until(went_by_slot, timeout=20, interval=0.0), "no call took the lane"
+
+
+@needs_lane
+def test_every_call_runs_exactly_once_whichever_way_it_goes(leak_check, tmp_path):
+    """A call the worker ran from the slot must not run again from its channel copy -- which
+    a review saw in one call in ten of a tight loop, when a newer post had moved POSTED on
+    before the worker read the copy -- nor a call run from the channel again from the slot."""
+    path = str(tmp_path / "ran")
+    n = 20_000
+    with procpool.Pool(1) as pool:
+        for i in range(n):
+            assert pool.apply(record, (path, i)) == i
+        pool.close()
+        pool.join()  # (every copy left in the channel read: nothing runs after this)
+    ran = recorded(path)
+    assert sorted(ran) == list(range(n)), f"{len(ran) - len(set(ran))} calls ran twice"
+
+
+@needs_lane
+@pytest.mark.parametrize(
+    "value",
+    [b"x" * 10_000, list(range(5_000)), {"a": 1}, None, 1.5, "text"],
+    ids=["large-bytes", "large-list", "dict", "none", "float", "str"],
+)
+def test_every_reply_comes_back_whole_whichever_way_it_goes(pool, value):
+    for _ in range(100):
+        pool.apply(identity, (1,))
+    for _ in range(50):
+        assert pool.apply(identity, (1,)) == 1
+        assert pool.apply(identity, (value,)) == value
+
+
+@needs_lane
+def test_an_error_raised_by_a_call_in_the_lane_reaches_the_caller(pool):
+    for i in range(100):
+        pool.apply(square, (i,))
+    for i in range(50):
+        with pytest.raises(ValueError, match="boom"):
+            pool.apply(fail, ("boom",))
+        assert pool.apply(square, (i,)) == i * i
+
+
+def fail_once(path: str) -> str:
+    if not os.path.exists(path):
+        open(path, "w").close()
+        raise ConnectionError("transient")
+    return "ok on retry"
+
+
+@needs_lane
+def test_a_call_of_the_lane_retried_by_retry_on_runs_again(leak_check, tmp_path):
+    with procpool.Pool(1, retries=1, retry_on=(ConnectionError,)) as pool:
+
+        def went_by_slot():
+            for i in range(200):
+                assert pool.apply(add, (i, 1)) == i + 1
+            return answered_in_slot(pool)
+
+        assert wait_until(went_by_slot, timeout=20, interval=0.0)
+        for i in range(20):  # (the function known to the worker: the next call may go by the lane)
+            marker = str(tmp_path / f"m{i}")
+            assert pool.apply(fail_once, (marker,)) == "ok on retry"
+
+
+def die_if(flag: bool) -> int:
+    if flag:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return os.getpid()
+
+
+@needs_lane
+def test_a_worker_killed_while_its_call_sits_in_the_slot_fails_that_call_only(pool):
+    def went_by_slot():
+        for _ in range(200):
+            pool.apply(die_if, (False,))
+        return answered_in_slot(pool)
+
+    assert wait_until(went_by_slot, timeout=20, interval=0.0)
+    with pytest.raises(WorkerLostError):
+        pool.apply(die_if, (True,))
+    assert pool.apply(square, (3,)) == 9, "a new worker serves the pool"
+    pool.close()
+    pool.join()
+
+
+def sleep_briefly(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+@needs_lane
+def test_a_ctrl_c_while_the_caller_waits_on_the_lane_leaves_the_pool_working(pool):
+    for i in range(300):
+        pool.apply(square, (i,))
+    main = threading.get_ident()
+    for delay in (1e-5, 3e-5, 1e-4, 3e-4, 1e-3) * 4:
+        timer = threading.Timer(delay, signal.pthread_kill, (main, signal.SIGINT))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                timer.start()  # (which may be what the interrupt cuts: it waits)
+                for i in range(1_000_000):  # (interrupted long before the end)
+                    assert pool.apply(square, (i,)) == i * i
+        finally:
+            if timer.is_alive() or timer.ident is not None:
+                timer.join()
+        for i in range(20):  # whatever the interrupt cut short, the pool goes on
+            assert pool.apply(square, (i,)) == i * i
+    pool.close()
+    pool.join()  # (a call whose reply was left in the slot would hang this)
+
+
+def test_a_pool_whose_workers_cannot_poll_never_posts(monkeypatch, leak_check):
+    monkeypatch.setattr(procpool._scheduler, "can_spin", lambda: False)
+    with procpool.Pool(1) as pool:
+        for i in range(50):
+            assert pool.apply(square, (i,)) == i * i
+        assert all(w.box is None for w in pool._sched._workers.values())
