@@ -284,8 +284,8 @@ class Driving:
                         self._set_mask(w)
                         if direct and type(task.payload) not in BARE:
                             task.release()
-                    elif w.posted is task:  # (its reply is still in the slot: settled there)
-                        self._unpost(w, task)
+                    elif w.posted is task and w.inflight.get(task.id) is task:
+                        self._unpost(w, task)  # (untouched, its reply still in the slot)
                     else:
                         self._abandon(w)
                     raise
@@ -333,14 +333,13 @@ class Driving:
         time-out) -- a reply already in the slot is settled (the I/O thread delivers it),
         a later one comes by the channel."""
         box = w.box
-        w.posted = None
-        if box is None or w.wid not in self._workers:  # (dead: its death settles the task)
-            return
-        if box.stop_waiting(task.id):
-            reply = box.reply(task.id)
-            if reply is not None:
-                w.taken = task.id
-                self._on_results(w, _express.record(*reply), [])
+        if box is not None and w.wid in self._workers:  # (dead: its death settled the task)
+            if box.stop_waiting(task.id):
+                reply = box.reply(task.id)
+                if reply is not None:
+                    w.taken = task.id
+                    self._on_results(w, _express.record(*reply), [])
+        w.posted = None  # (last: a Ctrl-C before it leaves this to do again)
 
     def _read_reply(self, w: _Worker, task: Task, direct: bool) -> memoryview | None:
         """Read the driven *task*'s reply when one read brings just that: a RESULTS frame with

@@ -151,6 +151,10 @@ class PoolSide:
                 return unpack(mv, ANSWERED)[0] == tid
         return True
 
+    def answered(self, tid: int) -> bool:
+        """Whether call *tid* was answered (in the slot, or by the channel: see :meth:`reply`)."""
+        return _U64.unpack_from(self.mv, ANSWERED)[0] == tid
+
     def stop_waiting(self, tid: int) -> bool:
         """Stop polling for call *tid*'s answer: True if it was answered here (then take it
         with :meth:`reply`); otherwise the worker sends its reply by the channel."""

@@ -406,8 +406,19 @@ class WorkerSupervision:
 
     def _bury(self, w: _Worker, code: int | None) -> None:
         """A worker is dead: release it, settle the tasks it held, replace it if needed."""
-        if self._workers.pop(w.wid, None) is None:
+        if w.wid not in self._workers:
             return
+        posted, box = w.posted, w.box
+        if posted is not None and box is not None and box.answered(posted.id):
+            # a reply it wrote in its slot before dying counts, as one in its channel does
+            # (see _on_event), though its caller may hold it: that caller then finds the
+            # worker gone and waits on the delivery (see _express)
+            reply = box.reply(posted.id)
+            if reply is not None:
+                w.taken = posted.id
+                self._on_results(w, _express.record(*reply), [])
+        w.posted = None
+        del self._workers[w.wid]
         sfd = w.proc.sock.fileno()
         for fd in (sfd, w.proc.pidfd) if w.proc.pidfd >= 0 else (sfd,):
             self._by_fd.pop(fd, None)
