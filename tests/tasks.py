@@ -330,6 +330,12 @@ def fill(arr, value):
     value.value = 7
 
 
+def set_all(arr, value):
+    """Set every element of a shared array to *value*, in place; return the first."""
+    arr[:] = value
+    return arr[0]
+
+
 def record_and_fork_on_zero(path, x):
     """``record`` x; for x == 0 also fork a child that returns from here (into the worker's
     code, not os._exit) and wait for it."""

@@ -18,7 +18,7 @@ import time
 
 import pytest
 from conftest import wait_until
-from tasks import add, fail, identity, record, recorded, square
+from tasks import add, fail, identity, record, recorded, set_all, square
 
 import procpool
 from procpool import _channel, _drive, _express
@@ -158,6 +158,27 @@ def test_repeated_apply_calls_take_the_express_lane(pool):
         return answered_in_slot(pool)
 
     assert wait_until(went_by_slot, timeout=20, interval=0.0), "no call took the lane"
+
+
+@needs_lane
+def test_a_shared_array_passed_by_key_takes_the_lane_once_its_worker_maps_it(pool):
+    """A SharedArray goes by key once its worker maps it (the MAP frame went by the channel,
+    before the first call): then by the lane too, and the worker writes it in place."""
+    sa = procpool.SharedArray((64,), "int64")
+    box = next(iter(pool._sched._workers.values())).box
+    assert box is not None
+    in_slot = []
+
+    def took_the_lane():
+        for v in range(100):
+            before = _express._U64.unpack_from(box.mv, _express.ANSWERED)[0]
+            assert pool.apply(set_all, (sa, v)) == v
+            assert (sa[:] == v).all()
+            after = _express._U64.unpack_from(box.mv, _express.ANSWERED)[0]
+            in_slot.append(after != before)
+        return any(in_slot[1:])
+
+    assert wait_until(took_the_lane, timeout=20, interval=0.0), "no keyed call took the lane"
 
 
 @needs_lane

@@ -129,8 +129,12 @@ class Driving:
                         w.copied = 0
                     else:
                         box = None
-                if keyed or len(data) > REQUEST_MAX:
+                if len(data) > REQUEST_MAX:
                     box = None
+                if keyed:  # by key: only when the worker maps every region already
+                    if box is not None and not all(w.regions.get(r._key) for r in payload.regions):
+                        box = None
+                    self._map_regions(w, payload.regions, bytearray(), [])  # (frames first)
                 posted = box is not None and box.post(tid, fid, data)
                 task = Task(
                     tid, fid, entry[2], P.CALL, payload, sink, entry[3], None, retries, retry_on
@@ -148,10 +152,10 @@ class Driving:
                         w.copied = tid
                 if posted:
                     w.posted = task
+                    if w.mask:  # (a worker with no pidfd is watched while idle: not now)
+                        self._set_mask(w)
                     return task
                 chan = w.chan
-                if keyed:
-                    self._map_regions(w, payload.regions, bytearray(), [])
                 chan.write(P.task_frame(tid, fid, P.CALL, 0.0, data))
                 if chan.pending():  # (_flush also settles a broken channel)
                     self._flush(w)

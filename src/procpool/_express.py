@@ -208,7 +208,7 @@ class WorkerSide:
             if unpack(mv, POSTED)[0] != seen:
                 return CALL  # (awake: no other call comes before its answer is taken)
             turn += 1
-            if not turn & 15:
+            if not turn & 63:  # (a poll is a syscall: ≈ 1 µs against ≈ 0.1 µs a turn)
                 if ready(0):
                     return self.leave() or INPUT
                 if clock() > end:
