@@ -182,6 +182,51 @@ def test_a_shared_array_passed_by_key_takes_the_lane_once_its_worker_maps_it(poo
 
 
 @needs_lane
+def test_a_call_by_key_waits_for_the_worker_to_read_its_map_frames(leak_check, monkeypatch):
+    """A MAP frame left in the channel by a task that could not be sent (out of descriptors)
+    marks the region as sent; a call naming it must not be posted in the slot before the
+    worker has read that frame -- a third review made one fail so ("not mapped in this
+    process"), the worker stretched to look at its channel only every 0.5 s."""
+    import errno
+
+    import numpy as np
+
+    from procpool import _dispatch
+
+    def slow_linger(self, seconds, ready):  # (forked workers inherit it)
+        mv = self.mv
+        mv[_express.AWAKE] = 1
+        end = time.perf_counter() + 0.5
+        while time.perf_counter() < end:
+            if _express._U64.unpack_from(mv, _express.POSTED)[0] != self.seen:
+                return _express.CALL
+        return self.leave()
+
+    monkeypatch.setattr(_express.WorkerSide, "linger", slow_linger)
+    with procpool.Pool(1) as pool:
+        other = procpool.SharedArray((4,), "int64")
+        for i in range(200):
+            pool.apply(square, (i,))
+        for i in range(3):
+            pool.apply(set_all, (other, i))
+        sa = procpool.SharedArray((4,), "int64")
+        w = next(iter(pool._sched._workers.values()))
+        real = _dispatch._dup_all
+
+        def failing(fds):
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        pool.apply(square, (1,))  # (the worker lingers on its slot now)
+        monkeypatch.setattr(_dispatch, "_dup_all", failing)
+        with pytest.raises(SerializationError, match="could not be sent"):
+            pool.apply_async(set_all, (sa, np.zeros(100_000))).get(5)
+        monkeypatch.setattr(_dispatch, "_dup_all", real)
+        assert w.regions.get(sa._region._key), "the MAP frame was sent"
+        assert pool.apply(set_all, (sa, 7)) == 7
+        assert (sa[:] == 7).all()
+
+
+@needs_lane
 def test_every_call_runs_exactly_once_whichever_way_it_goes(leak_check, tmp_path):
     """A call the worker ran from the slot must not run again from its channel copy -- which
     a review saw in one call in ten of a tight loop, when a newer post had moved POSTED on
@@ -343,6 +388,15 @@ def test_two_ctrl_cs_while_a_reply_sits_in_the_slot_leave_no_call_in_flight(pool
     stops waiting there: the reply is still settled, so close() and join() return."""
     for i in range(300):
         pool.apply(square, (i,))
+
+    class Polling:  # the caller always polls the slot first (on a loaded machine the pool's
+        def take(self) -> float:  # own Spin may stop: then no wait(), and no first Ctrl-C)
+            return 1e-3
+
+        def done(self, budget: float, got: bool) -> None:
+            pass
+
+    monkeypatch.setattr(pool._sched, "_spin", Polling())
     state = {"phase": 0}
     wait, stop_waiting = _express.PoolSide.wait, _express.PoolSide.stop_waiting
 

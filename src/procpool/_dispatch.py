@@ -516,6 +516,7 @@ class Dispatch:
             for key in out:
                 del known[key]
             chan.push(P.forget_frame(out))
+            w.maps_sent += 1
         mapped = self._mapped
         for region in new:
             key = region._key
@@ -530,6 +531,7 @@ class Dispatch:
                 INTERNAL_FDS.add(fd)  # (a worker forked before it goes must not inherit it)
                 chan.push(P.map_frame(key, region.name), [fd])
                 known[key] = True
+            w.maps_sent += 1  # (counted by the worker as it reads them: see _express)
             if key not in mapped:
                 self._watch_region(region)
         return body, fds

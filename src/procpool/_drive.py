@@ -131,8 +131,12 @@ class Driving:
                         box = None
                 if len(data) > REQUEST_MAX:
                     box = None
-                if keyed:  # by key: only when the worker maps every region already
-                    if box is not None and not all(w.regions.get(r._key) for r in payload.regions):
+                if keyed:  # by key: once the worker has *read* every MAP frame (a call in the
+                    # slot passes those still in the channel: a third review's finding)
+                    if box is not None and not (
+                        box.maps_read() == w.maps_sent
+                        and all(w.regions.get(r._key) for r in payload.regions)
+                    ):
                         box = None
                     self._map_regions(w, payload.regions, bytearray(), [])  # (frames first)
                 posted = box is not None and box.post(tid, fid, data)

@@ -13,6 +13,7 @@ of it is this mailbox:
                                     there (``linger``, ``_worker.Worker.after_call``)
        72   worker  ANSWERED   u64  the id of the last call it answered
        80   worker  COPY_SEEN  u64  the id of the last channel copy it read (see COPIED)
+       88   worker  MAPS_READ  u64  how many MAP and FORGET frames it has read (see maps_read)
       128   pool    POSTED     u64  the id of the last call posted here
       136   pool    COPIED     u64  the id of the last call posted that went by the channel too
       184   pool    WAITING    u8   1 while the caller polls for the reply here
@@ -73,6 +74,7 @@ SLOT_SIZE = 4096  # the whole slot, the progress record first
 AWAKE = 64
 ANSWERED = 72
 COPY_SEEN = 80
+MAPS_READ = 88
 POSTED = 128
 COPIED = 136
 WAITING = 184  # (just before the request: written with it, in one pack)
@@ -135,6 +137,12 @@ class PoolSide:
         the call from the slot after all, skips that copy (and only that copy).  Post nothing
         more to this worker until :meth:`copy_seen` says it read the copy."""
         _U64.pack_into(self.mv, COPIED, tid)
+
+    def maps_read(self) -> int:
+        """How many MAP and FORGET frames the worker has read: a call passing regions by key
+        may go by the slot only once it has read every one sent (``_Worker.maps_sent``) --
+        the call would pass those still in the channel."""
+        return _U64.unpack_from(self.mv, MAPS_READ)[0]
 
     def copy_seen(self, tid: int) -> bool:
         """Whether the worker has read the channel copy of call *tid* (see :meth:`copied`)."""
@@ -268,6 +276,10 @@ class WorkerSide:
         with self.lock:  # a full barrier (see the module docstring; with: a Ctrl-C
             pass  # raised between the acquire and the release cannot leave it held)
         return mv[WAITING] == 1
+
+    def read_maps(self, count: int) -> None:
+        """The worker has read *count* MAP and FORGET frames in all (see PoolSide.maps_read)."""
+        _U64.pack_into(self.mv, MAPS_READ, count)
 
     def answered_by_channel(self, tid: int) -> None:
         """The reply to call *tid* was sent by the channel (too large for the slot, or with

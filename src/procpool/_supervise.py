@@ -103,6 +103,7 @@ class _Worker:
         "posted",
         "copied",
         "taken",
+        "maps_sent",
     )
 
     def __init__(self, wid: int, proc: Proc) -> None:
@@ -138,6 +139,7 @@ class _Worker:
         self.posted: Task | None = None
         self.copied = 0  # the last call posted whose channel copy it may not have read yet
         self.taken = 0  # the last call whose reply was taken from its slot
+        self.maps_sent = 0  # MAP and FORGET frames sent (see _express.PoolSide.maps_read)
 
     def read_progress(self) -> tuple[int, int, int, float]:
         """The worker's progress slot (see _protocol.PROGRESS): running task id, last finished

@@ -121,6 +121,7 @@ class Worker:
         self.trim_at = 0.0  # when free result segments are next looked at between frames
         # apply's express lane (see _express), when the slot is one the parent mapped
         self.box: _express.WorkerSide | None = None
+        self.maps_read = 0  # MAP and FORGET frames read (see _express.PoolSide.maps_read)
         os.register_at_fork(before=self._pin_mapped, after_in_child=self._in_task_child)
 
     # ---------------------------------------------------------------- start-up
@@ -672,6 +673,9 @@ class Worker:
             _serialize.Payload(b"", 0, fds[1:]).close()  # (never more than one)
         else:
             _ipc_mem.forget(P.unpack_keys(body))
+        self.maps_read += 1
+        if self.box is not None:  # (a call by key may now go by the express lane)
+            self.box.read_maps(self.maps_read)
 
     def load_func(self, fid: int, blob: memoryview) -> None:
         # Kept pickled until a task uses it: unpickling runs user code (imports, __setstate__)
