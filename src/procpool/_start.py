@@ -459,10 +459,12 @@ class ForkLauncher(Launcher):
 
     def start(self) -> Proc:
         ppid = os.getpid()
-        # the progress slot: shared memory the worker inherits, kept from later forks (no fd,
-        # no memfd to send: a slot the parent maps with no fd kept would need ctypes < 3.13).
-        # (A child forked later holds the mmap object, not the memory: it must never use it.)
-        # One page: the rest is apply's express lane (see _express).
+        # the progress slot: shared memory the worker inherits (no fd, no memfd to send: a
+        # slot the parent maps with no fd kept would need ctypes < 3.13).  One page: the rest
+        # is apply's express lane (see _express).  Not MADV_DONTFORK: a process forked later
+        # inherits the mmap object, and one still open there (the express lane's views keep
+        # it from closing for a while) unmapped, as it was freed, a range the child had reused
+        # -- a worker's SIGSEGV deep in a task, in one full test run in two.
         slot = mmap.mmap(-1, _express.SLOT_SIZE)
         own = pid = -1
         parent_sock: socket.socket | None = None
@@ -488,10 +490,6 @@ class ForkLauncher(Launcher):
                         os.close(own)
                     INTERNAL_FDS.discard(child_sock.fileno())
                     child_sock.close()
-                    try:
-                        slot.madvise(mmap.MADV_DONTFORK)  # (only spares later forks a page)
-                    except (OSError, AttributeError):  # pragma: no cover - an old kernel
-                        pass
         except BaseException:
             if pid == 0:  # the worker: never into the parent's code (see the finally below)
                 os._exit(1)
