@@ -82,9 +82,11 @@ class Driving:
 
     def call(self, func: Callable, args: tuple, sink: Any, retries: int, retry_on: tuple) -> Any:
         """``apply``'s quick submission: when the pool is idle, *func* cached and known to an
-        idle worker, and the arguments plain scalars, send the call to that worker from here,
-        claimed for :meth:`drive` -- what :meth:`submit_call` does in that case, minus its
-        general checks.  Return the task, or None having done nothing (then submit_call)."""
+        idle worker, and the arguments plain scalars (or shared objects, by key), send the
+        call to that worker from here -- posted in its express lane's slot when it can take
+        it (see _express), else by its channel -- claimed for :meth:`drive`: what
+        :meth:`submit_call` does in that case, minus its general checks.  Return the task, or
+        None having done nothing (then submit_call)."""
         entry = self._funcs.get(id(func))
         if entry is None or entry[0] is not func:
             return None

@@ -22,8 +22,9 @@ of it is this mailbox:
                                     or a head of id 0: it went by the channel (too large)
 
 Each side's words sit on a cache line of their own.  Only a call the pool could send in one
-record of plain arguments, to an idle worker claimed for the caller (``_drive.call``), is
-posted: one at a time per worker, so the areas need no more than the ids.
+record -- plain arguments, or shared objects by key once the worker has read their MAP frames
+(MAPS_READ) -- to an idle worker claimed for the caller (``_drive.call``), is posted: one at a
+time per worker, so the areas need no more than the ids.
 
 **The handshake.**  Two races matter: the pool posting as the worker stops polling (the call
 would wait for a channel frame that never comes) and the worker answering as the caller stops
