@@ -305,7 +305,7 @@ class Dispatch:
 
     def _take_calls(self, w: _Worker, first: Task, batch: list[Task]) -> None:
         """After *first*, a plain call (see Task.payload), give *w* the plain calls to the same
-        function queued right behind it, up to CALL_RUN in all: what _next_for and _assign
+        function queued right behind it, up to CALL_RUN more: what _next_for and _assign
         would do for each, minus their general checks (a burst of ``apply_async`` sends
         thousands of them; they then make one CALLS record, see _send)."""
         cost = self._est  # (est * n_items, n_items being 1)

@@ -21,13 +21,16 @@ close), the pending queue, the I/O loop, timers and shutdown.
   always knows which tasks each worker holds (``_Worker.inflight``), so a dead worker fails, or
   retries, exactly those.
 * **Death is seen at once**: each worker's pidfd sits in the same epoll set as the channels.
-* **Batching**: tasks are pickled by the caller's thread (so an unpicklable argument fails at
-  once, in the caller), queued, and sent in batches: a worker gets more tasks while the work it
-  holds is estimated below ``INFLIGHT_BUDGET`` seconds (``_est``: the measured per-item time,
-  item-weighted).  Unknown cost means one task at a time; a task with a timeout always runs alone.
+* **Batching**: tasks are queued and sent in batches.  Arguments are pickled by the caller's
+  thread (so an unpicklable argument fails at once, in the caller), except plain scalars
+  without keywords, pickled by the thread that sends the batch.  A worker gets more tasks
+  while the work it holds is estimated below ``INFLIGHT_BUDGET`` seconds (``_est``: the
+  measured per-item time, item-weighted).  Unknown cost means one task at a time; a task with
+  a timeout always runs alone.
 * **Map jobs** cut their input into chunks lazily, sized from the same estimate (a few ms of
-  work per chunk, smaller near the end so no worker idles); ``imap`` reads its input in a feeder
-  thread with a bound on the items it holds, so memory does not grow with input length.
+  work per chunk, smaller near the end so no worker idles); ``imap`` reads its input (in the
+  I/O thread for an in-memory one, else in a feeder thread) with a bound on the items it
+  holds, so memory does not grow with input length.
 * **Locking**: one lock (``_lock``) guards the pending queue, the workers and what each holds
   (``_Worker.inflight``).  Two reads are deliberately lock-free: a submitting caller appends to
   ``_inbox`` (a deque) and checks ``_pool_idle()`` first, taking the lock only for the inline
