@@ -9,6 +9,7 @@ killed while its call sits in the slot, and a Ctrl-C while the caller polls the 
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import pickle
@@ -16,12 +17,13 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 from conftest import wait_until
 from tasks import add, fail, identity, record, recorded, set_all, square
 
 import procpool
-from procpool import _channel, _drive, _express
+from procpool import _channel, _dispatch, _drive, _express
 from procpool import _protocol as P
 from procpool.errors import SerializationError, WorkerLostError
 
@@ -192,27 +194,28 @@ def test_a_shared_array_passed_by_key_takes_the_lane_once_its_worker_maps_it(pol
     assert wait_until(took_the_lane, timeout=20, interval=0.0), "no keyed call took the lane"
 
 
+def slow_linger(self, seconds, ready):
+    """WorkerSide.linger stretched to look at the channel only every 0.5 s (forked workers
+    inherit it): a call posted in the slot is then run long before the channel is read."""
+    mv = self.mv
+    mv[_express.AWAKE] = 1
+    end = time.perf_counter() + 0.5
+    while time.perf_counter() < end:
+        if _express._U64.unpack_from(mv, _express.POSTED)[0] != self.seen:
+            return _express.CALL
+    return self.leave()
+
+
+def out_of_descriptors(fds):
+    raise OSError(errno.EMFILE, "Too many open files")
+
+
 @needs_lane
 def test_a_call_by_key_waits_for_the_worker_to_read_its_map_frames(leak_check, monkeypatch):
     """A MAP frame left in the channel by a task that could not be sent (out of descriptors)
     marks the region as sent; a call naming it must not be posted in the slot before the
     worker has read that frame -- a third review made one fail so ("not mapped in this
     process"), the worker stretched to look at its channel only every 0.5 s."""
-    import errno
-
-    import numpy as np
-
-    from procpool import _dispatch
-
-    def slow_linger(self, seconds, ready):  # (forked workers inherit it)
-        mv = self.mv
-        mv[_express.AWAKE] = 1
-        end = time.perf_counter() + 0.5
-        while time.perf_counter() < end:
-            if _express._U64.unpack_from(mv, _express.POSTED)[0] != self.seen:
-                return _express.CALL
-        return self.leave()
-
     monkeypatch.setattr(_express.WorkerSide, "linger", slow_linger)
     with procpool.Pool(1) as pool:
         other = procpool.SharedArray((4,), "int64")
@@ -223,18 +226,58 @@ def test_a_call_by_key_waits_for_the_worker_to_read_its_map_frames(leak_check, m
         sa = procpool.SharedArray((4,), "int64")
         w = next(iter(pool._sched._workers.values()))
         real = _dispatch._dup_all
-
-        def failing(fds):
-            raise OSError(errno.EMFILE, "Too many open files")
-
         pool.apply(square, (1,))  # (the worker lingers on its slot now)
-        monkeypatch.setattr(_dispatch, "_dup_all", failing)
+        monkeypatch.setattr(_dispatch, "_dup_all", out_of_descriptors)
         with pytest.raises(SerializationError, match="could not be sent"):
             pool.apply_async(set_all, (sa, np.zeros(100_000))).get(5)
         monkeypatch.setattr(_dispatch, "_dup_all", real)
         assert w.regions.get(sa._region._key), "the MAP frame was sent"
         assert pool.apply(set_all, (sa, 7)) == 7
         assert (sa[:] == 7).all()
+
+
+@needs_lane
+def test_a_call_waits_for_the_worker_to_read_its_function(leak_check, monkeypatch):
+    """As for a MAP frame, so for a FUNC frame: a task that could not be sent left its
+    function's FUNC frame in the channel, the function counted as known to the worker; the
+    next call of it, posted in the slot before the worker read that frame, failed with
+    "function N is not known to this worker" (a fourth review)."""
+    monkeypatch.setattr(_express.WorkerSide, "linger", slow_linger)
+    with procpool.Pool(1) as pool:
+        for i in range(200):
+            pool.apply(square, (i,))
+        pool.apply(square, (1,))  # (the worker lingers on its slot now)
+        monkeypatch.setattr(_dispatch, "_dup_all", out_of_descriptors)
+        with pytest.raises(SerializationError, match="could not be sent"):
+            pool.apply_async(identity, (np.zeros(100_000),)).get(5)
+        monkeypatch.undo()
+        assert pool.apply(identity, (7,)) == 7
+
+
+@needs_lane
+def test_a_region_that_could_not_be_sent_leaves_the_lane_open(polling, pool, monkeypatch):
+    """A MAP frame without its descriptor (os.dup failed here) is read as any other: the
+    worker counts it, and the next calls take the lane again (it was left uncounted, and
+    no call by key took the lane to that worker any more)."""
+    for i in range(100):
+        pool.apply(square, (i,))
+    sa = procpool.SharedArray((4,), "int64")
+    real = os.dup
+    monkeypatch.setattr(_dispatch.os, "dup", lambda fd: out_of_descriptors([fd]))
+    with pytest.raises(Exception, match="Too many open files"):
+        pool.apply(set_all, (sa, 1))
+    monkeypatch.setattr(_dispatch.os, "dup", real)
+    other = procpool.SharedArray((4,), "int64")
+    box = next(iter(pool._sched._workers.values())).box
+    assert box is not None
+    answered = _express._U64.unpack_from(box.mv, _express.ANSWERED)[0]
+
+    def went_by_slot():
+        for v in range(50):
+            assert pool.apply(set_all, (other, v)) == v
+        return _express._U64.unpack_from(box.mv, _express.ANSWERED)[0] != answered
+
+    assert wait_until(went_by_slot, timeout=20, interval=0.0), "no call by key took the lane"
 
 
 @needs_lane
@@ -481,3 +524,68 @@ def test_a_ctrl_c_as_a_retiring_workers_exit_is_queued_leaves_a_working_pool(
         deadline = time.monotonic() + 20
         assert pool.apply_async(square, (7,)).get(timeout=20) == 49
         assert time.monotonic() < deadline
+
+
+def _maps() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+@needs_lane
+def test_a_retired_workers_slot_is_unmapped_at_once(polling, leak_check):
+    """A worker buried (here retired by maxtasksperchild) after calls by the lane: its slot
+    is unmapped then -- a view of it left alive in _bury kept close_progress from unmapping
+    it until the worker's record went, seconds later, and every worker forked meanwhile
+    inherited the mapping (a fourth review: 200 mappings more after 600 calls)."""
+    with procpool.Pool(2, maxtasksperchild=3) as pool:
+        pool.apply(square, (0,))
+        before = _maps()
+        for i in range(600):
+            assert pool.apply(square, (i,)) == i * i
+        grown = _maps() - before
+    assert grown < 20, f"{grown} more mappings after 200 workers retired"
+
+
+def _apply_in_a_child(pool: procpool.Pool) -> int:
+    """Fork; the child calls ``pool.apply`` (SIGALRM after 5 s: a hang kills it).  The
+    child's exit code: 0 if apply raised ValueError, as for a pool not running."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(5)
+            pool.apply(square, (2,))
+        except ValueError:
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_apply_in_a_child_forked_while_another_thread_applies_raises(leak_check):
+    """os.fork() while a thread of the parent is inside apply, maybe holding the pool's lock:
+    the child's copy of the pool is not running, and its apply raises ValueError -- it took
+    that lock first and hung for good (a fourth review: about 1 child in 10)."""
+    stop = threading.Event()
+    with procpool.Pool(1) as pool:
+        pool.apply(square, (1,))
+
+        def loop():
+            while not stop.is_set():
+                pool.apply(square, (3,))
+
+        t = threading.Thread(target=loop)
+        t.start()
+        try:
+            codes = []
+            for _ in range(40):
+                time.sleep(0.002)
+                codes.append(_apply_in_a_child(pool))
+        finally:
+            stop.set()
+            t.join(30)
+    hung = codes.count(-signal.SIGALRM)
+    assert hung == 0, f"{hung} of {len(codes)} children hung in apply"
+    assert codes == [0] * len(codes), codes

@@ -399,6 +399,7 @@ class Dispatch:
                     body, fds = bytearray(), []
                 chan.push(P.frame(P.FUNC, P.FUNC_HEAD.pack(task.fid) + task.func_blob))
                 w.known[task.fid] = None
+                w.setup_sent += 1  # (counted by the worker as it reads it: see _express)
                 if len(w.known) > FUNC_CACHE:
                     del w.known[next(iter(w.known))]
             payload = task.payload
@@ -516,7 +517,7 @@ class Dispatch:
             for key in out:
                 del known[key]
             chan.push(P.forget_frame(out))
-            w.maps_sent += 1
+            w.setup_sent += 1
         mapped = self._mapped
         for region in new:
             key = region._key
@@ -531,7 +532,7 @@ class Dispatch:
                 INTERNAL_FDS.add(fd)  # (a worker forked before it goes must not inherit it)
                 chan.push(P.map_frame(key, region.name), [fd])
                 known[key] = True
-            w.maps_sent += 1  # (counted by the worker as it reads them: see _express)
+            w.setup_sent += 1  # (counted by the worker as it reads them: see _express)
             if key not in mapped:
                 self._watch_region(region)
         return body, fds

@@ -18,6 +18,7 @@ A mixin of :class:`procpool._scheduler.Scheduler`.
 
 from __future__ import annotations
 
+import os
 import pickle
 import select
 import time
@@ -46,6 +47,7 @@ class Driving:
 
     # provided by Scheduler
     _lock: Any
+    _owner: int  # the pid of the process that made the pool
     _state: str
     _broken: BaseException | None
     _workers: dict[int, _Worker]
@@ -109,6 +111,8 @@ class Driving:
             data = payload.data
         else:
             payload = data = pickle.dumps((args, {}), PROTOCOL)  # (as _send pickles one)
+        if self._state != RUNNING:  # (first: in a child forked while a thread of the parent
+            return None  # held the lock, the lock stays held for good; a fourth review)
         with self._lock:
             if self._state != RUNNING or self._broken is not None or self._inbox or self._pending:
                 return None
@@ -133,12 +137,12 @@ class Driving:
                         box = None
                 if len(data) > REQUEST_MAX:
                     box = None
-                if keyed:  # by key: once the worker has *read* every MAP frame (a call in the
-                    # slot passes those still in the channel: a third review's finding)
-                    if box is not None and not (
-                        box.maps_read() == w.maps_sent
-                        and all(w.regions.get(r._key) for r in payload.regions)
-                    ):
+                # once the worker has *read* every FUNC, MAP and FORGET frame sent (a call in
+                # the slot passes those still in the channel: third and fourth reviews)
+                if box is not None and box.setup_read() != w.setup_sent:
+                    box = None
+                if keyed:  # by key: once the worker maps every region it names
+                    if box is not None and not all(w.regions.get(r._key) for r in payload.regions):
                         box = None
                     self._map_regions(w, payload.regions, bytearray(), [])  # (frames first)
                 posted = box is not None and box.post(tid, fid, data)
@@ -430,6 +434,8 @@ class Driving:
         reading the reply (see drive): give that channel back to the I/O thread, which then
         delivers the result to *sink* -- else nobody would ever read it, and the worker
         would stay claimed for good."""
+        if os.getpid() != self._owner:  # a forked child: it claimed nothing (its pool is not
+            return  # running), and a thread of the parent may have held the lock for good
         with self._lock:
             for w in self._workers.values():
                 if w.driven is not None and w.driven.sink is sink:

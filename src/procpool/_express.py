@@ -13,7 +13,8 @@ of it is this mailbox:
                                     there (``linger``, ``_worker.Worker.after_call``)
        72   worker  ANSWERED   u64  the id of the last call it answered
        80   worker  COPY_SEEN  u64  the id of the last channel copy it read (see COPIED)
-       88   worker  MAPS_READ  u64  how many MAP and FORGET frames it has read (see maps_read)
+       88   worker  SETUP_READ u64  how many FUNC, MAP and FORGET frames it has read (see
+                                    setup_read)
       128   pool    POSTED     u64  the id of the last call posted here
       136   pool    COPIED     u64  the id of the last call posted that went by the channel too
       184   pool    WAITING    u8   1 while the caller polls for the reply here
@@ -22,9 +23,10 @@ of it is this mailbox:
                                     or a head of id 0: it went by the channel (too large)
 
 Each side's words sit on a cache line of their own.  Only a call the pool could send in one
-record -- plain arguments, or shared objects by key once the worker has read their MAP frames
-(MAPS_READ) -- to an idle worker claimed for the caller (``_drive.call``), is posted: one at a
-time per worker, so the areas need no more than the ids.
+record -- plain arguments, or shared objects by key once the worker has mapped them -- to an
+idle worker claimed for the caller (``_drive.call``) that has read every frame the call depends
+on (SETUP_READ: its function's FUNC, its regions' MAP...), is posted: one at a time per worker,
+so the areas need no more than the ids.
 
 **The handshake.**  Two races matter: the pool posting as the worker stops polling (the call
 would wait for a channel frame that never comes) and the worker answering as the caller stops
@@ -75,7 +77,7 @@ SLOT_SIZE = 4096  # the whole slot, the progress record first
 AWAKE = 64
 ANSWERED = 72
 COPY_SEEN = 80
-MAPS_READ = 88
+SETUP_READ = 88
 POSTED = 128
 COPIED = 136
 WAITING = 184  # (just before the request: written with it, in one pack)
@@ -139,11 +141,11 @@ class PoolSide:
         more to this worker until :meth:`copy_seen` says it read the copy."""
         _U64.pack_into(self.mv, COPIED, tid)
 
-    def maps_read(self) -> int:
-        """How many MAP and FORGET frames the worker has read: a call passing regions by key
-        may go by the slot only once it has read every one sent (``_Worker.maps_sent``) --
-        the call would pass those still in the channel."""
-        return _U64.unpack_from(self.mv, MAPS_READ)[0]
+    def setup_read(self) -> int:
+        """How many *setup frames* -- FUNC, MAP and FORGET, which the calls after them depend
+        on -- the worker has read: a call may go by the slot only once it has read every one
+        sent (``_Worker.setup_sent``), as the call passes those still in the channel."""
+        return _U64.unpack_from(self.mv, SETUP_READ)[0]
 
     def copy_seen(self, tid: int) -> bool:
         """Whether the worker has read the channel copy of call *tid* (see :meth:`copied`)."""
@@ -278,9 +280,9 @@ class WorkerSide:
             pass  # raised between the acquire and the release cannot leave it held)
         return mv[WAITING] == 1
 
-    def read_maps(self, count: int) -> None:
-        """The worker has read *count* MAP and FORGET frames in all (see PoolSide.maps_read)."""
-        _U64.pack_into(self.mv, MAPS_READ, count)
+    def read_setup(self, count: int) -> None:
+        """The worker has read *count* setup frames in all (see PoolSide.setup_read)."""
+        _U64.pack_into(self.mv, SETUP_READ, count)
 
     def answered_by_channel(self, tid: int) -> None:
         """The reply to call *tid* was sent by the channel (too large for the slot, or with

@@ -824,7 +824,7 @@ class Scheduler(WorkerSupervision, Dispatch, Bursts, Feeding, Driving, Delivery)
             if told is None:  # (buried meanwhile: never expected, a flush buries its own)
                 continue
             told.chan.push(P.forget_frame(out))
-            told.maps_sent += 1
+            told.setup_sent += 1
             self._flush(told)
             self._set_mask(told)
 

@@ -103,7 +103,7 @@ class _Worker:
         "posted",
         "copied",
         "taken",
-        "maps_sent",
+        "setup_sent",
     )
 
     def __init__(self, wid: int, proc: Proc) -> None:
@@ -139,7 +139,7 @@ class _Worker:
         self.posted: Task | None = None
         self.copied = 0  # the last call posted whose channel copy it may not have read yet
         self.taken = 0  # the last call whose reply was taken from its slot
-        self.maps_sent = 0  # MAP and FORGET frames sent (see _express.PoolSide.maps_read)
+        self.setup_sent = 0  # FUNC, MAP and FORGET frames sent (see _express.PoolSide.setup_read)
 
     def read_progress(self) -> tuple[int, int, int, float]:
         """The worker's progress slot (see _protocol.PROGRESS): running task id, last finished
@@ -419,7 +419,9 @@ class WorkerSupervision:
             if reply is not None:
                 w.taken = posted.id
                 self._on_results(w, _express.record(*reply), [])
-        w.posted = None
+        # (the box too: a view of the slot left alive keeps close_progress from unmapping it,
+        # and every worker forked meanwhile would inherit the mapping: a fourth review)
+        w.posted = posted = box = None
         del self._workers[w.wid]
         sfd = w.proc.sock.fileno()
         for fd in (sfd, w.proc.pidfd) if w.proc.pidfd >= 0 else (sfd,):

@@ -121,7 +121,7 @@ class Worker:
         self.trim_at = 0.0  # when free result segments are next looked at between frames
         # apply's express lane (see _express), when the slot is one the parent mapped
         self.box: _express.WorkerSide | None = None
-        self.maps_read = 0  # MAP and FORGET frames read (see _express.PoolSide.maps_read)
+        self.setup_read = 0  # FUNC, MAP and FORGET frames read (see _express.PoolSide.setup_read)
         os.register_at_fork(before=self._pin_mapped, after_in_child=self._in_task_child)
 
     # ---------------------------------------------------------------- start-up
@@ -618,8 +618,10 @@ class Worker:
                 elif kind == P.FUNC:
                     (fid,) = P.FUNC_HEAD.unpack_from(body)
                     self.load_func(fid, body[P.FUNC_HEAD.size :])
+                    self.count_setup()
                 elif kind == P.MAP or kind == P.FORGET:
                     self.map_regions(kind, body, fds)
+                    self.count_setup()
                 elif kind == P.RELEASED or kind == P.PINNED:
                     self.given_back(kind, body)
                 elif kind == P.EXIT:
@@ -652,6 +654,13 @@ class Worker:
         while cache.free_bytes and not self.chan.wait(TRIM_AFTER):
             cache.trim()
 
+    def count_setup(self) -> None:
+        """A FUNC, MAP or FORGET frame was read: count it in the slot (a call may go by the
+        express lane only once every such frame sent before it is read: see _express)."""
+        self.setup_read += 1
+        if self.box is not None:
+            self.box.read_setup(self.setup_read)
+
     def map_regions(self, kind: int, body: memoryview, fds: list[int]) -> None:
         """A MAP or FORGET frame (see _ipc_mem.remember): imported here, on the first one, as
         a worker that is never passed shared memory must not carry the module."""
@@ -673,9 +682,6 @@ class Worker:
             _serialize.Payload(b"", 0, fds[1:]).close()  # (never more than one)
         else:
             _ipc_mem.forget(P.unpack_keys(body))
-        self.maps_read += 1
-        if self.box is not None:  # (a call by key may now go by the express lane)
-            self.box.read_maps(self.maps_read)
 
     def load_func(self, fid: int, blob: memoryview) -> None:
         # Kept pickled until a task uses it: unpickling runs user code (imports, __setstate__)
