@@ -193,17 +193,18 @@ class Channel:
         self._rbuf += data
         return n
 
-    def read_single(self, kind: int) -> memoryview | None:
-        """One ``fill``; when it brought exactly one whole frame of *kind*, without fds, and
-        nothing else waits, take that frame and return its body.  Otherwise None, and what
-        came waits for ``frames`` (the caller's quick path for a reply it expects alone)."""
+    def read_single(self, kinds: frozenset[int]) -> tuple[int, memoryview] | None:
+        """One ``fill``; when it brought exactly one whole frame of one of *kinds*, without
+        fds, and nothing else waits, take that frame and return its kind and body.  Otherwise
+        None, and what came waits for ``frames`` (the caller's quick path for a reply it
+        expects alone)."""
         n = self.fill()
         ready = self._ready
         if 0 < n < RECV_SIZE and len(ready) == 1 and not self._rbuf:
-            got = ready[0]
-            if got[0] == kind and not got[2]:
+            kind, body, fds = ready[0]
+            if kind in kinds and not fds:
                 ready.clear()
-                return got[1]
+                return kind, body
         return None
 
     def frames(self) -> list[tuple[int, memoryview, list[int]]]:

@@ -39,6 +39,8 @@ PLAIN = _serialize.PLAIN
 KEYED = _serialize.KEYED  # (filled when procpool.shared is imported)
 PROTOCOL = _serialize.PROTOCOL
 REQUEST_MAX = _express.REQUEST_MAX
+#: the frames a driven task's reply may come in (see Driving._read_reply)
+REPLY_FRAMES = frozenset({P.RESULTS, P.ALSO})
 DRIVE_SPIN = 1e-4  # seconds a caller waiting on a short task polls without sleeping (see drive)
 
 
@@ -359,9 +361,19 @@ class Driving:
         """Read the driven *task*'s reply when one read brings just that: a RESULTS frame with
         its one record, a plain value (``apply``'s path: no frame list, generator or record
         parsing loop per reply); see :meth:`_take_reply`.  Otherwise return None, what came
-        having been handled or left for ``_read``."""
-        body = w.chan.read_single(P.RESULTS)
-        if body is None:
+        having been handled or left for ``_read``.
+
+        An ALSO frame too: the reply of a call posted in the express lane's slot whose caller
+        had stopped waiting there (a task the pool does not expect short, or one that ran
+        past the caller's polling) -- that one came the general way, a delivery and a
+        wake-up more (≈ 15 µs an ``apply`` of a 0.05-1 ms task, the lane against none).  One
+        whose reply was taken from the slot after all is dropped, as ``_handle_frames``
+        does."""
+        got = w.chan.read_single(REPLY_FRAMES)
+        if got is None:
+            return None
+        kind, body = got
+        if kind == P.ALSO and P.RESULT_HEAD.unpack_from(body)[0] == w.taken:
             return None
         return self._take_reply(w, task, direct, body)
 
