@@ -141,8 +141,10 @@ class Driving:
                     box = None
                 # once the worker has *read* every FUNC, MAP and FORGET frame sent (a call in
                 # the slot passes those still in the channel: third and fourth reviews)
-                if box is not None and box.setup_read() != w.setup_sent:
-                    box = None
+                if box is not None and w.setup_seen != w.setup_sent:  # (frames sent since the
+                    w.setup_seen = box.setup_read()  # last look: only then is the slot read)
+                    if w.setup_seen != w.setup_sent:
+                        box = None
                 if keyed:  # by key: once the worker maps every region it names
                     if box is not None and not all(w.regions.get(r._key) for r in payload.regions):
                         box = None

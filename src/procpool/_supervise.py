@@ -104,6 +104,7 @@ class _Worker:
         "copied",
         "taken",
         "setup_sent",
+        "setup_seen",
     )
 
     def __init__(self, wid: int, proc: Proc) -> None:
@@ -140,6 +141,7 @@ class _Worker:
         self.copied = 0  # the last call posted whose channel copy it may not have read yet
         self.taken = 0  # the last call whose reply was taken from its slot
         self.setup_sent = 0  # FUNC, MAP and FORGET frames sent (see _express.PoolSide.setup_read)
+        self.setup_seen = 0  # how many the worker had read when the slot last said so
 
     def read_progress(self) -> tuple[int, int, int, float]:
         """The worker's progress slot (see _protocol.PROGRESS): running task id, last finished
