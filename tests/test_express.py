@@ -438,20 +438,13 @@ def test_a_reply_left_in_the_slot_of_a_worker_killed_before_its_caller_took_it_c
 
 
 @needs_lane
-def test_two_ctrl_cs_while_a_reply_sits_in_the_slot_leave_no_call_in_flight(pool, monkeypatch):
+def test_two_ctrl_cs_while_a_reply_sits_in_the_slot_leave_no_call_in_flight(
+    polling, pool, monkeypatch
+):
     """A first Ctrl-C as the caller polls the slot (its reply there), a second as the caller
     stops waiting there: the reply is still settled, so close() and join() return."""
     for i in range(300):
         pool.apply(square, (i,))
-
-    class Polling:  # the caller always polls the slot first (on a loaded machine the pool's
-        def take(self) -> float:  # own Spin may stop: then no wait(), and no first Ctrl-C)
-            return 1e-3
-
-        def done(self, budget: float, got: bool) -> None:
-            pass
-
-    monkeypatch.setattr(pool._sched, "_spin", Polling())
     state = {"phase": 0}
     wait, stop_waiting = _express.PoolSide.wait, _express.PoolSide.stop_waiting
 
@@ -491,7 +484,7 @@ def test_two_ctrl_cs_while_a_reply_sits_in_the_slot_leave_no_call_in_flight(pool
 
 @needs_lane
 def test_a_ctrl_c_as_a_retiring_workers_exit_is_queued_leaves_a_working_pool(
-    leak_check, monkeypatch
+    polling, leak_check, monkeypatch
 ):
     """maxtasksperchild: a Ctrl-C as the EXIT frame is queued, while the caller settles a
     reply it took from the slot, abandons that worker (as the channel path does) -- it hung
