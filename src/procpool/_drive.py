@@ -26,7 +26,7 @@ import time
 from . import _express, _serialize
 from . import _protocol as P
 from ._channel import Spin, poll_for
-from ._supervise import CLOSING, RUNNING, TERMINATING, _Worker
+from ._supervise import CLOSING, FINISHED, RUNNING, TERMINATING, _Worker
 from ._tasks import _DONE, _SENT, BARE, Task
 from .errors import SerializationError
 
@@ -200,7 +200,12 @@ class Driving:
         bytes are returned instead (see :meth:`reply_value`).  Otherwise None.
         """
         w = task.worker
-        if w is None:
+        if w is None or self._state == FINISHED:
+            # FINISHED: the pool is over, or this is a child forked from its process, whose
+            # copy of the pool is not its own: the worker's channel, the epoll set and the
+            # express lane are the parent's (taking the worker out of the shared epoll set and
+            # reading its reply here wedged the parent's pool), and a thread of the parent may
+            # have held the lock at the fork (a review)
             return None
         try:  # (from the claim on: a Ctrl-C anywhere after it must release it)
             return self._drive(w, task, result, timeout, direct)

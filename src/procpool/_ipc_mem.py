@@ -114,8 +114,9 @@ def _after_fork_in_child() -> None:
     # a pool its task starts would keep them mapped for good.  (Objects already rebuilt from
     # them hold their regions themselves.)
     _MAPPED.clear()
-    global _key_lock
+    global _key_lock, _live_lock
     _key_lock = threading.Lock()  # another thread may have held it at the fork
+    _live_lock = threading.Lock()  # (so may one making or receiving a semaphore)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -474,6 +474,8 @@ class Scheduler(WorkerSupervision, Dispatch, Bursts, Feeding, Driving, Delivery)
         """Cancel a pending task; with *force*, stop a running one by replacing its worker.
         *result*: the AsyncResult, for one of apply_async's quick calls (no Task of its own
         while queued, then maybe a member of a run: see call_async)."""
+        if os.getpid() != self._owner:  # a forked child: the tasks, and the workers a forced
+            return False  # cancel would kill, are the parent's; its lock may be held for good
         with self._lock:
             if task is None or task.kind == P.CALLS:
                 task = result._task  # (again, under the lock: the I/O thread sets it)
@@ -542,6 +544,8 @@ class Scheduler(WorkerSupervision, Dispatch, Bursts, Feeding, Driving, Delivery)
         """Cancel every task not yet sent, map jobs' unsent items too
         (``shutdown(cancel_futures=True)``: often in a Ctrl-C handler, and a second Ctrl-C
         must not cut the moving of tasks between queues in the middle: see interrupts_held)."""
+        if os.getpid() != self._owner:
+            return  # a forked child: the pool belongs to the parent (its lock may be held)
         try:
             with interrupts_held(), self._lock:
                 self._take_inbox()
@@ -646,6 +650,8 @@ class Scheduler(WorkerSupervision, Dispatch, Bursts, Feeding, Driving, Delivery)
 
     def signal_workers(self, signum: int) -> list[int]:
         """Send *signum* to every live worker; return their pids."""
+        if os.getpid() != self._owner:
+            return []  # a forked child: no worker is its own (and the lock may be held)
         with self._lock:
             pids = []
             for w in self._workers.values():
@@ -654,6 +660,8 @@ class Scheduler(WorkerSupervision, Dispatch, Bursts, Feeding, Driving, Delivery)
             return pids
 
     def worker_pids(self) -> list[int]:
+        if os.getpid() != self._owner:
+            return []  # a forked child: no worker is its own (and the lock may be held)
         with self._lock:
             return [w.proc.pid for w in self._workers.values()]
 

@@ -9,6 +9,7 @@ plain scalars and strings, kept as they are and pickled by the I/O thread as the
 
 from __future__ import annotations
 
+import os
 import threading
 
 from . import _protocol as P
@@ -181,6 +182,7 @@ class MapJob:
 
     def __init__(self, lock, fid, blob, kind, sink, label, timeout, retries, chunksize, limit):
         self.fid, self.blob, self.kind = fid, blob, kind
+        self.owner = os.getpid()  # (a consumer in a forked child reports nothing: release)
         self.sink = sink
         self.label = label
         self.timeout = timeout
@@ -310,6 +312,8 @@ class MapJob:
         more than before by a consumer about to wait: an in-memory input not read to its
         end then wakes the I/O thread, which reads on if its window has room (a wake-up a
         Ctrl-C cut from an earlier release is not lost for good)."""
+        if os.getpid() != self.owner:
+            return  # a forked child: the job is the parent's, whose thread may hold the lock
         with self.lock:  # (not `with self.space`: see __init__)
             fresh = total > self.released
             if fresh:

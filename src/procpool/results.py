@@ -68,6 +68,12 @@ def _never_delivered(result: Any) -> None:
     sched = getattr(result, "_sched", None) or getattr(
         pool, "_sched", getattr(pool, "_engine", None)
     )
+    owner = getattr(sched, "_owner", None)
+    if owner is not None and owner != os.getpid():
+        raise RuntimeError(
+            "waiting, with no timeout, in a forked child for a result of its parent's pool,"
+            " which would never come: the pool is not running here"
+        )
     if sched is not None and getattr(sched, "_delivering", None) == threading.get_ident():
         raise RuntimeError(
             "waiting, with no timeout, inside a callback of this pool for another of its"
