@@ -74,8 +74,9 @@ KEY = struct.Struct("<Q")  # one key in a FORGET body
 # The progress slot: 48 bytes of shared memory per worker (a forked worker inherits an
 # anonymous shared page, which the express lane shares; others get a memfd with INIT).
 # The worker writes the id of the task it starts and, when the task's result is buffered,
-# that id as the last finished one.  When a worker dies, the scheduler reads the slot to tell the task that was
-# running (fails, or is retried) from those that never started (sent again, to another worker).
+# that id as the last finished one.  When a worker dies, the scheduler reads the slot to tell
+# the task that was running (fails, or is retried) from those that never started (sent again,
+# to another worker).
 # A task with a time limit also writes when it started (``time.monotonic()``: one clock for
 # every process), and a chunk the index and start of each item: the scheduler kills the worker
 # only once the running item has overrun its limit by the grace time (a hard timeout), and
