@@ -13,8 +13,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -71,6 +73,27 @@ def use_up_descriptors() -> list[int]:
     except OSError:
         pass
     return held
+
+
+@contextmanager
+def held_by_another_thread(lock) -> Iterator[None]:
+    """Another thread of this process holds *lock* for the block's duration -- what a fork
+    in the block then finds (the child's copy of the lock stays held for good)."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with lock:
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(10)
+        yield
+    finally:
+        release.set()
+        t.join(30)
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 5.0, interval: float = 0.01):

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import run_python, wait_until
+from conftest import held_by_another_thread, run_python, wait_until
 from tasks import count_lines, record, sleep_then, square
 
 import procpool
@@ -167,22 +167,9 @@ def lock_is_free(_):
 def test_a_worker_forked_while_a_thread_holds_the_futures_lock_gets_it_free():
     from procpool import results
 
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with results._FUTURE_LOCK:
-            held.set()
-            release.wait(30)
-
-    t = threading.Thread(target=hold)
-    t.start()
-    try:
-        assert held.wait(10)
+    with held_by_another_thread(results._FUTURE_LOCK):
         with procpool.Pool(1) as pool:  # forked now, while the lock is held
             assert pool.apply(lock_is_free, (0,)) is True
-    finally:
-        release.set()
-        t.join(10)
 
 
 def test_a_pool_future_read_by_its_own_thread_keeps_the_stdlib_semantics(tmp_path):

@@ -12,10 +12,10 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
-import threading
 import time
 
 import pytest
+from conftest import held_by_another_thread
 from tasks import sleep_then, square
 
 import procpool
@@ -48,21 +48,8 @@ def in_child(body, *, ok=()) -> int:
 
 def forked_holding(lock, body, *, ok=()) -> int:
     """``in_child(body)``, forked while another thread of this process holds *lock*."""
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with lock:
-            held.set()
-            release.wait(30)
-
-    t = threading.Thread(target=hold)
-    t.start()
-    try:
-        assert held.wait(10)
+    with held_by_another_thread(lock):
         return in_child(body, ok=ok)
-    finally:
-        release.set()
-        t.join(30)
 
 
 NOT_RUNNING = (ValueError, RuntimeError)
